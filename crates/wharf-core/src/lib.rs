@@ -1,0 +1,1 @@
+//! Wharf core (being written).
