@@ -1,0 +1,1064 @@
+//! The broker state and the one way to change it: [`Broker::apply`] a [`Command`].
+
+use crate::error::{CoreError, EntityKind};
+use crate::exchange::{BindingKey, Destination, Exchange, ExchangeKind, ExchangeOptions, HeadersMatch};
+use crate::limits::{EXCHANGE_HOPS_MAX, HEADER_DEPTH_MAX, Limits};
+use crate::message::{Headers, Message};
+use crate::name::{RESERVED_PREFIX, validate_name, validate_routing_key, validate_user_name};
+use crate::queue::{Consumer, ConsumerOptions, Entry, Queue, QueueOptions, QueueStats};
+use crate::{ConnectionId, ConsumerTag, DeliveryTag, FixedState, QueueId};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+/// The name of the default exchange, which routes to the queue named by the routing key.
+pub const DEFAULT_EXCHANGE: &str = "";
+
+/// The built-in exchanges every broker has: `(name, kind)`.
+pub const BUILTIN_EXCHANGES: [(&str, ExchangeKind); 5] = [
+    (DEFAULT_EXCHANGE, ExchangeKind::Direct),
+    ("wharf.direct", ExchangeKind::Direct),
+    ("wharf.fanout", ExchangeKind::Fanout),
+    ("wharf.topic", ExchangeKind::Topic),
+    ("wharf.headers", ExchangeKind::Headers),
+];
+
+/// Where a binding leads, by name (the command form of [`Destination`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindTarget {
+    /// A queue.
+    Queue(String),
+    /// An exchange (exchange-to-exchange binding).
+    Exchange(String),
+}
+
+/// A state change. Applying the same commands in the same order to the same state always gives
+/// the same state, replies and effects: this is what the log records and what replication will
+/// replicate.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// A client connected.
+    OpenConnection {
+        /// Chosen by the server, unique for the broker's life.
+        connection: ConnectionId,
+    },
+    /// A client went away: its consumers are cancelled, its unacked messages requeued, its
+    /// exclusive queues deleted.
+    CloseConnection {
+        /// The connection.
+        connection: ConnectionId,
+    },
+    /// Create an exchange, or check that an equivalent one exists.
+    DeclareExchange {
+        /// Name (`wharf.` is reserved).
+        name: String,
+        /// Routing kind.
+        kind: ExchangeKind,
+        /// Properties.
+        options: ExchangeOptions,
+        /// Only check that it exists.
+        passive: bool,
+    },
+    /// Delete an exchange and its bindings.
+    DeleteExchange {
+        /// Name.
+        name: String,
+        /// Refuse if it has bindings.
+        if_unused: bool,
+    },
+    /// Create a queue, or check that an equivalent one exists. An empty name asks the broker
+    /// to generate one (`wharf.gen-N`).
+    DeclareQueue {
+        /// The declaring connection (owner when exclusive).
+        connection: ConnectionId,
+        /// Name, or empty for a generated name.
+        name: String,
+        /// Properties.
+        options: QueueOptions,
+        /// Only check that it exists.
+        passive: bool,
+    },
+    /// Delete a queue: its consumers are cancelled and its messages dropped.
+    DeleteQueue {
+        /// The connection asking.
+        connection: ConnectionId,
+        /// Name.
+        name: String,
+        /// Refuse if it has consumers.
+        if_unused: bool,
+        /// Refuse if it has ready messages.
+        if_empty: bool,
+    },
+    /// Drop every ready message of a queue (unacked ones are untouched).
+    PurgeQueue {
+        /// The connection asking.
+        connection: ConnectionId,
+        /// Name.
+        name: String,
+    },
+    /// Bind a queue or exchange to a source exchange.
+    Bind {
+        /// The exchange messages come from.
+        source: String,
+        /// Where they go.
+        target: BindTarget,
+        /// Key or pattern (topic) the binding matches.
+        routing_key: String,
+        /// Arguments (headers exchanges: `x-match` and the headers to match).
+        arguments: Headers,
+    },
+    /// Remove a binding.
+    Unbind {
+        /// The exchange messages come from.
+        source: String,
+        /// Where they went.
+        target: BindTarget,
+        /// Key or pattern.
+        routing_key: String,
+        /// Arguments, as bound.
+        arguments: Headers,
+    },
+    /// Route a message to the queues whose bindings match.
+    Publish {
+        /// Exchange and routing key are inside the message.
+        message: Arc<Message>,
+    },
+    /// Attach a consumer to a queue.
+    Subscribe {
+        /// The consuming connection.
+        connection: ConnectionId,
+        /// The queue.
+        queue: String,
+        /// Chosen by the client, unique on its connection.
+        consumer_tag: ConsumerTag,
+        /// Prefetch, ack mode, exclusivity, priority.
+        options: ConsumerOptions,
+    },
+    /// Detach a consumer; its unacked messages are requeued.
+    Cancel {
+        /// The connection.
+        connection: ConnectionId,
+        /// The consumer.
+        consumer_tag: ConsumerTag,
+    },
+    /// Grant an auto-ack consumer more deliveries (up to its prefetch).
+    Credit {
+        /// The connection.
+        connection: ConnectionId,
+        /// The consumer.
+        consumer_tag: ConsumerTag,
+        /// Deliveries to add.
+        credit: u32,
+    },
+    /// The consumer processed a delivery (or, with `multiple`, every one up to it; tag 0 with
+    /// `multiple` means all outstanding).
+    Ack {
+        /// The connection.
+        connection: ConnectionId,
+        /// The delivery.
+        delivery_tag: DeliveryTag,
+        /// Up to and including this tag.
+        multiple: bool,
+    },
+    /// The consumer failed a delivery: requeue it or drop it.
+    Nack {
+        /// The connection.
+        connection: ConnectionId,
+        /// The delivery.
+        delivery_tag: DeliveryTag,
+        /// Up to and including this tag (0: all outstanding).
+        multiple: bool,
+        /// Back to the queue (flagged redelivered) instead of dropped.
+        requeue: bool,
+    },
+    /// Nack of exactly one delivery.
+    Reject {
+        /// The connection.
+        connection: ConnectionId,
+        /// The delivery.
+        delivery_tag: DeliveryTag,
+        /// Back to the queue instead of dropped.
+        requeue: bool,
+    },
+}
+
+/// What a successful command returns to its caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Done, nothing to report.
+    Done,
+    /// The queue exists (created or checked).
+    QueueDeclared {
+        /// Its name (generated when the declare gave none).
+        name: Arc<str>,
+        /// Ready messages.
+        ready: u64,
+        /// Consumers attached.
+        consumers: u32,
+    },
+    /// The queue was deleted with this many ready messages.
+    QueueDeleted {
+        /// Messages dropped.
+        messages: u64,
+    },
+    /// The queue was purged.
+    Purged {
+        /// Messages dropped.
+        messages: u64,
+    },
+    /// The message was routed.
+    Published {
+        /// Queues it was enqueued in (0: unroutable, dropped).
+        routed: u32,
+    },
+    /// Acks, nacks and rejects: how many deliveries were settled.
+    Settled {
+        /// Deliveries settled.
+        count: u32,
+    },
+}
+
+/// A message handed to a consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The consumer's connection.
+    pub connection: ConnectionId,
+    /// The consumer.
+    pub consumer_tag: ConsumerTag,
+    /// Identifies the delivery for ack / nack / reject; increasing per connection.
+    pub delivery_tag: DeliveryTag,
+    /// The queue it came from.
+    pub queue: Arc<str>,
+    /// The message (shared, never copied).
+    pub message: Arc<Message>,
+    /// It was delivered before (requeued after a nack, cancel or disconnect).
+    pub redelivered: bool,
+    /// Deliveries of this message from this queue, this one included.
+    pub delivery_count: u32,
+}
+
+/// Why the broker cancelled a consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// Its queue was deleted.
+    QueueDeleted,
+}
+
+/// Something the caller (the server) must carry out after a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Send a message to a consumer.
+    Deliver(Delivery),
+    /// Tell a client that the broker cancelled its consumer.
+    ConsumerCancelled {
+        /// The consumer's connection.
+        connection: ConnectionId,
+        /// The consumer.
+        consumer_tag: ConsumerTag,
+        /// Why.
+        reason: CancelReason,
+    },
+    /// A queue was deleted (explicitly, exclusive owner gone, or auto-delete).
+    QueueDeleted {
+        /// Its name.
+        name: Arc<str>,
+        /// Whether it was durable (the server forgets it on disk).
+        durable: bool,
+    },
+    /// An exchange was deleted (explicitly or auto-delete).
+    ExchangeDeleted {
+        /// Its name.
+        name: Arc<str>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Unacked {
+    queue: QueueId,
+    consumer_tag: ConsumerTag,
+    entry: Entry,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Connection {
+    next_delivery_tag: u64,
+    unacked: BTreeMap<u64, Unacked>,
+    consumers: BTreeMap<ConsumerTag, QueueId>,
+    exclusive_queues: Vec<QueueId>,
+}
+
+/// Summary of an exchange, for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExchangeInfo {
+    /// Name (`""` is the default exchange).
+    pub name: String,
+    /// Routing kind.
+    pub kind: ExchangeKind,
+    /// Properties.
+    pub options: ExchangeOptions,
+    /// Built in (cannot be deleted).
+    pub builtin: bool,
+    /// Bindings whose source it is.
+    pub bindings: usize,
+}
+
+/// Summary of a binding, for listings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingInfo {
+    /// Source exchange.
+    pub source: String,
+    /// Destination queue or exchange.
+    pub target: BindTarget,
+    /// Key or pattern.
+    pub routing_key: String,
+    /// Arguments.
+    pub arguments: Headers,
+}
+
+/// The whole broker state: exchanges, queues, consumers and outstanding deliveries.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    limits: Limits,
+    exchanges: HashMap<Arc<str>, Exchange, FixedState>,
+    queues: HashMap<QueueId, Queue, FixedState>,
+    queue_names: HashMap<Arc<str>, QueueId, FixedState>,
+    connections: HashMap<ConnectionId, Connection, FixedState>,
+    next_queue_id: u64,
+    next_generated_name: u64,
+    route_scratch: Vec<QueueId>,
+    now_ms: u64,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker::new(Limits::default())
+    }
+}
+
+impl Broker {
+    /// A broker with the built-in exchanges and no queues.
+    pub fn new(limits: Limits) -> Self {
+        let mut broker = Broker {
+            limits,
+            exchanges: HashMap::default(),
+            queues: HashMap::default(),
+            queue_names: HashMap::default(),
+            connections: HashMap::default(),
+            next_queue_id: 1,
+            next_generated_name: 1,
+            route_scratch: Vec::new(),
+            now_ms: 0,
+        };
+        for (name, kind) in BUILTIN_EXCHANGES {
+            let options = ExchangeOptions { durable: true, ..ExchangeOptions::default() };
+            broker.exchanges.insert(name.into(), Exchange::new(name.into(), kind, options, true));
+        }
+        broker
+    }
+
+    /// The logical time of the last command applied.
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
+    /// Applies one command at logical time `now_ms`. On success the effects to carry out are
+    /// appended to `effects`; on error the state is unchanged and nothing is appended.
+    pub fn apply(&mut self, now_ms: u64, command: Command, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+        self.now_ms = self.now_ms.max(now_ms);
+        match command {
+            Command::OpenConnection { connection } => {
+                self.connections.entry(connection).or_default();
+                Ok(Reply::Done)
+            }
+            Command::CloseConnection { connection } => self.close_connection(connection, effects),
+            Command::DeclareExchange { name, kind, options, passive } => {
+                self.declare_exchange(name, kind, options, passive)
+            }
+            Command::DeleteExchange { name, if_unused } => self.delete_exchange(&name, if_unused, effects),
+            Command::DeclareQueue { connection, name, options, passive } => {
+                self.declare_queue(connection, name, options, passive)
+            }
+            Command::DeleteQueue { connection, name, if_unused, if_empty } => {
+                self.delete_queue_cmd(connection, &name, if_unused, if_empty, effects)
+            }
+            Command::PurgeQueue { connection, name } => {
+                let qid = self.queue_for(connection, &name)?;
+                let queue = self.queues.get_mut(&qid).expect("queue ids in the name map exist");
+                let messages = queue.ready.clear() as u64;
+                Ok(Reply::Purged { messages })
+            }
+            Command::Bind { source, target, routing_key, arguments } => {
+                self.bind(&source, target, routing_key, arguments, effects)
+            }
+            Command::Unbind { source, target, routing_key, arguments } => {
+                self.unbind(&source, target, routing_key, arguments, effects)
+            }
+            Command::Publish { message } => self.publish(message, effects),
+            Command::Subscribe { connection, queue, consumer_tag, options } => {
+                self.subscribe(connection, &queue, consumer_tag, options, effects)
+            }
+            Command::Cancel { connection, consumer_tag } => self.cancel(connection, consumer_tag, effects),
+            Command::Credit { connection, consumer_tag, credit } => {
+                self.credit(connection, consumer_tag, credit, effects)
+            }
+            Command::Ack { connection, delivery_tag, multiple } => {
+                self.settle(connection, delivery_tag, multiple, Settle::Ack, effects)
+            }
+            Command::Nack { connection, delivery_tag, multiple, requeue } => {
+                let how = if requeue { Settle::Requeue } else { Settle::Drop };
+                self.settle(connection, delivery_tag, multiple, how, effects)
+            }
+            Command::Reject { connection, delivery_tag, requeue } => {
+                let how = if requeue { Settle::Requeue } else { Settle::Drop };
+                self.settle(connection, delivery_tag, false, how, effects)
+            }
+        }
+    }
+
+    // ----- queries -----
+
+    /// Statistics of one queue.
+    pub fn queue_stats(&self, name: &str) -> Result<QueueStats, CoreError> {
+        let qid = self.queue_names.get(name).ok_or_else(|| CoreError::not_found(EntityKind::Queue, name))?;
+        Ok(self.queues[qid].stats())
+    }
+
+    /// Statistics of every queue, sorted by name.
+    pub fn list_queues(&self) -> Vec<QueueStats> {
+        let mut all: Vec<QueueStats> = self.queues.values().map(Queue::stats).collect();
+        all.sort_by(|left, right| left.name.cmp(&right.name));
+        all
+    }
+
+    /// Every exchange, sorted by name.
+    pub fn list_exchanges(&self) -> Vec<ExchangeInfo> {
+        let mut all: Vec<ExchangeInfo> = self
+            .exchanges
+            .values()
+            .map(|exchange| ExchangeInfo {
+                name: exchange.name.to_string(),
+                kind: exchange.kind,
+                options: exchange.options.clone(),
+                builtin: exchange.builtin,
+                bindings: exchange.n_bindings(),
+            })
+            .collect();
+        all.sort_by(|left, right| left.name.cmp(&right.name));
+        all
+    }
+
+    /// Every binding, sorted by source, then destination.
+    pub fn list_bindings(&self) -> Vec<BindingInfo> {
+        let mut names: Vec<&Arc<str>> = self.exchanges.keys().collect();
+        names.sort();
+        let mut all = Vec::new();
+        for name in names {
+            for key in self.exchanges[name].bindings() {
+                let target = match &key.destination {
+                    Destination::Queue(qid) => BindTarget::Queue(self.queues[qid].name.to_string()),
+                    Destination::Exchange(exchange) => BindTarget::Exchange(exchange.to_string()),
+                };
+                all.push(BindingInfo {
+                    source: name.to_string(),
+                    target,
+                    routing_key: key.routing_key.to_string(),
+                    arguments: key.arguments,
+                });
+            }
+        }
+        all
+    }
+
+    /// Options of a queue (for persisting durable topology).
+    pub fn queue_options(&self, name: &str) -> Option<&QueueOptions> {
+        self.queue_names.get(name).map(|qid| &self.queues[qid].options)
+    }
+
+    /// Deliveries outstanding (unacked) on a connection.
+    pub fn unacked_count(&self, connection: ConnectionId) -> usize {
+        self.connections.get(&connection).map_or(0, |conn| conn.unacked.len())
+    }
+
+    // ----- connections -----
+
+    fn connection(&self, connection: ConnectionId) -> Result<&Connection, CoreError> {
+        self.connections.get(&connection).ok_or_else(|| CoreError::not_found(EntityKind::Connection, connection.0.to_string()))
+    }
+
+    fn close_connection(&mut self, connection: ConnectionId, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+        self.connection(connection)?;
+        let conn = self.connections.remove(&connection).expect("checked above");
+        let mut touched: Vec<QueueId> = Vec::new();
+        let mut lost_consumers: Vec<QueueId> = Vec::new();
+        for (tag, qid) in &conn.consumers {
+            if let Some(queue) = self.queues.get_mut(qid) {
+                if let Some(idx) = queue.consumer_idx(connection, *tag) {
+                    queue.consumers.remove(idx);
+                    queue.cursor = 0;
+                }
+                if !touched.contains(qid) {
+                    touched.push(*qid);
+                    lost_consumers.push(*qid);
+                }
+            }
+        }
+        for (_, unacked) in conn.unacked {
+            if let Some(queue) = self.queues.get_mut(&unacked.queue) {
+                queue.unacked -= 1;
+                requeue_entry(queue, unacked.entry);
+                if !touched.contains(&unacked.queue) {
+                    touched.push(unacked.queue);
+                }
+            }
+        }
+        for qid in conn.exclusive_queues {
+            if self.queues.contains_key(&qid) {
+                self.remove_queue(qid, effects);
+            }
+        }
+        for qid in touched {
+            let Some(queue) = self.queues.get(&qid) else { continue };
+            if queue.options.auto_delete && queue.consumers.is_empty() && lost_consumers.contains(&qid) {
+                self.remove_queue(qid, effects);
+            } else {
+                self.dispatch(qid, effects);
+            }
+        }
+        Ok(Reply::Done)
+    }
+
+    // ----- exchanges -----
+
+    fn declare_exchange(&mut self, name: String, kind: ExchangeKind, options: ExchangeOptions, passive: bool) -> Result<Reply, CoreError> {
+        if name != DEFAULT_EXCHANGE {
+            validate_name(&name)?;
+        }
+        if let Some(existing) = self.exchanges.get(name.as_str()) {
+            if passive {
+                return Ok(Reply::Done);
+            }
+            if existing.kind != kind || existing.options != options {
+                if existing.builtin {
+                    return Err(CoreError::AccessRefused { reason: format!("exchange '{name}' is built in") });
+                }
+                return Err(CoreError::precondition(
+                    EntityKind::Exchange,
+                    &name,
+                    format!(
+                        "declared as {} {:?}, redeclared as {} {:?}",
+                        existing.kind, existing.options, kind, options
+                    ),
+                ));
+            }
+            return Ok(Reply::Done);
+        }
+        if passive {
+            return Err(CoreError::not_found(EntityKind::Exchange, name));
+        }
+        if name == DEFAULT_EXCHANGE || name.starts_with(RESERVED_PREFIX) {
+            validate_user_name(&name)?;
+        }
+        if self.exchanges.len() >= self.limits.exchanges_max {
+            return Err(CoreError::LimitExceeded { what: "exchanges", limit: self.limits.exchanges_max });
+        }
+        check_header_depth(&options.arguments)?;
+        let name: Arc<str> = name.into();
+        self.exchanges.insert(name.clone(), Exchange::new(name, kind, options, false));
+        Ok(Reply::Done)
+    }
+
+    fn delete_exchange(&mut self, name: &str, if_unused: bool, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+        let exchange = self.exchanges.get(name).ok_or_else(|| CoreError::not_found(EntityKind::Exchange, name))?;
+        if exchange.builtin {
+            return Err(CoreError::AccessRefused { reason: format!("exchange '{name}' is built in and cannot be deleted") });
+        }
+        if if_unused && exchange.n_bindings() > 0 {
+            return Err(CoreError::precondition(EntityKind::Exchange, name, format!("it has {} bindings", exchange.n_bindings())));
+        }
+        let name = exchange.name.clone();
+        self.remove_exchange(&name, effects);
+        Ok(Reply::Done)
+    }
+
+    /// Removes an exchange, every binding from it and every binding to it (which may
+    /// auto-delete further exchanges).
+    fn remove_exchange(&mut self, name: &Arc<str>, effects: &mut Vec<Effect>) {
+        let Some(exchange) = self.exchanges.remove(name) else { return };
+        for key in exchange.bindings() {
+            if let Destination::Queue(qid) = key.destination {
+                if let Some(queue) = self.queues.get_mut(&qid) {
+                    if let Some(pos) = queue.bound_from.iter().position(|(source, routing_key, args)| {
+                        source == name && *routing_key == key.routing_key && *args == key.arguments
+                    }) {
+                        queue.bound_from.swap_remove(pos);
+                    }
+                }
+            }
+        }
+        effects.push(Effect::ExchangeDeleted { name: name.clone() });
+        let destination = Destination::Exchange(name.clone());
+        let mut sources: Vec<Arc<str>> = self
+            .exchanges
+            .values()
+            .filter(|source| source.bindings().iter().any(|key| key.destination == destination))
+            .map(|source| source.name.clone())
+            .collect();
+        sources.sort();
+        for source in sources {
+            let keys: Vec<BindingKey> = self.exchanges[&source]
+                .bindings()
+                .into_iter()
+                .filter(|key| key.destination == destination)
+                .collect();
+            for key in keys {
+                self.remove_binding(&source, &key, effects);
+            }
+        }
+    }
+
+    /// Removes one binding; an auto-delete source left without bindings is deleted.
+    fn remove_binding(&mut self, source: &Arc<str>, key: &BindingKey, effects: &mut Vec<Effect>) -> bool {
+        let Some(exchange) = self.exchanges.get_mut(source) else { return false };
+        if !exchange.remove_binding(key) {
+            return false;
+        }
+        let now_unused = exchange.options.auto_delete && exchange.n_bindings() == 0 && !exchange.builtin;
+        if let Destination::Queue(qid) = &key.destination {
+            if let Some(queue) = self.queues.get_mut(qid) {
+                if let Some(pos) = queue.bound_from.iter().position(|(from, routing_key, args)| {
+                    from == source && *routing_key == key.routing_key && *args == key.arguments
+                }) {
+                    queue.bound_from.swap_remove(pos);
+                }
+            }
+        }
+        if now_unused {
+            let source = source.clone();
+            self.remove_exchange(&source, effects);
+        }
+        true
+    }
+
+    fn resolve_target(&self, target: &BindTarget) -> Result<Destination, CoreError> {
+        match target {
+            BindTarget::Queue(name) => self
+                .queue_names
+                .get(name.as_str())
+                .map(|qid| Destination::Queue(*qid))
+                .ok_or_else(|| CoreError::not_found(EntityKind::Queue, name.clone())),
+            BindTarget::Exchange(name) => self
+                .exchanges
+                .get_key_value(name.as_str())
+                .map(|(key, _)| Destination::Exchange(key.clone()))
+                .ok_or_else(|| CoreError::not_found(EntityKind::Exchange, name.clone())),
+        }
+    }
+
+    fn binding_source(&self, source: &str) -> Result<Arc<str>, CoreError> {
+        if source == DEFAULT_EXCHANGE {
+            return Err(CoreError::AccessRefused {
+                reason: "the default exchange binds every queue by name implicitly; it takes no explicit bindings".to_owned(),
+            });
+        }
+        self.exchanges
+            .get_key_value(source)
+            .map(|(key, _)| key.clone())
+            .ok_or_else(|| CoreError::not_found(EntityKind::Exchange, source))
+    }
+
+    fn bind(&mut self, source: &str, target: BindTarget, routing_key: String, arguments: Headers, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+        let _ = effects;
+        validate_routing_key(&routing_key)?;
+        check_header_depth(&arguments)?;
+        let source = self.binding_source(source)?;
+        let destination = self.resolve_target(&target)?;
+        if let Destination::Exchange(dest) = &destination {
+            if *dest == DEFAULT_EXCHANGE.into() {
+                return Err(CoreError::AccessRefused { reason: "the default exchange cannot be a binding destination".to_owned() });
+            }
+        }
+        let exchange = &self.exchanges[&source];
+        if exchange.kind == ExchangeKind::Headers {
+            HeadersMatch::parse(&arguments)?;
+        }
+        let key = BindingKey { destination: destination.clone(), routing_key: routing_key.into(), arguments };
+        if exchange.has_binding(&key) {
+            return Ok(Reply::Done);
+        }
+        if exchange.n_bindings() >= self.limits.bindings_per_exchange_max {
+            return Err(CoreError::LimitExceeded { what: "bindings per exchange", limit: self.limits.bindings_per_exchange_max });
+        }
+        if let Destination::Queue(qid) = &destination {
+            let queue = self.queues.get_mut(qid).expect("resolved above");
+            queue.bound_from.push((source.clone(), key.routing_key.clone(), key.arguments.clone()));
+        }
+        self.exchanges.get_mut(&source).expect("resolved above").add_binding(key)?;
+        Ok(Reply::Done)
+    }
+
+    fn unbind(&mut self, source: &str, target: BindTarget, routing_key: String, arguments: Headers, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+        let source = self.binding_source(source)?;
+        let destination = self.resolve_target(&target)?;
+        let key = BindingKey { destination, routing_key: routing_key.into(), arguments };
+        if !self.exchanges[&source].has_binding(&key) {
+            return Err(CoreError::not_found(EntityKind::Exchange, format!("binding {source} -> {target:?} '{}'", key.routing_key)));
+        }
+        self.remove_binding(&source, &key, effects);
+        Ok(Reply::Done)
+    }
+
+    // ----- queues -----
+
+    fn declare_queue(&mut self, connection: ConnectionId, name: String, options: QueueOptions, passive: bool) -> Result<Reply, CoreError> {
+        self.connection(connection)?;
+        if passive {
+            let qid = self.queue_for(connection, &name)?;
+            let queue = &self.queues[&qid];
+            return Ok(Reply::QueueDeclared {
+                name: queue.name.clone(),
+                ready: queue.ready.len() as u64,
+                consumers: queue.consumers.len() as u32,
+            });
+        }
+        let generated = name.is_empty();
+        if !generated {
+            validate_user_name(&name)?;
+        }
+        check_header_depth(&options.arguments)?;
+        if let Some(qid) = self.queue_names.get(name.as_str()) {
+            let queue = &self.queues[qid];
+            check_exclusive_access(queue, connection)?;
+            if queue.options != options {
+                return Err(CoreError::precondition(
+                    EntityKind::Queue,
+                    &name,
+                    format!("declared with {:?}, redeclared with {:?}", queue.options, options),
+                ));
+            }
+            return Ok(Reply::QueueDeclared {
+                name: queue.name.clone(),
+                ready: queue.ready.len() as u64,
+                consumers: queue.consumers.len() as u32,
+            });
+        }
+        if self.queues.len() >= self.limits.queues_max {
+            return Err(CoreError::LimitExceeded { what: "queues", limit: self.limits.queues_max });
+        }
+        let name: Arc<str> = if generated {
+            loop {
+                let candidate = format!("wharf.gen-{}", self.next_generated_name);
+                self.next_generated_name += 1;
+                if !self.queue_names.contains_key(candidate.as_str()) {
+                    break candidate.into();
+                }
+            }
+        } else {
+            name.into()
+        };
+        let qid = QueueId(self.next_queue_id);
+        self.next_queue_id += 1;
+        let owner = options.exclusive.then_some(connection);
+        if owner.is_some() {
+            self.connections.get_mut(&connection).expect("checked").exclusive_queues.push(qid);
+        }
+        self.queues.insert(qid, Queue::new(qid, name.clone(), options, owner));
+        self.queue_names.insert(name.clone(), qid);
+        Ok(Reply::QueueDeclared { name, ready: 0, consumers: 0 })
+    }
+
+    /// Looks a queue up for `connection`, refusing exclusive queues of other connections.
+    fn queue_for(&self, connection: ConnectionId, name: &str) -> Result<QueueId, CoreError> {
+        let qid = *self.queue_names.get(name).ok_or_else(|| CoreError::not_found(EntityKind::Queue, name))?;
+        check_exclusive_access(&self.queues[&qid], connection)?;
+        Ok(qid)
+    }
+
+    fn delete_queue_cmd(&mut self, connection: ConnectionId, name: &str, if_unused: bool, if_empty: bool, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+        let qid = self.queue_for(connection, name)?;
+        let queue = &self.queues[&qid];
+        if if_unused && !queue.consumers.is_empty() {
+            return Err(CoreError::precondition(EntityKind::Queue, name, format!("it has {} consumers", queue.consumers.len())));
+        }
+        if if_empty && !queue.ready.is_empty() {
+            return Err(CoreError::precondition(EntityKind::Queue, name, format!("it has {} ready messages", queue.ready.len())));
+        }
+        let messages = self.remove_queue(qid, effects);
+        Ok(Reply::QueueDeleted { messages })
+    }
+
+    /// Deletes a queue: bindings removed, consumers cancelled (told so), ready messages
+    /// dropped. Deliveries outstanding from it stay with their connections; settling them
+    /// later is accepted and does nothing. Returns the ready messages dropped.
+    fn remove_queue(&mut self, qid: QueueId, effects: &mut Vec<Effect>) -> u64 {
+        let queue = self.queues.remove(&qid).expect("caller checked the queue exists");
+        self.queue_names.remove(&queue.name);
+        if let Some(owner) = queue.owner {
+            if let Some(conn) = self.connections.get_mut(&owner) {
+                conn.exclusive_queues.retain(|id| *id != qid);
+            }
+        }
+        for consumer in &queue.consumers {
+            if let Some(conn) = self.connections.get_mut(&consumer.connection) {
+                conn.consumers.remove(&consumer.tag);
+            }
+            effects.push(Effect::ConsumerCancelled {
+                connection: consumer.connection,
+                consumer_tag: consumer.tag,
+                reason: CancelReason::QueueDeleted,
+            });
+        }
+        let mut bound_from = queue.bound_from.clone();
+        bound_from.sort_by(|left, right| (&left.0, &left.1).cmp(&(&right.0, &right.1)));
+        for (source, routing_key, arguments) in bound_from {
+            let key = BindingKey { destination: Destination::Queue(qid), routing_key, arguments };
+            self.remove_binding(&source, &key, effects);
+        }
+        effects.push(Effect::QueueDeleted { name: queue.name.clone(), durable: queue.options.durable });
+        queue.ready.len() as u64
+    }
+
+    // ----- publishing -----
+
+    fn publish(&mut self, message: Arc<Message>, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+        validate_routing_key(&message.routing_key)?;
+        check_header_depth(&message.headers)?;
+        let mut targets = std::mem::take(&mut self.route_scratch);
+        targets.clear();
+        let routed = self.route(&message, &mut targets);
+        if let Err(err) = routed {
+            self.route_scratch = targets;
+            return Err(err);
+        }
+        for qid in &targets {
+            let queue = self.queues.get_mut(qid).expect("routing yields live queues");
+            queue.enqueue(message.clone());
+            self.dispatch(*qid, effects);
+        }
+        let routed = targets.len() as u32;
+        self.route_scratch = targets;
+        Ok(Reply::Published { routed })
+    }
+
+    /// Collects the queues a message reaches, each once, in a deterministic order.
+    fn route(&mut self, message: &Message, targets: &mut Vec<QueueId>) -> Result<(), CoreError> {
+        let exchange_name: &str = &message.exchange;
+        if exchange_name == DEFAULT_EXCHANGE {
+            if let Some(qid) = self.queue_names.get(&*message.routing_key) {
+                targets.push(*qid);
+            }
+            return Ok(());
+        }
+        let exchange = self
+            .exchanges
+            .get_mut(exchange_name)
+            .ok_or_else(|| CoreError::not_found(EntityKind::Exchange, exchange_name))?;
+        if exchange.options.internal {
+            return Err(CoreError::AccessRefused { reason: format!("exchange '{exchange_name}' is internal") });
+        }
+        let mut pending: Vec<Arc<str>> = Vec::new();
+        let mut visited: Vec<Arc<str>> = vec![exchange.name.clone()];
+        exchange.route(message, |dest| match dest {
+            Destination::Queue(qid) => targets.push(*qid),
+            Destination::Exchange(name) => pending.push(name.clone()),
+        });
+        let mut hops = 0;
+        while let Some(next) = pending.pop() {
+            if visited.contains(&next) {
+                continue;
+            }
+            hops += 1;
+            if hops > EXCHANGE_HOPS_MAX {
+                break;
+            }
+            visited.push(next.clone());
+            if let Some(exchange) = self.exchanges.get_mut(&next) {
+                exchange.route(message, |dest| match dest {
+                    Destination::Queue(qid) => targets.push(*qid),
+                    Destination::Exchange(name) => pending.push(name.clone()),
+                });
+            }
+        }
+        if targets.len() > 1 {
+            targets.sort_unstable();
+            targets.dedup();
+        }
+        Ok(())
+    }
+
+    // ----- consuming -----
+
+    fn subscribe(&mut self, connection: ConnectionId, queue_name: &str, tag: ConsumerTag, options: ConsumerOptions, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+        let conn = self.connection(connection)?;
+        if conn.consumers.contains_key(&tag) {
+            return Err(CoreError::ConsumerTagInUse { tag: tag.0 });
+        }
+        let qid = self.queue_for(connection, queue_name)?;
+        let queue = &self.queues[&qid];
+        if options.exclusive && !queue.consumers.is_empty() {
+            return Err(CoreError::ResourceLocked { name: queue_name.to_owned(), reason: "it already has consumers, so it cannot get an exclusive one" });
+        }
+        if queue.consumers.iter().any(|consumer| consumer.options.exclusive) {
+            return Err(CoreError::ResourceLocked { name: queue_name.to_owned(), reason: "it has an exclusive consumer" });
+        }
+        if queue.consumers.len() >= self.limits.consumers_per_queue_max {
+            return Err(CoreError::LimitExceeded { what: "consumers per queue", limit: self.limits.consumers_per_queue_max });
+        }
+        self.connections.get_mut(&connection).expect("checked").consumers.insert(tag, qid);
+        let queue = self.queues.get_mut(&qid).expect("checked");
+        queue.consumers.push(Consumer { connection, tag, credit: options.prefetch, options, unacked: 0 });
+        self.dispatch(qid, effects);
+        Ok(Reply::Done)
+    }
+
+    fn consumer_queue(&self, connection: ConnectionId, tag: ConsumerTag) -> Result<QueueId, CoreError> {
+        self.connection(connection)?
+            .consumers
+            .get(&tag)
+            .copied()
+            .ok_or_else(|| CoreError::not_found(EntityKind::Consumer, tag.0.to_string()))
+    }
+
+    fn cancel(&mut self, connection: ConnectionId, tag: ConsumerTag, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+        let qid = self.consumer_queue(connection, tag)?;
+        let conn = self.connections.get_mut(&connection).expect("checked");
+        conn.consumers.remove(&tag);
+        let returned: Vec<u64> = conn
+            .unacked
+            .iter()
+            .filter(|(_, unacked)| unacked.consumer_tag == tag && unacked.queue == qid)
+            .map(|(delivery_tag, _)| *delivery_tag)
+            .collect();
+        let queue = self.queues.get_mut(&qid).expect("consumers point at live queues");
+        for delivery_tag in returned {
+            let unacked = conn.unacked.remove(&delivery_tag).expect("collected above");
+            queue.unacked -= 1;
+            requeue_entry(queue, unacked.entry);
+        }
+        let idx = queue.consumer_idx(connection, tag).expect("consumer registered on its queue");
+        queue.consumers.remove(idx);
+        queue.cursor = 0;
+        if queue.options.auto_delete && queue.consumers.is_empty() {
+            self.remove_queue(qid, effects);
+        } else {
+            self.dispatch(qid, effects);
+        }
+        Ok(Reply::Done)
+    }
+
+    fn credit(&mut self, connection: ConnectionId, tag: ConsumerTag, credit: u32, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+        let qid = self.consumer_queue(connection, tag)?;
+        let queue = self.queues.get_mut(&qid).expect("consumers point at live queues");
+        let idx = queue.consumer_idx(connection, tag).expect("consumer registered on its queue");
+        let consumer = &mut queue.consumers[idx];
+        if consumer.options.prefetch > 0 {
+            consumer.credit = consumer.credit.saturating_add(credit).min(consumer.options.prefetch);
+        }
+        self.dispatch(qid, effects);
+        Ok(Reply::Done)
+    }
+
+    fn settle(&mut self, connection: ConnectionId, tag: DeliveryTag, multiple: bool, how: Settle, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+        let conn = self.connections.get_mut(&connection).ok_or_else(|| CoreError::not_found(EntityKind::Connection, connection.0.to_string()))?;
+        let settled: Vec<(u64, Unacked)> = if multiple {
+            let upto = if tag.0 == 0 { u64::MAX } else { tag.0 };
+            if tag.0 != 0 && !conn.unacked.contains_key(&tag.0) {
+                return Err(CoreError::UnknownDeliveryTag { tag: tag.0 });
+            }
+            let keep = conn.unacked.split_off(&upto.saturating_add(1));
+            let taken = std::mem::replace(&mut conn.unacked, keep);
+            taken.into_iter().collect()
+        } else {
+            match conn.unacked.remove(&tag.0) {
+                Some(unacked) => vec![(tag.0, unacked)],
+                None => return Err(CoreError::UnknownDeliveryTag { tag: tag.0 }),
+            }
+        };
+        let count = settled.len() as u32;
+        let mut touched: Vec<QueueId> = Vec::new();
+        for (_, unacked) in settled {
+            // The queue may be gone (deleted while this was outstanding): nothing to do then.
+            let Some(queue) = self.queues.get_mut(&unacked.queue) else { continue };
+            queue.unacked -= 1;
+            if let Some(idx) = queue.consumer_idx(connection, unacked.consumer_tag) {
+                queue.consumers[idx].unacked -= 1;
+            }
+            match how {
+                Settle::Ack => queue.stats.acked += 1,
+                Settle::Drop => queue.stats.dropped += 1,
+                Settle::Requeue => requeue_entry(queue, unacked.entry),
+            }
+            if !touched.contains(&unacked.queue) {
+                touched.push(unacked.queue);
+            }
+        }
+        for qid in touched {
+            self.dispatch(qid, effects);
+        }
+        Ok(Reply::Settled { count })
+    }
+
+    /// Hands ready messages to consumers with capacity until one side runs out.
+    fn dispatch(&mut self, qid: QueueId, effects: &mut Vec<Effect>) {
+        let Broker { queues, connections, .. } = self;
+        let queue = queues.get_mut(&qid).expect("dispatch on a live queue");
+        while !queue.ready.is_empty() {
+            let Some(idx) = queue.pick_consumer() else { break };
+            let mut entry = queue.ready.pop_front().expect("checked non-empty");
+            entry.delivery_count += 1;
+            let consumer = &mut queue.consumers[idx];
+            let conn = connections.get_mut(&consumer.connection).expect("consumers belong to live connections");
+            conn.next_delivery_tag += 1;
+            let delivery_tag = conn.next_delivery_tag;
+            queue.stats.delivered += 1;
+            if entry.redelivered {
+                queue.stats.redelivered += 1;
+            }
+            effects.push(Effect::Deliver(Delivery {
+                connection: consumer.connection,
+                consumer_tag: consumer.tag,
+                delivery_tag: DeliveryTag(delivery_tag),
+                queue: queue.name.clone(),
+                message: entry.message.clone(),
+                redelivered: entry.redelivered,
+                delivery_count: entry.delivery_count,
+            }));
+            if consumer.options.auto_ack {
+                if consumer.options.prefetch > 0 {
+                    consumer.credit -= 1;
+                }
+                queue.stats.acked += 1;
+            } else {
+                consumer.unacked += 1;
+                queue.unacked += 1;
+                conn.unacked.insert(delivery_tag, Unacked { queue: qid, consumer_tag: consumer.tag, entry });
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    Ack,
+    Requeue,
+    Drop,
+}
+
+fn requeue_entry(queue: &mut Queue, mut entry: Entry) {
+    entry.redelivered = true;
+    queue.ready.requeue(entry);
+}
+
+fn check_exclusive_access(queue: &Queue, connection: ConnectionId) -> Result<(), CoreError> {
+    match queue.owner {
+        Some(owner) if owner != connection => {
+            Err(CoreError::ResourceLocked { name: queue.name.to_string(), reason: "it is exclusive to another connection" })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn check_header_depth(headers: &Headers) -> Result<(), CoreError> {
+    if headers.depth() > HEADER_DEPTH_MAX {
+        return Err(CoreError::InvalidArgument { reason: format!("headers nest deeper than {HEADER_DEPTH_MAX} levels") });
+    }
+    Ok(())
+}

@@ -1,0 +1,43 @@
+//! Every limit of the core in one place, each with the reason it exists. The server may
+//! override them through [`Limits`].
+
+/// Names are AMQP short strings: 255 bytes keeps them cheap to hash, log and put on the wire.
+pub const NAME_BYTES_MAX: usize = 255;
+/// Routing keys are short strings too; topic matching cost grows with their word count.
+pub const ROUTING_KEY_BYTES_MAX: usize = 255;
+/// Queues per broker: each costs memory and a slot in every listing.
+pub const QUEUES_MAX: usize = 100_000;
+/// Exchanges per broker, for the same reason.
+pub const EXCHANGES_MAX: usize = 10_000;
+/// Bindings per exchange: the headers exchange matches each one per message.
+pub const BINDINGS_PER_EXCHANGE_MAX: usize = 100_000;
+/// Consumers per queue: dispatch scans consumers when choosing the next one.
+pub const CONSUMERS_PER_QUEUE_MAX: usize = 10_000;
+/// Nesting depth of header values (lists and maps): bounds recursion when comparing.
+pub const HEADER_DEPTH_MAX: usize = 16;
+/// Hops through exchange-to-exchange bindings: bounds routing work per message.
+pub const EXCHANGE_HOPS_MAX: usize = 16;
+
+/// The limits in force in one broker; `Limits::default()` uses the constants of this module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// See [`QUEUES_MAX`].
+    pub queues_max: usize,
+    /// See [`EXCHANGES_MAX`].
+    pub exchanges_max: usize,
+    /// See [`BINDINGS_PER_EXCHANGE_MAX`].
+    pub bindings_per_exchange_max: usize,
+    /// See [`CONSUMERS_PER_QUEUE_MAX`].
+    pub consumers_per_queue_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            queues_max: QUEUES_MAX,
+            exchanges_max: EXCHANGES_MAX,
+            bindings_per_exchange_max: BINDINGS_PER_EXCHANGE_MAX,
+            consumers_per_queue_max: CONSUMERS_PER_QUEUE_MAX,
+        }
+    }
+}
