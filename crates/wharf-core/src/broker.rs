@@ -1,7 +1,9 @@
 //! The broker state and the one way to change it: [`Broker::apply`] a [`Command`].
 
 use crate::error::{CoreError, EntityKind};
-use crate::exchange::{BindingKey, Destination, Exchange, ExchangeKind, ExchangeOptions, HeadersMatch};
+use crate::exchange::{
+    BindingKey, Destination, Exchange, ExchangeKind, ExchangeOptions, HeadersMatch,
+};
 use crate::limits::{EXCHANGE_HOPS_MAX, HEADER_DEPTH_MAX, Limits};
 use crate::message::{Headers, Message};
 use crate::name::{RESERVED_PREFIX, validate_name, validate_routing_key, validate_user_name};
@@ -349,8 +351,13 @@ impl Broker {
             now_ms: 0,
         };
         for (name, kind) in BUILTIN_EXCHANGES {
-            let options = ExchangeOptions { durable: true, ..ExchangeOptions::default() };
-            broker.exchanges.insert(name.into(), Exchange::new(name.into(), kind, options, true));
+            let options = ExchangeOptions {
+                durable: true,
+                ..ExchangeOptions::default()
+            };
+            broker
+                .exchanges
+                .insert(name.into(), Exchange::new(name.into(), kind, options, true));
         }
         broker
     }
@@ -362,7 +369,12 @@ impl Broker {
 
     /// Applies one command at logical time `now_ms`. On success the effects to carry out are
     /// appended to `effects`; on error the state is unchanged and nothing is appended.
-    pub fn apply(&mut self, now_ms: u64, command: Command, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+    pub fn apply(
+        &mut self,
+        now_ms: u64,
+        command: Command,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
         self.now_ms = self.now_ms.max(now_ms);
         match command {
             Command::OpenConnection { connection } => {
@@ -370,45 +382,92 @@ impl Broker {
                 Ok(Reply::Done)
             }
             Command::CloseConnection { connection } => self.close_connection(connection, effects),
-            Command::DeclareExchange { name, kind, options, passive } => {
-                self.declare_exchange(name, kind, options, passive)
+            Command::DeclareExchange {
+                name,
+                kind,
+                options,
+                passive,
+            } => self.declare_exchange(name, kind, options, passive),
+            Command::DeleteExchange { name, if_unused } => {
+                self.delete_exchange(&name, if_unused, effects)
             }
-            Command::DeleteExchange { name, if_unused } => self.delete_exchange(&name, if_unused, effects),
-            Command::DeclareQueue { connection, name, options, passive } => {
-                self.declare_queue(connection, name, options, passive)
-            }
-            Command::DeleteQueue { connection, name, if_unused, if_empty } => {
-                self.delete_queue_cmd(connection, &name, if_unused, if_empty, effects)
-            }
+            Command::DeclareQueue {
+                connection,
+                name,
+                options,
+                passive,
+            } => self.declare_queue(connection, name, options, passive),
+            Command::DeleteQueue {
+                connection,
+                name,
+                if_unused,
+                if_empty,
+            } => self.delete_queue_cmd(connection, &name, if_unused, if_empty, effects),
             Command::PurgeQueue { connection, name } => {
                 let qid = self.queue_for(connection, &name)?;
-                let queue = self.queues.get_mut(&qid).expect("queue ids in the name map exist");
+                let queue = self
+                    .queues
+                    .get_mut(&qid)
+                    .expect("queue ids in the name map exist");
                 let messages = queue.ready.clear() as u64;
                 Ok(Reply::Purged { messages })
             }
-            Command::Bind { source, target, routing_key, arguments } => {
-                self.bind(&source, target, routing_key, arguments, effects)
-            }
-            Command::Unbind { source, target, routing_key, arguments } => {
-                self.unbind(&source, target, routing_key, arguments, effects)
-            }
+            Command::Bind {
+                source,
+                target,
+                routing_key,
+                arguments,
+            } => self.bind(&source, target, routing_key, arguments, effects),
+            Command::Unbind {
+                source,
+                target,
+                routing_key,
+                arguments,
+            } => self.unbind(&source, target, routing_key, arguments, effects),
             Command::Publish { message } => self.publish(message, effects),
-            Command::Subscribe { connection, queue, consumer_tag, options } => {
-                self.subscribe(connection, &queue, consumer_tag, options, effects)
-            }
-            Command::Cancel { connection, consumer_tag } => self.cancel(connection, consumer_tag, effects),
-            Command::Credit { connection, consumer_tag, credit } => {
-                self.credit(connection, consumer_tag, credit, effects)
-            }
-            Command::Ack { connection, delivery_tag, multiple } => {
-                self.settle(connection, delivery_tag, multiple, Settle::Ack, effects)
-            }
-            Command::Nack { connection, delivery_tag, multiple, requeue } => {
-                let how = if requeue { Settle::Requeue } else { Settle::Drop };
+            Command::Subscribe {
+                connection,
+                queue,
+                consumer_tag,
+                options,
+            } => self.subscribe(connection, &queue, consumer_tag, options, effects),
+            Command::Cancel {
+                connection,
+                consumer_tag,
+            } => self.cancel(connection, consumer_tag, effects),
+            Command::Credit {
+                connection,
+                consumer_tag,
+                credit,
+            } => self.credit(connection, consumer_tag, credit, effects),
+            Command::Ack {
+                connection,
+                delivery_tag,
+                multiple,
+            } => self.settle(connection, delivery_tag, multiple, Settle::Ack, effects),
+            Command::Nack {
+                connection,
+                delivery_tag,
+                multiple,
+                requeue,
+            } => {
+                let how = if requeue {
+                    Settle::Requeue
+                } else {
+                    Settle::Drop
+                };
                 self.settle(connection, delivery_tag, multiple, how, effects)
             }
-            Command::Reject { connection, delivery_tag, requeue } => {
-                let how = if requeue { Settle::Requeue } else { Settle::Drop };
+            Command::Reject {
+                connection,
+                delivery_tag,
+                requeue,
+            } => {
+                let how = if requeue {
+                    Settle::Requeue
+                } else {
+                    Settle::Drop
+                };
                 self.settle(connection, delivery_tag, false, how, effects)
             }
         }
@@ -418,7 +477,10 @@ impl Broker {
 
     /// Statistics of one queue.
     pub fn queue_stats(&self, name: &str) -> Result<QueueStats, CoreError> {
-        let qid = self.queue_names.get(name).ok_or_else(|| CoreError::not_found(EntityKind::Queue, name))?;
+        let qid = self
+            .queue_names
+            .get(name)
+            .ok_or_else(|| CoreError::not_found(EntityKind::Queue, name))?;
         Ok(self.queues[qid].stats())
     }
 
@@ -470,21 +532,31 @@ impl Broker {
 
     /// Options of a queue (for persisting durable topology).
     pub fn queue_options(&self, name: &str) -> Option<&QueueOptions> {
-        self.queue_names.get(name).map(|qid| &self.queues[qid].options)
+        self.queue_names
+            .get(name)
+            .map(|qid| &self.queues[qid].options)
     }
 
     /// Deliveries outstanding (unacked) on a connection.
     pub fn unacked_count(&self, connection: ConnectionId) -> usize {
-        self.connections.get(&connection).map_or(0, |conn| conn.unacked.len())
+        self.connections
+            .get(&connection)
+            .map_or(0, |conn| conn.unacked.len())
     }
 
     // ----- connections -----
 
     fn connection(&self, connection: ConnectionId) -> Result<&Connection, CoreError> {
-        self.connections.get(&connection).ok_or_else(|| CoreError::not_found(EntityKind::Connection, connection.0.to_string()))
+        self.connections
+            .get(&connection)
+            .ok_or_else(|| CoreError::not_found(EntityKind::Connection, connection.0.to_string()))
     }
 
-    fn close_connection(&mut self, connection: ConnectionId, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+    fn close_connection(
+        &mut self,
+        connection: ConnectionId,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
         self.connection(connection)?;
         let conn = self.connections.remove(&connection).expect("checked above");
         let mut touched: Vec<QueueId> = Vec::new();
@@ -516,8 +588,13 @@ impl Broker {
             }
         }
         for qid in touched {
-            let Some(queue) = self.queues.get(&qid) else { continue };
-            if queue.options.auto_delete && queue.consumers.is_empty() && lost_consumers.contains(&qid) {
+            let Some(queue) = self.queues.get(&qid) else {
+                continue;
+            };
+            if queue.options.auto_delete
+                && queue.consumers.is_empty()
+                && lost_consumers.contains(&qid)
+            {
                 self.remove_queue(qid, effects);
             } else {
                 self.dispatch(qid, effects);
@@ -528,7 +605,13 @@ impl Broker {
 
     // ----- exchanges -----
 
-    fn declare_exchange(&mut self, name: String, kind: ExchangeKind, options: ExchangeOptions, passive: bool) -> Result<Reply, CoreError> {
+    fn declare_exchange(
+        &mut self,
+        name: String,
+        kind: ExchangeKind,
+        options: ExchangeOptions,
+        passive: bool,
+    ) -> Result<Reply, CoreError> {
         if name != DEFAULT_EXCHANGE {
             validate_name(&name)?;
         }
@@ -538,7 +621,9 @@ impl Broker {
             }
             if existing.kind != kind || existing.options != options {
                 if existing.builtin {
-                    return Err(CoreError::AccessRefused { reason: format!("exchange '{name}' is built in") });
+                    return Err(CoreError::AccessRefused {
+                        reason: format!("exchange '{name}' is built in"),
+                    });
                 }
                 return Err(CoreError::precondition(
                     EntityKind::Exchange,
@@ -558,21 +643,39 @@ impl Broker {
             validate_user_name(&name)?;
         }
         if self.exchanges.len() >= self.limits.exchanges_max {
-            return Err(CoreError::LimitExceeded { what: "exchanges", limit: self.limits.exchanges_max });
+            return Err(CoreError::LimitExceeded {
+                what: "exchanges",
+                limit: self.limits.exchanges_max,
+            });
         }
         check_header_depth(&options.arguments)?;
         let name: Arc<str> = name.into();
-        self.exchanges.insert(name.clone(), Exchange::new(name, kind, options, false));
+        self.exchanges
+            .insert(name.clone(), Exchange::new(name, kind, options, false));
         Ok(Reply::Done)
     }
 
-    fn delete_exchange(&mut self, name: &str, if_unused: bool, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
-        let exchange = self.exchanges.get(name).ok_or_else(|| CoreError::not_found(EntityKind::Exchange, name))?;
+    fn delete_exchange(
+        &mut self,
+        name: &str,
+        if_unused: bool,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
+        let exchange = self
+            .exchanges
+            .get(name)
+            .ok_or_else(|| CoreError::not_found(EntityKind::Exchange, name))?;
         if exchange.builtin {
-            return Err(CoreError::AccessRefused { reason: format!("exchange '{name}' is built in and cannot be deleted") });
+            return Err(CoreError::AccessRefused {
+                reason: format!("exchange '{name}' is built in and cannot be deleted"),
+            });
         }
         if if_unused && exchange.n_bindings() > 0 {
-            return Err(CoreError::precondition(EntityKind::Exchange, name, format!("it has {} bindings", exchange.n_bindings())));
+            return Err(CoreError::precondition(
+                EntityKind::Exchange,
+                name,
+                format!("it has {} bindings", exchange.n_bindings()),
+            ));
         }
         let name = exchange.name.clone();
         self.remove_exchange(&name, effects);
@@ -582,13 +685,22 @@ impl Broker {
     /// Removes an exchange, every binding from it and every binding to it (which may
     /// auto-delete further exchanges).
     fn remove_exchange(&mut self, name: &Arc<str>, effects: &mut Vec<Effect>) {
-        let Some(exchange) = self.exchanges.remove(name) else { return };
+        let Some(exchange) = self.exchanges.remove(name) else {
+            return;
+        };
         for key in exchange.bindings() {
             if let Destination::Queue(qid) = key.destination {
                 if let Some(queue) = self.queues.get_mut(&qid) {
-                    if let Some(pos) = queue.bound_from.iter().position(|(source, routing_key, args)| {
-                        source == name && *routing_key == key.routing_key && *args == key.arguments
-                    }) {
+                    if let Some(pos) =
+                        queue
+                            .bound_from
+                            .iter()
+                            .position(|(source, routing_key, args)| {
+                                source == name
+                                    && *routing_key == key.routing_key
+                                    && *args == key.arguments
+                            })
+                    {
                         queue.bound_from.swap_remove(pos);
                     }
                 }
@@ -599,7 +711,12 @@ impl Broker {
         let mut sources: Vec<Arc<str>> = self
             .exchanges
             .values()
-            .filter(|source| source.bindings().iter().any(|key| key.destination == destination))
+            .filter(|source| {
+                source
+                    .bindings()
+                    .iter()
+                    .any(|key| key.destination == destination)
+            })
             .map(|source| source.name.clone())
             .collect();
         sources.sort();
@@ -616,17 +733,29 @@ impl Broker {
     }
 
     /// Removes one binding; an auto-delete source left without bindings is deleted.
-    fn remove_binding(&mut self, source: &Arc<str>, key: &BindingKey, effects: &mut Vec<Effect>) -> bool {
-        let Some(exchange) = self.exchanges.get_mut(source) else { return false };
+    fn remove_binding(
+        &mut self,
+        source: &Arc<str>,
+        key: &BindingKey,
+        effects: &mut Vec<Effect>,
+    ) -> bool {
+        let Some(exchange) = self.exchanges.get_mut(source) else {
+            return false;
+        };
         if !exchange.remove_binding(key) {
             return false;
         }
-        let now_unused = exchange.options.auto_delete && exchange.n_bindings() == 0 && !exchange.builtin;
+        let now_unused =
+            exchange.options.auto_delete && exchange.n_bindings() == 0 && !exchange.builtin;
         if let Destination::Queue(qid) = &key.destination {
             if let Some(queue) = self.queues.get_mut(qid) {
-                if let Some(pos) = queue.bound_from.iter().position(|(from, routing_key, args)| {
-                    from == source && *routing_key == key.routing_key && *args == key.arguments
-                }) {
+                if let Some(pos) = queue
+                    .bound_from
+                    .iter()
+                    .position(|(from, routing_key, args)| {
+                        from == source && *routing_key == key.routing_key && *args == key.arguments
+                    })
+                {
                     queue.bound_from.swap_remove(pos);
                 }
             }
@@ -665,7 +794,14 @@ impl Broker {
             .ok_or_else(|| CoreError::not_found(EntityKind::Exchange, source))
     }
 
-    fn bind(&mut self, source: &str, target: BindTarget, routing_key: String, arguments: Headers, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+    fn bind(
+        &mut self,
+        source: &str,
+        target: BindTarget,
+        routing_key: String,
+        arguments: Headers,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
         let _ = effects;
         validate_routing_key(&routing_key)?;
         check_header_depth(&arguments)?;
@@ -673,34 +809,64 @@ impl Broker {
         let destination = self.resolve_target(&target)?;
         if let Destination::Exchange(dest) = &destination {
             if *dest == DEFAULT_EXCHANGE.into() {
-                return Err(CoreError::AccessRefused { reason: "the default exchange cannot be a binding destination".to_owned() });
+                return Err(CoreError::AccessRefused {
+                    reason: "the default exchange cannot be a binding destination".to_owned(),
+                });
             }
         }
         let exchange = &self.exchanges[&source];
         if exchange.kind == ExchangeKind::Headers {
             HeadersMatch::parse(&arguments)?;
         }
-        let key = BindingKey { destination: destination.clone(), routing_key: routing_key.into(), arguments };
+        let key = BindingKey {
+            destination: destination.clone(),
+            routing_key: routing_key.into(),
+            arguments,
+        };
         if exchange.has_binding(&key) {
             return Ok(Reply::Done);
         }
         if exchange.n_bindings() >= self.limits.bindings_per_exchange_max {
-            return Err(CoreError::LimitExceeded { what: "bindings per exchange", limit: self.limits.bindings_per_exchange_max });
+            return Err(CoreError::LimitExceeded {
+                what: "bindings per exchange",
+                limit: self.limits.bindings_per_exchange_max,
+            });
         }
         if let Destination::Queue(qid) = &destination {
             let queue = self.queues.get_mut(qid).expect("resolved above");
-            queue.bound_from.push((source.clone(), key.routing_key.clone(), key.arguments.clone()));
+            queue.bound_from.push((
+                source.clone(),
+                key.routing_key.clone(),
+                key.arguments.clone(),
+            ));
         }
-        self.exchanges.get_mut(&source).expect("resolved above").add_binding(key)?;
+        self.exchanges
+            .get_mut(&source)
+            .expect("resolved above")
+            .add_binding(key)?;
         Ok(Reply::Done)
     }
 
-    fn unbind(&mut self, source: &str, target: BindTarget, routing_key: String, arguments: Headers, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+    fn unbind(
+        &mut self,
+        source: &str,
+        target: BindTarget,
+        routing_key: String,
+        arguments: Headers,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
         let source = self.binding_source(source)?;
         let destination = self.resolve_target(&target)?;
-        let key = BindingKey { destination, routing_key: routing_key.into(), arguments };
+        let key = BindingKey {
+            destination,
+            routing_key: routing_key.into(),
+            arguments,
+        };
         if !self.exchanges[&source].has_binding(&key) {
-            return Err(CoreError::not_found(EntityKind::Exchange, format!("binding {source} -> {target:?} '{}'", key.routing_key)));
+            return Err(CoreError::not_found(
+                EntityKind::Exchange,
+                format!("binding {source} -> {target:?} '{}'", key.routing_key),
+            ));
         }
         self.remove_binding(&source, &key, effects);
         Ok(Reply::Done)
@@ -708,7 +874,13 @@ impl Broker {
 
     // ----- queues -----
 
-    fn declare_queue(&mut self, connection: ConnectionId, name: String, options: QueueOptions, passive: bool) -> Result<Reply, CoreError> {
+    fn declare_queue(
+        &mut self,
+        connection: ConnectionId,
+        name: String,
+        options: QueueOptions,
+        passive: bool,
+    ) -> Result<Reply, CoreError> {
         self.connection(connection)?;
         if passive {
             let qid = self.queue_for(connection, &name)?;
@@ -731,7 +903,10 @@ impl Broker {
                 return Err(CoreError::precondition(
                     EntityKind::Queue,
                     &name,
-                    format!("declared with {:?}, redeclared with {:?}", queue.options, options),
+                    format!(
+                        "declared with {:?}, redeclared with {:?}",
+                        queue.options, options
+                    ),
                 ));
             }
             return Ok(Reply::QueueDeclared {
@@ -741,7 +916,10 @@ impl Broker {
             });
         }
         if self.queues.len() >= self.limits.queues_max {
-            return Err(CoreError::LimitExceeded { what: "queues", limit: self.limits.queues_max });
+            return Err(CoreError::LimitExceeded {
+                what: "queues",
+                limit: self.limits.queues_max,
+            });
         }
         let name: Arc<str> = if generated {
             loop {
@@ -758,28 +936,55 @@ impl Broker {
         self.next_queue_id += 1;
         let owner = options.exclusive.then_some(connection);
         if owner.is_some() {
-            self.connections.get_mut(&connection).expect("checked").exclusive_queues.push(qid);
+            self.connections
+                .get_mut(&connection)
+                .expect("checked")
+                .exclusive_queues
+                .push(qid);
         }
-        self.queues.insert(qid, Queue::new(qid, name.clone(), options, owner));
+        self.queues
+            .insert(qid, Queue::new(name.clone(), options, owner));
         self.queue_names.insert(name.clone(), qid);
-        Ok(Reply::QueueDeclared { name, ready: 0, consumers: 0 })
+        Ok(Reply::QueueDeclared {
+            name,
+            ready: 0,
+            consumers: 0,
+        })
     }
 
     /// Looks a queue up for `connection`, refusing exclusive queues of other connections.
     fn queue_for(&self, connection: ConnectionId, name: &str) -> Result<QueueId, CoreError> {
-        let qid = *self.queue_names.get(name).ok_or_else(|| CoreError::not_found(EntityKind::Queue, name))?;
+        let qid = *self
+            .queue_names
+            .get(name)
+            .ok_or_else(|| CoreError::not_found(EntityKind::Queue, name))?;
         check_exclusive_access(&self.queues[&qid], connection)?;
         Ok(qid)
     }
 
-    fn delete_queue_cmd(&mut self, connection: ConnectionId, name: &str, if_unused: bool, if_empty: bool, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+    fn delete_queue_cmd(
+        &mut self,
+        connection: ConnectionId,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
         let qid = self.queue_for(connection, name)?;
         let queue = &self.queues[&qid];
         if if_unused && !queue.consumers.is_empty() {
-            return Err(CoreError::precondition(EntityKind::Queue, name, format!("it has {} consumers", queue.consumers.len())));
+            return Err(CoreError::precondition(
+                EntityKind::Queue,
+                name,
+                format!("it has {} consumers", queue.consumers.len()),
+            ));
         }
         if if_empty && !queue.ready.is_empty() {
-            return Err(CoreError::precondition(EntityKind::Queue, name, format!("it has {} ready messages", queue.ready.len())));
+            return Err(CoreError::precondition(
+                EntityKind::Queue,
+                name,
+                format!("it has {} ready messages", queue.ready.len()),
+            ));
         }
         let messages = self.remove_queue(qid, effects);
         Ok(Reply::QueueDeleted { messages })
@@ -789,7 +994,10 @@ impl Broker {
     /// dropped. Deliveries outstanding from it stay with their connections; settling them
     /// later is accepted and does nothing. Returns the ready messages dropped.
     fn remove_queue(&mut self, qid: QueueId, effects: &mut Vec<Effect>) -> u64 {
-        let queue = self.queues.remove(&qid).expect("caller checked the queue exists");
+        let queue = self
+            .queues
+            .remove(&qid)
+            .expect("caller checked the queue exists");
         self.queue_names.remove(&queue.name);
         if let Some(owner) = queue.owner {
             if let Some(conn) = self.connections.get_mut(&owner) {
@@ -809,16 +1017,27 @@ impl Broker {
         let mut bound_from = queue.bound_from.clone();
         bound_from.sort_by(|left, right| (&left.0, &left.1).cmp(&(&right.0, &right.1)));
         for (source, routing_key, arguments) in bound_from {
-            let key = BindingKey { destination: Destination::Queue(qid), routing_key, arguments };
+            let key = BindingKey {
+                destination: Destination::Queue(qid),
+                routing_key,
+                arguments,
+            };
             self.remove_binding(&source, &key, effects);
         }
-        effects.push(Effect::QueueDeleted { name: queue.name.clone(), durable: queue.options.durable });
+        effects.push(Effect::QueueDeleted {
+            name: queue.name.clone(),
+            durable: queue.options.durable,
+        });
         queue.ready.len() as u64
     }
 
     // ----- publishing -----
 
-    fn publish(&mut self, message: Arc<Message>, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+    fn publish(
+        &mut self,
+        message: Arc<Message>,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
         validate_routing_key(&message.routing_key)?;
         check_header_depth(&message.headers)?;
         let mut targets = std::mem::take(&mut self.route_scratch);
@@ -829,7 +1048,10 @@ impl Broker {
             return Err(err);
         }
         for qid in &targets {
-            let queue = self.queues.get_mut(qid).expect("routing yields live queues");
+            let queue = self
+                .queues
+                .get_mut(qid)
+                .expect("routing yields live queues");
             queue.enqueue(message.clone());
             self.dispatch(*qid, effects);
         }
@@ -852,7 +1074,9 @@ impl Broker {
             .get_mut(exchange_name)
             .ok_or_else(|| CoreError::not_found(EntityKind::Exchange, exchange_name))?;
         if exchange.options.internal {
-            return Err(CoreError::AccessRefused { reason: format!("exchange '{exchange_name}' is internal") });
+            return Err(CoreError::AccessRefused {
+                reason: format!("exchange '{exchange_name}' is internal"),
+            });
         }
         let mut pending: Vec<Arc<str>> = Vec::new();
         let mut visited: Vec<Arc<str>> = vec![exchange.name.clone()];
@@ -886,7 +1110,14 @@ impl Broker {
 
     // ----- consuming -----
 
-    fn subscribe(&mut self, connection: ConnectionId, queue_name: &str, tag: ConsumerTag, options: ConsumerOptions, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+    fn subscribe(
+        &mut self,
+        connection: ConnectionId,
+        queue_name: &str,
+        tag: ConsumerTag,
+        options: ConsumerOptions,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
         let conn = self.connection(connection)?;
         if conn.consumers.contains_key(&tag) {
             return Err(CoreError::ConsumerTagInUse { tag: tag.0 });
@@ -894,22 +1125,49 @@ impl Broker {
         let qid = self.queue_for(connection, queue_name)?;
         let queue = &self.queues[&qid];
         if options.exclusive && !queue.consumers.is_empty() {
-            return Err(CoreError::ResourceLocked { name: queue_name.to_owned(), reason: "it already has consumers, so it cannot get an exclusive one" });
+            return Err(CoreError::ResourceLocked {
+                name: queue_name.to_owned(),
+                reason: "it already has consumers, so it cannot get an exclusive one",
+            });
         }
-        if queue.consumers.iter().any(|consumer| consumer.options.exclusive) {
-            return Err(CoreError::ResourceLocked { name: queue_name.to_owned(), reason: "it has an exclusive consumer" });
+        if queue
+            .consumers
+            .iter()
+            .any(|consumer| consumer.options.exclusive)
+        {
+            return Err(CoreError::ResourceLocked {
+                name: queue_name.to_owned(),
+                reason: "it has an exclusive consumer",
+            });
         }
         if queue.consumers.len() >= self.limits.consumers_per_queue_max {
-            return Err(CoreError::LimitExceeded { what: "consumers per queue", limit: self.limits.consumers_per_queue_max });
+            return Err(CoreError::LimitExceeded {
+                what: "consumers per queue",
+                limit: self.limits.consumers_per_queue_max,
+            });
         }
-        self.connections.get_mut(&connection).expect("checked").consumers.insert(tag, qid);
+        self.connections
+            .get_mut(&connection)
+            .expect("checked")
+            .consumers
+            .insert(tag, qid);
         let queue = self.queues.get_mut(&qid).expect("checked");
-        queue.consumers.push(Consumer { connection, tag, credit: options.prefetch, options, unacked: 0 });
+        queue.consumers.push(Consumer {
+            connection,
+            tag,
+            credit: options.prefetch,
+            options,
+            unacked: 0,
+        });
         self.dispatch(qid, effects);
         Ok(Reply::Done)
     }
 
-    fn consumer_queue(&self, connection: ConnectionId, tag: ConsumerTag) -> Result<QueueId, CoreError> {
+    fn consumer_queue(
+        &self,
+        connection: ConnectionId,
+        tag: ConsumerTag,
+    ) -> Result<QueueId, CoreError> {
         self.connection(connection)?
             .consumers
             .get(&tag)
@@ -917,7 +1175,12 @@ impl Broker {
             .ok_or_else(|| CoreError::not_found(EntityKind::Consumer, tag.0.to_string()))
     }
 
-    fn cancel(&mut self, connection: ConnectionId, tag: ConsumerTag, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+    fn cancel(
+        &mut self,
+        connection: ConnectionId,
+        tag: ConsumerTag,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
         let qid = self.consumer_queue(connection, tag)?;
         let conn = self.connections.get_mut(&connection).expect("checked");
         conn.consumers.remove(&tag);
@@ -927,13 +1190,18 @@ impl Broker {
             .filter(|(_, unacked)| unacked.consumer_tag == tag && unacked.queue == qid)
             .map(|(delivery_tag, _)| *delivery_tag)
             .collect();
-        let queue = self.queues.get_mut(&qid).expect("consumers point at live queues");
+        let queue = self
+            .queues
+            .get_mut(&qid)
+            .expect("consumers point at live queues");
         for delivery_tag in returned {
             let unacked = conn.unacked.remove(&delivery_tag).expect("collected above");
             queue.unacked -= 1;
             requeue_entry(queue, unacked.entry);
         }
-        let idx = queue.consumer_idx(connection, tag).expect("consumer registered on its queue");
+        let idx = queue
+            .consumer_idx(connection, tag)
+            .expect("consumer registered on its queue");
         queue.consumers.remove(idx);
         queue.cursor = 0;
         if queue.options.auto_delete && queue.consumers.is_empty() {
@@ -944,21 +1212,56 @@ impl Broker {
         Ok(Reply::Done)
     }
 
-    fn credit(&mut self, connection: ConnectionId, tag: ConsumerTag, credit: u32, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
+    fn credit(
+        &mut self,
+        connection: ConnectionId,
+        tag: ConsumerTag,
+        credit: u32,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
         let qid = self.consumer_queue(connection, tag)?;
-        let queue = self.queues.get_mut(&qid).expect("consumers point at live queues");
-        let idx = queue.consumer_idx(connection, tag).expect("consumer registered on its queue");
+        let queue = self
+            .queues
+            .get_mut(&qid)
+            .expect("consumers point at live queues");
+        let idx = queue
+            .consumer_idx(connection, tag)
+            .expect("consumer registered on its queue");
         let consumer = &mut queue.consumers[idx];
         if consumer.options.prefetch > 0 {
-            consumer.credit = consumer.credit.saturating_add(credit).min(consumer.options.prefetch);
+            consumer.credit = consumer
+                .credit
+                .saturating_add(credit)
+                .min(consumer.options.prefetch);
         }
         self.dispatch(qid, effects);
         Ok(Reply::Done)
     }
 
-    fn settle(&mut self, connection: ConnectionId, tag: DeliveryTag, multiple: bool, how: Settle, effects: &mut Vec<Effect>) -> Result<Reply, CoreError> {
-        let conn = self.connections.get_mut(&connection).ok_or_else(|| CoreError::not_found(EntityKind::Connection, connection.0.to_string()))?;
-        let settled: Vec<(u64, Unacked)> = if multiple {
+    fn settle(
+        &mut self,
+        connection: ConnectionId,
+        tag: DeliveryTag,
+        multiple: bool,
+        how: Settle,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
+        let conn = self.connections.get_mut(&connection).ok_or_else(|| {
+            CoreError::not_found(EntityKind::Connection, connection.0.to_string())
+        })?;
+        if !multiple {
+            // The common case, without the allocations of the general path.
+            let unacked = conn
+                .unacked
+                .remove(&tag.0)
+                .ok_or(CoreError::UnknownDeliveryTag { tag: tag.0 })?;
+            let qid = unacked.queue;
+            if self.settle_one(connection, unacked, how) {
+                self.dispatch(qid, effects);
+            }
+            return Ok(Reply::Settled { count: 1 });
+        }
+        let settled: Vec<(u64, Unacked)> = {
             let upto = if tag.0 == 0 { u64::MAX } else { tag.0 };
             if tag.0 != 0 && !conn.unacked.contains_key(&tag.0) {
                 return Err(CoreError::UnknownDeliveryTag { tag: tag.0 });
@@ -966,28 +1269,13 @@ impl Broker {
             let keep = conn.unacked.split_off(&upto.saturating_add(1));
             let taken = std::mem::replace(&mut conn.unacked, keep);
             taken.into_iter().collect()
-        } else {
-            match conn.unacked.remove(&tag.0) {
-                Some(unacked) => vec![(tag.0, unacked)],
-                None => return Err(CoreError::UnknownDeliveryTag { tag: tag.0 }),
-            }
         };
         let count = settled.len() as u32;
         let mut touched: Vec<QueueId> = Vec::new();
         for (_, unacked) in settled {
-            // The queue may be gone (deleted while this was outstanding): nothing to do then.
-            let Some(queue) = self.queues.get_mut(&unacked.queue) else { continue };
-            queue.unacked -= 1;
-            if let Some(idx) = queue.consumer_idx(connection, unacked.consumer_tag) {
-                queue.consumers[idx].unacked -= 1;
-            }
-            match how {
-                Settle::Ack => queue.stats.acked += 1,
-                Settle::Drop => queue.stats.dropped += 1,
-                Settle::Requeue => requeue_entry(queue, unacked.entry),
-            }
-            if !touched.contains(&unacked.queue) {
-                touched.push(unacked.queue);
+            let qid = unacked.queue;
+            if self.settle_one(connection, unacked, how) && !touched.contains(&qid) {
+                touched.push(qid);
             }
         }
         for qid in touched {
@@ -996,16 +1284,42 @@ impl Broker {
         Ok(Reply::Settled { count })
     }
 
+    /// Settles one outstanding delivery; false when its queue is gone (deleted while the
+    /// delivery was outstanding), in which case there is nothing to do.
+    fn settle_one(&mut self, connection: ConnectionId, unacked: Unacked, how: Settle) -> bool {
+        let Some(queue) = self.queues.get_mut(&unacked.queue) else {
+            return false;
+        };
+        queue.unacked -= 1;
+        if let Some(idx) = queue.consumer_idx(connection, unacked.consumer_tag) {
+            queue.consumers[idx].unacked -= 1;
+        }
+        match how {
+            Settle::Ack => queue.stats.acked += 1,
+            Settle::Drop => queue.stats.dropped += 1,
+            Settle::Requeue => requeue_entry(queue, unacked.entry),
+        }
+        true
+    }
+
     /// Hands ready messages to consumers with capacity until one side runs out.
     fn dispatch(&mut self, qid: QueueId, effects: &mut Vec<Effect>) {
-        let Broker { queues, connections, .. } = self;
+        let Broker {
+            queues,
+            connections,
+            ..
+        } = self;
         let queue = queues.get_mut(&qid).expect("dispatch on a live queue");
         while !queue.ready.is_empty() {
-            let Some(idx) = queue.pick_consumer() else { break };
+            let Some(idx) = queue.pick_consumer() else {
+                break;
+            };
             let mut entry = queue.ready.pop_front().expect("checked non-empty");
             entry.delivery_count += 1;
             let consumer = &mut queue.consumers[idx];
-            let conn = connections.get_mut(&consumer.connection).expect("consumers belong to live connections");
+            let conn = connections
+                .get_mut(&consumer.connection)
+                .expect("consumers belong to live connections");
             conn.next_delivery_tag += 1;
             let delivery_tag = conn.next_delivery_tag;
             queue.stats.delivered += 1;
@@ -1029,7 +1343,14 @@ impl Broker {
             } else {
                 consumer.unacked += 1;
                 queue.unacked += 1;
-                conn.unacked.insert(delivery_tag, Unacked { queue: qid, consumer_tag: consumer.tag, entry });
+                conn.unacked.insert(
+                    delivery_tag,
+                    Unacked {
+                        queue: qid,
+                        consumer_tag: consumer.tag,
+                        entry,
+                    },
+                );
             }
         }
     }
@@ -1049,16 +1370,19 @@ fn requeue_entry(queue: &mut Queue, mut entry: Entry) {
 
 fn check_exclusive_access(queue: &Queue, connection: ConnectionId) -> Result<(), CoreError> {
     match queue.owner {
-        Some(owner) if owner != connection => {
-            Err(CoreError::ResourceLocked { name: queue.name.to_string(), reason: "it is exclusive to another connection" })
-        }
+        Some(owner) if owner != connection => Err(CoreError::ResourceLocked {
+            name: queue.name.to_string(),
+            reason: "it is exclusive to another connection",
+        }),
         _ => Ok(()),
     }
 }
 
 fn check_header_depth(headers: &Headers) -> Result<(), CoreError> {
     if headers.depth() > HEADER_DEPTH_MAX {
-        return Err(CoreError::InvalidArgument { reason: format!("headers nest deeper than {HEADER_DEPTH_MAX} levels") });
+        return Err(CoreError::InvalidArgument {
+            reason: format!("headers nest deeper than {HEADER_DEPTH_MAX} levels"),
+        });
     }
     Ok(())
 }

@@ -80,7 +80,9 @@ pub enum CoreError {
         reason: String,
     },
     /// An ack, nack or reject named a delivery tag that is not outstanding on this connection.
-    #[error("unknown delivery tag {tag}: not outstanding on this connection (already acked, or never delivered)")]
+    #[error(
+        "unknown delivery tag {tag}: not outstanding on this connection (already acked, or never delivered)"
+    )]
     UnknownDeliveryTag {
         /// The tag the client sent.
         tag: u64,
@@ -109,10 +111,17 @@ pub enum CoreError {
 
 impl CoreError {
     pub(crate) fn not_found(kind: EntityKind, name: impl Into<String>) -> Self {
-        CoreError::NotFound { kind, name: name.into() }
+        CoreError::NotFound {
+            kind,
+            name: name.into(),
+        }
     }
 
     pub(crate) fn precondition(kind: EntityKind, name: &str, reason: impl Into<String>) -> Self {
-        CoreError::PreconditionFailed { kind, name: name.to_owned(), reason: reason.into() }
+        CoreError::PreconditionFailed {
+            kind,
+            name: name.to_owned(),
+            reason: reason.into(),
+        }
     }
 }

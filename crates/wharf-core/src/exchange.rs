@@ -90,12 +90,16 @@ impl HeadersMatch {
                 "any-with-x" => (false, true),
                 other => {
                     return Err(CoreError::InvalidArgument {
-                        reason: format!("x-match must be all, any, all-with-x or any-with-x, not {other:?}"),
+                        reason: format!(
+                            "x-match must be all, any, all-with-x or any-with-x, not {other:?}"
+                        ),
                     });
                 }
             },
             Some(_) => {
-                return Err(CoreError::InvalidArgument { reason: "x-match must be a string".to_owned() });
+                return Err(CoreError::InvalidArgument {
+                    reason: "x-match must be a string".to_owned(),
+                });
             }
         };
         let args = arguments
@@ -108,7 +112,11 @@ impl HeadersMatch {
 
     pub(crate) fn matches(&self, headers: &Headers) -> bool {
         let hit = |(key, value): &(String, HeaderValue)| headers.get(key) == Some(value);
-        if self.all { self.args.iter().all(hit) } else { self.args.iter().any(hit) }
+        if self.all {
+            self.args.iter().all(hit)
+        } else {
+            self.args.iter().any(hit)
+        }
     }
 }
 
@@ -142,14 +150,27 @@ pub(crate) struct Exchange {
 }
 
 impl Exchange {
-    pub(crate) fn new(name: Arc<str>, kind: ExchangeKind, options: ExchangeOptions, builtin: bool) -> Self {
+    pub(crate) fn new(
+        name: Arc<str>,
+        kind: ExchangeKind,
+        options: ExchangeOptions,
+        builtin: bool,
+    ) -> Self {
         let router = match kind {
             ExchangeKind::Direct => Router::Direct(HashMap::default()),
             ExchangeKind::Fanout => Router::Fanout(Vec::new()),
             ExchangeKind::Topic => Router::Topic(TopicMatcher::new()),
             ExchangeKind::Headers => Router::Headers(Vec::new()),
         };
-        Exchange { name, kind, options, builtin, bindings: BTreeMap::new(), n_bindings: 0, router }
+        Exchange {
+            name,
+            kind,
+            options,
+            builtin,
+            bindings: BTreeMap::new(),
+            n_bindings: 0,
+            router,
+        }
     }
 
     pub(crate) fn n_bindings(&self) -> usize {
@@ -168,11 +189,16 @@ impl Exchange {
             ExchangeKind::Headers => Some(HeadersMatch::parse(&key.arguments)?),
             _ => None,
         };
-        let first_for_key = !self.bindings.contains_key(&(key.destination.clone(), key.routing_key.clone()));
+        let first_for_key = !self
+            .bindings
+            .contains_key(&(key.destination.clone(), key.routing_key.clone()));
         match &mut self.router {
             Router::Direct(table) => {
                 if first_for_key {
-                    table.entry(key.routing_key.clone()).or_default().push(key.destination.clone());
+                    table
+                        .entry(key.routing_key.clone())
+                        .or_default()
+                        .push(key.destination.clone());
                 }
             }
             Router::Fanout(list) => {
@@ -183,11 +209,15 @@ impl Exchange {
             Router::Topic(matcher) => {
                 matcher.insert(&key.routing_key, key.destination.clone());
             }
-            Router::Headers(list) => {
-                list.push((headers_match.expect("parsed for headers exchanges"), key.destination.clone()))
-            }
+            Router::Headers(list) => list.push((
+                headers_match.expect("parsed for headers exchanges"),
+                key.destination.clone(),
+            )),
         }
-        self.bindings.entry((key.destination, key.routing_key)).or_default().push(key.arguments);
+        self.bindings
+            .entry((key.destination, key.routing_key))
+            .or_default()
+            .push(key.arguments);
         self.n_bindings += 1;
         Ok(())
     }
@@ -195,16 +225,23 @@ impl Exchange {
     /// Removes a binding; returns whether it existed.
     pub(crate) fn remove_binding(&mut self, key: &BindingKey) -> bool {
         let map_key = (key.destination.clone(), key.routing_key.clone());
-        let Some(sets) = self.bindings.get_mut(&map_key) else { return false };
-        let Some(pos) = sets.iter().position(|args| *args == key.arguments) else { return false };
+        let Some(sets) = self.bindings.get_mut(&map_key) else {
+            return false;
+        };
+        let Some(pos) = sets.iter().position(|args| *args == key.arguments) else {
+            return false;
+        };
         sets.remove(pos);
         let key_still_bound = !sets.is_empty();
         if sets.is_empty() {
             self.bindings.remove(&map_key);
         }
         self.n_bindings -= 1;
-        let still_bound_to_destination =
-            self.bindings.range((key.destination.clone(), Arc::from(""))..).next().is_some_and(|((dest, _), _)| *dest == key.destination);
+        let still_bound_to_destination = self
+            .bindings
+            .range((key.destination.clone(), Arc::from(""))..)
+            .next()
+            .is_some_and(|((dest, _), _)| *dest == key.destination);
         match &mut self.router {
             Router::Direct(table) => {
                 if !key_still_bound {
@@ -227,8 +264,12 @@ impl Exchange {
                 }
             }
             Router::Headers(list) => {
-                let parsed = HeadersMatch::parse(&key.arguments).expect("bound arguments parsed before");
-                if let Some(pos) = list.iter().position(|(rule, dest)| *rule == parsed && *dest == key.destination) {
+                let parsed =
+                    HeadersMatch::parse(&key.arguments).expect("bound arguments parsed before");
+                if let Some(pos) = list
+                    .iter()
+                    .position(|(rule, dest)| *rule == parsed && *dest == key.destination)
+                {
                     list.remove(pos);
                 }
             }
@@ -282,29 +323,60 @@ mod tests {
     #[test]
     fn headers_match_all_any_and_x_prefixed_keys_like_rabbitmq() {
         let message = headers(&[("format", "pdf"), ("type", "report"), ("x-tenant", "a")]);
-        let all = HeadersMatch::parse(&headers(&[("x-match", "all"), ("format", "pdf"), ("type", "report")])).unwrap();
+        let all = HeadersMatch::parse(&headers(&[
+            ("x-match", "all"),
+            ("format", "pdf"),
+            ("type", "report"),
+        ]))
+        .unwrap();
         assert!(all.matches(&message));
-        let all_miss = HeadersMatch::parse(&headers(&[("format", "pdf"), ("type", "log")])).unwrap();
+        let all_miss =
+            HeadersMatch::parse(&headers(&[("format", "pdf"), ("type", "log")])).unwrap();
         assert!(!all_miss.matches(&message), "x-match defaults to all");
-        let any = HeadersMatch::parse(&headers(&[("x-match", "any"), ("format", "zip"), ("type", "report")])).unwrap();
+        let any = HeadersMatch::parse(&headers(&[
+            ("x-match", "any"),
+            ("format", "zip"),
+            ("type", "report"),
+        ]))
+        .unwrap();
         assert!(any.matches(&message));
         let any_empty = HeadersMatch::parse(&headers(&[("x-match", "any")])).unwrap();
-        assert!(!any_empty.matches(&message), "any with no arguments matches nothing");
+        assert!(
+            !any_empty.matches(&message),
+            "any with no arguments matches nothing"
+        );
         let all_empty = HeadersMatch::parse(&headers(&[("x-match", "all")])).unwrap();
-        assert!(all_empty.matches(&message), "all with no arguments matches everything");
-        let ignores_x = HeadersMatch::parse(&headers(&[("x-tenant", "b"), ("format", "pdf")])).unwrap();
-        assert!(ignores_x.matches(&message), "x- keys are ignored by plain all");
-        let with_x = HeadersMatch::parse(&headers(&[("x-match", "all-with-x"), ("x-tenant", "b")])).unwrap();
+        assert!(
+            all_empty.matches(&message),
+            "all with no arguments matches everything"
+        );
+        let ignores_x =
+            HeadersMatch::parse(&headers(&[("x-tenant", "b"), ("format", "pdf")])).unwrap();
+        assert!(
+            ignores_x.matches(&message),
+            "x- keys are ignored by plain all"
+        );
+        let with_x =
+            HeadersMatch::parse(&headers(&[("x-match", "all-with-x"), ("x-tenant", "b")])).unwrap();
         assert!(!with_x.matches(&message));
-        let any_with_x = HeadersMatch::parse(&headers(&[("x-match", "any-with-x"), ("x-tenant", "a")])).unwrap();
+        let any_with_x =
+            HeadersMatch::parse(&headers(&[("x-match", "any-with-x"), ("x-tenant", "a")])).unwrap();
         assert!(any_with_x.matches(&message));
     }
 
     #[test]
     fn headers_match_compares_typed_values() {
         let message = Headers::new().with("n", 5i64);
-        assert!(HeadersMatch::parse(&Headers::new().with("n", 5i64)).unwrap().matches(&message));
-        assert!(!HeadersMatch::parse(&Headers::new().with("n", "5")).unwrap().matches(&message));
+        assert!(
+            HeadersMatch::parse(&Headers::new().with("n", 5i64))
+                .unwrap()
+                .matches(&message)
+        );
+        assert!(
+            !HeadersMatch::parse(&Headers::new().with("n", "5"))
+                .unwrap()
+                .matches(&message)
+        );
     }
 
     #[test]
@@ -317,9 +389,17 @@ mod tests {
 
     #[test]
     fn exchange_kind_round_trips_through_text() {
-        for kind in [ExchangeKind::Direct, ExchangeKind::Fanout, ExchangeKind::Topic, ExchangeKind::Headers] {
+        for kind in [
+            ExchangeKind::Direct,
+            ExchangeKind::Fanout,
+            ExchangeKind::Topic,
+            ExchangeKind::Headers,
+        ] {
             assert_eq!(kind.to_string().parse::<ExchangeKind>().unwrap(), kind);
         }
-        assert!(matches!("x".parse::<ExchangeKind>(), Err(CoreError::InvalidArgument { .. })));
+        assert!(matches!(
+            "x".parse::<ExchangeKind>(),
+            Err(CoreError::InvalidArgument { .. })
+        ));
     }
 }

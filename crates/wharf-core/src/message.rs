@@ -51,7 +51,9 @@ impl HeaderValue {
     /// The nesting depth: 1 for a scalar.
     pub fn depth(&self) -> usize {
         match self {
-            HeaderValue::List(values) => 1 + values.iter().map(HeaderValue::depth).max().unwrap_or(0),
+            HeaderValue::List(values) => {
+                1 + values.iter().map(HeaderValue::depth).max().unwrap_or(0)
+            }
             HeaderValue::Map(map) => 1 + map.depth(),
             _ => 1,
         }
@@ -94,14 +96,20 @@ pub struct Headers {
 impl Headers {
     /// An empty map.
     pub fn new() -> Self {
-        Headers { entries: Vec::new() }
+        Headers {
+            entries: Vec::new(),
+        }
     }
 
     /// Sets `key` to `value`, replacing an earlier value in place (keeping its position).
     pub fn insert(&mut self, key: impl Into<String>, value: impl Into<HeaderValue>) {
         let key = key.into();
         let value = value.into();
-        match self.entries.iter_mut().find(|(existing, _)| *existing == key) {
+        match self
+            .entries
+            .iter_mut()
+            .find(|(existing, _)| *existing == key)
+        {
             Some(slot) => slot.1 = value,
             None => self.entries.push((key, value)),
         }
@@ -115,18 +123,26 @@ impl Headers {
 
     /// The value of `key`.
     pub fn get(&self, key: &str) -> Option<&HeaderValue> {
-        self.entries.iter().find(|(existing, _)| existing == key).map(|(_, value)| value)
+        self.entries
+            .iter()
+            .find(|(existing, _)| existing == key)
+            .map(|(_, value)| value)
     }
 
     /// Removes `key`, returning its value.
     pub fn remove(&mut self, key: &str) -> Option<HeaderValue> {
-        let idx = self.entries.iter().position(|(existing, _)| existing == key)?;
+        let idx = self
+            .entries
+            .iter()
+            .position(|(existing, _)| existing == key)?;
         Some(self.entries.remove(idx).1)
     }
 
     /// Entries in insertion order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &HeaderValue)> {
-        self.entries.iter().map(|(key, value)| (key.as_str(), value))
+        self.entries
+            .iter()
+            .map(|(key, value)| (key.as_str(), value))
     }
 
     /// Number of entries.
@@ -141,7 +157,11 @@ impl Headers {
 
     /// The nesting depth of the deepest value (0 when empty).
     pub fn depth(&self) -> usize {
-        self.entries.iter().map(|(_, value)| value.depth()).max().unwrap_or(0)
+        self.entries
+            .iter()
+            .map(|(_, value)| value.depth())
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -190,7 +210,11 @@ pub struct Message {
 impl Message {
     /// A message with the given routing key and body and default metadata.
     pub fn new(routing_key: &str, body: impl Into<Bytes>) -> Self {
-        Message { routing_key: routing_key.into(), body: body.into(), ..Message::default() }
+        Message {
+            routing_key: routing_key.into(),
+            body: body.into(),
+            ..Message::default()
+        }
     }
 
     /// Bytes the message accounts for in a queue (body only: metadata is bounded and small).

@@ -17,13 +17,22 @@ fn shown(name: &str) -> String {
 /// Checks a queue or exchange name: 1..=255 bytes of UTF-8 without control characters.
 pub fn validate_name(name: &str) -> Result<(), CoreError> {
     if name.is_empty() {
-        return Err(CoreError::InvalidName { name: String::new(), reason: "empty" });
+        return Err(CoreError::InvalidName {
+            name: String::new(),
+            reason: "empty",
+        });
     }
     if name.len() > NAME_BYTES_MAX {
-        return Err(CoreError::InvalidName { name: shown(name), reason: "longer than 255 bytes" });
+        return Err(CoreError::InvalidName {
+            name: shown(name),
+            reason: "longer than 255 bytes",
+        });
     }
     if name.chars().any(char::is_control) {
-        return Err(CoreError::InvalidName { name: shown(name), reason: "contains a control character" });
+        return Err(CoreError::InvalidName {
+            name: shown(name),
+            reason: "contains a control character",
+        });
     }
     Ok(())
 }
@@ -32,7 +41,9 @@ pub fn validate_name(name: &str) -> Result<(), CoreError> {
 pub fn validate_user_name(name: &str) -> Result<(), CoreError> {
     validate_name(name)?;
     if name.starts_with(RESERVED_PREFIX) {
-        return Err(CoreError::ReservedName { name: name.to_owned() });
+        return Err(CoreError::ReservedName {
+            name: name.to_owned(),
+        });
     }
     Ok(())
 }
@@ -41,7 +52,10 @@ pub fn validate_user_name(name: &str) -> Result<(), CoreError> {
 pub fn validate_routing_key(key: &str) -> Result<(), CoreError> {
     if key.len() > ROUTING_KEY_BYTES_MAX {
         return Err(CoreError::InvalidArgument {
-            reason: format!("routing key is {} bytes, the limit is {ROUTING_KEY_BYTES_MAX}", key.len()),
+            reason: format!(
+                "routing key is {} bytes, the limit is {ROUTING_KEY_BYTES_MAX}",
+                key.len()
+            ),
         });
     }
     Ok(())
@@ -55,19 +69,39 @@ mod tests {
     fn names_are_checked_for_length_control_characters_and_prefix() {
         assert!(validate_name("orders").is_ok());
         assert!(validate_name(&"x".repeat(255)).is_ok());
-        assert!(matches!(validate_name(""), Err(CoreError::InvalidName { reason: "empty", .. })));
-        assert!(matches!(validate_name(&"x".repeat(256)), Err(CoreError::InvalidName { .. })));
-        assert!(matches!(validate_name("a\nb"), Err(CoreError::InvalidName { .. })));
-        assert!(matches!(validate_user_name("wharf.mine"), Err(CoreError::ReservedName { .. })));
+        assert!(matches!(
+            validate_name(""),
+            Err(CoreError::InvalidName {
+                reason: "empty",
+                ..
+            })
+        ));
+        assert!(matches!(
+            validate_name(&"x".repeat(256)),
+            Err(CoreError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            validate_name("a\nb"),
+            Err(CoreError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            validate_user_name("wharf.mine"),
+            Err(CoreError::ReservedName { .. })
+        ));
         assert!(validate_user_name("wharfy").is_ok());
         assert!(validate_routing_key(&"k".repeat(255)).is_ok());
-        assert!(matches!(validate_routing_key(&"k".repeat(256)), Err(CoreError::InvalidArgument { .. })));
+        assert!(matches!(
+            validate_routing_key(&"k".repeat(256)),
+            Err(CoreError::InvalidArgument { .. })
+        ));
     }
 
     #[test]
     fn long_multibyte_names_are_truncated_on_a_char_boundary_in_errors() {
         let name = "é".repeat(200);
-        let Err(CoreError::InvalidName { name: shown, .. }) = validate_name(&name) else { panic!() };
+        let Err(CoreError::InvalidName { name: shown, .. }) = validate_name(&name) else {
+            panic!()
+        };
         assert!(shown.len() <= 300);
     }
 }

@@ -1,7 +1,7 @@
 //! Queues: ready messages in FIFO order, the consumers attached, and per-queue statistics.
 
 use crate::message::{Headers, Message};
-use crate::{ConnectionId, ConsumerTag, QueueId};
+use crate::{ConnectionId, ConsumerTag};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -37,7 +37,12 @@ pub struct ConsumerOptions {
 
 impl Default for ConsumerOptions {
     fn default() -> Self {
-        ConsumerOptions { prefetch: 100, auto_ack: false, exclusive: false, priority: 0 }
+        ConsumerOptions {
+            prefetch: 100,
+            auto_ack: false,
+            exclusive: false,
+            priority: 0,
+        }
     }
 }
 
@@ -69,7 +74,9 @@ impl Ready {
 
     /// Puts a requeued entry back at its arrival position (usually at or near the head).
     pub(crate) fn requeue(&mut self, entry: Entry) {
-        let pos = self.entries.partition_point(|existing| existing.seq < entry.seq);
+        let pos = self
+            .entries
+            .partition_point(|existing| existing.seq < entry.seq);
         if let Some(existing) = self.entries.get(pos) {
             assert!(existing.seq != entry.seq, "a message is never ready twice");
         }
@@ -102,6 +109,7 @@ impl Ready {
         n_entries
     }
 
+    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Entry> {
         self.entries.iter()
     }
@@ -123,7 +131,11 @@ impl Consumer {
         if self.options.prefetch == 0 {
             return true;
         }
-        if self.options.auto_ack { self.credit > 0 } else { self.unacked < self.options.prefetch }
+        if self.options.auto_ack {
+            self.credit > 0
+        } else {
+            self.unacked < self.options.prefetch
+        }
     }
 }
 
@@ -175,8 +187,7 @@ pub(crate) struct Queue {
 }
 
 impl Queue {
-    pub(crate) fn new(id: QueueId, name: Arc<str>, options: QueueOptions, owner: Option<ConnectionId>) -> Self {
-        let _ = id;
+    pub(crate) fn new(name: Arc<str>, options: QueueOptions, owner: Option<ConnectionId>) -> Self {
         Queue {
             stats: QueueStats {
                 name: name.to_string(),
@@ -201,11 +212,18 @@ impl Queue {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.stats.published += 1;
-        self.ready.push_back(Entry { seq, message, redelivered: false, delivery_count: 0 });
+        self.ready.push_back(Entry {
+            seq,
+            message,
+            redelivered: false,
+            delivery_count: 0,
+        });
     }
 
     pub(crate) fn consumer_idx(&self, connection: ConnectionId, tag: ConsumerTag) -> Option<usize> {
-        self.consumers.iter().position(|consumer| consumer.connection == connection && consumer.tag == tag)
+        self.consumers
+            .iter()
+            .position(|consumer| consumer.connection == connection && consumer.tag == tag)
     }
 
     /// The consumer that gets the next message: the highest priority with capacity, round
@@ -221,7 +239,12 @@ impl Queue {
         if n_consumers == 1 {
             return self.consumers[0].has_capacity().then_some(0);
         }
-        let top_priority = self.consumers.iter().map(|consumer| consumer.options.priority).max().unwrap_or(0);
+        let top_priority = self
+            .consumers
+            .iter()
+            .map(|consumer| consumer.options.priority)
+            .max()
+            .unwrap_or(0);
         let mut best: Option<usize> = None;
         for step in 0..n_consumers {
             let idx = (self.cursor + step) % n_consumers;
@@ -229,7 +252,9 @@ impl Queue {
             if !consumer.has_capacity() {
                 continue;
             }
-            if best.is_none_or(|best_idx| consumer.options.priority > self.consumers[best_idx].options.priority) {
+            if best.is_none_or(|best_idx| {
+                consumer.options.priority > self.consumers[best_idx].options.priority
+            }) {
                 best = Some(idx);
                 if consumer.options.priority == top_priority {
                     break;
@@ -257,7 +282,12 @@ mod tests {
     use super::*;
 
     fn entry(seq: u64) -> Entry {
-        Entry { seq, message: Arc::new(Message::new("k", vec![0u8; 3])), redelivered: false, delivery_count: 0 }
+        Entry {
+            seq,
+            message: Arc::new(Message::new("k", vec![0u8; 3])),
+            redelivered: false,
+            delivery_count: 0,
+        }
     }
 
     #[test]

@@ -44,7 +44,10 @@ impl<T> Node<T> {
     }
 
     fn is_empty(&self) -> bool {
-        self.words.is_empty() && self.star.is_none() && self.hash.is_none() && self.values.is_empty()
+        self.words.is_empty()
+            && self.star.is_none()
+            && self.hash.is_none()
+            && self.values.is_empty()
     }
 }
 
@@ -171,9 +174,13 @@ impl<T: PartialEq> TopicMatcher<T> {
     /// Removes `value` from `pattern`; returns whether it was present. Emptied trie branches
     /// are freed, so bind/unbind churn does not grow memory.
     pub fn remove(&mut self, pattern: &str, value: &T) -> bool {
-        let Some(mut node_idx) = self.find(pattern) else { return false };
+        let Some(mut node_idx) = self.find(pattern) else {
+            return false;
+        };
         let values = &mut self.nodes[node_idx as usize].values;
-        let Some(pos) = values.iter().position(|existing| existing == value) else { return false };
+        let Some(pos) = values.iter().position(|existing| existing == value) else {
+            return false;
+        };
         values.swap_remove(pos);
         self.n_values -= 1;
         while node_idx != ROOT && self.nodes[node_idx as usize].is_empty() {
@@ -314,10 +321,18 @@ mod tests {
             ("", "a", false),
         ];
         for (pattern, key, expect) in cases {
-            assert_eq!(topic_matches_naive(pattern, key), expect, "naive {pattern} vs {key}");
+            assert_eq!(
+                topic_matches_naive(pattern, key),
+                expect,
+                "naive {pattern} vs {key}"
+            );
             let mut matcher = TopicMatcher::new();
             matcher.insert(pattern, 1u32);
-            assert_eq!(!matched(&mut matcher, key).is_empty(), expect, "trie {pattern} vs {key}");
+            assert_eq!(
+                !matched(&mut matcher, key).is_empty(),
+                expect,
+                "trie {pattern} vs {key}"
+            );
         }
     }
 
@@ -338,16 +353,28 @@ mod tests {
         for round in 0..100u32 {
             let pattern = format!("a.{round}.#.*");
             assert!(matcher.insert(&pattern, round));
-            assert!(!matcher.insert(&pattern, round), "duplicate insert is a no-op");
+            assert!(
+                !matcher.insert(&pattern, round),
+                "duplicate insert is a no-op"
+            );
             assert!(matcher.remove(&pattern, &round));
             assert!(!matcher.remove(&pattern, &round));
         }
         assert!(matcher.is_empty());
-        assert!(matcher.nodes.len() <= 8, "nodes were recycled: {}", matcher.nodes.len());
+        assert!(
+            matcher.nodes.len() <= 8,
+            "nodes were recycled: {}",
+            matcher.nodes.len()
+        );
     }
 
     fn word() -> impl Strategy<Value = String> {
-        prop_oneof![Just("a".to_owned()), Just("b".to_owned()), Just("c".to_owned()), Just(String::new())]
+        prop_oneof![
+            Just("a".to_owned()),
+            Just("b".to_owned()),
+            Just("c".to_owned()),
+            Just(String::new())
+        ]
     }
     fn pattern_word() -> impl Strategy<Value = String> {
         prop_oneof![3 => word(), 1 => Just("*".to_owned()), 1 => Just("#".to_owned())]

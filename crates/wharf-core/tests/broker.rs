@@ -1,0 +1,1236 @@
+//! Behaviour of the broker core through its public API: routing, consuming, acks, and every
+//! error a user can provoke.
+
+use std::sync::Arc;
+use wharf_core::{
+    BindTarget, Broker, CancelReason, Command, ConnectionId, ConsumerOptions, ConsumerTag,
+    CoreError, Delivery, DeliveryTag, Effect, EntityKind, ExchangeKind, ExchangeOptions, Headers,
+    Limits, Message, QueueOptions, Reply,
+};
+
+const C1: ConnectionId = ConnectionId(1);
+const C2: ConnectionId = ConnectionId(2);
+
+struct Harness {
+    broker: Broker,
+    now: u64,
+    effects: Vec<Effect>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with_limits(Limits::default())
+    }
+
+    fn with_limits(limits: Limits) -> Self {
+        let mut harness = Harness {
+            broker: Broker::new(limits),
+            now: 0,
+            effects: Vec::new(),
+        };
+        harness.ok(Command::OpenConnection { connection: C1 });
+        harness.ok(Command::OpenConnection { connection: C2 });
+        harness
+    }
+
+    fn apply(&mut self, command: Command) -> Result<Reply, CoreError> {
+        self.now += 1;
+        self.broker.apply(self.now, command, &mut self.effects)
+    }
+
+    fn ok(&mut self, command: Command) -> Reply {
+        let debug = format!("{command:?}");
+        self.apply(command)
+            .unwrap_or_else(|err| panic!("{debug} failed: {err}"))
+    }
+
+    fn err(&mut self, command: Command) -> CoreError {
+        let before_queues = self.broker.list_queues();
+        let before_exchanges = self.broker.list_exchanges();
+        let n_effects = self.effects.len();
+        let err = self.apply(command).expect_err("command should fail");
+        assert_eq!(
+            self.broker.list_queues(),
+            before_queues,
+            "a failed command changes nothing"
+        );
+        assert_eq!(
+            self.broker.list_exchanges(),
+            before_exchanges,
+            "a failed command changes nothing"
+        );
+        assert_eq!(
+            self.effects.len(),
+            n_effects,
+            "a failed command has no effects"
+        );
+        err
+    }
+
+    fn queue(&mut self, name: &str) {
+        self.queue_with(C1, name, QueueOptions::default());
+    }
+
+    fn queue_with(&mut self, connection: ConnectionId, name: &str, options: QueueOptions) {
+        self.ok(Command::DeclareQueue {
+            connection,
+            name: name.into(),
+            options,
+            passive: false,
+        });
+    }
+
+    fn exchange(&mut self, name: &str, kind: ExchangeKind) {
+        self.ok(Command::DeclareExchange {
+            name: name.into(),
+            kind,
+            options: ExchangeOptions::default(),
+            passive: false,
+        });
+    }
+
+    fn bind(&mut self, source: &str, queue: &str, key: &str) {
+        self.bind_args(source, queue, key, Headers::new());
+    }
+
+    fn bind_args(&mut self, source: &str, queue: &str, key: &str, arguments: Headers) {
+        self.ok(Command::Bind {
+            source: source.into(),
+            target: BindTarget::Queue(queue.into()),
+            routing_key: key.into(),
+            arguments,
+        });
+    }
+
+    fn publish(&mut self, exchange: &str, key: &str, body: &str) -> u32 {
+        self.publish_message(Message {
+            exchange: exchange.into(),
+            ..Message::new(key, body.to_owned())
+        })
+    }
+
+    fn publish_message(&mut self, message: Message) -> u32 {
+        match self.ok(Command::Publish {
+            message: Arc::new(message),
+        }) {
+            Reply::Published { routed } => routed,
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    fn subscribe(&mut self, connection: ConnectionId, queue: &str, tag: u32, prefetch: u32) {
+        self.subscribe_with(
+            connection,
+            queue,
+            tag,
+            ConsumerOptions {
+                prefetch,
+                ..ConsumerOptions::default()
+            },
+        );
+    }
+
+    fn subscribe_with(
+        &mut self,
+        connection: ConnectionId,
+        queue: &str,
+        tag: u32,
+        options: ConsumerOptions,
+    ) {
+        self.ok(Command::Subscribe {
+            connection,
+            queue: queue.into(),
+            consumer_tag: ConsumerTag(tag),
+            options,
+        });
+    }
+
+    fn deliveries(&mut self) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        self.effects.retain(|effect| match effect {
+            Effect::Deliver(delivery) => {
+                out.push(delivery.clone());
+                false
+            }
+            _ => true,
+        });
+        out
+    }
+
+    fn bodies(&mut self) -> Vec<String> {
+        self.deliveries()
+            .iter()
+            .map(|delivery| String::from_utf8(delivery.message.body.to_vec()).unwrap())
+            .collect()
+    }
+
+    fn ack(&mut self, connection: ConnectionId, tag: u64) {
+        self.ok(Command::Ack {
+            connection,
+            delivery_tag: DeliveryTag(tag),
+            multiple: false,
+        });
+    }
+
+    fn ready(&self, queue: &str) -> u64 {
+        self.broker.queue_stats(queue).unwrap().ready
+    }
+}
+
+// ----- routing -----
+
+#[test]
+fn default_exchange_routes_by_queue_name_and_drops_unroutable() {
+    let mut h = Harness::new();
+    h.queue("orders");
+    assert_eq!(h.publish("", "orders", "a"), 1);
+    assert_eq!(h.publish("", "nowhere", "b"), 0);
+    assert_eq!(h.ready("orders"), 1);
+}
+
+#[test]
+fn direct_exchange_routes_on_exact_key_to_every_bound_queue_once() {
+    let mut h = Harness::new();
+    h.queue("q1");
+    h.queue("q2");
+    h.bind("wharf.direct", "q1", "red");
+    h.bind("wharf.direct", "q2", "red");
+    h.bind("wharf.direct", "q2", "blue");
+    h.bind("wharf.direct", "q2", "blue"); // idempotent
+    assert_eq!(h.publish("wharf.direct", "red", "r"), 2);
+    assert_eq!(h.publish("wharf.direct", "blue", "b"), 1);
+    assert_eq!(h.publish("wharf.direct", "green", "g"), 0);
+    assert_eq!((h.ready("q1"), h.ready("q2")), (1, 2));
+}
+
+#[test]
+fn fanout_exchange_routes_to_every_bound_queue_regardless_of_key() {
+    let mut h = Harness::new();
+    for name in ["f1", "f2", "f3"] {
+        h.queue(name);
+        h.bind("wharf.fanout", name, "ignored");
+    }
+    h.bind("wharf.fanout", "f1", "other-key");
+    assert_eq!(
+        h.publish("wharf.fanout", "anything", "x"),
+        3,
+        "a queue bound twice gets one copy"
+    );
+}
+
+#[test]
+fn topic_exchange_matches_star_and_hash_patterns() {
+    let mut h = Harness::new();
+    h.queue("all");
+    h.queue("eu");
+    h.queue("orders_any_region");
+    h.bind("wharf.topic", "all", "#");
+    h.bind("wharf.topic", "eu", "*.eu.*");
+    h.bind("wharf.topic", "orders_any_region", "orders.#");
+    assert_eq!(h.publish("wharf.topic", "orders.eu.paid", "1"), 3);
+    assert_eq!(h.publish("wharf.topic", "orders", "2"), 2);
+    assert_eq!(h.publish("wharf.topic", "users.eu.new", "3"), 2);
+    assert_eq!(h.publish("wharf.topic", "users.us.new", "4"), 1);
+    assert_eq!(
+        (h.ready("all"), h.ready("eu"), h.ready("orders_any_region")),
+        (4, 2, 2)
+    );
+}
+
+#[test]
+fn headers_exchange_matches_all_and_any() {
+    let mut h = Harness::new();
+    h.queue("pdf_reports");
+    h.queue("pdf_or_zip");
+    h.bind_args(
+        "wharf.headers",
+        "pdf_reports",
+        "",
+        Headers::new()
+            .with("x-match", "all")
+            .with("format", "pdf")
+            .with("type", "report"),
+    );
+    h.bind_args(
+        "wharf.headers",
+        "pdf_or_zip",
+        "",
+        Headers::new()
+            .with("x-match", "any")
+            .with("format", "pdf")
+            .with("format2", "zip"),
+    );
+    let mut message = Message::new("", "m");
+    message.exchange = "wharf.headers".into();
+    message.headers = Headers::new().with("format", "pdf").with("type", "report");
+    assert_eq!(h.publish_message(message.clone()), 2);
+    message.headers = Headers::new().with("format", "pdf");
+    assert_eq!(h.publish_message(message), 1);
+}
+
+#[test]
+fn exchange_to_exchange_bindings_route_through_and_survive_cycles() {
+    let mut h = Harness::new();
+    h.exchange("ingress", ExchangeKind::Fanout);
+    h.exchange("regional", ExchangeKind::Topic);
+    h.queue("eu");
+    h.ok(Command::Bind {
+        source: "ingress".into(),
+        target: BindTarget::Exchange("regional".into()),
+        routing_key: String::new(),
+        arguments: Headers::new(),
+    });
+    h.ok(Command::Bind {
+        source: "regional".into(),
+        target: BindTarget::Exchange("ingress".into()),
+        routing_key: "#".into(),
+        arguments: Headers::new(),
+    });
+    h.bind("regional", "eu", "eu.#");
+    h.bind("ingress", "eu", "");
+    assert_eq!(
+        h.publish("ingress", "eu.paris", "x"),
+        1,
+        "reached twice, enqueued once, no infinite loop"
+    );
+    assert_eq!(
+        h.publish("ingress", "us.nyc", "y"),
+        1,
+        "fanout binding still delivers"
+    );
+    assert_eq!(h.ready("eu"), 2);
+}
+
+#[test]
+fn unbind_stops_routing_and_unknown_binding_is_not_found() {
+    let mut h = Harness::new();
+    h.queue("q");
+    h.bind("wharf.topic", "q", "a.*");
+    h.ok(Command::Unbind {
+        source: "wharf.topic".into(),
+        target: BindTarget::Queue("q".into()),
+        routing_key: "a.*".into(),
+        arguments: Headers::new(),
+    });
+    assert_eq!(h.publish("wharf.topic", "a.b", "x"), 0);
+    let err = h.err(Command::Unbind {
+        source: "wharf.topic".into(),
+        target: BindTarget::Queue("q".into()),
+        routing_key: "a.*".into(),
+        arguments: Headers::new(),
+    });
+    assert!(matches!(err, CoreError::NotFound { .. }), "{err}");
+}
+
+// ----- consuming -----
+
+#[test]
+fn competing_consumers_with_prefetch_one_take_turns() {
+    let mut h = Harness::new();
+    h.queue("work");
+    h.subscribe(C1, "work", 1, 1);
+    h.subscribe(C2, "work", 1, 1);
+    for idx in 0..4 {
+        h.publish("", "work", &format!("m{idx}"));
+    }
+    let first = h.deliveries();
+    assert_eq!(
+        first.iter().map(|d| d.connection).collect::<Vec<_>>(),
+        vec![C1, C2]
+    );
+    assert_eq!(h.ready("work"), 2);
+    h.ack(C2, first[1].delivery_tag.0);
+    let next = h.deliveries();
+    assert_eq!(next.len(), 1);
+    assert_eq!(
+        next[0].connection, C2,
+        "only the consumer with free capacity gets the next one"
+    );
+    assert_eq!(
+        String::from_utf8(next[0].message.body.to_vec()).unwrap(),
+        "m2"
+    );
+}
+
+#[test]
+fn nack_with_requeue_returns_message_to_head_flagged_redelivered() {
+    let mut h = Harness::new();
+    h.queue("q");
+    for body in ["a", "b", "c"] {
+        h.publish("", "q", body);
+    }
+    h.subscribe(C1, "q", 1, 2);
+    let first = h.deliveries();
+    assert_eq!(first.len(), 2);
+    // Requeue b then a: both go back to their arrival places, ahead of c.
+    h.ok(Command::Nack {
+        connection: C1,
+        delivery_tag: first[1].delivery_tag,
+        multiple: false,
+        requeue: true,
+    });
+    let after_b = h.deliveries();
+    assert_eq!(after_b.len(), 1);
+    assert_eq!(&after_b[0].message.body[..], b"b");
+    assert!(after_b[0].redelivered);
+    assert_eq!(after_b[0].delivery_count, 2);
+    h.ok(Command::Reject {
+        connection: C1,
+        delivery_tag: first[0].delivery_tag,
+        requeue: true,
+    });
+    let after_a = h.deliveries();
+    assert_eq!(&after_a[0].message.body[..], b"a");
+    assert!(after_a[0].redelivered);
+}
+
+#[test]
+fn nack_without_requeue_and_reject_drop_the_message() {
+    let mut h = Harness::new();
+    h.queue("q");
+    h.publish("", "q", "a");
+    h.publish("", "q", "b");
+    h.subscribe(C1, "q", 1, 10);
+    let got = h.deliveries();
+    h.ok(Command::Nack {
+        connection: C1,
+        delivery_tag: got[0].delivery_tag,
+        multiple: false,
+        requeue: false,
+    });
+    h.ok(Command::Reject {
+        connection: C1,
+        delivery_tag: got[1].delivery_tag,
+        requeue: false,
+    });
+    let stats = h.broker.queue_stats("q").unwrap();
+    assert_eq!((stats.ready, stats.unacked, stats.dropped), (0, 0, 2));
+}
+
+#[test]
+fn ack_multiple_settles_everything_up_to_the_tag_and_zero_means_all() {
+    let mut h = Harness::new();
+    h.queue("q");
+    for idx in 0..5 {
+        h.publish("", "q", &idx.to_string());
+    }
+    h.subscribe(C1, "q", 1, 0);
+    let got = h.deliveries();
+    assert_eq!(got.len(), 5);
+    let reply = h.ok(Command::Ack {
+        connection: C1,
+        delivery_tag: got[2].delivery_tag,
+        multiple: true,
+    });
+    assert_eq!(reply, Reply::Settled { count: 3 });
+    let reply = h.ok(Command::Nack {
+        connection: C1,
+        delivery_tag: DeliveryTag(0),
+        multiple: true,
+        requeue: false,
+    });
+    assert_eq!(reply, Reply::Settled { count: 2 });
+    assert_eq!(h.broker.queue_stats("q").unwrap().unacked, 0);
+}
+
+#[test]
+fn cancel_returns_unacked_messages_to_the_queue_for_other_consumers() {
+    let mut h = Harness::new();
+    h.queue("q");
+    h.publish("", "q", "a");
+    h.publish("", "q", "b");
+    h.subscribe(C1, "q", 1, 10);
+    assert_eq!(h.deliveries().len(), 2);
+    h.ok(Command::Cancel {
+        connection: C1,
+        consumer_tag: ConsumerTag(1),
+    });
+    assert_eq!(h.ready("q"), 2);
+    h.subscribe(C2, "q", 7, 10);
+    let again = h.deliveries();
+    assert!(again.iter().all(|d| d.redelivered && d.connection == C2));
+    assert_eq!(
+        again
+            .iter()
+            .map(|d| d.message.body.to_vec())
+            .collect::<Vec<_>>(),
+        vec![b"a".to_vec(), b"b".to_vec()]
+    );
+    let err = h.err(Command::Ack {
+        connection: C1,
+        delivery_tag: DeliveryTag(1),
+        multiple: false,
+    });
+    assert_eq!(
+        err,
+        CoreError::UnknownDeliveryTag { tag: 1 },
+        "returned deliveries can no longer be acked"
+    );
+}
+
+#[test]
+fn disconnect_requeues_unacked_deletes_exclusive_and_auto_delete_queues() {
+    let mut h = Harness::new();
+    h.queue("shared");
+    h.queue_with(
+        C1,
+        "mine",
+        QueueOptions {
+            exclusive: true,
+            ..QueueOptions::default()
+        },
+    );
+    h.queue_with(
+        C2,
+        "temp",
+        QueueOptions {
+            auto_delete: true,
+            ..QueueOptions::default()
+        },
+    );
+    h.publish("", "shared", "a");
+    h.subscribe(C1, "shared", 1, 10);
+    h.subscribe(C1, "temp", 2, 10);
+    assert_eq!(h.deliveries().len(), 1);
+    h.ok(Command::CloseConnection { connection: C1 });
+    let deleted: Vec<String> = h
+        .effects
+        .iter()
+        .filter_map(|effect| match effect {
+            Effect::QueueDeleted { name, .. } => Some(name.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted, vec!["mine".to_owned(), "temp".to_owned()]);
+    let stats = h.broker.queue_stats("shared").unwrap();
+    assert_eq!((stats.ready, stats.unacked, stats.consumers), (1, 0, 0));
+    h.subscribe(C2, "shared", 1, 10);
+    assert!(h.deliveries()[0].redelivered);
+}
+
+#[test]
+fn auto_delete_queue_is_deleted_when_its_last_consumer_cancels() {
+    let mut h = Harness::new();
+    h.queue_with(
+        C1,
+        "temp",
+        QueueOptions {
+            auto_delete: true,
+            ..QueueOptions::default()
+        },
+    );
+    h.subscribe(C1, "temp", 1, 10);
+    h.subscribe(C2, "temp", 1, 10);
+    h.ok(Command::Cancel {
+        connection: C1,
+        consumer_tag: ConsumerTag(1),
+    });
+    assert!(h.broker.queue_stats("temp").is_ok(), "one consumer left");
+    h.ok(Command::Cancel {
+        connection: C2,
+        consumer_tag: ConsumerTag(1),
+    });
+    assert!(matches!(
+        h.broker.queue_stats("temp"),
+        Err(CoreError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn deleting_a_queue_cancels_its_consumers_and_later_acks_are_harmless() {
+    let mut h = Harness::new();
+    h.queue("q");
+    h.publish("", "q", "a");
+    h.publish("", "q", "b");
+    h.subscribe(C2, "q", 4, 1);
+    let got = h.deliveries();
+    let reply = h.ok(Command::DeleteQueue {
+        connection: C1,
+        name: "q".into(),
+        if_unused: false,
+        if_empty: false,
+    });
+    assert_eq!(reply, Reply::QueueDeleted { messages: 1 });
+    assert!(h.effects.contains(&Effect::ConsumerCancelled {
+        connection: C2,
+        consumer_tag: ConsumerTag(4),
+        reason: CancelReason::QueueDeleted
+    }));
+    h.ack(C2, got[0].delivery_tag.0);
+    let err = h.err(Command::Cancel {
+        connection: C2,
+        consumer_tag: ConsumerTag(4),
+    });
+    assert!(matches!(
+        err,
+        CoreError::NotFound {
+            kind: EntityKind::Consumer,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn purge_drops_ready_messages_but_not_unacked_ones() {
+    let mut h = Harness::new();
+    h.queue("q");
+    for idx in 0..3 {
+        h.publish("", "q", &idx.to_string());
+    }
+    h.subscribe(C1, "q", 1, 1);
+    assert_eq!(
+        h.ok(Command::PurgeQueue {
+            connection: C1,
+            name: "q".into()
+        }),
+        Reply::Purged { messages: 2 }
+    );
+    let stats = h.broker.queue_stats("q").unwrap();
+    assert_eq!((stats.ready, stats.unacked), (0, 1));
+}
+
+#[test]
+fn auto_ack_consumer_is_limited_by_credit_until_granted_more() {
+    let mut h = Harness::new();
+    h.queue("q");
+    for idx in 0..5 {
+        h.publish("", "q", &idx.to_string());
+    }
+    h.subscribe_with(
+        C1,
+        "q",
+        1,
+        ConsumerOptions {
+            prefetch: 2,
+            auto_ack: true,
+            ..ConsumerOptions::default()
+        },
+    );
+    assert_eq!(h.bodies(), vec!["0", "1"]);
+    h.ok(Command::Credit {
+        connection: C1,
+        consumer_tag: ConsumerTag(1),
+        credit: 10,
+    });
+    assert_eq!(h.bodies(), vec!["2", "3"], "credit is capped at prefetch");
+    let stats = h.broker.queue_stats("q").unwrap();
+    assert_eq!((stats.acked, stats.unacked, stats.ready), (4, 0, 1));
+}
+
+#[test]
+fn higher_priority_consumer_is_served_first_while_it_has_capacity() {
+    let mut h = Harness::new();
+    h.queue("q");
+    h.subscribe_with(
+        C1,
+        "q",
+        1,
+        ConsumerOptions {
+            prefetch: 2,
+            priority: 0,
+            ..ConsumerOptions::default()
+        },
+    );
+    h.subscribe_with(
+        C2,
+        "q",
+        1,
+        ConsumerOptions {
+            prefetch: 2,
+            priority: 5,
+            ..ConsumerOptions::default()
+        },
+    );
+    for idx in 0..3 {
+        h.publish("", "q", &idx.to_string());
+    }
+    let got = h.deliveries();
+    assert_eq!(
+        got.iter().map(|d| d.connection).collect::<Vec<_>>(),
+        vec![C2, C2, C1]
+    );
+}
+
+#[test]
+fn single_active_consumer_gets_everything_until_it_leaves() {
+    let mut h = Harness::new();
+    h.queue_with(
+        C1,
+        "sac",
+        QueueOptions {
+            single_active_consumer: true,
+            ..QueueOptions::default()
+        },
+    );
+    h.subscribe(C1, "sac", 1, 1);
+    h.subscribe(C2, "sac", 1, 1);
+    h.publish("", "sac", "a");
+    h.publish("", "sac", "b");
+    let got = h.deliveries();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].connection, C1);
+    h.ok(Command::Cancel {
+        connection: C1,
+        consumer_tag: ConsumerTag(1),
+    });
+    let got = h.deliveries();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].connection, C2);
+    assert!(
+        got[0].redelivered,
+        "the active consumer's unacked message moved over"
+    );
+}
+
+#[test]
+fn empty_name_declares_a_generated_queue() {
+    let mut h = Harness::new();
+    let reply = h.ok(Command::DeclareQueue {
+        connection: C1,
+        name: String::new(),
+        options: QueueOptions::default(),
+        passive: false,
+    });
+    let Reply::QueueDeclared { name, .. } = reply else {
+        panic!()
+    };
+    assert!(name.starts_with("wharf.gen-"));
+    assert!(h.broker.queue_stats(&name).is_ok());
+}
+
+#[test]
+fn declare_is_idempotent_and_passive_declare_reports_counts() {
+    let mut h = Harness::new();
+    h.queue("q");
+    h.queue("q");
+    h.publish("", "q", "x");
+    let reply = h.ok(Command::DeclareQueue {
+        connection: C2,
+        name: "q".into(),
+        options: QueueOptions {
+            durable: true,
+            ..QueueOptions::default()
+        },
+        passive: true,
+    });
+    assert_eq!(
+        reply,
+        Reply::QueueDeclared {
+            name: "q".into(),
+            ready: 1,
+            consumers: 0
+        }
+    );
+    h.exchange("x", ExchangeKind::Topic);
+    h.exchange("x", ExchangeKind::Topic);
+}
+
+// ----- every error variant -----
+
+#[test]
+fn unknown_entities_are_not_found() {
+    let mut h = Harness::new();
+    let err = h.err(Command::DeclareQueue {
+        connection: C1,
+        name: "nope".into(),
+        options: QueueOptions::default(),
+        passive: true,
+    });
+    assert!(
+        matches!(
+            err,
+            CoreError::NotFound {
+                kind: EntityKind::Queue,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = h.err(Command::Publish {
+        message: Arc::new(Message {
+            exchange: "nope".into(),
+            ..Message::new("k", "b")
+        }),
+    });
+    assert!(
+        matches!(
+            err,
+            CoreError::NotFound {
+                kind: EntityKind::Exchange,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = h.err(Command::Cancel {
+        connection: C1,
+        consumer_tag: ConsumerTag(9),
+    });
+    assert!(
+        matches!(
+            err,
+            CoreError::NotFound {
+                kind: EntityKind::Consumer,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = h.err(Command::Ack {
+        connection: ConnectionId(99),
+        delivery_tag: DeliveryTag(1),
+        multiple: false,
+    });
+    assert!(
+        matches!(
+            err,
+            CoreError::NotFound {
+                kind: EntityKind::Connection,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = h.err(Command::Subscribe {
+        connection: C1,
+        queue: "nope".into(),
+        consumer_tag: ConsumerTag(1),
+        options: ConsumerOptions::default(),
+    });
+    assert!(
+        matches!(
+            err,
+            CoreError::NotFound {
+                kind: EntityKind::Queue,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = h.err(Command::DeleteExchange {
+        name: "nope".into(),
+        if_unused: false,
+    });
+    assert!(
+        matches!(
+            err,
+            CoreError::NotFound {
+                kind: EntityKind::Exchange,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = h.err(Command::Bind {
+        source: "wharf.direct".into(),
+        target: BindTarget::Queue("nope".into()),
+        routing_key: String::new(),
+        arguments: Headers::new(),
+    });
+    assert!(
+        matches!(
+            err,
+            CoreError::NotFound {
+                kind: EntityKind::Queue,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn invalid_and_reserved_names_are_refused() {
+    let mut h = Harness::new();
+    let err = h.err(Command::DeclareQueue {
+        connection: C1,
+        name: "bad\u{7}name".into(),
+        options: QueueOptions::default(),
+        passive: false,
+    });
+    assert!(matches!(err, CoreError::InvalidName { .. }), "{err}");
+    let err = h.err(Command::DeclareExchange {
+        name: "x".repeat(256),
+        kind: ExchangeKind::Direct,
+        options: ExchangeOptions::default(),
+        passive: false,
+    });
+    assert!(matches!(err, CoreError::InvalidName { .. }), "{err}");
+    let err = h.err(Command::DeclareQueue {
+        connection: C1,
+        name: "wharf.mine".into(),
+        options: QueueOptions::default(),
+        passive: false,
+    });
+    assert!(matches!(err, CoreError::ReservedName { .. }), "{err}");
+    let err = h.err(Command::DeclareExchange {
+        name: "wharf.custom".into(),
+        kind: ExchangeKind::Direct,
+        options: ExchangeOptions::default(),
+        passive: false,
+    });
+    assert!(matches!(err, CoreError::ReservedName { .. }), "{err}");
+}
+
+#[test]
+fn redeclare_with_other_properties_and_failed_conditional_deletes_are_precondition_failures() {
+    let mut h = Harness::new();
+    h.queue("q");
+    let err = h.err(Command::DeclareQueue {
+        connection: C1,
+        name: "q".into(),
+        options: QueueOptions {
+            durable: true,
+            ..QueueOptions::default()
+        },
+        passive: false,
+    });
+    assert!(
+        matches!(
+            err,
+            CoreError::PreconditionFailed {
+                kind: EntityKind::Queue,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    h.exchange("x", ExchangeKind::Direct);
+    let err = h.err(Command::DeclareExchange {
+        name: "x".into(),
+        kind: ExchangeKind::Fanout,
+        options: ExchangeOptions::default(),
+        passive: false,
+    });
+    assert!(
+        matches!(
+            err,
+            CoreError::PreconditionFailed {
+                kind: EntityKind::Exchange,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    h.bind("x", "q", "k");
+    let err = h.err(Command::DeleteExchange {
+        name: "x".into(),
+        if_unused: true,
+    });
+    assert!(matches!(err, CoreError::PreconditionFailed { .. }), "{err}");
+    h.publish("", "q", "m");
+    let err = h.err(Command::DeleteQueue {
+        connection: C1,
+        name: "q".into(),
+        if_unused: false,
+        if_empty: true,
+    });
+    assert!(matches!(err, CoreError::PreconditionFailed { .. }), "{err}");
+    h.subscribe(C1, "q", 1, 1);
+    let err = h.err(Command::DeleteQueue {
+        connection: C1,
+        name: "q".into(),
+        if_unused: true,
+        if_empty: false,
+    });
+    assert!(matches!(err, CoreError::PreconditionFailed { .. }), "{err}");
+}
+
+#[test]
+fn exclusive_queues_and_exclusive_consumers_lock_out_others() {
+    let mut h = Harness::new();
+    h.queue_with(
+        C1,
+        "mine",
+        QueueOptions {
+            exclusive: true,
+            ..QueueOptions::default()
+        },
+    );
+    for command in [
+        Command::Subscribe {
+            connection: C2,
+            queue: "mine".into(),
+            consumer_tag: ConsumerTag(1),
+            options: ConsumerOptions::default(),
+        },
+        Command::DeleteQueue {
+            connection: C2,
+            name: "mine".into(),
+            if_unused: false,
+            if_empty: false,
+        },
+        Command::PurgeQueue {
+            connection: C2,
+            name: "mine".into(),
+        },
+        Command::DeclareQueue {
+            connection: C2,
+            name: "mine".into(),
+            options: QueueOptions {
+                exclusive: true,
+                ..QueueOptions::default()
+            },
+            passive: false,
+        },
+    ] {
+        let err = h.err(command);
+        assert!(matches!(err, CoreError::ResourceLocked { .. }), "{err}");
+    }
+    h.queue("shared");
+    h.subscribe_with(
+        C1,
+        "shared",
+        1,
+        ConsumerOptions {
+            exclusive: true,
+            ..ConsumerOptions::default()
+        },
+    );
+    let err = h.err(Command::Subscribe {
+        connection: C2,
+        queue: "shared".into(),
+        consumer_tag: ConsumerTag(1),
+        options: ConsumerOptions::default(),
+    });
+    assert!(matches!(err, CoreError::ResourceLocked { .. }), "{err}");
+    h.queue("busy");
+    h.subscribe(C1, "busy", 2, 1);
+    let err = h.err(Command::Subscribe {
+        connection: C2,
+        queue: "busy".into(),
+        consumer_tag: ConsumerTag(2),
+        options: ConsumerOptions {
+            exclusive: true,
+            ..ConsumerOptions::default()
+        },
+    });
+    assert!(matches!(err, CoreError::ResourceLocked { .. }), "{err}");
+}
+
+#[test]
+fn built_in_default_and_internal_exchanges_refuse_access() {
+    let mut h = Harness::new();
+    h.queue("q");
+    let err = h.err(Command::DeleteExchange {
+        name: "wharf.topic".into(),
+        if_unused: false,
+    });
+    assert!(matches!(err, CoreError::AccessRefused { .. }), "{err}");
+    let err = h.err(Command::DeclareExchange {
+        name: "wharf.topic".into(),
+        kind: ExchangeKind::Direct,
+        options: ExchangeOptions::default(),
+        passive: false,
+    });
+    assert!(matches!(err, CoreError::AccessRefused { .. }), "{err}");
+    let err = h.err(Command::Bind {
+        source: String::new(),
+        target: BindTarget::Queue("q".into()),
+        routing_key: "q".into(),
+        arguments: Headers::new(),
+    });
+    assert!(matches!(err, CoreError::AccessRefused { .. }), "{err}");
+    h.ok(Command::DeclareExchange {
+        name: "inner".into(),
+        kind: ExchangeKind::Fanout,
+        options: ExchangeOptions {
+            internal: true,
+            ..ExchangeOptions::default()
+        },
+        passive: false,
+    });
+    let err = h.err(Command::Publish {
+        message: Arc::new(Message {
+            exchange: "inner".into(),
+            ..Message::new("", "b")
+        }),
+    });
+    assert!(matches!(err, CoreError::AccessRefused { .. }), "{err}");
+    // Redeclaring a built-in exchange as it is succeeds.
+    h.ok(Command::DeclareExchange {
+        name: "wharf.topic".into(),
+        kind: ExchangeKind::Topic,
+        options: ExchangeOptions {
+            durable: true,
+            ..ExchangeOptions::default()
+        },
+        passive: false,
+    });
+}
+
+#[test]
+fn acking_an_unknown_or_already_acked_tag_is_refused() {
+    let mut h = Harness::new();
+    h.queue("q");
+    h.publish("", "q", "a");
+    h.subscribe(C1, "q", 1, 1);
+    let tag = h.deliveries()[0].delivery_tag;
+    h.ack(C1, tag.0);
+    assert_eq!(
+        h.err(Command::Ack {
+            connection: C1,
+            delivery_tag: tag,
+            multiple: false
+        }),
+        CoreError::UnknownDeliveryTag { tag: tag.0 }
+    );
+    assert_eq!(
+        h.err(Command::Nack {
+            connection: C1,
+            delivery_tag: DeliveryTag(77),
+            multiple: true,
+            requeue: true
+        }),
+        CoreError::UnknownDeliveryTag { tag: 77 }
+    );
+    assert_eq!(
+        h.err(Command::Ack {
+            connection: C2,
+            delivery_tag: tag,
+            multiple: false
+        }),
+        CoreError::UnknownDeliveryTag { tag: tag.0 },
+        "tags belong to their connection"
+    );
+}
+
+#[test]
+fn reusing_a_consumer_tag_on_a_connection_is_refused() {
+    let mut h = Harness::new();
+    h.queue("q");
+    h.subscribe(C1, "q", 1, 1);
+    let err = h.err(Command::Subscribe {
+        connection: C1,
+        queue: "q".into(),
+        consumer_tag: ConsumerTag(1),
+        options: ConsumerOptions::default(),
+    });
+    assert_eq!(err, CoreError::ConsumerTagInUse { tag: 1 });
+    h.subscribe(C2, "q", 1, 1);
+}
+
+#[test]
+fn malformed_arguments_are_invalid() {
+    let mut h = Harness::new();
+    h.queue("q");
+    let err = h.err(Command::Bind {
+        source: "wharf.headers".into(),
+        target: BindTarget::Queue("q".into()),
+        routing_key: String::new(),
+        arguments: Headers::new().with("x-match", "most"),
+    });
+    assert!(matches!(err, CoreError::InvalidArgument { .. }), "{err}");
+    let err = h.err(Command::Publish {
+        message: Arc::new(Message::new(&"k".repeat(300), "b")),
+    });
+    assert!(matches!(err, CoreError::InvalidArgument { .. }), "{err}");
+    let mut deep = wharf_core::HeaderValue::Int(1);
+    for _ in 0..20 {
+        deep = wharf_core::HeaderValue::List(vec![deep]);
+    }
+    let mut message = Message::new("q", "b");
+    message.headers.insert("deep", deep);
+    let err = h.err(Command::Publish {
+        message: Arc::new(message),
+    });
+    assert!(matches!(err, CoreError::InvalidArgument { .. }), "{err}");
+}
+
+#[test]
+fn limits_are_enforced_with_a_typed_error() {
+    let mut h = Harness::with_limits(Limits {
+        queues_max: 2,
+        consumers_per_queue_max: 1,
+        bindings_per_exchange_max: 1,
+        ..Limits::default()
+    });
+    h.queue("a");
+    h.queue("b");
+    let err = h.err(Command::DeclareQueue {
+        connection: C1,
+        name: "c".into(),
+        options: QueueOptions::default(),
+        passive: false,
+    });
+    assert_eq!(
+        err,
+        CoreError::LimitExceeded {
+            what: "queues",
+            limit: 2
+        }
+    );
+    h.subscribe(C1, "a", 1, 1);
+    let err = h.err(Command::Subscribe {
+        connection: C2,
+        queue: "a".into(),
+        consumer_tag: ConsumerTag(1),
+        options: ConsumerOptions::default(),
+    });
+    assert!(
+        matches!(
+            err,
+            CoreError::LimitExceeded {
+                what: "consumers per queue",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    h.bind("wharf.direct", "a", "k");
+    let err = h.err(Command::Bind {
+        source: "wharf.direct".into(),
+        target: BindTarget::Queue("b".into()),
+        routing_key: "k".into(),
+        arguments: Headers::new(),
+    });
+    assert!(matches!(err, CoreError::LimitExceeded { .. }), "{err}");
+}
+
+#[test]
+fn auto_delete_exchange_goes_when_its_last_binding_is_removed() {
+    let mut h = Harness::new();
+    h.ok(Command::DeclareExchange {
+        name: "tmp".into(),
+        kind: ExchangeKind::Fanout,
+        options: ExchangeOptions {
+            auto_delete: true,
+            ..ExchangeOptions::default()
+        },
+        passive: false,
+    });
+    h.queue("q");
+    h.bind("tmp", "q", "");
+    h.ok(Command::DeleteQueue {
+        connection: C1,
+        name: "q".into(),
+        if_unused: false,
+        if_empty: false,
+    });
+    assert!(
+        h.effects
+            .contains(&Effect::ExchangeDeleted { name: "tmp".into() })
+    );
+    assert!(
+        !h.broker
+            .list_exchanges()
+            .iter()
+            .any(|exchange| exchange.name == "tmp")
+    );
+}
+
+#[test]
+fn same_commands_give_the_same_effects() {
+    let run = || {
+        let mut h = Harness::new();
+        h.queue("q");
+        h.subscribe(C1, "q", 1, 2);
+        h.subscribe(C2, "q", 1, 2);
+        for idx in 0..10 {
+            h.publish("", "q", &idx.to_string());
+        }
+        h.ok(Command::CloseConnection { connection: C1 });
+        h.effects.clone()
+    };
+    assert_eq!(run(), run());
+}
