@@ -172,6 +172,16 @@ pub enum Command {
         /// Back to the queue (flagged redelivered) instead of dropped.
         requeue: bool,
     },
+    /// Ack every outstanding delivery whose tag lies in `first..=last` (tags of the range that
+    /// are not outstanding are skipped; a range with none outstanding is an unknown tag).
+    AckRange {
+        /// The connection.
+        connection: ConnectionId,
+        /// First tag of the range.
+        first: DeliveryTag,
+        /// Last tag of the range (inclusive).
+        last: DeliveryTag,
+    },
     /// Nack of exactly one delivery.
     Reject {
         /// The connection.
@@ -328,6 +338,8 @@ pub struct Broker {
     next_generated_name: u64,
     route_scratch: Vec<QueueId>,
     now_ms: u64,
+    /// Body bytes of ready messages across all queues (for the server's memory watermark).
+    ready_bytes_total: u64,
 }
 
 impl Default for Broker {
@@ -349,6 +361,7 @@ impl Broker {
             next_generated_name: 1,
             route_scratch: Vec::new(),
             now_ms: 0,
+            ready_bytes_total: 0,
         };
         for (name, kind) in BUILTIN_EXCHANGES {
             let options = ExchangeOptions {
@@ -360,6 +373,11 @@ impl Broker {
                 .insert(name.into(), Exchange::new(name.into(), kind, options, true));
         }
         broker
+    }
+
+    /// Body bytes of ready messages across all queues.
+    pub fn ready_bytes_total(&self) -> u64 {
+        self.ready_bytes_total
     }
 
     /// The logical time of the last command applied.
@@ -458,6 +476,11 @@ impl Broker {
                 };
                 self.settle(connection, delivery_tag, multiple, how, effects)
             }
+            Command::AckRange {
+                connection,
+                first,
+                last,
+            } => self.ack_range(connection, first, last, effects),
             Command::Reject {
                 connection,
                 delivery_tag,
@@ -576,7 +599,7 @@ impl Broker {
         for (_, unacked) in conn.unacked {
             if let Some(queue) = self.queues.get_mut(&unacked.queue) {
                 queue.unacked -= 1;
-                requeue_entry(queue, unacked.entry);
+                self.ready_bytes_total += requeue_entry(queue, unacked.entry);
                 if !touched.contains(&unacked.queue) {
                     touched.push(unacked.queue);
                 }
@@ -1053,6 +1076,7 @@ impl Broker {
                 .get_mut(qid)
                 .expect("routing yields live queues");
             queue.enqueue(message.clone());
+            self.ready_bytes_total += message.size_bytes();
             self.dispatch(*qid, effects);
         }
         let routed = targets.len() as u32;
@@ -1197,7 +1221,7 @@ impl Broker {
         for delivery_tag in returned {
             let unacked = conn.unacked.remove(&delivery_tag).expect("collected above");
             queue.unacked -= 1;
-            requeue_entry(queue, unacked.entry);
+            self.ready_bytes_total += requeue_entry(queue, unacked.entry);
         }
         let idx = queue
             .consumer_idx(connection, tag)
@@ -1284,6 +1308,49 @@ impl Broker {
         Ok(Reply::Settled { count })
     }
 
+    fn ack_range(
+        &mut self,
+        connection: ConnectionId,
+        first: DeliveryTag,
+        last: DeliveryTag,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
+        let conn = self.connections.get_mut(&connection).ok_or_else(|| {
+            CoreError::not_found(EntityKind::Connection, connection.0.to_string())
+        })?;
+        if first > last {
+            return Err(CoreError::InvalidArgument {
+                reason: format!("ack range {}..={} is empty", first.0, last.0),
+            });
+        }
+        let tags: Vec<u64> = conn
+            .unacked
+            .range(first.0..=last.0)
+            .map(|(tag, _)| *tag)
+            .collect();
+        if tags.is_empty() {
+            return Err(CoreError::UnknownDeliveryTag { tag: first.0 });
+        }
+        let mut touched: Vec<QueueId> = Vec::new();
+        for tag in &tags {
+            let conn = self
+                .connections
+                .get_mut(&connection)
+                .expect("checked above");
+            let unacked = conn.unacked.remove(tag).expect("collected above");
+            let qid = unacked.queue;
+            if self.settle_one(connection, unacked, Settle::Ack) && !touched.contains(&qid) {
+                touched.push(qid);
+            }
+        }
+        for qid in touched {
+            self.dispatch(qid, effects);
+        }
+        Ok(Reply::Settled {
+            count: tags.len() as u32,
+        })
+    }
+
     /// Settles one outstanding delivery; false when its queue is gone (deleted while the
     /// delivery was outstanding), in which case there is nothing to do.
     fn settle_one(&mut self, connection: ConnectionId, unacked: Unacked, how: Settle) -> bool {
@@ -1297,7 +1364,7 @@ impl Broker {
         match how {
             Settle::Ack => queue.stats.acked += 1,
             Settle::Drop => queue.stats.dropped += 1,
-            Settle::Requeue => requeue_entry(queue, unacked.entry),
+            Settle::Requeue => self.ready_bytes_total += requeue_entry(queue, unacked.entry),
         }
         true
     }
@@ -1307,6 +1374,7 @@ impl Broker {
         let Broker {
             queues,
             connections,
+            ready_bytes_total,
             ..
         } = self;
         let queue = queues.get_mut(&qid).expect("dispatch on a live queue");
@@ -1315,6 +1383,7 @@ impl Broker {
                 break;
             };
             let mut entry = queue.ready.pop_front().expect("checked non-empty");
+            *ready_bytes_total -= entry.message.size_bytes();
             entry.delivery_count += 1;
             let consumer = &mut queue.consumers[idx];
             let conn = connections
@@ -1363,9 +1432,12 @@ enum Settle {
     Drop,
 }
 
-fn requeue_entry(queue: &mut Queue, mut entry: Entry) {
+/// Puts an outstanding entry back in its queue; returns its size in bytes.
+fn requeue_entry(queue: &mut Queue, mut entry: Entry) -> u64 {
     entry.redelivered = true;
+    let size = entry.message.size_bytes();
     queue.ready.requeue(entry);
+    size
 }
 
 fn check_exclusive_access(queue: &Queue, connection: ConnectionId) -> Result<(), CoreError> {

@@ -1234,3 +1234,89 @@ fn same_commands_give_the_same_effects() {
     };
     assert_eq!(run(), run());
 }
+
+#[test]
+fn ack_range_settles_only_outstanding_tags_within_the_range() {
+    let mut h = Harness::new();
+    h.queue("q");
+    for idx in 0..6 {
+        h.publish("", "q", &idx.to_string());
+    }
+    h.subscribe(C1, "q", 1, 0);
+    let tags: Vec<u64> = h.deliveries().iter().map(|d| d.delivery_tag.0).collect();
+    h.ack(C1, tags[1]);
+    let reply = h.ok(Command::AckRange {
+        connection: C1,
+        first: DeliveryTag(tags[0]),
+        last: DeliveryTag(tags[3]),
+    });
+    assert_eq!(
+        reply,
+        Reply::Settled { count: 3 },
+        "tag {} was already acked",
+        tags[1]
+    );
+    // A huge range costs only what is outstanding in it.
+    let reply = h.ok(Command::AckRange {
+        connection: C1,
+        first: DeliveryTag(0),
+        last: DeliveryTag(u64::MAX),
+    });
+    assert_eq!(reply, Reply::Settled { count: 2 });
+    let err = h.err(Command::AckRange {
+        connection: C1,
+        first: DeliveryTag(1),
+        last: DeliveryTag(100),
+    });
+    assert_eq!(err, CoreError::UnknownDeliveryTag { tag: 1 });
+    let err = h.err(Command::AckRange {
+        connection: C1,
+        first: DeliveryTag(5),
+        last: DeliveryTag(4),
+    });
+    assert!(matches!(err, CoreError::InvalidArgument { .. }), "{err}");
+}
+
+#[test]
+fn ready_bytes_total_tracks_every_way_messages_enter_and_leave_ready() {
+    let mut h = Harness::new();
+    let total = |h: &Harness| {
+        h.broker
+            .list_queues()
+            .iter()
+            .map(|q| q.ready_bytes)
+            .sum::<u64>()
+    };
+    h.queue("a");
+    h.queue("b");
+    h.bind("wharf.fanout", "a", "");
+    h.bind("wharf.fanout", "b", "");
+    for _ in 0..4 {
+        h.publish("wharf.fanout", "", "12345");
+    }
+    assert_eq!(h.broker.ready_bytes_total(), 40);
+    h.subscribe(C1, "a", 1, 2);
+    let got = h.deliveries();
+    assert_eq!(h.broker.ready_bytes_total(), total(&h));
+    h.ok(Command::Nack {
+        connection: C1,
+        delivery_tag: got[0].delivery_tag,
+        multiple: false,
+        requeue: true,
+    });
+    assert_eq!(h.broker.ready_bytes_total(), total(&h));
+    h.ok(Command::CloseConnection { connection: C1 });
+    assert_eq!(h.broker.ready_bytes_total(), 40);
+    h.ok(Command::PurgeQueue {
+        connection: C2,
+        name: "a".into(),
+    });
+    assert_eq!(h.broker.ready_bytes_total(), 20);
+    h.ok(Command::DeleteQueue {
+        connection: C2,
+        name: "b".into(),
+        if_unused: false,
+        if_empty: false,
+    });
+    assert_eq!(h.broker.ready_bytes_total(), 0);
+}
