@@ -427,6 +427,7 @@ impl Broker {
                     .queues
                     .get_mut(&qid)
                     .expect("queue ids in the name map exist");
+                self.ready_bytes_total -= queue.ready.bytes();
                 let messages = queue.ready.clear() as u64;
                 Ok(Reply::Purged { messages })
             }
@@ -1022,6 +1023,7 @@ impl Broker {
             .remove(&qid)
             .expect("caller checked the queue exists");
         self.queue_names.remove(&queue.name);
+        self.ready_bytes_total -= queue.ready.bytes();
         if let Some(owner) = queue.owner {
             if let Some(conn) = self.connections.get_mut(&owner) {
                 conn.exclusive_queues.retain(|id| *id != qid);
