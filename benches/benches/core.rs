@@ -16,6 +16,7 @@ const CONN: ConnectionId = ConnectionId(1);
 struct Setup {
     broker: Broker,
     effects: Vec<Effect>,
+    scratch: Vec<Effect>,
     messages: Vec<Arc<Message>>,
 }
 
@@ -31,7 +32,7 @@ fn setup(n_queues: usize) -> Setup {
         let options = ConsumerOptions { prefetch: 1000, ..ConsumerOptions::default() };
         broker.apply(0, Command::Subscribe { connection: CONN, queue: name, consumer_tag: ConsumerTag(idx as u32), options }, &mut effects).unwrap();
     }
-    Setup { broker, effects, messages: Vec::new() }
+    Setup { broker, effects, scratch: Vec::new(), messages: Vec::new() }
 }
 
 fn bind(setup: &mut Setup, exchange: &str, queue: usize, key: &str, arguments: Headers) {
@@ -51,13 +52,13 @@ fn cycle(setup: &mut Setup, idx: usize) {
     // A fresh Arc per publish, as the server makes one per decoded message.
     let message = Arc::new(Message::clone(&message));
     setup.broker.apply(0, Command::Publish { message }, &mut setup.effects).unwrap();
-    for effect in std::mem::take(&mut setup.effects) {
+    // Swap buffers instead of allocating: deliveries to ack in one, new effects in the other.
+    std::mem::swap(&mut setup.effects, &mut setup.scratch);
+    for effect in setup.scratch.drain(..) {
         if let Effect::Deliver(delivery) = effect {
             black_box(&delivery.message.body);
-            setup
-                .broker
-                .apply(0, Command::Ack { connection: delivery.connection, delivery_tag: delivery.delivery_tag, multiple: false }, &mut setup.effects)
-                .unwrap();
+            let ack = Command::Ack { connection: delivery.connection, delivery_tag: delivery.delivery_tag, multiple: false };
+            setup.broker.apply(0, ack, &mut setup.effects).unwrap();
         }
     }
     setup.effects.clear();

@@ -7,6 +7,7 @@ use crate::exchange::{
 use crate::limits::{EXCHANGE_HOPS_MAX, HEADER_DEPTH_MAX, Limits};
 use crate::message::{Headers, Message};
 use crate::name::{RESERVED_PREFIX, validate_name, validate_routing_key, validate_user_name};
+use crate::outstanding::Outstanding;
 use crate::queue::{Consumer, ConsumerOptions, Entry, Queue, QueueOptions, QueueStats};
 use crate::{ConnectionId, ConsumerTag, DeliveryTag, FixedState, QueueId};
 use std::collections::{BTreeMap, HashMap};
@@ -293,7 +294,7 @@ struct Unacked {
 #[derive(Debug, Clone, Default)]
 struct Connection {
     next_delivery_tag: u64,
-    unacked: BTreeMap<u64, Unacked>,
+    unacked: Outstanding<Unacked>,
     consumers: BTreeMap<ConsumerTag, QueueId>,
     exclusive_queues: Vec<QueueId>,
 }
@@ -582,7 +583,7 @@ impl Broker {
         effects: &mut Vec<Effect>,
     ) -> Result<Reply, CoreError> {
         self.connection(connection)?;
-        let conn = self.connections.remove(&connection).expect("checked above");
+        let mut conn = self.connections.remove(&connection).expect("checked above");
         let mut touched: Vec<QueueId> = Vec::new();
         let mut lost_consumers: Vec<QueueId> = Vec::new();
         for (tag, qid) in &conn.consumers {
@@ -597,7 +598,7 @@ impl Broker {
                 }
             }
         }
-        for (_, unacked) in conn.unacked {
+        for (_, unacked) in conn.unacked.drain() {
             if let Some(queue) = self.queues.get_mut(&unacked.queue) {
                 queue.unacked -= 1;
                 self.ready_bytes_total += requeue_entry(queue, unacked.entry);
@@ -1210,18 +1211,14 @@ impl Broker {
         let qid = self.consumer_queue(connection, tag)?;
         let conn = self.connections.get_mut(&connection).expect("checked");
         conn.consumers.remove(&tag);
-        let returned: Vec<u64> = conn
+        let returned = conn
             .unacked
-            .iter()
-            .filter(|(_, unacked)| unacked.consumer_tag == tag && unacked.queue == qid)
-            .map(|(delivery_tag, _)| *delivery_tag)
-            .collect();
+            .remove_where(|unacked| unacked.consumer_tag == tag && unacked.queue == qid);
         let queue = self
             .queues
             .get_mut(&qid)
             .expect("consumers point at live queues");
-        for delivery_tag in returned {
-            let unacked = conn.unacked.remove(&delivery_tag).expect("collected above");
+        for (_, unacked) in returned {
             queue.unacked -= 1;
             self.ready_bytes_total += requeue_entry(queue, unacked.entry);
         }
@@ -1279,7 +1276,7 @@ impl Broker {
             // The common case, without the allocations of the general path.
             let unacked = conn
                 .unacked
-                .remove(&tag.0)
+                .remove(tag.0)
                 .ok_or(CoreError::UnknownDeliveryTag { tag: tag.0 })?;
             let qid = unacked.queue;
             if self.settle_one(connection, unacked, how) {
@@ -1289,12 +1286,10 @@ impl Broker {
         }
         let settled: Vec<(u64, Unacked)> = {
             let upto = if tag.0 == 0 { u64::MAX } else { tag.0 };
-            if tag.0 != 0 && !conn.unacked.contains_key(&tag.0) {
+            if tag.0 != 0 && !conn.unacked.contains(tag.0) {
                 return Err(CoreError::UnknownDeliveryTag { tag: tag.0 });
             }
-            let keep = conn.unacked.split_off(&upto.saturating_add(1));
-            let taken = std::mem::replace(&mut conn.unacked, keep);
-            taken.into_iter().collect()
+            conn.unacked.remove_range(0, upto)
         };
         let count = settled.len() as u32;
         let mut touched: Vec<QueueId> = Vec::new();
@@ -1325,21 +1320,13 @@ impl Broker {
                 reason: format!("ack range {}..={} is empty", first.0, last.0),
             });
         }
-        let tags: Vec<u64> = conn
-            .unacked
-            .range(first.0..=last.0)
-            .map(|(tag, _)| *tag)
-            .collect();
-        if tags.is_empty() {
+        let settled = conn.unacked.remove_range(first.0, last.0);
+        if settled.is_empty() {
             return Err(CoreError::UnknownDeliveryTag { tag: first.0 });
         }
+        let count = settled.len() as u32;
         let mut touched: Vec<QueueId> = Vec::new();
-        for tag in &tags {
-            let conn = self
-                .connections
-                .get_mut(&connection)
-                .expect("checked above");
-            let unacked = conn.unacked.remove(tag).expect("collected above");
+        for (_, unacked) in settled {
             let qid = unacked.queue;
             if self.settle_one(connection, unacked, Settle::Ack) && !touched.contains(&qid) {
                 touched.push(qid);
@@ -1348,9 +1335,7 @@ impl Broker {
         for qid in touched {
             self.dispatch(qid, effects);
         }
-        Ok(Reply::Settled {
-            count: tags.len() as u32,
-        })
+        Ok(Reply::Settled { count })
     }
 
     /// Settles one outstanding delivery; false when its queue is gone (deleted while the

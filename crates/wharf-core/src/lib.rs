@@ -33,6 +33,7 @@ mod exchange;
 pub mod limits;
 mod message;
 mod name;
+mod outstanding;
 mod queue;
 pub mod topic;
 
