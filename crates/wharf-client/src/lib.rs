@@ -1,0 +1,85 @@
+//! The async (tokio) Rust client for the Wharf message broker.
+//!
+//! One [`Client`] is one TCP connection, shared by every clone and task. It speaks the wire
+//! protocol of `wharf-protocol` (docs/protocol.md): a writer task coalesces every queued frame
+//! into one `write`, a reader task dispatches responses, confirms and deliveries.
+//!
+//! - Topology: [`Client::declare_queue`], [`Client::declare_exchange`], [`Client::bind_queue`],
+//!   ... return builders you `.await`.
+//! - Publishing: [`Client::publish`] waits for the broker's confirm; a [`Publisher`] pipelines
+//!   publishes under a confirm window and sends batches ([`Publisher::publish_batch`]).
+//! - Consuming: [`Client::consume`] returns a [`Consumer`], a `Stream` of [`Delivery`]s you
+//!   ack, nack or reject.
+//! - Errors: one [`ClientError`] enum; server errors carry the wire [`ErrorCode`].
+//!
+//! ```no_run
+//! use futures::StreamExt;
+//! use wharf_client::{Client, ConsumeOptions, ExchangeKind, Message};
+//!
+//! # async fn example() -> Result<(), wharf_client::ClientError> {
+//! let client = Client::connect("wharf://127.0.0.1:5800").await?;
+//!
+//! client.declare_exchange("shop", ExchangeKind::Topic).durable(true).await?;
+//! client.declare_queue("orders").durable(true).single_active_consumer(true).await?;
+//! client.bind_queue("orders", "shop", "order.*").await?;
+//!
+//! // One publish, confirmed.
+//! let durability = client
+//!     .publish("shop", "order.created", Message::new("{\"id\":42}").persistent(true))
+//!     .await?;
+//! println!("stored: {durability:?}");
+//!
+//! // Pipelined publishes under a confirm window, then a batch.
+//! let publisher = client.publisher();
+//! let mut tickets = Vec::new();
+//! for idx in 0..100 {
+//!     tickets.push(publisher.publish("shop", "order.created", Message::new(format!("{idx}"))).await?);
+//! }
+//! for ticket in tickets {
+//!     ticket.await?;
+//! }
+//! let outcomes = publisher
+//!     .publish_batch("shop", "order.paid", vec![Message::new("a"), Message::new("b")])
+//!     .await?;
+//! assert!(outcomes.iter().all(Result::is_ok));
+//!
+//! // Consume with manual acks.
+//! let mut consumer = client.consume("orders", ConsumeOptions { prefetch: 50, ..Default::default() }).await?;
+//! while let Some(delivery) = consumer.next().await {
+//!     let delivery = delivery?;
+//!     println!("{} {:?}", delivery.routing_key(), delivery.body());
+//!     delivery.ack().await?;
+//!     # break;
+//! }
+//! consumer.cancel().await?;
+//! client.close().await?;
+//! # Ok(()) }
+//! ```
+
+mod addr;
+mod client;
+mod confirms;
+mod connection;
+mod consumer;
+mod error;
+mod message;
+mod options;
+mod publisher;
+
+pub use addr::{DEFAULT_PORT, SCHEME, ServerAddr};
+pub use client::{
+    Bind, Client, DeclareExchange, DeclareQueue, DeclaredQueue, DeleteExchange, DeleteQueue,
+    HeadersMatch, Overflow,
+};
+pub use consumer::{Consumer, Delivery};
+pub use error::ClientError;
+pub use message::{IntoValue, Message};
+pub use options::{ClientOptions, ConsumeOptions, Credentials, PREFETCH_MAX};
+pub use publisher::{PublishTicket, Publisher};
+
+/// The protocol crate, for types not re-exported here.
+pub use wharf_protocol;
+pub use wharf_protocol::{
+    Durability, ErrorCode, ExchangeInfo, ExchangeKind, Properties, QueueInfo, ServerLimits, Table,
+    TableRef, Value, ValueRef,
+};

@@ -1,0 +1,157 @@
+//! Connection and consumer options.
+
+use bytes::{BufMut, BytesMut};
+use std::fmt;
+use std::time::Duration;
+
+/// Most deliveries a consumer may hold unsettled (or, auto-ack, receive ahead of the
+/// application): the consumer's buffer is bounded by it, so it bounds client memory.
+pub const PREFETCH_MAX: u32 = 65_536;
+
+/// How the client authenticates.
+#[derive(Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Credentials {
+    /// No credentials (`ANONYMOUS` mechanism).
+    #[default]
+    Anonymous,
+    /// User name and password (`PLAIN` mechanism).
+    Plain {
+        /// User name.
+        username: String,
+        /// Password.
+        password: String,
+    },
+}
+
+impl Credentials {
+    /// `PLAIN` credentials.
+    pub fn plain(username: impl Into<String>, password: impl Into<String>) -> Credentials {
+        Credentials::Plain {
+            username: username.into(),
+            password: password.into(),
+        }
+    }
+
+    pub(crate) fn to_wire(&self) -> wharf_protocol::Credentials {
+        match self {
+            Credentials::Anonymous => wharf_protocol::Credentials {
+                mechanism: "ANONYMOUS".to_owned(),
+                data: Default::default(),
+            },
+            Credentials::Plain { username, password } => {
+                let mut data = BytesMut::with_capacity(2 + username.len() + password.len());
+                data.put_u8(0);
+                data.put_slice(username.as_bytes());
+                data.put_u8(0);
+                data.put_slice(password.as_bytes());
+                wharf_protocol::Credentials {
+                    mechanism: "PLAIN".to_owned(),
+                    data: data.freeze(),
+                }
+            }
+        }
+    }
+}
+
+/// Never shows the password.
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::Anonymous => f.write_str("Anonymous"),
+            Credentials::Plain { username, .. } => f
+                .debug_struct("Plain")
+                .field("username", username)
+                .field("password", &"<redacted>")
+                .finish(),
+        }
+    }
+}
+
+/// Options of [`Client::connect_with`](crate::Client::connect_with). Start from
+/// `ClientOptions::default()` and set what differs.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Name shown in the server's logs and management (default `wharf-client/<version>`).
+    pub client_name: String,
+    /// Credentials. `Anonymous` with a URL carrying `user:password@` uses those as `PLAIN`.
+    pub credentials: Credentials,
+    /// Heartbeat interval to ask for in ms; 0 = accept the server's. The server's answer is
+    /// used: a heartbeat is sent after that long without writing, and the connection is lost
+    /// after twice that long without reading.
+    pub heartbeat_ms: u32,
+    /// Bound on TCP connect plus handshake.
+    pub connect_timeout: Duration,
+    /// Bound on each request (declare, bind, stats, subscribe, cancel, ...) and on
+    /// [`Client::publish`](crate::Client::publish)'s wait for its confirm.
+    pub request_timeout: Duration,
+    /// Bound on [`Client::close`](crate::Client::close)'s wait for `CloseOk`.
+    pub close_timeout: Duration,
+    /// Largest frame the client accepts from the server (announced in `Hello`).
+    pub frame_bytes_max: u32,
+    /// Most encoded publish bytes queued for the socket and not yet written: publishers wait
+    /// beyond it, so a slow network cannot make the client buffer without bound.
+    pub outbound_bytes_max: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> ClientOptions {
+        ClientOptions {
+            client_name: concat!("wharf-client/", env!("CARGO_PKG_VERSION")).to_owned(),
+            credentials: Credentials::Anonymous,
+            heartbeat_ms: 0,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            close_timeout: Duration::from_secs(5),
+            frame_bytes_max: wharf_protocol::limits::FRAME_BYTES_MAX,
+            outbound_bytes_max: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Options of [`Client::consume`](crate::Client::consume).
+///
+/// ```
+/// use wharf_client::ConsumeOptions;
+/// let options = ConsumeOptions { prefetch: 50, ..ConsumeOptions::default() };
+/// assert!(!options.auto_ack);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsumeOptions {
+    /// Manual ack: most deliveries unsettled at once. Auto-ack: most deliveries sent ahead of
+    /// the application (credit window). `1..=PREFETCH_MAX`, default 100. It also bounds the
+    /// consumer's buffer.
+    pub prefetch: u32,
+    /// Deliveries are settled by the broker when sent (at-most-once); no ack is possible.
+    pub auto_ack: bool,
+    /// Refuse other consumers on the queue while this one exists.
+    pub exclusive: bool,
+    /// Higher-priority consumers are served first (default 0).
+    pub priority: i32,
+}
+
+impl Default for ConsumeOptions {
+    fn default() -> ConsumeOptions {
+        ConsumeOptions {
+            prefetch: 100,
+            auto_ack: false,
+            exclusive: false,
+            priority: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_credentials_encode_as_nul_user_nul_password_and_hide_the_password() {
+        let credentials = Credentials::plain("alice", "s3cret");
+        let wire = credentials.to_wire();
+        assert_eq!(wire.mechanism, "PLAIN");
+        assert_eq!(&wire.data[..], b"\0alice\0s3cret");
+        assert!(!format!("{credentials:?}").contains("s3cret"));
+        assert_eq!(Credentials::Anonymous.to_wire().mechanism, "ANONYMOUS");
+    }
+}

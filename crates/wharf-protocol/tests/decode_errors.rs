@@ -1,0 +1,401 @@
+//! Black-box tests of the decoder's refusals and of the zero-copy and limit guarantees.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+use wharf_protocol::limits::{BATCH_MESSAGES_MAX, FRAME_BYTES_MAX, NAME_BYTES_MAX};
+use wharf_protocol::*;
+
+fn encoded(frame: &Frame) -> BytesMut {
+    let mut buf = BytesMut::new();
+    encode(frame, FRAME_BYTES_MAX, &mut buf).unwrap();
+    buf
+}
+
+/// A frame buffer from a kind number and header bytes, length prefix included.
+fn raw_frame(kind_and_body: &[u8]) -> BytesMut {
+    let mut buf = BytesMut::new();
+    buf.put_u32(kind_and_body.len() as u32);
+    buf.put_slice(kind_and_body);
+    buf
+}
+
+fn sample_publish(body: &'static [u8]) -> Publish {
+    Publish {
+        exchange: "ex".into(),
+        routing_key: "rk".into(),
+        properties: Properties::try_from(PropertiesRef {
+            content_type: Some("application/json"),
+            headers: Table::try_from_entries([("k", Value::Str("v".into()))])
+                .unwrap()
+                .as_table_ref(),
+            ..PropertiesRef::default()
+        })
+        .unwrap(),
+        body: Bytes::from_static(body),
+    }
+}
+
+#[test]
+fn oversized_length_prefix_is_refused_before_reserving_memory() {
+    let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff][..]);
+    let capacity = buf.capacity();
+    let err = decode(&mut buf, 1024).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::FrameTooLarge {
+                bytes: 0xffff_ffff,
+                max: 1024
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.error_code(), ErrorCode::FrameTooLarge);
+    assert_eq!(buf.capacity(), capacity);
+}
+
+#[test]
+fn claimed_length_reserves_at_most_a_bounded_chunk() {
+    let mut buf = BytesMut::new();
+    buf.put_u32(FRAME_BYTES_MAX);
+    assert_eq!(decode(&mut buf, FRAME_BYTES_MAX).unwrap(), None);
+    assert!(buf.capacity() <= 4 + wharf_protocol::limits::READ_RESERVE_BYTES_MAX);
+}
+
+#[test]
+fn partial_frame_returns_none_and_keeps_bytes() {
+    let mut buf = encoded(&Frame::Heartbeat);
+    let mut partial = buf.split_to(3);
+    assert_eq!(decode(&mut partial, FRAME_BYTES_MAX).unwrap(), None);
+    assert_eq!(partial.len(), 3);
+}
+
+#[test]
+fn unknown_frame_kind_is_a_typed_error() {
+    let mut buf = raw_frame(&[99]);
+    assert!(matches!(
+        decode(&mut buf, FRAME_BYTES_MAX),
+        Err(Error::UnknownFrameKind { kind: 99 })
+    ));
+    let mut empty = raw_frame(&[]);
+    assert!(matches!(
+        decode(&mut empty, FRAME_BYTES_MAX),
+        Err(Error::Malformed { .. })
+    ));
+}
+
+#[test]
+fn trailing_bytes_after_a_control_frame_are_malformed() {
+    let mut buf = raw_frame(&[kind::HEARTBEAT as u8, 0]);
+    let err = decode(&mut buf, FRAME_BYTES_MAX).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Malformed {
+                frame: "Heartbeat",
+                detail: "trailing bytes"
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.error_code(), ErrorCode::ProtocolViolation);
+}
+
+#[test]
+fn batch_claiming_more_messages_than_its_bytes_fails_cleanly() {
+    // PublishBatch, exchange "", routing key "", 16,384 messages claimed, none present.
+    let mut body = vec![kind::PUBLISH_BATCH as u8, 0, 0];
+    body.extend([0x80, 0x80, 0x01]); // varint 16384
+    let mut buf = raw_frame(&body);
+    assert!(matches!(
+        decode(&mut buf, FRAME_BYTES_MAX),
+        Err(Error::Malformed {
+            frame: "PublishBatch",
+            ..
+        })
+    ));
+
+    let mut body = vec![kind::PUBLISH_BATCH as u8, 0, 0];
+    body.extend([0xff, 0xff, 0xff, 0xff, 0x0f]); // u32::MAX messages
+    let mut buf = raw_frame(&body);
+    let err = decode(&mut buf, FRAME_BYTES_MAX).unwrap_err();
+    assert!(
+        matches!(err, Error::LimitExceeded { what: "batch messages", max, .. } if max == u64::from(BATCH_MESSAGES_MAX)),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn body_lengths_must_cover_the_payload_exactly() {
+    let batch = Frame::PublishBatch(PublishBatch {
+        exchange: "ex".into(),
+        routing_key: "rk".into(),
+        messages: vec![BatchMessage {
+            body: Bytes::from_static(b"abc"),
+            ..BatchMessage::default()
+        }],
+    });
+    let mut buf = encoded(&batch);
+    buf.put_u8(b'!');
+    let len = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    assert!(matches!(
+        decode(&mut buf, FRAME_BYTES_MAX),
+        Err(Error::Malformed {
+            frame: "PublishBatch",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn decoded_bodies_and_strings_share_the_read_buffer() {
+    let frame = Frame::PublishBatch(PublishBatch {
+        exchange: "ex".into(),
+        routing_key: "rk".into(),
+        messages: vec![
+            BatchMessage {
+                body: Bytes::from_static(b"first body"),
+                ..BatchMessage::default()
+            },
+            BatchMessage {
+                body: Bytes::from_static(b"second body"),
+                ..BatchMessage::default()
+            },
+        ],
+    });
+    let mut buf = encoded(&frame);
+    let range = buf.as_ptr_range();
+    let start = range.start as usize;
+    let end = range.end as usize;
+    let Some(Frame::PublishBatch(batch)) = decode(&mut buf, FRAME_BYTES_MAX).unwrap() else {
+        panic!()
+    };
+    for message in &batch.messages {
+        let body = message.body.as_ptr() as usize;
+        assert!(
+            body >= start && body + message.body.len() <= end,
+            "body was copied"
+        );
+    }
+    let exchange = batch.exchange.as_bytes().as_ptr() as usize;
+    assert!(exchange >= start && exchange < end, "exchange was copied");
+}
+
+#[test]
+fn oversized_frame_is_refused_on_encode_and_leaves_the_buffer_untouched() {
+    let frame = Frame::Publish(sample_publish(&[0u8; 2048]));
+    let mut buf = BytesMut::from(&b"keep"[..]);
+    let err = encode(&frame, 1024, &mut buf).unwrap_err();
+    assert!(
+        matches!(err, Error::FrameTooLarge { max: 1024, .. }),
+        "{err:?}"
+    );
+    assert_eq!(&buf[..], b"keep");
+    let mut chunks = vec![Bytes::from_static(b"keep")];
+    assert!(encode_vectored(&frame, 1024, &mut chunks).is_err());
+    assert_eq!(chunks.len(), 1);
+}
+
+#[test]
+fn names_longer_than_the_limit_are_refused_both_ways() {
+    let long = "x".repeat(NAME_BYTES_MAX + 1);
+    let frame = Frame::Publish(Publish {
+        exchange: long.clone().into(),
+        ..Publish::default()
+    });
+    assert!(matches!(
+        encode(&frame, FRAME_BYTES_MAX, &mut BytesMut::new()),
+        Err(Error::LimitExceeded { .. })
+    ));
+    let request = Frame::Request {
+        correlation_id: 1,
+        request: Request::PurgeQueue { name: long.clone() },
+    };
+    assert!(matches!(
+        encode(&request, FRAME_BYTES_MAX, &mut BytesMut::new()),
+        Err(Error::LimitExceeded { .. })
+    ));
+
+    // Hand-made Publish with a 256-byte exchange name.
+    let mut body = vec![kind::PUBLISH as u8, 0x80, 0x02];
+    body.extend(long.as_bytes());
+    let mut buf = raw_frame(&body);
+    assert!(matches!(
+        decode(&mut buf, FRAME_BYTES_MAX),
+        Err(Error::LimitExceeded {
+            what: "name bytes",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn deliveries_must_have_increasing_tags_to_encode() {
+    let delivery = |delivery_tag| Delivery {
+        delivery_tag,
+        ..Delivery::default()
+    };
+    let frame = Frame::DeliverBatch(DeliverBatch {
+        consumer_tag: 1,
+        deliveries: vec![delivery(5), delivery(5)],
+    });
+    assert!(matches!(
+        encode(&frame, FRAME_BYTES_MAX, &mut BytesMut::new()),
+        Err(Error::Invalid { .. })
+    ));
+    let frame = Frame::Deliver(Deliver {
+        consumer_tag: 1,
+        delivery: delivery(0),
+    });
+    assert!(matches!(
+        encode(&frame, FRAME_BYTES_MAX, &mut BytesMut::new()),
+        Err(Error::Invalid { .. })
+    ));
+}
+
+#[test]
+fn contiguous_deliveries_cost_one_byte_of_tag_and_no_repeated_names() {
+    let delivery = |delivery_tag| Delivery {
+        delivery_tag,
+        exchange: "some-exchange".into(),
+        routing_key: "some.routing.key".into(),
+        ..Delivery::default()
+    };
+    let one = encoded(&Frame::DeliverBatch(DeliverBatch {
+        consumer_tag: 1,
+        deliveries: vec![delivery(1_000_000)],
+    }));
+    let two = encoded(&Frame::DeliverBatch(DeliverBatch {
+        consumer_tag: 1,
+        deliveries: vec![delivery(1_000_000), delivery(1_000_001)],
+    }));
+    // tag delta 1 + redelivered + count + 2 "same" tags + empty properties + body len.
+    assert_eq!(two.len() - one.len(), 7);
+}
+
+#[test]
+fn decoded_headers_are_readable_without_copying() {
+    let mut buf = encoded(&Frame::Publish(sample_publish(b"{}")));
+    let range = buf.as_ptr_range();
+    let (start, end) = (range.start as usize, range.end as usize);
+    let Some(Frame::Publish(publish)) = decode(&mut buf, FRAME_BYTES_MAX).unwrap() else {
+        panic!()
+    };
+    assert_eq!(publish.properties.header("k"), Some(ValueRef::Str("v")));
+    assert_eq!(publish.properties.content_type(), Some("application/json"));
+    let props = publish.properties.as_bytes().as_ptr_range();
+    assert!(
+        props.start as usize >= start && props.end as usize <= end,
+        "properties were copied"
+    );
+    assert_eq!(&publish.body[..], b"{}");
+}
+
+#[test]
+fn hand_rolled_publish_header_is_postcard_encoding() {
+    #[derive(Serialize)]
+    struct PropertiesBlob<'a> {
+        priority: u8,
+        persistent: bool,
+        timestamp_ms: u64,
+        expiration_ms: Option<u64>,
+        delay_ms: Option<u64>,
+        message_id: Option<&'a str>,
+        correlation_id: Option<&'a str>,
+        reply_to: Option<&'a str>,
+        content_type: Option<&'a str>,
+        content_encoding: Option<&'a str>,
+    }
+    #[derive(Serialize)]
+    struct PublishHeader<'a> {
+        kind: u32,
+        exchange: &'a str,
+        routing_key: &'a str,
+        #[serde(serialize_with = "as_bytes")]
+        properties: &'a [u8],
+    }
+    fn as_bytes<S: serde::Serializer>(bytes: &&[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+    let headers = Table::try_from_entries([("k", Value::Str("v".into()))]).unwrap();
+    let mut blob = postcard::to_allocvec(&PropertiesBlob {
+        priority: 9,
+        persistent: false,
+        timestamp_ms: 1_700_000_000_000,
+        expiration_ms: Some(300),
+        delay_ms: None,
+        message_id: None,
+        correlation_id: Some("c"),
+        reply_to: None,
+        content_type: Some("application/json"),
+        content_encoding: None,
+    })
+    .unwrap();
+    blob.extend_from_slice(headers.as_bytes());
+    let properties = Properties::try_from(PropertiesRef {
+        priority: 9,
+        timestamp_ms: 1_700_000_000_000,
+        expiration_ms: Some(300),
+        correlation_id: Some("c"),
+        content_type: Some("application/json"),
+        headers: headers.as_table_ref(),
+        ..PropertiesRef::default()
+    })
+    .unwrap();
+    assert_eq!(&properties.as_bytes()[..], &blob[..]);
+
+    let publish = Publish {
+        exchange: "ex".into(),
+        routing_key: "rk".into(),
+        properties,
+        body: Bytes::from_static(b"body"),
+    };
+    let mut expected = postcard::to_allocvec(&PublishHeader {
+        kind: kind::PUBLISH,
+        exchange: "ex",
+        routing_key: "rk",
+        properties: &blob,
+    })
+    .unwrap();
+    expected.extend_from_slice(b"body");
+    let frame = encoded(&Frame::Publish(publish));
+    assert_eq!(&frame[4..], &expected[..]);
+}
+
+#[test]
+fn codec_limits_apply_per_direction() {
+    use tokio_util::codec::{Decoder, Encoder};
+    let mut codec = Codec::with_frame_bytes_max(64 * 1024);
+    codec.set_send_frame_bytes_max(16);
+    let mut buf = BytesMut::new();
+    assert!(
+        codec
+            .encode(
+                &Frame::Publish(sample_publish(b"0123456789abcdef")),
+                &mut buf
+            )
+            .is_err()
+    );
+    codec.encode(Frame::Heartbeat, &mut buf).unwrap();
+    assert_eq!(codec.decode(&mut buf).unwrap(), Some(Frame::Heartbeat));
+    codec.set_recv_frame_bytes_max(0);
+    let mut buf = encoded(&Frame::Heartbeat);
+    assert!(matches!(
+        codec.decode(&mut buf),
+        Err(Error::FrameTooLarge { bytes: 1, max: 0 })
+    ));
+}
+
+#[test]
+fn unknown_error_codes_survive_a_round_trip() {
+    let frame = Frame::Close(Close {
+        code: ErrorCode::from(4242),
+        reason: String::new(),
+    });
+    let mut buf = encoded(&frame);
+    let Some(Frame::Close(close)) = decode(&mut buf, FRAME_BYTES_MAX).unwrap() else {
+        panic!()
+    };
+    assert_eq!(close.code, ErrorCode::Unknown(4242));
+}

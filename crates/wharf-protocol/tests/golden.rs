@@ -1,0 +1,241 @@
+//! Golden vectors: checked-in encodings that must not change without a version bump.
+//!
+//! Each `vectors/<name>.hex` file holds one encoded frame (length prefix included) as hex, with
+//! `#` comment lines. The test asserts the encoder produces these bytes exactly and the decoder
+//! turns them back into the frame. To (re)generate after an *intended* format change (which
+//! needs a protocol version decision, see docs/protocol.md): `WHARF_BLESS=1 cargo test -p
+//! wharf-protocol --test golden`.
+
+use bytes::{Bytes, BytesMut};
+use std::path::PathBuf;
+use wharf_protocol::limits::FRAME_BYTES_MAX;
+use wharf_protocol::*;
+
+fn vectors() -> Vec<(&'static str, Frame)> {
+    let headers = Table::try_from_entries([
+        ("trace-id", Value::Str("abc".into())),
+        ("attempt", Value::I64(3)),
+        ("urgent", Value::Bool(true)),
+    ])
+    .unwrap();
+    let properties = Properties::try_from(PropertiesRef {
+        message_id: Some("m-1"),
+        content_type: Some("text/plain"),
+        timestamp_ms: 1_700_000_000_000,
+        expiration_ms: Some(60_000),
+        priority: 5,
+        persistent: true,
+        headers: headers.as_table_ref(),
+        ..PropertiesRef::default()
+    })
+    .unwrap();
+    vec![
+        ("heartbeat", Frame::Heartbeat),
+        (
+            "hello",
+            Frame::Hello(Hello {
+                client_name: "wharf-client/0.1".into(),
+                credentials: Credentials {
+                    mechanism: "PLAIN".into(),
+                    data: Bytes::from_static(b"\0guest\0guest"),
+                },
+                frame_bytes_max: 1 << 20,
+                heartbeat_ms: 0,
+            }),
+        ),
+        (
+            "hello_ok",
+            Frame::HelloOk(HelloOk {
+                server_version: "wharf/0.1.0".into(),
+                protocol_minor: 0,
+                limits: ServerLimits::default(),
+            }),
+        ),
+        (
+            "close_unsupported_version",
+            Frame::Close(Close {
+                code: ErrorCode::UnsupportedVersion,
+                reason: "major 2 not supported".into(),
+            }),
+        ),
+        (
+            "request_declare_queue",
+            Frame::Request {
+                correlation_id: 7,
+                request: Request::DeclareQueue {
+                    name: "orders".into(),
+                    durable: true,
+                    exclusive: false,
+                    auto_delete: false,
+                    passive: false,
+                    arguments: Table::try_from_entries([("x-max-length", Value::I64(1000))])
+                        .unwrap(),
+                },
+            },
+        ),
+        (
+            "response_error",
+            Frame::Response {
+                correlation_id: 7,
+                response: Response::Error {
+                    code: ErrorCode::NotFound,
+                    message: "no queue 'orders'".into(),
+                },
+            },
+        ),
+        (
+            "publish",
+            Frame::Publish(Publish {
+                exchange: "".into(),
+                routing_key: "orders".into(),
+                properties: properties.clone(),
+                body: Bytes::from_static(b"hello"),
+            }),
+        ),
+        (
+            "publish_batch",
+            Frame::PublishBatch(PublishBatch {
+                exchange: "events".into(),
+                routing_key: "a.b".into(),
+                messages: vec![
+                    BatchMessage {
+                        body: Bytes::from_static(b"one"),
+                        ..BatchMessage::default()
+                    },
+                    BatchMessage {
+                        routing_key: Some("a.c".into()),
+                        properties: properties.clone(),
+                        body: Bytes::from_static(b"two"),
+                        ..BatchMessage::default()
+                    },
+                ],
+            }),
+        ),
+        (
+            "confirm",
+            Frame::Confirm(Confirm {
+                ranges: vec![
+                    ConfirmRange {
+                        first_seq: 1,
+                        last_seq: 100,
+                        status: ConfirmStatus::Confirmed(Durability::Fsynced),
+                    },
+                    ConfirmRange {
+                        first_seq: 101,
+                        last_seq: 101,
+                        status: ConfirmStatus::Refused {
+                            code: ErrorCode::Backpressure,
+                            reason: "queue full".into(),
+                        },
+                    },
+                ],
+            }),
+        ),
+        (
+            "deliver_batch",
+            Frame::DeliverBatch(DeliverBatch {
+                consumer_tag: 1,
+                deliveries: vec![
+                    Delivery {
+                        delivery_tag: 41,
+                        delivery_count: 1,
+                        exchange: "events".into(),
+                        routing_key: "a.b".into(),
+                        body: Bytes::from_static(b"x"),
+                        ..Delivery::default()
+                    },
+                    Delivery {
+                        delivery_tag: 42,
+                        redelivered: true,
+                        delivery_count: 2,
+                        exchange: "events".into(),
+                        routing_key: "a.b".into(),
+                        properties,
+                        body: Bytes::from_static(b"y"),
+                    },
+                ],
+            }),
+        ),
+        (
+            "ack_ranges",
+            Frame::AckRanges(AckRanges {
+                ranges: vec![
+                    TagRange { first: 1, last: 10 },
+                    TagRange {
+                        first: 12,
+                        last: 12,
+                    },
+                ],
+            }),
+        ),
+        (
+            "credit",
+            Frame::Credit(Credit {
+                consumer_tag: 1,
+                credit: 500,
+            }),
+        ),
+    ]
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    let hex: Vec<String> = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    hex.chunks(16)
+        .map(|line| line.join(" "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn from_hex(text: &str) -> Vec<u8> {
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .flat_map(|line| line.split_whitespace())
+        .map(|byte| u8::from_str_radix(byte, 16).expect("hex byte"))
+        .collect()
+}
+
+fn vector_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/vectors")
+        .join(format!("{name}.hex"))
+}
+
+#[test]
+fn encodings_match_checked_in_vectors_byte_for_byte() {
+    let bless = std::env::var_os("WHARF_BLESS").is_some();
+    for (name, frame) in vectors() {
+        let mut encoded = BytesMut::new();
+        encode(&frame, FRAME_BYTES_MAX, &mut encoded).unwrap();
+        let path = vector_path(name);
+        if bless {
+            let text = format!("# {name}: {frame:?}\n{}\n", to_hex(&encoded));
+            std::fs::write(&path, text).unwrap();
+        }
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+        let expected = from_hex(&text);
+        assert_eq!(&encoded[..], &expected[..], "vector {name} changed");
+        let mut buf = BytesMut::from(&expected[..]);
+        assert_eq!(
+            decode(&mut buf, FRAME_BYTES_MAX).unwrap(),
+            Some(frame),
+            "vector {name} decodes differently"
+        );
+    }
+}
+
+#[test]
+fn preamble_vector_is_whrf_then_versions() {
+    assert_eq!(
+        Preamble { major: 1, minor: 0 }.encode(),
+        *b"WHRF\x00\x01\x00\x00"
+    );
+}
+
+#[test]
+fn heartbeat_is_five_bytes() {
+    // Spelled out as the smallest example in docs/protocol.md.
+    let mut buf = BytesMut::new();
+    encode(&Frame::Heartbeat, FRAME_BYTES_MAX, &mut buf).unwrap();
+    assert_eq!(&buf[..], &[0, 0, 0, 1, 4]);
+}

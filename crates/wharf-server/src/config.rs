@@ -1,0 +1,254 @@
+//! Server configuration: flag > `WHARF_*` environment variable > config file (TOML) > default.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The address `wharf serve` listens on by default.
+pub const DEFAULT_BIND: &str = "127.0.0.1:5800";
+/// Where durable state lives by default.
+pub const DEFAULT_DATA_DIR: &str = "./wharf-data";
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Everything the server needs to run, fully resolved.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Listen address (port 0 picks an ephemeral port).
+    pub bind: SocketAddr,
+    /// Directory for durable state.
+    pub data_dir: PathBuf,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Heartbeat interval offered to clients; a peer silent for twice this is dead.
+    pub heartbeat: Duration,
+    /// Largest frame accepted.
+    pub frame_bytes_max: u32,
+    /// Unconfirmed publishes a connection may have before the server stops reading it.
+    pub publishes_in_flight_max: u32,
+    /// Open connections at most; more are refused with `ResourceLimit`.
+    pub connections_max: usize,
+    /// Ready message bytes across all queues above which publishers are paused (memory alarm).
+    pub ready_bytes_high_watermark: u64,
+    /// How long a client may take to send its preamble and `Hello`.
+    pub handshake_timeout: Duration,
+    /// How long graceful shutdown waits for connections to flush.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind: DEFAULT_BIND.parse().expect("valid default address"),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            log_format: LogFormat::Text,
+            heartbeat: Duration::from_millis(u64::from(wharf_protocol::limits::HEARTBEAT_MS)),
+            frame_bytes_max: wharf_protocol::limits::FRAME_BYTES_MAX,
+            publishes_in_flight_max: wharf_protocol::limits::PUBLISHES_IN_FLIGHT_MAX,
+            connections_max: crate::limits::CONNECTIONS_MAX,
+            ready_bytes_high_watermark: crate::limits::READY_BYTES_HIGH_WATERMARK,
+            handshake_timeout: crate::limits::HANDSHAKE_TIMEOUT,
+            shutdown_timeout: crate::limits::SHUTDOWN_TIMEOUT,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// A configuration for tests: ephemeral port on 127.0.0.1 and the given data directory.
+    pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
+        ServerConfig {
+            bind: "127.0.0.1:0".parse().expect("valid address"),
+            data_dir: data_dir.into(),
+            ..ServerConfig::default()
+        }
+    }
+}
+
+/// The config file: every key optional; unknown keys are an error (a typo must not be silently
+/// ignored).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`ServerConfig::bind`].
+    pub bind: Option<SocketAddr>,
+    /// See [`ServerConfig::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`ServerConfig::log_format`].
+    pub log_format: Option<LogFormat>,
+    /// Milliseconds; see [`ServerConfig::heartbeat`].
+    pub heartbeat_ms: Option<u64>,
+    /// See [`ServerConfig::frame_bytes_max`].
+    pub frame_bytes_max: Option<u32>,
+    /// See [`ServerConfig::publishes_in_flight_max`].
+    pub publishes_in_flight_max: Option<u32>,
+    /// See [`ServerConfig::connections_max`].
+    pub connections_max: Option<usize>,
+    /// See [`ServerConfig::ready_bytes_high_watermark`].
+    pub ready_bytes_high_watermark: Option<u64>,
+}
+
+/// A config error: the file cannot be read or parsed, or a value is out of range.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid setting {key}: {reason}")]
+    Invalid {
+        /// The setting.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl FileConfig {
+    /// Reads and parses a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+}
+
+/// Values given on the command line or in `WHARF_*` variables (clap reads both; a flag wins).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--bind` / `WHARF_BIND`.
+    pub bind: Option<SocketAddr>,
+    /// `--data-dir` / `WHARF_DATA_DIR`.
+    pub data_dir: Option<PathBuf>,
+    /// `--log-format` / `WHARF_LOG_FORMAT`.
+    pub log_format: Option<LogFormat>,
+}
+
+/// Resolves the final configuration: overrides > file > defaults.
+pub fn resolve(
+    overrides: Overrides,
+    file: Option<FileConfig>,
+) -> Result<ServerConfig, ConfigError> {
+    let file = file.unwrap_or_default();
+    let defaults = ServerConfig::default();
+    let frame_bytes_max = file.frame_bytes_max.unwrap_or(defaults.frame_bytes_max);
+    if frame_bytes_max < wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR {
+        return Err(ConfigError::Invalid {
+            key: "frame_bytes_max",
+            reason: format!(
+                "must be at least {}",
+                wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR
+            ),
+        });
+    }
+    let heartbeat_ms = file
+        .heartbeat_ms
+        .unwrap_or(defaults.heartbeat.as_millis() as u64);
+    if !(100..=3_600_000).contains(&heartbeat_ms) {
+        return Err(ConfigError::Invalid {
+            key: "heartbeat_ms",
+            reason: "must be between 100 and 3600000".to_owned(),
+        });
+    }
+    let publishes_in_flight_max = file
+        .publishes_in_flight_max
+        .unwrap_or(defaults.publishes_in_flight_max);
+    if publishes_in_flight_max == 0 {
+        return Err(ConfigError::Invalid {
+            key: "publishes_in_flight_max",
+            reason: "must be at least 1".to_owned(),
+        });
+    }
+    Ok(ServerConfig {
+        bind: overrides.bind.or(file.bind).unwrap_or(defaults.bind),
+        data_dir: overrides
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or(defaults.data_dir),
+        log_format: overrides
+            .log_format
+            .or(file.log_format)
+            .unwrap_or(defaults.log_format),
+        heartbeat: Duration::from_millis(heartbeat_ms),
+        frame_bytes_max,
+        publishes_in_flight_max,
+        connections_max: file.connections_max.unwrap_or(defaults.connections_max),
+        ready_bytes_high_watermark: file
+            .ready_bytes_high_watermark
+            .unwrap_or(defaults.ready_bytes_high_watermark),
+        ..defaults
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_and_file_beats_defaults() {
+        let file: FileConfig = toml::from_str(
+            "bind = \"127.0.0.1:7000\"\ndata_dir = \"/tmp/x\"\nheartbeat_ms = 500\n",
+        )
+        .unwrap();
+        let overrides = Overrides {
+            bind: Some("127.0.0.1:7001".parse().unwrap()),
+            ..Overrides::default()
+        };
+        let config = resolve(overrides, Some(file)).unwrap();
+        assert_eq!(config.bind.port(), 7001);
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(config.heartbeat, Duration::from_millis(500));
+        assert_eq!(config.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn unknown_keys_and_out_of_range_values_are_errors() {
+        assert!(toml::from_str::<FileConfig>("bnd = \"x\"").is_err());
+        let file: FileConfig = toml::from_str("heartbeat_ms = 5").unwrap();
+        assert!(matches!(
+            resolve(Overrides::default(), Some(file)),
+            Err(ConfigError::Invalid {
+                key: "heartbeat_ms",
+                ..
+            })
+        ));
+        let file: FileConfig = toml::from_str("frame_bytes_max = 10").unwrap();
+        assert!(matches!(
+            resolve(Overrides::default(), Some(file)),
+            Err(ConfigError::Invalid {
+                key: "frame_bytes_max",
+                ..
+            })
+        ));
+        let missing = FileConfig::load(Path::new("/nonexistent/wharf.toml")).unwrap_err();
+        assert!(matches!(missing, ConfigError::Read { .. }));
+    }
+}

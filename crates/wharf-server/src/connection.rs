@@ -1,0 +1,974 @@
+//! One client connection: the handshake, a reader loop that applies what the client sends to
+//! the broker (batching every complete frame in the read buffer under one lock), and a writer
+//! task that drains the connection's outbox into as few socket writes as it can.
+
+use crate::convert::{
+    PublishNames, WireNameCache, error_code, message_from_wire, properties_to_wire,
+    table_to_headers,
+};
+use crate::limits::{
+    OUTBOX_BYTES_MAX, READ_BUFFER_BYTES, READY_BYTES_LOW_WATERMARK_PERCENT, WRITE_CHUNK_BYTES,
+};
+use crate::outbox::{Out, Outbox};
+use crate::server::{Shared, now_ms};
+use crate::state::State;
+use bytes::{Buf, BytesMut};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tracing::{debug, info, warn};
+use wharf_core::{
+    BindTarget, Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag,
+    ExchangeOptions, Message, QueueOptions, QueueStats, Reply,
+};
+use wharf_protocol::{
+    Close, Confirm, ConfirmRange, ConfirmStatus, Deliver, DeliverBatch, Delivery, Destination,
+    Durability, ErrorCode, ExchangeInfo, ExchangeKind, Frame, HelloOk, Preamble, Properties,
+    QueueInfo, Request, Response, ServerLimits, decode, encode,
+};
+
+/// What the handshake settled for this connection.
+#[derive(Debug, Clone, Copy)]
+struct Negotiated {
+    heartbeat: Duration,
+    /// Largest frame we may send (the client's limit).
+    send_frame_bytes_max: u32,
+    /// Largest frame we accept.
+    recv_frame_bytes_max: u32,
+}
+
+/// Why a connection's reader stopped.
+#[derive(Debug)]
+enum Exit {
+    /// The client closed (Close frame or EOF) or the socket failed.
+    Gone,
+    /// We close with this code and reason.
+    Close(ErrorCode, String),
+}
+
+/// Serves one accepted socket until it closes.
+pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr) {
+    if let Err(err) = socket.set_nodelay(true) {
+        debug!(%peer, "set_nodelay failed: {err}");
+    }
+    let (mut reader, mut writer) = socket.into_split();
+    let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
+    let negotiated = match tokio::time::timeout(
+        shared.config.handshake_timeout,
+        handshake(&shared, &mut reader, &mut writer, &mut buf),
+    )
+    .await
+    {
+        Ok(Ok(negotiated)) => negotiated,
+        Ok(Err(reason)) => {
+            debug!(%peer, "handshake refused: {reason}");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "handshake timed out");
+            return;
+        }
+    };
+    let connection = ConnectionId(
+        shared
+            .next_connection
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+    );
+    let outbox = Arc::new(Outbox::default());
+    shared.lock().open(now_ms(), connection, outbox.clone());
+    debug!(%peer, connection = connection.0, "connection open");
+    let writer_task = tokio::spawn(write_loop(writer, outbox.clone(), negotiated));
+    let exit = read_loop(&shared, connection, &mut reader, buf, &outbox, negotiated).await;
+    shared.lock().close(now_ms(), connection);
+    match &exit {
+        Exit::Gone => debug!(connection = connection.0, "connection closed by peer"),
+        Exit::Close(code, reason) => {
+            info!(connection = connection.0, %code, "closing connection: {reason}");
+            outbox.push_frame(Frame::Close(Close {
+                code: *code,
+                reason: reason.clone(),
+            }));
+        }
+    }
+    outbox.close();
+    if tokio::time::timeout(shared.config.shutdown_timeout, writer_task)
+        .await
+        .is_err()
+    {
+        debug!(connection = connection.0, "writer did not finish in time");
+    }
+}
+
+/// Sends a `Close` frame (after our preamble has been sent) and shuts the socket.
+async fn send_close(writer: &mut OwnedWriteHalf, code: ErrorCode, reason: String) {
+    let mut out = BytesMut::new();
+    if encode(&Frame::Close(Close { code, reason }), wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR, &mut out).is_ok() {
+        let _ = writer.write_all(&out).await;
+    }
+    let _ = writer.shutdown().await;
+}
+
+/// The handshake of docs/protocol.md §1: read the client's preamble (wrong magic: close
+/// without a word, it is not a Wharf client), answer with ours at once, refuse an unsupported
+/// major or a full server with `Close`, then expect `Hello` and answer `HelloOk`.
+async fn handshake(
+    shared: &Shared,
+    reader: &mut OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
+    buf: &mut BytesMut,
+) -> Result<Negotiated, String> {
+    let preamble = loop {
+        match Preamble::decode(buf) {
+            Ok(Some(preamble)) => break preamble,
+            Ok(None) => {}
+            Err(err) => {
+                let _ = writer.shutdown().await;
+                return Err(err.to_string());
+            }
+        }
+        if reader.read_buf(buf).await.map_err(|err| err.to_string())? == 0 {
+            return Err("closed before the preamble".to_owned());
+        }
+    };
+    buf.advance(Preamble::BYTES);
+    writer.write_all(&Preamble::CURRENT.encode()).await.map_err(|err| err.to_string())?;
+    if let Err(err) = preamble.check_supported() {
+        send_close(writer, ErrorCode::UnsupportedVersion, err.to_string()).await;
+        return Err(err.to_string());
+    }
+    if shared.lock().n_connections() >= shared.config.connections_max {
+        let reason = format!("the server has its maximum of {} connections", shared.config.connections_max);
+        send_close(writer, ErrorCode::ResourceLimit, reason.clone()).await;
+        return Err(reason);
+    }
+    let recv_frame_bytes_max = shared.config.frame_bytes_max;
+    let hello = loop {
+        match decode(buf, recv_frame_bytes_max) {
+            Ok(Some(Frame::Hello(hello))) => break hello,
+            Ok(Some(other)) => {
+                let reason = format!("expected Hello, got frame kind {}", other.kind());
+                send_close(writer, ErrorCode::ProtocolViolation, reason.clone()).await;
+                return Err(reason);
+            }
+            Ok(None) => {}
+            Err(err) => {
+                send_close(writer, err.error_code(), err.to_string()).await;
+                return Err(err.to_string());
+            }
+        }
+        if reader.read_buf(buf).await.map_err(|err| err.to_string())? == 0 {
+            return Err("closed before Hello".to_owned());
+        }
+    };
+    let server_heartbeat_ms = shared.config.heartbeat.as_millis() as u32;
+    let heartbeat_ms = match hello.heartbeat_ms {
+        0 => server_heartbeat_ms,
+        asked => asked.clamp(100, server_heartbeat_ms.max(100)),
+    };
+    let send_frame_bytes_max = hello
+        .frame_bytes_max
+        .max(wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR);
+    let limits = ServerLimits {
+        frame_bytes_max: recv_frame_bytes_max,
+        heartbeat_ms,
+        publishes_in_flight_max: shared.config.publishes_in_flight_max,
+        ..ServerLimits::default()
+    };
+    let hello_ok = Frame::HelloOk(HelloOk {
+        server_version: format!("wharf/{}", env!("CARGO_PKG_VERSION")),
+        protocol_minor: preamble.negotiated_minor(),
+        limits,
+    });
+    let mut out = BytesMut::new();
+    encode(&hello_ok, send_frame_bytes_max, &mut out).map_err(|err| err.to_string())?;
+    writer
+        .write_all(&out)
+        .await
+        .map_err(|err| err.to_string())?;
+    debug!(client = %hello.client_name, mechanism = %hello.credentials.mechanism, "handshake done");
+    Ok(Negotiated {
+        heartbeat: Duration::from_millis(u64::from(heartbeat_ms)),
+        send_frame_bytes_max,
+        recv_frame_bytes_max,
+    })
+}
+
+/// Per-connection reader state.
+struct Reader {
+    connection: ConnectionId,
+    /// Sequence number of the last publish read (publishes are numbered 1, 2, 3, ...).
+    publish_seq: u64,
+    names: PublishNames,
+    published: bool,
+}
+
+/// Frames decoded per lock acquisition at most: bounds the time the broker lock is held.
+const FRAMES_PER_BATCH_MAX: usize = 1024;
+
+async fn read_loop(
+    shared: &Shared,
+    connection: ConnectionId,
+    reader: &mut OwnedReadHalf,
+    mut buf: BytesMut,
+    outbox: &Outbox,
+    negotiated: Negotiated,
+) -> Exit {
+    let mut state = Reader {
+        connection,
+        publish_seq: 0,
+        names: PublishNames::default(),
+        published: false,
+    };
+    let mut frames: Vec<Frame> = Vec::new();
+    let mut shutdown = shared.shutdown.clone();
+    let dead_after = negotiated.heartbeat * 2;
+    loop {
+        let mut decode_error = None;
+        while frames.len() < FRAMES_PER_BATCH_MAX {
+            match decode(&mut buf, negotiated.recv_frame_bytes_max) {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => break,
+                Err(err) => {
+                    decode_error = Some(Exit::Close(err.error_code(), err.to_string()));
+                    break;
+                }
+            }
+        }
+        if !frames.is_empty() {
+            if let Some(exit) = process(shared, &mut state, &mut frames, outbox) {
+                return exit;
+            }
+        }
+        if let Some(exit) = decode_error {
+            return exit;
+        }
+        if frames.is_empty() && buf.len() >= 4 && !more_complete_frames(&buf) {
+            // Make room for the whole frame being received in one go.
+            let needed = 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            buf.reserve(needed.saturating_sub(buf.len()).max(READ_BUFFER_BYTES));
+        } else if more_complete_frames(&buf) {
+            continue;
+        }
+        wait_for_outbox_room(outbox).await;
+        if state.published {
+            state.published = false;
+            wait_for_memory(shared).await;
+        }
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(READ_BUFFER_BYTES);
+        }
+        let read = tokio::select! {
+            read = tokio::time::timeout(dead_after, reader.read_buf(&mut buf)) => read,
+            _ = async { shutdown.wait_for(|stop| *stop).await.is_ok() } => {
+                return Exit::Close(ErrorCode::ConnectionForced, "the server is shutting down".to_owned());
+            }
+        };
+        match read {
+            Err(_) => {
+                return Exit::Close(
+                    ErrorCode::HeartbeatTimeout,
+                    format!(
+                        "nothing received for {} ms (twice the heartbeat interval)",
+                        dead_after.as_millis()
+                    ),
+                );
+            }
+            Ok(Ok(0)) => return Exit::Gone,
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                debug!(connection = connection.0, "read failed: {err}");
+                return Exit::Gone;
+            }
+        }
+    }
+}
+
+fn more_complete_frames(buf: &BytesMut) -> bool {
+    if buf.len() < 4 {
+        return false;
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    buf.len() >= 4 + len
+}
+
+async fn wait_for_outbox_room(outbox: &Outbox) {
+    while outbox.queued_bytes() > OUTBOX_BYTES_MAX {
+        let drained = outbox.drained.notified();
+        if outbox.queued_bytes() <= OUTBOX_BYTES_MAX {
+            break;
+        }
+        // The writer notifies after every write; the timeout only guards against a missed race.
+        let _ = tokio::time::timeout(Duration::from_millis(100), drained).await;
+    }
+}
+
+/// The memory alarm: while ready bytes across all queues exceed the high watermark, a
+/// connection that publishes is not read (its TCP window fills and its client blocks).
+async fn wait_for_memory(shared: &Shared) {
+    let high = shared.config.ready_bytes_high_watermark;
+    if shared.lock().broker.ready_bytes_total() <= high {
+        return;
+    }
+    let low = high / 100 * READY_BYTES_LOW_WATERMARK_PERCENT;
+    warn!(
+        high,
+        "memory alarm: ready messages exceed the high watermark; pausing publishers"
+    );
+    loop {
+        let freed = shared.memory_freed.notified();
+        if shared.lock().broker.ready_bytes_total() <= low {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;
+    }
+}
+
+/// Builds confirm ranges: consecutive sequence numbers with the same outcome share a range.
+#[derive(Default)]
+struct Confirms {
+    ranges: Vec<ConfirmRange>,
+}
+
+impl Confirms {
+    fn push(&mut self, seq: u64, status: ConfirmStatus) {
+        if let Some(last) = self.ranges.last_mut() {
+            if last.last_seq + 1 == seq && last.status == status {
+                last.last_seq = seq;
+                return;
+            }
+        }
+        self.ranges.push(ConfirmRange {
+            first_seq: seq,
+            last_seq: seq,
+            status,
+        });
+    }
+}
+
+fn publish_status(result: Result<Reply, CoreError>) -> ConfirmStatus {
+    match result {
+        Ok(_) => ConfirmStatus::Confirmed(Durability::InMemory),
+        Err(err) => ConfirmStatus::Refused {
+            code: error_code(&err),
+            reason: err.to_string(),
+        },
+    }
+}
+
+/// Applies a batch of frames under one lock. Returns why the connection must end, if it must.
+fn process(
+    shared: &Shared,
+    reader: &mut Reader,
+    frames: &mut Vec<Frame>,
+    outbox: &Outbox,
+) -> Option<Exit> {
+    let now = now_ms();
+    let mut confirms = Confirms::default();
+    let mut exit = None;
+    let connection = reader.connection;
+    {
+        let mut state = shared.lock();
+        for frame in frames.drain(..) {
+            if exit.is_some() {
+                continue;
+            }
+            match frame {
+                Frame::Publish(publish) => {
+                    reader.publish_seq += 1;
+                    reader.published = true;
+                    let message = message_from_wire(
+                        &mut reader.names,
+                        &publish.exchange,
+                        &publish.routing_key,
+                        &publish.properties,
+                        publish.body,
+                    );
+                    let status = publish_status(state.apply(
+                        now,
+                        Command::Publish {
+                            message: Arc::new(message),
+                        },
+                    ));
+                    confirms.push(reader.publish_seq, status);
+                }
+                Frame::PublishBatch(batch) => {
+                    reader.published = true;
+                    for message in &batch.messages {
+                        reader.publish_seq += 1;
+                        let exchange = batch.exchange_of(message);
+                        let routing_key = batch.routing_key_of(message);
+                        let message = message_from_wire(
+                            &mut reader.names,
+                            exchange,
+                            routing_key,
+                            &message.properties,
+                            message.body.clone(),
+                        );
+                        let status = publish_status(state.apply(
+                            now,
+                            Command::Publish {
+                                message: Arc::new(message),
+                            },
+                        ));
+                        confirms.push(reader.publish_seq, status);
+                        state.route_effects();
+                    }
+                }
+                Frame::Ack(ack) => {
+                    let command = Command::Ack {
+                        connection,
+                        delivery_tag: DeliveryTag(ack.delivery_tag),
+                        multiple: ack.multiple,
+                    };
+                    exit = settle(&mut state, now, command);
+                }
+                Frame::Nack(nack) => {
+                    let command = Command::Nack {
+                        connection,
+                        delivery_tag: DeliveryTag(nack.delivery_tag),
+                        multiple: nack.multiple,
+                        requeue: nack.requeue,
+                    };
+                    exit = settle(&mut state, now, command);
+                }
+                Frame::Reject(reject) => {
+                    let command = Command::Reject {
+                        connection,
+                        delivery_tag: DeliveryTag(reject.delivery_tag),
+                        requeue: reject.requeue,
+                    };
+                    exit = settle(&mut state, now, command);
+                }
+                Frame::AckRanges(ranges) => {
+                    for range in ranges.ranges {
+                        let command = Command::AckRange {
+                            connection,
+                            first: DeliveryTag(range.first),
+                            last: DeliveryTag(range.last),
+                        };
+                        exit = settle(&mut state, now, command);
+                        if exit.is_some() {
+                            break;
+                        }
+                    }
+                }
+                Frame::Credit(credit) => {
+                    let command = Command::Credit {
+                        connection,
+                        consumer_tag: ConsumerTag(credit.consumer_tag),
+                        credit: credit.credit,
+                    };
+                    if let Err(err) = state.apply(now, command) {
+                        // Credit for a consumer that was just cancelled is a benign race.
+                        debug!(connection = connection.0, "credit ignored: {err}");
+                    }
+                }
+                Frame::Request {
+                    correlation_id,
+                    request,
+                } => {
+                    let response = handle_request(&mut state, connection, now, request);
+                    outbox.push_frame(Frame::Response {
+                        correlation_id,
+                        response,
+                    });
+                }
+                Frame::Heartbeat => {}
+                Frame::Close(close) => {
+                    debug!(connection = connection.0, code = %close.code, "client closes: {}", close.reason);
+                    outbox.push_frame(Frame::CloseOk);
+                    exit = Some(Exit::Gone);
+                }
+                Frame::CloseOk => exit = Some(Exit::Gone),
+                other => {
+                    exit = Some(Exit::Close(
+                        ErrorCode::ProtocolViolation,
+                        format!("frame kind {} is not sent by clients", other.kind()),
+                    ));
+                }
+            }
+            state.route_effects();
+        }
+        {
+            let high = shared.config.ready_bytes_high_watermark;
+            if state.broker.ready_bytes_total() <= high / 100 * READY_BYTES_LOW_WATERMARK_PERCENT {
+                shared.memory_freed.notify_waiters();
+            }
+        }
+    }
+    if !confirms.ranges.is_empty() {
+        outbox.push_frame(Frame::Confirm(Confirm {
+            ranges: confirms.ranges,
+        }));
+    }
+    exit
+}
+
+/// Applies an ack / nack / reject: an unknown delivery tag closes the connection (the client's
+/// bookkeeping is broken; see docs/protocol.md).
+fn settle(state: &mut State, now: u64, command: Command) -> Option<Exit> {
+    match state.apply(now, command) {
+        Ok(_) => None,
+        Err(err) => Some(Exit::Close(error_code(&err), err.to_string())),
+    }
+}
+
+fn core_kind(kind: ExchangeKind) -> wharf_core::ExchangeKind {
+    match kind {
+        ExchangeKind::Direct => wharf_core::ExchangeKind::Direct,
+        ExchangeKind::Fanout => wharf_core::ExchangeKind::Fanout,
+        ExchangeKind::Topic => wharf_core::ExchangeKind::Topic,
+        ExchangeKind::Headers => wharf_core::ExchangeKind::Headers,
+    }
+}
+
+fn wire_kind(kind: wharf_core::ExchangeKind) -> ExchangeKind {
+    match kind {
+        wharf_core::ExchangeKind::Direct => ExchangeKind::Direct,
+        wharf_core::ExchangeKind::Fanout => ExchangeKind::Fanout,
+        wharf_core::ExchangeKind::Topic => ExchangeKind::Topic,
+        wharf_core::ExchangeKind::Headers => ExchangeKind::Headers,
+    }
+}
+
+fn queue_info(stats: QueueStats) -> QueueInfo {
+    QueueInfo {
+        name: stats.name,
+        durable: stats.durable,
+        exclusive: stats.exclusive,
+        auto_delete: stats.auto_delete,
+        ready: stats.ready,
+        unacked: stats.unacked,
+        consumers: stats.consumers,
+    }
+}
+
+fn bind_target(destination: Destination) -> BindTarget {
+    match destination {
+        Destination::Queue(name) => BindTarget::Queue(name),
+        Destination::Exchange(name) => BindTarget::Exchange(name),
+    }
+}
+
+/// The queue argument that turns on single-active-consumer (as in RabbitMQ).
+const ARG_SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
+
+fn handle_request(
+    state: &mut State,
+    connection: ConnectionId,
+    now: u64,
+    request: Request,
+) -> Response {
+    let result: Result<Response, CoreError> = (|| match request {
+        Request::DeclareQueue {
+            name,
+            durable,
+            exclusive,
+            auto_delete,
+            passive,
+            arguments,
+        } => {
+            let mut arguments = table_to_headers(&arguments);
+            let single_active_consumer = match arguments.remove(ARG_SINGLE_ACTIVE_CONSUMER) {
+                None => false,
+                Some(wharf_core::HeaderValue::Bool(flag)) => flag,
+                Some(_) => {
+                    return Err(CoreError::InvalidArgument {
+                        reason: format!("{ARG_SINGLE_ACTIVE_CONSUMER} must be a bool"),
+                    });
+                }
+            };
+            let options = QueueOptions {
+                durable,
+                exclusive,
+                auto_delete,
+                single_active_consumer,
+                arguments,
+            };
+            match state.apply(
+                now,
+                Command::DeclareQueue {
+                    connection,
+                    name,
+                    options,
+                    passive,
+                },
+            )? {
+                Reply::QueueDeclared {
+                    name,
+                    ready,
+                    consumers,
+                } => Ok(Response::QueueDeclared {
+                    name: name.to_string(),
+                    ready,
+                    consumers,
+                }),
+                other => unreachable!("declare queue replied {other:?}"),
+            }
+        }
+        Request::DeleteQueue {
+            name,
+            if_unused,
+            if_empty,
+        } => {
+            match state.apply(
+                now,
+                Command::DeleteQueue {
+                    connection,
+                    name,
+                    if_unused,
+                    if_empty,
+                },
+            )? {
+                Reply::QueueDeleted { messages } => Ok(Response::Deleted { messages }),
+                other => unreachable!("delete queue replied {other:?}"),
+            }
+        }
+        Request::PurgeQueue { name } => {
+            match state.apply(now, Command::PurgeQueue { connection, name })? {
+                Reply::Purged { messages } => Ok(Response::Purged { messages }),
+                other => unreachable!("purge replied {other:?}"),
+            }
+        }
+        Request::DeclareExchange {
+            name,
+            kind,
+            durable,
+            auto_delete,
+            internal,
+            passive,
+            arguments,
+        } => {
+            let options = ExchangeOptions {
+                durable,
+                auto_delete,
+                internal,
+                arguments: table_to_headers(&arguments),
+            };
+            state.apply(
+                now,
+                Command::DeclareExchange {
+                    name,
+                    kind: core_kind(kind),
+                    options,
+                    passive,
+                },
+            )?;
+            Ok(Response::Done)
+        }
+        Request::DeleteExchange { name, if_unused } => {
+            state.apply(now, Command::DeleteExchange { name, if_unused })?;
+            Ok(Response::Done)
+        }
+        Request::Bind(binding) => {
+            state.apply(
+                now,
+                Command::Bind {
+                    source: binding.source,
+                    target: bind_target(binding.destination),
+                    routing_key: binding.routing_key,
+                    arguments: table_to_headers(&binding.arguments),
+                },
+            )?;
+            Ok(Response::Done)
+        }
+        Request::Unbind(binding) => {
+            state.apply(
+                now,
+                Command::Unbind {
+                    source: binding.source,
+                    target: bind_target(binding.destination),
+                    routing_key: binding.routing_key,
+                    arguments: table_to_headers(&binding.arguments),
+                },
+            )?;
+            Ok(Response::Done)
+        }
+        Request::Subscribe {
+            queue,
+            consumer_tag,
+            prefetch,
+            auto_ack,
+            exclusive,
+            priority,
+            initial_credit: _,
+            arguments: _,
+        } => {
+            let options = ConsumerOptions {
+                prefetch,
+                auto_ack,
+                exclusive,
+                priority,
+            };
+            state.apply(
+                now,
+                Command::Subscribe {
+                    connection,
+                    queue,
+                    consumer_tag: ConsumerTag(consumer_tag),
+                    options,
+                },
+            )?;
+            Ok(Response::Subscribed { consumer_tag })
+        }
+        Request::Cancel { consumer_tag } => {
+            state.apply(
+                now,
+                Command::Cancel {
+                    connection,
+                    consumer_tag: ConsumerTag(consumer_tag),
+                },
+            )?;
+            Ok(Response::Done)
+        }
+        Request::QueueStats { name } => Ok(Response::Stats(queue_info(
+            state.broker.queue_stats(&name)?,
+        ))),
+        Request::ListQueues => Ok(Response::Queues(
+            state
+                .broker
+                .list_queues()
+                .into_iter()
+                .map(queue_info)
+                .collect(),
+        )),
+        Request::ListExchanges => Ok(Response::Exchanges(
+            state
+                .broker
+                .list_exchanges()
+                .into_iter()
+                .map(|info| ExchangeInfo {
+                    name: info.name,
+                    kind: wire_kind(info.kind),
+                    durable: info.options.durable,
+                })
+                .collect(),
+        )),
+    })();
+    result.unwrap_or_else(|err| Response::Error {
+        code: error_code(&err),
+        message: err.to_string(),
+    })
+}
+
+/// Converts a core delivery to its wire form; names are cached across consecutive deliveries.
+struct DeliveryEncoder {
+    exchanges: WireNameCache,
+    routing_keys: WireNameCache,
+}
+
+impl DeliveryEncoder {
+    fn wire(&mut self, delivery: &wharf_core::Delivery) -> Delivery {
+        let message: &Message = &delivery.message;
+        Delivery {
+            delivery_tag: delivery.delivery_tag.0,
+            redelivered: delivery.redelivered,
+            delivery_count: delivery.delivery_count,
+            exchange: self.exchanges.get(&message.exchange),
+            routing_key: self.routing_keys.get(&message.routing_key),
+            properties: if message_has_properties(message) {
+                properties_to_wire(message)
+            } else {
+                Properties::default()
+            },
+            body: message.body.clone(),
+        }
+    }
+}
+
+fn message_has_properties(message: &Message) -> bool {
+    message.message_id.is_some()
+        || !message.headers.is_empty()
+        || message.content_type.is_some()
+        || message.content_encoding.is_some()
+        || message.timestamp_ms.is_some()
+        || message.correlation_id.is_some()
+        || message.reply_to.is_some()
+        || message.priority != 0
+        || message.expiration_ms.is_some()
+        || message.persistent
+}
+
+/// Deliveries per `DeliverBatch` frame at most.
+const DELIVERIES_PER_BATCH_MAX: usize = 512;
+
+struct FrameWriter {
+    buf: BytesMut,
+    send_frame_bytes_max: u32,
+    pending: Option<DeliverBatch>,
+    pending_bytes: usize,
+    encoder: DeliveryEncoder,
+}
+
+impl FrameWriter {
+    fn frame(&mut self, frame: &Frame) -> Result<(), String> {
+        self.flush_pending()?;
+        match encode(frame, self.send_frame_bytes_max, &mut self.buf) {
+            Ok(()) => Ok(()),
+            Err(err) => match frame {
+                // A response too large for the client (a huge listing) becomes an error response.
+                Frame::Response { correlation_id, .. } => {
+                    let response = Response::Error {
+                        code: ErrorCode::ResourceLimit,
+                        message: format!("response too large: {err}"),
+                    };
+                    encode(
+                        &Frame::Response {
+                            correlation_id: *correlation_id,
+                            response,
+                        },
+                        self.send_frame_bytes_max,
+                        &mut self.buf,
+                    )
+                    .map_err(|err| err.to_string())
+                }
+                _ => Err(err.to_string()),
+            },
+        }
+    }
+
+    fn deliver(&mut self, delivery: &wharf_core::Delivery) -> Result<(), String> {
+        let body_bytes = delivery.message.body.len() + 64;
+        let fits = self.pending.as_ref().is_some_and(|batch| {
+            batch.consumer_tag == delivery.consumer_tag.0
+                && batch.deliveries.len() < DELIVERIES_PER_BATCH_MAX
+                && self.pending_bytes + body_bytes < self.send_frame_bytes_max as usize / 2
+        });
+        if !fits {
+            self.flush_pending()?;
+            self.pending = Some(DeliverBatch {
+                consumer_tag: delivery.consumer_tag.0,
+                deliveries: Vec::new(),
+            });
+            self.pending_bytes = 0;
+        }
+        let wire = self.encoder.wire(delivery);
+        self.pending
+            .as_mut()
+            .expect("set above")
+            .deliveries
+            .push(wire);
+        self.pending_bytes += body_bytes;
+        Ok(())
+    }
+
+    fn flush_pending(&mut self) -> Result<(), String> {
+        let Some(mut batch) = self.pending.take() else {
+            return Ok(());
+        };
+        let frame = if batch.deliveries.len() == 1 {
+            Frame::Deliver(Deliver {
+                consumer_tag: batch.consumer_tag,
+                delivery: batch.deliveries.pop().expect("one"),
+            })
+        } else {
+            Frame::DeliverBatch(batch)
+        };
+        encode(&frame, self.send_frame_bytes_max, &mut self.buf)
+            .map_err(|err| format!("cannot send a delivery: {err}"))
+    }
+}
+
+async fn write_loop(mut writer: OwnedWriteHalf, outbox: Arc<Outbox>, negotiated: Negotiated) {
+    let mut items: Vec<Out> = Vec::new();
+    let mut out = FrameWriter {
+        buf: BytesMut::with_capacity(READ_BUFFER_BYTES),
+        send_frame_bytes_max: negotiated.send_frame_bytes_max,
+        pending: None,
+        pending_bytes: 0,
+        encoder: DeliveryEncoder {
+            exchanges: WireNameCache::default(),
+            routing_keys: WireNameCache::default(),
+        },
+    };
+    let mut last_write = Instant::now();
+    let mut ticker = tokio::time::interval(negotiated.heartbeat / 2);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if !outbox.is_closing() {
+            tokio::select! {
+                _ = outbox.wake.notified() => {}
+                _ = ticker.tick() => {
+                    if last_write.elapsed() >= negotiated.heartbeat {
+                        outbox.push_frame(Frame::Heartbeat);
+                    }
+                }
+            }
+        }
+        outbox.take_all(&mut items);
+        if items.is_empty() {
+            if outbox.is_closing() {
+                break;
+            }
+            continue;
+        }
+        let mut accounted = 0;
+        let mut failed = false;
+        for item in items.drain(..) {
+            accounted += Outbox::item_bytes(&item);
+            let result = match &item {
+                Out::Frame(frame) => out.frame(frame),
+                Out::Deliver(delivery) => out.deliver(delivery),
+            };
+            if let Err(reason) = result {
+                warn!("closing connection: {reason}");
+                failed = true;
+                break;
+            }
+            if out.buf.len() >= WRITE_CHUNK_BYTES {
+                if writer.write_all(&out.buf).await.is_err() {
+                    failed = true;
+                    break;
+                }
+                out.buf.clear();
+            }
+        }
+        if !failed && out.flush_pending().is_err() {
+            failed = true;
+        }
+        if !failed && !out.buf.is_empty() && writer.write_all(&out.buf).await.is_err() {
+            failed = true;
+        }
+        out.buf.clear();
+        if out.buf.capacity() > 4 * WRITE_CHUNK_BYTES {
+            out.buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
+        }
+        last_write = Instant::now();
+        outbox.written(accounted);
+        if failed {
+            // The reader notices the broken socket (or the client's silence) and cleans up.
+            break;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirms_merge_consecutive_equal_outcomes_into_ranges() {
+        let mut confirms = Confirms::default();
+        let ok = ConfirmStatus::Confirmed(Durability::InMemory);
+        let refused = ConfirmStatus::Refused {
+            code: ErrorCode::NotFound,
+            reason: "x".into(),
+        };
+        for seq in 1..=3 {
+            confirms.push(seq, ok.clone());
+        }
+        confirms.push(4, refused.clone());
+        confirms.push(5, ok.clone());
+        confirms.push(7, ok.clone());
+        let ranges: Vec<(u64, u64)> = confirms
+            .ranges
+            .iter()
+            .map(|range| (range.first_seq, range.last_seq))
+            .collect();
+        assert_eq!(ranges, vec![(1, 3), (4, 4), (5, 5), (7, 7)]);
+    }
+}

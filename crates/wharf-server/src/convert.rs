@@ -1,0 +1,222 @@
+//! Conversions at the boundary between wire types (wharf-protocol) and core types (wharf-core).
+
+use bytes::Bytes;
+use std::sync::Arc;
+use wharf_core::{CoreError, HeaderValue, Headers, Message};
+use wharf_protocol::{ErrorCode, Properties, PropertiesRef, Table, Value, ValueRef, WireStr};
+
+/// The wire code for a core error, per docs/protocol.md.
+pub fn error_code(err: &CoreError) -> ErrorCode {
+    match err {
+        CoreError::NotFound { .. } => ErrorCode::NotFound,
+        CoreError::InvalidName { .. } | CoreError::ReservedName { .. } => ErrorCode::InvalidName,
+        CoreError::PreconditionFailed { .. } | CoreError::ConsumerTagInUse { .. } => {
+            ErrorCode::PreconditionFailed
+        }
+        CoreError::ResourceLocked { .. } => ErrorCode::ResourceLocked,
+        CoreError::AccessRefused { .. } => ErrorCode::AccessRefused,
+        CoreError::UnknownDeliveryTag { .. } => ErrorCode::UnknownDeliveryTag,
+        CoreError::InvalidArgument { .. } => ErrorCode::InvalidArgument,
+        CoreError::LimitExceeded { .. } => ErrorCode::ResourceLimit,
+        _ => ErrorCode::Internal,
+    }
+}
+
+fn value_to_core(value: ValueRef<'_>) -> HeaderValue {
+    match value {
+        ValueRef::Str(text) => HeaderValue::Str(text.to_owned()),
+        ValueRef::I64(number) => HeaderValue::Int(number),
+        ValueRef::F64(number) => HeaderValue::Float(number),
+        ValueRef::Bool(flag) => HeaderValue::Bool(flag),
+        ValueRef::Bytes(bytes) => HeaderValue::Bytes(Bytes::copy_from_slice(bytes)),
+        ValueRef::List(list) => HeaderValue::List(list.iter().map(value_to_core).collect()),
+        ValueRef::Map(map) => HeaderValue::Map(
+            map.iter()
+                .map(|(key, value)| (key, value_to_core(value)))
+                .collect(),
+        ),
+    }
+}
+
+/// A validated wire table as core headers.
+pub fn table_to_headers(table: &Table) -> Headers {
+    table
+        .iter()
+        .map(|(key, value)| (key, value_to_core(value)))
+        .collect()
+}
+
+fn value_to_wire(value: &HeaderValue) -> Value {
+    match value {
+        HeaderValue::Str(text) => Value::Str(text.clone()),
+        HeaderValue::Int(number) => Value::I64(*number),
+        HeaderValue::Float(number) => Value::F64(*number),
+        HeaderValue::Bool(flag) => Value::Bool(*flag),
+        HeaderValue::Bytes(bytes) => Value::Bytes(bytes.clone()),
+        HeaderValue::List(values) => Value::List(values.iter().map(value_to_wire).collect()),
+        HeaderValue::Map(map) => Value::Map(
+            map.iter()
+                .map(|(key, value)| (key.to_owned(), value_to_wire(value)))
+                .collect(),
+        ),
+    }
+}
+
+/// Core headers as a wire table. Core headers were checked against the depth limit when
+/// published, so encoding cannot fail.
+pub fn headers_to_table(headers: &Headers) -> Table {
+    if headers.is_empty() {
+        return Table::new();
+    }
+    Table::try_from_entries(
+        headers
+            .iter()
+            .map(|(key, value)| (key, value_to_wire(value))),
+    )
+    .expect("core headers respect the depth limit")
+}
+
+/// Reuses the `Arc<str>` of the previous publish when exchange or routing key repeat, which
+/// they usually do: one allocation saved per message on the hot path.
+#[derive(Debug, Default)]
+pub struct NameCache {
+    last: Option<Arc<str>>,
+}
+
+impl NameCache {
+    /// The interned form of `text`.
+    pub fn get(&mut self, text: &str) -> Arc<str> {
+        match &self.last {
+            Some(last) if **last == *text => last.clone(),
+            _ => {
+                let fresh: Arc<str> = text.into();
+                self.last = Some(fresh.clone());
+                fresh
+            }
+        }
+    }
+}
+
+/// Names caches for publishes on one connection.
+#[derive(Debug, Default)]
+pub struct PublishNames {
+    /// Exchange names.
+    pub exchange: NameCache,
+    /// Routing keys.
+    pub routing_key: NameCache,
+}
+
+/// A published wire message as a core message.
+pub fn message_from_wire(names: &mut PublishNames, exchange: &str, routing_key: &str, properties: &Properties, body: Bytes) -> Message {
+    let mut message = Message {
+        exchange: names.exchange.get(exchange),
+        routing_key: names.routing_key.get(routing_key),
+        body,
+        ..Message::default()
+    };
+    if properties.as_bytes().is_empty() {
+        return message;
+    }
+    let fields = properties.get();
+    message.message_id = fields.message_id.map(str::to_owned);
+    message.headers = fields.headers.iter().map(|(key, value)| (key, value_to_core(value))).collect();
+    message.content_type = fields.content_type.map(str::to_owned);
+    message.content_encoding = fields.content_encoding.map(str::to_owned);
+    message.timestamp_ms = (fields.timestamp_ms != 0).then_some(fields.timestamp_ms);
+    message.correlation_id = fields.correlation_id.map(str::to_owned);
+    message.reply_to = fields.reply_to.map(str::to_owned);
+    message.priority = fields.priority;
+    message.expiration_ms = fields.expiration_ms;
+    message.persistent = fields.persistent;
+    message
+}
+
+/// The wire properties of a core message (empty, with no allocation, when it has none).
+pub fn properties_to_wire(message: &Message) -> Properties {
+    let headers = headers_to_table(&message.headers);
+    let fields = PropertiesRef {
+        priority: message.priority,
+        persistent: message.persistent,
+        timestamp_ms: message.timestamp_ms.unwrap_or(0),
+        expiration_ms: message.expiration_ms,
+        delay_ms: None,
+        message_id: message.message_id.as_deref(),
+        correlation_id: message.correlation_id.as_deref(),
+        reply_to: message.reply_to.as_deref(),
+        content_type: message.content_type.as_deref(),
+        content_encoding: message.content_encoding.as_deref(),
+        headers: headers.as_table_ref(),
+    };
+    Properties::try_from(fields).expect("core messages were validated when published")
+}
+
+/// Caches the wire form of the exchange and routing key of the previous delivery (compared by
+/// pointer: deliveries of one publisher's stream share the same `Arc<str>`).
+#[derive(Debug, Default)]
+pub struct WireNameCache {
+    last: Option<(Arc<str>, WireStr)>,
+}
+
+impl WireNameCache {
+    /// The wire form of `name`.
+    pub fn get(&mut self, name: &Arc<str>) -> WireStr {
+        match &self.last {
+            Some((arc, wire)) if Arc::ptr_eq(arc, name) || **arc == **name => wire.clone(),
+            _ => {
+                let wire = WireStr::copy_from_str(name);
+                self.last = Some((name.clone(), wire.clone()));
+                wire
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip_through_the_wire_table_with_every_value_type() {
+        let nested: Headers = [("inner", HeaderValue::Int(1))].into_iter().collect();
+        let headers = Headers::new()
+            .with("s", "text")
+            .with("i", -5i64)
+            .with("f", 1.5f64)
+            .with("b", true)
+            .with("raw", HeaderValue::Bytes(Bytes::from_static(b"\x00\x01")))
+            .with(
+                "list",
+                HeaderValue::List(vec![HeaderValue::Int(1), HeaderValue::Str("x".into())]),
+            )
+            .with("map", HeaderValue::Map(nested));
+        let table = headers_to_table(&headers);
+        assert_eq!(table_to_headers(&table), headers);
+    }
+
+    #[test]
+    fn message_metadata_survives_wire_to_core_to_wire() {
+        let headers = headers_to_table(&Headers::new().with("k", "v"));
+        let fields = PropertiesRef {
+            message_id: Some("m-1"),
+            correlation_id: Some("c-1"),
+            reply_to: Some("replies"),
+            content_type: Some("text/plain"),
+            content_encoding: Some("gzip"),
+            timestamp_ms: 1_700_000_000_000,
+            expiration_ms: Some(5_000),
+            delay_ms: None,
+            priority: 7,
+            persistent: true,
+            headers: headers.as_table_ref(),
+        };
+        let properties = Properties::try_from(fields).unwrap();
+        let mut names = PublishNames::default();
+        let message = message_from_wire(&mut names, "ex", "rk", &properties, Bytes::from_static(b"body"));
+        assert_eq!(&*message.exchange, "ex");
+        assert_eq!(message.headers, Headers::new().with("k", "v"));
+        assert_eq!(properties_to_wire(&message), properties);
+        let again = message_from_wire(&mut names, "ex", "rk", &Properties::default(), Bytes::new());
+        assert!(Arc::ptr_eq(&message.exchange, &again.exchange), "repeated names are shared");
+        assert_eq!(properties_to_wire(&again), Properties::default());
+    }
+}

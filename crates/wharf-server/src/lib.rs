@@ -1,0 +1,19 @@
+//! # wharf-server: the Wharf broker
+//!
+//! Ties the sans-IO core (`wharf-core`) to sockets and the runtime. One mutex guards the
+//! broker state and is held only while commands are applied — never across I/O. Each client
+//! connection has a reader loop, which decodes every complete frame in its buffer and applies
+//! them under one lock, and a writer task, which drains the connection's [`outbox::Outbox`]
+//! into as few socket writes as it can, coalescing deliveries into `DeliverBatch` frames.
+//! See docs/ARCHITECTURE.md.
+
+pub mod config;
+mod connection;
+pub mod convert;
+pub mod limits;
+pub mod outbox;
+mod server;
+pub mod state;
+
+pub use config::{LogFormat, ServerConfig};
+pub use server::{RunningServer, Server, ShutdownHandle};

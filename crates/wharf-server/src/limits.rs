@@ -1,0 +1,22 @@
+//! Server-side limits, each with the reason it exists. The config file may override some.
+
+use std::time::Duration;
+
+/// Open connections: each costs buffers and a task pair; 10 k idle fit in ~200 MB.
+pub const CONNECTIONS_MAX: usize = 20_000;
+/// Ready bytes across all queues before publishers are paused: a broker must not be pushed
+/// into swap or the OOM killer by producers outrunning consumers.
+pub const READY_BYTES_HIGH_WATERMARK: u64 = 2 * 1024 * 1024 * 1024;
+/// Publishers resume once ready bytes fall below this fraction of the high watermark.
+pub const READY_BYTES_LOW_WATERMARK_PERCENT: u64 = 80;
+/// Outbound bytes queued for one connection before its reader stops reading: a client that
+/// does not read its responses cannot make the broker buffer without bound.
+pub const OUTBOX_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Time for a new connection to complete the handshake; idle sockets do not pin resources.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time graceful shutdown waits for connections to flush their `Close`.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Initial read buffer: small so that idle connections stay cheap; it grows with traffic.
+pub const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Bytes encoded before the writer flushes to the socket mid-batch.
+pub const WRITE_CHUNK_BYTES: usize = 256 * 1024;

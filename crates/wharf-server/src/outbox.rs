@@ -1,0 +1,99 @@
+//! A connection's outbound queue: everything the broker wants to send to one client, taken in
+//! bulk by the connection's writer task, which coalesces it into as few writes as it can.
+//!
+//! Pushing never blocks and never does I/O, so it is safe under the broker lock. The writer
+//! is woken only on the empty → non-empty transition, so a burst of deliveries costs one
+//! wake-up.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use tokio::sync::Notify;
+use wharf_protocol::Frame;
+
+/// Something to send.
+#[derive(Debug)]
+pub enum Out {
+    /// A ready-made frame (response, confirm, cancel notice, close, heartbeat).
+    Frame(Frame),
+    /// A delivery, converted to wire form by the writer (outside the broker lock).
+    Deliver(wharf_core::Delivery),
+}
+
+impl Out {
+    fn approx_bytes(&self) -> usize {
+        match self {
+            Out::Frame(_) => 64,
+            Out::Deliver(delivery) => 64 + delivery.message.body.len(),
+        }
+    }
+}
+
+/// The queue itself.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    items: Mutex<Vec<Out>>,
+    bytes: AtomicUsize,
+    /// Wakes the writer when items arrive or the connection is closing.
+    pub(crate) wake: Notify,
+    /// Wakes a reader waiting for the writer to drain.
+    pub(crate) drained: Notify,
+    closing: AtomicBool,
+}
+
+impl Outbox {
+    /// Queues an item.
+    pub fn push(&self, item: Out) {
+        let bytes = item.approx_bytes();
+        let was_empty = {
+            let mut items = self.items.lock().expect("outbox lock poisoned");
+            items.push(item);
+            items.len() == 1
+        };
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Queues a frame.
+    pub fn push_frame(&self, frame: Frame) {
+        self.push(Out::Frame(frame));
+    }
+
+    /// Takes everything queued, leaving `into` (cleared first) full and the queue empty.
+    pub fn take_all(&self, into: &mut Vec<Out>) {
+        into.clear();
+        let mut items = self.items.lock().expect("outbox lock poisoned");
+        std::mem::swap(&mut *items, into);
+    }
+
+    /// Records that `bytes` of taken items were written.
+    pub fn written(&self, bytes: usize) {
+        self.bytes.fetch_sub(
+            bytes.min(self.bytes.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        self.drained.notify_waiters();
+    }
+
+    /// Approximate bytes queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Asks the writer to flush what is queued and then shut the socket down.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Whether [`Outbox::close`] was called.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// Bytes an item accounts for (what [`Outbox::written`] must be given back).
+    pub fn item_bytes(item: &Out) -> usize {
+        item.approx_bytes()
+    }
+}

@@ -1,0 +1,200 @@
+//! Shared helpers for the server's end-to-end tests: an in-process server on an ephemeral
+//! port with its own temp data dir, and a raw protocol peer for bad-input tests.
+#![allow(dead_code)]
+
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wharf_protocol::{
+    Credentials, Frame, Hello, HelloOk, Preamble, Request, Response, decode, encode,
+    limits::FRAME_BYTES_MAX,
+};
+use wharf_server::{RunningServer, ServerConfig};
+
+/// Every wait in the tests is bounded by this.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub server: RunningServer,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = ServerConfig::ephemeral(dir.path());
+        tweak(&mut config);
+        let server = RunningServer::start(config).await.expect("server starts");
+        TestServer { server, dir }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr
+    }
+}
+
+/// A client that speaks raw frames, for testing what the server does with bad input.
+pub struct Raw {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+    next_correlation: u64,
+}
+
+impl Raw {
+    pub async fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+            next_correlation: 1,
+        }
+    }
+
+    /// Connects and completes the handshake.
+    pub async fn open(addr: SocketAddr) -> Raw {
+        let mut raw = Raw::connect(addr).await;
+        raw.handshake().await;
+        raw
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    pub async fn send(&mut self, frame: &Frame) {
+        let mut out = BytesMut::new();
+        encode(frame, FRAME_BYTES_MAX, &mut out).expect("encode");
+        self.send_bytes(&out).await;
+    }
+
+    pub fn hello() -> Frame {
+        Frame::Hello(Hello {
+            client_name: "raw-test".into(),
+            credentials: Credentials {
+                mechanism: "ANONYMOUS".into(),
+                data: Default::default(),
+            },
+            frame_bytes_max: FRAME_BYTES_MAX,
+            heartbeat_ms: 0,
+        })
+    }
+
+    pub async fn handshake(&mut self) -> HelloOk {
+        self.send_bytes(&Preamble::CURRENT.encode()).await;
+        self.send(&Raw::hello()).await;
+        self.read_preamble().await.expect("server preamble");
+        match self.recv().await {
+            Some(Frame::HelloOk(hello_ok)) => hello_ok,
+            other => panic!("expected HelloOk, got {other:?}"),
+        }
+    }
+
+    async fn fill(&mut self) -> bool {
+        match tokio::time::timeout(DEADLINE, self.stream.read_buf(&mut self.buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => false,
+            Ok(Ok(_)) => true,
+            Err(_) => panic!("no answer from the server within {DEADLINE:?}"),
+        }
+    }
+
+    pub async fn read_preamble(&mut self) -> Option<Preamble> {
+        loop {
+            if let Some(preamble) =
+                Preamble::decode(&self.buf).expect("server sends a valid preamble")
+            {
+                let _ = self.buf.split_to(Preamble::BYTES);
+                return Some(preamble);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// The next frame, or None when the server closed the socket.
+    pub async fn recv(&mut self) -> Option<Frame> {
+        loop {
+            if let Some(frame) =
+                decode(&mut self.buf, FRAME_BYTES_MAX).expect("server sends valid frames")
+            {
+                return Some(frame);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// The next frame that is not a heartbeat.
+    pub async fn recv_significant(&mut self) -> Option<Frame> {
+        loop {
+            match self.recv().await {
+                Some(Frame::Heartbeat) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn request(&mut self, request: Request) -> Response {
+        let correlation_id = self.next_correlation;
+        self.next_correlation += 1;
+        self.send(&Frame::Request {
+            correlation_id,
+            request,
+        })
+        .await;
+        loop {
+            match self.recv_significant().await {
+                Some(Frame::Response {
+                    correlation_id: id,
+                    response,
+                }) if id == correlation_id => return response,
+                Some(_) => continue,
+                None => panic!("connection closed while waiting for a response"),
+            }
+        }
+    }
+
+    /// Expects a Close frame (after any other frames) and then EOF; returns the Close.
+    pub async fn expect_close(&mut self) -> wharf_protocol::Close {
+        loop {
+            match self.recv().await {
+                Some(Frame::Close(close)) => {
+                    // The server shuts the socket after its Close.
+                    let mut rest = Vec::new();
+                    let _ = tokio::time::timeout(DEADLINE, self.stream.read_to_end(&mut rest))
+                        .await
+                        .expect("socket closed");
+                    return close;
+                }
+                Some(_) => continue,
+                None => panic!("socket closed without a Close frame"),
+            }
+        }
+    }
+}
+
+/// Declares a queue over a raw connection and checks it worked: proof the server still serves.
+pub async fn server_still_serves(addr: SocketAddr, queue: &str) {
+    let mut raw = Raw::open(addr).await;
+    let response = raw
+        .request(Request::DeclareQueue {
+            name: queue.into(),
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            passive: false,
+            arguments: Default::default(),
+        })
+        .await;
+    assert!(
+        matches!(response, Response::QueueDeclared { .. }),
+        "{response:?}"
+    );
+}
