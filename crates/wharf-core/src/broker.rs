@@ -183,6 +183,16 @@ pub enum Command {
         /// Last tag of the range (inclusive).
         last: DeliveryTag,
     },
+    /// Recovery: put a logged message back in a durable queue, at the end, flagged
+    /// redelivered (it may have been delivered before the restart). Ids must increase per queue.
+    Restore {
+        /// The queue.
+        queue: String,
+        /// The message's id in the log.
+        durable_id: u64,
+        /// The message.
+        message: Arc<Message>,
+    },
     /// Nack of exactly one delivery.
     Reject {
         /// The connection.
@@ -281,6 +291,25 @@ pub enum Effect {
     ExchangeDeleted {
         /// Its name.
         name: Arc<str>,
+        /// Whether it was durable (the server forgets it on disk).
+        durable: bool,
+    },
+    /// A persistent message entered durable queues: the server logs it before confirming.
+    /// Always emitted before any effect that concerns the same message.
+    DurableEnqueued {
+        /// The message's id in the log, increasing in publish order.
+        durable_id: u64,
+        /// The durable queues it entered.
+        queues: Vec<Arc<str>>,
+        /// The message.
+        message: Arc<Message>,
+    },
+    /// A logged message left a durable queue for good (acked, dropped, purged, auto-acked).
+    DurableSettled {
+        /// The message's id in the log.
+        durable_id: u64,
+        /// The queue it left.
+        queue: Arc<str>,
     },
 }
 
@@ -341,6 +370,8 @@ pub struct Broker {
     now_ms: u64,
     /// Body bytes of ready messages across all queues (for the server's memory watermark).
     ready_bytes_total: u64,
+    /// The next id for a logged (persistent, durable-queue) message.
+    next_durable_id: u64,
 }
 
 impl Default for Broker {
@@ -363,6 +394,7 @@ impl Broker {
             route_scratch: Vec::new(),
             now_ms: 0,
             ready_bytes_total: 0,
+            next_durable_id: 1,
         };
         for (name, kind) in BUILTIN_EXCHANGES {
             let options = ExchangeOptions {
@@ -429,6 +461,14 @@ impl Broker {
                     .get_mut(&qid)
                     .expect("queue ids in the name map exist");
                 self.ready_bytes_total -= queue.ready.bytes();
+                for entry in queue.ready.iter() {
+                    if let Some(durable_id) = entry.durable_id {
+                        effects.push(Effect::DurableSettled {
+                            durable_id,
+                            queue: queue.name.clone(),
+                        });
+                    }
+                }
                 let messages = queue.ready.clear() as u64;
                 Ok(Reply::Purged { messages })
             }
@@ -483,6 +523,11 @@ impl Broker {
                 first,
                 last,
             } => self.ack_range(connection, first, last, effects),
+            Command::Restore {
+                queue,
+                durable_id,
+                message,
+            } => self.restore(&queue, durable_id, message, effects),
             Command::Reject {
                 connection,
                 delivery_tag,
@@ -731,7 +776,10 @@ impl Broker {
                 }
             }
         }
-        effects.push(Effect::ExchangeDeleted { name: name.clone() });
+        effects.push(Effect::ExchangeDeleted {
+            name: name.clone(),
+            durable: exchange.options.durable,
+        });
         let destination = Destination::Exchange(name.clone());
         let mut sources: Vec<Arc<str>> = self
             .exchanges
@@ -1073,12 +1121,32 @@ impl Broker {
             self.route_scratch = targets;
             return Err(err);
         }
+        let durable_id =
+            if message.persistent && targets.iter().any(|qid| self.queues[qid].is_durable()) {
+                let durable_id = self.next_durable_id;
+                self.next_durable_id += 1;
+                let queues = targets
+                    .iter()
+                    .map(|qid| &self.queues[qid])
+                    .filter(|queue| queue.is_durable())
+                    .map(|queue| queue.name.clone())
+                    .collect();
+                effects.push(Effect::DurableEnqueued {
+                    durable_id,
+                    queues,
+                    message: message.clone(),
+                });
+                Some(durable_id)
+            } else {
+                None
+            };
         for qid in &targets {
             let queue = self
                 .queues
                 .get_mut(qid)
                 .expect("routing yields live queues");
-            queue.enqueue(message.clone());
+            let entry_id = durable_id.filter(|_| queue.is_durable());
+            queue.enqueue(message.clone(), entry_id, false);
             self.ready_bytes_total += message.size_bytes();
             self.dispatch(*qid, effects);
         }
@@ -1279,7 +1347,7 @@ impl Broker {
                 .remove(tag.0)
                 .ok_or(CoreError::UnknownDeliveryTag { tag: tag.0 })?;
             let qid = unacked.queue;
-            if self.settle_one(connection, unacked, how) {
+            if self.settle_one(connection, unacked, how, effects) {
                 self.dispatch(qid, effects);
             }
             return Ok(Reply::Settled { count: 1 });
@@ -1295,7 +1363,7 @@ impl Broker {
         let mut touched: Vec<QueueId> = Vec::new();
         for (_, unacked) in settled {
             let qid = unacked.queue;
-            if self.settle_one(connection, unacked, how) && !touched.contains(&qid) {
+            if self.settle_one(connection, unacked, how, effects) && !touched.contains(&qid) {
                 touched.push(qid);
             }
         }
@@ -1328,7 +1396,8 @@ impl Broker {
         let mut touched: Vec<QueueId> = Vec::new();
         for (_, unacked) in settled {
             let qid = unacked.queue;
-            if self.settle_one(connection, unacked, Settle::Ack) && !touched.contains(&qid) {
+            if self.settle_one(connection, unacked, Settle::Ack, effects) && !touched.contains(&qid)
+            {
                 touched.push(qid);
             }
         }
@@ -1340,7 +1409,13 @@ impl Broker {
 
     /// Settles one outstanding delivery; false when its queue is gone (deleted while the
     /// delivery was outstanding), in which case there is nothing to do.
-    fn settle_one(&mut self, connection: ConnectionId, unacked: Unacked, how: Settle) -> bool {
+    fn settle_one(
+        &mut self,
+        connection: ConnectionId,
+        unacked: Unacked,
+        how: Settle,
+        effects: &mut Vec<Effect>,
+    ) -> bool {
         let Some(queue) = self.queues.get_mut(&unacked.queue) else {
             return false;
         };
@@ -1351,9 +1426,78 @@ impl Broker {
         match how {
             Settle::Ack => queue.stats.acked += 1,
             Settle::Drop => queue.stats.dropped += 1,
-            Settle::Requeue => self.ready_bytes_total += requeue_entry(queue, unacked.entry),
+            Settle::Requeue => {
+                self.ready_bytes_total += requeue_entry(queue, unacked.entry);
+                return true;
+            }
+        }
+        if let Some(durable_id) = unacked.entry.durable_id {
+            effects.push(Effect::DurableSettled {
+                durable_id,
+                queue: queue.name.clone(),
+            });
         }
         true
+    }
+
+    fn restore(
+        &mut self,
+        queue_name: &str,
+        durable_id: u64,
+        message: Arc<Message>,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
+        let qid = *self
+            .queue_names
+            .get(queue_name)
+            .ok_or_else(|| CoreError::not_found(EntityKind::Queue, queue_name))?;
+        let queue = self.queues.get_mut(&qid).expect("names map to live queues");
+        if !queue.is_durable() {
+            return Err(CoreError::precondition(
+                EntityKind::Queue,
+                queue_name,
+                "only durable queues hold logged messages",
+            ));
+        }
+        self.next_durable_id = self.next_durable_id.max(durable_id + 1);
+        self.ready_bytes_total += message.size_bytes();
+        queue.enqueue(message, Some(durable_id), true);
+        self.dispatch(qid, effects);
+        Ok(Reply::Done)
+    }
+
+    /// Every logged message still in a durable queue (ready or outstanding), by id, with the
+    /// durable queues it is in: what a log checkpoint must keep.
+    pub fn durable_messages(&self) -> Vec<(u64, Arc<Message>, Vec<Arc<str>>)> {
+        let mut by_id: BTreeMap<u64, (Arc<Message>, Vec<Arc<str>>)> = BTreeMap::new();
+        let mut add = |entry: &Entry, queue: &Queue| {
+            if let Some(durable_id) = entry.durable_id {
+                by_id
+                    .entry(durable_id)
+                    .or_insert_with(|| (entry.message.clone(), Vec::new()))
+                    .1
+                    .push(queue.name.clone());
+            }
+        };
+        for queue in self.queues.values().filter(|queue| queue.is_durable()) {
+            for entry in queue.ready.iter() {
+                add(entry, queue);
+            }
+        }
+        for conn in self.connections.values() {
+            for unacked in conn.unacked.values() {
+                if let Some(queue) = self.queues.get(&unacked.queue) {
+                    add(&unacked.entry, queue);
+                }
+            }
+        }
+        by_id
+            .into_iter()
+            .map(|(durable_id, (message, mut queues))| {
+                queues.sort();
+                (durable_id, message, queues)
+            })
+            .collect()
     }
 
     /// Hands ready messages to consumers with capacity until one side runs out.
@@ -1396,6 +1540,12 @@ impl Broker {
                     consumer.credit -= 1;
                 }
                 queue.stats.acked += 1;
+                if let Some(durable_id) = entry.durable_id {
+                    effects.push(Effect::DurableSettled {
+                        durable_id,
+                        queue: queue.name.clone(),
+                    });
+                }
             } else {
                 consumer.unacked += 1;
                 queue.unacked += 1;

@@ -91,6 +91,11 @@ impl<T> Outstanding<T> {
         out
     }
 
+    /// Every live entry, in tag order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &T> {
+        self.entries.iter().filter_map(|(_, slot)| slot.as_ref())
+    }
+
     /// Every live entry, in tag order, leaving this empty.
     pub(crate) fn drain(&mut self) -> Vec<(u64, T)> {
         self.live = 0;

@@ -54,6 +54,8 @@ pub(crate) struct Entry {
     pub message: Arc<Message>,
     pub redelivered: bool,
     pub delivery_count: u32,
+    /// Set when the message is persistent and the queue durable: the id its log records use.
+    pub durable_id: Option<u64>,
 }
 
 /// Ready messages, sorted by arrival; a requeued message goes back to its arrival place.
@@ -109,7 +111,6 @@ impl Ready {
         n_entries
     }
 
-    #[cfg(test)]
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Entry> {
         self.entries.iter()
     }
@@ -208,16 +209,27 @@ impl Queue {
         }
     }
 
-    pub(crate) fn enqueue(&mut self, message: Arc<Message>) {
+    pub(crate) fn enqueue(
+        &mut self,
+        message: Arc<Message>,
+        durable_id: Option<u64>,
+        redelivered: bool,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.stats.published += 1;
         self.ready.push_back(Entry {
             seq,
             message,
-            redelivered: false,
+            redelivered,
             delivery_count: 0,
+            durable_id,
         });
+    }
+
+    /// Whether persistent messages in this queue are logged.
+    pub(crate) fn is_durable(&self) -> bool {
+        self.options.durable && !self.options.exclusive
     }
 
     pub(crate) fn consumer_idx(&self, connection: ConnectionId, tag: ConsumerTag) -> Option<usize> {
@@ -287,6 +299,7 @@ mod tests {
             message: Arc::new(Message::new("k", vec![0u8; 3])),
             redelivered: false,
             delivery_count: 0,
+            durable_id: None,
         }
     }
 

@@ -1207,10 +1207,10 @@ fn auto_delete_exchange_goes_when_its_last_binding_is_removed() {
         if_unused: false,
         if_empty: false,
     });
-    assert!(
-        h.effects
-            .contains(&Effect::ExchangeDeleted { name: "tmp".into() })
-    );
+    assert!(h.effects.contains(&Effect::ExchangeDeleted {
+        name: "tmp".into(),
+        durable: false
+    }));
     assert!(
         !h.broker
             .list_exchanges()
