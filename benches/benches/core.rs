@@ -7,8 +7,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use std::hint::black_box;
 use std::sync::Arc;
 use wharf_core::{
-    BindTarget, Broker, Command, ConnectionId, ConsumerOptions, ConsumerTag, Effect,
-    Headers, Message, QueueOptions,
+    BindTarget, Broker, Command, ConnectionId, ConsumerOptions, ConsumerTag, Effect, Headers,
+    Message, QueueOptions,
 };
 
 const CONN: ConnectionId = ConnectionId(1);
@@ -23,27 +23,74 @@ struct Setup {
 fn setup(n_queues: usize) -> Setup {
     let mut broker = Broker::default();
     let mut effects = Vec::new();
-    broker.apply(0, Command::OpenConnection { connection: CONN }, &mut effects).unwrap();
+    broker
+        .apply(
+            0,
+            Command::OpenConnection { connection: CONN },
+            &mut effects,
+        )
+        .unwrap();
     for idx in 0..n_queues {
         let name = format!("q{idx}");
         broker
-            .apply(0, Command::DeclareQueue { connection: CONN, name: name.clone(), options: QueueOptions::default(), passive: false }, &mut effects)
+            .apply(
+                0,
+                Command::DeclareQueue {
+                    connection: CONN,
+                    name: name.clone(),
+                    options: QueueOptions::default(),
+                    passive: false,
+                },
+                &mut effects,
+            )
             .unwrap();
-        let options = ConsumerOptions { prefetch: 1000, ..ConsumerOptions::default() };
-        broker.apply(0, Command::Subscribe { connection: CONN, queue: name, consumer_tag: ConsumerTag(idx as u32), options }, &mut effects).unwrap();
+        let options = ConsumerOptions {
+            prefetch: 1000,
+            ..ConsumerOptions::default()
+        };
+        broker
+            .apply(
+                0,
+                Command::Subscribe {
+                    connection: CONN,
+                    queue: name,
+                    consumer_tag: ConsumerTag(idx as u32),
+                    options,
+                },
+                &mut effects,
+            )
+            .unwrap();
     }
-    Setup { broker, effects, scratch: Vec::new(), messages: Vec::new() }
+    Setup {
+        broker,
+        effects,
+        scratch: Vec::new(),
+        messages: Vec::new(),
+    }
 }
 
 fn bind(setup: &mut Setup, exchange: &str, queue: usize, key: &str, arguments: Headers) {
     setup
         .broker
-        .apply(0, Command::Bind { source: exchange.into(), target: BindTarget::Queue(format!("q{queue}")), routing_key: key.into(), arguments }, &mut setup.effects)
+        .apply(
+            0,
+            Command::Bind {
+                source: exchange.into(),
+                target: BindTarget::Queue(format!("q{queue}")),
+                routing_key: key.into(),
+                arguments,
+            },
+            &mut setup.effects,
+        )
         .unwrap();
 }
 
 fn message(exchange: &str, key: &str, headers: Headers) -> Arc<Message> {
-    Arc::new(Message { exchange: exchange.into(), headers, ..Message::new(key, Bytes::from(vec![7u8; 100])) })
+    Arc::new(Message {
+        exchange: exchange.into(),
+        headers,
+        ..Message::new(key, Bytes::from(vec![7u8; 100]))
+    })
 }
 
 /// One cycle: publish the next message, ack every delivery it caused.
@@ -51,13 +98,20 @@ fn cycle(setup: &mut Setup, idx: usize) {
     let message = setup.messages[idx % setup.messages.len()].clone();
     // A fresh Arc per publish, as the server makes one per decoded message.
     let message = Arc::new(Message::clone(&message));
-    setup.broker.apply(0, Command::Publish { message }, &mut setup.effects).unwrap();
+    setup
+        .broker
+        .apply(0, Command::Publish { message }, &mut setup.effects)
+        .unwrap();
     // Swap buffers instead of allocating: deliveries to ack in one, new effects in the other.
     std::mem::swap(&mut setup.effects, &mut setup.scratch);
     for effect in setup.scratch.drain(..) {
         if let Effect::Deliver(delivery) = effect {
             black_box(&delivery.message.body);
-            let ack = Command::Ack { connection: delivery.connection, delivery_tag: delivery.delivery_tag, multiple: false };
+            let ack = Command::Ack {
+                connection: delivery.connection,
+                delivery_tag: delivery.delivery_tag,
+                multiple: false,
+            };
             setup.broker.apply(0, ack, &mut setup.effects).unwrap();
         }
     }
@@ -73,33 +127,68 @@ fn scenarios() -> Vec<(&'static str, Setup)> {
 
     let mut direct = setup(1000);
     for idx in 0..1000 {
-        bind(&mut direct, "wharf.direct", idx, &format!("key.{idx}"), Headers::new());
+        bind(
+            &mut direct,
+            "wharf.direct",
+            idx,
+            &format!("key.{idx}"),
+            Headers::new(),
+        );
     }
-    direct.messages = (0..1000).map(|idx| message("wharf.direct", &format!("key.{idx}"), Headers::new())).collect();
+    direct.messages = (0..1000)
+        .map(|idx| message("wharf.direct", &format!("key.{idx}"), Headers::new()))
+        .collect();
     out.push(("direct_1000_bindings", direct));
 
     let mut topic = setup(1000);
     for idx in 0..1000 {
-        bind(&mut topic, "wharf.topic", idx, &format!("region{}.*.orders.#", idx), Headers::new());
+        bind(
+            &mut topic,
+            "wharf.topic",
+            idx,
+            &format!("region{}.*.orders.#", idx),
+            Headers::new(),
+        );
     }
-    topic.messages =
-        (0..1000).map(|idx| message("wharf.topic", &format!("region{idx}.eu.orders.paid"), Headers::new())).collect();
+    topic.messages = (0..1000)
+        .map(|idx| {
+            message(
+                "wharf.topic",
+                &format!("region{idx}.eu.orders.paid"),
+                Headers::new(),
+            )
+        })
+        .collect();
     out.push(("topic_1000_bindings", topic));
 
     let mut fanout = setup(10);
     for idx in 0..10 {
         bind(&mut fanout, "wharf.fanout", idx, "", Headers::new());
     }
-    fanout.messages.push(message("wharf.fanout", "", Headers::new()));
+    fanout
+        .messages
+        .push(message("wharf.fanout", "", Headers::new()));
     out.push(("fanout_10_queues", fanout));
 
     let mut headers = setup(10);
     for idx in 0..10 {
-        let args = Headers::new().with("x-match", "all").with("kind", "order").with("shard", idx as i64);
+        let args = Headers::new()
+            .with("x-match", "all")
+            .with("kind", "order")
+            .with("shard", idx as i64);
         bind(&mut headers, "wharf.headers", idx, "", args);
     }
-    headers.messages =
-        (0..10).map(|idx| message("wharf.headers", "", Headers::new().with("kind", "order").with("shard", idx as i64))).collect();
+    headers.messages = (0..10)
+        .map(|idx| {
+            message(
+                "wharf.headers",
+                "",
+                Headers::new()
+                    .with("kind", "order")
+                    .with("shard", idx as i64),
+            )
+        })
+        .collect();
     out.push(("headers_10_bindings", headers));
 
     out

@@ -13,13 +13,13 @@
 
 use crate::addr::ServerAddr;
 use crate::confirms::{Completed, ConfirmTracker, Permits, Waiter};
-use crate::consumer::{ConsumerShared, Delivery};
+use crate::consumer::{ConsumerEnd, ConsumerShared, Delivery};
 use crate::error::ClientError;
 use crate::options::{ClientOptions, Credentials};
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -165,23 +165,60 @@ impl Shared {
     /// Sends a request and waits (at most `request_timeout`) for its response;
     /// `Response::Error` becomes [`ClientError::Server`].
     pub(crate) async fn request(&self, request: Request) -> Result<Response, ClientError> {
+        self.request_with(request, || {}).await
+    }
+
+    /// [`Shared::request`], running `on_queued` under the state lock in the same critical
+    /// section that queues the frame for the writer (only if it is queued). Anything else
+    /// queued under the lock (settlements, see [`Shared::send_settlement`]) is therefore
+    /// either before both or after both in socket order.
+    pub(crate) async fn request_with(
+        &self,
+        request: Request,
+        on_queued: impl FnOnce(),
+    ) -> Result<Response, ClientError> {
+        let (correlation_id, receiver) = self.start_request(request, on_queued)?;
+        self.response(correlation_id, receiver).await
+    }
+
+    /// The synchronous half of [`Shared::request_with`]: registers the request and queues its
+    /// frame (running `on_queued` under the same lock); returns what to wait on.
+    pub(crate) fn start_request(
+        &self,
+        request: Request,
+        on_queued: impl FnOnce(),
+    ) -> Result<(u64, oneshot::Receiver<Result<Response, ClientError>>), ClientError> {
         let correlation_id = self.next_correlation_id();
         let bytes = self.encode(&Frame::Request {
             correlation_id,
             request,
         })?;
         let (sender, receiver) = oneshot::channel();
-        {
+        let queued = {
             let mut state = self.lock();
             if let Some(err) = state.open_error() {
                 return Err(err);
             }
-            state.requests.insert(correlation_id, sender);
+            // Sending on the unbounded channel never blocks, so it may happen under the lock.
+            let queued = self.commands.send(Command::Frame(bytes)).is_ok();
+            if queued {
+                state.requests.insert(correlation_id, sender);
+                on_queued();
+            }
+            queued
+        };
+        if !queued {
+            return Err(self.terminal_error());
         }
-        if let Err(err) = self.send(Command::Frame(bytes)) {
-            self.lock().requests.remove(&correlation_id);
-            return Err(err);
-        }
+        Ok((correlation_id, receiver))
+    }
+
+    /// Waits (at most `request_timeout`) for the response to a started request.
+    async fn response(
+        &self,
+        correlation_id: u64,
+        receiver: oneshot::Receiver<Result<Response, ClientError>>,
+    ) -> Result<Response, ClientError> {
         let request_timeout = self.options.request_timeout;
         match timeout(request_timeout, receiver).await {
             Ok(Ok(Ok(Response::Error { code, message }))) => {
@@ -226,6 +263,45 @@ impl Shared {
         })
     }
 
+    /// Queues a settlement frame (`Ack`, `Nack`, `Reject`) of `delivery_tag`, unless the
+    /// connection is over, the delivery's consumer is cancelled, or `settled` was already set
+    /// (it is set here). The check and the queueing happen under the state lock, as does a
+    /// client-side cancel's marking and queueing of `Cancel` ([`Shared::request_with`]), so a
+    /// settlement can never reach the socket after its consumer's `Cancel`: after `Cancel` the
+    /// server has requeued the delivery and would close the connection (`UnknownDeliveryTag`).
+    pub(crate) fn send_settlement(
+        &self,
+        consumer: &ConsumerShared,
+        delivery_tag: u64,
+        settled: &AtomicBool,
+        bytes: Bytes,
+    ) -> Result<(), ClientError> {
+        let queued = {
+            let state = self.lock();
+            if let Some(err) = state.open_error() {
+                return Err(err);
+            }
+            if let Some(reason) = consumer.not_settleable_reason() {
+                return Err(ClientError::NotSettleable {
+                    delivery_tag,
+                    reason,
+                });
+            }
+            if settled.swap(true, Ordering::AcqRel) {
+                return Err(ClientError::NotSettleable {
+                    delivery_tag,
+                    reason: "it was already settled",
+                });
+            }
+            self.commands.send(Command::Frame(bytes)).is_ok()
+        };
+        if queued {
+            Ok(())
+        } else {
+            Err(self.terminal_error())
+        }
+    }
+
     /// Registers a consumer before its `Subscribe` is sent, so no delivery can miss it.
     pub(crate) fn add_consumer(
         &self,
@@ -240,7 +316,8 @@ impl Shared {
         Ok(())
     }
 
-    /// Forgets a consumer (after its `Cancel` was answered, the server sends it nothing more).
+    /// Forgets a consumer: deliveries still arriving for it are dropped (after a `Cancel` the
+    /// broker requeues them).
     pub(crate) fn remove_consumer(&self, consumer_tag: u32) {
         self.lock().consumers.remove(&consumer_tag);
     }
@@ -301,7 +378,7 @@ impl Shared {
         }
         completed.into_iter().for_each(Completed::notify);
         for (_, slot) in consumers {
-            slot.consumer.mark_cancelled();
+            slot.consumer.mark_ended(ConsumerEnd::ConnectionEnded);
             // A consumer of a client closed on purpose just ends; otherwise it sees why.
             if !matches!(err, ClientError::Closed) {
                 let _ = slot.sender.send(Err(err.clone()));
@@ -375,9 +452,15 @@ impl Shared {
             }
             Frame::Heartbeat => {}
             Frame::ConsumerCancelled(cancelled) => {
-                let slot = self.lock().consumers.remove(&cancelled.consumer_tag);
+                let slot = {
+                    let mut state = self.lock();
+                    let slot = state.consumers.remove(&cancelled.consumer_tag);
+                    if let Some(slot) = &slot {
+                        slot.consumer.mark_ended(ConsumerEnd::ByServer);
+                    }
+                    slot
+                };
                 if let Some(slot) = slot {
-                    slot.consumer.mark_cancelled();
                     let _ = slot.sender.send(Err(ClientError::ConsumerCancelled {
                         consumer_tag: cancelled.consumer_tag,
                         code: cancelled.code,
@@ -430,25 +513,9 @@ impl Shared {
             let delivery = Delivery::new(delivery, slot.consumer.clone(), self.self_ref());
             // Unbounded, yet bounded by the consumer's prefetch / credit window: the server
             // never sends more than the window, so the reader never waits on a slow consumer.
-            if let Err(returned) = slot.sender.send(Ok(delivery)) {
-                // The consumer was dropped and its `Cancel` is in flight: give the message back
-                // rather than leave it outstanding until the connection closes.
-                if let Ok(delivery) = returned.0 {
-                    if !slot.consumer.auto_ack {
-                        self.requeue(delivery.delivery_tag());
-                    }
-                }
-            }
-        }
-    }
-
-    /// Queues `Reject { requeue: true }` for a delivery the application never saw.
-    pub(crate) fn requeue(&self, delivery_tag: u64) {
-        if let Ok(bytes) = self.encode(&Frame::Reject(wharf_protocol::Reject {
-            delivery_tag,
-            requeue: true,
-        })) {
-            let _ = self.commands.send(Command::Frame(bytes));
+            // If the consumer was dropped, its `Cancel` is in flight and the server requeues
+            // this delivery when it processes it: dropping it here is all there is to do.
+            let _ = slot.sender.send(Ok(delivery));
         }
     }
 

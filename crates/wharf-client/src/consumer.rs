@@ -8,19 +8,35 @@ use futures::Stream;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 use wharf_protocol::{Ack, Credit, Frame, Nack, Properties, Reject, Request, TableRef, ValueRef};
+
+/// Why a consumer ended; the first reason recorded wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum ConsumerEnd {
+    /// The application cancelled or dropped it (recorded when its `Cancel` is queued).
+    ByClient = 1,
+    /// The server sent `ConsumerCancelled` (its queue was deleted).
+    ByServer = 2,
+    /// The connection ended.
+    ConnectionEnded = 3,
+}
+
+/// `ConsumerShared::state` while the consumer is active.
+const ACTIVE: u8 = 0;
 
 /// What deliveries and the writer know about a consumer.
 #[derive(Debug)]
 pub(crate) struct ConsumerShared {
     pub(crate) consumer_tag: u32,
     pub(crate) auto_ack: bool,
-    /// Set when the application cancels or drops the consumer, when the server cancels it, or
-    /// when the connection ends: no more `Credit` is sent for it.
-    cancelled: AtomicBool,
+    /// `ACTIVE` or a [`ConsumerEnd`]. Once ended, no more `Credit` is sent for the consumer
+    /// and its deliveries cannot be settled. Transitions happen under the connection's state
+    /// lock, where settlements check it (see `Shared::send_settlement`).
+    state: AtomicU8,
 }
 
 impl ConsumerShared {
@@ -28,26 +44,54 @@ impl ConsumerShared {
         ConsumerShared {
             consumer_tag,
             auto_ack,
-            cancelled: AtomicBool::new(false),
+            state: AtomicU8::new(ACTIVE),
         }
     }
 
-    pub(crate) fn mark_cancelled(&self) {
-        self.cancelled.store(true, Ordering::Release);
+    /// Records why the consumer ended, unless it already ended.
+    pub(crate) fn mark_ended(&self, end: ConsumerEnd) {
+        let _ = self
+            .state
+            .compare_exchange(ACTIVE, end as u8, Ordering::AcqRel, Ordering::Acquire);
     }
 
     pub(crate) fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::Acquire)
+        self.state.load(Ordering::Acquire) != ACTIVE
+    }
+
+    /// Why a delivery of this consumer can no longer be settled; `None` while it is active.
+    pub(crate) fn not_settleable_reason(&self) -> Option<&'static str> {
+        match self.state.load(Ordering::Acquire) {
+            ACTIVE => None,
+            x if x == ConsumerEnd::ByClient as u8 => {
+                Some("its consumer was cancelled, so the broker requeued it")
+            }
+            x if x == ConsumerEnd::ByServer as u8 => {
+                Some("the server cancelled its consumer (its queue was deleted)")
+            }
+            _ => Some("its connection ended, so the broker requeued it"),
+        }
     }
 }
 
 /// One message delivered to a [`Consumer`].
 ///
-/// Settle it exactly once with [`Delivery::ack`], [`Delivery::nack`] or [`Delivery::reject`]
-/// (unless the consumer is auto-ack), also after its consumer was cancelled: per the protocol
-/// a `Cancel` leaves unsettled deliveries outstanding. Settling is fire-and-forget on the wire:
-/// awaiting it means the frame is queued for the socket, not that the broker processed it.
-/// Deliveries never settled are requeued by the broker when the connection closes.
+/// Settle it at most once with [`Delivery::ack`], [`Delivery::ack_multiple`],
+/// [`Delivery::nack`] or [`Delivery::reject`] (unless the consumer is auto-ack). Settling is
+/// fire-and-forget on the wire: awaiting it means the frame is queued for the socket, not that
+/// the broker processed it. Deliveries never settled are requeued by the broker when their
+/// consumer is cancelled or the connection closes.
+///
+/// Once its consumer has ended, a delivery cannot be settled: settling returns
+/// [`ClientError::NotSettleable`] and sends nothing. This covers
+/// - a consumer the application cancelled or dropped: the broker requeues every unsettled
+///   delivery on `Cancel` (flagged `redelivered`), so a later settlement would name a tag that
+///   is no longer outstanding and the server would close the connection. The client decides
+///   "cancelled" and queues the `Cancel` in one step under its state lock, and a settlement
+///   checks and queues under the same lock, so no settlement ever follows the `Cancel`;
+/// - a consumer the server cancelled (`ConsumerCancelled`, its queue was deleted): the message
+///   is gone with the queue and settling would do nothing on the broker, so the client refuses
+///   it the same way rather than send a no-op. (One rule for every ended consumer.)
 pub struct Delivery {
     delivery: wharf_protocol::Delivery,
     consumer: Arc<ConsumerShared>,
@@ -123,56 +167,67 @@ impl Delivery {
     /// Acks the delivery: processed, the broker forgets the message. Returns once the `Ack`
     /// is queued for the socket.
     pub async fn ack(&self) -> Result<(), ClientError> {
-        let delivery_tag = self.begin_settle()?;
-        self.settle(Frame::Ack(Ack {
-            delivery_tag,
-            multiple: false,
-        }))
+        self.settle(|delivery_tag| {
+            Frame::Ack(Ack {
+                delivery_tag,
+                multiple: false,
+            })
+        })
+    }
+
+    /// Acks this delivery and every delivery with a smaller tag still outstanding on the
+    /// connection (`Ack { multiple: true }`), whichever consumer received it. Returns once the
+    /// `Ack` is queued for the socket.
+    ///
+    /// Only this delivery is marked settled locally: the application must not settle the
+    /// others it covers again (the server would close the connection with
+    /// `UnknownDeliveryTag`). Deliveries of a consumer cancelled before are not covered: the
+    /// broker requeued them when it processed the `Cancel`, which precedes this `Ack`.
+    pub async fn ack_multiple(&self) -> Result<(), ClientError> {
+        self.settle(|delivery_tag| {
+            Frame::Ack(Ack {
+                delivery_tag,
+                multiple: true,
+            })
+        })
     }
 
     /// Nacks the delivery: failed; `requeue` puts the message back for redelivery, otherwise
     /// it is dead-lettered or dropped. Returns once the `Nack` is queued for the socket.
     pub async fn nack(&self, requeue: bool) -> Result<(), ClientError> {
-        let delivery_tag = self.begin_settle()?;
-        self.settle(Frame::Nack(Nack {
-            delivery_tag,
-            multiple: false,
-            requeue,
-        }))
+        self.settle(|delivery_tag| {
+            Frame::Nack(Nack {
+                delivery_tag,
+                multiple: false,
+                requeue,
+            })
+        })
     }
 
     /// Rejects the delivery without requeueing it (dead-lettered or dropped); use
     /// [`Delivery::nack`]`(true)` to requeue. Returns once the `Reject` is queued for the socket.
     pub async fn reject(&self) -> Result<(), ClientError> {
-        let delivery_tag = self.begin_settle()?;
-        self.settle(Frame::Reject(Reject {
-            delivery_tag,
-            requeue: false,
-        }))
-    }
-
-    /// Checks the delivery may be settled and marks it settled.
-    fn begin_settle(&self) -> Result<u64, ClientError> {
-        let delivery_tag = self.delivery.delivery_tag;
-        let refuse = |reason| {
-            Err(ClientError::NotSettleable {
+        self.settle(|delivery_tag| {
+            Frame::Reject(Reject {
                 delivery_tag,
-                reason,
+                requeue: false,
             })
-        };
-        if self.consumer.auto_ack {
-            return refuse("it came from an auto-ack consumer");
-        }
-        self.shared.check_open()?;
-        if self.settled.swap(true, Ordering::AcqRel) {
-            return refuse("it was already settled");
-        }
-        Ok(delivery_tag)
+        })
     }
 
-    fn settle(&self, frame: Frame) -> Result<(), ClientError> {
-        let bytes = self.shared.encode(&frame)?;
-        self.shared.send(Command::Frame(bytes))
+    /// Queues the settlement frame built by `frame`, unless the delivery cannot be settled
+    /// (auto-ack, already settled, consumer ended, connection over).
+    fn settle(&self, frame: impl FnOnce(u64) -> Frame) -> Result<(), ClientError> {
+        let delivery_tag = self.delivery.delivery_tag;
+        if self.consumer.auto_ack {
+            return Err(ClientError::NotSettleable {
+                delivery_tag,
+                reason: "it came from an auto-ack consumer",
+            });
+        }
+        let bytes = self.shared.encode(&frame(delivery_tag))?;
+        self.shared
+            .send_settlement(&self.consumer, delivery_tag, &self.settled, bytes)
     }
 }
 
@@ -202,7 +257,9 @@ impl fmt::Debug for Delivery {
 /// unsettled deliveries, auto-ack consumers get `prefetch` credits that the stream replenishes
 /// as the application takes deliveries (in batches of half the prefetch).
 ///
-/// Dropping a `Consumer` cancels it without waiting for the answer. A consumer keeps its
+/// Dropping a `Consumer` cancels it like [`Consumer::cancel`] (the broker requeues its
+/// unsettled deliveries, which can no longer be settled) without waiting for the answer.
+/// A consumer keeps its
 /// connection open (it holds a [`Client`]).
 pub struct Consumer {
     client: Client,
@@ -254,40 +311,46 @@ impl Consumer {
     }
 
     /// Cancels the subscription and waits for the server's answer (bounded by the request
-    /// timeout). Deliveries already taken from the stream stay outstanding and may still be
-    /// settled. Deliveries received but not yet taken are requeued (`Reject` with `requeue`),
-    /// as are any that arrive before the server processed the `Cancel`.
+    /// timeout). The broker requeues every unsettled delivery of the consumer (flagged
+    /// `redelivered`), as a closing connection does: deliveries received but not taken from the
+    /// stream are dropped here, and deliveries already taken can no longer be settled (their
+    /// `ack` / `nack` / `reject` return [`ClientError::NotSettleable`] and send nothing).
+    /// Settle what you processed *before* cancelling.
     ///
     /// Cancelling a consumer the server already cancelled, or whose connection ended, is `Ok`.
     pub async fn cancel(mut self) -> Result<(), ClientError> {
         self.cancel_sent = true;
+        self.discard_buffered();
         let shared = self.client.shared().clone();
         let consumer_tag = self.consumer.consumer_tag;
         if self.consumer.is_cancelled() {
             shared.remove_consumer(consumer_tag);
             return Ok(());
         }
-        self.consumer.mark_cancelled();
-        let result = shared.request(Request::Cancel { consumer_tag }).await;
+        let consumer = self.consumer.clone();
+        let result = shared
+            .request_with(Request::Cancel { consumer_tag }, || {
+                consumer.mark_ended(ConsumerEnd::ByClient)
+            })
+            .await;
+        // Whatever happened, the application gave the consumer up.
+        self.consumer.mark_ended(ConsumerEnd::ByClient);
         shared.remove_consumer(consumer_tag);
-        self.requeue_buffered();
         match result {
             Ok(_) => Ok(()),
             Err(err) if err.is_connection_error() => Ok(()),
+            // The subscription was acknowledged, so only the server can have ended it since
+            // (queue deleted while our `Cancel` was on its way).
+            Err(err) if err.is_not_found() => Ok(()),
             Err(err) => Err(err),
         }
     }
 
-    /// Requeues the deliveries received but never taken by the application.
-    fn requeue_buffered(&mut self) {
+    /// Drops the deliveries received but never taken by the application: the broker requeues
+    /// them itself when it processes the `Cancel`.
+    fn discard_buffered(&mut self) {
         self.receiver.close();
-        while let Ok(item) = self.receiver.try_recv() {
-            if let Ok(delivery) = item {
-                if !self.consumer.auto_ack && delivery.begin_settle().is_ok() {
-                    self.client.shared().requeue(delivery.delivery_tag());
-                }
-            }
-        }
+        while self.receiver.try_recv().is_ok() {}
     }
 
     /// Auto-ack: one more delivery taken; grant credit back in batches of half the window.
@@ -354,23 +417,17 @@ impl Drop for Consumer {
         if self.cancel_sent || self.consumer.is_cancelled() {
             return;
         }
-        self.consumer.mark_cancelled();
+        self.discard_buffered();
         let shared = self.client.shared().clone();
-        if shared.check_open().is_err() {
-            return;
-        }
-        // Buffered deliveries go back now; later ones are requeued by the reader, since the
-        // receiver is gone; the consumer is forgotten once the server answered the `Cancel`.
-        self.requeue_buffered();
         let consumer_tag = self.consumer.consumer_tag;
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    let _ = shared.request(Request::Cancel { consumer_tag }).await;
-                    shared.remove_consumer(consumer_tag);
-                });
-            }
-            Err(_) => shared.remove_consumer(consumer_tag),
-        }
+        // Marked and queued now, under the state lock (no runtime needed): from here on the
+        // consumer's deliveries cannot be settled. Nobody waits for the answer; deliveries
+        // racing the `Cancel` find no consumer and are dropped (the broker requeues them).
+        let consumer = self.consumer.clone();
+        let _ = shared.start_request(Request::Cancel { consumer_tag }, || {
+            consumer.mark_ended(ConsumerEnd::ByClient)
+        });
+        self.consumer.mark_ended(ConsumerEnd::ByClient);
+        shared.remove_consumer(consumer_tag);
     }
 }

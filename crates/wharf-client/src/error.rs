@@ -117,8 +117,9 @@ pub enum ClientError {
         reason: String,
     },
     /// The delivery can no longer be settled: it was already acked, nacked or rejected, it came
-    /// from an auto-ack consumer, or its consumer was cancelled (the server then requeued it).
-    /// Nothing was sent.
+    /// from an auto-ack consumer, or its consumer ended: cancelled or dropped by the application
+    /// (the broker requeued it) or cancelled by the server (its queue, and the message with it,
+    /// was deleted). Nothing was sent.
     #[error("delivery {delivery_tag} cannot be settled: {reason}")]
     NotSettleable {
         /// The delivery tag.

@@ -14,7 +14,7 @@ use wharf_client::{
 };
 use wharf_protocol::{
     Ack, Close, ConfirmRange, ConfirmStatus, ConsumerCancelled, Credit, Deliver, DeliverBatch,
-    Delivery, Frame, Preamble, Reject, Request, Response, ServerLimits, WireStr,
+    Delivery, Frame, Preamble, Request, Response, ServerLimits, WireStr,
 };
 
 fn confirm(first_seq: u64, last_seq: u64, status: ConfirmStatus) -> Frame {
@@ -678,51 +678,68 @@ async fn prefetch_outside_the_bound_is_refused_before_sending() {
     }
 }
 
+/// Sends a request through `client` and checks it is the next frame the peer reads: nothing
+/// else (no `Ack`, no `Reject`) was queued before it.
+async fn assert_nothing_else_sent(client: &Client, conn: &mut support::PeerConn) {
+    let probing = {
+        let client = client.clone();
+        tokio::spawn(async move { client.list_queues().await })
+    };
+    let (correlation_id, request) = conn.recv_request().await;
+    assert_eq!(request, Request::ListQueues);
+    conn.respond(correlation_id, Response::Queues(Vec::new()))
+        .await;
+    within(probing).await.unwrap().unwrap();
+}
+
 #[tokio::test]
-async fn cancel_requeues_untaken_deliveries_and_taken_ones_stay_settleable() {
+async fn cancel_drops_untaken_deliveries_and_taken_ones_are_not_settleable() {
     let peer = Peer::bind().await;
     let (client, mut conn) = connected(&peer, quiet_limits()).await;
     let (mut consumer, subscribe) = subscribed(&client, &mut conn, ConsumeOptions::default()).await;
     let Request::Subscribe { consumer_tag, .. } = subscribe else {
         panic!()
     };
-    conn.send(&Frame::Deliver(Deliver {
+    conn.send(&Frame::DeliverBatch(DeliverBatch {
         consumer_tag,
-        delivery: delivery(1, "x"),
+        deliveries: vec![delivery(1, "x"), delivery(2, "buffered")],
     }))
     .await;
     let taken = within(consumer.next()).await.unwrap().unwrap();
     let cancelling = tokio::spawn(consumer.cancel());
+    // The broker requeues every unsettled delivery on Cancel: the client sends no Reject.
     let (correlation_id, request) = conn.recv_request().await;
     assert_eq!(request, Request::Cancel { consumer_tag });
-    // Sent before the server processed the Cancel: buffered, never taken.
+    // Sent before the server processed the Cancel: requeued by it too, dropped by the client.
     conn.send(&Frame::Deliver(Deliver {
         consumer_tag,
-        delivery: delivery(2, "y"),
+        delivery: delivery(3, "y"),
     }))
     .await;
     conn.respond(correlation_id, Response::Done).await;
     within(cancelling).await.unwrap().unwrap();
-    assert_eq!(
-        conn.recv().await,
-        Frame::Reject(Reject {
-            delivery_tag: 2,
-            requeue: true
-        })
-    );
-    // Per the protocol, a Cancel leaves taken deliveries outstanding: they may still be acked.
-    taken.ack().await.unwrap();
-    assert_eq!(
-        conn.recv().await,
-        Frame::Ack(Ack {
-            delivery_tag: 1,
-            multiple: false
-        })
-    );
+    for result in [
+        taken.ack().await,
+        taken.nack(true).await,
+        taken.reject().await,
+        taken.ack_multiple().await,
+    ] {
+        assert!(
+            matches!(
+                result,
+                Err(ClientError::NotSettleable {
+                    delivery_tag: 1,
+                    ..
+                })
+            ),
+            "{result:?}"
+        );
+    }
+    assert_nothing_else_sent(&client, &mut conn).await;
 }
 
 #[tokio::test]
-async fn dropping_a_consumer_requeues_its_buffer_and_sends_cancel() {
+async fn dropping_a_consumer_sends_only_cancel_and_its_deliveries_are_not_settleable() {
     let peer = Peer::bind().await;
     let (client, mut conn) = connected(&peer, quiet_limits()).await;
     let (mut consumer, subscribe) = subscribed(&client, &mut conn, ConsumeOptions::default()).await;
@@ -737,38 +754,107 @@ async fn dropping_a_consumer_requeues_its_buffer_and_sends_cancel() {
     .await;
     let taken = within(consumer.next()).await.unwrap().unwrap();
     drop(consumer);
-    assert_eq!(
-        conn.recv().await,
-        Frame::Reject(Reject {
-            delivery_tag: 2,
-            requeue: true
+    // Refused at once: the Cancel is already queued.
+    assert!(matches!(
+        taken.nack(false).await,
+        Err(ClientError::NotSettleable {
+            delivery_tag: 1,
+            ..
         })
-    );
+    ));
     let (correlation_id, request) = conn.recv_request().await;
     assert_eq!(request, Request::Cancel { consumer_tag });
-    // A delivery racing the Cancel goes back too: nobody can take it any more.
+    // A delivery racing the Cancel is dropped: the broker requeues it.
     conn.send(&Frame::Deliver(Deliver {
         consumer_tag,
         delivery: delivery(3, "c"),
     }))
     .await;
     conn.respond(correlation_id, Response::Done).await;
+    assert_nothing_else_sent(&client, &mut conn).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_racing_a_cancel_is_either_sent_before_it_or_refused() {
+    let peer = Peer::bind().await;
+    let (client, mut conn) = connected(&peer, quiet_limits()).await;
+    let (mut n_acked, mut n_refused) = (0, 0);
+    for round in 0..40_u64 {
+        let (mut consumer, subscribe) =
+            subscribed(&client, &mut conn, ConsumeOptions::default()).await;
+        let Request::Subscribe { consumer_tag, .. } = subscribe else {
+            panic!()
+        };
+        let delivery_tag = round + 1;
+        conn.send(&Frame::Deliver(Deliver {
+            consumer_tag,
+            delivery: delivery(delivery_tag, "m"),
+        }))
+        .await;
+        let taken = within(consumer.next()).await.unwrap().unwrap();
+        let acking = tokio::spawn(async move { taken.ack().await });
+        let cancelling = tokio::spawn(consumer.cancel());
+        let mut ack_seen = false;
+        let correlation_id = loop {
+            match conn.recv().await {
+                Frame::Ack(ack) => {
+                    assert_eq!(ack.delivery_tag, delivery_tag);
+                    ack_seen = true;
+                }
+                Frame::Request {
+                    correlation_id,
+                    request: Request::Cancel { consumer_tag: tag },
+                } if tag == consumer_tag => break correlation_id,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        conn.respond(correlation_id, Response::Done).await;
+        within(cancelling).await.unwrap().unwrap();
+        match within(acking).await.unwrap() {
+            Ok(()) => {
+                n_acked += 1;
+                // Queued before the Cancel, so read before it.
+                assert!(ack_seen, "round {round}: the ack was sent after the cancel");
+            }
+            Err(ClientError::NotSettleable { .. }) => {
+                n_refused += 1;
+                assert!(!ack_seen);
+            }
+            Err(err) => panic!("{err:?}"),
+        }
+        // Nothing after the Cancel: in particular no Ack.
+        assert_nothing_else_sent(&client, &mut conn).await;
+    }
+    assert_eq!(n_acked + n_refused, 40);
+}
+
+#[tokio::test]
+async fn ack_multiple_sends_one_ack_with_multiple_set() {
+    let peer = Peer::bind().await;
+    let (client, mut conn) = connected(&peer, quiet_limits()).await;
+    let (mut consumer, subscribe) = subscribed(&client, &mut conn, ConsumeOptions::default()).await;
+    let Request::Subscribe { consumer_tag, .. } = subscribe else {
+        panic!()
+    };
+    conn.send(&Frame::DeliverBatch(DeliverBatch {
+        consumer_tag,
+        deliveries: vec![delivery(4, "a"), delivery(5, "b")],
+    }))
+    .await;
+    within(consumer.next()).await.unwrap().unwrap();
+    let last = within(consumer.next()).await.unwrap().unwrap();
+    last.ack_multiple().await.unwrap();
     assert_eq!(
         conn.recv().await,
-        Frame::Reject(Reject {
-            delivery_tag: 3,
-            requeue: true
+        Frame::Ack(Ack {
+            delivery_tag: 5,
+            multiple: true
         })
     );
-    taken.nack(false).await.unwrap();
-    assert_eq!(
-        conn.recv().await,
-        Frame::Nack(wharf_protocol::Nack {
-            delivery_tag: 1,
-            multiple: false,
-            requeue: false
-        })
-    );
+    assert!(matches!(
+        last.ack().await,
+        Err(ClientError::NotSettleable { .. })
+    ));
 }
 
 #[tokio::test]
@@ -790,14 +876,8 @@ async fn server_cancellation_ends_the_stream_after_received_deliveries() {
         reason: "queue deleted".into(),
     }))
     .await;
-    assert_eq!(
-        within(consumer.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .delivery_tag(),
-        7
-    );
+    let last = within(consumer.next()).await.unwrap().unwrap();
+    assert_eq!(last.delivery_tag(), 7);
     let err = within(consumer.next()).await.unwrap().unwrap_err();
     assert!(
         matches!(
@@ -810,7 +890,16 @@ async fn server_cancellation_ends_the_stream_after_received_deliveries() {
         "{err:?}"
     );
     assert!(within(consumer.next()).await.is_none());
+    // The queue is gone with the message: settling is refused locally, nothing is sent.
+    assert!(matches!(
+        last.ack().await,
+        Err(ClientError::NotSettleable {
+            delivery_tag: 7,
+            ..
+        })
+    ));
     within(consumer.cancel()).await.unwrap();
+    assert_nothing_else_sent(&client, &mut conn).await;
 }
 
 #[tokio::test]

@@ -600,6 +600,17 @@ impl Broker {
         all
     }
 
+    /// One exchange's summary.
+    pub fn exchange_info(&self, name: &str) -> Option<ExchangeInfo> {
+        self.exchanges.get(name).map(|exchange| ExchangeInfo {
+            name: exchange.name.to_string(),
+            kind: exchange.kind,
+            options: exchange.options.clone(),
+            builtin: exchange.builtin,
+            bindings: exchange.n_bindings(),
+        })
+    }
+
     /// Options of a queue (for persisting durable topology).
     pub fn queue_options(&self, name: &str) -> Option<&QueueOptions> {
         self.queue_names
@@ -1100,7 +1111,7 @@ impl Broker {
         }
         effects.push(Effect::QueueDeleted {
             name: queue.name.clone(),
-            durable: queue.options.durable,
+            durable: queue.is_durable(),
         });
         queue.ready.len() as u64
     }

@@ -4,6 +4,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use wharf_storage::SyncPolicy;
 
 /// The address `wharf serve` listens on by default.
 pub const DEFAULT_BIND: &str = "127.0.0.1:5800";
@@ -44,6 +45,26 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// How long graceful shutdown waits for connections to flush.
     pub shutdown_timeout: Duration,
+    /// When the write-ahead log is fsynced relative to confirms.
+    pub sync_policy: SyncPolicy,
+    /// Log bytes after which a checkpoint is considered.
+    pub checkpoint_bytes: u64,
+    /// Log segment file size.
+    pub segment_bytes: u64,
+}
+
+/// Parses a sync policy: `always`, `never` (unsafe) or `interval=MS`.
+pub fn parse_sync_policy(text: &str) -> Result<SyncPolicy, String> {
+    match text {
+        "always" => Ok(SyncPolicy::Always),
+        "never" => Ok(SyncPolicy::Never),
+        other => match other.strip_prefix("interval=").map(str::parse::<u64>) {
+            Some(Ok(ms)) if ms > 0 => Ok(SyncPolicy::Interval(Duration::from_millis(ms))),
+            _ => Err(format!(
+                "sync policy must be always, never or interval=MS, not {other:?}"
+            )),
+        },
+    }
 }
 
 impl Default for ServerConfig {
@@ -59,6 +80,9 @@ impl Default for ServerConfig {
             ready_bytes_high_watermark: crate::limits::READY_BYTES_HIGH_WATERMARK,
             handshake_timeout: crate::limits::HANDSHAKE_TIMEOUT,
             shutdown_timeout: crate::limits::SHUTDOWN_TIMEOUT,
+            sync_policy: SyncPolicy::Always,
+            checkpoint_bytes: crate::log::CHECKPOINT_BYTES_DEFAULT,
+            segment_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -95,6 +119,12 @@ pub struct FileConfig {
     pub connections_max: Option<usize>,
     /// See [`ServerConfig::ready_bytes_high_watermark`].
     pub ready_bytes_high_watermark: Option<u64>,
+    /// `always`, `never` or `interval=MS`; see [`ServerConfig::sync_policy`].
+    pub sync: Option<String>,
+    /// See [`ServerConfig::checkpoint_bytes`].
+    pub checkpoint_bytes: Option<u64>,
+    /// See [`ServerConfig::segment_bytes`].
+    pub segment_bytes: Option<u64>,
 }
 
 /// A config error: the file cannot be read or parsed, or a value is out of range.
@@ -150,6 +180,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--log-format` / `WHARF_LOG_FORMAT`.
     pub log_format: Option<LogFormat>,
+    /// `--sync` / `WHARF_SYNC`.
+    pub sync: Option<String>,
 }
 
 /// Resolves the final configuration: overrides > file > defaults.
@@ -187,7 +219,17 @@ pub fn resolve(
             reason: "must be at least 1".to_owned(),
         });
     }
+    let sync_policy = match overrides.sync.as_deref().or(file.sync.as_deref()) {
+        Some(text) => parse_sync_policy(text).map_err(|reason| ConfigError::Invalid {
+            key: "sync",
+            reason,
+        })?,
+        None => defaults.sync_policy,
+    };
     Ok(ServerConfig {
+        sync_policy,
+        checkpoint_bytes: file.checkpoint_bytes.unwrap_or(defaults.checkpoint_bytes),
+        segment_bytes: file.segment_bytes.unwrap_or(defaults.segment_bytes),
         bind: overrides.bind.or(file.bind).unwrap_or(defaults.bind),
         data_dir: overrides
             .data_dir

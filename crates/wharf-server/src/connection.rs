@@ -9,16 +9,19 @@ use crate::convert::{
 use crate::limits::{
     OUTBOX_BYTES_MAX, READ_BUFFER_BYTES, READY_BYTES_LOW_WATERMARK_PERCENT, WRITE_CHUNK_BYTES,
 };
+use crate::log::Outcome;
 use crate::outbox::{Out, Outbox};
 use crate::server::{Shared, now_ms};
 use crate::state::State;
 use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 use wharf_core::{
     BindTarget, Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag,
@@ -29,6 +32,7 @@ use wharf_protocol::{
     Durability, ErrorCode, ExchangeInfo, ExchangeKind, Frame, HelloOk, Preamble, Properties,
     QueueInfo, Request, Response, ServerLimits, decode, encode,
 };
+use wharf_storage::{SyncCoverage, WalError};
 
 /// What the handshake settled for this connection.
 #[derive(Debug, Clone, Copy)]
@@ -105,7 +109,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
 /// Sends a `Close` frame (after our preamble has been sent) and shuts the socket.
 async fn send_close(writer: &mut OwnedWriteHalf, code: ErrorCode, reason: String) {
     let mut out = BytesMut::new();
-    if encode(&Frame::Close(Close { code, reason }), wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR, &mut out).is_ok() {
+    if encode(
+        &Frame::Close(Close { code, reason }),
+        wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR,
+        &mut out,
+    )
+    .is_ok()
+    {
         let _ = writer.write_all(&out).await;
     }
     let _ = writer.shutdown().await;
@@ -134,13 +144,19 @@ async fn handshake(
         }
     };
     buf.advance(Preamble::BYTES);
-    writer.write_all(&Preamble::CURRENT.encode()).await.map_err(|err| err.to_string())?;
+    writer
+        .write_all(&Preamble::CURRENT.encode())
+        .await
+        .map_err(|err| err.to_string())?;
     if let Err(err) = preamble.check_supported() {
         send_close(writer, ErrorCode::UnsupportedVersion, err.to_string()).await;
         return Err(err.to_string());
     }
     if shared.lock().n_connections() >= shared.config.connections_max {
-        let reason = format!("the server has its maximum of {} connections", shared.config.connections_max);
+        let reason = format!(
+            "the server has its maximum of {} connections",
+            shared.config.connections_max
+        );
         send_close(writer, ErrorCode::ResourceLimit, reason.clone()).await;
         return Err(reason);
     }
@@ -203,6 +219,15 @@ struct Reader {
     publish_seq: u64,
     names: PublishNames,
     published: bool,
+    /// Publishes waiting for the log before they are confirmed.
+    in_flight: Arc<InFlight>,
+}
+
+/// Unconfirmed publishes of one connection: the reader stops reading at the limit.
+#[derive(Debug, Default)]
+struct InFlight {
+    count: AtomicU64,
+    confirmed: Notify,
 }
 
 /// Frames decoded per lock acquisition at most: bounds the time the broker lock is held.
@@ -213,7 +238,7 @@ async fn read_loop(
     connection: ConnectionId,
     reader: &mut OwnedReadHalf,
     mut buf: BytesMut,
-    outbox: &Outbox,
+    outbox: &Arc<Outbox>,
     negotiated: Negotiated,
 ) -> Exit {
     let mut state = Reader {
@@ -221,7 +246,9 @@ async fn read_loop(
         publish_seq: 0,
         names: PublishNames::default(),
         published: false,
+        in_flight: Arc::new(InFlight::default()),
     };
+    let in_flight_max = u64::from(shared.config.publishes_in_flight_max);
     let mut frames: Vec<Frame> = Vec::new();
     let mut shutdown = shared.shutdown.clone();
     let dead_after = negotiated.heartbeat * 2;
@@ -253,6 +280,14 @@ async fn read_loop(
             continue;
         }
         wait_for_outbox_room(outbox).await;
+        while state.in_flight.count.load(Ordering::Acquire) >= in_flight_max {
+            let confirmed = state.in_flight.confirmed.notified();
+            if state.in_flight.count.load(Ordering::Acquire) < in_flight_max {
+                break;
+            }
+            // Confirms notify; the timeout only guards against a missed race.
+            let _ = tokio::time::timeout(Duration::from_millis(100), confirmed).await;
+        }
         if state.published {
             state.published = false;
             wait_for_memory(shared).await;
@@ -348,13 +383,97 @@ impl Confirms {
     }
 }
 
-fn publish_status(result: Result<Reply, CoreError>) -> ConfirmStatus {
-    match result {
-        Ok(_) => ConfirmStatus::Confirmed(Durability::InMemory),
-        Err(err) => ConfirmStatus::Refused {
-            code: error_code(&err),
-            reason: err.to_string(),
-        },
+/// What the log's completion must do for one batch: confirm the durable publishes and send
+/// the responses of durable topology changes.
+#[derive(Default)]
+struct Deferred {
+    seqs: Vec<u64>,
+    frames: Vec<Frame>,
+}
+
+fn durability_of(coverage: SyncCoverage) -> Durability {
+    match coverage {
+        SyncCoverage::Fsynced => Durability::Fsynced,
+        SyncCoverage::IntervalPending | SyncCoverage::Unsynced => Durability::UnsafeNotSynced,
+    }
+}
+
+fn refusal_of(err: &WalError) -> (ErrorCode, String) {
+    match err {
+        WalError::StorageFull { .. } => (ErrorCode::ResourceLimit, format!("disk full: {err}")),
+        WalError::Overloaded { .. } => (ErrorCode::Backpressure, format!("log overloaded: {err}")),
+        _ => (
+            ErrorCode::Internal,
+            format!("the write-ahead log failed: {err}"),
+        ),
+    }
+}
+
+impl Deferred {
+    fn complete(self, outbox: &Outbox, in_flight: &InFlight, outcome: Outcome) {
+        let n_seqs = self.seqs.len() as u64;
+        let mut confirms = Confirms::default();
+        let status = match &outcome {
+            Ok(coverage) => ConfirmStatus::Confirmed(durability_of(*coverage)),
+            Err(err) => {
+                let (code, reason) = refusal_of(err);
+                ConfirmStatus::Refused { code, reason }
+            }
+        };
+        for seq in self.seqs {
+            confirms.push(seq, status.clone());
+        }
+        if !confirms.ranges.is_empty() {
+            outbox.push_frame(Frame::Confirm(Confirm {
+                ranges: confirms.ranges,
+            }));
+        }
+        for frame in self.frames {
+            match (&outcome, frame) {
+                (Err(err), Frame::Response { correlation_id, .. }) => {
+                    let (code, reason) = refusal_of(err);
+                    let message = format!("applied in memory but not logged: {reason}");
+                    outbox.push_frame(Frame::Response {
+                        correlation_id,
+                        response: Response::Error { code, message },
+                    });
+                }
+                (_, frame) => outbox.push_frame(frame),
+            }
+        }
+        if n_seqs > 0 {
+            in_flight.count.fetch_sub(n_seqs, Ordering::AcqRel);
+            in_flight.confirmed.notify_waiters();
+        }
+    }
+}
+
+fn refused(code: ErrorCode, reason: impl Into<String>) -> ConfirmStatus {
+    ConfirmStatus::Refused {
+        code,
+        reason: reason.into(),
+    }
+}
+
+/// Publishes one message: confirmed now (transient), deferred to the log (durable) or refused.
+fn publish_one(
+    state: &mut State,
+    now: u64,
+    message: Message,
+    seq: u64,
+    confirms: &mut Confirms,
+    deferred: &mut Deferred,
+) {
+    if message.persistent {
+        if let Some(reason) = state.refusing_durable() {
+            confirms.push(seq, refused(ErrorCode::ResourceLimit, reason));
+            return;
+        }
+    }
+    match state.publish(now, Arc::new(message)) {
+        Ok(true) => deferred.seqs.push(seq),
+        Ok(false) => confirms.push(seq, ConfirmStatus::Confirmed(Durability::InMemory)),
+        Err(err) => confirms.push(seq, refused(error_code(&err), err.to_string())),
     }
 }
 
@@ -363,10 +482,11 @@ fn process(
     shared: &Shared,
     reader: &mut Reader,
     frames: &mut Vec<Frame>,
-    outbox: &Outbox,
+    outbox: &Arc<Outbox>,
 ) -> Option<Exit> {
     let now = now_ms();
     let mut confirms = Confirms::default();
+    let mut deferred = Deferred::default();
     let mut exit = None;
     let connection = reader.connection;
     {
@@ -386,13 +506,14 @@ fn process(
                         &publish.properties,
                         publish.body,
                     );
-                    let status = publish_status(state.apply(
+                    publish_one(
+                        &mut state,
                         now,
-                        Command::Publish {
-                            message: Arc::new(message),
-                        },
-                    ));
-                    confirms.push(reader.publish_seq, status);
+                        message,
+                        reader.publish_seq,
+                        &mut confirms,
+                        &mut deferred,
+                    );
                 }
                 Frame::PublishBatch(batch) => {
                     reader.published = true;
@@ -407,13 +528,14 @@ fn process(
                             &message.properties,
                             message.body.clone(),
                         );
-                        let status = publish_status(state.apply(
+                        publish_one(
+                            &mut state,
                             now,
-                            Command::Publish {
-                                message: Arc::new(message),
-                            },
-                        ));
-                        confirms.push(reader.publish_seq, status);
+                            message,
+                            reader.publish_seq,
+                            &mut confirms,
+                            &mut deferred,
+                        );
                         state.route_effects();
                     }
                 }
@@ -470,11 +592,19 @@ fn process(
                     correlation_id,
                     request,
                 } => {
+                    let logged_before = state.pending_log_ops();
                     let response = handle_request(&mut state, connection, now, request);
-                    outbox.push_frame(Frame::Response {
+                    state.route_effects();
+                    let frame = Frame::Response {
                         correlation_id,
                         response,
-                    });
+                    };
+                    if state.pending_log_ops() > logged_before {
+                        // A durable change: answer once it is on disk.
+                        deferred.frames.push(frame);
+                    } else {
+                        outbox.push_frame(frame);
+                    }
                 }
                 Frame::Heartbeat => {}
                 Frame::Close(close) => {
@@ -491,6 +621,18 @@ fn process(
                 }
             }
             state.route_effects();
+        }
+        if !deferred.seqs.is_empty() || !deferred.frames.is_empty() {
+            reader
+                .in_flight
+                .count
+                .fetch_add(deferred.seqs.len() as u64, Ordering::AcqRel);
+            let (outbox, in_flight) = (outbox.clone(), reader.in_flight.clone());
+            state.commit(Some(Box::new(move |outcome| {
+                deferred.complete(&outbox, &in_flight, outcome)
+            })));
+        } else {
+            state.commit(None);
         }
         {
             let high = shared.config.ready_bytes_high_watermark;

@@ -107,7 +107,13 @@ pub struct PublishNames {
 }
 
 /// A published wire message as a core message.
-pub fn message_from_wire(names: &mut PublishNames, exchange: &str, routing_key: &str, properties: &Properties, body: Bytes) -> Message {
+pub fn message_from_wire(
+    names: &mut PublishNames,
+    exchange: &str,
+    routing_key: &str,
+    properties: &Properties,
+    body: Bytes,
+) -> Message {
     let mut message = Message {
         exchange: names.exchange.get(exchange),
         routing_key: names.routing_key.get(routing_key),
@@ -119,7 +125,11 @@ pub fn message_from_wire(names: &mut PublishNames, exchange: &str, routing_key: 
     }
     let fields = properties.get();
     message.message_id = fields.message_id.map(str::to_owned);
-    message.headers = fields.headers.iter().map(|(key, value)| (key, value_to_core(value))).collect();
+    message.headers = fields
+        .headers
+        .iter()
+        .map(|(key, value)| (key, value_to_core(value)))
+        .collect();
     message.content_type = fields.content_type.map(str::to_owned);
     message.content_encoding = fields.content_encoding.map(str::to_owned);
     message.timestamp_ms = (fields.timestamp_ms != 0).then_some(fields.timestamp_ms);
@@ -211,12 +221,21 @@ mod tests {
         };
         let properties = Properties::try_from(fields).unwrap();
         let mut names = PublishNames::default();
-        let message = message_from_wire(&mut names, "ex", "rk", &properties, Bytes::from_static(b"body"));
+        let message = message_from_wire(
+            &mut names,
+            "ex",
+            "rk",
+            &properties,
+            Bytes::from_static(b"body"),
+        );
         assert_eq!(&*message.exchange, "ex");
         assert_eq!(message.headers, Headers::new().with("k", "v"));
         assert_eq!(properties_to_wire(&message), properties);
         let again = message_from_wire(&mut names, "ex", "rk", &Properties::default(), Bytes::new());
-        assert!(Arc::ptr_eq(&message.exchange, &again.exchange), "repeated names are shared");
+        assert!(
+            Arc::ptr_eq(&message.exchange, &again.exchange),
+            "repeated names are shared"
+        );
         assert_eq!(properties_to_wire(&again), Properties::default());
     }
 }

@@ -10,7 +10,9 @@
 pub mod config;
 mod connection;
 pub mod convert;
+pub mod durable;
 pub mod limits;
+pub mod log;
 pub mod outbox;
 mod server;
 pub mod state;

@@ -1,15 +1,27 @@
-//! The `wharf` binary: `wharf serve` runs the broker; the other subcommands are its CLI.
+//! The `wharf` binary: `wharf serve` runs the broker; the other subcommands are its CLI
+//! (`cli.rs`), which talks to a broker through `wharf-client`.
+
+mod cli;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use wharf_server::config::{FileConfig, Overrides, resolve};
 use wharf_server::{LogFormat, Server};
 
 /// Wharf: a fast, durable message broker.
 #[derive(Debug, Parser)]
-#[command(name = "wharf", version, about)]
+#[command(
+    name = "wharf",
+    version,
+    about,
+    long_about = "Wharf: a fast, durable message broker.\n\n\
+                  `wharf serve` runs the broker; the other commands talk to one at --server \
+                  (env WHARF_SERVER, default 127.0.0.1:5800).",
+    after_long_help = cli::EXIT_CODES_HELP
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -19,6 +31,8 @@ struct Cli {
 enum Cmd {
     /// Run the broker.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Client(cli::Command),
 }
 
 #[derive(Debug, clap::Args)]
@@ -35,6 +49,10 @@ struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, env = "WHARF_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// When the log is fsynced: always (confirm after fsync), interval=MS, never (unsafe)
+    /// [default: always].
+    #[arg(long, env = "WHARF_SYNC")]
+    sync: Option<String>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -55,6 +73,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         bind: args.bind,
         data_dir: args.data_dir,
         log_format: args.log_format,
+        sync: args.sync,
     };
     let config = resolve(overrides, file)?;
     init_logging(config.log_format);
@@ -86,12 +105,44 @@ async fn wait_for_signal() {
     let _ = ctrl_c.await;
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     match cli.command {
-        Cmd::Serve(args) => runtime.block_on(serve(args)),
+        Cmd::Serve(args) => {
+            let result = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(serve(args)));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Client(command) => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    eprintln!("error: cannot start the runtime: {err}");
+                    return ExitCode::from(cli::EXIT_OTHER);
+                }
+            };
+            let result = runtime.block_on(cli::run(command));
+            // Do not wait for a stdin reader blocked in `read`.
+            runtime.shutdown_background();
+            match result {
+                Ok(()) => ExitCode::from(cli::EXIT_OK),
+                Err(failure) => {
+                    eprintln!("error: {}", failure.message);
+                    ExitCode::from(failure.exit_code)
+                }
+            }
+        }
     }
 }

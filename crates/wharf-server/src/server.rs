@@ -1,6 +1,7 @@
 //! The listener, the accept loop and graceful shutdown.
 
 use crate::config::ServerConfig;
+use crate::log::{FailStop, Log, LogConfig};
 use crate::state::State;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -10,6 +11,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tracing::{info, warn};
+use wharf_core::Broker;
+use wharf_storage::{FileStorage, Storage};
 
 /// Milliseconds since the Unix epoch: the logical time the core is given.
 pub(crate) fn now_ms() -> u64 {
@@ -23,6 +26,8 @@ pub(crate) fn now_ms() -> u64 {
 pub(crate) struct Shared {
     pub config: ServerConfig,
     state: Mutex<State>,
+    /// Set when the log failed: the server stops and `run` reports it (fail-stop).
+    pub failure: Arc<Mutex<Option<String>>>,
     pub next_connection: AtomicU64,
     pub shutdown: watch::Receiver<bool>,
     /// Notified when ready bytes fall below the low watermark (see the memory alarm).
@@ -63,12 +68,51 @@ pub struct Server {
 impl Server {
     /// Binds the listener and prepares the data directory.
     pub async fn bind(config: ServerConfig) -> std::io::Result<Server> {
+        Self::bind_with_storage(config, Arc::new(FileStorage)).await
+    }
+
+    /// Like [`Server::bind`], with the log on the given storage (tests inject faults here).
+    pub async fn bind_with_storage(
+        config: ServerConfig,
+        storage: Arc<dyn Storage>,
+    ) -> std::io::Result<Server> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let listener = TcpListener::bind(config.bind).await?;
         let (sender, receiver) = watch::channel(false);
+        let sender = Arc::new(sender);
+        let failure: Arc<Mutex<Option<String>>> = Arc::default();
+        let fail_stop: FailStop = {
+            let (sender, failure) = (sender.clone(), failure.clone());
+            Arc::new(move |reason: String| {
+                failure.lock().expect("failure lock").get_or_insert(reason);
+                sender.send_replace(true);
+            })
+        };
+        let log_config = LogConfig {
+            sync_policy: config.sync_policy,
+            segment_bytes: config.segment_bytes,
+            checkpoint_bytes: config.checkpoint_bytes,
+        };
+        let mut broker = Broker::default();
+        let (log, recovered) = Log::open(
+            storage,
+            &config.data_dir.join("wal"),
+            log_config,
+            &mut broker,
+            now_ms(),
+            fail_stop,
+        )
+        .map_err(|err| {
+            std::io::Error::other(format!(
+                "cannot recover the log in {}: {err}",
+                config.data_dir.display()
+            ))
+        })?;
+        info!(?recovered, "log open");
+        let listener = TcpListener::bind(config.bind).await?;
         let shared = Arc::new(Shared {
             config,
-            state: Mutex::new(State::default()),
+            failure,
+            state: Mutex::new(State::with_log(broker, log)),
             next_connection: AtomicU64::new(1),
             shutdown: receiver,
             memory_freed: Notify::new(),
@@ -76,9 +120,7 @@ impl Server {
         Ok(Server {
             listener,
             shared,
-            shutdown: ShutdownHandle {
-                sender: Arc::new(sender),
-            },
+            shutdown: ShutdownHandle { sender },
         })
     }
 
@@ -132,6 +174,15 @@ impl Server {
         {
             warn!("some connections did not close in time");
             connections.abort_all();
+        }
+        let log = shared.lock().log().cloned();
+        if let Some(log) = log {
+            log.close();
+        }
+        if let Some(reason) = shared.failure.lock().expect("failure lock").clone() {
+            return Err(std::io::Error::other(format!(
+                "stopped after a log failure: {reason}"
+            )));
         }
         info!("shutdown complete");
         Ok(())

@@ -1,24 +1,44 @@
-//! The broker state shared by all connections: the core plus where each connection's output
-//! goes. One mutex guards it; it is held only while commands are applied and their effects
-//! queued — never across I/O.
+//! The broker state shared by all connections: the core, where each connection's output goes,
+//! and the log of durable changes. One mutex guards it; it is held only while commands are
+//! applied, their effects queued and their log record handed to the WAL writer — never across
+//! I/O.
 
+use crate::durable::{Op, Record, StoredMessage, bind_op, declare_exchange_op, declare_queue_op};
+use crate::log::{Log, Outcome};
 use crate::outbox::{Out, Outbox};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::debug;
-use wharf_core::{Broker, CancelReason, Command, ConnectionId, CoreError, Effect, Reply};
+use wharf_core::{Broker, CancelReason, Command, ConnectionId, CoreError, Effect, Message, Reply};
 use wharf_protocol::{ConsumerCancelled, ErrorCode, Frame};
 
-/// The core and the connection registry.
+/// The core, the connection registry and the pending log operations.
 #[derive(Debug, Default)]
 pub struct State {
     /// The broker core.
     pub broker: Broker,
     outboxes: HashMap<ConnectionId, Arc<Outbox>>,
     effects: Vec<Effect>,
+    /// Durable changes applied but not yet handed to the log.
+    log_ops: Vec<Op>,
+    log: Option<Arc<Log>>,
 }
 
 impl State {
+    /// A state around a recovered broker and its log.
+    pub fn with_log(broker: Broker, log: Arc<Log>) -> Self {
+        State {
+            broker,
+            log: Some(log),
+            ..State::default()
+        }
+    }
+
+    /// The log, if the broker has one.
+    pub fn log(&self) -> Option<&Arc<Log>> {
+        self.log.as_ref()
+    }
+
     /// Registers a connection and its outbox with the core.
     pub fn open(&mut self, now_ms: u64, connection: ConnectionId, outbox: Arc<Outbox>) {
         self.outboxes.insert(connection, outbox);
@@ -45,6 +65,7 @@ impl State {
             Err(err) => panic!("closing a connection failed: {err}"),
         }
         self.route_effects();
+        self.commit(None);
     }
 
     /// Number of connections registered.
@@ -53,12 +74,91 @@ impl State {
     }
 
     /// Applies a command; effects are held until [`State::route_effects`], so the caller can
-    /// queue its own reply first (a `Subscribed` response before the first delivery).
+    /// queue its own reply first (a `Subscribed` response before the first delivery). Durable
+    /// topology changes are queued for the log.
     pub fn apply(&mut self, now_ms: u64, command: Command) -> Result<Reply, CoreError> {
-        self.broker.apply(now_ms, command, &mut self.effects)
+        let op = match &command {
+            Command::DeclareExchange {
+                name,
+                kind,
+                options,
+                passive: false,
+            } => declare_exchange_op(name, *kind, options),
+            Command::Bind {
+                source,
+                target,
+                routing_key,
+                arguments,
+            } => bind_op(&self.broker, source, target, routing_key, arguments, true),
+            Command::Unbind {
+                source,
+                target,
+                routing_key,
+                arguments,
+            } => bind_op(&self.broker, source, target, routing_key, arguments, false),
+            _ => None,
+        };
+        let declared_queue = match &command {
+            Command::DeclareQueue {
+                options,
+                passive: false,
+                ..
+            } if options.durable && !options.exclusive => Some(options.clone()),
+            _ => None,
+        };
+        let reply = self.broker.apply(now_ms, command, &mut self.effects)?;
+        if let Some(op) = op {
+            self.log_ops.push(op);
+        }
+        if let (Some(options), Reply::QueueDeclared { name, .. }) = (declared_queue, &reply) {
+            self.log_ops.extend(declare_queue_op(name, &options));
+        }
+        Ok(reply)
     }
 
-    /// Sends every pending effect to the outbox of the connection it concerns.
+    /// Publishes; `Ok(true)` when the message must reach the log before it is confirmed.
+    pub fn publish(&mut self, now_ms: u64, message: Arc<Message>) -> Result<bool, CoreError> {
+        self.apply(now_ms, Command::Publish { message })?;
+        Ok(self
+            .effects
+            .iter()
+            .any(|effect| matches!(effect, Effect::DurableEnqueued { .. })))
+    }
+
+    /// Whether durable publishes are being refused (disk full, log failed), and why.
+    pub fn refusing_durable(&self) -> Option<&'static str> {
+        self.log.as_ref().and_then(|log| log.refusing())
+    }
+
+    /// Durable operations queued and not yet committed.
+    pub fn pending_log_ops(&self) -> usize {
+        self.log_ops.len()
+    }
+
+    /// Hands the queued durable operations to the log as one record (call with the lock held:
+    /// log order is then core order). `done` runs when the record is on disk (or failed); with
+    /// nothing to log it runs at once with the strongest outcome.
+    pub fn commit(&mut self, done: Option<Box<dyn FnOnce(Outcome) + Send>>) {
+        let Some(log) = self.log.clone() else {
+            self.log_ops.clear();
+            if let Some(done) = done {
+                done(Ok(wharf_storage::SyncCoverage::Unsynced));
+            }
+            return;
+        };
+        if self.log_ops.is_empty() {
+            if let Some(done) = done {
+                done(Ok(wharf_storage::SyncCoverage::Fsynced));
+            }
+            return;
+        }
+        let record = Record::Batch(std::mem::take(&mut self.log_ops));
+        log.append(&record, done.unwrap_or_else(|| Box::new(|_| {})));
+        log.maybe_checkpoint(&self.broker);
+    }
+
+    /// Sends every pending effect to the outbox of the connection it concerns, and queues the
+    /// durable ones for the log.
     pub fn route_effects(&mut self) {
         for effect in self.effects.drain(..) {
             match effect {
@@ -83,10 +183,39 @@ impl State {
                         }));
                     }
                 }
-                Effect::QueueDeleted { name, durable } => {
-                    debug!(queue = %name, durable, "queue deleted")
+                Effect::DurableEnqueued {
+                    durable_id,
+                    queues,
+                    message,
+                } => {
+                    self.log_ops.push(Op::Enqueue {
+                        durable_id,
+                        queues: queues.iter().map(|queue| queue.to_string()).collect(),
+                        message: StoredMessage::from(&*message),
+                    });
                 }
-                Effect::ExchangeDeleted { name } => debug!(exchange = %name, "exchange deleted"),
+                Effect::DurableSettled { durable_id, queue } => {
+                    self.log_ops.push(Op::Settle {
+                        durable_id,
+                        queue: queue.to_string(),
+                    });
+                }
+                Effect::QueueDeleted { name, durable } => {
+                    debug!(queue = %name, durable, "queue deleted");
+                    if durable {
+                        self.log_ops.push(Op::DeleteQueue {
+                            name: name.to_string(),
+                        });
+                    }
+                }
+                Effect::ExchangeDeleted { name, durable } => {
+                    debug!(exchange = %name, durable, "exchange deleted");
+                    if durable {
+                        self.log_ops.push(Op::DeleteExchange {
+                            name: name.to_string(),
+                        });
+                    }
+                }
             }
         }
     }

@@ -13,7 +13,10 @@ async fn random_bytes_instead_of_a_handshake_are_refused_and_others_are_still_se
     let mut raw = Raw::connect(server.addr()).await;
     raw.send_bytes(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     // Not a Wharf client: the server closes without a word (docs/protocol.md §1).
-    assert!(raw.read_preamble().await.is_none(), "socket closed with nothing sent");
+    assert!(
+        raw.read_preamble().await.is_none(),
+        "socket closed with nothing sent"
+    );
     assert!(raw.buf.is_empty());
     server_still_serves(server.addr(), "after-garbage").await;
 }

@@ -4,11 +4,15 @@ mod common;
 
 use common::{DEADLINE, TestServer};
 use std::time::Duration;
-use wharf_client::{Client, ClientError, ConsumeOptions, Consumer, Delivery, ExchangeKind, HeadersMatch, Message};
+use wharf_client::{
+    Client, ClientError, ConsumeOptions, Consumer, Delivery, ExchangeKind, HeadersMatch, Message,
+};
 use wharf_protocol::ErrorCode;
 
 async fn connect(server: &TestServer) -> Client {
-    Client::connect(&server.addr().to_string()).await.expect("connect")
+    Client::connect(&server.addr().to_string())
+        .await
+        .expect("connect")
 }
 
 async fn next(consumer: &mut Consumer) -> Delivery {
@@ -21,13 +25,18 @@ async fn next(consumer: &mut Consumer) -> Delivery {
 
 /// Asserts nothing more arrives for a short while (the broker has nothing to send).
 async fn assert_quiet(consumer: &mut Consumer) {
-    if let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await {
+    if let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await
+    {
         panic!("unexpected delivery: {:?}", item.map(|d| d.body().clone()));
     }
 }
 
 fn manual(prefetch: u32) -> ConsumeOptions {
-    ConsumeOptions { prefetch, auto_ack: false, ..ConsumeOptions::default() }
+    ConsumeOptions {
+        prefetch,
+        auto_ack: false,
+        ..ConsumeOptions::default()
+    }
 }
 
 async fn body_of(consumer: &mut Consumer) -> String {
@@ -49,7 +58,10 @@ async fn default_exchange_publish_consume_ack_round_trip_with_metadata() {
         .priority(3)
         .header("kind", "order")
         .header("attempt", 2i64);
-    client.publish("", "orders", message).await.expect("confirmed");
+    client
+        .publish("", "orders", message)
+        .await
+        .expect("confirmed");
     let mut consumer = client.consume("orders", manual(10)).await.unwrap();
     let delivery = next(&mut consumer).await;
     assert_eq!(&delivery.body()[..], b"Order 12345");
@@ -62,21 +74,31 @@ async fn default_exchange_publish_consume_ack_round_trip_with_metadata() {
     assert_eq!(properties.correlation_id(), Some("c-9"));
     assert_eq!(properties.reply_to(), Some("replies"));
     assert_eq!(properties.priority(), 3);
-    assert_eq!(delivery.header("kind").and_then(|v| v.as_str()), Some("order"));
+    assert_eq!(
+        delivery.header("kind").and_then(|v| v.as_str()),
+        Some("order")
+    );
     assert_eq!(delivery.header("attempt").and_then(|v| v.as_i64()), Some(2));
     delivery.ack().await.unwrap();
     let stats = wait_stats(&client, "orders", |s| s.unacked == 0).await;
     assert_eq!((stats.ready, stats.unacked, stats.consumers), (0, 0, 1));
 }
 
-async fn wait_stats(client: &Client, queue: &str, done: impl Fn(&wharf_protocol::QueueInfo) -> bool) -> wharf_protocol::QueueInfo {
+async fn wait_stats(
+    client: &Client,
+    queue: &str,
+    done: impl Fn(&wharf_protocol::QueueInfo) -> bool,
+) -> wharf_protocol::QueueInfo {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         let stats = client.queue_stats(queue).await.unwrap();
         if done(&stats) {
             return stats;
         }
-        assert!(tokio::time::Instant::now() < deadline, "condition not reached: {stats:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached: {stats:?}"
+        );
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -89,25 +111,73 @@ async fn every_exchange_type_routes_end_to_end() {
     for queue in ["direct_q", "fanout_a", "fanout_b", "topic_q", "headers_q"] {
         client.declare_queue(queue).await.unwrap();
     }
-    client.declare_exchange("d", ExchangeKind::Direct).await.unwrap();
-    client.declare_exchange("f", ExchangeKind::Fanout).await.unwrap();
-    client.declare_exchange("t", ExchangeKind::Topic).await.unwrap();
-    client.declare_exchange("h", ExchangeKind::Headers).await.unwrap();
+    client
+        .declare_exchange("d", ExchangeKind::Direct)
+        .await
+        .unwrap();
+    client
+        .declare_exchange("f", ExchangeKind::Fanout)
+        .await
+        .unwrap();
+    client
+        .declare_exchange("t", ExchangeKind::Topic)
+        .await
+        .unwrap();
+    client
+        .declare_exchange("h", ExchangeKind::Headers)
+        .await
+        .unwrap();
     client.bind_queue("direct_q", "d", "red").await.unwrap();
     client.bind_queue("fanout_a", "f", "").await.unwrap();
     client.bind_queue("fanout_b", "f", "").await.unwrap();
-    client.bind_queue("topic_q", "t", "orders.*.paid").await.unwrap();
-    client.bind_queue("headers_q", "h", "").headers_match(HeadersMatch::Any).argument("region", "eu").argument("vip", true).await.unwrap();
+    client
+        .bind_queue("topic_q", "t", "orders.*.paid")
+        .await
+        .unwrap();
+    client
+        .bind_queue("headers_q", "h", "")
+        .headers_match(HeadersMatch::Any)
+        .argument("region", "eu")
+        .argument("vip", true)
+        .await
+        .unwrap();
 
-    client.publish("d", "red", Message::new("direct-hit")).await.unwrap();
-    client.publish("d", "blue", Message::new("direct-miss")).await.unwrap();
-    client.publish("f", "whatever", Message::new("fan")).await.unwrap();
-    client.publish("t", "orders.eu.paid", Message::new("topic-hit")).await.unwrap();
-    client.publish("t", "orders.eu.refunded", Message::new("topic-miss")).await.unwrap();
-    client.publish("h", "", Message::new("headers-hit").header("vip", true)).await.unwrap();
-    client.publish("h", "", Message::new("headers-miss").header("region", "us")).await.unwrap();
+    client
+        .publish("d", "red", Message::new("direct-hit"))
+        .await
+        .unwrap();
+    client
+        .publish("d", "blue", Message::new("direct-miss"))
+        .await
+        .unwrap();
+    client
+        .publish("f", "whatever", Message::new("fan"))
+        .await
+        .unwrap();
+    client
+        .publish("t", "orders.eu.paid", Message::new("topic-hit"))
+        .await
+        .unwrap();
+    client
+        .publish("t", "orders.eu.refunded", Message::new("topic-miss"))
+        .await
+        .unwrap();
+    client
+        .publish("h", "", Message::new("headers-hit").header("vip", true))
+        .await
+        .unwrap();
+    client
+        .publish("h", "", Message::new("headers-miss").header("region", "us"))
+        .await
+        .unwrap();
 
-    let expect = [("direct_q", "direct-hit"), ("fanout_a", "fan"), ("fanout_b", "fan"), ("topic_q", "topic-hit"), ("headers_q", "headers-hit")];
+    let expect = [
+        ("direct_q", "direct-hit"),
+        ("fanout_a", "fan"),
+        ("fanout_b", "fan"),
+        ("topic_q", "topic-hit"),
+        ("headers_q", "headers-hit"),
+    ];
     for (queue, body) in expect {
         let stats = client.queue_stats(queue).await.unwrap();
         assert_eq!(stats.ready, 1, "{queue}");
@@ -127,7 +197,16 @@ async fn competing_consumers_with_prefetch_one_share_the_work_fairly() {
     let mut consumer_a = worker_a.consume("work", manual(1)).await.unwrap();
     let mut consumer_b = worker_b.consume("work", manual(1)).await.unwrap();
     let publishing = publisher.publisher();
-    let outcomes = publishing.publish_batch("", "work", (0..20).map(|idx| Message::new(format!("job-{idx}"))).collect()).await.unwrap();
+    let outcomes = publishing
+        .publish_batch(
+            "",
+            "work",
+            (0..20)
+                .map(|idx| Message::new(format!("job-{idx}")))
+                .collect(),
+        )
+        .await
+        .unwrap();
     assert!(outcomes.iter().all(Result::is_ok));
     let mut got_a = 0;
     let mut got_b = 0;
@@ -170,7 +249,10 @@ async fn cancel_returns_unacked_messages_for_redelivery() {
     let client = connect(&server).await;
     client.declare_queue("q").await.unwrap();
     for idx in 0..3 {
-        client.publish("", "q", Message::new(format!("m{idx}"))).await.unwrap();
+        client
+            .publish("", "q", Message::new(format!("m{idx}")))
+            .await
+            .unwrap();
     }
     let mut consumer = client.consume("q", manual(10)).await.unwrap();
     let _held = next(&mut consumer).await;
@@ -189,7 +271,10 @@ async fn a_dropped_connection_returns_its_unacked_messages_to_other_consumers() 
     let survivor = connect(&server).await;
     survivor.declare_queue("q").await.unwrap();
     for idx in 0..4 {
-        survivor.publish("", "q", Message::new(format!("m{idx}"))).await.unwrap();
+        survivor
+            .publish("", "q", Message::new(format!("m{idx}")))
+            .await
+            .unwrap();
     }
     let doomed = connect(&server).await;
     let mut doomed_consumer = doomed.consume("q", manual(4)).await.unwrap();
@@ -207,16 +292,30 @@ async fn a_dropped_connection_returns_its_unacked_messages_to_other_consumers() 
         bodies.push(String::from_utf8(delivery.body().to_vec()).unwrap());
         delivery.ack().await.unwrap();
     }
-    assert_eq!(bodies, vec!["m0", "m1", "m2", "m3"], "FIFO order kept across the redelivery");
+    assert_eq!(
+        bodies,
+        vec!["m0", "m1", "m2", "m3"],
+        "FIFO order kept across the redelivery"
+    );
 }
 
 #[tokio::test]
 async fn publish_confirms_report_refusals_as_typed_errors() {
     let server = TestServer::start().await;
     let client = connect(&server).await;
-    let err = client.publish("missing-exchange", "k", Message::new("x")).await.unwrap_err();
+    let err = client
+        .publish("missing-exchange", "k", Message::new("x"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err}");
-    client.publish("", "no-such-queue", Message::new("unroutable is confirmed, as in AMQP")).await.unwrap();
+    client
+        .publish(
+            "",
+            "no-such-queue",
+            Message::new("unroutable is confirmed, as in AMQP"),
+        )
+        .await
+        .unwrap();
     let err = client.declare_queue("wharf.mine").await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::InvalidName), "{err}");
     let err = client.queue_stats("nope").await.unwrap_err();
@@ -234,7 +333,12 @@ async fn pipelined_publishes_are_all_confirmed_and_delivered_in_order() {
     let publisher = client.publisher_with_window(64);
     let mut tickets = Vec::new();
     for idx in 0..1000u32 {
-        tickets.push(publisher.publish("", "stream", Message::new(idx.to_be_bytes().to_vec())).await.unwrap());
+        tickets.push(
+            publisher
+                .publish("", "stream", Message::new(idx.to_be_bytes().to_vec()))
+                .await
+                .unwrap(),
+        );
     }
     for ticket in tickets {
         ticket.await.unwrap();
@@ -255,8 +359,13 @@ async fn deleting_a_queue_under_a_consumer_ends_its_stream_with_a_server_cancel(
     let mut consumer = client.consume("doomed", manual(5)).await.unwrap();
     let other = connect(&server).await;
     assert_eq!(other.delete_queue("doomed").await.unwrap(), 0);
-    let item = tokio::time::timeout(DEADLINE, consumer.next()).await.expect("ends in time");
-    assert!(matches!(item, Some(Err(ClientError::ConsumerCancelled { .. }))), "{item:?}");
+    let item = tokio::time::timeout(DEADLINE, consumer.next())
+        .await
+        .expect("ends in time");
+    assert!(
+        matches!(item, Some(Err(ClientError::ConsumerCancelled { .. }))),
+        "{item:?}"
+    );
 }
 
 #[tokio::test]
@@ -272,7 +381,10 @@ async fn exclusive_queues_belong_to_one_connection_and_vanish_with_it() {
     loop {
         match other.queue_stats("mine").await {
             Err(err) if err.is_not_found() => break,
-            _ => assert!(tokio::time::Instant::now() < deadline, "exclusive queue still there"),
+            _ => assert!(
+                tokio::time::Instant::now() < deadline,
+                "exclusive queue still there"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -296,9 +408,26 @@ async fn auto_ack_consumer_keeps_receiving_beyond_its_prefetch_through_credit() 
     let client = connect(&server).await;
     client.declare_queue("firehose").await.unwrap();
     let publisher = client.publisher();
-    let outcomes = publisher.publish_batch("", "firehose", (0..500).map(|idx| Message::new(format!("{idx}"))).collect()).await.unwrap();
+    let outcomes = publisher
+        .publish_batch(
+            "",
+            "firehose",
+            (0..500).map(|idx| Message::new(format!("{idx}"))).collect(),
+        )
+        .await
+        .unwrap();
     assert!(outcomes.iter().all(Result::is_ok));
-    let mut consumer = client.consume("firehose", ConsumeOptions { prefetch: 16, auto_ack: true, ..ConsumeOptions::default() }).await.unwrap();
+    let mut consumer = client
+        .consume(
+            "firehose",
+            ConsumeOptions {
+                prefetch: 16,
+                auto_ack: true,
+                ..ConsumeOptions::default()
+            },
+        )
+        .await
+        .unwrap();
     for idx in 0..500 {
         let delivery = next(&mut consumer).await;
         assert_eq!(delivery.body(), format!("{idx}").as_bytes());
@@ -319,8 +448,17 @@ async fn listings_show_queues_and_built_in_exchanges() {
     assert_eq!(names, vec!["a", "b"]);
     assert!(queues[0].durable && queues[0].ready == 1);
     let exchanges = client.list_exchanges().await.unwrap();
-    for builtin in ["", "wharf.direct", "wharf.fanout", "wharf.topic", "wharf.headers"] {
-        assert!(exchanges.iter().any(|e| e.name == builtin), "{builtin} missing");
+    for builtin in [
+        "",
+        "wharf.direct",
+        "wharf.fanout",
+        "wharf.topic",
+        "wharf.headers",
+    ] {
+        assert!(
+            exchanges.iter().any(|e| e.name == builtin),
+            "{builtin} missing"
+        );
     }
 }
 
@@ -334,7 +472,10 @@ async fn many_tasks_share_one_client() {
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             for idx in 0..50 {
-                client.publish("", "shared", Message::new(format!("{task_idx}-{idx}"))).await.unwrap();
+                client
+                    .publish("", "shared", Message::new(format!("{task_idx}-{idx}")))
+                    .await
+                    .unwrap();
             }
         }));
     }

@@ -1,0 +1,844 @@
+//! What the broker writes to its write-ahead log, and how it rebuilds itself from it.
+//!
+//! The log holds *operations on durable state*, never transient ones: durable topology
+//! (exchanges, queues, bindings whose both ends are durable), persistent messages that reached
+//! durable queues (`Enqueue`, one record per message however many queues it reached), and
+//! their settlement (`Settle`: acked, dropped, purged, auto-acked). Replay applies them in log
+//! order. To keep the log from growing forever, the broker periodically writes a
+//! **checkpoint**: the whole live durable state as one batch of records
+//! (`CheckpointBegin`, `CheckpointChunk`s, `CheckpointEnd`, appended contiguously under the
+//! broker lock, so nothing interleaves), and once it is on disk every older record is released.
+//! Recovery starts from the last complete checkpoint and replays the batches after it.
+//!
+//! WAL compaction is disabled for this log: moving a record would change replay order.
+//! See docs/durability.md for what a confirm promises.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use wharf_core::{
+    BindTarget, Broker, Command, ConnectionId, ExchangeKind, ExchangeOptions, HeaderValue, Headers,
+    Message, QueueOptions,
+};
+
+/// The connection id recovery uses to declare queues (real connections start at 1).
+pub const SYSTEM_CONNECTION: ConnectionId = ConnectionId(0);
+
+/// Version byte in front of every record payload; bumped only with a documented migration.
+pub const RECORD_FORMAT_VERSION: u8 = 1;
+
+/// A header value as stored in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StoredValue {
+    /// Text.
+    Str(String),
+    /// Integer.
+    Int(i64),
+    /// Double.
+    Float(f64),
+    /// Boolean.
+    Bool(bool),
+    /// Raw bytes.
+    Bytes(Bytes),
+    /// List.
+    List(Vec<StoredValue>),
+    /// Nested map.
+    Map(Vec<(String, StoredValue)>),
+}
+
+impl From<&HeaderValue> for StoredValue {
+    fn from(value: &HeaderValue) -> Self {
+        match value {
+            HeaderValue::Str(text) => StoredValue::Str(text.clone()),
+            HeaderValue::Int(number) => StoredValue::Int(*number),
+            HeaderValue::Float(number) => StoredValue::Float(*number),
+            HeaderValue::Bool(flag) => StoredValue::Bool(*flag),
+            HeaderValue::Bytes(bytes) => StoredValue::Bytes(bytes.clone()),
+            HeaderValue::List(values) => {
+                StoredValue::List(values.iter().map(StoredValue::from).collect())
+            }
+            HeaderValue::Map(map) => StoredValue::Map(stored_headers(map)),
+        }
+    }
+}
+
+impl From<StoredValue> for HeaderValue {
+    fn from(value: StoredValue) -> Self {
+        match value {
+            StoredValue::Str(text) => HeaderValue::Str(text),
+            StoredValue::Int(number) => HeaderValue::Int(number),
+            StoredValue::Float(number) => HeaderValue::Float(number),
+            StoredValue::Bool(flag) => HeaderValue::Bool(flag),
+            StoredValue::Bytes(bytes) => HeaderValue::Bytes(bytes),
+            StoredValue::List(values) => {
+                HeaderValue::List(values.into_iter().map(HeaderValue::from).collect())
+            }
+            StoredValue::Map(map) => HeaderValue::Map(core_headers(map)),
+        }
+    }
+}
+
+fn stored_headers(headers: &Headers) -> Vec<(String, StoredValue)> {
+    headers
+        .iter()
+        .map(|(key, value)| (key.to_owned(), StoredValue::from(value)))
+        .collect()
+}
+
+fn core_headers(entries: Vec<(String, StoredValue)>) -> Headers {
+    entries
+        .into_iter()
+        .map(|(key, value)| (key, HeaderValue::from(value)))
+        .collect()
+}
+
+/// A message as stored in the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    exchange: String,
+    routing_key: String,
+    message_id: Option<String>,
+    headers: Vec<(String, StoredValue)>,
+    content_type: Option<String>,
+    content_encoding: Option<String>,
+    timestamp_ms: Option<u64>,
+    correlation_id: Option<String>,
+    reply_to: Option<String>,
+    priority: u8,
+    expiration_ms: Option<u64>,
+    body: Bytes,
+}
+
+impl StoredMessage {
+    /// Bytes it takes in the log, roughly: the body dominates, metadata is bounded.
+    pub fn approx_bytes(&self) -> u64 {
+        self.body.len() as u64 + 64
+    }
+}
+
+impl From<&Message> for StoredMessage {
+    fn from(message: &Message) -> Self {
+        StoredMessage {
+            exchange: message.exchange.to_string(),
+            routing_key: message.routing_key.to_string(),
+            message_id: message.message_id.clone(),
+            headers: stored_headers(&message.headers),
+            content_type: message.content_type.clone(),
+            content_encoding: message.content_encoding.clone(),
+            timestamp_ms: message.timestamp_ms,
+            correlation_id: message.correlation_id.clone(),
+            reply_to: message.reply_to.clone(),
+            priority: message.priority,
+            expiration_ms: message.expiration_ms,
+            body: message.body.clone(),
+        }
+    }
+}
+
+impl From<StoredMessage> for Message {
+    fn from(stored: StoredMessage) -> Self {
+        Message {
+            exchange: stored.exchange.into(),
+            routing_key: stored.routing_key.into(),
+            message_id: stored.message_id,
+            headers: core_headers(stored.headers),
+            content_type: stored.content_type,
+            content_encoding: stored.content_encoding,
+            timestamp_ms: stored.timestamp_ms,
+            correlation_id: stored.correlation_id,
+            reply_to: stored.reply_to,
+            priority: stored.priority,
+            expiration_ms: stored.expiration_ms,
+            persistent: true,
+            body: stored.body,
+        }
+    }
+}
+
+/// Exchange kinds as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredKind {
+    /// Direct.
+    Direct,
+    /// Fanout.
+    Fanout,
+    /// Topic.
+    Topic,
+    /// Headers.
+    Headers,
+}
+
+impl From<ExchangeKind> for StoredKind {
+    fn from(kind: ExchangeKind) -> Self {
+        match kind {
+            ExchangeKind::Direct => StoredKind::Direct,
+            ExchangeKind::Fanout => StoredKind::Fanout,
+            ExchangeKind::Topic => StoredKind::Topic,
+            ExchangeKind::Headers => StoredKind::Headers,
+        }
+    }
+}
+
+impl From<StoredKind> for ExchangeKind {
+    fn from(kind: StoredKind) -> Self {
+        match kind {
+            StoredKind::Direct => ExchangeKind::Direct,
+            StoredKind::Fanout => ExchangeKind::Fanout,
+            StoredKind::Topic => ExchangeKind::Topic,
+            StoredKind::Headers => ExchangeKind::Headers,
+        }
+    }
+}
+
+/// One change to durable state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// A durable exchange was declared.
+    DeclareExchange {
+        /// Name.
+        name: String,
+        /// Kind.
+        kind: StoredKind,
+        /// Deleted with its last binding.
+        auto_delete: bool,
+        /// Not publishable directly.
+        internal: bool,
+        /// Arguments.
+        arguments: Vec<(String, StoredValue)>,
+    },
+    /// A durable exchange was deleted.
+    DeleteExchange {
+        /// Name.
+        name: String,
+    },
+    /// A durable queue was declared.
+    DeclareQueue {
+        /// Name.
+        name: String,
+        /// Deleted with its last consumer.
+        auto_delete: bool,
+        /// One consumer at a time.
+        single_active_consumer: bool,
+        /// Arguments.
+        arguments: Vec<(String, StoredValue)>,
+    },
+    /// A durable queue was deleted (its messages with it).
+    DeleteQueue {
+        /// Name.
+        name: String,
+    },
+    /// A binding between durable ends was added.
+    Bind {
+        /// Source exchange.
+        source: String,
+        /// Destination is a queue (else an exchange).
+        to_queue: bool,
+        /// Destination name.
+        destination: String,
+        /// Key or pattern.
+        routing_key: String,
+        /// Arguments.
+        arguments: Vec<(String, StoredValue)>,
+    },
+    /// A binding between durable ends was removed.
+    Unbind {
+        /// Source exchange.
+        source: String,
+        /// Destination is a queue (else an exchange).
+        to_queue: bool,
+        /// Destination name.
+        destination: String,
+        /// Key or pattern.
+        routing_key: String,
+        /// Arguments.
+        arguments: Vec<(String, StoredValue)>,
+    },
+    /// A persistent message entered durable queues.
+    Enqueue {
+        /// Its id, increasing in publish order.
+        durable_id: u64,
+        /// The durable queues it entered.
+        queues: Vec<String>,
+        /// The message.
+        message: StoredMessage,
+    },
+    /// A logged message left a durable queue for good.
+    Settle {
+        /// Its id.
+        durable_id: u64,
+        /// The queue.
+        queue: String,
+    },
+}
+
+/// One WAL record's payload (after the version byte).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Record {
+    /// Operations of one batch of commands, in order.
+    Batch(Vec<Op>),
+    /// Start of checkpoint `epoch`.
+    CheckpointBegin {
+        /// Checkpoint number.
+        epoch: u64,
+    },
+    /// Part of the state captured by checkpoint `epoch`.
+    CheckpointChunk {
+        /// Checkpoint number.
+        epoch: u64,
+        /// State, as operations that rebuild it from nothing.
+        ops: Vec<Op>,
+    },
+    /// End of checkpoint `epoch`: everything before its `CheckpointBegin` is superseded.
+    CheckpointEnd {
+        /// Checkpoint number.
+        epoch: u64,
+    },
+}
+
+/// A log record that cannot be understood: recovery stops (never skip data).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// Unknown format version.
+    #[error(
+        "log record at lsn {lsn} has format version {version}, this build reads {RECORD_FORMAT_VERSION}"
+    )]
+    Version {
+        /// Where.
+        lsn: u64,
+        /// What it says.
+        version: u8,
+    },
+    /// The payload does not decode.
+    #[error("log record at lsn {lsn} does not decode: {detail}")]
+    Decode {
+        /// Where.
+        lsn: u64,
+        /// Why.
+        detail: String,
+    },
+}
+
+impl Record {
+    /// The record's payload bytes.
+    pub fn encode(&self) -> Bytes {
+        let mut out = vec![RECORD_FORMAT_VERSION];
+        let encoded = postcard::to_allocvec(self).expect("log records always serialize");
+        out.extend_from_slice(&encoded);
+        Bytes::from(out)
+    }
+
+    /// Decodes a payload read back from the log.
+    pub fn decode(lsn: u64, payload: &[u8]) -> Result<Record, RecordError> {
+        match payload.first() {
+            Some(&RECORD_FORMAT_VERSION) => {
+                postcard::from_bytes(&payload[1..]).map_err(|err| RecordError::Decode {
+                    lsn,
+                    detail: err.to_string(),
+                })
+            }
+            Some(&version) => Err(RecordError::Version { lsn, version }),
+            None => Err(RecordError::Decode {
+                lsn,
+                detail: "empty payload".to_owned(),
+            }),
+        }
+    }
+}
+
+fn bind_target(to_queue: bool, destination: String) -> BindTarget {
+    if to_queue {
+        BindTarget::Queue(destination)
+    } else {
+        BindTarget::Exchange(destination)
+    }
+}
+
+/// Rebuilds broker state from a log's records (in LSN order).
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// Live logged messages: id → (message, queues it is still in).
+    messages: BTreeMap<u64, (StoredMessage, BTreeSet<String>)>,
+    /// Topology and message operations not yet applied, in order.
+    ops: Vec<Op>,
+    /// The epoch of the last complete checkpoint seen.
+    pub last_epoch: u64,
+}
+
+/// What recovery found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// Records read.
+    pub records: u64,
+    /// Durable queues, exchanges and bindings rebuilt (operations applied).
+    pub topology_ops: u64,
+    /// Messages put back (a message in two queues counts twice).
+    pub messages: u64,
+    /// The last complete checkpoint's epoch (0: none).
+    pub epoch: u64,
+}
+
+impl Replay {
+    /// Chooses what to replay: the last complete checkpoint (if any) and the batches after it.
+    /// A checkpoint without its end (cut by a crash) is ignored, and so is everything before the
+    /// checkpoint that is used.
+    pub fn plan(records: Vec<(u64, Record)>) -> (Replay, u64) {
+        let n_records = records.len() as u64;
+        let mut begin_of: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut complete: Option<(u64, usize, usize)> = None;
+        for (idx, (_, record)) in records.iter().enumerate() {
+            match record {
+                Record::CheckpointBegin { epoch } => {
+                    begin_of.insert(*epoch, idx);
+                }
+                Record::CheckpointEnd { epoch } => {
+                    if let Some(begin) = begin_of.get(epoch) {
+                        complete = Some((*epoch, *begin, idx));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut replay = Replay::default();
+        let start = match complete {
+            Some((epoch, begin, end)) => {
+                replay.last_epoch = epoch;
+                for (_, record) in &records[begin..end] {
+                    if let Record::CheckpointChunk {
+                        epoch: chunk_epoch,
+                        ops,
+                    } = record
+                    {
+                        if *chunk_epoch == epoch {
+                            replay.ops.extend(ops.iter().cloned());
+                        }
+                    }
+                }
+                end + 1
+            }
+            None => 0,
+        };
+        for (_, record) in records.into_iter().skip(start) {
+            if let Record::Batch(ops) = record {
+                replay.ops.extend(ops);
+            }
+        }
+        (replay, n_records)
+    }
+
+    /// Applies the plan to an empty broker (which must have `SYSTEM_CONNECTION` open).
+    pub fn apply(mut self, broker: &mut Broker, now_ms: u64) -> Recovered {
+        let mut recovered = Recovered {
+            epoch: self.last_epoch,
+            ..Recovered::default()
+        };
+        let mut effects = Vec::new();
+        for op in std::mem::take(&mut self.ops) {
+            let command = match op {
+                Op::Enqueue {
+                    durable_id,
+                    queues,
+                    message,
+                } => {
+                    self.messages
+                        .insert(durable_id, (message, queues.into_iter().collect()));
+                    continue;
+                }
+                Op::Settle { durable_id, queue } => {
+                    if let Some((_, queues)) = self.messages.get_mut(&durable_id) {
+                        queues.remove(&queue);
+                        if queues.is_empty() {
+                            self.messages.remove(&durable_id);
+                        }
+                    }
+                    continue;
+                }
+                Op::DeleteQueue { name } => {
+                    self.messages.retain(|_, (_, queues)| {
+                        queues.remove(&name);
+                        !queues.is_empty()
+                    });
+                    Command::DeleteQueue {
+                        connection: SYSTEM_CONNECTION,
+                        name,
+                        if_unused: false,
+                        if_empty: false,
+                    }
+                }
+                Op::DeclareQueue {
+                    name,
+                    auto_delete,
+                    single_active_consumer,
+                    arguments,
+                } => Command::DeclareQueue {
+                    connection: SYSTEM_CONNECTION,
+                    name,
+                    options: QueueOptions {
+                        durable: true,
+                        exclusive: false,
+                        auto_delete,
+                        single_active_consumer,
+                        arguments: core_headers(arguments),
+                    },
+                    passive: false,
+                },
+                Op::DeclareExchange {
+                    name,
+                    kind,
+                    auto_delete,
+                    internal,
+                    arguments,
+                } => Command::DeclareExchange {
+                    name,
+                    kind: kind.into(),
+                    options: ExchangeOptions {
+                        durable: true,
+                        auto_delete,
+                        internal,
+                        arguments: core_headers(arguments),
+                    },
+                    passive: false,
+                },
+                Op::DeleteExchange { name } => Command::DeleteExchange {
+                    name,
+                    if_unused: false,
+                },
+                Op::Bind {
+                    source,
+                    to_queue,
+                    destination,
+                    routing_key,
+                    arguments,
+                } => Command::Bind {
+                    source,
+                    target: bind_target(to_queue, destination),
+                    routing_key,
+                    arguments: core_headers(arguments),
+                },
+                Op::Unbind {
+                    source,
+                    to_queue,
+                    destination,
+                    routing_key,
+                    arguments,
+                } => Command::Unbind {
+                    source,
+                    target: bind_target(to_queue, destination),
+                    routing_key,
+                    arguments: core_headers(arguments),
+                },
+            };
+            // Replaying what once succeeded succeeds again; a failure would mean the log and
+            // the core disagree, which recovery reports rather than hides.
+            if let Err(err) = broker.apply(now_ms, command, &mut effects) {
+                tracing::warn!("recovery: a logged topology change no longer applies: {err}");
+            }
+            recovered.topology_ops += 1;
+            effects.clear();
+        }
+        for (durable_id, (message, queues)) in std::mem::take(&mut self.messages) {
+            let message = Arc::new(Message::from(message));
+            for queue in queues {
+                match broker.apply(
+                    now_ms,
+                    Command::Restore {
+                        queue: queue.clone(),
+                        durable_id,
+                        message: message.clone(),
+                    },
+                    &mut effects,
+                ) {
+                    Ok(_) => recovered.messages += 1,
+                    Err(err) => {
+                        tracing::warn!(queue, durable_id, "recovery: message not restored: {err}")
+                    }
+                }
+                effects.clear();
+            }
+        }
+        recovered
+    }
+}
+
+/// The live durable state as operations that rebuild it from nothing (for a checkpoint),
+/// split into chunks of about `chunk_bytes` of message bodies.
+pub fn snapshot(broker: &Broker, chunk_bytes: usize) -> Vec<Vec<Op>> {
+    let mut chunks: Vec<Vec<Op>> = Vec::new();
+    let mut ops: Vec<Op> = Vec::new();
+    for exchange in broker.list_exchanges() {
+        if exchange.options.durable && !exchange.builtin {
+            ops.push(Op::DeclareExchange {
+                name: exchange.name,
+                kind: exchange.kind.into(),
+                auto_delete: exchange.options.auto_delete,
+                internal: exchange.options.internal,
+                arguments: stored_headers(&exchange.options.arguments),
+            });
+        }
+    }
+    for queue in broker.list_queues() {
+        if let Some(options) = broker.queue_options(&queue.name) {
+            if options.durable && !options.exclusive {
+                ops.push(Op::DeclareQueue {
+                    name: queue.name.clone(),
+                    auto_delete: options.auto_delete,
+                    single_active_consumer: options.single_active_consumer,
+                    arguments: stored_headers(&options.arguments),
+                });
+            }
+        }
+    }
+    for binding in broker.list_bindings() {
+        if let Some(op) = bind_op(
+            broker,
+            &binding.source,
+            &binding.target,
+            &binding.routing_key,
+            &binding.arguments,
+            true,
+        ) {
+            ops.push(op);
+        }
+    }
+    let mut bytes = 0usize;
+    for (durable_id, message, queues) in broker.durable_messages() {
+        bytes += message.body.len() + 64;
+        ops.push(Op::Enqueue {
+            durable_id,
+            queues: queues.iter().map(|queue| queue.to_string()).collect(),
+            message: StoredMessage::from(&*message),
+        });
+        if bytes >= chunk_bytes {
+            chunks.push(std::mem::take(&mut ops));
+            bytes = 0;
+        }
+    }
+    if !ops.is_empty() || chunks.is_empty() {
+        chunks.push(ops);
+    }
+    chunks
+}
+
+fn exchange_is_durable(broker: &Broker, name: &str) -> bool {
+    broker
+        .exchange_info(name)
+        .is_some_and(|info| info.options.durable || info.builtin)
+}
+
+fn queue_is_durable(broker: &Broker, name: &str) -> bool {
+    broker
+        .queue_options(name)
+        .is_some_and(|options| options.durable && !options.exclusive)
+}
+
+/// The log operation for a binding, when both its ends are durable.
+pub fn bind_op(
+    broker: &Broker,
+    source: &str,
+    target: &BindTarget,
+    routing_key: &str,
+    arguments: &Headers,
+    bind: bool,
+) -> Option<Op> {
+    if !exchange_is_durable(broker, source) {
+        return None;
+    }
+    let (to_queue, destination) = match target {
+        BindTarget::Queue(name) => (true, name),
+        BindTarget::Exchange(name) => (false, name),
+    };
+    let durable_end = if to_queue {
+        queue_is_durable(broker, destination)
+    } else {
+        exchange_is_durable(broker, destination)
+    };
+    if !durable_end {
+        return None;
+    }
+    let (source, destination, routing_key, arguments) = (
+        source.to_owned(),
+        destination.clone(),
+        routing_key.to_owned(),
+        stored_headers(arguments),
+    );
+    Some(if bind {
+        Op::Bind {
+            source,
+            to_queue,
+            destination,
+            routing_key,
+            arguments,
+        }
+    } else {
+        Op::Unbind {
+            source,
+            to_queue,
+            destination,
+            routing_key,
+            arguments,
+        }
+    })
+}
+
+/// The log operation for a successful, non-passive declare of a durable queue.
+pub fn declare_queue_op(name: &str, options: &QueueOptions) -> Option<Op> {
+    (options.durable && !options.exclusive).then(|| Op::DeclareQueue {
+        name: name.to_owned(),
+        auto_delete: options.auto_delete,
+        single_active_consumer: options.single_active_consumer,
+        arguments: stored_headers(&options.arguments),
+    })
+}
+
+/// The log operation for a successful, non-passive declare of a durable exchange.
+pub fn declare_exchange_op(
+    name: &str,
+    kind: ExchangeKind,
+    options: &ExchangeOptions,
+) -> Option<Op> {
+    options.durable.then(|| Op::DeclareExchange {
+        name: name.to_owned(),
+        kind: kind.into(),
+        auto_delete: options.auto_delete,
+        internal: options.internal,
+        arguments: stored_headers(&options.arguments),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(body: &str) -> StoredMessage {
+        let mut message = Message::new("q", body.to_owned());
+        message
+            .headers
+            .insert("h", HeaderValue::List(vec![HeaderValue::Int(1)]));
+        message.persistent = true;
+        StoredMessage::from(&message)
+    }
+
+    #[test]
+    fn records_round_trip_and_unknown_versions_are_refused() {
+        let record = Record::Batch(vec![
+            Op::Enqueue {
+                durable_id: 7,
+                queues: vec!["a".into(), "b".into()],
+                message: message("x"),
+            },
+            Op::Settle {
+                durable_id: 7,
+                queue: "a".into(),
+            },
+        ]);
+        let bytes = record.encode();
+        assert_eq!(Record::decode(1, &bytes).unwrap(), record);
+        let mut wrong = bytes.to_vec();
+        wrong[0] = 9;
+        assert!(matches!(
+            Record::decode(1, &wrong),
+            Err(RecordError::Version { version: 9, .. })
+        ));
+        assert!(matches!(
+            Record::decode(1, &bytes[..bytes.len() - 2]),
+            Err(RecordError::Decode { .. })
+        ));
+    }
+
+    #[test]
+    fn replay_uses_the_last_complete_checkpoint_and_the_batches_after_it() {
+        let declare = |name: &str| Op::DeclareQueue {
+            name: name.into(),
+            auto_delete: false,
+            single_active_consumer: false,
+            arguments: vec![],
+        };
+        let records = vec![
+            (
+                1,
+                Record::Batch(vec![
+                    declare("old"),
+                    Op::Enqueue {
+                        durable_id: 1,
+                        queues: vec!["old".into()],
+                        message: message("gone"),
+                    },
+                ]),
+            ),
+            (2, Record::CheckpointBegin { epoch: 1 }),
+            (
+                3,
+                Record::CheckpointChunk {
+                    epoch: 1,
+                    ops: vec![
+                        declare("q"),
+                        Op::Enqueue {
+                            durable_id: 2,
+                            queues: vec!["q".into()],
+                            message: message("kept"),
+                        },
+                    ],
+                },
+            ),
+            (4, Record::CheckpointEnd { epoch: 1 }),
+            (
+                5,
+                Record::Batch(vec![Op::Enqueue {
+                    durable_id: 3,
+                    queues: vec!["q".into()],
+                    message: message("acked"),
+                }]),
+            ),
+            (
+                6,
+                Record::Batch(vec![
+                    Op::Settle {
+                        durable_id: 3,
+                        queue: "q".into(),
+                    },
+                    Op::Enqueue {
+                        durable_id: 4,
+                        queues: vec!["q".into()],
+                        message: message("new"),
+                    },
+                ]),
+            ),
+            (7, Record::CheckpointBegin { epoch: 2 }),
+            (
+                8,
+                Record::CheckpointChunk {
+                    epoch: 2,
+                    ops: vec![declare("torn")],
+                },
+            ),
+        ];
+        let (replay, n_records) = Replay::plan(records);
+        assert_eq!(n_records, 8);
+        let mut broker = Broker::default();
+        broker
+            .apply(
+                0,
+                Command::OpenConnection {
+                    connection: SYSTEM_CONNECTION,
+                },
+                &mut Vec::new(),
+            )
+            .unwrap();
+        let recovered = replay.apply(&mut broker, 0);
+        assert_eq!(recovered.messages, 2);
+        assert_eq!(recovered.epoch, 1);
+        let names: Vec<String> = broker.list_queues().into_iter().map(|q| q.name).collect();
+        assert_eq!(
+            names,
+            vec!["q".to_owned()],
+            "pre-checkpoint and torn-checkpoint state ignored"
+        );
+        let ids: Vec<u64> = broker
+            .durable_messages()
+            .into_iter()
+            .map(|(id, _, _)| id)
+            .collect();
+        assert_eq!(ids, vec![2, 4]);
+    }
+}
