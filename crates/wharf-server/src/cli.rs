@@ -38,6 +38,9 @@ pub const EXIT_PRECONDITION: u8 = 5;
 pub const EXIT_REFUSED: u8 = 6;
 /// The connection broke, the server closed it, or the server did not answer in time.
 pub const EXIT_CONNECTION: u8 = 7;
+/// `wharf bench`: a message was lost, delivered twice without the redelivered flag, or
+/// arrived malformed.
+pub const EXIT_BENCH_CHECK: u8 = 8;
 
 /// The exit code table, for `wharf --help`.
 pub const EXIT_CODES_HELP: &str = "\
@@ -49,7 +52,8 @@ Exit codes:
   4  not found (queue, exchange, binding)
   5  precondition failed (flags differ, queue in use or locked, access refused, server limit)
   6  publish refused: not every message was confirmed
-  7  connection lost or closed by the server, or no answer in time";
+  7  connection lost or closed by the server, or no answer in time
+  8  bench: messages lost, duplicated or malformed";
 
 /// An error to report: the message for stderr and the process's exit code.
 #[derive(Debug)]
@@ -61,7 +65,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(exit_code: u8, message: impl Into<String>) -> Failure {
+    pub(crate) fn new(exit_code: u8, message: impl Into<String>) -> Failure {
         Failure {
             exit_code,
             message: message.into(),
@@ -150,7 +154,7 @@ pub struct ServerArg {
         env = "WHARF_SERVER",
         default_value = "127.0.0.1:5800"
     )]
-    server: String,
+    pub(crate) server: String,
 }
 
 /// The client subcommands.

@@ -1,0 +1,302 @@
+//! Durability through the real server and client: restarts keep durable topology and
+//! persistent messages, drop transient ones; a failed fsync stops the broker with nothing more
+//! confirmed; a full disk refuses persistent publishes while everyone else is still served.
+
+mod common;
+
+use common::DEADLINE;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use wharf_client::{Client, ConsumeOptions, Consumer, Delivery, Durability, ExchangeKind, Message};
+use wharf_protocol::ErrorCode;
+use wharf_server::{RunningServer, Server, ServerConfig};
+use wharf_storage::{Fault, MemStorage};
+
+async fn start(dir: &Path) -> RunningServer {
+    RunningServer::start(ServerConfig::ephemeral(dir))
+        .await
+        .expect("server starts")
+}
+
+async fn start_on(storage: MemStorage, dir: &Path) -> RunningServer {
+    let server = Server::bind_with_storage(ServerConfig::ephemeral(dir), Arc::new(storage))
+        .await
+        .expect("server starts");
+    let addr = server.local_addr().unwrap();
+    let shutdown = server.shutdown_handle();
+    let task = tokio::spawn(server.run());
+    RunningServer {
+        addr,
+        shutdown,
+        task,
+    }
+}
+
+async fn connect(server: &RunningServer) -> Client {
+    Client::connect(&server.addr.to_string())
+        .await
+        .expect("connect")
+}
+
+async fn next(consumer: &mut Consumer) -> Delivery {
+    tokio::time::timeout(DEADLINE, consumer.next())
+        .await
+        .expect("in time")
+        .expect("open")
+        .expect("ok")
+}
+
+fn manual(prefetch: u32) -> ConsumeOptions {
+    ConsumeOptions {
+        prefetch,
+        auto_ack: false,
+        ..ConsumeOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn restart_keeps_durable_topology_and_persistent_messages_and_drops_transient_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let client = connect(&server).await;
+    client.declare_queue("orders").durable(true).await.unwrap();
+    client.declare_queue("scratch").await.unwrap();
+    client
+        .declare_exchange("shop", ExchangeKind::Topic)
+        .durable(true)
+        .await
+        .unwrap();
+    client
+        .bind_queue("orders", "shop", "order.#")
+        .await
+        .unwrap();
+    client
+        .bind_queue("scratch", "shop", "order.#")
+        .await
+        .unwrap();
+    for idx in 0..5 {
+        let durability = client
+            .publish(
+                "shop",
+                "order.created",
+                Message::new(format!("persistent-{idx}"))
+                    .persistent(true)
+                    .message_id(format!("o-{idx}")),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            durability,
+            Durability::Fsynced,
+            "a persistent message in a durable queue is confirmed after fsync"
+        );
+    }
+    let transient = client
+        .publish("", "orders", Message::new("transient"))
+        .await
+        .unwrap();
+    assert_eq!(transient, Durability::InMemory);
+    let mut consumer = client.consume("orders", manual(2)).await.unwrap();
+    for expected in ["persistent-0", "persistent-1"] {
+        let delivery = next(&mut consumer).await;
+        assert_eq!(delivery.body(), expected.as_bytes());
+        delivery.ack().await.unwrap();
+    }
+    // The acks are fire-and-forget: wait until the broker has applied them.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while client.queue_stats("orders").await.unwrap().unacked != 2
+        || client.queue_stats("orders").await.unwrap().ready != 2
+    {
+        assert!(tokio::time::Instant::now() < deadline, "acks applied");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    client.close().await.unwrap();
+    drop(consumer);
+    server.stop().await.unwrap();
+
+    let server = start(dir.path()).await;
+    let client = connect(&server).await;
+    let queues = client.list_queues().await.unwrap();
+    assert_eq!(
+        queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
+        vec!["orders"],
+        "transient queue gone"
+    );
+    // 3 unacked persistent + 2 outstanding at shutdown came back; the transient message is gone.
+    assert_eq!(queues[0].ready, 3 + 0, "{queues:?}");
+    let exchanges = client.list_exchanges().await.unwrap();
+    assert!(exchanges.iter().any(|e| e.name == "shop" && e.durable));
+    let mut consumer = client.consume("orders", manual(10)).await.unwrap();
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let delivery = next(&mut consumer).await;
+        assert!(
+            delivery.redelivered(),
+            "recovered messages are flagged redelivered"
+        );
+        assert_eq!(
+            delivery.properties().message_id().map(str::to_owned),
+            Some(format!("o-{}", bodies.len() + 2))
+        );
+        bodies.push(String::from_utf8(delivery.body().to_vec()).unwrap());
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(
+        bodies,
+        vec!["persistent-2", "persistent-3", "persistent-4"],
+        "arrival order kept"
+    );
+    client
+        .publish(
+            "shop",
+            "order.paid",
+            Message::new("after restart").persistent(true),
+        )
+        .await
+        .unwrap();
+    let delivery = next(&mut consumer).await;
+    assert_eq!(
+        delivery.body().as_ref(),
+        b"after restart",
+        "the durable binding was restored"
+    );
+    delivery.ack().await.unwrap();
+    client.close().await.unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn deleted_durable_queues_and_acked_messages_stay_gone_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let client = connect(&server).await;
+    client.declare_queue("doomed").durable(true).await.unwrap();
+    client.declare_queue("kept").durable(true).await.unwrap();
+    client
+        .publish("", "doomed", Message::new("x").persistent(true))
+        .await
+        .unwrap();
+    client
+        .publish("", "kept", Message::new("y").persistent(true))
+        .await
+        .unwrap();
+    client.delete_queue("doomed").await.unwrap();
+    client.purge_queue("kept").await.unwrap();
+    client.close().await.unwrap();
+    server.stop().await.unwrap();
+    for _ in 0..2 {
+        let server = start(dir.path()).await;
+        let client = connect(&server).await;
+        let queues = client.list_queues().await.unwrap();
+        assert_eq!(queues.len(), 1, "{queues:?}");
+        assert_eq!((queues[0].name.as_str(), queues[0].ready), ("kept", 0));
+        client.close().await.unwrap();
+        server.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_failed_fsync_stops_the_broker_and_confirms_nothing_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = MemStorage::new(1);
+    let server = start_on(storage.clone(), dir.path()).await;
+    let client = connect(&server).await;
+    client.declare_queue("q").durable(true).await.unwrap();
+    client
+        .publish("", "q", Message::new("before").persistent(true))
+        .await
+        .unwrap();
+    storage.fail_sync(1, Fault::Eio);
+    let outcome = client
+        .publish("", "q", Message::new("after").persistent(true))
+        .await;
+    assert!(
+        outcome.is_err(),
+        "no confirm once an fsync failed: {outcome:?}"
+    );
+    let stopped = tokio::time::timeout(DEADLINE, server.task)
+        .await
+        .expect("the broker stops by itself")
+        .unwrap();
+    let err = stopped.expect_err("the broker reports the failure");
+    assert!(err.to_string().contains("log failure"), "{err}");
+    // After the power goes too, what was confirmed before the failure is intact. The message
+    // whose fsync failed was never confirmed: the crash may have kept or dropped its write.
+    storage.clear_faults();
+    storage.crash();
+    let server = start_on(storage, dir.path()).await;
+    let client = connect(&server).await;
+    let ready = client.queue_stats("q").await.unwrap().ready;
+    assert!((1..=2).contains(&ready), "{ready}");
+    let mut consumer = client.consume("q", manual(10)).await.unwrap();
+    assert_eq!(next(&mut consumer).await.body().as_ref(), b"before");
+    if ready == 2 {
+        assert_eq!(
+            next(&mut consumer).await.body().as_ref(),
+            b"after",
+            "nothing invented"
+        );
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_persistent_publishes_while_transient_traffic_and_consumers_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = MemStorage::new(2);
+    let server = start_on(storage.clone(), dir.path()).await;
+    let client = connect(&server).await;
+    client.declare_queue("durable").durable(true).await.unwrap();
+    client.declare_queue("plain").await.unwrap();
+    client
+        .publish("", "durable", Message::new("kept").persistent(true))
+        .await
+        .unwrap();
+    storage.fail_write(1, Fault::NoSpace);
+    let err = client
+        .publish("", "durable", Message::new("refused").persistent(true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ResourceLimit), "{err}");
+    let err = client
+        .publish(
+            "",
+            "durable",
+            Message::new("still refused").persistent(true),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("disk"), "{err}");
+    client
+        .publish("", "plain", Message::new("transient ok"))
+        .await
+        .unwrap();
+    let mut consumer = client.consume("plain", manual(1)).await.unwrap();
+    assert_eq!(
+        next(&mut consumer).await.body().as_ref(),
+        b"transient ok",
+        "consumers are still served"
+    );
+    storage.clear_faults();
+    // Once space is back (after a short backoff), persistent publishes are accepted again.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match client
+            .publish("", "durable", Message::new("after").persistent(true))
+            .await
+        {
+            Ok(durability) => {
+                assert_eq!(durability, Durability::Fsynced);
+                break;
+            }
+            Err(err) => assert_eq!(err.code(), Some(ErrorCode::ResourceLimit), "{err}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "persistent publishes never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await.unwrap();
+}
