@@ -90,7 +90,7 @@ async fn round(
             let publisher = client.publisher_with_window(256);
             let mut tickets = Vec::new();
             // Bounded per round so the final drain stays short; the kill still lands mid-flight.
-            for _ in 0..20_000 {
+            for _ in 0..60_000 {
                 let id = {
                     let mut next = next_id.lock().unwrap();
                     *next += 1;
@@ -181,7 +181,7 @@ async fn kill_dash_nine_loses_no_confirmed_message() {
     let next_id: Arc<Mutex<u64>> = Arc::default();
     for _ in 0..rounds {
         let mut broker = spawn(dir.path());
-        let run_for = Duration::from_millis(100 + rng.below(300));
+        let run_for = Duration::from_millis(20 + rng.below(200));
         round(broker.addr, seen.clone(), next_id.clone(), run_for).await;
         broker.child.kill().expect("kill -9");
         broker.child.wait().expect("reaped");
