@@ -484,3 +484,95 @@ async fn many_tasks_share_one_client() {
     }
     assert_eq!(client.queue_stats("shared").await.unwrap().ready, 400);
 }
+
+#[tokio::test]
+async fn a_killed_client_process_gets_its_unacked_messages_redelivered_to_others() {
+    let server = TestServer::start().await;
+    let client = connect(&server).await;
+    client.declare_queue("jobs").await.unwrap();
+    for idx in 0..3 {
+        client
+            .publish("", "jobs", Message::new(format!("job-{idx}")))
+            .await
+            .unwrap();
+    }
+    // Another process takes the messages without acking them and is killed with SIGKILL.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(["consume", "jobs", "--prefetch", "10", "--server"])
+        .arg(server.addr().to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn a consuming client process");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while client.queue_stats("jobs").await.unwrap().unacked != 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the child never took the messages"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("reaped");
+    // The broker sees the socket close and requeues; another consumer gets them, flagged.
+    let mut consumer = client.consume("jobs", manual(10)).await.unwrap();
+    for idx in 0..3 {
+        let delivery = next(&mut consumer).await;
+        assert_eq!(delivery.body(), format!("job-{idx}").as_bytes());
+        assert!(delivery.redelivered());
+        delivery.ack().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_peer_gone_silent_has_its_unacked_messages_requeued_and_exclusive_queues_deleted() {
+    let server =
+        TestServer::start_with(|config| config.heartbeat = Duration::from_millis(200)).await;
+    let client = connect(&server).await;
+    client.declare_queue("work").await.unwrap();
+    client
+        .publish("", "work", Message::new("held"))
+        .await
+        .unwrap();
+    // A raw peer that completes the handshake, takes a message and then never speaks again.
+    let mut raw = common::Raw::open(server.addr()).await;
+    raw.request(wharf_protocol::Request::DeclareQueue {
+        name: "silent-owned".into(),
+        durable: false,
+        exclusive: true,
+        auto_delete: false,
+        passive: false,
+        arguments: Default::default(),
+    })
+    .await;
+    raw.request(wharf_protocol::Request::Subscribe {
+        queue: "work".into(),
+        consumer_tag: 1,
+        prefetch: 1,
+        auto_ack: false,
+        exclusive: false,
+        priority: 0,
+        initial_credit: None,
+        arguments: Default::default(),
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    let close = raw.expect_close().await;
+    assert_eq!(close.code, ErrorCode::HeartbeatTimeout);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "detected within about 2x the heartbeat"
+    );
+    let stats = client.queue_stats("work").await.unwrap();
+    assert_eq!(
+        (stats.ready, stats.unacked),
+        (1, 0),
+        "the held message is back"
+    );
+    assert!(
+        client
+            .queue_stats("silent-owned")
+            .await
+            .unwrap_err()
+            .is_not_found()
+    );
+}
