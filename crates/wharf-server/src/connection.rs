@@ -536,7 +536,6 @@ fn process(
                             &mut confirms,
                             &mut deferred,
                         );
-                        state.route_effects();
                     }
                 }
                 Frame::Ack(ack) => {

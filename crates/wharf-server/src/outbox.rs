@@ -55,6 +55,24 @@ impl Outbox {
         }
     }
 
+    /// Queues every item of `items` (leaving it empty), under one lock.
+    pub fn push_many(&self, items: &mut Vec<Out>) {
+        if items.is_empty() {
+            return;
+        }
+        let bytes: usize = items.iter().map(Out::approx_bytes).sum();
+        let was_empty = {
+            let mut queued = self.items.lock().expect("outbox lock poisoned");
+            let was_empty = queued.is_empty();
+            queued.append(items);
+            was_empty
+        };
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
     /// Queues a frame.
     pub fn push_frame(&self, frame: Frame) {
         self.push(Out::Frame(frame));

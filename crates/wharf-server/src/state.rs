@@ -6,7 +6,7 @@
 use crate::durable::{Op, Record, StoredMessage, bind_op, declare_exchange_op, declare_queue_op};
 use crate::log::{Log, Outcome};
 use crate::outbox::{Out, Outbox};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use tracing::debug;
 use wharf_core::{Broker, CancelReason, Command, ConnectionId, CoreError, Effect, Message, Reply};
@@ -17,7 +17,9 @@ use wharf_protocol::{ConsumerCancelled, ErrorCode, Frame};
 pub struct State {
     /// The broker core.
     pub broker: Broker,
-    outboxes: HashMap<ConnectionId, Arc<Outbox>>,
+    outboxes: FxHashMap<ConnectionId, Arc<Outbox>>,
+    /// Deliveries being gathered for one outbox, pushed under one lock per burst.
+    burst: Vec<Out>,
     effects: Vec<Effect>,
     /// Durable changes applied but not yet handed to the log.
     log_ops: Vec<Op>,
@@ -118,9 +120,11 @@ impl State {
 
     /// Publishes; `Ok(true)` when the message must reach the log before it is confirmed.
     pub fn publish(&mut self, now_ms: u64, message: Arc<Message>) -> Result<bool, CoreError> {
-        self.apply(now_ms, Command::Publish { message })?;
-        Ok(self
-            .effects
+        // The hot path: no topology to log, so straight to the core.
+        let start = self.effects.len();
+        self.broker
+            .apply(now_ms, Command::Publish { message }, &mut self.effects)?;
+        Ok(self.effects[start..]
             .iter()
             .any(|effect| matches!(effect, Effect::DurableEnqueued { .. })))
     }
@@ -160,13 +164,24 @@ impl State {
     /// Sends every pending effect to the outbox of the connection it concerns, and queues the
     /// durable ones for the log.
     pub fn route_effects(&mut self) {
+        let mut burst_to: Option<ConnectionId> = None;
         for effect in self.effects.drain(..) {
-            match effect {
-                Effect::Deliver(delivery) => {
-                    if let Some(outbox) = self.outboxes.get(&delivery.connection) {
-                        outbox.push(Out::Deliver(delivery));
+            if let Effect::Deliver(delivery) = effect {
+                // Consecutive deliveries to one connection go to its outbox in one push.
+                if burst_to != Some(delivery.connection) {
+                    if let Some(connection) = burst_to {
+                        Self::flush_burst(&self.outboxes, connection, &mut self.burst);
                     }
+                    burst_to = Some(delivery.connection);
                 }
+                self.burst.push(Out::Deliver(delivery));
+                continue;
+            }
+            if let Some(connection) = burst_to.take() {
+                Self::flush_burst(&self.outboxes, connection, &mut self.burst);
+            }
+            match effect {
+                Effect::Deliver(_) => unreachable!("handled above"),
                 Effect::ConsumerCancelled {
                     connection,
                     consumer_tag,
@@ -217,6 +232,20 @@ impl State {
                     }
                 }
             }
+        }
+        if let Some(connection) = burst_to {
+            Self::flush_burst(&self.outboxes, connection, &mut self.burst);
+        }
+    }
+
+    fn flush_burst(
+        outboxes: &FxHashMap<ConnectionId, Arc<Outbox>>,
+        connection: ConnectionId,
+        burst: &mut Vec<Out>,
+    ) {
+        match outboxes.get(&connection) {
+            Some(outbox) => outbox.push_many(burst),
+            None => burst.clear(),
         }
     }
 }
