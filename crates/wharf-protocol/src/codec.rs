@@ -476,6 +476,115 @@ pub fn encode(frame: &Frame, frame_bytes_max: u32, dst: &mut BytesMut) -> Result
     result.map(|_| ())
 }
 
+/// A delivery borrowed from the sender's own store: what [`encode_deliver_batch`] encodes
+/// without building owned [`Delivery`] values (no reference-count traffic, no copies of the
+/// metadata).
+#[derive(Clone, Copy, Debug)]
+pub struct DeliveryRef<'a> {
+    /// Per-connection delivery tag; strictly increasing within a batch.
+    pub delivery_tag: u64,
+    /// Delivered before.
+    pub redelivered: bool,
+    /// Deliveries of this message, this one included.
+    pub delivery_count: u32,
+    /// Exchange it was published to.
+    pub exchange: &'a str,
+    /// Routing key it was published with.
+    pub routing_key: &'a str,
+    /// Its properties.
+    pub properties: &'a Properties,
+    /// Its body.
+    pub body: &'a [u8],
+}
+
+/// Appends a `DeliverBatch` frame (or a `Deliver` frame for a single delivery) built from
+/// borrowed deliveries: byte for byte what [`encode`] writes for the equivalent
+/// [`Frame::DeliverBatch`] / [`Frame::Deliver`]. Fails without writing anything on a limit.
+pub fn encode_deliver_batch(
+    consumer_tag: u32,
+    deliveries: &[DeliveryRef<'_>],
+    frame_bytes_max: u32,
+    dst: &mut BytesMut,
+) -> Result<(), Error> {
+    let start = dst.len();
+    let result = encode_deliver_batch_inner(consumer_tag, deliveries, frame_bytes_max, dst);
+    if result.is_err() {
+        dst.truncate(start);
+    }
+    result
+}
+
+fn encode_deliver_batch_inner(
+    consumer_tag: u32,
+    deliveries: &[DeliveryRef<'_>],
+    frame_bytes_max: u32,
+    dst: &mut BytesMut,
+) -> Result<(), Error> {
+    let start = dst.len();
+    dst.put_u32(0); // Patched once the length is known.
+    let bodies_bytes: u64 = deliveries
+        .iter()
+        .map(|delivery| delivery.body.len() as u64)
+        .sum();
+    if let [delivery] = deliveries {
+        if delivery.delivery_tag == 0 {
+            return Err(Error::Invalid {
+                frame: "Deliver",
+                detail: "delivery tag 0",
+            });
+        }
+        wire::put_varint(dst, u64::from(kind::DELIVER));
+        wire::put_varint(dst, u64::from(consumer_tag));
+        wire::put_varint(dst, delivery.delivery_tag);
+        wire::put_bool(dst, delivery.redelivered);
+        wire::put_varint(dst, u64::from(delivery.delivery_count));
+        put_name(dst, delivery.exchange)?;
+        put_name(dst, delivery.routing_key)?;
+        put_properties(dst, delivery.properties)?;
+    } else {
+        wire::put_varint(dst, u64::from(kind::DELIVER_BATCH));
+        wire::put_varint(dst, u64::from(consumer_tag));
+        put_batch_len(dst, deliveries.len())?;
+        put_payload_len(dst, bodies_bytes, frame_bytes_max)?;
+        let mut previous: Option<&DeliveryRef<'_>> = None;
+        for delivery in deliveries {
+            let previous_tag = previous.map_or(0, |previous| previous.delivery_tag);
+            if delivery.delivery_tag <= previous_tag {
+                return Err(Error::Invalid {
+                    frame: "DeliverBatch",
+                    detail: "delivery tags not strictly increasing from 1",
+                });
+            }
+            wire::put_varint(dst, delivery.delivery_tag - previous_tag);
+            wire::put_bool(dst, delivery.redelivered);
+            wire::put_varint(dst, u64::from(delivery.delivery_count));
+            let same_exchange =
+                previous.is_some_and(|previous| previous.exchange == delivery.exchange);
+            put_opt_name(dst, (!same_exchange).then_some(delivery.exchange))?;
+            let same_key =
+                previous.is_some_and(|previous| previous.routing_key == delivery.routing_key);
+            put_opt_name(dst, (!same_key).then_some(delivery.routing_key))?;
+            put_properties(dst, delivery.properties)?;
+            wire::put_varint(dst, delivery.body.len() as u64);
+            previous = Some(delivery);
+        }
+    }
+    let frame_bytes = (dst.len() - start - FRAME_PREFIX_BYTES) as u64 + bodies_bytes;
+    if frame_bytes > u64::from(frame_bytes_max) {
+        return Err(Error::FrameTooLarge {
+            bytes: frame_bytes,
+            max: frame_bytes_max,
+        });
+    }
+    // Cannot truncate: frame_bytes <= frame_bytes_max, a u32.
+    dst[start..start + FRAME_PREFIX_BYTES].copy_from_slice(&(frame_bytes as u32).to_be_bytes());
+    dst.reserve(bodies_bytes as usize);
+    for delivery in deliveries {
+        dst.extend_from_slice(delivery.body);
+    }
+    Ok(())
+}
+
 /// Encodes `frame` as a list of chunks for a vectored write (`write_vectored` / `writev`),
 /// appended to `chunks`: header bytes, then each body as a shared `Bytes` (no copy), except
 /// bodies shorter than [`VECTORED_COPY_BYTES_MAX`], which are copied next to the header bytes.

@@ -35,7 +35,9 @@ mod wire;
 mod wire_str;
 
 pub use code::ErrorCode;
-pub use codec::{Codec, decode, decode_frame, encode, encode_vectored};
+pub use codec::{
+    Codec, DeliveryRef, decode, decode_frame, encode, encode_deliver_batch, encode_vectored,
+};
 pub use error::Error;
 pub use frame::{
     Ack, AckRanges, BatchMessage, Binding, Close, Confirm, ConfirmRange, ConfirmStatus,

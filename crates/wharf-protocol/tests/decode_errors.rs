@@ -399,3 +399,89 @@ fn unknown_error_codes_survive_a_round_trip() {
     };
     assert_eq!(close.code, ErrorCode::Unknown(4242));
 }
+
+#[test]
+fn borrowed_delivery_encoding_is_byte_for_byte_the_frame_encoding() {
+    use bytes::{Bytes, BytesMut};
+    use wharf_protocol::{
+        Deliver, DeliverBatch, Delivery, DeliveryRef, Frame, Properties, PropertiesRef, WireStr,
+        encode, encode_deliver_batch, limits::FRAME_BYTES_MAX,
+    };
+    let properties = Properties::try_from(PropertiesRef {
+        priority: 3,
+        message_id: Some("id"),
+        ..PropertiesRef::default()
+    })
+    .unwrap();
+    let empty = Properties::default();
+    let owned = vec![
+        Delivery {
+            delivery_tag: 5,
+            redelivered: false,
+            delivery_count: 1,
+            exchange: WireStr::from("x"),
+            routing_key: WireStr::from("k"),
+            properties: properties.clone(),
+            body: Bytes::from_static(b"one"),
+        },
+        Delivery {
+            delivery_tag: 6,
+            redelivered: true,
+            delivery_count: 2,
+            exchange: WireStr::from("x"),
+            routing_key: WireStr::from("k2"),
+            properties: empty.clone(),
+            body: Bytes::from_static(b""),
+        },
+        Delivery {
+            delivery_tag: 9,
+            redelivered: false,
+            delivery_count: 1,
+            exchange: WireStr::from("y"),
+            routing_key: WireStr::from("k2"),
+            properties: empty.clone(),
+            body: Bytes::from_static(b"three"),
+        },
+    ];
+    let borrowed: Vec<DeliveryRef<'_>> = owned
+        .iter()
+        .map(|d| DeliveryRef {
+            delivery_tag: d.delivery_tag,
+            redelivered: d.redelivered,
+            delivery_count: d.delivery_count,
+            exchange: &d.exchange,
+            routing_key: &d.routing_key,
+            properties: &d.properties,
+            body: &d.body,
+        })
+        .collect();
+    for n in 1..=owned.len() {
+        let frame = if n == 1 {
+            Frame::Deliver(Deliver {
+                consumer_tag: 7,
+                delivery: owned[0].clone(),
+            })
+        } else {
+            Frame::DeliverBatch(DeliverBatch {
+                consumer_tag: 7,
+                deliveries: owned[..n].to_vec(),
+            })
+        };
+        let mut expected = BytesMut::new();
+        encode(&frame, FRAME_BYTES_MAX, &mut expected).unwrap();
+        let mut got = BytesMut::new();
+        encode_deliver_batch(7, &borrowed[..n], FRAME_BYTES_MAX, &mut got).unwrap();
+        assert_eq!(got, expected, "{n} deliveries");
+    }
+    let mut out = BytesMut::from(&b"keep"[..]);
+    let bad = [borrowed[1], borrowed[0]];
+    assert!(
+        encode_deliver_batch(7, &bad, FRAME_BYTES_MAX, &mut out).is_err(),
+        "tags must increase"
+    );
+    assert!(
+        encode_deliver_batch(7, &borrowed, 16, &mut out).is_err(),
+        "frame limit enforced"
+    );
+    assert_eq!(&out[..], b"keep", "nothing written on error");
+}

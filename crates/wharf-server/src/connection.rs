@@ -3,8 +3,7 @@
 //! task that drains the connection's outbox into as few socket writes as it can.
 
 use crate::convert::{
-    PublishNames, WireNameCache, error_code, message_from_wire, properties_to_wire,
-    table_to_headers,
+    PublishNames, error_code, message_from_wire, properties_to_wire, table_to_headers,
 };
 use crate::limits::{
     OUTBOX_BYTES_MAX, READ_BUFFER_BYTES, READY_BYTES_LOW_WATERMARK_PERCENT, WRITE_CHUNK_BYTES,
@@ -28,9 +27,9 @@ use wharf_core::{
     ExchangeOptions, Message, QueueOptions, QueueStats, Reply,
 };
 use wharf_protocol::{
-    Close, Confirm, ConfirmRange, ConfirmStatus, Deliver, DeliverBatch, Delivery, Destination,
-    Durability, ErrorCode, ExchangeInfo, ExchangeKind, Frame, HelloOk, Preamble, Properties,
-    QueueInfo, Request, Response, ServerLimits, decode, encode,
+    Close, Confirm, ConfirmRange, ConfirmStatus, DeliveryRef, Destination, Durability, ErrorCode,
+    ExchangeInfo, ExchangeKind, Frame, HelloOk, Preamble, Properties, QueueInfo, Request, Response,
+    ServerLimits, decode, encode, encode_deliver_batch,
 };
 use wharf_storage::{SyncCoverage, WalError};
 
@@ -895,31 +894,6 @@ fn handle_request(
     })
 }
 
-/// Converts a core delivery to its wire form; names are cached across consecutive deliveries.
-struct DeliveryEncoder {
-    exchanges: WireNameCache,
-    routing_keys: WireNameCache,
-}
-
-impl DeliveryEncoder {
-    fn wire(&mut self, delivery: &wharf_core::Delivery) -> Delivery {
-        let message: &Message = &delivery.message;
-        Delivery {
-            delivery_tag: delivery.delivery_tag.0,
-            redelivered: delivery.redelivered,
-            delivery_count: delivery.delivery_count,
-            exchange: self.exchanges.get(&message.exchange),
-            routing_key: self.routing_keys.get(&message.routing_key),
-            properties: if message_has_properties(message) {
-                properties_to_wire(message)
-            } else {
-                Properties::default()
-            },
-            body: message.body.clone(),
-        }
-    }
-}
-
 fn message_has_properties(message: &Message) -> bool {
     message.message_id.is_some()
         || !message.headers.is_empty()
@@ -936,12 +910,15 @@ fn message_has_properties(message: &Message) -> bool {
 /// Deliveries per `DeliverBatch` frame at most.
 const DELIVERIES_PER_BATCH_MAX: usize = 512;
 
+/// Encodes what the writer takes from the outbox. Consecutive deliveries to one consumer are
+/// gathered and encoded as one `DeliverBatch`, straight from the core's deliveries (borrowed:
+/// no owned wire copies of names, properties or bodies).
 struct FrameWriter {
     buf: BytesMut,
     send_frame_bytes_max: u32,
-    pending: Option<DeliverBatch>,
+    pending: Vec<wharf_core::Delivery>,
     pending_bytes: usize,
-    encoder: DeliveryEncoder,
+    properties: Vec<Properties>,
 }
 
 impl FrameWriter {
@@ -971,45 +948,59 @@ impl FrameWriter {
         }
     }
 
-    fn deliver(&mut self, delivery: &wharf_core::Delivery) -> Result<(), String> {
+    fn deliver(&mut self, delivery: wharf_core::Delivery) -> Result<(), String> {
         let body_bytes = delivery.message.body.len() + 64;
-        let fits = self.pending.as_ref().is_some_and(|batch| {
-            batch.consumer_tag == delivery.consumer_tag.0
-                && batch.deliveries.len() < DELIVERIES_PER_BATCH_MAX
+        let fits = self.pending.first().is_some_and(|first| {
+            first.consumer_tag == delivery.consumer_tag
+                && self.pending.len() < DELIVERIES_PER_BATCH_MAX
                 && self.pending_bytes + body_bytes < self.send_frame_bytes_max as usize / 2
         });
         if !fits {
             self.flush_pending()?;
-            self.pending = Some(DeliverBatch {
-                consumer_tag: delivery.consumer_tag.0,
-                deliveries: Vec::new(),
-            });
-            self.pending_bytes = 0;
         }
-        let wire = self.encoder.wire(delivery);
-        self.pending
-            .as_mut()
-            .expect("set above")
-            .deliveries
-            .push(wire);
         self.pending_bytes += body_bytes;
+        self.pending.push(delivery);
         Ok(())
     }
 
     fn flush_pending(&mut self) -> Result<(), String> {
-        let Some(mut batch) = self.pending.take() else {
+        let Some(first) = self.pending.first() else {
             return Ok(());
         };
-        let frame = if batch.deliveries.len() == 1 {
-            Frame::Deliver(Deliver {
-                consumer_tag: batch.consumer_tag,
-                delivery: batch.deliveries.pop().expect("one"),
+        let consumer_tag = first.consumer_tag.0;
+        self.properties.clear();
+        self.properties.extend(self.pending.iter().map(|delivery| {
+            if message_has_properties(&delivery.message) {
+                properties_to_wire(&delivery.message)
+            } else {
+                Properties::default()
+            }
+        }));
+        let refs: Vec<DeliveryRef<'_>> = self
+            .pending
+            .iter()
+            .zip(&self.properties)
+            .map(|(delivery, properties)| DeliveryRef {
+                delivery_tag: delivery.delivery_tag.0,
+                redelivered: delivery.redelivered,
+                delivery_count: delivery.delivery_count,
+                exchange: &delivery.message.exchange,
+                routing_key: &delivery.message.routing_key,
+                properties,
+                body: &delivery.message.body,
             })
-        } else {
-            Frame::DeliverBatch(batch)
-        };
-        encode(&frame, self.send_frame_bytes_max, &mut self.buf)
-            .map_err(|err| format!("cannot send a delivery: {err}"))
+            .collect();
+        let encoded = encode_deliver_batch(
+            consumer_tag,
+            &refs,
+            self.send_frame_bytes_max,
+            &mut self.buf,
+        )
+        .map_err(|err| format!("cannot send a delivery: {err}"));
+        drop(refs);
+        self.pending.clear();
+        self.pending_bytes = 0;
+        encoded
     }
 }
 
@@ -1018,12 +1009,9 @@ async fn write_loop(mut writer: OwnedWriteHalf, outbox: Arc<Outbox>, negotiated:
     let mut out = FrameWriter {
         buf: BytesMut::with_capacity(READ_BUFFER_BYTES),
         send_frame_bytes_max: negotiated.send_frame_bytes_max,
-        pending: None,
+        pending: Vec::new(),
         pending_bytes: 0,
-        encoder: DeliveryEncoder {
-            exchanges: WireNameCache::default(),
-            routing_keys: WireNameCache::default(),
-        },
+        properties: Vec::new(),
     };
     let mut last_write = Instant::now();
     let mut ticker = tokio::time::interval(negotiated.heartbeat / 2);
@@ -1050,8 +1038,8 @@ async fn write_loop(mut writer: OwnedWriteHalf, outbox: Arc<Outbox>, negotiated:
         let mut failed = false;
         for item in items.drain(..) {
             accounted += Outbox::item_bytes(&item);
-            let result = match &item {
-                Out::Frame(frame) => out.frame(frame),
+            let result = match item {
+                Out::Frame(frame) => out.frame(&frame),
                 Out::Deliver(delivery) => out.deliver(delivery),
             };
             if let Err(reason) = result {

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use std::sync::Arc;
 use wharf_core::{CoreError, HeaderValue, Headers, Message};
-use wharf_protocol::{ErrorCode, Properties, PropertiesRef, Table, Value, ValueRef, WireStr};
+use wharf_protocol::{ErrorCode, Properties, PropertiesRef, Table, Value, ValueRef};
 
 /// The wire code for a core error, per docs/protocol.md.
 pub fn error_code(err: &CoreError) -> ErrorCode {
@@ -158,27 +158,6 @@ pub fn properties_to_wire(message: &Message) -> Properties {
         headers: headers.as_table_ref(),
     };
     Properties::try_from(fields).expect("core messages were validated when published")
-}
-
-/// Caches the wire form of the exchange and routing key of the previous delivery (compared by
-/// pointer: deliveries of one publisher's stream share the same `Arc<str>`).
-#[derive(Debug, Default)]
-pub struct WireNameCache {
-    last: Option<(Arc<str>, WireStr)>,
-}
-
-impl WireNameCache {
-    /// The wire form of `name`.
-    pub fn get(&mut self, name: &Arc<str>) -> WireStr {
-        match &self.last {
-            Some((arc, wire)) if Arc::ptr_eq(arc, name) || **arc == **name => wire.clone(),
-            _ => {
-                let wire = WireStr::copy_from_str(name);
-                self.last = Some((name.clone(), wire.clone()));
-                wire
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -38,6 +38,9 @@ struct Book {
     bytes_since_checkpoint: u64,
     next_checkpoint_bytes: u64,
     checkpoint_running: bool,
+    /// Records superseded by a checkpoint, released by the next append on the broker's
+    /// thread: a completion runs on the WAL's writer thread and must not call back into it.
+    to_release: Vec<Lsn>,
 }
 
 /// The log.
@@ -210,11 +213,12 @@ impl Log {
     pub fn append(self: &Arc<Self>, record: &Record, done: Box<dyn FnOnce(Outcome) + Send>) {
         let payload = record.encode();
         let n_bytes = payload.len() as u64;
-        let epoch = {
+        let (epoch, to_release) = {
             let mut book = self.book.lock().expect("log lock");
             book.bytes_since_checkpoint += n_bytes;
-            book.epoch
+            (book.epoch, std::mem::take(&mut book.to_release))
         };
+        self.release_all(to_release);
         // Completions hold the log weakly: the last strong reference must never be dropped on
         // the WAL's writer thread (closing the WAL there would join the thread from itself).
         let log = Arc::downgrade(self);
@@ -238,20 +242,12 @@ impl Log {
     }
 
     fn track(&self, epoch: u64, lsns: Vec<Lsn>) {
-        let late = {
-            let mut book = self.book.lock().expect("log lock");
-            if epoch < book.released_below {
-                true
-            } else {
-                book.lsns
-                    .entry(epoch)
-                    .or_default()
-                    .extend(lsns.iter().copied());
-                false
-            }
-        };
-        if late {
-            self.release_all(lsns);
+        let mut book = self.book.lock().expect("log lock");
+        if epoch < book.released_below {
+            // Appended before a checkpoint that already covers it: superseded at once.
+            book.to_release.extend(lsns);
+        } else {
+            book.lsns.entry(epoch).or_default().extend(lsns);
         }
     }
 
@@ -313,7 +309,7 @@ impl Log {
                 let Some(log) = log.upgrade() else { return };
                 match outcome {
                     Ok(committed) => {
-                        let superseded: Vec<Lsn> = {
+                        {
                             let mut book = log.book.lock().expect("log lock");
                             book.checkpoint_running = false;
                             book.lsns
@@ -323,9 +319,8 @@ impl Log {
                             let keep = book.lsns.split_off(&epoch);
                             let old = std::mem::replace(&mut book.lsns, keep);
                             book.released_below = epoch;
-                            old.into_values().flatten().collect()
-                        };
-                        log.release_all(superseded);
+                            book.to_release.extend(old.into_values().flatten());
+                        }
                         log.checkpoints.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(err) => {

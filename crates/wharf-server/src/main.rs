@@ -1,6 +1,7 @@
 //! The `wharf` binary: `wharf serve` runs the broker; the other subcommands are its CLI
 //! (`cli.rs`), which talks to a broker through `wharf-client`.
 
+mod bench;
 mod cli;
 
 use anyhow::{Context, Result};
@@ -31,6 +32,8 @@ struct Cli {
 enum Cmd {
     /// Run the broker.
     Serve(ServeArgs),
+    /// Load-test a broker end to end: rates, latency percentiles, loss and duplicate check.
+    Bench(bench::BenchArgs),
     #[command(flatten)]
     Client(cli::Command),
 }
@@ -124,6 +127,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Bench(args) => bench::main(args),
         Cmd::Client(command) => {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -32,6 +32,8 @@ struct Truth {
     acked: HashSet<(u64, String)>,
     /// (message id, queue) copies the client acked or dropped (logged durably or not yet).
     settled: HashSet<(u64, String)>,
+    /// Commits whose completion has not run yet.
+    in_flight: u64,
     /// Every persistent message id ever published.
     published: HashSet<u64>,
 }
@@ -220,13 +222,17 @@ impl Run {
             self.seed
         );
         if persistent {
-            self.truth.lock().unwrap().published.insert(id);
+            let mut truth = self.truth.lock().unwrap();
+            truth.published.insert(id);
+            truth.in_flight += 1;
+            drop(truth);
             let (truth, lenient) = (self.truth.clone(), self.count_unsynced_as_confirmed);
             self.state.commit(Some(Box::new(move |outcome| {
                 let counts =
                     matches!(outcome, Ok(SyncCoverage::Fsynced)) || (lenient && outcome.is_ok());
+                let mut truth = truth.lock().unwrap();
+                truth.in_flight -= 1;
                 if counts {
-                    let mut truth = truth.lock().unwrap();
                     for queue in queues {
                         truth.confirmed.insert((id, queue));
                     }
@@ -295,6 +301,20 @@ impl Run {
                     self.reconnect();
                 }
             }
+        }
+    }
+
+    /// Waits (bounded) until every commit issued so far has completed.
+    fn quiesce(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.truth.lock().unwrap().in_flight > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "seed {}: commits never completed ({} in flight)",
+                self.seed,
+                self.truth.lock().unwrap().in_flight
+            );
+            std::thread::yield_now();
         }
     }
 
@@ -378,6 +398,10 @@ fn run_seed(seed: u64, policy: SyncPolicy, lenient: bool) -> (Vec<String>, usize
     for step in 0..n_steps {
         run.step();
         if step == cut_at {
+            // Half the cuts land with commits in flight, half once everything completed.
+            if run.rng.coin() {
+                run.quiesce();
+            }
             return run.power_cut_and_check();
         }
     }

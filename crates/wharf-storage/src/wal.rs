@@ -683,7 +683,18 @@ impl Wal {
         lock(&self.shared.queue).shutdown = true;
         self.shared.wake.notify_all();
         self.shared.idle.notify_all();
-        if let Some(handle) = lock(&self.writer).take() {
+        let mut writer = lock(&self.writer);
+        // The last reference can be dropped inside a completion, i.e. on the writer thread
+        // itself: it must not join itself (EDEADLK). It has been told to shut down and exits
+        // once the completion returns.
+        if writer
+            .as_ref()
+            .is_some_and(|handle| handle.thread().id() == std::thread::current().id())
+        {
+            return;
+        }
+        if let Some(handle) = writer.take() {
+            drop(writer);
             let _ = handle.join();
         }
     }

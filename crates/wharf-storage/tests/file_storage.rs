@@ -200,3 +200,28 @@ fn many_threads_append_concurrently_with_group_commit() {
     assert_eq!(total, 200);
     assert_eq!(wal.records(wal.first_lsn()).count(), 200);
 }
+
+#[test]
+fn dropping_the_last_reference_inside_a_completion_does_not_deadlock_the_writer() {
+    let dir = TempDir::new("drop-in-completion");
+    let (wal, _) = open(&dir);
+    let wal = std::sync::Arc::new(wal);
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let held = std::sync::Mutex::new(Some(wal.clone()));
+    let held = std::sync::Arc::new(held);
+    let in_completion = held.clone();
+    wal.append(
+        vec![body(1)],
+        Box::new(move |outcome| {
+            // The completion drops what may be the last reference, on the writer thread.
+            drop(in_completion.lock().unwrap().take());
+            sender.send(outcome.is_ok()).unwrap();
+        }),
+    );
+    drop(wal);
+    assert!(
+        receiver
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("completion ran")
+    );
+}
