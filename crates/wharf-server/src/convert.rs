@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use std::sync::Arc;
 use wharf_core::{CoreError, HeaderValue, Headers, Message};
-use wharf_protocol::{ErrorCode, Properties, PropertiesRef, Table, Value, ValueRef};
+use wharf_protocol::{ErrorCode, Properties, PropertiesRef, Table, Value, ValueRef, WireStr};
 
 /// The wire code for a core error, per docs/protocol.md.
 pub fn error_code(err: &CoreError) -> ErrorCode {
@@ -88,12 +88,23 @@ impl NameCache {
     pub fn get(&mut self, text: &str) -> Arc<str> {
         match &self.last {
             Some(last) if **last == *text => last.clone(),
-            _ => {
-                let fresh: Arc<str> = text.into();
-                self.last = Some(fresh.clone());
-                fresh
-            }
+            _ => self.fresh(text),
         }
+    }
+
+    /// The interned form of a wire string: a repeat of the previous name is recognised by its
+    /// bytes, without reading (and so re-validating) the string.
+    pub fn get_wire(&mut self, text: &WireStr) -> Arc<str> {
+        match &self.last {
+            Some(last) if last.as_bytes() == &text.as_bytes()[..] => last.clone(),
+            _ => self.fresh(text.as_str()),
+        }
+    }
+
+    fn fresh(&mut self, text: &str) -> Arc<str> {
+        let fresh: Arc<str> = text.into();
+        self.last = Some(fresh.clone());
+        fresh
     }
 }
 
@@ -109,14 +120,14 @@ pub struct PublishNames {
 /// A published wire message as a core message.
 pub fn message_from_wire(
     names: &mut PublishNames,
-    exchange: &str,
-    routing_key: &str,
+    exchange: &WireStr,
+    routing_key: &WireStr,
     properties: &Properties,
     body: Bytes,
 ) -> Message {
     let mut message = Message {
-        exchange: names.exchange.get(exchange),
-        routing_key: names.routing_key.get(routing_key),
+        exchange: names.exchange.get_wire(exchange),
+        routing_key: names.routing_key.get_wire(routing_key),
         body,
         ..Message::default()
     };
@@ -202,15 +213,21 @@ mod tests {
         let mut names = PublishNames::default();
         let message = message_from_wire(
             &mut names,
-            "ex",
-            "rk",
+            &WireStr::from("ex"),
+            &WireStr::from("rk"),
             &properties,
             Bytes::from_static(b"body"),
         );
         assert_eq!(&*message.exchange, "ex");
         assert_eq!(message.headers, Headers::new().with("k", "v"));
         assert_eq!(properties_to_wire(&message), properties);
-        let again = message_from_wire(&mut names, "ex", "rk", &Properties::default(), Bytes::new());
+        let again = message_from_wire(
+            &mut names,
+            &WireStr::from("ex"),
+            &WireStr::from("rk"),
+            &Properties::default(),
+            Bytes::new(),
+        );
         assert!(
             Arc::ptr_eq(&message.exchange, &again.exchange),
             "repeated names are shared"

@@ -1,0 +1,329 @@
+"""The blocking API: :func:`connect` and :class:`Connection`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Optional, cast
+
+from wharf import _wharf
+from wharf._types import (
+    Body,
+    Durability,
+    ExchangeKind,
+    Headers,
+    QueueDeclared,
+    QueueStats,
+    _arguments,
+)
+from wharf._wharf import Consumer, OutgoingMessage, Publisher
+from wharf.errors import WharfError
+
+__all__ = ["connect", "Connection", "DEFAULT_URL"]
+
+#: Where :func:`connect` connects by default.
+DEFAULT_URL = "wharf://127.0.0.1:5800"
+
+
+def connect(
+    url: str = DEFAULT_URL,
+    *,
+    client_name: Optional[str] = None,
+    heartbeat: Optional[float] = None,
+    connect_timeout: float = 10.0,
+    request_timeout: float = 30.0,
+) -> Connection:
+    """Connects to a Wharf broker and returns a :class:`Connection`.
+
+    ``url`` is ``wharf://[user:password@]host[:port]`` (or ``host[:port]``; port 5800 by
+    default). ``heartbeat`` (seconds) asks for a heartbeat interval (``None``: the broker's);
+    heartbeats are sent by a background thread, so a slow handler never loses the connection.
+    ``request_timeout`` bounds every request and confirm wait. Raises :class:`ConnectError`,
+    :class:`AccessRefused` or :class:`Timeout`.
+    """
+    core = _wharf.Core.connect(
+        url,
+        client_name=client_name,
+        heartbeat=heartbeat,
+        connect_timeout=connect_timeout,
+        request_timeout=request_timeout,
+    )
+    return Connection(cast(_wharf.Core, core))
+
+
+class Connection:
+    """A connection to a Wharf broker, from :func:`connect`.
+
+    Safe to share between threads: every method may be called from any thread at any time,
+    and every blocking call releases the GIL. Use it as a context manager to close it.
+    """
+
+    __slots__ = ("_core", "__weakref__")
+
+    def __init__(self, core: _wharf.Core) -> None:
+        """Wraps a connected native core (use :func:`connect` instead)."""
+        self._core = core
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<wharf.Connection server_version={self.server_version!r} closed={self.closed}>"
+
+    @property
+    def server_version(self) -> str:
+        """The broker's software version."""
+        return self._core.server_version
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is over (closed by either side, or lost)."""
+        return self._core.closed
+
+    @property
+    def server_limits(self) -> dict[str, int]:
+        """Limits the broker announced: ``frame_bytes_max``, ``publishes_in_flight_max``,
+        ``batch_messages_max``, ``heartbeat_ms``."""
+        return self._core.server_limits
+
+    def close(self) -> None:
+        """Closes the connection, waiting for the broker's answer. Closing twice is a no-op;
+        unsettled deliveries are requeued by the broker."""
+        self._core.close()
+
+    # -- topology -------------------------------------------------------------------------
+
+    def declare_queue(
+        self,
+        name: str = "",
+        *,
+        durable: bool = False,
+        exclusive: bool = False,
+        auto_delete: bool = False,
+        passive: bool = False,
+        arguments: Optional[Headers] = None,
+    ) -> QueueDeclared:
+        """Declares a queue (creating it unless it exists) and returns its name and counts.
+
+        An empty ``name`` asks the broker for a unique one. ``exclusive`` queues belong to this
+        connection and vanish with it; ``passive`` only checks the queue exists
+        (:class:`NotFound` otherwise). ``arguments`` are typed queue arguments, e.g.
+        ``{"x-max-length": 1000, "x-message-ttl": 60000, "x-dead-letter-exchange": "dlx"}``.
+        """
+        name, ready, consumers = self._core.declare_queue(
+            name,
+            durable=durable,
+            exclusive=exclusive,
+            auto_delete=auto_delete,
+            passive=passive,
+            arguments=_arguments(arguments),
+        )
+        return QueueDeclared(name, ready, consumers)
+
+    def delete_queue(self, name: str, *, if_unused: bool = False, if_empty: bool = False) -> int:
+        """Deletes a queue and its messages; returns how many messages were dropped.
+        ``if_unused`` / ``if_empty`` make it fail with :class:`PreconditionFailed` instead."""
+        return cast(int, self._core.delete_queue(name, if_unused=if_unused, if_empty=if_empty))
+
+    def purge_queue(self, name: str) -> int:
+        """Drops a queue's ready messages (unacked ones stay); returns how many."""
+        return cast(int, self._core.purge_queue(name))
+
+    def queue_stats(self, name: str) -> QueueStats:
+        """A queue's counters (ready, unacked, consumers) and flags."""
+        return QueueStats._from_dict(self._core.queue_stats(name))
+
+    def list_queues(self) -> list[QueueStats]:
+        """Every queue visible to this connection."""
+        return [QueueStats._from_dict(stats) for stats in self._core.list_queues()]
+
+    def declare_exchange(
+        self,
+        name: str,
+        kind: ExchangeKind = "direct",
+        *,
+        durable: bool = False,
+        auto_delete: bool = False,
+        internal: bool = False,
+        passive: bool = False,
+        arguments: Optional[Headers] = None,
+    ) -> None:
+        """Declares an exchange of ``kind`` (``direct``, ``fanout``, ``topic``, ``headers``).
+        Redeclaring with other settings raises :class:`PreconditionFailed`."""
+        self._core.declare_exchange(
+            name,
+            kind,
+            durable=durable,
+            auto_delete=auto_delete,
+            internal=internal,
+            passive=passive,
+            arguments=_arguments(arguments),
+        )
+
+    def delete_exchange(self, name: str, *, if_unused: bool = False) -> None:
+        """Deletes an exchange (``if_unused``: only if it has no bindings)."""
+        self._core.delete_exchange(name, if_unused=if_unused)
+
+    def bind(
+        self,
+        queue: str,
+        exchange: str,
+        routing_key: str = "",
+        *,
+        arguments: Optional[Headers] = None,
+    ) -> None:
+        """Binds ``queue`` to ``exchange``: messages routed by ``routing_key`` (a pattern for
+        topic exchanges) reach the queue. For headers exchanges, ``arguments`` holds the
+        headers to match and ``"x-match": "all" | "any"``."""
+        self._core.bind(queue, exchange, routing_key, arguments=_arguments(arguments))
+
+    def unbind(
+        self,
+        queue: str,
+        exchange: str,
+        routing_key: str = "",
+        *,
+        arguments: Optional[Headers] = None,
+    ) -> None:
+        """Removes a binding made with :meth:`bind` (same arguments)."""
+        self._core.bind(queue, exchange, routing_key, unbind=True, arguments=_arguments(arguments))
+
+    def bind_exchange(
+        self,
+        destination: str,
+        source: str,
+        routing_key: str = "",
+        *,
+        arguments: Optional[Headers] = None,
+    ) -> None:
+        """Binds exchange ``destination`` to exchange ``source`` (exchange-to-exchange)."""
+        self._core.bind(
+            destination, source, routing_key, to_exchange=True, arguments=_arguments(arguments)
+        )
+
+    def unbind_exchange(
+        self,
+        destination: str,
+        source: str,
+        routing_key: str = "",
+        *,
+        arguments: Optional[Headers] = None,
+    ) -> None:
+        """Removes an exchange-to-exchange binding."""
+        self._core.bind(
+            destination,
+            source,
+            routing_key,
+            to_exchange=True,
+            unbind=True,
+            arguments=_arguments(arguments),
+        )
+
+    # -- publishing -----------------------------------------------------------------------
+
+    def publish(
+        self,
+        routing_key: str,
+        body: Body,
+        *,
+        exchange: str = "",
+        headers: Optional[Headers] = None,
+        persistent: bool = False,
+        message_id: Optional[str] = None,
+        correlation_id: Optional[str] = None,
+        reply_to: Optional[str] = None,
+        content_type: Optional[str] = None,
+        content_encoding: Optional[str] = None,
+        priority: int = 0,
+        expiration: Optional[float] = None,
+    ) -> Durability:
+        """Publishes one message and waits for the broker's confirm.
+
+        ``exchange=""`` (the default exchange) routes to the queue named ``routing_key``.
+        Returns what the confirm promises (``"in_memory"``, ``"fsynced"``, ...); raises
+        :class:`PublishRefused`, :class:`NotFound` (no such exchange), :class:`Backpressure`
+        (queue full) or :class:`Timeout`. ``expiration`` is a time to live in seconds.
+        For throughput use :meth:`publisher` or :meth:`publish_many`.
+        """
+        return cast(
+            Durability,
+            self._core.publish(
+                routing_key,
+                body,
+                exchange=exchange,
+                headers=headers,
+                persistent=persistent,
+                message_id=message_id,
+                correlation_id=correlation_id,
+                reply_to=reply_to,
+                content_type=content_type,
+                content_encoding=content_encoding,
+                priority=priority,
+                expiration=expiration,
+            ),
+        )
+
+    def publish_many(
+        self,
+        messages: Iterable[Body | OutgoingMessage],
+        *,
+        routing_key: str = "",
+        exchange: str = "",
+    ) -> list[Optional[WharfError]]:
+        """Publishes many messages in batches and waits for every confirm.
+
+        Each item is a body (routed with ``routing_key``) or an :class:`OutgoingMessage`
+        (its own routing key and properties). Returns one entry per message, in order:
+        ``None`` if the broker stored it, else the error (nothing is raised for a refused
+        message; an error is raised only if nothing could be sent).
+        """
+        return cast(
+            "list[Optional[WharfError]]",
+            self._core.publish_many(messages, routing_key=routing_key, exchange=exchange),
+        )
+
+    def publisher(self, window: Optional[int] = None) -> Publisher:
+        """A pipelining :class:`Publisher`: ``publish`` returns as soon as the message is
+        queued, with at most ``window`` unconfirmed (``None``: the broker's limit);
+        ``wait_confirms()`` reports refusals."""
+        return self._core.publisher(window)
+
+    # -- consuming ------------------------------------------------------------------------
+
+    def consume(
+        self,
+        queue: str,
+        *,
+        prefetch: int = 100,
+        auto_ack: bool = False,
+        exclusive: bool = False,
+        priority: int = 0,
+        timeout: Optional[float] = None,
+    ) -> Consumer:
+        """Subscribes to ``queue`` and returns a :class:`Consumer` to iterate.
+
+        At most ``prefetch`` deliveries are unsettled at once (``auto_ack``: the broker
+        settles on sending; no ack possible). With ``timeout`` (seconds), iteration ends
+        quietly, cancelling the consumer, once no message arrived for that long; without,
+        it waits forever (Ctrl-C interrupts it). ``exclusive`` refuses other consumers;
+        higher ``priority`` consumers are served first.
+        """
+        return cast(
+            Consumer,
+            self._core.consume(
+                queue,
+                prefetch=prefetch,
+                auto_ack=auto_ack,
+                exclusive=exclusive,
+                priority=priority,
+                timeout=timeout,
+            ),
+        )

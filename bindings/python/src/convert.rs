@@ -1,0 +1,289 @@
+//! Conversions between Python values and the client's types: bodies, header values, message
+//! properties, and the results of operations.
+
+use crate::ToPy;
+use bytes::Bytes;
+use pyo3::IntoPyObjectExt;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use std::time::Duration;
+use wharf_client::wharf_protocol::{TableIter, limits::TABLE_DEPTH_MAX};
+use wharf_client::{ClientError, DeclaredQueue, Durability, Message, QueueInfo, Value, ValueRef};
+
+/// A message body: `bytes`, `bytearray`, `str` (UTF-8) or any buffer (`memoryview`, ...).
+pub(crate) fn extract_body(body: &Bound<'_, PyAny>) -> PyResult<Bytes> {
+    if let Ok(bytes) = body.cast::<PyBytes>() {
+        return Ok(Bytes::copy_from_slice(bytes.as_bytes()));
+    }
+    if let Ok(text) = body.cast::<PyString>() {
+        return Ok(Bytes::copy_from_slice(text.to_cow()?.as_bytes()));
+    }
+    if let Ok(array) = body.cast::<PyByteArray>() {
+        return Ok(Bytes::from(array.to_vec()));
+    }
+    match body.py().get_type::<PyBytes>().call1((body,)) {
+        Ok(copied) => Ok(Bytes::copy_from_slice(copied.cast::<PyBytes>()?.as_bytes())),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "a message body is bytes, bytearray, memoryview or str, not {}",
+            body.get_type().name()?
+        ))),
+    }
+}
+
+/// A Python header / argument value as a typed table value.
+pub(crate) fn to_value(object: &Bound<'_, PyAny>, depth: usize) -> PyResult<Value> {
+    if depth > TABLE_DEPTH_MAX as usize {
+        return Err(PyValueError::new_err("header value nested too deep"));
+    }
+    // `bool` before `int`: it is a subclass.
+    if let Ok(flag) = object.cast::<PyBool>() {
+        return Ok(Value::Bool(flag.is_true()));
+    }
+    if object.is_instance_of::<PyInt>() {
+        return Ok(Value::I64(object.extract()?));
+    }
+    if object.is_instance_of::<PyFloat>() {
+        return Ok(Value::F64(object.extract()?));
+    }
+    if let Ok(text) = object.cast::<PyString>() {
+        return Ok(Value::Str(text.to_cow()?.into_owned()));
+    }
+    if let Ok(bytes) = object.cast::<PyBytes>() {
+        return Ok(Value::Bytes(Bytes::copy_from_slice(bytes.as_bytes())));
+    }
+    if let Ok(array) = object.cast::<PyByteArray>() {
+        return Ok(Value::Bytes(Bytes::from(array.to_vec())));
+    }
+    if let Ok(dict) = object.cast::<PyDict>() {
+        return Ok(Value::Map(to_entries(dict, depth + 1)?));
+    }
+    if object.is_instance_of::<PyList>() || object.is_instance_of::<PyTuple>() {
+        let mut items = Vec::new();
+        for item in object.try_iter()? {
+            items.push(to_value(&item?, depth + 1)?);
+        }
+        return Ok(Value::List(items));
+    }
+    Err(PyTypeError::new_err(format!(
+        "a header value is str, int, float, bool, bytes, list or dict, not {}",
+        object.get_type().name()?
+    )))
+}
+
+/// A `dict[str, value]` as ordered table entries.
+pub(crate) fn to_entries(dict: &Bound<'_, PyDict>, depth: usize) -> PyResult<Vec<(String, Value)>> {
+    let mut entries = Vec::with_capacity(dict.len());
+    for (key, value) in dict.iter() {
+        let key: String = key
+            .extract()
+            .map_err(|_| PyTypeError::new_err("header and argument keys are str"))?;
+        entries.push((key, to_value(&value, depth)?));
+    }
+    Ok(entries)
+}
+
+/// Optional entries from a dict or any mapping (`None` = empty).
+pub(crate) fn optional_entries(mapping: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<(String, Value)>> {
+    let Some(mapping) = mapping else {
+        return Ok(Vec::new());
+    };
+    if mapping.is_none() {
+        return Ok(Vec::new());
+    }
+    if let Ok(dict) = mapping.cast::<PyDict>() {
+        return to_entries(dict, 0);
+    }
+    let dict = mapping.py().get_type::<PyDict>().call1((mapping,))?;
+    to_entries(dict.cast::<PyDict>()?, 0)
+}
+
+/// A typed table value as a Python object.
+pub(crate) fn value_to_py<'py>(py: Python<'py>, value: ValueRef<'_>) -> PyResult<Bound<'py, PyAny>> {
+    match value {
+        ValueRef::Str(text) => text.into_bound_py_any(py),
+        ValueRef::I64(number) => number.into_bound_py_any(py),
+        ValueRef::F64(number) => number.into_bound_py_any(py),
+        ValueRef::Bool(flag) => flag.into_bound_py_any(py),
+        ValueRef::Bytes(bytes) => Ok(PyBytes::new(py, bytes).into_any()),
+        ValueRef::List(list) => {
+            let items = PyList::empty(py);
+            for item in list.iter() {
+                items.append(value_to_py(py, item)?)?;
+            }
+            Ok(items.into_any())
+        }
+        ValueRef::Map(map) => Ok(table_to_dict(py, map.iter())?.into_any()),
+    }
+}
+
+/// Table entries as a dict; for a repeated key the first entry wins (as for readers in Rust).
+pub(crate) fn table_to_dict<'py>(py: Python<'py>, entries: TableIter<'_>) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    for (key, value) in entries {
+        if !dict.contains(key)? {
+            dict.set_item(key, value_to_py(py, value)?)?;
+        }
+    }
+    Ok(dict)
+}
+
+/// Seconds (`float`) as a `Duration`.
+pub(crate) fn seconds(what: &str, value: f64) -> PyResult<Duration> {
+    Duration::try_from_secs_f64(value)
+        .map_err(|_| PyValueError::new_err(format!("{what} must be a finite number of seconds >= 0, not {value}")))
+}
+
+/// Optional seconds.
+pub(crate) fn optional_seconds(what: &str, value: Option<f64>) -> PyResult<Option<Duration>> {
+    value.map(|value| seconds(what, value)).transpose()
+}
+
+/// The properties of an outgoing message, as given to `publish(...)`.
+pub(crate) struct Props {
+    pub(crate) headers: Vec<(String, Value)>,
+    pub(crate) persistent: bool,
+    pub(crate) message_id: Option<String>,
+    pub(crate) correlation_id: Option<String>,
+    pub(crate) reply_to: Option<String>,
+    pub(crate) content_type: Option<String>,
+    pub(crate) content_encoding: Option<String>,
+    pub(crate) priority: u8,
+    pub(crate) expiration: Option<Duration>,
+}
+
+impl Props {
+    /// Reads the keyword arguments shared by every publishing call.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        headers: Option<&Bound<'_, PyAny>>,
+        persistent: bool,
+        message_id: Option<String>,
+        correlation_id: Option<String>,
+        reply_to: Option<String>,
+        content_type: Option<String>,
+        content_encoding: Option<String>,
+        priority: u8,
+        expiration: Option<f64>,
+    ) -> PyResult<Props> {
+        Ok(Props {
+            headers: optional_entries(headers)?,
+            persistent,
+            message_id,
+            correlation_id,
+            reply_to,
+            content_type,
+            content_encoding,
+            priority,
+            expiration: optional_seconds("expiration", expiration)?,
+        })
+    }
+
+    /// The message to publish.
+    pub(crate) fn into_message(self, body: Bytes) -> Message {
+        let mut message = Message::new(body).persistent(self.persistent).priority(self.priority);
+        for (key, value) in self.headers {
+            message = message.header(key, value);
+        }
+        if let Some(message_id) = self.message_id {
+            message = message.message_id(message_id);
+        }
+        if let Some(correlation_id) = self.correlation_id {
+            message = message.correlation_id(correlation_id);
+        }
+        if let Some(reply_to) = self.reply_to {
+            message = message.reply_to(reply_to);
+        }
+        if let Some(content_type) = self.content_type {
+            message = message.content_type(content_type);
+        }
+        if let Some(content_encoding) = self.content_encoding {
+            message = message.content_encoding(content_encoding);
+        }
+        if let Some(expiration) = self.expiration {
+            message = message.expiration(expiration);
+        }
+        message
+    }
+}
+
+/// The Python spelling of a durability.
+pub(crate) fn durability_name(durability: Durability) -> &'static str {
+    match durability {
+        Durability::Fsynced => "fsynced",
+        Durability::InMemory => "in_memory",
+        Durability::UnsafeNotSynced => "unsafe_not_synced",
+    }
+}
+
+impl ToPy for () {
+    fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(py.None())
+    }
+}
+
+impl ToPy for u64 {
+    fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.into_py_any(py)
+    }
+}
+
+impl ToPy for Option<u64> {
+    fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.into_py_any(py)
+    }
+}
+
+impl ToPy for Durability {
+    fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        durability_name(self).into_py_any(py)
+    }
+}
+
+impl ToPy for DeclaredQueue {
+    fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        (self.name, self.ready, self.consumers).into_py_any(py)
+    }
+}
+
+fn queue_info_to_py<'py>(py: Python<'py>, info: QueueInfo) -> PyResult<Bound<'py, PyAny>> {
+    let dict = PyDict::new(py);
+    dict.set_item("name", info.name)?;
+    dict.set_item("durable", info.durable)?;
+    dict.set_item("exclusive", info.exclusive)?;
+    dict.set_item("auto_delete", info.auto_delete)?;
+    dict.set_item("ready", info.ready)?;
+    dict.set_item("unacked", info.unacked)?;
+    dict.set_item("consumers", info.consumers)?;
+    Ok(dict.into_any())
+}
+
+impl ToPy for QueueInfo {
+    fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(queue_info_to_py(py, self)?.unbind())
+    }
+}
+
+impl ToPy for Vec<QueueInfo> {
+    fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let list = PyList::empty(py);
+        for info in self {
+            list.append(queue_info_to_py(py, info)?)?;
+        }
+        Ok(list.into_any().unbind())
+    }
+}
+
+/// Per-message publish outcomes: `None` (confirmed) or the error object.
+impl ToPy for Vec<Result<Durability, ClientError>> {
+    fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let list = PyList::empty(py);
+        for outcome in self {
+            match outcome {
+                Ok(_) => list.append(py.None())?,
+                Err(err) => list.append(crate::errors::error_object(py, &err))?,
+            }
+        }
+        Ok(list.into_any().unbind())
+    }
+}
