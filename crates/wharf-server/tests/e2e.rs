@@ -576,3 +576,71 @@ async fn a_peer_gone_silent_has_its_unacked_messages_requeued_and_exclusive_queu
             .is_not_found()
     );
 }
+
+#[tokio::test]
+async fn a_publisher_outrunning_its_consumers_is_paused_at_the_memory_watermark() {
+    const WATERMARK: u64 = 256 * 1024;
+    let server =
+        TestServer::start_with(|config| config.ready_bytes_high_watermark = WATERMARK).await;
+    let client = connect(&server).await;
+    client.declare_queue("flood").await.unwrap();
+    // 4 MiB offered, 16 times the watermark, with nobody consuming.
+    let publishing = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let publisher = client.publisher_with_window(64);
+            for chunk in 0..64 {
+                let batch = (0..64)
+                    .map(|idx| Message::new(vec![(chunk + idx) as u8; 1024]))
+                    .collect();
+                let outcomes = publisher.publish_batch("", "flood", batch).await.unwrap();
+                assert!(outcomes.iter().all(Result::is_ok));
+            }
+        })
+    };
+    // The broker stops reading the publisher: ready bytes level off near the watermark (one
+    // read's worth of frames may land past it) instead of reaching 4 MiB.
+    let observer = connect(&server).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut last = 0;
+    loop {
+        let ready = observer.queue_stats("flood").await.unwrap().ready;
+        if ready > 0 && ready == last {
+            break;
+        }
+        last = ready;
+        assert!(tokio::time::Instant::now() < deadline, "never levelled off");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!publishing.is_finished(), "the publisher was paused");
+    let ready_bytes = last * 1024;
+    assert!(
+        ready_bytes < 4 * 1024 * 1024,
+        "paused well below what was offered: {ready_bytes}"
+    );
+    assert!(
+        ready_bytes < WATERMARK + 1024 * 1024,
+        "paused near the watermark: {ready_bytes}"
+    );
+    // Consuming frees memory below the low watermark and the publisher resumes and finishes.
+    let mut consumer = observer
+        .consume(
+            "flood",
+            ConsumeOptions {
+                prefetch: 256,
+                auto_ack: true,
+                ..ConsumeOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut received = 0;
+    while received < 64 * 64 {
+        next(&mut consumer).await;
+        received += 1;
+    }
+    tokio::time::timeout(DEADLINE, publishing)
+        .await
+        .expect("the publisher finished")
+        .unwrap();
+}
