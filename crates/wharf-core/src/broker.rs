@@ -563,17 +563,7 @@ impl Broker {
 
     /// Every exchange, sorted by name.
     pub fn list_exchanges(&self) -> Vec<ExchangeInfo> {
-        let mut all: Vec<ExchangeInfo> = self
-            .exchanges
-            .values()
-            .map(|exchange| ExchangeInfo {
-                name: exchange.name.to_string(),
-                kind: exchange.kind,
-                options: exchange.options.clone(),
-                builtin: exchange.builtin,
-                bindings: exchange.n_bindings(),
-            })
-            .collect();
+        let mut all: Vec<ExchangeInfo> = self.exchanges.values().map(exchange_info).collect();
         all.sort_by(|left, right| left.name.cmp(&right.name));
         all
     }
@@ -602,13 +592,7 @@ impl Broker {
 
     /// One exchange's summary.
     pub fn exchange_info(&self, name: &str) -> Option<ExchangeInfo> {
-        self.exchanges.get(name).map(|exchange| ExchangeInfo {
-            name: exchange.name.to_string(),
-            kind: exchange.kind,
-            options: exchange.options.clone(),
-            builtin: exchange.builtin,
-            bindings: exchange.n_bindings(),
-        })
+        self.exchanges.get(name).map(exchange_info)
     }
 
     /// Options of a queue (for persisting durable topology).
@@ -1578,6 +1562,16 @@ enum Settle {
     Ack,
     Requeue,
     Drop,
+}
+
+fn exchange_info(exchange: &Exchange) -> ExchangeInfo {
+    ExchangeInfo {
+        name: exchange.name.to_string(),
+        kind: exchange.kind,
+        options: exchange.options.clone(),
+        builtin: exchange.builtin,
+        bindings: exchange.n_bindings(),
+    }
 }
 
 /// Puts an outstanding entry back in its queue; returns its size in bytes.

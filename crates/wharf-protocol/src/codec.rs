@@ -522,53 +522,17 @@ fn encode_deliver_batch_inner(
 ) -> Result<(), Error> {
     let start = dst.len();
     dst.put_u32(0); // Patched once the length is known.
-    let bodies_bytes: u64 = deliveries
-        .iter()
-        .map(|delivery| delivery.body.len() as u64)
-        .sum();
-    if let [delivery] = deliveries {
-        if delivery.delivery_tag == 0 {
-            return Err(Error::Invalid {
-                frame: "Deliver",
-                detail: "delivery tag 0",
-            });
-        }
-        wire::put_varint(dst, u64::from(kind::DELIVER));
-        wire::put_varint(dst, u64::from(consumer_tag));
-        wire::put_varint(dst, delivery.delivery_tag);
-        wire::put_bool(dst, delivery.redelivered);
-        wire::put_varint(dst, u64::from(delivery.delivery_count));
-        put_name(dst, delivery.exchange)?;
-        put_name(dst, delivery.routing_key)?;
-        put_properties(dst, delivery.properties)?;
-    } else {
-        wire::put_varint(dst, u64::from(kind::DELIVER_BATCH));
-        wire::put_varint(dst, u64::from(consumer_tag));
-        put_batch_len(dst, deliveries.len())?;
-        put_payload_len(dst, bodies_bytes, frame_bytes_max)?;
-        let mut previous: Option<&DeliveryRef<'_>> = None;
-        for delivery in deliveries {
-            let previous_tag = previous.map_or(0, |previous| previous.delivery_tag);
-            if delivery.delivery_tag <= previous_tag {
-                return Err(Error::Invalid {
-                    frame: "DeliverBatch",
-                    detail: "delivery tags not strictly increasing from 1",
-                });
-            }
-            wire::put_varint(dst, delivery.delivery_tag - previous_tag);
-            wire::put_bool(dst, delivery.redelivered);
-            wire::put_varint(dst, u64::from(delivery.delivery_count));
-            let same_exchange =
-                previous.is_some_and(|previous| previous.exchange == delivery.exchange);
-            put_opt_name(dst, (!same_exchange).then_some(delivery.exchange))?;
-            let same_key =
-                previous.is_some_and(|previous| previous.routing_key == delivery.routing_key);
-            put_opt_name(dst, (!same_key).then_some(delivery.routing_key))?;
-            put_properties(dst, delivery.properties)?;
-            wire::put_varint(dst, delivery.body.len() as u64);
-            previous = Some(delivery);
-        }
-    }
+    let single = deliveries.len() == 1;
+    wire::put_varint(
+        dst,
+        u64::from(if single {
+            kind::DELIVER
+        } else {
+            kind::DELIVER_BATCH
+        }),
+    );
+    let bodies_bytes =
+        put_deliveries_header(dst, consumer_tag, deliveries, single, frame_bytes_max)?;
     let frame_bytes = (dst.len() - start - FRAME_PREFIX_BYTES) as u64 + bodies_bytes;
     if frame_bytes > u64::from(frame_bytes_max) {
         return Err(Error::FrameTooLarge {
@@ -583,6 +547,79 @@ fn encode_deliver_batch_inner(
         dst.extend_from_slice(delivery.body);
     }
     Ok(())
+}
+
+impl<'a> From<&'a Delivery> for DeliveryRef<'a> {
+    fn from(delivery: &'a Delivery) -> Self {
+        DeliveryRef {
+            delivery_tag: delivery.delivery_tag,
+            redelivered: delivery.redelivered,
+            delivery_count: delivery.delivery_count,
+            exchange: &delivery.exchange,
+            routing_key: &delivery.routing_key,
+            properties: &delivery.properties,
+            body: &delivery.body,
+        }
+    }
+}
+
+/// Writes what follows the kind of a `Deliver` (`single`: exactly one delivery) or
+/// `DeliverBatch` frame up to the bodies; returns the bodies' total length. The one place
+/// deliveries are encoded.
+fn put_deliveries_header(
+    dst: &mut BytesMut,
+    consumer_tag: u32,
+    deliveries: &[DeliveryRef<'_>],
+    single: bool,
+    frame_bytes_max: u32,
+) -> Result<u64, Error> {
+    let bodies_bytes: u64 = deliveries
+        .iter()
+        .map(|delivery| delivery.body.len() as u64)
+        .sum();
+    wire::put_varint(dst, u64::from(consumer_tag));
+    if single {
+        let [delivery] = deliveries else {
+            unreachable!("a Deliver frame holds one delivery")
+        };
+        if delivery.delivery_tag == 0 {
+            return Err(Error::Invalid {
+                frame: "Deliver",
+                detail: "delivery tag 0",
+            });
+        }
+        wire::put_varint(dst, delivery.delivery_tag);
+        wire::put_bool(dst, delivery.redelivered);
+        wire::put_varint(dst, u64::from(delivery.delivery_count));
+        put_name(dst, delivery.exchange)?;
+        put_name(dst, delivery.routing_key)?;
+        put_properties(dst, delivery.properties)?;
+        return Ok(bodies_bytes);
+    }
+    put_batch_len(dst, deliveries.len())?;
+    put_payload_len(dst, bodies_bytes, frame_bytes_max)?;
+    let mut previous: Option<&DeliveryRef<'_>> = None;
+    for delivery in deliveries {
+        let previous_tag = previous.map_or(0, |previous| previous.delivery_tag);
+        if delivery.delivery_tag <= previous_tag {
+            return Err(Error::Invalid {
+                frame: "DeliverBatch",
+                detail: "delivery tags not strictly increasing from 1",
+            });
+        }
+        wire::put_varint(dst, delivery.delivery_tag - previous_tag);
+        wire::put_bool(dst, delivery.redelivered);
+        wire::put_varint(dst, u64::from(delivery.delivery_count));
+        let same_exchange = previous.is_some_and(|previous| previous.exchange == delivery.exchange);
+        put_opt_name(dst, (!same_exchange).then_some(delivery.exchange))?;
+        let same_key =
+            previous.is_some_and(|previous| previous.routing_key == delivery.routing_key);
+        put_opt_name(dst, (!same_key).then_some(delivery.routing_key))?;
+        put_properties(dst, delivery.properties)?;
+        wire::put_varint(dst, delivery.body.len() as u64);
+        previous = Some(delivery);
+    }
+    Ok(bodies_bytes)
 }
 
 /// Encodes `frame` as a list of chunks for a vectored write (`write_vectored` / `writev`),
@@ -661,53 +698,20 @@ fn encode_inner(
         }
         Frame::Confirm(confirm) => put_postcard(dst, confirm)?,
         Frame::Deliver(deliver) => {
-            let delivery = &deliver.delivery;
-            if delivery.delivery_tag == 0 {
-                return Err(Error::Invalid {
-                    frame: "Deliver",
-                    detail: "delivery tag 0",
-                });
-            }
-            wire::put_varint(dst, u64::from(deliver.consumer_tag));
-            wire::put_varint(dst, delivery.delivery_tag);
-            wire::put_bool(dst, delivery.redelivered);
-            wire::put_varint(dst, u64::from(delivery.delivery_count));
-            put_name(dst, &delivery.exchange)?;
-            put_name(dst, &delivery.routing_key)?;
-            put_properties(dst, &delivery.properties)?;
-            bodies_bytes = delivery.body.len() as u64;
+            let delivery = [DeliveryRef::from(&deliver.delivery)];
+            bodies_bytes =
+                put_deliveries_header(dst, deliver.consumer_tag, &delivery, true, frame_bytes_max)?;
         }
         Frame::DeliverBatch(batch) => {
-            wire::put_varint(dst, u64::from(batch.consumer_tag));
-            put_batch_len(dst, batch.deliveries.len())?;
-            bodies_bytes = batch
-                .deliveries
-                .iter()
-                .map(|delivery| delivery.body.len() as u64)
-                .sum();
-            put_payload_len(dst, bodies_bytes, frame_bytes_max)?;
-            let mut previous: Option<&Delivery> = None;
-            for delivery in &batch.deliveries {
-                let previous_tag = previous.map_or(0, |previous| previous.delivery_tag);
-                if delivery.delivery_tag <= previous_tag {
-                    return Err(Error::Invalid {
-                        frame: "DeliverBatch",
-                        detail: "delivery tags not strictly increasing from 1",
-                    });
-                }
-                wire::put_varint(dst, delivery.delivery_tag - previous_tag);
-                wire::put_bool(dst, delivery.redelivered);
-                wire::put_varint(dst, u64::from(delivery.delivery_count));
-                let same_exchange =
-                    previous.is_some_and(|previous| previous.exchange == delivery.exchange);
-                put_opt_name(dst, (!same_exchange).then_some(&*delivery.exchange))?;
-                let same_key =
-                    previous.is_some_and(|previous| previous.routing_key == delivery.routing_key);
-                put_opt_name(dst, (!same_key).then_some(&*delivery.routing_key))?;
-                put_properties(dst, &delivery.properties)?;
-                wire::put_varint(dst, delivery.body.len() as u64);
-                previous = Some(delivery);
-            }
+            let deliveries: Vec<DeliveryRef<'_>> =
+                batch.deliveries.iter().map(DeliveryRef::from).collect();
+            bodies_bytes = put_deliveries_header(
+                dst,
+                batch.consumer_tag,
+                &deliveries,
+                false,
+                frame_bytes_max,
+            )?;
         }
         Frame::Ack(ack) => put_postcard(dst, ack)?,
         Frame::Nack(nack) => put_postcard(dst, nack)?,
