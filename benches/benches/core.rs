@@ -93,11 +93,12 @@ fn message(exchange: &str, key: &str, headers: Headers) -> Arc<Message> {
     })
 }
 
-/// One cycle: publish the next message, ack every delivery it caused.
-fn cycle(setup: &mut Setup, idx: usize) {
+/// One cycle: publish the next message, ack every delivery it caused. With `fresh`, the
+/// message is first copied into a new `Arc`, as the server's decoding stage does for every
+/// published message; without, the core cycle alone (the message is shared).
+fn cycle(setup: &mut Setup, idx: usize, fresh: bool) {
     let message = setup.messages[idx % setup.messages.len()].clone();
-    // A fresh Arc per publish, as the server makes one per decoded message.
-    let message = Arc::new(Message::clone(&message));
+    let message = if fresh { Arc::new(Message::clone(&message)) } else { message };
     setup
         .broker
         .apply(0, Command::Publish { message }, &mut setup.effects)
@@ -201,10 +202,18 @@ fn core_cycle(c: &mut Criterion) {
         let mut idx = 0usize;
         group.bench_function(BenchmarkId::from_parameter(name), |b| {
             b.iter(|| {
-                cycle(&mut setup, idx);
+                cycle(&mut setup, idx, false);
                 idx = idx.wrapping_add(1);
             })
         });
+        if name == "default" {
+            group.bench_function(BenchmarkId::from_parameter("default_with_fresh_message"), |b| {
+                b.iter(|| {
+                    cycle(&mut setup, idx, true);
+                    idx = idx.wrapping_add(1);
+                })
+            });
+        }
     }
     group.finish();
 }
