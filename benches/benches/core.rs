@@ -98,7 +98,11 @@ fn message(exchange: &str, key: &str, headers: Headers) -> Arc<Message> {
 /// published message; without, the core cycle alone (the message is shared).
 fn cycle(setup: &mut Setup, idx: usize, fresh: bool) {
     let message = setup.messages[idx % setup.messages.len()].clone();
-    let message = if fresh { Arc::new(Message::clone(&message)) } else { message };
+    let message = if fresh {
+        Arc::new(Message::clone(&message))
+    } else {
+        message
+    };
     setup
         .broker
         .apply(0, Command::Publish { message }, &mut setup.effects)
@@ -207,12 +211,15 @@ fn core_cycle(c: &mut Criterion) {
             })
         });
         if name == "default" {
-            group.bench_function(BenchmarkId::from_parameter("default_with_fresh_message"), |b| {
-                b.iter(|| {
-                    cycle(&mut setup, idx, true);
-                    idx = idx.wrapping_add(1);
-                })
-            });
+            group.bench_function(
+                BenchmarkId::from_parameter("default_with_fresh_message"),
+                |b| {
+                    b.iter(|| {
+                        cycle(&mut setup, idx, true);
+                        idx = idx.wrapping_add(1);
+                    })
+                },
+            );
         }
     }
     group.finish();

@@ -339,7 +339,7 @@ mod tests {
     #[test]
     fn pathological_hash_patterns_match_in_linear_steps() {
         let mut matcher = TopicMatcher::new();
-        let pattern = vec!["#", "a"].repeat(40).join(".");
+        let pattern = ["#", "a"].repeat(40).join(".");
         matcher.insert(&pattern, 7u32);
         let key = vec!["a"; 120].join(".");
         assert_eq!(matched(&mut matcher, &key), vec![7]);

@@ -414,7 +414,7 @@ fn borrowed_delivery_encoding_is_byte_for_byte_the_frame_encoding() {
     })
     .unwrap();
     let empty = Properties::default();
-    let owned = vec![
+    let owned = [
         Delivery {
             delivery_tag: 5,
             redelivered: false,

@@ -1767,7 +1767,7 @@ mod tests {
             &["--rate", "0"],
             &["--count", "1", "--producers", "2"],
         ] {
-            let failure = settings(args).err().expect("refused");
+            let failure = settings(args).expect_err("refused");
             assert_eq!(failure.exit_code, EXIT_USAGE, "{args:?}");
         }
     }
