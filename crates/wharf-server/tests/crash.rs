@@ -274,3 +274,41 @@ async fn kill_dash_nine_loses_no_confirmed_message() {
     );
     assert!(invented.is_empty(), "invented: {invented:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_connection_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = spawn(dir.path());
+    let client = Client::connect(&broker.addr.to_string()).await.unwrap();
+    client.declare_queue("q").durable(true).await.unwrap();
+    client
+        .publish("", "q", Message::new("kept").persistent(true))
+        .await
+        .unwrap();
+    let mut raw = common::Raw::open(broker.addr).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &broker.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let close = raw.expect_close().await;
+    assert_eq!(close.code, wharf_protocol::ErrorCode::ConnectionForced);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let exit = loop {
+        if let Some(exit) = broker.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(exit.code(), Some(0), "graceful shutdown exits 0");
+    // What was confirmed is there after the restart.
+    let mut broker = spawn(dir.path());
+    let client = Client::connect(&broker.addr.to_string()).await.unwrap();
+    assert_eq!(client.queue_stats("q").await.unwrap().ready, 1);
+    broker.child.kill().unwrap();
+    broker.child.wait().unwrap();
+}
