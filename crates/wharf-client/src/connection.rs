@@ -60,7 +60,9 @@ pub(crate) enum Command {
 
 /// A consumer as the reader sees it.
 pub(crate) struct ConsumerSlot {
-    pub(crate) sender: mpsc::UnboundedSender<Result<Delivery, ClientError>>,
+    /// Deliveries go to the consumer a frame's worth at a time (one channel operation per
+    /// frame, not per message).
+    pub(crate) sender: mpsc::UnboundedSender<Result<Vec<Delivery>, ClientError>>,
     pub(crate) consumer: Arc<ConsumerShared>,
 }
 
@@ -509,14 +511,14 @@ impl Shared {
             );
             return;
         };
-        for delivery in deliveries {
-            let delivery = Delivery::new(delivery, slot.consumer.clone(), self.self_ref());
-            // Unbounded, yet bounded by the consumer's prefetch / credit window: the server
-            // never sends more than the window, so the reader never waits on a slow consumer.
-            // If the consumer was dropped, its `Cancel` is in flight and the server requeues
-            // this delivery when it processes it: dropping it here is all there is to do.
-            let _ = slot.sender.send(Ok(delivery));
-        }
+        let batch: Vec<Delivery> = deliveries
+            .map(|delivery| Delivery::new(delivery, slot.consumer.clone(), self.self_ref()))
+            .collect();
+        // Unbounded, yet bounded by the consumer's prefetch / credit window: the server never
+        // sends more than the window, so the reader never waits on a slow consumer. If the
+        // consumer was dropped, its `Cancel` is in flight and the server requeues these
+        // deliveries when it processes it: dropping them here is all there is to do.
+        let _ = slot.sender.send(Ok(batch));
     }
 
     /// The server broke the protocol: tell it and end the connection.

@@ -5,6 +5,7 @@ use crate::connection::{Command, Shared};
 use crate::error::ClientError;
 use bytes::Bytes;
 use futures::Stream;
+use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -264,7 +265,9 @@ impl fmt::Debug for Delivery {
 pub struct Consumer {
     client: Client,
     consumer: Arc<ConsumerShared>,
-    receiver: mpsc::UnboundedReceiver<Result<Delivery, ClientError>>,
+    receiver: mpsc::UnboundedReceiver<Result<Vec<Delivery>, ClientError>>,
+    /// Deliveries received in one frame and not yet taken.
+    buffered: VecDeque<Delivery>,
     queue: String,
     prefetch: u32,
     /// Auto-ack: deliveries taken since the last `Credit`.
@@ -279,7 +282,7 @@ impl Consumer {
     pub(crate) fn new(
         client: Client,
         consumer: Arc<ConsumerShared>,
-        receiver: mpsc::UnboundedReceiver<Result<Delivery, ClientError>>,
+        receiver: mpsc::UnboundedReceiver<Result<Vec<Delivery>, ClientError>>,
         queue: String,
         prefetch: u32,
     ) -> Consumer {
@@ -287,6 +290,7 @@ impl Consumer {
             client,
             consumer,
             receiver,
+            buffered: VecDeque::new(),
             queue,
             prefetch,
             n_taken: 0,
@@ -349,6 +353,7 @@ impl Consumer {
     /// Drops the deliveries received but never taken by the application: the broker requeues
     /// them itself when it processes the `Cancel`.
     fn discard_buffered(&mut self) {
+        self.buffered.clear();
         self.receiver.close();
         while self.receiver.try_recv().is_ok() {}
     }
@@ -383,10 +388,24 @@ impl Stream for Consumer {
         if this.ended {
             return Poll::Ready(None);
         }
+        if let Some(delivery) = this.buffered.pop_front() {
+            this.took_one();
+            return Poll::Ready(Some(Ok(delivery)));
+        }
         match this.receiver.poll_recv(cx) {
-            Poll::Ready(Some(Ok(delivery))) => {
-                this.took_one();
-                Poll::Ready(Some(Ok(delivery)))
+            Poll::Ready(Some(Ok(batch))) => {
+                this.buffered.extend(batch);
+                match this.buffered.pop_front() {
+                    Some(delivery) => {
+                        this.took_one();
+                        Poll::Ready(Some(Ok(delivery)))
+                    }
+                    None => {
+                        // An empty frame's worth: nothing to hand out yet.
+                        cx.waker().wake_by_ref();
+                        Poll::Pending
+                    }
+                }
             }
             Poll::Ready(Some(Err(err))) => {
                 this.ended = true;
