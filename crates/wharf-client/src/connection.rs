@@ -511,8 +511,9 @@ impl Shared {
             );
             return;
         };
+        let shared = self.self_ref();
         let batch: Vec<Delivery> = deliveries
-            .map(|delivery| Delivery::new(delivery, slot.consumer.clone(), self.self_ref()))
+            .map(|delivery| Delivery::new(delivery, slot.consumer.clone(), shared.clone()))
             .collect();
         // Unbounded, yet bounded by the consumer's prefetch / credit window: the server never
         // sends more than the window, so the reader never waits on a slow consumer. If the
