@@ -4,13 +4,15 @@ use crate::error::{CoreError, EntityKind};
 use crate::exchange::{
     BindingKey, Destination, Exchange, ExchangeKind, ExchangeOptions, HeadersMatch,
 };
-use crate::limits::{EXCHANGE_HOPS_MAX, HEADER_DEPTH_MAX, Limits};
-use crate::message::{Headers, Message};
+use crate::limits::{DEAD_LETTERS_PER_COMMAND_MAX, EXCHANGE_HOPS_MAX, HEADER_DEPTH_MAX, Limits};
+use crate::message::{HeaderValue, Headers, Message};
 use crate::name::{RESERVED_PREFIX, validate_name, validate_routing_key, validate_user_name};
 use crate::outstanding::Outstanding;
-use crate::queue::{Consumer, ConsumerOptions, Entry, Queue, QueueOptions, QueueStats};
+use crate::queue::{
+    Consumer, ConsumerOptions, Entry, Overflow, Queue, QueueFeatures, QueueOptions, QueueStats,
+};
 use crate::{ConnectionId, ConsumerTag, DeliveryTag, FixedState, QueueId};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 /// The name of the default exchange, which routes to the queue named by the routing key.
@@ -232,6 +234,12 @@ pub enum Reply {
     Published {
         /// Queues it was enqueued in (0: unroutable, dropped).
         routed: u32,
+        /// A target queue that refused its copy because it is full (`x-overflow =
+        /// reject-publish`) while other targets took theirs. The publish must then be refused
+        /// to the publisher (as RabbitMQ nacks it), but the copies enqueued elsewhere stay.
+        /// (When every target refuses, the command fails with [`CoreError::QueueFull`] and
+        /// nothing changes.)
+        refused_by: Option<Arc<str>>,
     },
     /// Acks, nacks and rejects: how many deliveries were settled.
     Settled {
@@ -372,6 +380,122 @@ pub struct Broker {
     ready_bytes_total: u64,
     /// The next id for a logged (persistent, durable-queue) message.
     next_durable_id: u64,
+    /// Messages that left a queue with a dead-letter exchange during the current command and
+    /// are still to be republished (in order).
+    dead_letters: VecDeque<DeadLetter>,
+    /// Queues that received dead letters during the current command, to dispatch at its end.
+    to_dispatch: Vec<QueueId>,
+}
+
+/// Why a message was dead-lettered (the `reason` of its `x-death` record).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeathReason {
+    /// Nacked or rejected without requeue.
+    Rejected,
+    /// Dropped from the head by the queue's length limit.
+    MaxLen,
+    /// Would have been requeued after its queue's delivery limit.
+    DeliveryLimit,
+}
+
+impl DeathReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            DeathReason::Rejected => "rejected",
+            DeathReason::MaxLen => "maxlen",
+            DeathReason::DeliveryLimit => "delivery_limit",
+        }
+    }
+}
+
+/// A message on its way from a queue to that queue's dead-letter exchange.
+#[derive(Debug, Clone)]
+struct DeadLetter {
+    message: Arc<Message>,
+    queue: Arc<str>,
+    reason: DeathReason,
+    exchange: Arc<str>,
+    routing_key: Option<Arc<str>>,
+}
+
+impl DeadLetter {
+    /// The dead letter of `entry` leaving `queue`, if the queue has a dead-letter exchange.
+    fn of(queue: &Queue, entry: &Entry, reason: DeathReason) -> Option<DeadLetter> {
+        Some(DeadLetter {
+            message: entry.message.clone(),
+            queue: queue.name.clone(),
+            reason,
+            exchange: queue.features.dead_letter_exchange.clone()?,
+            routing_key: queue.features.dead_letter_routing_key.clone(),
+        })
+    }
+}
+
+/// Header of the list of death records, most recent first.
+const X_DEATH: &str = "x-death";
+
+fn is_death_of(record: &HeaderValue, queue: &str, reason: &str) -> bool {
+    matches!(record, HeaderValue::Map(map)
+        if map.get("queue").and_then(HeaderValue::as_str) == Some(queue)
+            && map.get("reason").and_then(HeaderValue::as_str) == Some(reason))
+}
+
+/// The message as republished to the dead-letter exchange: its `x-death` list gets a record for
+/// this death in front (an earlier record for the same queue and reason has its count
+/// incremented and moves to the front, as RabbitMQ does), `x-first-death-*` are set on the first
+/// death; exchange and routing key become the dead-letter ones.
+fn dead_lettered(dead: &DeadLetter, now_ms: u64) -> Message {
+    let message = &dead.message;
+    let reason = dead.reason.as_str();
+    let mut headers = message.headers.clone();
+    let mut deaths = match headers.get(X_DEATH) {
+        Some(HeaderValue::List(records)) => records.clone(),
+        _ => Vec::new(),
+    };
+    let now = i64::try_from(now_ms).unwrap_or(i64::MAX);
+    let record = match deaths
+        .iter()
+        .position(|record| is_death_of(record, &dead.queue, reason))
+    {
+        Some(idx) => {
+            let HeaderValue::Map(mut record) = deaths.remove(idx) else {
+                unreachable!("is_death_of matched a map")
+            };
+            let count = match record.get("count") {
+                Some(HeaderValue::Int(count)) => count.saturating_add(1),
+                _ => 1,
+            };
+            record.insert("count", count);
+            record.insert("time", now);
+            record
+        }
+        None => Headers::new()
+            .with("count", 1i64)
+            .with("reason", reason)
+            .with("queue", &*dead.queue)
+            .with("time", now)
+            .with("exchange", &*message.exchange)
+            .with(
+                "routing-keys",
+                HeaderValue::List(vec![HeaderValue::from(&*message.routing_key)]),
+            ),
+    };
+    deaths.insert(0, HeaderValue::Map(record));
+    headers.insert(X_DEATH, HeaderValue::List(deaths));
+    if headers.get("x-first-death-reason").is_none() {
+        headers.insert("x-first-death-reason", reason);
+        headers.insert("x-first-death-queue", &*dead.queue);
+        headers.insert("x-first-death-exchange", &*message.exchange);
+    }
+    Message {
+        exchange: dead.exchange.clone(),
+        routing_key: dead
+            .routing_key
+            .clone()
+            .unwrap_or_else(|| message.routing_key.clone()),
+        headers,
+        ..Message::clone(message)
+    }
 }
 
 impl Default for Broker {
@@ -395,6 +519,8 @@ impl Broker {
             now_ms: 0,
             ready_bytes_total: 0,
             next_durable_id: 1,
+            dead_letters: VecDeque::new(),
+            to_dispatch: Vec::new(),
         };
         for (name, kind) in BUILTIN_EXCHANGES {
             let options = ExchangeOptions {
@@ -641,12 +767,16 @@ impl Broker {
         for (_, unacked) in conn.unacked.drain() {
             if let Some(queue) = self.queues.get_mut(&unacked.queue) {
                 queue.unacked -= 1;
-                self.ready_bytes_total += requeue_entry(queue, unacked.entry);
+                self.ready_bytes_total +=
+                    requeue_entry(queue, unacked.entry, &mut self.dead_letters, effects);
                 if !touched.contains(&unacked.queue) {
                     touched.push(unacked.queue);
                 }
             }
         }
+        // Messages over their delivery limit were dead-lettered: republish them first (into
+        // this connection's exclusive queues too, which are then deleted with them).
+        self.republish_dead_letters(effects);
         for qid in conn.exclusive_queues {
             if self.queues.contains_key(&qid) {
                 self.remove_queue(qid, effects);
@@ -665,6 +795,7 @@ impl Broker {
                 self.dispatch(qid, effects);
             }
         }
+        self.dispatch_touched(effects);
         Ok(Reply::Done)
     }
 
@@ -964,6 +1095,7 @@ impl Broker {
             validate_user_name(&name)?;
         }
         check_header_depth(&options.arguments)?;
+        let features = QueueFeatures::try_from(&options.arguments)?;
         if let Some(qid) = self.queue_names.get(name.as_str()) {
             let queue = &self.queues[qid];
             check_exclusive_access(queue, connection)?;
@@ -1011,7 +1143,7 @@ impl Broker {
                 .push(qid);
         }
         self.queues
-            .insert(qid, Queue::new(name.clone(), options, owner));
+            .insert(qid, Queue::new(name.clone(), options, features, owner));
         self.queue_names.insert(name.clone(), qid);
         Ok(Reply::QueueDeclared {
             name,
@@ -1111,11 +1243,54 @@ impl Broker {
         check_header_depth(&message.headers)?;
         let mut targets = std::mem::take(&mut self.route_scratch);
         targets.clear();
-        let routed = self.route(&message, &mut targets);
+        let routed = self.route(&message, &mut targets, false);
         if let Err(err) = routed {
             self.route_scratch = targets;
             return Err(err);
         }
+        // Queues that reject-publish when full refuse their copy before anything changes.
+        let refused_by = self.refuse_full(message.size_bytes(), &mut targets);
+        if targets.is_empty() {
+            if let Some(queue) = refused_by {
+                self.route_scratch = targets;
+                return Err(CoreError::QueueFull {
+                    queue: queue.to_string(),
+                });
+            }
+        }
+        self.enqueue_routed(&message, &targets, effects);
+        let routed = targets.len() as u32;
+        self.to_dispatch.extend_from_slice(&targets);
+        self.route_scratch = targets;
+        self.finish_dead_letters_and_dispatch(effects);
+        Ok(Reply::Published { routed, refused_by })
+    }
+
+    /// Removes the targets that are full and reject-publish; returns the first of them.
+    fn refuse_full(&self, size: u64, targets: &mut Vec<QueueId>) -> Option<Arc<str>> {
+        let mut refused_by: Option<Arc<str>> = None;
+        targets.retain(|qid| {
+            let queue = &self.queues[qid];
+            let fits = queue.features.overflow != Overflow::RejectPublish
+                || !queue
+                    .features
+                    .over_limit(queue.ready.len() as u64 + 1, queue.ready.bytes() + size);
+            if !fits && refused_by.is_none() {
+                refused_by = Some(queue.name.clone());
+            }
+            fits
+        });
+        refused_by
+    }
+
+    /// Enqueues a routed message in every target (logging it if persistent and a target is
+    /// durable) and applies drop-head limits. Does not dispatch.
+    fn enqueue_routed(
+        &mut self,
+        message: &Arc<Message>,
+        targets: &[QueueId],
+        effects: &mut Vec<Effect>,
+    ) {
         let durable_id =
             if message.persistent && targets.iter().any(|qid| self.queues[qid].is_durable()) {
                 let durable_id = self.next_durable_id;
@@ -1135,7 +1310,7 @@ impl Broker {
             } else {
                 None
             };
-        for qid in &targets {
+        for qid in targets {
             let queue = self
                 .queues
                 .get_mut(qid)
@@ -1143,15 +1318,78 @@ impl Broker {
             let entry_id = durable_id.filter(|_| queue.is_durable());
             queue.enqueue(message.clone(), entry_id, false);
             self.ready_bytes_total += message.size_bytes();
-            self.dispatch(*qid, effects);
+            self.ready_bytes_total -= drop_head_over_limit(queue, &mut self.dead_letters, effects);
         }
-        let routed = targets.len() as u32;
-        self.route_scratch = targets;
-        Ok(Reply::Published { routed })
+    }
+
+    /// Republishes the pending dead letters (which may drop and dead-letter further messages
+    /// from full queues), then dispatches every queue the command touched. Every command that
+    /// may dead-letter ends with this, so that all enqueues and drops of a command happen
+    /// before any of its deliveries.
+    fn finish_dead_letters_and_dispatch(&mut self, effects: &mut Vec<Effect>) {
+        self.republish_dead_letters(effects);
+        self.dispatch_touched(effects);
+    }
+
+    /// Republishes the pending dead letters, in order (see
+    /// [`Broker::finish_dead_letters_and_dispatch`]).
+    fn republish_dead_letters(&mut self, effects: &mut Vec<Effect>) {
+        let mut n_dead_letters = 0;
+        while let Some(dead) = self.dead_letters.pop_front() {
+            n_dead_letters += 1;
+            if n_dead_letters > DEAD_LETTERS_PER_COMMAND_MAX {
+                continue;
+            }
+            self.republish_dead_letter(&dead, effects);
+        }
+    }
+
+    /// Dispatches the queues the command touched (see
+    /// [`Broker::finish_dead_letters_and_dispatch`]).
+    fn dispatch_touched(&mut self, effects: &mut Vec<Effect>) {
+        let mut to_dispatch = std::mem::take(&mut self.to_dispatch);
+        for qid in to_dispatch.drain(..) {
+            if self.queues.contains_key(&qid) {
+                self.dispatch(qid, effects);
+            }
+        }
+        self.to_dispatch = to_dispatch;
+    }
+
+    /// Republishes one dead letter to its dead-letter exchange. It is dropped instead when the
+    /// exchange does not exist, when no queue takes it, and — the cycle guard — when it already
+    /// died in the same queue for the same reason, unless that reason is `rejected` (a consumer
+    /// decision, not an automatic loop), as RabbitMQ does.
+    fn republish_dead_letter(&mut self, dead: &DeadLetter, effects: &mut Vec<Effect>) {
+        if dead.reason != DeathReason::Rejected {
+            if let Some(HeaderValue::List(records)) = dead.message.headers.get(X_DEATH) {
+                if records
+                    .iter()
+                    .any(|record| is_death_of(record, &dead.queue, dead.reason.as_str()))
+                {
+                    return;
+                }
+            }
+        }
+        let message = Arc::new(dead_lettered(dead, self.now_ms));
+        let mut targets = Vec::new();
+        if self.route(&message, &mut targets, true).is_err() {
+            return;
+        }
+        self.refuse_full(message.size_bytes(), &mut targets);
+        self.enqueue_routed(&message, &targets, effects);
+        self.to_dispatch.extend_from_slice(&targets);
     }
 
     /// Collects the queues a message reaches, each once, in a deterministic order.
-    fn route(&mut self, message: &Message, targets: &mut Vec<QueueId>) -> Result<(), CoreError> {
+    ///
+    /// Dead letters (`dead_letter`) may go to internal exchanges.
+    fn route(
+        &mut self,
+        message: &Message,
+        targets: &mut Vec<QueueId>,
+        dead_letter: bool,
+    ) -> Result<(), CoreError> {
         let exchange_name: &str = &message.exchange;
         if exchange_name == DEFAULT_EXCHANGE {
             if let Some(qid) = self.queue_names.get(&*message.routing_key) {
@@ -1163,7 +1401,7 @@ impl Broker {
             .exchanges
             .get_mut(exchange_name)
             .ok_or_else(|| CoreError::not_found(EntityKind::Exchange, exchange_name))?;
-        if exchange.options.internal {
+        if exchange.options.internal && !dead_letter {
             return Err(CoreError::AccessRefused {
                 reason: format!("exchange '{exchange_name}' is internal"),
             });
@@ -1283,18 +1521,24 @@ impl Broker {
             .expect("consumers point at live queues");
         for (_, unacked) in returned {
             queue.unacked -= 1;
-            self.ready_bytes_total += requeue_entry(queue, unacked.entry);
+            self.ready_bytes_total +=
+                requeue_entry(queue, unacked.entry, &mut self.dead_letters, effects);
         }
         let idx = queue
             .consumer_idx(connection, tag)
             .expect("consumer registered on its queue");
         queue.consumers.remove(idx);
         queue.cursor = 0;
-        if queue.options.auto_delete && queue.consumers.is_empty() {
+        let auto_deleted = queue.options.auto_delete && queue.consumers.is_empty();
+        // Messages over their delivery limit were dead-lettered: republish them before anything
+        // is dispatched or deleted.
+        self.republish_dead_letters(effects);
+        if auto_deleted {
             self.remove_queue(qid, effects);
         } else {
             self.dispatch(qid, effects);
         }
+        self.dispatch_touched(effects);
         Ok(Reply::Done)
     }
 
@@ -1343,8 +1587,9 @@ impl Broker {
                 .ok_or(CoreError::UnknownDeliveryTag { tag: tag.0 })?;
             let qid = unacked.queue;
             if self.settle_one(connection, unacked, how, effects) {
-                self.dispatch(qid, effects);
+                self.to_dispatch.push(qid);
             }
+            self.finish_dead_letters_and_dispatch(effects);
             return Ok(Reply::Settled { count: 1 });
         }
         let settled: Vec<(u64, Unacked)> = {
@@ -1362,9 +1607,8 @@ impl Broker {
                 touched.push(qid);
             }
         }
-        for qid in touched {
-            self.dispatch(qid, effects);
-        }
+        self.to_dispatch.extend(touched);
+        self.finish_dead_letters_and_dispatch(effects);
         Ok(Reply::Settled { count })
     }
 
@@ -1420,9 +1664,17 @@ impl Broker {
         }
         match how {
             Settle::Ack => queue.stats.acked += 1,
-            Settle::Drop => queue.stats.dropped += 1,
+            Settle::Drop => {
+                queue.stats.dropped += 1;
+                self.dead_letters.extend(DeadLetter::of(
+                    queue,
+                    &unacked.entry,
+                    DeathReason::Rejected,
+                ));
+            }
             Settle::Requeue => {
-                self.ready_bytes_total += requeue_entry(queue, unacked.entry);
+                self.ready_bytes_total +=
+                    requeue_entry(queue, unacked.entry, &mut self.dead_letters, effects);
                 return true;
             }
         }
@@ -1574,8 +1826,59 @@ fn exchange_info(exchange: &Exchange) -> ExchangeInfo {
     }
 }
 
-/// Puts an outstanding entry back in its queue; returns its size in bytes.
-fn requeue_entry(queue: &mut Queue, mut entry: Entry) -> u64 {
+/// Enforces a drop-head length limit after an enqueue: drops ready messages from the head
+/// (the next to be delivered) until the queue fits. Returns the bytes dropped.
+fn drop_head_over_limit(
+    queue: &mut Queue,
+    dead_letters: &mut VecDeque<DeadLetter>,
+    effects: &mut Vec<Effect>,
+) -> u64 {
+    let mut dropped_bytes = 0;
+    while queue.features.overflow == Overflow::DropHead
+        && queue
+            .features
+            .over_limit(queue.ready.len() as u64, queue.ready.bytes())
+    {
+        let entry = queue
+            .ready
+            .pop_front()
+            .expect("over a limit means not empty");
+        dropped_bytes += entry.message.size_bytes();
+        queue.stats.dropped += 1;
+        dead_letters.extend(DeadLetter::of(queue, &entry, DeathReason::MaxLen));
+        if let Some(durable_id) = entry.durable_id {
+            effects.push(Effect::DurableSettled {
+                durable_id,
+                queue: queue.name.clone(),
+            });
+        }
+    }
+    dropped_bytes
+}
+
+/// Puts an outstanding entry back in its queue; returns the bytes that became ready. An entry
+/// at its queue's delivery limit leaves instead: dead-lettered (`delivery_limit`) or dropped.
+fn requeue_entry(
+    queue: &mut Queue,
+    mut entry: Entry,
+    dead_letters: &mut VecDeque<DeadLetter>,
+    effects: &mut Vec<Effect>,
+) -> u64 {
+    if queue
+        .features
+        .delivery_limit
+        .is_some_and(|limit| u64::from(entry.delivery_count) >= limit)
+    {
+        queue.stats.dropped += 1;
+        dead_letters.extend(DeadLetter::of(queue, &entry, DeathReason::DeliveryLimit));
+        if let Some(durable_id) = entry.durable_id {
+            effects.push(Effect::DurableSettled {
+                durable_id,
+                queue: queue.name.clone(),
+            });
+        }
+        return 0;
+    }
     entry.redelivered = true;
     let size = entry.message.size_bytes();
     queue.ready.requeue(entry);

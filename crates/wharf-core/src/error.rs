@@ -99,6 +99,13 @@ pub enum CoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A queue with `x-overflow = reject-publish` is at its length limit (`x-max-length` or
+    /// `x-max-length-bytes`) and refused the message; retry once consumers have made room.
+    #[error("queue '{queue}' is full (x-overflow = reject-publish)")]
+    QueueFull {
+        /// The full queue.
+        queue: String,
+    },
     /// A configured limit would be exceeded (queues, bindings, consumers, ...).
     #[error("limit exceeded: at most {limit} {what}")]
     LimitExceeded {

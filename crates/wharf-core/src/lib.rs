@@ -46,7 +46,11 @@ pub use exchange::{Destination, ExchangeKind, ExchangeOptions};
 pub use limits::Limits;
 pub use message::{HeaderValue, Headers, Message};
 pub use name::{RESERVED_PREFIX, validate_name, validate_routing_key, validate_user_name};
-pub use queue::{ConsumerOptions, QueueOptions, QueueStats};
+pub use queue::{
+    ARG_DEAD_LETTER_EXCHANGE, ARG_DEAD_LETTER_ROUTING_KEY, ARG_DELIVERY_LIMIT, ARG_MAX_LENGTH,
+    ARG_MAX_LENGTH_BYTES, ARG_MAX_PRIORITY, ARG_OVERFLOW, ConsumerOptions, Overflow, QueueFeatures,
+    QueueOptions, QueueStats,
+};
 
 /// Deterministic, fast hashing (FxHash): no random keys, so the core stays reproducible, and a
 /// few nanoseconds per lookup on the hot path (SipHash cost a third of a publish→ack cycle).

@@ -17,6 +17,10 @@ pub const CONSUMERS_PER_QUEUE_MAX: usize = 10_000;
 pub const HEADER_DEPTH_MAX: usize = 16;
 /// Hops through exchange-to-exchange bindings: bounds routing work per message.
 pub const EXCHANGE_HOPS_MAX: usize = 16;
+/// Dead letters republished by one command; further ones are dropped. Each can drop (and so
+/// dead-letter) others from full queues, so a pathological topology could otherwise make one
+/// command's work grow combinatorially.
+pub const DEAD_LETTERS_PER_COMMAND_MAX: usize = 10_000;
 
 /// The limits in force in one broker; `Limits::default()` uses the constants of this module.
 #[derive(Debug, Clone, PartialEq, Eq)]

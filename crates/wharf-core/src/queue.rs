@@ -1,9 +1,134 @@
 //! Queues: ready messages in FIFO order, the consumers attached, and per-queue statistics.
 
-use crate::message::{Headers, Message};
+use crate::error::CoreError;
+use crate::message::{HeaderValue, Headers, Message};
 use crate::{ConnectionId, ConsumerTag};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+
+/// Queue argument: the highest message priority the queue orders by (1..=255).
+pub const ARG_MAX_PRIORITY: &str = "x-max-priority";
+/// Queue argument: the most ready messages the queue holds.
+pub const ARG_MAX_LENGTH: &str = "x-max-length";
+/// Queue argument: the most body bytes of ready messages the queue holds.
+pub const ARG_MAX_LENGTH_BYTES: &str = "x-max-length-bytes";
+/// Queue argument: what a full queue does, `drop-head` (default) or `reject-publish`.
+pub const ARG_OVERFLOW: &str = "x-overflow";
+/// Queue argument: the exchange dead-lettered messages are republished to (`""`: default).
+pub const ARG_DEAD_LETTER_EXCHANGE: &str = "x-dead-letter-exchange";
+/// Queue argument: the routing key of dead-lettered messages (default: their own).
+pub const ARG_DEAD_LETTER_ROUTING_KEY: &str = "x-dead-letter-routing-key";
+/// Queue argument: deliveries after which a message is dead-lettered instead of requeued.
+pub const ARG_DELIVERY_LIMIT: &str = "x-delivery-limit";
+
+/// What a queue at its length limit does with a new message (`x-overflow`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// Accept it and drop the ready messages at the head until the queue fits again.
+    #[default]
+    DropHead,
+    /// Refuse the publish ([`CoreError::QueueFull`]).
+    RejectPublish,
+}
+
+/// The queue features an [`QueueOptions::arguments`] map asks for, validated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueFeatures {
+    /// `x-max-priority`: message priorities above it count as it; `None`: no ordering by
+    /// priority (every message is equal, plain FIFO).
+    pub max_priority: Option<u8>,
+    /// `x-max-length`: most ready messages.
+    pub max_length: Option<u64>,
+    /// `x-max-length-bytes`: most body bytes of ready messages.
+    pub max_length_bytes: Option<u64>,
+    /// `x-overflow`.
+    pub overflow: Overflow,
+    /// `x-dead-letter-exchange`: where messages rejected without requeue or dropped by the
+    /// length limit go; `None`: they are dropped.
+    pub dead_letter_exchange: Option<Arc<str>>,
+    /// `x-dead-letter-routing-key`: their routing key there; `None`: their own.
+    pub dead_letter_routing_key: Option<Arc<str>>,
+    /// `x-delivery-limit`: a message delivered this many times (or more) that would be
+    /// requeued is dead-lettered (reason `delivery_limit`) or dropped instead.
+    pub delivery_limit: Option<u64>,
+}
+
+fn text_argument(arguments: &Headers, key: &str) -> Result<Option<Arc<str>>, CoreError> {
+    match arguments.get(key) {
+        None => Ok(None),
+        Some(HeaderValue::Str(text)) if text.len() <= crate::limits::NAME_BYTES_MAX => {
+            Ok(Some(text.as_str().into()))
+        }
+        Some(other) => Err(CoreError::InvalidArgument {
+            reason: format!("{key} must be a string of at most 255 bytes, not {other:?}"),
+        }),
+    }
+}
+
+fn non_negative_int(arguments: &Headers, key: &str) -> Result<Option<u64>, CoreError> {
+    match arguments.get(key) {
+        None => Ok(None),
+        Some(HeaderValue::Int(value)) if *value >= 0 => Ok(Some(*value as u64)),
+        Some(other) => Err(CoreError::InvalidArgument {
+            reason: format!("{key} must be a non-negative integer, not {other:?}"),
+        }),
+    }
+}
+
+impl TryFrom<&Headers> for QueueFeatures {
+    type Error = CoreError;
+
+    /// Reads the queue arguments Wharf implements; other arguments are kept and ignored.
+    fn try_from(arguments: &Headers) -> Result<Self, CoreError> {
+        let max_priority = match arguments.get(ARG_MAX_PRIORITY) {
+            None => None,
+            Some(HeaderValue::Int(value)) if (1..=255).contains(value) => Some(*value as u8),
+            Some(other) => {
+                return Err(CoreError::InvalidArgument {
+                    reason: format!(
+                        "{ARG_MAX_PRIORITY} must be an integer from 1 to 255, not {other:?}"
+                    ),
+                });
+            }
+        };
+        let overflow = match arguments.get(ARG_OVERFLOW) {
+            None => Overflow::DropHead,
+            Some(HeaderValue::Str(mode)) if mode == "drop-head" => Overflow::DropHead,
+            Some(HeaderValue::Str(mode)) if mode == "reject-publish" => Overflow::RejectPublish,
+            Some(other) => {
+                return Err(CoreError::InvalidArgument {
+                    reason: format!(
+                        "{ARG_OVERFLOW} must be \"drop-head\" or \"reject-publish\", not {other:?}"
+                    ),
+                });
+            }
+        };
+        Ok(QueueFeatures {
+            max_priority,
+            max_length: non_negative_int(arguments, ARG_MAX_LENGTH)?,
+            max_length_bytes: non_negative_int(arguments, ARG_MAX_LENGTH_BYTES)?,
+            overflow,
+            dead_letter_exchange: text_argument(arguments, ARG_DEAD_LETTER_EXCHANGE)?,
+            dead_letter_routing_key: text_argument(arguments, ARG_DEAD_LETTER_ROUTING_KEY)?,
+            delivery_limit: non_negative_int(arguments, ARG_DELIVERY_LIMIT)?,
+        })
+    }
+}
+
+impl QueueFeatures {
+    /// The priority a message is ordered by in this queue: its own, capped at the queue's
+    /// maximum; 0 for every message when the queue has none.
+    pub fn effective_priority(&self, message: &Message) -> u8 {
+        self.max_priority
+            .map_or(0, |max_priority| message.priority.min(max_priority))
+    }
+
+    /// Whether `n_messages` ready messages of `n_bytes` exceed the length limits.
+    pub fn over_limit(&self, n_messages: u64, n_bytes: u64) -> bool {
+        self.max_length.is_some_and(|max| n_messages > max)
+            || self.max_length_bytes.is_some_and(|max| n_bytes > max)
+    }
+}
 
 /// Properties fixed when a queue is declared; a redeclare must repeat them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -49,8 +174,11 @@ impl Default for ConsumerOptions {
 /// A message in a queue: shared message plus this queue's delivery state.
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
-    /// Position in the queue's arrival order; ready entries are kept sorted by it.
+    /// Position in the queue's arrival order; ready entries of one priority are kept sorted
+    /// by it.
     pub seq: u64,
+    /// The priority the queue orders it by (see [`QueueFeatures::effective_priority`]).
+    pub priority: u8,
     pub message: Arc<Message>,
     pub redelivered: bool,
     pub delivery_count: u32,
@@ -58,46 +186,81 @@ pub(crate) struct Entry {
     pub durable_id: Option<u64>,
 }
 
-/// Ready messages, sorted by arrival; a requeued message goes back to its arrival place.
+/// Ready messages in delivery order: highest priority first, by arrival within a priority; a
+/// requeued message goes back to its arrival place within its priority.
+///
+/// Priority 0 (every message of a queue without `x-max-priority`) lives in `base`, so plain
+/// queues pay one `is_empty` check on a map for priorities; higher levels get a deque each,
+/// created when first used and removed when emptied: O(log P) per operation for P levels in use.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Ready {
-    entries: VecDeque<Entry>,
+    base: VecDeque<Entry>,
+    higher: BTreeMap<u8, VecDeque<Entry>>,
+    len: usize,
     bytes: u64,
 }
 
+fn insert_by_seq(level: &mut VecDeque<Entry>, entry: Entry) {
+    let pos = level.partition_point(|existing| existing.seq < entry.seq);
+    if let Some(existing) = level.get(pos) {
+        assert!(existing.seq != entry.seq, "a message is never ready twice");
+    }
+    level.insert(pos, entry);
+}
+
 impl Ready {
+    fn level_mut(&mut self, priority: u8) -> &mut VecDeque<Entry> {
+        if priority == 0 {
+            &mut self.base
+        } else {
+            self.higher.entry(priority).or_default()
+        }
+    }
+
     pub(crate) fn push_back(&mut self, entry: Entry) {
-        if let Some(last) = self.entries.back() {
+        self.len += 1;
+        self.bytes += entry.message.size_bytes();
+        let level = self.level_mut(entry.priority);
+        if let Some(last) = level.back() {
             assert!(last.seq < entry.seq, "arrival order is strictly increasing");
         }
-        self.bytes += entry.message.size_bytes();
-        self.entries.push_back(entry);
+        level.push_back(entry);
     }
 
-    /// Puts a requeued entry back at its arrival position (usually at or near the head).
+    /// Puts a requeued entry back at its arrival position in its priority (usually at or near
+    /// the head).
     pub(crate) fn requeue(&mut self, entry: Entry) {
-        let pos = self
-            .entries
-            .partition_point(|existing| existing.seq < entry.seq);
-        if let Some(existing) = self.entries.get(pos) {
-            assert!(existing.seq != entry.seq, "a message is never ready twice");
-        }
+        self.len += 1;
         self.bytes += entry.message.size_bytes();
-        self.entries.insert(pos, entry);
+        insert_by_seq(self.level_mut(entry.priority), entry);
     }
 
+    /// Takes the next message to deliver: the oldest of the highest priority.
     pub(crate) fn pop_front(&mut self) -> Option<Entry> {
-        let entry = self.entries.pop_front()?;
+        let entry = match self.higher.last_entry() {
+            Some(mut level) => {
+                let entry = level
+                    .get_mut()
+                    .pop_front()
+                    .expect("empty levels are removed");
+                if level.get().is_empty() {
+                    level.remove();
+                }
+                entry
+            }
+            None => self.base.pop_front()?,
+        };
+        self.len -= 1;
         self.bytes -= entry.message.size_bytes();
         Some(entry)
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 
     pub(crate) fn bytes(&self) -> u64 {
@@ -105,14 +268,21 @@ impl Ready {
     }
 
     pub(crate) fn clear(&mut self) -> usize {
-        let n_entries = self.entries.len();
-        self.entries.clear();
+        let n_entries = self.len;
+        self.base.clear();
+        self.higher.clear();
+        self.len = 0;
         self.bytes = 0;
         n_entries
     }
 
+    /// Every ready entry, in delivery order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Entry> {
-        self.entries.iter()
+        self.higher
+            .values()
+            .rev()
+            .flat_map(|level| level.iter())
+            .chain(self.base.iter())
     }
 }
 
@@ -167,7 +337,9 @@ pub struct QueueStats {
     pub redelivered: u64,
     /// Messages acked (auto-ack deliveries count as acked when sent).
     pub acked: u64,
-    /// Messages nacked or rejected without requeue (dropped).
+    /// Messages that left the queue without an ack: nacked or rejected without requeue,
+    /// dropped from the head by the length limit (`x-overflow = drop-head`), or over their
+    /// delivery limit; dead-lettered ones included.
     pub dropped: u64,
 }
 
@@ -182,14 +354,22 @@ pub(crate) struct Queue {
     /// Round-robin position among consumers.
     pub cursor: usize,
     pub next_seq: u64,
+    /// Priorities and length limits, read from `options.arguments` at declare time.
+    pub features: QueueFeatures,
     /// Bindings that lead here: (source exchange, routing key, arguments).
     pub bound_from: Vec<(Arc<str>, Arc<str>, Headers)>,
     pub stats: QueueStats,
 }
 
 impl Queue {
-    pub(crate) fn new(name: Arc<str>, options: QueueOptions, owner: Option<ConnectionId>) -> Self {
+    pub(crate) fn new(
+        name: Arc<str>,
+        options: QueueOptions,
+        features: QueueFeatures,
+        owner: Option<ConnectionId>,
+    ) -> Self {
         Queue {
+            features,
             stats: QueueStats {
                 name: name.to_string(),
                 durable: options.durable,
@@ -218,8 +398,10 @@ impl Queue {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.stats.published += 1;
+        let priority = self.features.effective_priority(&message);
         self.ready.push_back(Entry {
             seq,
+            priority,
             message,
             redelivered,
             delivery_count: 0,
@@ -294,8 +476,13 @@ mod tests {
     use super::*;
 
     fn entry(seq: u64) -> Entry {
+        prioritized(seq, 0)
+    }
+
+    fn prioritized(seq: u64, priority: u8) -> Entry {
         Entry {
             seq,
+            priority,
             message: Arc::new(Message::new("k", vec![0u8; 3])),
             redelivered: false,
             delivery_count: 0,
@@ -316,6 +503,70 @@ mod tests {
         assert_eq!(ready.bytes(), 15);
         assert_eq!(ready.pop_front().unwrap().seq, 1);
         assert_eq!(ready.bytes(), 12);
+    }
+
+    #[test]
+    fn higher_priorities_come_first_and_requeues_return_within_their_priority() {
+        let mut ready = Ready::default();
+        for (seq, priority) in [(0, 0), (1, 5), (2, 1), (3, 5), (4, 0)] {
+            ready.push_back(prioritized(seq, priority));
+        }
+        let first = ready.pop_front().unwrap();
+        assert_eq!((first.seq, first.priority), (1, 5));
+        ready.requeue(first);
+        let order: Vec<u64> = ready.iter().map(|entry| entry.seq).collect();
+        assert_eq!(order, vec![1, 3, 2, 0, 4]);
+        let mut popped = Vec::new();
+        while let Some(entry) = ready.pop_front() {
+            popped.push(entry.seq);
+        }
+        assert_eq!(popped, order);
+        assert!(ready.is_empty() && ready.higher.is_empty());
+        assert_eq!(ready.bytes(), 0);
+    }
+
+    #[test]
+    fn queue_arguments_are_validated() {
+        let features = |arguments: Headers| QueueFeatures::try_from(&arguments);
+        assert_eq!(features(Headers::new()), Ok(QueueFeatures::default()));
+        let full = Headers::new()
+            .with(ARG_MAX_PRIORITY, 10i64)
+            .with(ARG_MAX_LENGTH, 0i64)
+            .with(ARG_MAX_LENGTH_BYTES, 100i64)
+            .with(ARG_OVERFLOW, "reject-publish")
+            .with("x-unknown", "kept");
+        assert_eq!(
+            features(full),
+            Ok(QueueFeatures {
+                max_priority: Some(10),
+                max_length: Some(0),
+                max_length_bytes: Some(100),
+                overflow: Overflow::RejectPublish,
+                dead_letter_exchange: None,
+                dead_letter_routing_key: None,
+                delivery_limit: None,
+            })
+        );
+        for bad in [
+            Headers::new().with(ARG_MAX_PRIORITY, 0i64),
+            Headers::new().with(ARG_MAX_PRIORITY, 256i64),
+            Headers::new().with(ARG_MAX_PRIORITY, "9"),
+            Headers::new().with(ARG_MAX_LENGTH, -1i64),
+            Headers::new().with(ARG_MAX_LENGTH_BYTES, 1.5f64),
+            Headers::new().with(ARG_OVERFLOW, "reject-publish-dlx"),
+            Headers::new().with(ARG_OVERFLOW, true),
+            Headers::new().with(ARG_DEAD_LETTER_EXCHANGE, 1i64),
+            Headers::new().with(ARG_DELIVERY_LIMIT, -3i64),
+            Headers::new().with(ARG_DEAD_LETTER_ROUTING_KEY, "k".repeat(256)),
+        ] {
+            assert!(
+                matches!(
+                    features(bad.clone()),
+                    Err(CoreError::InvalidArgument { .. })
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

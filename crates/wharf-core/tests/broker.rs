@@ -113,7 +113,7 @@ impl Harness {
         match self.ok(Command::Publish {
             message: Arc::new(message),
         }) {
-            Reply::Published { routed } => routed,
+            Reply::Published { routed, .. } => routed,
             other => panic!("unexpected reply {other:?}"),
         }
     }

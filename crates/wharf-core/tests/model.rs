@@ -20,6 +20,11 @@
 //!   finds;
 //! - prefetch and credit are never exceeded, and dispatch is eager (no ready message while a
 //!   consumer of its queue has capacity);
+//! - queue features (queue profiles carry the arguments): priority order (highest first, FIFO
+//!   within a priority), length limits (drop-head before dispatch, reject-publish refusing the
+//!   publish as a whole or, with other targets, via `refused_by`), dead-lettering (reasons
+//!   `rejected`, `maxlen`, `delivery_limit`; death records built independently by the model and
+//!   compared by value; the cycle guard) and the delivery limit, with their log effects;
 //! - `list_queues`, `queue_stats`, `list_exchanges`, `list_bindings`, `unacked_count` and
 //!   `ready_bytes_total` agree with the model.
 //!
@@ -301,7 +306,33 @@ fn exchange_profile() -> impl Strategy<Value = ExchangeProfile> {
 
 fn queue_profile() -> impl Strategy<Value = QueueOptions> {
     let plain = QueueOptions::default();
+    let with = |options: &QueueOptions, arguments: &[(&str, HeaderValue)]| QueueOptions {
+        arguments: arguments.iter().cloned().collect(),
+        ..options.clone()
+    };
+    let durable = QueueOptions {
+        durable: true,
+        ..plain.clone()
+    };
+    let int = HeaderValue::Int;
+    let text = |value: &str| HeaderValue::Str(value.to_owned());
     prop_oneof![
+        2 => Just(with(&plain, &[("x-max-priority", int(2))])),
+        1 => Just(with(&durable, &[("x-max-priority", int(3)), ("x-max-length", int(2))])),
+        2 => Just(with(&durable, &[("x-max-length", int(2))])),
+        1 => Just(with(&plain, &[("x-max-length-bytes", int(12)), ("x-overflow", text("drop-head"))])),
+        2 => Just(with(&plain, &[("x-max-length", int(2)), ("x-overflow", text("reject-publish"))])),
+        1 => Just(with(&durable, &[("x-max-length-bytes", int(10)), ("x-overflow", text("reject-publish")), ("x-max-priority", int(1))])),
+        1 => Just(with(&plain, &[("x-max-priority", int(0))])),
+        2 => Just(with(&durable, &[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("q1"))])),
+        2 => Just(with(&plain, &[("x-dead-letter-exchange", text("x0")), ("x-max-length", int(1))])),
+        1 => Just(with(&plain, &[("x-dead-letter-exchange", text("wharf.topic")), ("x-max-priority", int(2))])),
+        2 => Just(with(&durable, &[("x-dead-letter-exchange", text("")), ("x-max-length", int(1))])),
+        1 => Just(with(&plain, &[("x-dead-letter-exchange", text("nowhere")), ("x-max-length", int(1))])),
+        1 => Just(with(&plain, &[("x-dead-letter-exchange", int(1))])),
+        2 => Just(with(&durable, &[("x-delivery-limit", int(1)), ("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("q2"))])),
+        1 => Just(with(&plain, &[("x-delivery-limit", int(2)), ("x-max-priority", int(3))])),
+        1 => Just(with(&plain, &[("x-delivery-limit", int(0)), ("x-dead-letter-exchange", text("x1"))])),
         6 => Just(plain.clone()),
         5 => Just(QueueOptions { durable: true, ..plain.clone() }),
         1 => Just(QueueOptions { durable: true, single_active_consumer: true, ..plain.clone() }),
@@ -498,6 +529,7 @@ enum ErrorClass {
     ConsumerTagInUse,
     InvalidArgument,
     LimitExceeded,
+    QueueFull,
     Other(String),
 }
 
@@ -514,6 +546,7 @@ impl From<&CoreError> for ErrorClass {
             CoreError::ConsumerTagInUse { .. } => ErrorClass::ConsumerTagInUse,
             CoreError::InvalidArgument { .. } => ErrorClass::InvalidArgument,
             CoreError::LimitExceeded { .. } => ErrorClass::LimitExceeded,
+            CoreError::QueueFull { .. } => ErrorClass::QueueFull,
             other => ErrorClass::Other(other.to_string()),
         }
     }
@@ -526,6 +559,8 @@ impl From<&CoreError> for ErrorClass {
 struct Copy {
     /// Arrival position in its queue.
     seq: u64,
+    /// The message's priority capped at the queue's `x-max-priority` (0 without one).
+    priority: u8,
     message: Arc<Message>,
     redelivered: bool,
     delivery_count: u32,
@@ -558,8 +593,9 @@ struct ModelQueue {
     id: u64,
     name: String,
     options: QueueOptions,
+    features: ModelFeatures,
     owner: Option<ConnectionId>,
-    /// Ready copies, sorted by arrival.
+    /// Ready copies, sorted by arrival (delivery order is [`ModelQueue::head`]'s business).
     ready: Vec<Copy>,
     next_seq: u64,
     /// In attach order.
@@ -572,7 +608,181 @@ struct ModelQueue {
     dropped: u64,
 }
 
+/// Queue arguments as the model reads them; `None` when one is invalid.
+#[derive(Debug, Clone, Default)]
+struct ModelFeatures {
+    max_priority: Option<u8>,
+    max_length: Option<u64>,
+    max_length_bytes: Option<u64>,
+    reject_publish: bool,
+    dead_letter_exchange: Option<String>,
+    dead_letter_routing_key: Option<String>,
+    delivery_limit: Option<u64>,
+}
+
+fn model_features(arguments: &Headers) -> Option<ModelFeatures> {
+    let count = |key: &str| match arguments.get(key) {
+        None => Some(None),
+        Some(HeaderValue::Int(value)) if *value >= 0 => Some(Some(*value as u64)),
+        Some(_) => None,
+    };
+    let max_priority = match arguments.get("x-max-priority") {
+        None => None,
+        Some(HeaderValue::Int(value)) if (1..=255).contains(value) => Some(*value as u8),
+        Some(_) => return None,
+    };
+    let reject_publish = match arguments.get("x-overflow").map(HeaderValue::as_str) {
+        None | Some(Some("drop-head")) => false,
+        Some(Some("reject-publish")) => true,
+        Some(_) => return None,
+    };
+    let text = |key: &str| match arguments.get(key) {
+        None => Some(None),
+        Some(HeaderValue::Str(text)) if text.len() <= 255 => Some(Some(text.clone())),
+        Some(_) => None,
+    };
+    Some(ModelFeatures {
+        dead_letter_exchange: text("x-dead-letter-exchange")?,
+        dead_letter_routing_key: text("x-dead-letter-routing-key")?,
+        delivery_limit: count("x-delivery-limit")?,
+        max_priority,
+        max_length: count("x-max-length")?,
+        max_length_bytes: count("x-max-length-bytes")?,
+        reject_publish,
+    })
+}
+
+/// A copy on its way from a queue to that queue's dead-letter exchange.
+#[derive(Debug, Clone)]
+struct ModelDeadLetter {
+    message: Arc<Message>,
+    queue: String,
+    reason: &'static str,
+    exchange: String,
+    routing_key: Option<String>,
+}
+
+impl ModelDeadLetter {
+    fn of(queue: &ModelQueue, copy: &Copy, reason: &'static str) -> Option<Self> {
+        Some(ModelDeadLetter {
+            message: copy.message.clone(),
+            queue: queue.name.clone(),
+            reason,
+            exchange: queue.features.dead_letter_exchange.clone()?,
+            routing_key: queue.features.dead_letter_routing_key.clone(),
+        })
+    }
+
+    fn is_this_death(&self, record: &HeaderValue) -> bool {
+        let HeaderValue::Map(record) = record else {
+            return false;
+        };
+        record.get("queue") == Some(&HeaderValue::from(self.queue.as_str()))
+            && record.get("reason") == Some(&HeaderValue::from(self.reason))
+    }
+
+    fn earlier_deaths(&self) -> Vec<HeaderValue> {
+        match self.message.headers.get("x-death") {
+            Some(HeaderValue::List(records)) => records.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// RabbitMQ's death record: a new one in front of `x-death`, or the earlier one for the
+    /// same queue and reason counted up and moved to the front; `x-first-death-*` once.
+    fn republished(&self, now_ms: u64) -> Message {
+        let original = &self.message;
+        let mut deaths = self.earlier_deaths();
+        let record = match deaths.iter().position(|record| self.is_this_death(record)) {
+            Some(idx) => {
+                let HeaderValue::Map(mut record) = deaths.remove(idx) else {
+                    unreachable!()
+                };
+                let Some(HeaderValue::Int(count)) = record.get("count").cloned() else {
+                    unreachable!("records carry a count")
+                };
+                record.insert("count", count + 1);
+                record.insert("time", now_ms as i64);
+                record
+            }
+            None => Headers::new()
+                .with("count", 1i64)
+                .with("reason", self.reason)
+                .with("queue", self.queue.as_str())
+                .with("time", now_ms as i64)
+                .with("exchange", &*original.exchange)
+                .with(
+                    "routing-keys",
+                    HeaderValue::List(vec![HeaderValue::from(&*original.routing_key)]),
+                ),
+        };
+        deaths.insert(0, HeaderValue::Map(record));
+        let mut headers = original.headers.clone();
+        headers.insert("x-death", HeaderValue::List(deaths));
+        if headers.get("x-first-death-reason").is_none() {
+            headers.insert("x-first-death-reason", self.reason);
+            headers.insert("x-first-death-queue", self.queue.as_str());
+            headers.insert("x-first-death-exchange", &*original.exchange);
+        }
+        Message {
+            exchange: self.exchange.as_str().into(),
+            routing_key: match &self.routing_key {
+                Some(key) => key.as_str().into(),
+                None => original.routing_key.clone(),
+            },
+            headers,
+            ..Message::clone(original)
+        }
+    }
+}
+
+/// Puts a returned copy back (requeue, cancel, disconnect), unless it reached the queue's
+/// delivery limit: then it leaves the queue, dead-lettered (`delivery_limit`) or dropped.
+fn requeue_or_give_up(
+    queue: &mut ModelQueue,
+    copy: Copy,
+    dead_letters: &mut Vec<ModelDeadLetter>,
+    ledger: &mut Ledger,
+    effects: &mut Vec<Effect>,
+) {
+    let over = queue
+        .features
+        .delivery_limit
+        .is_some_and(|limit| u64::from(copy.delivery_count) >= limit);
+    if !over {
+        queue.requeue(copy);
+        return;
+    }
+    queue.dropped += 1;
+    ledger.dropped += 1;
+    dead_letters.extend(ModelDeadLetter::of(queue, &copy, "delivery_limit"));
+    if let Some(durable_id) = copy.durable_id {
+        effects.push(Effect::DurableSettled {
+            durable_id,
+            queue: queue.name.as_str().into(),
+        });
+    }
+}
+
 impl ModelQueue {
+    /// Whether `extra` more ready copies of `extra_bytes` would exceed a length limit.
+    fn over_limit(&self, extra: u64, extra_bytes: u64) -> bool {
+        let stats = self.stats();
+        self.features
+            .max_length
+            .is_some_and(|max| stats.ready + extra > max)
+            || self
+                .features
+                .max_length_bytes
+                .is_some_and(|max| stats.ready_bytes + extra_bytes > max)
+    }
+
+    /// The ready copy delivered next: the highest priority, the oldest among those.
+    fn head(&self) -> Option<usize> {
+        let top = self.ready.iter().map(|copy| copy.priority).max()?;
+        self.ready.iter().position(|copy| copy.priority == top)
+    }
+
     fn requeue(&mut self, mut copy: Copy) {
         copy.redelivered = true;
         let pos = self.ready.partition_point(|ready| ready.seq < copy.seq);
@@ -671,6 +881,13 @@ struct Model {
     next_durable_id: u64,
     /// Settles the broker must report for auto-ack deliveries absorbed in this step.
     settled_by_deliveries: Vec<(u64, String)>,
+    /// The logical time of the command being predicted (death records carry it).
+    now_ms: u64,
+    /// Dead letters of the command being predicted, republished in order at its end.
+    dead_letters: Vec<ModelDeadLetter>,
+    /// Dead letters so far, by reason republished or "cycle" (dropped by the cycle guard), for
+    /// the coverage check.
+    dead_letter_counts: BTreeMap<&'static str, u64>,
 }
 
 /// Names are 1..=255 bytes without control characters; user-created ones avoid `wharf.`.
@@ -767,6 +984,9 @@ impl Model {
             limits,
             next_durable_id: 1,
             settled_by_deliveries: Vec::new(),
+            now_ms: 0,
+            dead_letters: Vec::new(),
+            dead_letter_counts: BTreeMap::new(),
         }
     }
 }
@@ -882,19 +1102,22 @@ impl Model {
                 ));
             }
         }
-        let Some(head) = queue.ready.first() else {
+        let Some(head_idx) = queue.head() else {
             return Err(
                 "delivery from a queue with no ready message (a duplicate or invented delivery)"
                     .into(),
             );
         };
-        if !Arc::ptr_eq(&head.message, &delivery.message) {
+        let head = &queue.ready[head_idx];
+        // By value: a dead-lettered copy is a new message built by broker and model alike
+        // (bodies are unique per publish, death records tell copies of one apart).
+        if head.message != delivery.message {
             let later = queue
                 .ready
                 .iter()
-                .position(|copy| Arc::ptr_eq(&copy.message, &delivery.message));
+                .position(|copy| copy.message == delivery.message);
             return Err(match later {
-                Some(pos) => format!("FIFO violated: delivered ready message #{pos}, not the oldest ({:?})", head.message.body),
+                Some(pos) => format!("FIFO violated: delivered ready message #{pos}, not the oldest of the highest priority ({:?})", head.message.body),
                 None => "delivered a message that is not ready in this queue (a duplicate or invented delivery)".into(),
             });
         }
@@ -919,7 +1142,7 @@ impl Model {
             ));
         }
         conn.last_delivery_tag += 1;
-        let mut copy = queue.ready.remove(0);
+        let mut copy = queue.ready.remove(head_idx);
         copy.delivery_count += 1;
         queue.delivered += 1;
         if copy.redelivered {
@@ -1264,6 +1487,8 @@ impl Model {
                 if let Some(err) = name_error(name, true) {
                     return Err(err);
                 }
+                let features =
+                    model_features(&options.arguments).ok_or(ErrorClass::InvalidArgument)?;
                 if self.queues.contains_key(name) {
                     let queue = self.queue_for(*connection, name)?;
                     if queue.options != *options {
@@ -1278,6 +1503,7 @@ impl Model {
                     id: self.next_queue_id,
                     name: name.clone(),
                     options: options.clone(),
+                    features,
                     owner: options.exclusive.then_some(*connection),
                     ready: Vec::new(),
                     next_seq: 0,
@@ -1370,44 +1596,30 @@ impl Model {
                 Ok(Reply::Done)
             }
             Command::Publish { message } => {
-                let targets = self.route(message)?;
-                let durable_queues: Vec<Arc<str>> = targets
+                let mut targets = self.route(message)?;
+                let size = message.body.len() as u64;
+                let refused: Vec<u64> = targets
                     .iter()
-                    .filter_map(|id| self.queues.values().find(|queue| queue.id == *id))
-                    .filter(|queue| queue.options.durable && !queue.options.exclusive)
-                    .map(|queue| Arc::from(queue.name.as_str()))
+                    .copied()
+                    .filter(|id| {
+                        let queue = self.queue_by_id(*id).expect("routed to live queues");
+                        queue.features.reject_publish && queue.over_limit(1, size)
+                    })
                     .collect();
-                let durable_id = (message.persistent && !durable_queues.is_empty()).then(|| {
-                    let durable_id = self.next_durable_id;
-                    self.next_durable_id += 1;
-                    effects.push(Effect::DurableEnqueued {
-                        durable_id,
-                        queues: durable_queues,
-                        message: message.clone(),
-                    });
-                    durable_id
-                });
-                for id in &targets {
-                    let queue = self
-                        .queues
-                        .values_mut()
-                        .find(|queue| queue.id == *id)
-                        .expect("routed to live queues");
-                    let seq = queue.next_seq;
-                    queue.next_seq += 1;
-                    queue.published += 1;
-                    let durable = queue.options.durable && !queue.options.exclusive;
-                    queue.ready.push(Copy {
-                        seq,
-                        message: message.clone(),
-                        redelivered: false,
-                        delivery_count: 0,
-                        durable_id: durable_id.filter(|_| durable),
-                    });
-                    self.ledger.created += 1;
+                if !refused.is_empty() && refused.len() == targets.len() {
+                    return Err(ErrorClass::QueueFull);
                 }
+                let refused_by: Option<Arc<str>> = refused
+                    .first()
+                    .map(|id| self.queue_name_by_id(*id).expect("live").as_str().into());
+                for id in &refused {
+                    targets.remove(id);
+                }
+                self.enqueue(message, &targets, effects);
+                self.republish_dead_letters(effects);
                 Ok(Reply::Published {
                     routed: targets.len() as u32,
+                    refused_by,
                 })
             }
             Command::Subscribe {
@@ -1478,12 +1690,20 @@ impl Model {
                 for tag in returned {
                     let outstanding = conn.unacked.remove(&tag).expect("collected");
                     queue.unacked -= 1;
-                    queue.requeue(outstanding.copy);
+                    requeue_or_give_up(
+                        queue,
+                        outstanding.copy,
+                        &mut self.dead_letters,
+                        &mut self.ledger,
+                        effects,
+                    );
                 }
                 queue.consumers.retain(|consumer| {
                     !(consumer.connection == *connection && consumer.tag == *consumer_tag)
                 });
-                if queue.options.auto_delete && queue.consumers.is_empty() {
+                let auto_deleted = queue.options.auto_delete && queue.consumers.is_empty();
+                self.republish_dead_letters(effects);
+                if auto_deleted {
                     self.remove_queue(&name, effects);
                 }
                 Ok(Reply::Done)
@@ -1635,6 +1855,15 @@ impl Model {
     /// The naive router: every queue reachable through matching bindings, each exchange
     /// visited once.
     fn route(&self, message: &Message) -> Result<BTreeSet<u64>, ErrorClass> {
+        self.route_from(message, false)
+    }
+
+    /// [`Model::route`]; dead letters (`dead_letter`) may enter internal exchanges.
+    fn route_from(
+        &self,
+        message: &Message,
+        dead_letter: bool,
+    ) -> Result<BTreeSet<u64>, ErrorClass> {
         let mut targets = BTreeSet::new();
         let start: &str = &message.exchange;
         if start.is_empty() {
@@ -1647,7 +1876,7 @@ impl Model {
             .exchanges
             .get(start)
             .ok_or(ErrorClass::NotFound(EntityKind::Exchange))?;
-        if exchange.options.internal {
+        if exchange.options.internal && !dead_letter {
             return Err(ErrorClass::AccessRefused);
         }
         let mut visited = vec![start.to_owned()];
@@ -1733,9 +1962,20 @@ impl Model {
                 Settle::Drop => {
                     queue.dropped += 1;
                     self.ledger.dropped += 1;
+                    self.dead_letters.extend(ModelDeadLetter::of(
+                        queue,
+                        &outstanding.copy,
+                        "rejected",
+                    ));
                 }
                 Settle::Requeue => {
-                    queue.requeue(outstanding.copy);
+                    requeue_or_give_up(
+                        queue,
+                        outstanding.copy,
+                        &mut self.dead_letters,
+                        &mut self.ledger,
+                        effects,
+                    );
                     continue;
                 }
             }
@@ -1746,7 +1986,107 @@ impl Model {
                 });
             }
         }
+        self.republish_dead_letters(effects);
         Ok(Reply::Settled { count })
+    }
+
+    /// A routed message entering its target queues: logged if persistent and a target is
+    /// durable, then each queue trimmed to its drop-head limits (dropped copies dead-lettered).
+    fn enqueue(
+        &mut self,
+        message: &Arc<Message>,
+        targets: &BTreeSet<u64>,
+        effects: &mut Vec<Effect>,
+    ) {
+        let durable_queues: Vec<Arc<str>> = targets
+            .iter()
+            .filter_map(|id| self.queues.values().find(|queue| queue.id == *id))
+            .filter(|queue| queue.options.durable && !queue.options.exclusive)
+            .map(|queue| Arc::from(queue.name.as_str()))
+            .collect();
+        let durable_id = (message.persistent && !durable_queues.is_empty()).then(|| {
+            let durable_id = self.next_durable_id;
+            self.next_durable_id += 1;
+            effects.push(Effect::DurableEnqueued {
+                durable_id,
+                queues: durable_queues,
+                message: message.clone(),
+            });
+            durable_id
+        });
+        for id in targets {
+            let queue = self
+                .queues
+                .values_mut()
+                .find(|queue| queue.id == *id)
+                .expect("routed to live queues");
+            let seq = queue.next_seq;
+            queue.next_seq += 1;
+            queue.published += 1;
+            let durable = queue.options.durable && !queue.options.exclusive;
+            let priority = queue
+                .features
+                .max_priority
+                .map_or(0, |max| message.priority.min(max));
+            queue.ready.push(Copy {
+                seq,
+                priority,
+                message: message.clone(),
+                redelivered: false,
+                delivery_count: 0,
+                durable_id: durable_id.filter(|_| durable),
+            });
+            self.ledger.created += 1;
+            // drop-head: the queue never holds more ready copies than its limits, not even
+            // while a consumer waits (limits are enforced before dispatch).
+            while !queue.features.reject_publish && queue.over_limit(0, 0) {
+                let dropped = queue.ready.remove(queue.head().expect("over a limit"));
+                queue.dropped += 1;
+                self.ledger.dropped += 1;
+                self.dead_letters
+                    .extend(ModelDeadLetter::of(queue, &dropped, "maxlen"));
+                if let Some(durable_id) = dropped.durable_id {
+                    effects.push(Effect::DurableSettled {
+                        durable_id,
+                        queue: queue.name.as_str().into(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Republishes the command's dead letters, first in first out (each may drop and
+    /// dead-letter more): to their dead-letter exchange (internal ones too) unless it is missing
+    /// or the message already died in that queue for that reason (other than `rejected`).
+    fn republish_dead_letters(&mut self, effects: &mut Vec<Effect>) {
+        let mut n_dead_letters = 0;
+        while !self.dead_letters.is_empty() {
+            let dead = self.dead_letters.remove(0);
+            n_dead_letters += 1;
+            if n_dead_letters > wharf_core::limits::DEAD_LETTERS_PER_COMMAND_MAX {
+                continue;
+            }
+            if dead.reason != "rejected"
+                && dead
+                    .earlier_deaths()
+                    .iter()
+                    .any(|record| dead.is_this_death(record))
+            {
+                *self.dead_letter_counts.entry("cycle").or_default() += 1;
+                continue;
+            }
+            *self.dead_letter_counts.entry(dead.reason).or_default() += 1;
+            let message = Arc::new(dead.republished(self.now_ms));
+            let Ok(mut targets) = self.route_from(&message, true) else {
+                continue;
+            };
+            let size = message.body.len() as u64;
+            targets.retain(|id| {
+                let queue = self.queue_by_id(*id).expect("routed to live queues");
+                !(queue.features.reject_publish && queue.over_limit(1, size))
+            });
+            self.enqueue(&message, &targets, effects);
+        }
     }
 
     fn close_connection(&mut self, connection: ConnectionId, effects: &mut Vec<Effect>) {
@@ -1768,11 +2108,19 @@ impl Model {
             {
                 Some(queue) => {
                     queue.unacked -= 1;
-                    queue.requeue(outstanding.copy);
+                    requeue_or_give_up(
+                        queue,
+                        outstanding.copy,
+                        &mut self.dead_letters,
+                        &mut self.ledger,
+                        effects,
+                    );
                 }
                 None => self.ledger.deleted_with_queue += 1,
             }
         }
+        // Dead letters go out before the exclusive and auto-delete queues are deleted.
+        self.republish_dead_letters(effects);
         let exclusive: Vec<String> = self
             .queues
             .values()
@@ -1813,7 +2161,8 @@ impl Model {
         self.remove_bindings_to(&target, effects);
         effects.push(Effect::QueueDeleted {
             name: name.into(),
-            durable: queue.options.durable,
+            // Exclusive queues are never on disk, whatever their `durable` flag says.
+            durable: queue.options.durable && !queue.options.exclusive,
         });
     }
 
@@ -2143,6 +2492,7 @@ impl Harness {
                     exchange: EXCHANGE_NAMES[*exchange].into(),
                     headers: message_headers(*headers),
                     persistent: padding % 2 == 0,
+                    priority: (message_id % 4) as u8,
                     ..Message::new(PUBLISH_KEYS[*key], body)
                 };
                 Command::Publish {
@@ -2295,6 +2645,13 @@ impl Harness {
                         if priorities.len() > 1 {
                             hit("deliver with mixed priorities".into());
                         }
+                        if queue
+                            .ready
+                            .first()
+                            .is_some_and(|oldest| !Arc::ptr_eq(&oldest.message, &delivery.message))
+                        {
+                            hit("deliver a higher priority ahead of older messages".into());
+                        }
                         let consumer = queue.consumers.iter().find(|c| {
                             c.connection == delivery.connection && c.tag == delivery.consumer_tag
                         });
@@ -2323,9 +2680,19 @@ impl Harness {
                 }
             }
         }
-        if let (Command::Publish { message }, Ok(Reply::Published { routed })) = (command, outcome)
+        if let (Command::Publish { message }, Ok(Reply::Published { routed, refused_by })) =
+            (command, outcome)
         {
             hit(format!("publish routed to {routed}"));
+            if refused_by.is_some() {
+                hit("publish refused by one full queue of several".into());
+            }
+            let dropped = |queues: &BTreeMap<String, ModelQueue>| -> u64 {
+                queues.values().map(|queue| queue.dropped).sum()
+            };
+            if dropped(&self.model.queues) > dropped(&before.queues) {
+                hit("drop-head over a length limit".into());
+            }
             if !message.exchange.is_empty() {
                 let exchange = &before.exchanges[&*message.exchange];
                 if exchange
@@ -2363,6 +2730,17 @@ impl Harness {
                 {
                     hit("settle with a delivery of a deleted queue outstanding".into());
                 }
+            }
+        }
+    }
+
+    fn record_dead_letters(&mut self, before: &BTreeMap<&'static str, u64>) {
+        for (reason, count) in &self.model.dead_letter_counts {
+            if before.get(reason) != Some(count) {
+                *self
+                    .coverage
+                    .entry(format!("dead letter {reason}"))
+                    .or_default() += 1;
             }
         }
     }
@@ -2431,8 +2809,10 @@ impl Harness {
             .broker
             .apply(self.now_ms, command.clone(), &mut effects);
         let model_before = self.model.clone();
+        self.model.now_ms = self.now_ms;
         self.model.observe(&command, &outcome, &effects)?;
         self.record_coverage(&command, &outcome, &effects, &model_before);
+        self.record_dead_letters(&model_before.dead_letter_counts);
         if outcome.is_err() && self.snapshot() != before {
             return Err(format!(
                 "failed command {outcome:?} changed the broker state"
@@ -2543,6 +2923,15 @@ fn generated_sequences_reach_the_interesting_interactions() {
         "exchange auto-deleted by DeleteQueue",
         "publish through exchange-to-exchange binding",
         "publish routed to 2",
+        "publish refused by one full queue of several",
+        "drop-head over a length limit",
+        "deliver a higher priority ahead of older messages",
+        "err Publish QueueFull",
+        "dead letter rejected",
+        "dead letter maxlen",
+        "dead letter delivery_limit",
+        "dead letter cycle",
+        "err DeclareQueue InvalidArgument",
         "publish via Direct routed true",
         "publish via Fanout routed true",
         "publish via Topic routed true",
@@ -2868,4 +3257,75 @@ fn checker_rejects_a_failed_command_that_should_have_succeeded() {
         .observe(&command, &outcome, &[])
         .expect_err("a wrong error must be reported");
     assert!(err.contains("expected Ok(Purged"), "{err}");
+}
+
+#[test]
+fn checker_rejects_arrival_order_when_a_priority_queue_has_a_higher_priority_ready() {
+    let universe = Universe {
+        exchanges: std::array::from_fn(|_| ExchangeProfile {
+            kind: ExchangeKind::Fanout,
+            options: ExchangeOptions::default(),
+        }),
+        queues: std::array::from_fn(|_| QueueOptions {
+            arguments: Headers::new().with("x-max-priority", 3i64),
+            ..QueueOptions::default()
+        }),
+        limits: Limits::default(),
+        setup: Vec::new(),
+    };
+    let mut harness = Harness::new(universe);
+    harness
+        .step(&Op::DeclareQueue {
+            conn: 0,
+            queue: 0,
+            variant: Variant::AsProfiled,
+            passive: false,
+        })
+        .unwrap();
+    for padding in 0..2 {
+        // Message ids 1 and 2: priorities 1 and 2.
+        harness
+            .step(&Op::Publish {
+                exchange: DEFAULT_EXCHANGE_IDX,
+                key: 5,
+                headers: 0,
+                padding,
+            })
+            .unwrap();
+    }
+    let command = harness.command(&Op::Subscribe {
+        conn: 0,
+        queue: 0,
+        tag: 1,
+        prefetch: 0,
+        auto_ack: false,
+        exclusive: false,
+        priority: 0,
+    });
+    let mut effects = Vec::new();
+    let outcome = harness
+        .broker
+        .apply(harness.now_ms + 1, command.clone(), &mut effects);
+    let [Effect::Deliver(first), Effect::Deliver(second)] = effects.as_slice() else {
+        panic!("both messages delivered: {effects:?}");
+    };
+    assert_eq!(
+        first.message.priority, 2,
+        "the broker serves priority first"
+    );
+    let arrival_order = vec![
+        Effect::Deliver(Delivery {
+            message: second.message.clone(),
+            ..first.clone()
+        }),
+        Effect::Deliver(Delivery {
+            message: first.message.clone(),
+            ..second.clone()
+        }),
+    ];
+    let err = harness
+        .model
+        .observe(&command, &outcome, &arrival_order)
+        .expect_err("arrival order ahead of a higher priority must be reported");
+    assert!(err.contains("highest priority"), "{err}");
 }

@@ -18,6 +18,7 @@ pub fn error_code(err: &CoreError) -> ErrorCode {
         CoreError::UnknownDeliveryTag { .. } => ErrorCode::UnknownDeliveryTag,
         CoreError::InvalidArgument { .. } => ErrorCode::InvalidArgument,
         CoreError::LimitExceeded { .. } => ErrorCode::ResourceLimit,
+        CoreError::QueueFull { .. } => ErrorCode::Backpressure,
         _ => ErrorCode::Internal,
     }
 }

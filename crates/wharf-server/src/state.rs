@@ -122,8 +122,20 @@ impl State {
     pub fn publish(&mut self, now_ms: u64, message: Arc<Message>) -> Result<bool, CoreError> {
         // The hot path: no topology to log, so straight to the core.
         let start = self.effects.len();
-        self.broker
+        let reply = self
+            .broker
             .apply(now_ms, Command::Publish { message }, &mut self.effects)?;
+        if let Reply::Published {
+            refused_by: Some(queue),
+            ..
+        } = reply
+        {
+            // A full reject-publish queue refused its copy: the publish is refused (as RabbitMQ
+            // nacks it) although the other queues kept theirs, whose effects still apply.
+            return Err(CoreError::QueueFull {
+                queue: queue.to_string(),
+            });
+        }
         Ok(self.effects[start..]
             .iter()
             .any(|effect| matches!(effect, Effect::DurableEnqueued { .. })))
