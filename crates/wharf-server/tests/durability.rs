@@ -300,3 +300,42 @@ async fn a_full_disk_refuses_persistent_publishes_while_transient_traffic_and_co
     }
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_log_damaged_in_the_middle_refuses_to_start_naming_the_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let client = connect(&server).await;
+    client.declare_queue("q").durable(true).await.unwrap();
+    for idx in 0..50 {
+        client
+            .publish(
+                "",
+                "q",
+                Message::new(format!("message {idx}")).persistent(true),
+            )
+            .await
+            .unwrap();
+    }
+    client.close().await.unwrap();
+    server.stop().await.unwrap();
+    // Flip one byte a third of the way into the log: valid records follow the damage, so this
+    // is not a torn tail and must not be silently cut.
+    let segment = std::fs::read_dir(dir.path().join("wal"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "wal"))
+        .min()
+        .expect("a segment file");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let at = bytes.len() / 3;
+    bytes[at] ^= 0xff;
+    std::fs::write(&segment, &bytes).unwrap();
+    let err = RunningServer::start(ServerConfig::ephemeral(dir.path()))
+        .await
+        .expect_err("refuses to start");
+    let text = err.to_string();
+    let file_name = segment.file_name().unwrap().to_string_lossy().to_string();
+    assert!(text.contains(&file_name), "names the segment: {text}");
+    assert!(text.contains("offset"), "names the offset: {text}");
+}
