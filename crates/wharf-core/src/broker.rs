@@ -380,6 +380,8 @@ pub struct Broker {
     ready_bytes_total: u64,
     /// The next id for a logged (persistent, durable-queue) message.
     next_durable_id: u64,
+    /// Queues whose overflow mode is reject-publish: while 0, publishes skip that check.
+    n_reject_publish_queues: usize,
     /// Messages that left a queue with a dead-letter exchange during the current command and
     /// are still to be republished (in order).
     dead_letters: VecDeque<DeadLetter>,
@@ -519,6 +521,7 @@ impl Broker {
             now_ms: 0,
             ready_bytes_total: 0,
             next_durable_id: 1,
+            n_reject_publish_queues: 0,
             dead_letters: VecDeque::new(),
             to_dispatch: Vec::new(),
         };
@@ -1142,6 +1145,9 @@ impl Broker {
                 .exclusive_queues
                 .push(qid);
         }
+        if features.overflow == Overflow::RejectPublish {
+            self.n_reject_publish_queues += 1;
+        }
         self.queues
             .insert(qid, Queue::new(name.clone(), options, features, owner));
         self.queue_names.insert(name.clone(), qid);
@@ -1198,6 +1204,9 @@ impl Broker {
             .queues
             .remove(&qid)
             .expect("caller checked the queue exists");
+        if queue.features.overflow == Overflow::RejectPublish {
+            self.n_reject_publish_queues -= 1;
+        }
         self.queue_names.remove(&queue.name);
         self.ready_bytes_total -= queue.ready.bytes();
         if let Some(owner) = queue.owner {
@@ -1268,6 +1277,10 @@ impl Broker {
 
     /// Removes the targets that are full and reject-publish; returns the first of them.
     fn refuse_full(&self, size: u64, targets: &mut Vec<QueueId>) -> Option<Arc<str>> {
+        if self.n_reject_publish_queues == 0 {
+            // The common case: no queue refuses publishes, nothing to look up.
+            return None;
+        }
         let mut refused_by: Option<Arc<str>> = None;
         targets.retain(|qid| {
             let queue = &self.queues[qid];
@@ -1349,9 +1362,8 @@ impl Broker {
     fn dispatch_touched(&mut self, effects: &mut Vec<Effect>) {
         let mut to_dispatch = std::mem::take(&mut self.to_dispatch);
         for qid in to_dispatch.drain(..) {
-            if self.queues.contains_key(&qid) {
-                self.dispatch(qid, effects);
-            }
+            // A queue deleted earlier in the command is skipped by `dispatch` itself.
+            self.dispatch(qid, effects);
         }
         self.to_dispatch = to_dispatch;
     }
@@ -1755,7 +1767,10 @@ impl Broker {
             ready_bytes_total,
             ..
         } = self;
-        let queue = queues.get_mut(&qid).expect("dispatch on a live queue");
+        let Some(queue) = queues.get_mut(&qid) else {
+            // Deleted earlier in the same command (auto-delete, dead-letter cascade).
+            return;
+        };
         while !queue.ready.is_empty() {
             let Some(idx) = queue.pick_consumer() else {
                 break;
