@@ -9,10 +9,12 @@ use crate::message::{HeaderValue, Headers, Message};
 use crate::name::{RESERVED_PREFIX, validate_name, validate_routing_key, validate_user_name};
 use crate::outstanding::Outstanding;
 use crate::queue::{
-    Consumer, ConsumerOptions, Entry, Overflow, Queue, QueueFeatures, QueueOptions, QueueStats,
+    Consumer, ConsumerOptions, DURATION_MS_MAX, Entry, Overflow, Queue, QueueFeatures,
+    QueueOptions, QueueStats,
 };
+use crate::timers::{TimerKind, Timers};
 use crate::{ConnectionId, ConsumerTag, DeliveryTag, FixedState, QueueId};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 /// The name of the default exchange, which routes to the queue named by the routing key.
@@ -194,6 +196,52 @@ pub enum Command {
         durable_id: u64,
         /// The message.
         message: Arc<Message>,
+        /// When it became (or, if later than now, becomes) ready in the queue: its delay ends
+        /// then and its TTL counts from then (see [`Effect::DurableEnqueued`]).
+        ready_at_ms: u64,
+    },
+    /// Recovery: remember a message id in a durable queue's dedup window until `until_ms`.
+    RestoreDedup {
+        /// The queue.
+        queue: String,
+        /// The message id.
+        message_id: String,
+        /// When the window forgets it.
+        until_ms: u64,
+    },
+    /// Fire every timer due at the command's time: delayed messages enter their queues, TTLs
+    /// expire ready messages, lapsed leases return deliveries, unused queues with `x-expires`
+    /// are deleted. The server applies it at [`Broker::next_deadline`].
+    Tick,
+    /// Nack one delivery and requeue it after `delay_ms` (flagged redelivered), at the back of
+    /// its queue. The delivery limit applies as for a requeue.
+    Defer {
+        /// The connection.
+        connection: ConnectionId,
+        /// The delivery.
+        delivery_tag: DeliveryTag,
+        /// How long the message waits before it is ready again.
+        delay_ms: u64,
+    },
+    /// Extend the lease of an outstanding delivery by its consumer's `ack_timeout_ms` from
+    /// now ("still in progress"). A delivery without a lease, or whose lease already lapsed,
+    /// is left as it is.
+    Touch {
+        /// The connection.
+        connection: ConnectionId,
+        /// The delivery.
+        delivery_tag: DeliveryTag,
+    },
+    /// Move dead-lettered ready messages of `queue` back to the queue they last died in (from
+    /// their `x-death` record), with their original exchange and routing key and without
+    /// their death records. Messages without a record, or whose queue is gone or full, stay.
+    Redrive {
+        /// The connection asking.
+        connection: ConnectionId,
+        /// The dead-letter queue.
+        queue: String,
+        /// Most messages to move (0: all).
+        max: u64,
     },
     /// Nack of exactly one delivery.
     Reject {
@@ -240,6 +288,14 @@ pub enum Reply {
         /// (When every target refuses, the command fails with [`CoreError::QueueFull`] and
         /// nothing changes.)
         refused_by: Option<Arc<str>>,
+        /// Target queues that dropped their copy because its message id is in their dedup
+        /// window. With `routed == 0` the publish was a duplicate.
+        duplicates: u32,
+    },
+    /// Dead-lettered messages moved back (see [`Command::Redrive`]).
+    Redriven {
+        /// Messages moved.
+        moved: u64,
     },
     /// Acks, nacks and rejects: how many deliveries were settled.
     Settled {
@@ -311,6 +367,9 @@ pub enum Effect {
         queues: Vec<Arc<str>>,
         /// The message.
         message: Arc<Message>,
+        /// When it is ready in those queues: now, or when its delay ends. Recovery passes it
+        /// back in [`Command::Restore`].
+        ready_at_ms: u64,
     },
     /// A logged message left a durable queue for good (acked, dropped, purged, auto-acked).
     DurableSettled {
@@ -326,7 +385,17 @@ struct Unacked {
     queue: QueueId,
     consumer_tag: ConsumerTag,
     entry: Entry,
+    /// (lapses at, ack timeout) when the consumer has an ack timeout.
+    lease: Option<(u64, u64)>,
 }
+
+/// Delivery tags whose lease lapsed that a connection remembers, so that settling one late is
+/// a harmless no-op instead of an unknown tag; the oldest are forgotten past this.
+const LAPSED_TAGS_MAX: usize = 65_536;
+
+/// Timers fired by one [`Command::Tick`] at most; the rest stay due, so the server ticks again
+/// at once, and other commands get the broker in between.
+const TIMERS_PER_TICK_MAX: usize = 65_536;
 
 #[derive(Debug, Clone, Default)]
 struct Connection {
@@ -334,6 +403,26 @@ struct Connection {
     unacked: Outstanding<Unacked>,
     consumers: BTreeMap<ConsumerTag, QueueId>,
     exclusive_queues: Vec<QueueId>,
+    /// Deliveries whose lease lapsed (they went back to their queue).
+    lapsed: BTreeSet<u64>,
+}
+
+impl Connection {
+    fn lapse(&mut self, tag: u64) {
+        self.lapsed.insert(tag);
+        if self.lapsed.len() > LAPSED_TAGS_MAX {
+            self.lapsed.pop_first();
+        }
+    }
+
+    /// Forgets the lapsed tags in `first..=last`; whether there were any.
+    fn forget_lapsed(&mut self, first: u64, last: u64) -> bool {
+        let lapsed: Vec<u64> = self.lapsed.range(first..=last).copied().collect();
+        for tag in &lapsed {
+            self.lapsed.remove(tag);
+        }
+        !lapsed.is_empty()
+    }
 }
 
 /// Summary of an exchange, for listings.
@@ -387,6 +476,10 @@ pub struct Broker {
     dead_letters: VecDeque<DeadLetter>,
     /// Queues that received dead letters during the current command, to dispatch at its end.
     to_dispatch: Vec<QueueId>,
+    /// Delays, TTLs, leases and queue expiry.
+    timers: Timers,
+    /// Delayed messages held by timers (all queues).
+    delayed_total: u64,
 }
 
 /// Why a message was dead-lettered (the `reason` of its `x-death` record).
@@ -398,6 +491,8 @@ enum DeathReason {
     MaxLen,
     /// Would have been requeued after its queue's delivery limit.
     DeliveryLimit,
+    /// Its TTL passed while it was ready.
+    Expired,
 }
 
 impl DeathReason {
@@ -406,6 +501,7 @@ impl DeathReason {
             DeathReason::Rejected => "rejected",
             DeathReason::MaxLen => "maxlen",
             DeathReason::DeliveryLimit => "delivery_limit",
+            DeathReason::Expired => "expired",
         }
     }
 }
@@ -489,6 +585,8 @@ fn dead_lettered(dead: &DeadLetter, now_ms: u64) -> Message {
         headers.insert("x-first-death-queue", &*dead.queue);
         headers.insert("x-first-death-exchange", &*message.exchange);
     }
+    // Like RabbitMQ, the copy loses its TTL (so it does not expire again where it lands) and
+    // its delay (it was already held once).
     Message {
         exchange: dead.exchange.clone(),
         routing_key: dead
@@ -496,6 +594,8 @@ fn dead_lettered(dead: &DeadLetter, now_ms: u64) -> Message {
             .clone()
             .unwrap_or_else(|| message.routing_key.clone()),
         headers,
+        expiration_ms: None,
+        delay_ms: None,
         ..Message::clone(message)
     }
 }
@@ -524,6 +624,8 @@ impl Broker {
             n_reject_publish_queues: 0,
             dead_letters: VecDeque::new(),
             to_dispatch: Vec::new(),
+            timers: Timers::default(),
+            delayed_total: 0,
         };
         for (name, kind) in BUILTIN_EXCHANGES {
             let options = ExchangeOptions {
@@ -556,6 +658,30 @@ impl Broker {
         effects: &mut Vec<Effect>,
     ) -> Result<Reply, CoreError> {
         self.now_ms = self.now_ms.max(now_ms);
+        let reply = self.apply_command(command, effects)?;
+        if !self.dead_letters.is_empty() {
+            // Messages found expired while dispatching at the end of the command.
+            self.finish_dead_letters_and_dispatch(effects);
+        }
+        Ok(reply)
+    }
+
+    /// The earliest time at which [`Command::Tick`] has something to do (unix ms), if any. May
+    /// be earlier than needed (a timer that turns out stale), never later.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.timers.next_due()
+    }
+
+    /// Delayed messages waiting in every queue: O(1).
+    pub fn delayed_total(&self) -> u64 {
+        self.delayed_total
+    }
+
+    fn apply_command(
+        &mut self,
+        command: Command,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
         match command {
             Command::OpenConnection { connection } => {
                 self.connections.entry(connection).or_default();
@@ -656,7 +782,45 @@ impl Broker {
                 queue,
                 durable_id,
                 message,
-            } => self.restore(&queue, durable_id, message, effects),
+                ready_at_ms,
+            } => self.restore(&queue, durable_id, message, ready_at_ms, effects),
+            Command::RestoreDedup {
+                queue,
+                message_id,
+                until_ms,
+            } => {
+                let qid = *self
+                    .queue_names
+                    .get(queue.as_str())
+                    .ok_or_else(|| CoreError::not_found(EntityKind::Queue, &queue))?;
+                let now_ms = self.now_ms;
+                let queue = self.queues.get_mut(&qid).expect("names map to live queues");
+                queue.dedup.insert(&message_id, until_ms, now_ms);
+                Ok(Reply::Done)
+            }
+            Command::Tick => Ok(self.tick(effects)),
+            Command::Defer {
+                connection,
+                delivery_tag,
+                delay_ms,
+            } => {
+                if delay_ms > DURATION_MS_MAX {
+                    return Err(CoreError::InvalidArgument {
+                        reason: format!("a delay must be at most {DURATION_MS_MAX} ms"),
+                    });
+                }
+                let due = self.now_ms.saturating_add(delay_ms);
+                self.settle(connection, delivery_tag, false, Settle::Defer(due), effects)
+            }
+            Command::Touch {
+                connection,
+                delivery_tag,
+            } => self.touch(connection, delivery_tag),
+            Command::Redrive {
+                connection,
+                queue,
+                max,
+            } => self.redrive(connection, &queue, max, effects),
             Command::Reject {
                 connection,
                 delivery_tag,
@@ -770,8 +934,15 @@ impl Broker {
         for (_, unacked) in conn.unacked.drain() {
             if let Some(queue) = self.queues.get_mut(&unacked.queue) {
                 queue.unacked -= 1;
-                self.ready_bytes_total +=
-                    requeue_entry(queue, unacked.entry, &mut self.dead_letters, effects);
+                self.ready_bytes_total += requeue_entry(
+                    queue,
+                    unacked.queue,
+                    &mut self.timers,
+                    unacked.entry,
+                    None,
+                    &mut self.dead_letters,
+                    effects,
+                );
                 if !touched.contains(&unacked.queue) {
                     touched.push(unacked.queue);
                 }
@@ -786,9 +957,12 @@ impl Broker {
             }
         }
         for qid in touched {
-            let Some(queue) = self.queues.get(&qid) else {
+            let Some(queue) = self.queues.get_mut(&qid) else {
                 continue;
             };
+            if queue.consumers.is_empty() {
+                queue.last_used_ms = self.now_ms;
+            }
             if queue.options.auto_delete
                 && queue.consumers.is_empty()
                 && lost_consumers.contains(&qid)
@@ -1086,12 +1260,7 @@ impl Broker {
         self.connection(connection)?;
         if passive {
             let qid = self.queue_for(connection, &name)?;
-            let queue = &self.queues[&qid];
-            return Ok(Reply::QueueDeclared {
-                name: queue.name.clone(),
-                ready: queue.ready.len() as u64,
-                consumers: queue.consumers.len() as u32,
-            });
+            return Ok(self.declared(qid));
         }
         let generated = name.is_empty();
         if !generated {
@@ -1099,8 +1268,8 @@ impl Broker {
         }
         check_header_depth(&options.arguments)?;
         let features = QueueFeatures::try_from(&options.arguments)?;
-        if let Some(qid) = self.queue_names.get(name.as_str()) {
-            let queue = &self.queues[qid];
+        if let Some(&qid) = self.queue_names.get(name.as_str()) {
+            let queue = &self.queues[&qid];
             check_exclusive_access(queue, connection)?;
             if queue.options != options {
                 return Err(CoreError::precondition(
@@ -1112,11 +1281,7 @@ impl Broker {
                     ),
                 ));
             }
-            return Ok(Reply::QueueDeclared {
-                name: queue.name.clone(),
-                ready: queue.ready.len() as u64,
-                consumers: queue.consumers.len() as u32,
-            });
+            return Ok(self.declared(qid));
         }
         if self.queues.len() >= self.limits.queues_max {
             return Err(CoreError::LimitExceeded {
@@ -1148,14 +1313,32 @@ impl Broker {
         if features.overflow == Overflow::RejectPublish {
             self.n_reject_publish_queues += 1;
         }
-        self.queues
-            .insert(qid, Queue::new(name.clone(), options, features, owner));
+        if let Some(expires) = features.expires {
+            self.timers.push(
+                self.now_ms.saturating_add(expires),
+                TimerKind::QueueExpiry { queue: qid },
+            );
+        }
+        let mut queue = Queue::new(name.clone(), options, features, owner);
+        queue.last_used_ms = self.now_ms;
+        self.queues.insert(qid, queue);
         self.queue_names.insert(name.clone(), qid);
         Ok(Reply::QueueDeclared {
             name,
             ready: 0,
             consumers: 0,
         })
+    }
+
+    /// The reply to a declare of an existing queue, which counts as a use (`x-expires`).
+    fn declared(&mut self, qid: QueueId) -> Reply {
+        let queue = self.queues.get_mut(&qid).expect("caller found it");
+        queue.last_used_ms = self.now_ms;
+        Reply::QueueDeclared {
+            name: queue.name.clone(),
+            ready: queue.ready.len() as u64,
+            consumers: queue.consumers.len() as u32,
+        }
     }
 
     /// Looks a queue up for `connection`, refusing exclusive queues of other connections.
@@ -1209,6 +1392,10 @@ impl Broker {
         }
         self.queue_names.remove(&queue.name);
         self.ready_bytes_total -= queue.ready.bytes();
+        if queue.stats.delayed > 0 {
+            // Its delayed messages go with it (rare: a scan of the timers).
+            self.delayed_total -= self.timers.remove_delayed_of(qid);
+        }
         if let Some(owner) = queue.owner {
             if let Some(conn) = self.connections.get_mut(&owner) {
                 conn.exclusive_queues.retain(|id| *id != qid);
@@ -1267,12 +1454,44 @@ impl Broker {
                 });
             }
         }
+        let duplicates = self.drop_duplicates(&message, &mut targets);
         self.enqueue_routed(&message, &targets, effects);
         let routed = targets.len() as u32;
         self.to_dispatch.extend_from_slice(&targets);
         self.route_scratch = targets;
         self.finish_dead_letters_and_dispatch(effects);
-        Ok(Reply::Published { routed, refused_by })
+        Ok(Reply::Published {
+            routed,
+            refused_by,
+            duplicates,
+        })
+    }
+
+    /// Removes the targets whose dedup window holds the message's id (counting them); the
+    /// other targets with a window remember it from now on.
+    fn drop_duplicates(&mut self, message: &Message, targets: &mut Vec<QueueId>) -> u32 {
+        let Some(id) = message.message_id.as_deref() else {
+            return 0;
+        };
+        let now_ms = self.now_ms;
+        let queues = &mut self.queues;
+        let mut duplicates = 0;
+        targets.retain(|qid| {
+            let queue = queues.get_mut(qid).expect("routing yields live queues");
+            let Some(window) = queue.features.dedup_window else {
+                return true;
+            };
+            if queue.dedup.contains(id, now_ms) {
+                queue.stats.duplicates += 1;
+                duplicates += 1;
+                return false;
+            }
+            queue
+                .dedup
+                .insert(id, now_ms.saturating_add(window), now_ms);
+            true
+        });
+        duplicates
     }
 
     /// Removes the targets that are full and reject-publish; returns the first of them.
@@ -1304,6 +1523,9 @@ impl Broker {
         targets: &[QueueId],
         effects: &mut Vec<Effect>,
     ) {
+        let now_ms = self.now_ms;
+        let delay = message.delay_ms.filter(|delay| *delay > 0);
+        let ready_at_ms = now_ms.saturating_add(delay.unwrap_or(0));
         let durable_id =
             if message.persistent && targets.iter().any(|qid| self.queues[qid].is_durable()) {
                 let durable_id = self.next_durable_id;
@@ -1318,6 +1540,7 @@ impl Broker {
                     durable_id,
                     queues,
                     message: message.clone(),
+                    ready_at_ms,
                 });
                 Some(durable_id)
             } else {
@@ -1329,8 +1552,14 @@ impl Broker {
                 .get_mut(qid)
                 .expect("routing yields live queues");
             let entry_id = durable_id.filter(|_| queue.is_durable());
-            queue.enqueue(message.clone(), entry_id, false);
-            self.ready_bytes_total += message.size_bytes();
+            queue.stats.published += 1;
+            let entry = queue.new_entry(message.clone(), entry_id, false);
+            if delay.is_some() {
+                hold(queue, *qid, &mut self.timers, entry, ready_at_ms);
+                self.delayed_total += 1;
+                continue;
+            }
+            self.ready_bytes_total += make_ready(queue, *qid, &mut self.timers, entry, now_ms);
             self.ready_bytes_total -= drop_head_over_limit(queue, &mut self.dead_letters, effects);
         }
     }
@@ -1340,8 +1569,16 @@ impl Broker {
     /// may dead-letter ends with this, so that all enqueues and drops of a command happen
     /// before any of its deliveries.
     fn finish_dead_letters_and_dispatch(&mut self, effects: &mut Vec<Effect>) {
-        self.republish_dead_letters(effects);
-        self.dispatch_touched(effects);
+        loop {
+            self.republish_dead_letters(effects);
+            self.dispatch_touched(effects);
+            // Dispatching may find expired messages, which dead-letter in turn; this ends
+            // because each round only moves messages that expired, and the cycle guard drops
+            // a message that expires twice in the same queue.
+            if self.dead_letters.is_empty() {
+                break;
+            }
+        }
     }
 
     /// Republishes the pending dead letters, in order (see
@@ -1492,6 +1729,7 @@ impl Broker {
             .consumers
             .insert(tag, qid);
         let queue = self.queues.get_mut(&qid).expect("checked");
+        queue.last_used_ms = self.now_ms;
         queue.consumers.push(Consumer {
             connection,
             tag,
@@ -1533,14 +1771,22 @@ impl Broker {
             .expect("consumers point at live queues");
         for (_, unacked) in returned {
             queue.unacked -= 1;
-            self.ready_bytes_total +=
-                requeue_entry(queue, unacked.entry, &mut self.dead_letters, effects);
+            self.ready_bytes_total += requeue_entry(
+                queue,
+                qid,
+                &mut self.timers,
+                unacked.entry,
+                None,
+                &mut self.dead_letters,
+                effects,
+            );
         }
         let idx = queue
             .consumer_idx(connection, tag)
             .expect("consumer registered on its queue");
         queue.consumers.remove(idx);
         queue.cursor = 0;
+        queue.last_used_ms = self.now_ms;
         let auto_deleted = queue.options.auto_delete && queue.consumers.is_empty();
         // Messages over their delivery limit were dead-lettered: republish them before anything
         // is dispatched or deleted.
@@ -1593,10 +1839,13 @@ impl Broker {
         })?;
         if !multiple {
             // The common case, without the allocations of the general path.
-            let unacked = conn
-                .unacked
-                .remove(tag.0)
-                .ok_or(CoreError::UnknownDeliveryTag { tag: tag.0 })?;
+            let Some(unacked) = conn.unacked.remove(tag.0) else {
+                if conn.lapsed.remove(&tag.0) {
+                    // Its lease lapsed and it went back to the queue: nothing to settle.
+                    return Ok(Reply::Settled { count: 0 });
+                }
+                return Err(CoreError::UnknownDeliveryTag { tag: tag.0 });
+            };
             let qid = unacked.queue;
             if self.settle_one(connection, unacked, how, effects) {
                 self.to_dispatch.push(qid);
@@ -1606,9 +1855,10 @@ impl Broker {
         }
         let settled: Vec<(u64, Unacked)> = {
             let upto = if tag.0 == 0 { u64::MAX } else { tag.0 };
-            if tag.0 != 0 && !conn.unacked.contains(tag.0) {
+            if tag.0 != 0 && !conn.unacked.contains(tag.0) && !conn.lapsed.contains(&tag.0) {
                 return Err(CoreError::UnknownDeliveryTag { tag: tag.0 });
             }
+            conn.forget_lapsed(0, upto);
             conn.unacked.remove_range(0, upto)
         };
         let count = settled.len() as u32;
@@ -1640,7 +1890,8 @@ impl Broker {
             });
         }
         let settled = conn.unacked.remove_range(first.0, last.0);
-        if settled.is_empty() {
+        let lapsed = conn.forget_lapsed(first.0, last.0);
+        if settled.is_empty() && !lapsed {
             return Err(CoreError::UnknownDeliveryTag { tag: first.0 });
         }
         let count = settled.len() as u32;
@@ -1674,23 +1925,53 @@ impl Broker {
         if let Some(idx) = queue.consumer_idx(connection, unacked.consumer_tag) {
             queue.consumers[idx].unacked -= 1;
         }
-        match how {
-            Settle::Ack => queue.stats.acked += 1,
-            Settle::Drop => {
-                queue.stats.dropped += 1;
-                self.dead_letters.extend(DeadLetter::of(
-                    queue,
-                    &unacked.entry,
-                    DeathReason::Rejected,
-                ));
+        let mut entry = unacked.entry;
+        let due = match how {
+            Settle::Ack => {
+                queue.stats.acked += 1;
+                None
             }
-            Settle::Requeue => {
-                self.ready_bytes_total +=
-                    requeue_entry(queue, unacked.entry, &mut self.dead_letters, effects);
+            Settle::Drop => Some(None),
+            Settle::Requeue => match &queue.features.retry {
+                // A retry schedule turns a requeue into a delayed one, until it runs out.
+                Some(schedule) => match schedule.get(entry.retries as usize) {
+                    Some(delay) => {
+                        entry.retries += 1;
+                        Some(Some(self.now_ms.saturating_add(*delay)))
+                    }
+                    None => Some(None),
+                },
+                None => Some(Some(self.now_ms)),
+            },
+            Settle::Defer(due) => Some(Some(due)),
+        };
+        match due {
+            None => {}
+            Some(None) => {
+                queue.stats.dropped += 1;
+                self.dead_letters
+                    .extend(DeadLetter::of(queue, &entry, DeathReason::Rejected));
+            }
+            Some(Some(due)) => {
+                let later = (due > self.now_ms).then_some(due);
+                let held = later.is_some();
+                let n_delayed = queue.stats.delayed;
+                self.ready_bytes_total += requeue_entry(
+                    queue,
+                    unacked.queue,
+                    &mut self.timers,
+                    entry,
+                    later,
+                    &mut self.dead_letters,
+                    effects,
+                );
+                if held && queue.stats.delayed > n_delayed {
+                    self.delayed_total += 1;
+                }
                 return true;
             }
         }
-        if let Some(durable_id) = unacked.entry.durable_id {
+        if let Some(durable_id) = entry.durable_id {
             effects.push(Effect::DurableSettled {
                 durable_id,
                 queue: queue.name.clone(),
@@ -1704,6 +1985,7 @@ impl Broker {
         queue_name: &str,
         durable_id: u64,
         message: Arc<Message>,
+        ready_at_ms: u64,
         effects: &mut Vec<Effect>,
     ) -> Result<Reply, CoreError> {
         let qid = *self
@@ -1719,34 +2001,77 @@ impl Broker {
             ));
         }
         self.next_durable_id = self.next_durable_id.max(durable_id + 1);
-        self.ready_bytes_total += message.size_bytes();
-        queue.enqueue(message, Some(durable_id), true);
+        queue.stats.published += 1;
+        if let (Some(window), Some(id)) = (queue.features.dedup_window, &message.message_id) {
+            let enqueued_at = ready_at_ms.saturating_sub(message.delay_ms.unwrap_or(0));
+            queue
+                .dedup
+                .insert(id, enqueued_at.saturating_add(window), self.now_ms);
+        }
+        let entry = queue.new_entry(message, Some(durable_id), true);
+        if ready_at_ms > self.now_ms {
+            hold(queue, qid, &mut self.timers, entry, ready_at_ms);
+            self.delayed_total += 1;
+            return Ok(Reply::Done);
+        }
+        // Its TTL counts from when it became ready before the restart.
+        self.ready_bytes_total += make_ready(queue, qid, &mut self.timers, entry, ready_at_ms);
         self.dispatch(qid, effects);
         Ok(Reply::Done)
     }
 
-    /// Every logged message still in a durable queue (ready or outstanding), by id, with the
-    /// durable queues it is in: what a log checkpoint must keep.
-    pub fn durable_messages(&self) -> Vec<(u64, Arc<Message>, Vec<Arc<str>>)> {
-        let mut by_id: BTreeMap<u64, (Arc<Message>, Vec<Arc<str>>)> = BTreeMap::new();
-        let mut add = |entry: &Entry, queue: &Queue| {
+    /// Every remembered message id of durable queues' dedup windows, with its deadline:
+    /// what a log checkpoint must keep (see [`Command::RestoreDedup`]).
+    pub fn durable_dedup_entries(&self) -> Vec<(Arc<str>, String, u64)> {
+        let mut all = Vec::new();
+        let mut queues: Vec<&Queue> = self
+            .queues
+            .values()
+            .filter(|queue| queue.is_durable() && queue.dedup.len() > 0)
+            .collect();
+        queues.sort_by(|left, right| left.name.cmp(&right.name));
+        for queue in queues {
+            for (id, until) in queue.dedup.entries() {
+                if until > self.now_ms {
+                    all.push((queue.name.clone(), id.to_owned(), until));
+                }
+            }
+        }
+        all
+    }
+
+    /// Every logged message still in a durable queue (ready, outstanding or delayed), by id,
+    /// with the durable queues it is in and when it is ready in them (`None`: now; `Some(t)`:
+    /// delayed until `t`): what a log checkpoint must keep.
+    #[allow(clippy::type_complexity)]
+    pub fn durable_messages(&self) -> Vec<(u64, Arc<Message>, Vec<(Arc<str>, Option<u64>)>)> {
+        type ById = BTreeMap<u64, (Arc<Message>, Vec<(Arc<str>, Option<u64>)>)>;
+        let mut by_id: ById = BTreeMap::new();
+        let mut add = |entry: &Entry, queue: &Queue, delayed_until: Option<u64>| {
             if let Some(durable_id) = entry.durable_id {
                 by_id
                     .entry(durable_id)
                     .or_insert_with(|| (entry.message.clone(), Vec::new()))
                     .1
-                    .push(queue.name.clone());
+                    .push((queue.name.clone(), delayed_until));
             }
         };
         for queue in self.queues.values().filter(|queue| queue.is_durable()) {
             for entry in queue.ready.iter() {
-                add(entry, queue);
+                add(entry, queue, None);
             }
         }
         for conn in self.connections.values() {
             for unacked in conn.unacked.values() {
                 if let Some(queue) = self.queues.get(&unacked.queue) {
-                    add(&unacked.entry, queue);
+                    add(&unacked.entry, queue, None);
+                }
+            }
+        }
+        for (due, timer) in self.timers.iter() {
+            if let TimerKind::Delayed { queue, entry } = timer {
+                if let Some(queue) = self.queues.get(queue) {
+                    add(entry, queue, Some(due));
                 }
             }
         }
@@ -1759,14 +2084,216 @@ impl Broker {
             .collect()
     }
 
+    // ----- timers -----
+
+    fn tick(&mut self, effects: &mut Vec<Effect>) -> Reply {
+        let now_ms = self.now_ms;
+        for _ in 0..TIMERS_PER_TICK_MAX {
+            let Some((_, timer)) = self.timers.pop_due(now_ms) else {
+                break;
+            };
+            match timer {
+                TimerKind::Delayed { queue: qid, entry } => {
+                    self.delayed_total -= 1;
+                    let Some(queue) = self.queues.get_mut(&qid) else {
+                        continue;
+                    };
+                    queue.stats.delayed -= 1;
+                    self.ready_bytes_total +=
+                        make_ready(queue, qid, &mut self.timers, *entry, now_ms);
+                    self.ready_bytes_total -=
+                        drop_head_over_limit(queue, &mut self.dead_letters, effects);
+                    self.to_dispatch.push(qid);
+                }
+                TimerKind::Ttl { queue: qid } => {
+                    let Some(queue) = self.queues.get_mut(&qid) else {
+                        continue;
+                    };
+                    if queue.ttl_armed.is_some_and(|armed| armed <= now_ms) {
+                        queue.ttl_armed = None;
+                    }
+                    while let Some(entry) = queue.ready.pop_expired(now_ms) {
+                        self.ready_bytes_total -= entry.message.size_bytes();
+                        expire_entry(queue, entry, &mut self.dead_letters, effects);
+                    }
+                    arm_ttl(queue, qid, &mut self.timers);
+                }
+                TimerKind::Lease { connection, tag } => {
+                    self.lapse_lease(connection, tag, effects);
+                }
+                TimerKind::QueueExpiry { queue: qid } => {
+                    let Some(queue) = self.queues.get(&qid) else {
+                        continue;
+                    };
+                    let expires = queue.features.expires.expect("only set with x-expires");
+                    let deadline = queue.last_used_ms.saturating_add(expires);
+                    if !queue.consumers.is_empty() {
+                        // In use: look again after another period.
+                        self.timers.push(
+                            now_ms.saturating_add(expires),
+                            TimerKind::QueueExpiry { queue: qid },
+                        );
+                    } else if deadline > now_ms {
+                        self.timers
+                            .push(deadline, TimerKind::QueueExpiry { queue: qid });
+                    } else {
+                        self.remove_queue(qid, effects);
+                    }
+                }
+            }
+        }
+        self.finish_dead_letters_and_dispatch(effects);
+        Reply::Done
+    }
+
+    /// A lease timer fired: the delivery goes back to its queue if it is still outstanding
+    /// and its lease was not extended since.
+    fn lapse_lease(&mut self, connection: ConnectionId, tag: u64, effects: &mut Vec<Effect>) {
+        let now_ms = self.now_ms;
+        let Some(conn) = self.connections.get_mut(&connection) else {
+            return;
+        };
+        let lapsed = conn
+            .unacked
+            .get_mut(tag)
+            .is_some_and(|unacked| unacked.lease.is_some_and(|(until, _)| until <= now_ms));
+        if !lapsed {
+            return;
+        }
+        let unacked = conn.unacked.remove(tag).expect("checked");
+        conn.lapse(tag);
+        let qid = unacked.queue;
+        let Some(queue) = self.queues.get_mut(&qid) else {
+            return;
+        };
+        queue.unacked -= 1;
+        if let Some(idx) = queue.consumer_idx(connection, unacked.consumer_tag) {
+            queue.consumers[idx].unacked -= 1;
+            // Another consumer, if there is one, gets it next.
+            queue.cursor = (idx + 1) % queue.consumers.len();
+        }
+        self.ready_bytes_total += requeue_entry(
+            queue,
+            qid,
+            &mut self.timers,
+            unacked.entry,
+            None,
+            &mut self.dead_letters,
+            effects,
+        );
+        self.to_dispatch.push(qid);
+    }
+
+    fn touch(&mut self, connection: ConnectionId, tag: DeliveryTag) -> Result<Reply, CoreError> {
+        let now_ms = self.now_ms;
+        let conn = self.connections.get_mut(&connection).ok_or_else(|| {
+            CoreError::not_found(EntityKind::Connection, connection.0.to_string())
+        })?;
+        let Some(unacked) = conn.unacked.get_mut(tag.0) else {
+            if conn.lapsed.contains(&tag.0) {
+                return Ok(Reply::Done);
+            }
+            return Err(CoreError::UnknownDeliveryTag { tag: tag.0 });
+        };
+        if let Some((until, timeout)) = &mut unacked.lease {
+            let extended = now_ms.saturating_add(*timeout);
+            if extended > *until {
+                *until = extended;
+                self.timers.push(
+                    extended,
+                    TimerKind::Lease {
+                        connection,
+                        tag: tag.0,
+                    },
+                );
+            }
+        }
+        Ok(Reply::Done)
+    }
+
+    // ----- dead-letter queues -----
+
+    fn redrive(
+        &mut self,
+        connection: ConnectionId,
+        queue_name: &str,
+        max: u64,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
+        let qid = self.queue_for(connection, queue_name)?;
+        let limit = if max == 0 { u64::MAX } else { max };
+        let mut kept: Vec<Entry> = Vec::new();
+        let mut moved = 0;
+        while moved < limit {
+            let queue = self.queues.get_mut(&qid).expect("checked");
+            let Some(entry) = queue.ready.pop_front() else {
+                break;
+            };
+            let size = entry.message.size_bytes();
+            self.ready_bytes_total -= size;
+            let origin = death_origin(&entry.message, &queue.name);
+            let target = origin
+                .as_ref()
+                .and_then(|(name, _, _)| self.queue_names.get(name.as_str()).copied())
+                .filter(|target| *target != qid);
+            let (Some(target), Some((_, exchange, routing_key))) = (target, origin) else {
+                kept.push(entry);
+                continue;
+            };
+            let mut targets = vec![target];
+            self.refuse_full(size, &mut targets);
+            if targets.is_empty() {
+                kept.push(entry);
+                continue;
+            }
+            let queue = self.queues.get_mut(&qid).expect("checked");
+            queue.stats.acked += 1;
+            if let Some(durable_id) = entry.durable_id {
+                effects.push(Effect::DurableSettled {
+                    durable_id,
+                    queue: queue.name.clone(),
+                });
+            }
+            let mut headers = entry.message.headers.clone();
+            for key in [
+                X_DEATH,
+                "x-first-death-reason",
+                "x-first-death-queue",
+                "x-first-death-exchange",
+            ] {
+                headers.remove(key);
+            }
+            let message = Arc::new(Message {
+                exchange,
+                routing_key,
+                headers,
+                ..Message::clone(&entry.message)
+            });
+            self.enqueue_routed(&message, &targets, effects);
+            self.to_dispatch.push(target);
+            moved += 1;
+        }
+        let queue = self.queues.get_mut(&qid).expect("checked");
+        for entry in kept {
+            self.ready_bytes_total += entry.message.size_bytes();
+            queue.ready.requeue(entry);
+        }
+        self.finish_dead_letters_and_dispatch(effects);
+        Ok(Reply::Redriven { moved })
+    }
+
     /// Hands ready messages to consumers with capacity until one side runs out.
     fn dispatch(&mut self, qid: QueueId, effects: &mut Vec<Effect>) {
         let Broker {
             queues,
             connections,
             ready_bytes_total,
+            timers,
+            dead_letters,
+            now_ms,
             ..
         } = self;
+        let now_ms = *now_ms;
         let Some(queue) = queues.get_mut(&qid) else {
             // Deleted earlier in the same command (auto-delete, dead-letter cascade).
             return;
@@ -1777,6 +2304,11 @@ impl Broker {
             };
             let mut entry = queue.ready.pop_front().expect("checked non-empty");
             *ready_bytes_total -= entry.message.size_bytes();
+            if entry.expired(now_ms) {
+                // Never deliver a message past its TTL, even before its timer fires.
+                expire_entry(queue, entry, dead_letters, effects);
+                continue;
+            }
             entry.delivery_count += 1;
             let consumer = &mut queue.consumers[idx];
             let conn = connections
@@ -1811,12 +2343,24 @@ impl Broker {
             } else {
                 consumer.unacked += 1;
                 queue.unacked += 1;
+                let lease = consumer.options.ack_timeout_ms.map(|timeout| {
+                    let until = now_ms.saturating_add(timeout);
+                    timers.push(
+                        until,
+                        TimerKind::Lease {
+                            connection: consumer.connection,
+                            tag: delivery_tag,
+                        },
+                    );
+                    (until, timeout)
+                });
                 conn.unacked.insert(
                     delivery_tag,
                     Unacked {
                         queue: qid,
                         consumer_tag: consumer.tag,
                         entry,
+                        lease,
                     },
                 );
             }
@@ -1829,6 +2373,8 @@ enum Settle {
     Ack,
     Requeue,
     Drop,
+    /// Requeue when due (unix ms).
+    Defer(u64),
 }
 
 fn exchange_info(exchange: &Exchange) -> ExchangeInfo {
@@ -1875,7 +2421,10 @@ fn drop_head_over_limit(
 /// at its queue's delivery limit leaves instead: dead-lettered (`delivery_limit`) or dropped.
 fn requeue_entry(
     queue: &mut Queue,
+    qid: QueueId,
+    timers: &mut Timers,
     mut entry: Entry,
+    later: Option<u64>,
     dead_letters: &mut VecDeque<DeadLetter>,
     effects: &mut Vec<Effect>,
 ) -> u64 {
@@ -1895,9 +2444,96 @@ fn requeue_entry(
         return 0;
     }
     entry.redelivered = true;
+    if let Some(due) = later {
+        hold(queue, qid, timers, entry, due);
+        return 0;
+    }
     let size = entry.message.size_bytes();
+    let expires = entry.expires_at.is_some();
     queue.ready.requeue(entry);
+    if expires {
+        arm_ttl(queue, qid, timers);
+    }
     size
+}
+
+/// Makes sure a TTL timer is set for the queue's earliest ready expiry.
+fn arm_ttl(queue: &mut Queue, qid: QueueId, timers: &mut Timers) {
+    if let Some(next) = queue.ready.next_expiry() {
+        if queue.ttl_armed.is_none_or(|armed| next < armed) {
+            queue.ttl_armed = Some(next);
+            timers.push(next, TimerKind::Ttl { queue: qid });
+        }
+    }
+}
+
+/// Holds an entry until `due`, when [`Command::Tick`] puts it at the back of the queue. The
+/// caller counts it in `Broker::delayed_total`.
+fn hold(queue: &mut Queue, qid: QueueId, timers: &mut Timers, entry: Entry, due: u64) {
+    queue.stats.delayed += 1;
+    timers.push(
+        due,
+        TimerKind::Delayed {
+            queue: qid,
+            entry: Box::new(entry),
+        },
+    );
+}
+
+/// Appends an entry to the ready messages, its TTL counted from `since_ms`, with a timer for
+/// the TTL; returns the bytes that became ready.
+fn make_ready(
+    queue: &mut Queue,
+    qid: QueueId,
+    timers: &mut Timers,
+    entry: Entry,
+    since_ms: u64,
+) -> u64 {
+    let size = entry.message.size_bytes();
+    if queue.push_ready(entry, since_ms).is_some() {
+        arm_ttl(queue, qid, timers);
+    }
+    size
+}
+
+/// A ready entry whose TTL passed leaves its queue: dead-lettered (`expired`) or dropped.
+fn expire_entry(
+    queue: &mut Queue,
+    entry: Entry,
+    dead_letters: &mut VecDeque<DeadLetter>,
+    effects: &mut Vec<Effect>,
+) {
+    queue.stats.expired += 1;
+    dead_letters.extend(DeadLetter::of(queue, &entry, DeathReason::Expired));
+    if let Some(durable_id) = entry.durable_id {
+        effects.push(Effect::DurableSettled {
+            durable_id,
+            queue: queue.name.clone(),
+        });
+    }
+}
+
+/// Where a dead-lettered message came from: the queue of its latest death record other than
+/// `here`, with the exchange and routing key it was published with there.
+fn death_origin(message: &Message, here: &str) -> Option<(String, Arc<str>, Arc<str>)> {
+    let Some(HeaderValue::List(records)) = message.headers.get(X_DEATH) else {
+        return None;
+    };
+    records.iter().find_map(|record| {
+        let HeaderValue::Map(record) = record else {
+            return None;
+        };
+        let queue = record.get("queue")?.as_str()?;
+        if queue == here {
+            return None;
+        }
+        let exchange = record.get("exchange")?.as_str()?;
+        let routing_key = match record.get("routing-keys") {
+            Some(HeaderValue::List(keys)) => keys.first()?.as_str()?,
+            _ => return None,
+        };
+        Some((queue.to_owned(), exchange.into(), routing_key.into()))
+    })
 }
 
 fn check_exclusive_access(queue: &Queue, connection: ConnectionId) -> Result<(), CoreError> {

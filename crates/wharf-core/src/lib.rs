@@ -35,6 +35,7 @@ mod message;
 mod name;
 mod outstanding;
 mod queue;
+mod timers;
 pub mod topic;
 
 pub use broker::{
@@ -47,9 +48,10 @@ pub use limits::Limits;
 pub use message::{HeaderValue, Headers, Message};
 pub use name::{RESERVED_PREFIX, validate_name, validate_routing_key, validate_user_name};
 pub use queue::{
-    ARG_DEAD_LETTER_EXCHANGE, ARG_DEAD_LETTER_ROUTING_KEY, ARG_DELIVERY_LIMIT, ARG_MAX_LENGTH,
-    ARG_MAX_LENGTH_BYTES, ARG_MAX_PRIORITY, ARG_OVERFLOW, ConsumerOptions, Overflow, QueueFeatures,
-    QueueOptions, QueueStats,
+    ARG_DEAD_LETTER_EXCHANGE, ARG_DEAD_LETTER_ROUTING_KEY, ARG_DEDUP_WINDOW, ARG_DELIVERY_LIMIT,
+    ARG_EXPIRES, ARG_MAX_LENGTH, ARG_MAX_LENGTH_BYTES, ARG_MAX_PRIORITY, ARG_MESSAGE_TTL,
+    ARG_OVERFLOW, ARG_RETRY, ConsumerOptions, DURATION_MS_MAX, Overflow, QueueFeatures,
+    QueueOptions, QueueStats, RETRY_STEPS_MAX,
 };
 
 /// Deterministic, fast hashing (FxHash): no random keys, so the core stays reproducible, and a

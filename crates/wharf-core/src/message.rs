@@ -199,8 +199,11 @@ pub struct Message {
     pub reply_to: Option<String>,
     /// Priority, 0 (lowest, the default) to 255.
     pub priority: u8,
-    /// Time to live in milliseconds from publication.
+    /// Time to live in milliseconds: how long it may stay ready in a queue (the queue's
+    /// `x-message-ttl`, if shorter, wins). Counted from when it enters the queue.
     pub expiration_ms: Option<u64>,
+    /// Delayed delivery: it enters its queues this many milliseconds after publication.
+    pub delay_ms: Option<u64>,
     /// Persistent messages routed to durable queues are written to the log.
     pub persistent: bool,
     /// The body; cloning it is a reference count increment.

@@ -54,6 +54,11 @@ impl<T> Outstanding<T> {
             .is_some_and(|idx| self.entries[idx].1.is_some())
     }
 
+    pub(crate) fn get_mut(&mut self, tag: u64) -> Option<&mut T> {
+        let idx = self.position(tag)?;
+        self.entries[idx].1.as_mut()
+    }
+
     pub(crate) fn remove(&mut self, tag: u64) -> Option<T> {
         let idx = self.position(tag)?;
         let value = self.entries[idx].1.take()?;

@@ -3,7 +3,7 @@
 use crate::error::CoreError;
 use crate::message::{HeaderValue, Headers, Message};
 use crate::{ConnectionId, ConsumerTag};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 /// Queue argument: the highest message priority the queue orders by (1..=255).
@@ -20,6 +20,24 @@ pub const ARG_DEAD_LETTER_EXCHANGE: &str = "x-dead-letter-exchange";
 pub const ARG_DEAD_LETTER_ROUTING_KEY: &str = "x-dead-letter-routing-key";
 /// Queue argument: deliveries after which a message is dead-lettered instead of requeued.
 pub const ARG_DELIVERY_LIMIT: &str = "x-delivery-limit";
+/// Queue argument: milliseconds a message may stay ready before it expires (dropped, or
+/// dead-lettered with reason `expired`).
+pub const ARG_MESSAGE_TTL: &str = "x-message-ttl";
+/// Queue argument: milliseconds without consumers (or a redeclare) after which the queue is
+/// deleted.
+pub const ARG_EXPIRES: &str = "x-expires";
+/// Queue argument: the retry schedule, a list of delays in milliseconds: a message nacked or
+/// rejected with requeue for the n-th time is redelivered after the n-th delay; nacked once
+/// more after the last, it is dead-lettered (reason `rejected`) or dropped.
+pub const ARG_RETRY: &str = "x-retry";
+/// Queue argument: milliseconds during which a message id, once enqueued, makes later
+/// messages with the same id duplicates (dropped, their publish confirmed as duplicate).
+pub const ARG_DEDUP_WINDOW: &str = "x-dedup-window";
+/// Longest delay, TTL, expiry or window accepted: about 10 years, so that deadlines never
+/// overflow.
+pub const DURATION_MS_MAX: u64 = 10 * 366 * 24 * 3600 * 1000;
+/// Most steps in a retry schedule.
+pub const RETRY_STEPS_MAX: usize = 64;
 
 /// What a queue at its length limit does with a new message (`x-overflow`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,6 +69,14 @@ pub struct QueueFeatures {
     /// `x-delivery-limit`: a message delivered this many times (or more) that would be
     /// requeued is dead-lettered (reason `delivery_limit`) or dropped instead.
     pub delivery_limit: Option<u64>,
+    /// `x-message-ttl`: ms a message may stay ready.
+    pub message_ttl: Option<u64>,
+    /// `x-expires`: ms unused after which the queue is deleted (at least 1).
+    pub expires: Option<u64>,
+    /// `x-retry`: delays (ms) of successive requeues by consumers.
+    pub retry: Option<Arc<[u64]>>,
+    /// `x-dedup-window`: ms a message id is remembered (at least 1).
+    pub dedup_window: Option<u64>,
 }
 
 fn text_argument(arguments: &Headers, key: &str) -> Result<Option<Arc<str>>, CoreError> {
@@ -73,6 +99,47 @@ fn non_negative_int(arguments: &Headers, key: &str) -> Result<Option<u64>, CoreE
             reason: format!("{key} must be a non-negative integer, not {other:?}"),
         }),
     }
+}
+
+fn duration_argument(arguments: &Headers, key: &str, min: u64) -> Result<Option<u64>, CoreError> {
+    match arguments.get(key) {
+        None => Ok(None),
+        Some(HeaderValue::Int(value))
+            if *value >= 0 && (min..=DURATION_MS_MAX).contains(&(*value as u64)) =>
+        {
+            Ok(Some(*value as u64))
+        }
+        Some(other) => Err(CoreError::InvalidArgument {
+            reason: format!(
+                "{key} must be an integer number of milliseconds from {min} to {DURATION_MS_MAX}, not {other:?}"
+            ),
+        }),
+    }
+}
+
+fn retry_argument(arguments: &Headers) -> Result<Option<Arc<[u64]>>, CoreError> {
+    let Some(value) = arguments.get(ARG_RETRY) else {
+        return Ok(None);
+    };
+    let invalid = || CoreError::InvalidArgument {
+        reason: format!(
+            "{ARG_RETRY} must be a list of 1 to {RETRY_STEPS_MAX} delays in milliseconds (integers from 0 to {DURATION_MS_MAX}), not {value:?}"
+        ),
+    };
+    let HeaderValue::List(steps) = value else {
+        return Err(invalid());
+    };
+    if steps.is_empty() || steps.len() > RETRY_STEPS_MAX {
+        return Err(invalid());
+    }
+    steps
+        .iter()
+        .map(|step| match step {
+            HeaderValue::Int(ms) if (0..=DURATION_MS_MAX as i64).contains(ms) => Ok(*ms as u64),
+            _ => Err(invalid()),
+        })
+        .collect::<Result<Vec<u64>, CoreError>>()
+        .map(|steps| Some(steps.into()))
 }
 
 impl TryFrom<&Headers> for QueueFeatures {
@@ -111,6 +178,10 @@ impl TryFrom<&Headers> for QueueFeatures {
             dead_letter_exchange: text_argument(arguments, ARG_DEAD_LETTER_EXCHANGE)?,
             dead_letter_routing_key: text_argument(arguments, ARG_DEAD_LETTER_ROUTING_KEY)?,
             delivery_limit: non_negative_int(arguments, ARG_DELIVERY_LIMIT)?,
+            message_ttl: duration_argument(arguments, ARG_MESSAGE_TTL, 0)?,
+            expires: duration_argument(arguments, ARG_EXPIRES, 1)?,
+            retry: retry_argument(arguments)?,
+            dedup_window: duration_argument(arguments, ARG_DEDUP_WINDOW, 1)?,
         })
     }
 }
@@ -158,6 +229,10 @@ pub struct ConsumerOptions {
     pub exclusive: bool,
     /// Higher priorities are served first while they have capacity.
     pub priority: i32,
+    /// Lease for manual-ack deliveries: one not acked (or extended with
+    /// [`Command::Touch`](crate::Command::Touch)) this many ms after it was delivered goes
+    /// back to the queue for another consumer. `None`: no lease.
+    pub ack_timeout_ms: Option<u64>,
 }
 
 impl Default for ConsumerOptions {
@@ -167,6 +242,7 @@ impl Default for ConsumerOptions {
             auto_ack: false,
             exclusive: false,
             priority: 0,
+            ack_timeout_ms: None,
         }
     }
 }
@@ -184,6 +260,17 @@ pub(crate) struct Entry {
     pub delivery_count: u32,
     /// Set when the message is persistent and the queue durable: the id its log records use.
     pub durable_id: Option<u64>,
+    /// When it expires if still ready (the message's or the queue's TTL, whichever is first).
+    pub expires_at: Option<u64>,
+    /// Requeues by consumers so far that followed the queue's retry schedule.
+    pub retries: u32,
+}
+
+impl Entry {
+    /// Whether its TTL has passed at `now_ms`.
+    pub(crate) fn expired(&self, now_ms: u64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now_ms)
+    }
 }
 
 /// Ready messages in delivery order: highest priority first, by arrival within a priority; a
@@ -198,6 +285,10 @@ pub(crate) struct Ready {
     higher: BTreeMap<u8, VecDeque<Entry>>,
     len: usize,
     bytes: u64,
+    /// Entries with an expiry, by (expires at, priority, seq): the next to expire is the
+    /// first, whatever its place in delivery order. Kept exact as entries leave, so it never
+    /// holds more than the ready entries.
+    expiring: BTreeSet<(u64, u8, u64)>,
 }
 
 fn insert_by_seq(level: &mut VecDeque<Entry>, entry: Entry) {
@@ -220,6 +311,9 @@ impl Ready {
     pub(crate) fn push_back(&mut self, entry: Entry) {
         self.len += 1;
         self.bytes += entry.message.size_bytes();
+        if let Some(at) = entry.expires_at {
+            self.expiring.insert((at, entry.priority, entry.seq));
+        }
         let level = self.level_mut(entry.priority);
         if let Some(last) = level.back() {
             assert!(last.seq < entry.seq, "arrival order is strictly increasing");
@@ -232,7 +326,56 @@ impl Ready {
     pub(crate) fn requeue(&mut self, entry: Entry) {
         self.len += 1;
         self.bytes += entry.message.size_bytes();
+        if let Some(at) = entry.expires_at {
+            self.expiring.insert((at, entry.priority, entry.seq));
+        }
         insert_by_seq(self.level_mut(entry.priority), entry);
+    }
+
+    /// Removes the ready entry of arrival position `seq` in priority level `priority`, if it
+    /// is there: O(log n) to find, O(distance to the nearer end) to remove (TTLs expire
+    /// oldest-first, so usually at the head).
+    pub(crate) fn remove(&mut self, priority: u8, seq: u64) -> Option<Entry> {
+        let level = if priority == 0 {
+            &mut self.base
+        } else {
+            self.higher.get_mut(&priority)?
+        };
+        let pos = level.partition_point(|existing| existing.seq < seq);
+        if level.get(pos)?.seq != seq {
+            return None;
+        }
+        let entry = level.remove(pos).expect("found above");
+        if priority != 0 && level.is_empty() {
+            self.higher.remove(&priority);
+        }
+        self.taken(&entry);
+        Some(entry)
+    }
+
+    /// Bookkeeping for an entry that left.
+    fn taken(&mut self, entry: &Entry) {
+        self.len -= 1;
+        self.bytes -= entry.message.size_bytes();
+        if let Some(at) = entry.expires_at {
+            self.expiring.remove(&(at, entry.priority, entry.seq));
+        }
+    }
+
+    /// When the next ready entry expires.
+    pub(crate) fn next_expiry(&self) -> Option<u64> {
+        self.expiring.first().map(|(at, _, _)| *at)
+    }
+
+    /// Removes and returns a ready entry whose expiry is at or before `now_ms`, the earliest.
+    pub(crate) fn pop_expired(&mut self, now_ms: u64) -> Option<Entry> {
+        let &(at, priority, seq) = self.expiring.first()?;
+        if at > now_ms {
+            return None;
+        }
+        let entry = self.remove(priority, seq);
+        debug_assert!(entry.is_some(), "expiring entries are ready");
+        entry
     }
 
     /// Takes the next message to deliver: the oldest of the highest priority.
@@ -250,8 +393,7 @@ impl Ready {
             }
             None => self.base.pop_front()?,
         };
-        self.len -= 1;
-        self.bytes -= entry.message.size_bytes();
+        self.taken(&entry);
         Some(entry)
     }
 
@@ -271,6 +413,7 @@ impl Ready {
         let n_entries = self.len;
         self.base.clear();
         self.higher.clear();
+        self.expiring.clear();
         self.len = 0;
         self.bytes = 0;
         n_entries
@@ -341,6 +484,13 @@ pub struct QueueStats {
     /// dropped from the head by the length limit (`x-overflow = drop-head`), or over their
     /// delivery limit; dead-lettered ones included.
     pub dropped: u64,
+    /// Messages waiting for their delay (published with one, deferred or retried) before
+    /// they become ready.
+    pub delayed: u64,
+    /// Messages whose TTL passed while ready (dropped or dead-lettered; not in `dropped`).
+    pub expired: u64,
+    /// Publishes dropped as duplicates of a message id within the dedup window.
+    pub duplicates: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -359,6 +509,70 @@ pub(crate) struct Queue {
     /// Bindings that lead here: (source exchange, routing key, arguments).
     pub bound_from: Vec<(Arc<str>, Arc<str>, Headers)>,
     pub stats: QueueStats,
+    /// Last time it was declared or had a consumer (for `x-expires`).
+    pub last_used_ms: u64,
+    /// Message ids seen within the dedup window.
+    pub dedup: DedupWindow,
+    /// The due time of the TTL timer set for this queue, if one is pending.
+    pub ttl_armed: Option<u64>,
+}
+
+/// The message ids a queue with `x-dedup-window` has enqueued recently, with when each is
+/// forgotten. Deadlines are `enqueue time + window` with a fixed window and a clock that never
+/// goes back, so they are increasing and pruning pops the front: amortized O(1) per publish.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DedupWindow {
+    until: std::collections::HashMap<Arc<str>, u64, crate::FixedState>,
+    order: VecDeque<(u64, Arc<str>)>,
+}
+
+impl DedupWindow {
+    fn prune(&mut self, now_ms: u64) {
+        while let Some((until, _)) = self.order.front() {
+            if *until > now_ms {
+                break;
+            }
+            let (until, id) = self.order.pop_front().expect("peeked");
+            if self.until.get(&id) == Some(&until) {
+                self.until.remove(&id);
+            }
+        }
+    }
+
+    /// Whether `id` was seen and is still remembered at `now_ms`.
+    pub(crate) fn contains(&mut self, id: &str, now_ms: u64) -> bool {
+        self.prune(now_ms);
+        self.until.contains_key(id)
+    }
+
+    /// Remembers `id` until `until_ms` (a later deadline than one it has replaces it).
+    pub(crate) fn insert(&mut self, id: &str, until_ms: u64, now_ms: u64) {
+        self.prune(now_ms);
+        if until_ms <= now_ms {
+            return;
+        }
+        let id: Arc<str> = id.into();
+        let slot = self.until.entry(id.clone()).or_insert(0);
+        if *slot < until_ms {
+            *slot = until_ms;
+            // Restored entries may come out of order: keep `order` sorted.
+            let pos = self.order.partition_point(|(until, _)| *until <= until_ms);
+            self.order.insert(pos, (until_ms, id));
+        }
+    }
+
+    /// Every remembered id with its deadline, oldest first.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.order
+            .iter()
+            .filter(|(until, id)| self.until.get(id) == Some(until))
+            .map(|(until, id)| (&**id, *until))
+    }
+
+    /// Ids remembered (some may be past their deadline until the next prune).
+    pub(crate) fn len(&self) -> usize {
+        self.until.len()
+    }
 }
 
 impl Queue {
@@ -386,27 +600,44 @@ impl Queue {
             cursor: 0,
             next_seq: 0,
             bound_from: Vec::new(),
+            last_used_ms: 0,
+            dedup: DedupWindow::default(),
+            ttl_armed: None,
         }
     }
 
-    pub(crate) fn enqueue(
-        &mut self,
+    /// A new entry for `message` (not yet in the queue: see [`Queue::push_ready`]).
+    pub(crate) fn new_entry(
+        &self,
         message: Arc<Message>,
         durable_id: Option<u64>,
         redelivered: bool,
-    ) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.stats.published += 1;
-        let priority = self.features.effective_priority(&message);
-        self.ready.push_back(Entry {
-            seq,
-            priority,
+    ) -> Entry {
+        Entry {
+            seq: 0,
+            priority: self.features.effective_priority(&message),
             message,
             redelivered,
             delivery_count: 0,
             durable_id,
-        });
+            expires_at: None,
+            retries: 0,
+        }
+    }
+
+    /// Appends an entry to the ready messages with the next arrival position and, when the
+    /// message or the queue has a TTL, its expiry counted from `now_ms`. Returns the expiry.
+    pub(crate) fn push_ready(&mut self, mut entry: Entry, now_ms: u64) -> Option<u64> {
+        entry.seq = self.next_seq;
+        self.next_seq += 1;
+        let ttl = match (entry.message.expiration_ms, self.features.message_ttl) {
+            (Some(own), Some(queue)) => Some(own.min(queue)),
+            (own, queue) => own.or(queue),
+        };
+        entry.expires_at = ttl.map(|ttl| now_ms.saturating_add(ttl));
+        let expires_at = entry.expires_at;
+        self.ready.push_back(entry);
+        expires_at
     }
 
     /// Whether persistent messages in this queue are logged.
@@ -487,6 +718,8 @@ mod tests {
             redelivered: false,
             delivery_count: 0,
             durable_id: None,
+            expires_at: None,
+            retries: 0,
         }
     }
 
@@ -545,6 +778,10 @@ mod tests {
                 dead_letter_exchange: None,
                 dead_letter_routing_key: None,
                 delivery_limit: None,
+                message_ttl: None,
+                expires: None,
+                retry: None,
+                dedup_window: None,
             })
         );
         for bad in [

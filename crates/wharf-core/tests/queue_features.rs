@@ -236,7 +236,8 @@ fn drop_head_keeps_the_newest_messages_and_counts_the_dropped() {
             reply,
             Reply::Published {
                 routed: 1,
-                refused_by: None
+                refused_by: None,
+                duplicates: 0,
             }
         );
     }
@@ -387,7 +388,8 @@ fn a_publish_refused_by_one_of_several_queues_is_refused_but_the_others_keep_the
         reply,
         Reply::Published {
             routed: 1,
-            refused_by: Some("full".into())
+            refused_by: Some("full".into()),
+            duplicates: 0,
         }
     );
     assert_eq!(harness.broker.queue_stats("open").unwrap().ready, 1);
@@ -597,7 +599,12 @@ fn a_persistent_dead_letter_is_settled_in_its_durable_queue_and_logged_in_the_ne
         .broker
         .durable_messages()
         .into_iter()
-        .map(|(durable_id, _, queues)| (durable_id, queues))
+        .map(|(durable_id, _, queues)| {
+            (
+                durable_id,
+                queues.into_iter().map(|(queue, _)| queue).collect(),
+            )
+        })
         .collect();
     assert_eq!(kept, [(2, vec![Arc::from("dead")])]);
 }
