@@ -388,6 +388,7 @@ impl Core {
             auto_ack,
             exclusive,
             priority,
+            ..ConsumeOptions::default()
         };
         let client = self.client();
         let handle = self.handle.clone();

@@ -15,10 +15,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
+use wharf_protocol::limits::DURATION_MS_MAX;
 use wharf_protocol::{
-    Binding, Destination, Durability, ExchangeInfo, ExchangeKind, QueueInfo, Request, Response,
-    ServerLimits, Value,
+    Binding, Destination, Durability, ExchangeInfo, ExchangeKind, MINOR_QUEUE_FEATURES, QueueInfo,
+    QueueInfoV2, Request, Response, ServerLimits, Table, Value,
 };
+
+/// The consumer argument carrying [`ConsumeOptions::ack_timeout`] in ms.
+const ARG_ACK_TIMEOUT: &str = "x-ack-timeout";
 
 /// A connection to a Wharf broker, shared by every clone.
 ///
@@ -110,6 +114,12 @@ impl Client {
         &self.shared().server_version
     }
 
+    /// The protocol minor version spoken with the server (`min` of both sides'): features of
+    /// a later minor fail with [`ClientError::NotSupported`].
+    pub fn protocol_minor(&self) -> u16 {
+        self.shared().protocol_minor
+    }
+
     /// Whether the connection is over (closed by either side or lost).
     pub fn is_closed(&self) -> bool {
         self.shared().check_open().is_err()
@@ -194,6 +204,8 @@ impl Client {
 
     /// Subscribes to `queue`. Deliveries may arrive as soon as this returns; see [`Consumer`].
     /// `options.prefetch` must be in `1..=PREFETCH_MAX` (it bounds the consumer's buffer).
+    /// `options.ack_timeout` needs manual acks, at least 1 ms and a server speaking protocol
+    /// 1.1 ([`ClientError::InvalidArgument`] / [`ClientError::NotSupported`] otherwise).
     pub async fn consume(
         &self,
         queue: &str,
@@ -206,8 +218,16 @@ impl Client {
             });
         }
         let shared = self.shared();
+        let arguments = consumer_arguments(&options)?;
+        if options.ack_timeout.is_some() {
+            shared.require_minor("ack_timeout", MINOR_QUEUE_FEATURES)?;
+        }
         let consumer_tag = shared.next_consumer_tag();
-        let consumer = Arc::new(ConsumerShared::new(consumer_tag, options.auto_ack));
+        let consumer = Arc::new(ConsumerShared::new(
+            consumer_tag,
+            options.auto_ack,
+            options.ack_timeout,
+        ));
         let (sender, receiver) = mpsc::unbounded_channel();
         // Registered before `Subscribe` is sent, so the first delivery cannot arrive unrouted.
         shared.add_consumer(
@@ -226,7 +246,7 @@ impl Client {
             priority: options.priority,
             // Auto-ack deliveries are never unacked, so prefetch cannot bound them: credit does.
             initial_credit: options.auto_ack.then_some(options.prefetch),
-            arguments: Default::default(),
+            arguments,
         };
         match shared.request(request).await {
             Ok(Response::Subscribed { .. }) => Ok(Consumer::new(
@@ -288,7 +308,8 @@ impl Client {
         }
     }
 
-    /// A queue's description and counters.
+    /// A queue's description and counters (every protocol version; see
+    /// [`Client::queue_stats_v2`] for the counters added in 1.1).
     pub async fn queue_stats(&self, name: &str) -> Result<QueueInfo, ClientError> {
         match self
             .shared()
@@ -306,6 +327,54 @@ impl Client {
     pub async fn list_queues(&self) -> Result<Vec<QueueInfo>, ClientError> {
         match self.shared().request(Request::ListQueues).await? {
             Response::Queues(queues) => Ok(queues),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A queue's description and every counter (protocol 1.1): [`Client::queue_stats`]'s, plus
+    /// `delayed` (messages waiting for a delay: delayed publishes, deferred deliveries,
+    /// retries), `expired` and the lifetime counters. [`ClientError::NotSupported`] with a 1.0
+    /// server.
+    pub async fn queue_stats_v2(&self, name: &str) -> Result<QueueInfoV2, ClientError> {
+        let shared = self.shared();
+        shared.require_minor("queue_stats_v2", MINOR_QUEUE_FEATURES)?;
+        match shared
+            .request(Request::QueueStatsV2 {
+                name: name.to_owned(),
+            })
+            .await?
+        {
+            Response::StatsV2(info) => Ok(info),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Every queue visible to this connection, with every counter (protocol 1.1, see
+    /// [`Client::queue_stats_v2`]).
+    pub async fn list_queues_v2(&self) -> Result<Vec<QueueInfoV2>, ClientError> {
+        let shared = self.shared();
+        shared.require_minor("list_queues_v2", MINOR_QUEUE_FEATURES)?;
+        match shared.request(Request::ListQueuesV2).await? {
+            Response::QueuesV2(queues) => Ok(queues),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Moves up to `max` (0: all) dead-lettered messages of the queue `queue` back to the
+    /// queues they were dead-lettered from (protocol 1.1); returns how many moved. Messages
+    /// without a death record, or whose original queue is gone, stay. `NotFound` if `queue`
+    /// does not exist; [`ClientError::NotSupported`] with a 1.0 server.
+    pub async fn redrive(&self, queue: &str, max: u64) -> Result<u64, ClientError> {
+        let shared = self.shared();
+        shared.require_minor("redrive", MINOR_QUEUE_FEATURES)?;
+        match shared
+            .request(Request::Redrive {
+                queue: queue.to_owned(),
+                max,
+            })
+            .await?
+        {
+            Response::Redriven { moved } => Ok(moved),
             other => Err(unexpected(&other)),
         }
     }
@@ -394,6 +463,30 @@ impl fmt::Debug for Client {
             .field("closed", &self.is_closed())
             .finish()
     }
+}
+
+/// The `Subscribe` arguments for `options` (the ack timeout); checks it locally.
+fn consumer_arguments(options: &ConsumeOptions) -> Result<Table, ClientError> {
+    let Some(ack_timeout) = options.ack_timeout else {
+        return Ok(Table::new());
+    };
+    if options.auto_ack {
+        return Err(ClientError::InvalidArgument {
+            what: "ack_timeout",
+            detail: "an ack timeout needs manual acks (auto_ack = false)".to_owned(),
+        });
+    }
+    let timeout_ms = u64::try_from(ack_timeout.as_millis()).unwrap_or(u64::MAX);
+    if !(1..=DURATION_MS_MAX).contains(&timeout_ms) {
+        return Err(ClientError::InvalidArgument {
+            what: "ack_timeout",
+            detail: format!("{ack_timeout:?} is outside 1 ms..={DURATION_MS_MAX} ms"),
+        });
+    }
+    build_table(
+        "consumer arguments",
+        vec![(ARG_ACK_TIMEOUT.to_owned(), count(timeout_ms))],
+    )
 }
 
 /// Sets `key` to `value`, replacing an earlier value of the same key.
@@ -501,9 +594,27 @@ impl DeclareQueue<'_> {
         self
     }
 
-    /// Delete the queue after it was unused this long, in ms precision (`x-expires`).
+    /// Delete the queue after it was unused (no consumer, no redeclare) this long, in ms
+    /// precision (`x-expires`).
     pub fn expires(mut self, idle: Duration) -> Self {
         set_argument(&mut self.arguments, "x-expires", duration_ms(idle));
+        self
+    }
+
+    /// Retry schedule (`x-retry`, protocol 1.1): a message nacked or rejected with requeue
+    /// is held for the next delay of `delays` (ms precision) before it is ready again; once
+    /// the schedule is exhausted, the next failure dead-letters it (reason `rejected`).
+    pub fn retry(mut self, delays: &[Duration]) -> Self {
+        let delays = delays.iter().map(|delay| duration_ms(*delay)).collect();
+        set_argument(&mut self.arguments, "x-retry", Value::List(delays));
+        self
+    }
+
+    /// Deduplication window (`x-dedup-window`, protocol 1.1): a message whose message id the
+    /// queue took within the last `window` is dropped, and its publish is confirmed as a
+    /// duplicate ([`ClientError::Duplicate`]) when no queue took it.
+    pub fn dedup_window(mut self, window: Duration) -> Self {
+        set_argument(&mut self.arguments, "x-dedup-window", duration_ms(window));
         self
     }
 
@@ -824,6 +935,43 @@ mod tests {
         assert_send::<Consumer>();
         assert_send::<crate::Delivery>();
         assert_send::<Publisher>();
+    }
+
+    #[test]
+    fn ack_timeout_becomes_x_ack_timeout_in_ms_and_is_checked() {
+        let options = ConsumeOptions::default().ack_timeout(Duration::from_millis(1500));
+        let arguments = consumer_arguments(&options).unwrap();
+        assert_eq!(
+            arguments
+                .as_table_ref()
+                .get(ARG_ACK_TIMEOUT)
+                .and_then(|value| value.as_i64()),
+            Some(1500)
+        );
+        assert!(
+            consumer_arguments(&ConsumeOptions::default())
+                .unwrap()
+                .is_empty()
+        );
+        for bad in [
+            ConsumeOptions::default().ack_timeout(Duration::from_micros(999)),
+            ConsumeOptions::default().ack_timeout(Duration::from_secs(u64::MAX)),
+            ConsumeOptions {
+                auto_ack: true,
+                ..ConsumeOptions::default().ack_timeout(Duration::from_secs(1))
+            },
+        ] {
+            assert!(
+                matches!(
+                    consumer_arguments(&bad),
+                    Err(ClientError::InvalidArgument {
+                        what: "ack_timeout",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //! - The **reader task** decodes frames and dispatches them: responses by correlation id to a
 //!   oneshot, confirms by sequence number range to the publish waiters, deliveries by consumer
 //!   tag to each consumer's channel, `Close` / `CloseOk` to the shutdown path.
+//! - The **lease extender task** sends `Touch` for deliveries of consumers with an ack timeout
+//!   that the application holds and has not settled, at about half the timeout (see
+//!   [`Shared::hold_lease`]).
 //! - The shared [`State`] sits behind a `std` mutex that is never held across an `.await`.
 
 use crate::addr::ServerAddr;
@@ -17,7 +20,7 @@ use crate::consumer::{ConsumerEnd, ConsumerShared, Delivery};
 use crate::error::ClientError;
 use crate::options::{ClientOptions, Credentials};
 use bytes::{Buf, Bytes, BytesMut};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -25,11 +28,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout};
-use wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR;
+use wharf_protocol::limits::{FRAME_BYTES_MAX_FLOOR, PROTOCOL_MINOR};
 use wharf_protocol::{
-    Close, ErrorCode, Frame, Hello, HelloOk, Preamble, Request, Response, ServerLimits,
+    Close, ErrorCode, Frame, Hello, HelloOk, Preamble, Request, Response, ServerLimits, Touch,
 };
 
 /// Most commands drained into one write: bounds the work between two socket writes.
@@ -66,6 +69,24 @@ pub(crate) struct ConsumerSlot {
     pub(crate) consumer: Arc<ConsumerShared>,
 }
 
+/// A delivery of a consumer with an ack timeout that the application holds unsettled: the
+/// extender touches it at `touch_at`, then every `lease_interval` of its consumer.
+struct Lease {
+    consumer: Arc<ConsumerShared>,
+    touch_at: Instant,
+}
+
+/// How a frame queued by [`Shared::send_settlement`] affects its delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// Settles this delivery (`Ack`, `Nack`, `Reject`, `Defer`).
+    One,
+    /// Settles this delivery and every outstanding one with a smaller tag (`Ack { multiple }`).
+    UpTo,
+    /// Does not settle: restarts the delivery's lease (`Touch`).
+    Touch,
+}
+
 /// Everything the tasks and the handles share, behind one mutex.
 struct State {
     /// Why the connection is over; `None` while it is open.
@@ -77,6 +98,10 @@ struct State {
     consumers: HashMap<u32, ConsumerSlot>,
     /// Woken when the connection is over.
     ended_waiters: Vec<oneshot::Sender<()>>,
+    /// Held deliveries whose leases the extender keeps alive, by delivery tag.
+    leases: BTreeMap<u64, Lease>,
+    /// When the extender wakes next (`None`: only when notified).
+    lease_wake_at: Option<Instant>,
 }
 
 impl State {
@@ -97,6 +122,10 @@ pub(crate) struct Shared {
     pub(crate) limits: ServerLimits,
     /// The server's software version from `HelloOk`.
     pub(crate) server_version: String,
+    /// The protocol minor version both sides speak: what the client may send.
+    pub(crate) protocol_minor: u16,
+    /// Wakes the lease extender early (a lease due before its planned wake-up).
+    lease_wake: Notify,
     pub(crate) options: ClientOptions,
     next_correlation_id: AtomicU64,
     next_consumer_tag: AtomicU32,
@@ -152,6 +181,22 @@ impl Shared {
         self.commands
             .send(command)
             .map_err(|_| self.terminal_error())
+    }
+
+    /// `Err(NotSupported)` unless the server speaks at least protocol minor `minor_required`.
+    pub(crate) fn require_minor(
+        &self,
+        feature: &'static str,
+        minor_required: u16,
+    ) -> Result<(), ClientError> {
+        if self.protocol_minor < minor_required {
+            return Err(ClientError::NotSupported {
+                feature,
+                minor_required,
+                server_minor: self.protocol_minor,
+            });
+        }
+        Ok(())
     }
 
     /// A fresh consumer tag (1, 2, 3, ... per connection).
@@ -265,21 +310,25 @@ impl Shared {
         })
     }
 
-    /// Queues a settlement frame (`Ack`, `Nack`, `Reject`) of `delivery_tag`, unless the
-    /// connection is over, the delivery's consumer is cancelled, or `settled` was already set
-    /// (it is set here). The check and the queueing happen under the state lock, as does a
-    /// client-side cancel's marking and queueing of `Cancel` ([`Shared::request_with`]), so a
-    /// settlement can never reach the socket after its consumer's `Cancel`: after `Cancel` the
-    /// server has requeued the delivery and would close the connection (`UnknownDeliveryTag`).
+    /// Queues a settlement frame (`Ack`, `Nack`, `Reject`, `Defer`) or a `Touch` of
+    /// `delivery_tag`, unless the connection is over, the delivery's consumer is cancelled, or
+    /// `settled` was already set (settlements set it here). The check and the queueing happen
+    /// under the state lock, as does a client-side cancel's marking and queueing of `Cancel`
+    /// ([`Shared::request_with`]), so a settlement can never reach the socket after its
+    /// consumer's `Cancel`: after `Cancel` the server has requeued the delivery and would close
+    /// the connection (`UnknownDeliveryTag`). The lease extender's touches are queued under the
+    /// same lock and only for leases still registered, and settling removes the lease first,
+    /// so no `Touch` ever follows the settlement of its tag either.
     pub(crate) fn send_settlement(
         &self,
         consumer: &ConsumerShared,
         delivery_tag: u64,
         settled: &AtomicBool,
         bytes: Bytes,
+        settle: Settle,
     ) -> Result<(), ClientError> {
         let queued = {
-            let state = self.lock();
+            let mut state = self.lock();
             if let Some(err) = state.open_error() {
                 return Err(err);
             }
@@ -289,11 +338,34 @@ impl Shared {
                     reason,
                 });
             }
-            if settled.swap(true, Ordering::AcqRel) {
+            let already_settled = match settle {
+                Settle::Touch => settled.load(Ordering::Acquire),
+                Settle::One | Settle::UpTo => settled.swap(true, Ordering::AcqRel),
+            };
+            if already_settled {
                 return Err(ClientError::NotSettleable {
                     delivery_tag,
                     reason: "it was already settled",
                 });
+            }
+            match settle {
+                Settle::One => {
+                    state.leases.remove(&delivery_tag);
+                }
+                Settle::UpTo => {
+                    // Every delivery up to this tag is settled, whichever consumer it is of.
+                    state.leases = match delivery_tag.checked_add(1) {
+                        Some(above) => state.leases.split_off(&above),
+                        None => BTreeMap::new(),
+                    };
+                }
+                Settle::Touch => {
+                    if let (Some(lease), Some(interval)) =
+                        (state.leases.get_mut(&delivery_tag), consumer.lease_interval)
+                    {
+                        lease.touch_at = Instant::now() + interval;
+                    }
+                }
             }
             self.commands.send(Command::Frame(bytes)).is_ok()
         };
@@ -302,6 +374,85 @@ impl Shared {
         } else {
             Err(self.terminal_error())
         }
+    }
+
+    /// The application took `delivery_tag` (received at `received_at`) from a consumer with an
+    /// ack timeout: keep its lease alive until it is settled or released. The first touch is
+    /// due half the timeout after it was received (at once if it waited that long in the
+    /// consumer's buffer).
+    pub(crate) fn hold_lease(
+        &self,
+        consumer: &Arc<ConsumerShared>,
+        delivery_tag: u64,
+        received_at: Instant,
+    ) {
+        let Some(interval) = consumer.lease_interval else {
+            return;
+        };
+        let touch_at = received_at + interval;
+        let mut state = self.lock();
+        if state.open_error().is_some() {
+            return;
+        }
+        state.leases.insert(
+            delivery_tag,
+            Lease {
+                consumer: consumer.clone(),
+                touch_at,
+            },
+        );
+        if state.lease_wake_at.is_none_or(|wake_at| touch_at < wake_at) {
+            state.lease_wake_at = Some(touch_at);
+            self.lease_wake.notify_one();
+        }
+    }
+
+    /// Stops extending the lease of `delivery_tag` (the application dropped it unsettled: the
+    /// broker takes it back when the lease lapses).
+    pub(crate) fn release_lease(&self, delivery_tag: u64) {
+        self.lock().leases.remove(&delivery_tag);
+    }
+
+    /// The extender's round: queues a `Touch` for every lease due, forgets the leases of ended
+    /// consumers, and returns when the next one is due (`Ok(None)`: none held). `Err` once the
+    /// connection is closing or over: the extender stops.
+    fn touch_due_leases(&self) -> Result<Option<Instant>, ()> {
+        let mut state = self.lock();
+        if state.open_error().is_some() {
+            state.leases.clear();
+            return Err(());
+        }
+        let now = Instant::now();
+        let mut due = Vec::new();
+        let mut wake_at: Option<Instant> = None;
+        state.leases.retain(|&delivery_tag, lease| {
+            let Some(interval) = lease.consumer.lease_interval else {
+                return false;
+            };
+            if lease.consumer.is_cancelled() {
+                // Cancelled or ended: the broker requeued its deliveries; never touch them.
+                return false;
+            }
+            if lease.touch_at <= now {
+                due.push(delivery_tag);
+                lease.touch_at = now + interval;
+            }
+            wake_at = Some(wake_at.map_or(lease.touch_at, |at| at.min(lease.touch_at)));
+            true
+        });
+        state.lease_wake_at = wake_at;
+        for delivery_tag in due {
+            // Queued under the lock: ordered with settlements (see `send_settlement`).
+            match self.encode(&Frame::Touch(Touch { delivery_tag })) {
+                Ok(bytes) => {
+                    if self.commands.send(Command::Frame(bytes)).is_err() {
+                        return Err(());
+                    }
+                }
+                Err(err) => tracing::warn!(delivery_tag, "cannot encode a Touch: {err}"),
+            }
+        }
+        Ok(wake_at)
     }
 
     /// Registers a consumer before its `Subscribe` is sent, so no delivery can miss it.
@@ -370,6 +521,7 @@ impl Shared {
             let completed = state.confirms.fail_all(&err);
             let consumers = std::mem::take(&mut state.consumers);
             let ended_waiters = std::mem::take(&mut state.ended_waiters);
+            state.leases.clear();
             (err, requests, completed, consumers, ended_waiters)
         };
         tracing::debug!(error = %err, "wharf connection ended");
@@ -389,6 +541,7 @@ impl Shared {
         for waiter in ended_waiters {
             let _ = waiter.send(());
         }
+        self.lease_wake.notify_one();
         let _ = self.commands.send(Command::Shutdown);
         if hard {
             self.hard_shutdown.send_replace(true);
@@ -512,8 +665,11 @@ impl Shared {
             return;
         };
         let shared = self.self_ref();
+        let received_at = Instant::now();
         let batch: Vec<Delivery> = deliveries
-            .map(|delivery| Delivery::new(delivery, slot.consumer.clone(), shared.clone()))
+            .map(|delivery| {
+                Delivery::new(delivery, slot.consumer.clone(), shared.clone(), received_at)
+            })
             .collect();
         // Unbounded, yet bounded by the consumer's prefetch / credit window: the server never
         // sends more than the window, so the reader never waits on a slow consumer. If the
@@ -570,7 +726,8 @@ pub(crate) async fn open(
             }
         };
     let limits = hello_ok.limits;
-    tracing::debug!(%addr, server = %hello_ok.server_version, ?limits, "wharf connection open");
+    let protocol_minor = hello_ok.protocol_minor.min(PROTOCOL_MINOR);
+    tracing::debug!(%addr, server = %hello_ok.server_version, ?limits, protocol_minor, "wharf connection open");
     let (commands, command_receiver) = mpsc::unbounded_channel();
     let (hard_shutdown, _) = watch::channel(false);
     let outbound_bytes_max = options.outbound_bytes_max.clamp(1, Semaphore::MAX_PERMITS);
@@ -583,9 +740,13 @@ pub(crate) async fn open(
             confirms: ConfirmTracker::new(),
             consumers: HashMap::new(),
             ended_waiters: Vec::new(),
+            leases: BTreeMap::new(),
+            lease_wake_at: None,
         }),
         limits,
         server_version: hello_ok.server_version,
+        protocol_minor,
+        lease_wake: Notify::new(),
         options,
         next_correlation_id: AtomicU64::new(1),
         next_consumer_tag: AtomicU32::new(1),
@@ -604,7 +765,26 @@ pub(crate) async fn open(
         heartbeat,
     ));
     tokio::spawn(run_reader(shared.clone(), read_half, read_buf, heartbeat));
+    if protocol_minor >= wharf_protocol::MINOR_QUEUE_FEATURES {
+        tokio::spawn(run_lease_extender(shared.clone()));
+    }
     Ok(shared)
+}
+
+/// Touches the leases of held deliveries when they are due (see [`Shared::hold_lease`]);
+/// sleeps while none is due. Ends with the connection.
+async fn run_lease_extender(shared: Arc<Shared>) {
+    let mut stop = shared.hard_shutdown.subscribe();
+    loop {
+        let Ok(wake_at) = shared.touch_due_leases() else {
+            return;
+        };
+        tokio::select! {
+            _ = stop.wait_for(|stop| *stop) => return,
+            _ = shared.lease_wake.notified() => {}
+            _ = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now)), if wake_at.is_some() => {}
+        }
+    }
 }
 
 async fn handshake(

@@ -1,7 +1,7 @@
 //! Consuming: [`Consumer`] (a stream of [`Delivery`]) and settling deliveries.
 
 use crate::client::Client;
-use crate::connection::{Command, Shared};
+use crate::connection::{Command, Settle, Shared};
 use crate::error::ClientError;
 use bytes::Bytes;
 use futures::Stream;
@@ -11,8 +11,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::sync::mpsc;
-use wharf_protocol::{Ack, Credit, Frame, Nack, Properties, Reject, Request, TableRef, ValueRef};
+use tokio::time::Instant;
+use wharf_protocol::limits::DURATION_MS_MAX;
+use wharf_protocol::{
+    Ack, Credit, Defer, Frame, MINOR_QUEUE_FEATURES, Nack, Properties, Reject, Request, TableRef,
+    Touch, ValueRef,
+};
 
 /// Why a consumer ended; the first reason recorded wins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +40,9 @@ const ACTIVE: u8 = 0;
 pub(crate) struct ConsumerShared {
     pub(crate) consumer_tag: u32,
     pub(crate) auto_ack: bool,
+    /// With an ack timeout: how often the lease of a held delivery is extended (half the
+    /// timeout).
+    pub(crate) lease_interval: Option<Duration>,
     /// `ACTIVE` or a [`ConsumerEnd`]. Once ended, no more `Credit` is sent for the consumer
     /// and its deliveries cannot be settled. Transitions happen under the connection's state
     /// lock, where settlements check it (see `Shared::send_settlement`).
@@ -41,10 +50,15 @@ pub(crate) struct ConsumerShared {
 }
 
 impl ConsumerShared {
-    pub(crate) fn new(consumer_tag: u32, auto_ack: bool) -> ConsumerShared {
+    pub(crate) fn new(
+        consumer_tag: u32,
+        auto_ack: bool,
+        ack_timeout: Option<Duration>,
+    ) -> ConsumerShared {
         ConsumerShared {
             consumer_tag,
             auto_ack,
+            lease_interval: ack_timeout.map(|timeout| (timeout / 2).max(Duration::from_millis(1))),
             state: AtomicU8::new(ACTIVE),
         }
     }
@@ -78,10 +92,22 @@ impl ConsumerShared {
 /// One message delivered to a [`Consumer`].
 ///
 /// Settle it at most once with [`Delivery::ack`], [`Delivery::ack_multiple`],
-/// [`Delivery::nack`] or [`Delivery::reject`] (unless the consumer is auto-ack). Settling is
-/// fire-and-forget on the wire: awaiting it means the frame is queued for the socket, not that
-/// the broker processed it. Deliveries never settled are requeued by the broker when their
-/// consumer is cancelled or the connection closes.
+/// [`Delivery::nack`], [`Delivery::reject`] or [`Delivery::defer`] (unless the consumer is
+/// auto-ack), or hand it to [`Delivery::process`]. Settling is fire-and-forget on the wire:
+/// awaiting it means the frame is queued for the socket, not that the broker processed it.
+/// Deliveries never settled are requeued by the broker when their consumer is cancelled or the
+/// connection closes.
+///
+/// **Leases.** With [`ConsumeOptions::ack_timeout`](crate::ConsumeOptions::ack_timeout), the
+/// broker takes back a delivery not settled within the timeout and delivers it again (to
+/// this or another consumer). As long as the application holds the `Delivery` (taken from the
+/// stream, neither settled nor dropped), the client extends the lease by itself: a background
+/// task sends `Touch` for it about every half timeout. A handler that runs for minutes thus
+/// keeps its message without calling anything; [`Delivery::in_progress`] extends it at once
+/// if needed. Dropping a delivery unsettled stops the extension: the broker redelivers it when
+/// the lease lapses. If a lease lapses anyway (the process stalled longer than the timeout),
+/// settling the delivery later is accepted by the broker and does nothing: the message belongs
+/// to its new delivery.
 ///
 /// Once its consumer has ended, a delivery cannot be settled: settling returns
 /// [`ClientError::NotSettleable`] and sends nothing. This covers
@@ -98,6 +124,10 @@ pub struct Delivery {
     consumer: Arc<ConsumerShared>,
     shared: Arc<Shared>,
     settled: AtomicBool,
+    /// When the frame holding it arrived (its lease started a little earlier, on the broker).
+    received_at: Instant,
+    /// Its lease is registered with the extender.
+    leased: AtomicBool,
 }
 
 impl Delivery {
@@ -105,13 +135,27 @@ impl Delivery {
         delivery: wharf_protocol::Delivery,
         consumer: Arc<ConsumerShared>,
         shared: Arc<Shared>,
+        received_at: Instant,
     ) -> Delivery {
         Delivery {
             delivery,
             consumer,
             shared,
             settled: AtomicBool::new(false),
+            received_at,
+            leased: AtomicBool::new(false),
         }
+    }
+
+    /// The application took the delivery from the stream: from now on its lease (if its
+    /// consumer has an ack timeout) is extended until it is settled or dropped.
+    fn hold_lease(&self) {
+        if self.consumer.lease_interval.is_none() || self.consumer.auto_ack {
+            return;
+        }
+        self.leased.store(true, Ordering::Release);
+        self.shared
+            .hold_lease(&self.consumer, self.delivery.delivery_tag, self.received_at);
     }
 
     /// The message body (shares the received frame's buffer).
@@ -168,7 +212,7 @@ impl Delivery {
     /// Acks the delivery: processed, the broker forgets the message. Returns once the `Ack`
     /// is queued for the socket.
     pub async fn ack(&self) -> Result<(), ClientError> {
-        self.settle(|delivery_tag| {
+        self.settle(Settle::One, |delivery_tag| {
             Frame::Ack(Ack {
                 delivery_tag,
                 multiple: false,
@@ -182,10 +226,11 @@ impl Delivery {
     ///
     /// Only this delivery is marked settled locally: the application must not settle the
     /// others it covers again (the server would close the connection with
-    /// `UnknownDeliveryTag`). Deliveries of a consumer cancelled before are not covered: the
-    /// broker requeued them when it processed the `Cancel`, which precedes this `Ack`.
+    /// `UnknownDeliveryTag`), nor call [`Delivery::in_progress`] on them; their leases are no
+    /// longer extended. Deliveries of a consumer cancelled before are not covered: the broker
+    /// requeued them when it processed the `Cancel`, which precedes this `Ack`.
     pub async fn ack_multiple(&self) -> Result<(), ClientError> {
-        self.settle(|delivery_tag| {
+        self.settle(Settle::UpTo, |delivery_tag| {
             Frame::Ack(Ack {
                 delivery_tag,
                 multiple: true,
@@ -195,8 +240,10 @@ impl Delivery {
 
     /// Nacks the delivery: failed; `requeue` puts the message back for redelivery, otherwise
     /// it is dead-lettered or dropped. Returns once the `Nack` is queued for the socket.
+    /// With requeue, a queue with a retry schedule (`x-retry`) holds the message for the next
+    /// delay of the schedule, and dead-letters it once the schedule is exhausted.
     pub async fn nack(&self, requeue: bool) -> Result<(), ClientError> {
-        self.settle(|delivery_tag| {
+        self.settle(Settle::One, |delivery_tag| {
             Frame::Nack(Nack {
                 delivery_tag,
                 multiple: false,
@@ -208,7 +255,7 @@ impl Delivery {
     /// Rejects the delivery without requeueing it (dead-lettered or dropped); use
     /// [`Delivery::nack`]`(true)` to requeue. Returns once the `Reject` is queued for the socket.
     pub async fn reject(&self) -> Result<(), ClientError> {
-        self.settle(|delivery_tag| {
+        self.settle(Settle::One, |delivery_tag| {
             Frame::Reject(Reject {
                 delivery_tag,
                 requeue: false,
@@ -216,9 +263,97 @@ impl Delivery {
         })
     }
 
-    /// Queues the settlement frame built by `frame`, unless the delivery cannot be settled
-    /// (auto-ack, already settled, consumer ended, connection over).
-    fn settle(&self, frame: impl FnOnce(u64) -> Frame) -> Result<(), ClientError> {
+    /// Defers the delivery (protocol 1.1): a nack whose message is requeued only after `delay`
+    /// (millisecond precision; flagged redelivered, at the back of its queue; the delivery
+    /// limit counts it as a requeue). Meanwhile the queue counts it as `delayed`. Returns once
+    /// the `Defer` is queued for the socket. [`ClientError::InvalidArgument`] for a delay over
+    /// [`DURATION_MS_MAX`] ms, [`ClientError::NotSupported`] with a 1.0 server; nothing is
+    /// sent then and the delivery stays unsettled.
+    pub async fn defer(&self, delay: Duration) -> Result<(), ClientError> {
+        self.shared
+            .require_minor("Delivery::defer", MINOR_QUEUE_FEATURES)?;
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        if delay_ms > DURATION_MS_MAX {
+            return Err(ClientError::InvalidArgument {
+                what: "defer delay",
+                detail: format!("{delay:?} is over the maximum of {DURATION_MS_MAX} ms"),
+            });
+        }
+        self.settle(Settle::One, |delivery_tag| {
+            Frame::Defer(Defer {
+                delivery_tag,
+                delay_ms,
+            })
+        })
+    }
+
+    /// Tells the broker the delivery is still being worked on (protocol 1.1, `Touch`): its
+    /// lease restarts from now. Not needed while the application holds the delivery (the
+    /// client extends held leases by itself, see the type's docs), but harmless; without an
+    /// ack timeout it does nothing. Does not settle. [`ClientError::NotSettleable`] once the
+    /// delivery is settled or its consumer ended, [`ClientError::NotSupported`] with a 1.0
+    /// server.
+    pub async fn in_progress(&self) -> Result<(), ClientError> {
+        self.shared
+            .require_minor("Delivery::in_progress", MINOR_QUEUE_FEATURES)?;
+        self.settle(Settle::Touch, |delivery_tag| {
+            Frame::Touch(Touch { delivery_tag })
+        })
+    }
+
+    /// Runs `handler` on the delivery, then settles it by the outcome: `Ok` acks it, `Err`
+    /// nacks it with requeue (so a queue's retry schedule, `x-retry`, and delivery limit
+    /// apply) and returns the handler's error. While the handler runs, the lease (if the
+    /// consumer has an ack timeout) is extended automatically, however long it takes.
+    ///
+    /// The error type only needs `From<ClientError>` (as `ClientError` itself and
+    /// `anyhow::Error` have): a failure to queue the ack is returned through it; a failure to
+    /// queue the nack is logged and the handler's error returned.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use wharf_client::{ClientError, ConsumeOptions};
+    ///
+    /// # async fn example(client: wharf_client::Client) -> Result<(), ClientError> {
+    /// let options = ConsumeOptions::default().ack_timeout(Duration::from_secs(30));
+    /// let mut consumer = client.consume("reports", options).await?;
+    /// while let Some(delivery) = consumer.next().await {
+    ///     delivery?
+    ///         .process(async |delivery| {
+    ///             // Minutes of work on delivery.body(): the lease is extended meanwhile.
+    ///             Ok::<_, ClientError>(delivery.body().len())
+    ///         })
+    ///         .await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn process<T, E>(
+        self,
+        handler: impl AsyncFnOnce(&Delivery) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<ClientError>,
+    {
+        match handler(&self).await {
+            Ok(value) => {
+                self.ack().await?;
+                Ok(value)
+            }
+            Err(err) => {
+                if let Err(nack_err) = self.nack(true).await {
+                    tracing::warn!(
+                        delivery_tag = self.delivery.delivery_tag,
+                        "cannot nack a delivery whose handler failed: {nack_err}"
+                    );
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Queues the frame built by `frame` (a settlement, or a `Touch`), unless the delivery
+    /// cannot be settled (auto-ack, already settled, consumer ended, connection over).
+    fn settle(&self, settle: Settle, frame: impl FnOnce(u64) -> Frame) -> Result<(), ClientError> {
         let delivery_tag = self.delivery.delivery_tag;
         if self.consumer.auto_ack {
             return Err(ClientError::NotSettleable {
@@ -228,7 +363,19 @@ impl Delivery {
         }
         let bytes = self.shared.encode(&frame(delivery_tag))?;
         self.shared
-            .send_settlement(&self.consumer, delivery_tag, &self.settled, bytes)
+            .send_settlement(&self.consumer, delivery_tag, &self.settled, bytes, settle)
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        // Settling removed the lease already; an unsettled delivery given up stops being
+        // extended, so the broker redelivers it when its lease lapses. (Only deliveries the
+        // application took are leased, and those are never dropped under the state lock, which
+        // `release_lease` takes.)
+        if self.leased.load(Ordering::Acquire) && !self.settled.load(Ordering::Acquire) {
+            self.shared.release_lease(self.delivery.delivery_tag);
+        }
     }
 }
 
@@ -390,6 +537,7 @@ impl Stream for Consumer {
         }
         if let Some(delivery) = this.buffered.pop_front() {
             this.took_one();
+            delivery.hold_lease();
             return Poll::Ready(Some(Ok(delivery)));
         }
         match this.receiver.poll_recv(cx) {
@@ -398,6 +546,7 @@ impl Stream for Consumer {
                 match this.buffered.pop_front() {
                     Some(delivery) => {
                         this.took_one();
+                        delivery.hold_lease();
                         Poll::Ready(Some(Ok(delivery)))
                     }
                     None => {

@@ -135,6 +135,17 @@ pub enum ClientError {
         /// What is wrong with it.
         detail: String,
     },
+    /// The server speaks an older protocol minor version that lacks this feature (e.g. a 1.0
+    /// server and `Delivery::defer`); nothing was sent and the connection lives.
+    #[error("{feature} needs protocol 1.{minor_required}; the server speaks 1.{server_minor}")]
+    NotSupported {
+        /// The feature asked for.
+        feature: &'static str,
+        /// The protocol minor version that introduced it.
+        minor_required: u16,
+        /// The minor version negotiated with the server.
+        server_minor: u16,
+    },
 }
 
 impl ClientError {
@@ -166,6 +177,13 @@ impl ClientError {
     /// Whether the server answered "does not exist" ([`ErrorCode::NotFound`]).
     pub fn is_not_found(&self) -> bool {
         self.code() == Some(ErrorCode::NotFound)
+    }
+
+    /// Whether a publish was dropped as a duplicate: a queue's dedup window (`x-dedup-window`)
+    /// already held its message id. Not an error for a retried publish: the first attempt was
+    /// stored.
+    pub fn is_duplicate(&self) -> bool {
+        matches!(self, ClientError::Duplicate)
     }
 
     pub(crate) fn lost(kind: io::ErrorKind, detail: &'static str) -> ClientError {

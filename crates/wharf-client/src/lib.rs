@@ -10,6 +10,11 @@
 //!   publishes under a confirm window and sends batches ([`Publisher::publish_batch`]).
 //! - Consuming: [`Client::consume`] returns a [`Consumer`], a `Stream` of [`Delivery`]s you
 //!   ack, nack or reject.
+//! - Queue features of protocol 1.1: delayed publishes ([`Message::delay`]), deferred nacks
+//!   ([`Delivery::defer`]), leases ([`ConsumeOptions::ack_timeout`], extended automatically
+//!   while the application holds a delivery; [`Delivery::in_progress`], [`Delivery::process`]),
+//!   dedup ([`ClientError::Duplicate`]), [`Client::redrive`] and [`Client::queue_stats_v2`].
+//!   Against a 1.0 server they fail locally with [`ClientError::NotSupported`].
 //! - Errors: one [`ClientError`] enum; server errors carry the wire [`ErrorCode`].
 //!
 //! ```no_run
@@ -80,6 +85,6 @@ pub use publisher::{PublishTicket, Publisher};
 /// The protocol crate, for types not re-exported here.
 pub use wharf_protocol;
 pub use wharf_protocol::{
-    Durability, ErrorCode, ExchangeInfo, ExchangeKind, Properties, QueueInfo, ServerLimits, Table,
-    TableRef, Value, ValueRef,
+    Durability, ErrorCode, ExchangeInfo, ExchangeKind, Properties, QueueInfo, QueueInfoV2,
+    ServerLimits, Table, TableRef, Value, ValueRef,
 };

@@ -3,7 +3,7 @@
 use crate::error::ClientError;
 use bytes::Bytes;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use wharf_protocol::{Properties, PropertiesRef, Table, Value};
+use wharf_protocol::{MINOR_QUEUE_FEATURES, Properties, PropertiesRef, Table, Value};
 
 /// Converts Rust values into typed table values (message headers, queue and binding
 /// arguments).
@@ -106,6 +106,7 @@ pub struct Message {
     content_encoding: Option<String>,
     timestamp_ms: u64,
     expiration_ms: Option<u64>,
+    delay_ms: Option<u64>,
     priority: u8,
     persistent: bool,
     headers: Vec<(String, Value)>,
@@ -180,6 +181,16 @@ impl Message {
         self
     }
 
+    /// Delayed delivery (protocol 1.1): each queue the message is routed to holds it this long
+    /// (millisecond precision, saturating) before a consumer can get it. The publish is
+    /// confirmed at once; the queue counts the message as `delayed` until then. A persistent
+    /// delayed message in a durable queue survives a restart. Publishing it to a server older
+    /// than protocol 1.1 fails with [`ClientError::NotSupported`] (nothing is sent).
+    pub fn delay(mut self, delay: Duration) -> Message {
+        self.delay_ms = Some(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
     /// Store the message on disk when it lands in a durable queue (default: not persistent).
     pub fn persistent(mut self, persistent: bool) -> Message {
         self.persistent = persistent;
@@ -193,15 +204,22 @@ impl Message {
         self
     }
 
-    /// Converts into the wire properties and body.
-    pub(crate) fn into_wire(self) -> Result<(Properties, Bytes), ClientError> {
+    /// Converts into the wire properties and body for a server speaking `protocol_minor`.
+    pub(crate) fn into_wire(self, protocol_minor: u16) -> Result<(Properties, Bytes), ClientError> {
+        if self.delay_ms.is_some() && protocol_minor < MINOR_QUEUE_FEATURES {
+            return Err(ClientError::NotSupported {
+                feature: "delayed delivery",
+                minor_required: MINOR_QUEUE_FEATURES,
+                server_minor: protocol_minor,
+            });
+        }
         let headers = build_table("headers", self.headers)?;
         let fields = PropertiesRef {
             priority: self.priority,
             persistent: self.persistent,
             timestamp_ms: self.timestamp_ms,
             expiration_ms: self.expiration_ms,
-            delay_ms: None,
+            delay_ms: self.delay_ms,
             message_id: self.message_id.as_deref(),
             correlation_id: self.correlation_id.as_deref(),
             reply_to: self.reply_to.as_deref(),
@@ -232,12 +250,13 @@ mod tests {
             .reply_to("replies")
             .priority(9)
             .expiration(Duration::from_millis(1500))
+            .delay(Duration::from_millis(250))
             .persistent(true)
             .timestamp(UNIX_EPOCH + Duration::from_millis(42))
             .header("n", 7u32)
             .header("flag", true)
             .header("name", "x")
-            .into_wire()
+            .into_wire(MINOR_QUEUE_FEATURES)
             .unwrap();
         assert_eq!(&body[..], b"hi");
         assert_eq!(properties.message_id(), Some("m1"));
@@ -254,6 +273,7 @@ mod tests {
             (9, Some(1500), true)
         );
         assert_eq!(properties.timestamp_ms(), 42);
+        assert_eq!(properties.get().delay_ms, Some(250));
         assert_eq!(
             properties.header("n").and_then(|value| value.as_i64()),
             Some(7)
@@ -269,6 +289,26 @@ mod tests {
     }
 
     #[test]
+    fn a_delay_is_refused_locally_for_a_server_without_delayed_delivery() {
+        let err = Message::new("x")
+            .delay(Duration::from_secs(1))
+            .into_wire(0)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ClientError::NotSupported {
+                    feature: "delayed delivery",
+                    server_minor: 0,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(Message::new("x").into_wire(0).is_ok());
+    }
+
+    #[test]
     fn headers_nested_too_deep_are_an_invalid_argument() {
         let mut value = Value::I64(1);
         for _ in 0..=wharf_protocol::limits::TABLE_DEPTH_MAX {
@@ -276,7 +316,7 @@ mod tests {
         }
         let err = Message::new("x")
             .header("deep", value)
-            .into_wire()
+            .into_wire(MINOR_QUEUE_FEATURES)
             .unwrap_err();
         assert!(matches!(
             err,

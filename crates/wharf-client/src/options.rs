@@ -112,9 +112,12 @@ impl Default for ClientOptions {
 /// Options of [`Client::consume`](crate::Client::consume).
 ///
 /// ```
+/// use std::time::Duration;
 /// use wharf_client::ConsumeOptions;
 /// let options = ConsumeOptions { prefetch: 50, ..ConsumeOptions::default() };
 /// assert!(!options.auto_ack);
+/// let leased = ConsumeOptions::default().ack_timeout(Duration::from_secs(30));
+/// assert_eq!(leased.ack_timeout, Some(Duration::from_secs(30)));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConsumeOptions {
@@ -128,6 +131,24 @@ pub struct ConsumeOptions {
     pub exclusive: bool,
     /// Higher-priority consumers are served first (default 0).
     pub priority: i32,
+    /// The lease of each delivery (manual ack only; protocol 1.1, sent as `x-ack-timeout` in
+    /// ms): a delivery not settled within it is taken back by the broker and delivered again,
+    /// possibly to another consumer, without closing anything. `None` (default): no lease.
+    ///
+    /// While the application holds a delivery taken from the [`Consumer`](crate::Consumer)
+    /// stream and has not settled it (nor dropped it), the client extends its lease by itself
+    /// (a `Touch` at about half the timeout), so a long handler keeps its message without
+    /// doing anything; see [`Delivery`](crate::Delivery). Deliveries still waiting in the
+    /// consumer's buffer are not extended: keep the prefetch small when handlers are long.
+    pub ack_timeout: Option<Duration>,
+}
+
+impl ConsumeOptions {
+    /// Sets [`ConsumeOptions::ack_timeout`] (the lease; millisecond precision, at least 1 ms).
+    pub fn ack_timeout(mut self, timeout: Duration) -> ConsumeOptions {
+        self.ack_timeout = Some(timeout);
+        self
+    }
 }
 
 impl Default for ConsumeOptions {
@@ -137,6 +158,7 @@ impl Default for ConsumeOptions {
             auto_ack: false,
             exclusive: false,
             priority: 0,
+            ack_timeout: None,
         }
     }
 }

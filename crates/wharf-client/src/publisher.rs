@@ -30,7 +30,7 @@ pub(crate) fn encode_publish(
     routing_key: &str,
     message: Message,
 ) -> Result<Bytes, ClientError> {
-    let (properties, body) = message.into_wire()?;
+    let (properties, body) = message.into_wire(shared.protocol_minor)?;
     shared.encode(&Frame::Publish(Publish {
         exchange: WireStr::copy_from_str(exchange),
         routing_key: WireStr::copy_from_str(routing_key),
@@ -183,7 +183,7 @@ impl Publisher {
         let mut outcomes: Vec<Option<Outcome>> = (0..n_messages).map(|_| None).collect();
         let mut entries = Vec::with_capacity(n_messages);
         for (message_idx, (routing_key, message)) in messages.into_iter().enumerate() {
-            match message.into_wire() {
+            match message.into_wire(shared.protocol_minor) {
                 Ok((properties, body)) => {
                     let routing_key = routing_key.map(WireStr::from);
                     entries.push((

@@ -126,6 +126,8 @@ pub fn decode_frame(frame: Bytes) -> Result<Frame, Error> {
             check_reason(&cancelled.reason)?;
             Ok(Frame::ConsumerCancelled(cancelled))
         }
+        kind::DEFER => from_postcard(body, "Defer").map(Frame::Defer),
+        kind::TOUCH => from_postcard(body, "Touch").map(Frame::Touch),
         kind => Err(Error::UnknownFrameKind { kind }),
     }
 }
@@ -383,6 +385,8 @@ fn check_request(request: &Request) -> Result<(), Error> {
         | Request::DeclareExchange { name, .. }
         | Request::DeleteExchange { name, .. }
         | Request::QueueStats { name }
+        | Request::QueueStatsV2 { name }
+        | Request::Redrive { queue: name, .. }
         | Request::Subscribe { queue: name, .. } => check_name(name),
         Request::Bind(binding) | Request::Unbind(binding) => {
             let (Destination::Queue(destination) | Destination::Exchange(destination)) =
@@ -391,7 +395,10 @@ fn check_request(request: &Request) -> Result<(), Error> {
             check_name(&binding.source)?;
             check_name(&binding.routing_key)
         }
-        Request::Cancel { .. } | Request::ListQueues | Request::ListExchanges => Ok(()),
+        Request::Cancel { .. }
+        | Request::ListQueues
+        | Request::ListExchanges
+        | Request::ListQueuesV2 => Ok(()),
     }
 }
 
@@ -400,6 +407,8 @@ fn check_response(response: &Response) -> Result<(), Error> {
         Response::QueueDeclared { name, .. } => check_name(name),
         Response::Stats(queue) => check_name(&queue.name),
         Response::Queues(queues) => queues.iter().try_for_each(|queue| check_name(&queue.name)),
+        Response::StatsV2(queue) => check_name(&queue.name),
+        Response::QueuesV2(queues) => queues.iter().try_for_each(|queue| check_name(&queue.name)),
         Response::Exchanges(exchanges) => exchanges
             .iter()
             .try_for_each(|exchange| check_name(&exchange.name)),
@@ -407,6 +416,7 @@ fn check_response(response: &Response) -> Result<(), Error> {
         Response::Deleted { .. }
         | Response::Purged { .. }
         | Response::Subscribed { .. }
+        | Response::Redriven { .. }
         | Response::Done => Ok(()),
     }
 }
@@ -719,6 +729,8 @@ fn encode_inner(
         Frame::AckRanges(ack_ranges) => put_postcard(dst, ack_ranges)?,
         Frame::Credit(credit) => put_postcard(dst, credit)?,
         Frame::ConsumerCancelled(cancelled) => put_postcard(dst, cancelled)?,
+        Frame::Defer(defer) => put_postcard(dst, defer)?,
+        Frame::Touch(touch) => put_postcard(dst, touch)?,
     }
     let frame_bytes = (dst.len() - start - FRAME_PREFIX_BYTES) as u64 + bodies_bytes;
     if frame_bytes > u64::from(frame_bytes_max) {

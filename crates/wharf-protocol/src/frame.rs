@@ -61,6 +61,12 @@ pub enum Frame {
     Credit(Credit),
     /// Kind 17, server → client: the server ended a subscription (e.g. its queue was deleted).
     ConsumerCancelled(ConsumerCancelled),
+    /// Kind 18, client → server, protocol 1.1: settle one delivery as failed and requeue its
+    /// message after a delay.
+    Defer(Defer),
+    /// Kind 19, client → server, protocol 1.1: the delivery is still being worked on; restart
+    /// its lease (`x-ack-timeout`).
+    Touch(Touch),
 }
 
 /// Wire kind numbers of [`Frame`] variants. Append-only; a retired number is never reused.
@@ -101,7 +107,18 @@ pub mod kind {
     pub const CREDIT: u32 = 16;
     /// [`Frame::ConsumerCancelled`](super::Frame::ConsumerCancelled).
     pub const CONSUMER_CANCELLED: u32 = 17;
+    /// [`Frame::Defer`](super::Frame::Defer) (protocol 1.1).
+    pub const DEFER: u32 = 18;
+    /// [`Frame::Touch`](super::Frame::Touch) (protocol 1.1).
+    pub const TOUCH: u32 = 19;
 }
+
+/// The protocol minor version that introduced the queue-feature additions: the `Defer` and
+/// `Touch` frames, the `Redrive`, `QueueStatsV2` and `ListQueuesV2` requests and their
+/// responses. A peer only sends them when the negotiated minor is at least this.
+pub const MINOR_QUEUE_FEATURES: u16 = 1;
+
+const _: () = assert!(MINOR_QUEUE_FEATURES <= crate::limits::PROTOCOL_MINOR);
 
 impl Frame {
     /// The frame's kind number on the wire (see [`kind`]).
@@ -125,6 +142,20 @@ impl Frame {
             Frame::AckRanges(_) => kind::ACK_RANGES,
             Frame::Credit(_) => kind::CREDIT,
             Frame::ConsumerCancelled(_) => kind::CONSUMER_CANCELLED,
+            Frame::Defer(_) => kind::DEFER,
+            Frame::Touch(_) => kind::TOUCH,
+        }
+    }
+
+    /// The lowest protocol minor version that defines this frame (kind, and request or
+    /// response variant). A peer sends a frame only if the negotiated minor is at least this;
+    /// receiving one above the negotiated minor is a protocol violation (docs/protocol.md §8).
+    pub fn minor_required(&self) -> u16 {
+        match self {
+            Frame::Defer(_) | Frame::Touch(_) => MINOR_QUEUE_FEATURES,
+            Frame::Request { request, .. } => request.minor_required(),
+            Frame::Response { response, .. } => response.minor_required(),
+            _ => 0,
         }
     }
 
@@ -328,7 +359,8 @@ pub enum Request {
         /// `None`: no credit flow control (only `prefetch` limits). `Some(n)`: start with `n`
         /// credits; each delivery uses one; `Credit` frames add more.
         initial_credit: Option<u32>,
-        /// Consumer arguments (reserved for future features).
+        /// Consumer arguments: `x-ack-timeout` (i64 ms > 0, protocol 1.1): the lease of each
+        /// delivery; unknown keys are ignored.
         arguments: Table,
     },
     /// Tag 8: stop a consumer; its unacked deliveries stay unacked until settled or closed.
@@ -345,6 +377,33 @@ pub enum Request {
     ListQueues,
     /// Tag 11: every exchange.
     ListExchanges,
+    /// Tag 12 (protocol 1.1): move dead-lettered messages of a queue back to the queues they
+    /// died in.
+    Redrive {
+        /// The dead-letter queue to take the messages from.
+        queue: String,
+        /// Most messages to move; 0 = all of its ready dead-lettered messages.
+        max: u64,
+    },
+    /// Tag 13 (protocol 1.1): a queue's counters, including those added in 1.1.
+    QueueStatsV2 {
+        /// Queue name.
+        name: String,
+    },
+    /// Tag 14 (protocol 1.1): every queue visible to this connection, with the 1.1 counters.
+    ListQueuesV2,
+}
+
+impl Request {
+    /// The lowest protocol minor version that defines this request variant.
+    pub fn minor_required(&self) -> u16 {
+        match self {
+            Request::Redrive { .. } | Request::QueueStatsV2 { .. } | Request::ListQueuesV2 => {
+                MINOR_QUEUE_FEATURES
+            }
+            _ => 0,
+        }
+    }
 }
 
 /// A queue's description and counters.
@@ -364,6 +423,60 @@ pub struct QueueInfo {
     pub unacked: u64,
     /// Active consumers.
     pub consumers: u32,
+}
+
+/// A queue's description and counters as of protocol 1.1: [`QueueInfo`]'s fields, in the same
+/// order, then the counters a 1.0 peer cannot read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueInfoV2 {
+    /// Queue name.
+    pub name: String,
+    /// Survives restarts.
+    pub durable: bool,
+    /// Owned by one connection.
+    pub exclusive: bool,
+    /// Deleted with its last consumer.
+    pub auto_delete: bool,
+    /// Messages ready for delivery.
+    pub ready: u64,
+    /// Messages delivered and not yet settled.
+    pub unacked: u64,
+    /// Active consumers.
+    pub consumers: u32,
+    /// Messages waiting for their delay (published with `delay_ms`, deferred, or between two
+    /// retries): not ready yet, not counted in `ready`.
+    pub delayed: u64,
+    /// Body bytes of the ready messages.
+    pub ready_bytes: u64,
+    /// Messages enqueued since the queue was declared.
+    pub published: u64,
+    /// Deliveries made (redeliveries included).
+    pub delivered: u64,
+    /// Deliveries of messages that had been delivered before.
+    pub redelivered: u64,
+    /// Messages acked.
+    pub acked: u64,
+    /// Messages that left the queue without an ack (nacked or rejected without requeue,
+    /// length limit, delivery limit, retries exhausted), dead-lettered ones included.
+    pub dropped: u64,
+    /// Messages that expired (per-message or queue TTL), dead-lettered ones included.
+    pub expired: u64,
+    /// Publishes dropped because their message id was in the queue's dedup window.
+    pub duplicates: u64,
+}
+
+impl From<QueueInfoV2> for QueueInfo {
+    fn from(info: QueueInfoV2) -> QueueInfo {
+        QueueInfo {
+            name: info.name,
+            durable: info.durable,
+            exclusive: info.exclusive,
+            auto_delete: info.auto_delete,
+            ready: info.ready,
+            unacked: info.unacked,
+            consumers: info.consumers,
+        }
+    }
 }
 
 /// An exchange's description.
@@ -420,6 +533,27 @@ pub enum Response {
         /// Human-readable detail (at most `REASON_BYTES_MAX`).
         message: String,
     },
+    /// Tag 9 (protocol 1.1): answer to `Redrive`.
+    Redriven {
+        /// Messages moved back to the queues they were dead-lettered from.
+        moved: u64,
+    },
+    /// Tag 10 (protocol 1.1): answer to `QueueStatsV2`.
+    StatsV2(QueueInfoV2),
+    /// Tag 11 (protocol 1.1): answer to `ListQueuesV2`.
+    QueuesV2(#[serde(deserialize_with = "crate::codec::bounded_vec")] Vec<QueueInfoV2>),
+}
+
+impl Response {
+    /// The lowest protocol minor version that defines this response variant.
+    pub fn minor_required(&self) -> u16 {
+        match self {
+            Response::Redriven { .. } | Response::StatsV2(_) | Response::QueuesV2(_) => {
+                MINOR_QUEUE_FEATURES
+            }
+            _ => 0,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -620,6 +754,26 @@ pub struct Credit {
     pub consumer_tag: u32,
     /// Deliveries added to its credit (saturating at `u32::MAX`).
     pub credit: u32,
+}
+
+/// Defer (protocol 1.1): the delivery failed for now; requeue its message after `delay_ms`.
+///
+/// Settles the delivery like a `Reject { requeue: true }`, except that the message becomes
+/// ready again only once the delay has passed (flagged redelivered).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Defer {
+    /// The delivery tag.
+    pub delivery_tag: u64,
+    /// Milliseconds until the message is ready again.
+    pub delay_ms: u64,
+}
+
+/// Touch (protocol 1.1): the delivery is still being processed; its lease (the consumer's
+/// `x-ack-timeout`) starts again from now. Does not settle it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Touch {
+    /// The delivery tag.
+    pub delivery_tag: u64,
 }
 
 /// The server cancelled a consumer.

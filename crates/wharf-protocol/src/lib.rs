@@ -41,9 +41,10 @@ pub use codec::{
 pub use error::Error;
 pub use frame::{
     Ack, AckRanges, BatchMessage, Binding, Close, Confirm, ConfirmRange, ConfirmStatus,
-    ConsumerCancelled, Credentials, Credit, Deliver, DeliverBatch, Delivery, Destination,
-    Durability, ExchangeInfo, ExchangeKind, Frame, Hello, HelloOk, Nack, Publish, PublishBatch,
-    QueueInfo, Reject, Request, Response, ServerLimits, TagRange, kind,
+    ConsumerCancelled, Credentials, Credit, Defer, Deliver, DeliverBatch, Delivery, Destination,
+    Durability, ExchangeInfo, ExchangeKind, Frame, Hello, HelloOk, MINOR_QUEUE_FEATURES, Nack,
+    Publish, PublishBatch, QueueInfo, QueueInfoV2, Reject, Request, Response, ServerLimits,
+    TagRange, Touch, kind,
 };
 pub use preamble::{MAGIC, Preamble};
 pub use properties::{Properties, PropertiesRef};

@@ -7,7 +7,8 @@
 pub const PROTOCOL_MAJOR: u16 = 1;
 
 /// Minor protocol version this build speaks; minors only add (see docs/protocol.md).
-pub const PROTOCOL_MINOR: u16 = 0;
+/// 1.1 added delayed delivery, `Defer`, `Touch` (leases), `Redrive` and the V2 queue counters.
+pub const PROTOCOL_MINOR: u16 = 1;
 
 /// Bytes of the length prefix before every frame: a big-endian `u32`.
 pub const FRAME_PREFIX_BYTES: usize = 4;
@@ -34,6 +35,11 @@ pub const BATCH_MESSAGES_MAX: u32 = 16_384;
 /// Deepest nesting of lists and maps inside a [`Table`](crate::Table) value (*decode*): bounds
 /// the validator's recursion, so a hostile frame cannot overflow the stack.
 pub const TABLE_DEPTH_MAX: u32 = 16;
+
+/// Longest delay, TTL, lease or window in ms a peer may ask for (`delay_ms`, `Defer`,
+/// `x-ack-timeout`, `x-message-ttl`, ...): about ten years, so `now + duration` never overflows
+/// and a typo in units is refused rather than parked forever. The server refuses longer ones.
+pub const DURATION_MS_MAX: u64 = 10 * 366 * 24 * 3600 * 1000;
 
 /// Default heartbeat interval the server advertises: a dead peer is noticed within ~2 intervals.
 pub const HEARTBEAT_MS: u32 = 10_000;

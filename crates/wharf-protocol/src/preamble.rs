@@ -70,7 +70,6 @@ impl Preamble {
     }
 
     /// The minor version both sides speak: `min(own, peer)`.
-    #[allow(clippy::unnecessary_min_or_max)] // PROTOCOL_MINOR is 0 today; matters from 1.1 on.
     pub fn negotiated_minor(&self) -> u16 {
         self.minor.min(PROTOCOL_MINOR)
     }
@@ -85,12 +84,24 @@ mod tests {
     #[test]
     fn preamble_round_trips_and_waits_for_eight_bytes() {
         let bytes = Preamble::CURRENT.encode();
-        assert_eq!(&bytes, b"WHRF\x00\x01\x00\x00");
+        assert_eq!(&bytes, b"WHRF\x00\x01\x00\x01");
         for len in 0..Preamble::BYTES {
             assert!(Preamble::decode(&bytes[..len]).unwrap().is_none());
         }
         assert_eq!(Preamble::decode(&bytes).unwrap(), Some(Preamble::CURRENT));
         assert!(Preamble::CURRENT.check_supported().is_ok());
+    }
+
+    #[test]
+    fn negotiated_minor_is_the_lower_of_the_two() {
+        let older = Preamble { major: 1, minor: 0 };
+        assert_eq!(older.negotiated_minor(), 0);
+        assert_eq!(Preamble::CURRENT.negotiated_minor(), PROTOCOL_MINOR);
+        let newer = Preamble {
+            major: 1,
+            minor: PROTOCOL_MINOR + 5,
+        };
+        assert_eq!(newer.negotiated_minor(), PROTOCOL_MINOR);
     }
 
     #[test]

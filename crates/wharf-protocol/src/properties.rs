@@ -33,9 +33,10 @@ pub struct PropertiesRef<'a> {
     pub timestamp_ms: u64,
     /// Per-message TTL in ms.
     pub expiration_ms: Option<u64>,
-    /// Requested delivery delay in ms (reserved: servers without delayed delivery refuse it).
+    /// Delayed delivery: ms after the publish before the message becomes ready (honoured
+    /// from protocol 1.1 on).
     pub delay_ms: Option<u64>,
-    /// Application message id (also the future deduplication key).
+    /// Application message id (also the deduplication key of queues with `x-dedup-window`).
     pub message_id: Option<&'a str>,
     /// Correlates a reply with its request.
     pub correlation_id: Option<&'a str>,

@@ -485,3 +485,125 @@ fn borrowed_delivery_encoding_is_byte_for_byte_the_frame_encoding() {
     );
     assert_eq!(&out[..], b"keep", "nothing written on error");
 }
+
+#[test]
+fn defer_and_touch_reject_trailing_bytes_and_truncation() {
+    // Defer { delivery_tag: 5, delay_ms: 300 }: kind 18, 05, ac 02.
+    let mut buf = raw_frame(&[kind::DEFER as u8, 5, 0xac, 0x02]);
+    assert_eq!(
+        decode(&mut buf, FRAME_BYTES_MAX).unwrap(),
+        Some(Frame::Defer(Defer {
+            delivery_tag: 5,
+            delay_ms: 300
+        }))
+    );
+    let mut truncated = raw_frame(&[kind::DEFER as u8, 5]);
+    assert!(matches!(
+        decode(&mut truncated, FRAME_BYTES_MAX),
+        Err(Error::Malformed {
+            frame: "Defer",
+            detail: "truncated"
+        })
+    ));
+    let mut trailing = raw_frame(&[kind::TOUCH as u8, 5, 0]);
+    assert!(matches!(
+        decode(&mut trailing, FRAME_BYTES_MAX),
+        Err(Error::Malformed {
+            frame: "Touch",
+            detail: "trailing bytes"
+        })
+    ));
+}
+
+#[test]
+fn only_the_queue_feature_additions_need_protocol_1_1() {
+    let touch = Frame::Touch(Touch { delivery_tag: 1 });
+    assert_eq!(touch.minor_required(), MINOR_QUEUE_FEATURES);
+    let defer = Frame::Defer(Defer {
+        delivery_tag: 1,
+        delay_ms: 0,
+    });
+    assert_eq!(defer.minor_required(), MINOR_QUEUE_FEATURES);
+    for request in [
+        Request::Redrive {
+            queue: "dlq".into(),
+            max: 0,
+        },
+        Request::QueueStatsV2 { name: "q".into() },
+        Request::ListQueuesV2,
+    ] {
+        let frame = Frame::Request {
+            correlation_id: 1,
+            request,
+        };
+        assert_eq!(frame.minor_required(), MINOR_QUEUE_FEATURES, "{frame:?}");
+    }
+    for response in [
+        Response::Redriven { moved: 1 },
+        Response::StatsV2(QueueInfoV2::default()),
+        Response::QueuesV2(Vec::new()),
+    ] {
+        assert_eq!(response.minor_required(), MINOR_QUEUE_FEATURES);
+    }
+    // Everything of 1.0 stays sendable to a 1.0 peer.
+    assert_eq!(Frame::Heartbeat.minor_required(), 0);
+    let stats = Frame::Request {
+        correlation_id: 1,
+        request: Request::QueueStats { name: "q".into() },
+    };
+    assert_eq!(stats.minor_required(), 0);
+    assert_eq!(Response::Done.minor_required(), 0);
+}
+
+#[test]
+fn queue_info_v2_starts_with_the_bytes_of_queue_info() {
+    // 1.1 appends counters after QueueInfo's fields, so a reader can share the prefix code.
+    let v2 = QueueInfoV2 {
+        name: "q".into(),
+        durable: true,
+        ready: 3,
+        unacked: 1,
+        consumers: 2,
+        delayed: 7,
+        expired: 9,
+        ..QueueInfoV2::default()
+    };
+    let v1 = QueueInfo::from(v2.clone());
+    let v1_bytes = postcard::to_allocvec(&v1).unwrap();
+    let v2_bytes = postcard::to_allocvec(&v2).unwrap();
+    assert!(v2_bytes.starts_with(&v1_bytes));
+    assert_eq!((v1.ready, v1.unacked, v1.consumers), (3, 1, 2));
+}
+
+#[test]
+fn redrive_names_are_checked_both_ways() {
+    let long = "x".repeat(NAME_BYTES_MAX + 1);
+    for request in [
+        Request::Redrive {
+            queue: long.clone(),
+            max: 0,
+        },
+        Request::QueueStatsV2 { name: long.clone() },
+    ] {
+        let frame = Frame::Request {
+            correlation_id: 1,
+            request,
+        };
+        assert!(matches!(
+            encode(&frame, FRAME_BYTES_MAX, &mut BytesMut::new()),
+            Err(Error::LimitExceeded { .. })
+        ));
+    }
+    // Hand-made Request { 1, Redrive { queue: 256 bytes, max: 0 } }.
+    let mut body = vec![kind::REQUEST as u8, 1, 12, 0x80, 0x02];
+    body.extend(long.as_bytes());
+    body.push(0);
+    let mut buf = raw_frame(&body);
+    assert!(matches!(
+        decode(&mut buf, FRAME_BYTES_MAX),
+        Err(Error::LimitExceeded {
+            what: "name bytes",
+            ..
+        })
+    ));
+}

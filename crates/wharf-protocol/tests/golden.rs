@@ -175,6 +175,96 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 credit: 500,
             }),
         ),
+        // Protocol 1.1.
+        (
+            "defer",
+            Frame::Defer(Defer {
+                delivery_tag: 42,
+                delay_ms: 10_000,
+            }),
+        ),
+        ("touch", Frame::Touch(Touch { delivery_tag: 42 })),
+        (
+            "request_redrive",
+            Frame::Request {
+                correlation_id: 8,
+                request: Request::Redrive {
+                    queue: "orders.dlq".into(),
+                    max: 100,
+                },
+            },
+        ),
+        (
+            "response_redriven",
+            Frame::Response {
+                correlation_id: 8,
+                response: Response::Redriven { moved: 100 },
+            },
+        ),
+        (
+            "request_queue_stats_v2",
+            Frame::Request {
+                correlation_id: 9,
+                request: Request::QueueStatsV2 {
+                    name: "orders".into(),
+                },
+            },
+        ),
+        (
+            "response_stats_v2",
+            Frame::Response {
+                correlation_id: 9,
+                response: Response::StatsV2(QueueInfoV2 {
+                    name: "orders".into(),
+                    durable: true,
+                    exclusive: false,
+                    auto_delete: false,
+                    ready: 5,
+                    unacked: 2,
+                    consumers: 1,
+                    delayed: 300,
+                    ready_bytes: 640,
+                    published: 1_000,
+                    delivered: 700,
+                    redelivered: 3,
+                    acked: 690,
+                    dropped: 4,
+                    expired: 1,
+                    duplicates: 2,
+                }),
+            },
+        ),
+        (
+            "request_subscribe_ack_timeout",
+            Frame::Request {
+                correlation_id: 10,
+                request: Request::Subscribe {
+                    queue: "orders".into(),
+                    consumer_tag: 1,
+                    prefetch: 10,
+                    auto_ack: false,
+                    exclusive: false,
+                    priority: 0,
+                    initial_credit: None,
+                    arguments: Table::try_from_entries([("x-ack-timeout", Value::I64(30_000))])
+                        .unwrap(),
+                },
+            },
+        ),
+        (
+            "publish_delayed",
+            Frame::Publish(Publish {
+                exchange: "".into(),
+                routing_key: "orders".into(),
+                properties: Properties::try_from(PropertiesRef {
+                    delay_ms: Some(5_000),
+                    message_id: Some("m-2"),
+                    ..PropertiesRef::default()
+                })
+                .unwrap(),
+                body: Bytes::from_static(b"later"),
+            }),
+        ),
     ]
 }
 
@@ -230,6 +320,7 @@ fn preamble_vector_is_whrf_then_versions() {
         Preamble { major: 1, minor: 0 }.encode(),
         *b"WHRF\x00\x01\x00\x00"
     );
+    assert_eq!(Preamble::CURRENT.encode(), *b"WHRF\x00\x01\x00\x01");
 }
 
 #[test]

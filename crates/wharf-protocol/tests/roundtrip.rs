@@ -216,6 +216,9 @@ fn request() -> impl Strategy<Value = Request> {
         name().prop_map(|name| Request::QueueStats { name }),
         Just(Request::ListQueues),
         Just(Request::ListExchanges),
+        (name(), any::<u64>()).prop_map(|(queue, max)| Request::Redrive { queue, max }),
+        name().prop_map(|name| Request::QueueStatsV2 { name }),
+        Just(Request::ListQueuesV2),
     ]
 }
 
@@ -231,6 +234,38 @@ fn queue_info() -> impl Strategy<Value = QueueInfo> {
             consumers,
         },
     )
+}
+
+fn queue_info_v2() -> impl Strategy<Value = QueueInfoV2> {
+    (
+        queue_info(),
+        any::<(u64, u64, u64, u64)>(),
+        any::<(u64, u64, u64, u64, u64)>(),
+    )
+        .prop_map(
+            |(
+                info,
+                (delayed, ready_bytes, published, delivered),
+                (redelivered, acked, dropped, expired, duplicates),
+            )| QueueInfoV2 {
+                name: info.name,
+                durable: info.durable,
+                exclusive: info.exclusive,
+                auto_delete: info.auto_delete,
+                ready: info.ready,
+                unacked: info.unacked,
+                consumers: info.consumers,
+                delayed,
+                ready_bytes,
+                published,
+                delivered,
+                redelivered,
+                acked,
+                dropped,
+                expired,
+                duplicates,
+            },
+        )
 }
 
 fn response() -> impl Strategy<Value = Response> {
@@ -260,6 +295,9 @@ fn response() -> impl Strategy<Value = Response> {
         any::<u32>().prop_map(|consumer_tag| Response::Subscribed { consumer_tag }),
         Just(Response::Done),
         (error_code(), reason()).prop_map(|(code, message)| Response::Error { code, message }),
+        any::<u64>().prop_map(|moved| Response::Redriven { moved }),
+        queue_info_v2().prop_map(Response::StatsV2),
+        proptest::collection::vec(queue_info_v2(), 0..4).prop_map(Response::QueuesV2),
     ]
 }
 
@@ -439,6 +477,11 @@ fn frame() -> impl Strategy<Value = Frame> {
                 reason,
             })
         }),
+        any::<(u64, u64)>().prop_map(|(delivery_tag, delay_ms)| Frame::Defer(Defer {
+            delivery_tag,
+            delay_ms
+        })),
+        any::<u64>().prop_map(|delivery_tag| Frame::Touch(Touch { delivery_tag })),
     ]
 }
 

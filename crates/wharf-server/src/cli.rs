@@ -1,5 +1,5 @@
 //! The `wharf` client subcommands (`declare`, `bind`, `delete`, `purge`, `publish`, `consume`,
-//! `queues`, `exchanges`), built on `wharf-client`. Each opens one connection to `--server`
+//! `queues`, `exchanges`, `dlq`), built on `wharf-client`. Each opens one connection to `--server`
 //! (env `WHARF_SERVER`, default `127.0.0.1:5800`), does its work and closes it.
 //!
 //! Errors go to stderr as `error: ...`; the exit code says what kind of error it was
@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use wharf_client::{
     Client, ClientError, ClientOptions, ConsumeOptions, Delivery, ErrorCode, ExchangeKind,
-    HeadersMatch, Message, PREFETCH_MAX, Publisher, ValueRef,
+    HeadersMatch, Message, PREFETCH_MAX, Publisher, QueueInfo, ValueRef,
 };
 
 /// Success.
@@ -174,10 +174,33 @@ pub enum Command {
     Publish(PublishArgs),
     /// Print messages from a queue, one per line (a peek unless --ack).
     Consume(ConsumeArgs),
-    /// List the queues: name, durable, ready, unacked, consumers.
+    /// List the queues: name, durable, ready, delayed, unacked, consumers.
     Queues(ServerArg),
     /// List the exchanges: name, type, durable.
     Exchanges(ServerArg),
+    /// Dead-letter queues: move dead-lettered messages back.
+    #[command(subcommand)]
+    Dlq(Dlq),
+}
+
+/// `wharf dlq ...`
+#[derive(Debug, Subcommand)]
+pub enum Dlq {
+    /// Move the dead-lettered messages of QUEUE back to the queues they died in; prints how
+    /// many moved.
+    Redrive(RedriveArgs),
+}
+
+/// `wharf dlq redrive`
+#[derive(Debug, Args)]
+pub struct RedriveArgs {
+    /// The dead-letter queue.
+    queue: String,
+    /// Move at most this many messages [default: all].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max: Option<u64>,
+    #[command(flatten)]
+    server: ServerArg,
 }
 
 /// `wharf declare ...`
@@ -407,6 +430,7 @@ pub async fn run(command: Command) -> Result<(), Failure> {
         Command::Consume(args) => consume(args).await,
         Command::Queues(server) => list_queues(server).await,
         Command::Exchanges(server) => list_exchanges(server).await,
+        Command::Dlq(Dlq::Redrive(args)) => redrive(args).await,
     }
 }
 
@@ -519,6 +543,17 @@ async fn delete_exchange(args: DeleteExchangeArgs) -> Result<(), Failure> {
             .if_unused(args.if_unused)
             .await?;
         print(format_args!("deleted exchange {}", args.name))
+    })
+    .await
+}
+
+async fn redrive(args: RedriveArgs) -> Result<(), Failure> {
+    with_client(&args.server, async |client| {
+        let n_moved = client.redrive(&args.queue, args.max.unwrap_or(0)).await?;
+        print(format_args!(
+            "moved {n_moved} messages from {} back to their queues",
+            args.queue
+        ))
     })
     .await
 }
@@ -871,23 +906,47 @@ fn value_json(value: ValueRef<'_>) -> serde_json::Value {
 
 async fn list_queues(server: ServerArg) -> Result<(), Failure> {
     with_client(&server, async |client| {
-        let mut queues = client.list_queues().await?;
-        queues.sort_by(|left, right| left.name.cmp(&right.name));
+        // A 1.0 server has no delayed messages to count: its column shows `-`.
+        let mut queues: Vec<(QueueInfo, Option<u64>)> = match client.list_queues_v2().await {
+            Ok(queues) => queues
+                .into_iter()
+                .map(|queue| {
+                    let delayed = queue.delayed;
+                    (QueueInfo::from(queue), Some(delayed))
+                })
+                .collect(),
+            Err(ClientError::NotSupported { .. }) => client
+                .list_queues()
+                .await?
+                .into_iter()
+                .map(|queue| (queue, None))
+                .collect(),
+            Err(err) => return Err(err.into()),
+        };
+        queues.sort_by(|(left, _), (right, _)| left.name.cmp(&right.name));
         let rows = queues
             .iter()
-            .map(|queue| {
+            .map(|(queue, delayed)| {
                 vec![
                     queue.name.clone(),
                     yes_no(queue.durable).to_owned(),
                     queue.ready.to_string(),
+                    delayed.map_or_else(|| "-".to_owned(), |delayed| delayed.to_string()),
                     queue.unacked.to_string(),
                     queue.consumers.to_string(),
                 ]
             })
             .collect::<Vec<_>>();
         print_table(
-            &["name", "durable", "ready", "unacked", "consumers"],
-            &[false, false, true, true, true],
+            &[
+                "name",
+                "durable",
+                "ready",
+                "delayed",
+                "unacked",
+                "consumers",
+            ],
+            &[false, false, true, true, true, true],
             &rows,
         )
     })

@@ -11,7 +11,7 @@ use crate::limits::{
 use crate::log::Outcome;
 use crate::outbox::{Out, Outbox};
 use crate::server::{Shared, now_ms};
-use crate::state::State;
+use crate::state::{Published, State};
 use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,16 +26,19 @@ use wharf_core::{
     BindTarget, Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag,
     ExchangeOptions, Message, QueueOptions, QueueStats, Reply,
 };
+use wharf_protocol::limits::DURATION_MS_MAX;
 use wharf_protocol::{
     Close, Confirm, ConfirmRange, ConfirmStatus, DeliveryRef, Destination, Durability, ErrorCode,
-    ExchangeInfo, ExchangeKind, Frame, HelloOk, Preamble, Properties, QueueInfo, Request, Response,
-    ServerLimits, decode, encode, encode_deliver_batch,
+    ExchangeInfo, ExchangeKind, Frame, HelloOk, Preamble, Properties, QueueInfo, QueueInfoV2,
+    Request, Response, ServerLimits, Table, ValueRef, decode, encode, encode_deliver_batch,
 };
-use wharf_storage::{SyncCoverage, WalError};
+use wharf_storage::{Leader, SyncCoverage, WalError};
 
 /// What the handshake settled for this connection.
 #[derive(Debug, Clone, Copy)]
 struct Negotiated {
+    /// The protocol minor version both sides speak: a frame of a later minor is a violation.
+    minor: u16,
     heartbeat: Duration,
     /// Largest frame we may send (the client's limit).
     send_frame_bytes_max: u32,
@@ -85,7 +88,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
     debug!(%peer, connection = connection.0, "connection open");
     let writer_task = tokio::spawn(write_loop(writer, outbox.clone(), negotiated));
     let exit = read_loop(&shared, connection, &mut reader, buf, &outbox, negotiated).await;
-    shared.lock().close(now_ms(), connection);
+    {
+        // Leaving may start timers: requeued deliveries, queues now unused (`x-expires`).
+        let mut state = shared.lock();
+        state.close(now_ms(), connection);
+        shared.wake_timer_if_earlier(&state);
+    }
     match &exit {
         Exit::Gone => debug!(connection = connection.0, "connection closed by peer"),
         Exit::Close(code, reason) => {
@@ -205,6 +213,7 @@ async fn handshake(
         .map_err(|err| err.to_string())?;
     debug!(client = %hello.client_name, mechanism = %hello.credentials.mechanism, "handshake done");
     Ok(Negotiated {
+        minor: preamble.negotiated_minor(),
         heartbeat: Duration::from_millis(u64::from(heartbeat_ms)),
         send_frame_bytes_max,
         recv_frame_bytes_max,
@@ -214,6 +223,8 @@ async fn handshake(
 /// Per-connection reader state.
 struct Reader {
     connection: ConnectionId,
+    /// The negotiated protocol minor version.
+    minor: u16,
     /// Sequence number of the last publish read (publishes are numbered 1, 2, 3, ...).
     publish_seq: u64,
     names: PublishNames,
@@ -242,6 +253,7 @@ async fn read_loop(
 ) -> Exit {
     let mut state = Reader {
         connection,
+        minor: negotiated.minor,
         publish_seq: 0,
         names: PublishNames::default(),
         published: false,
@@ -264,7 +276,11 @@ async fn read_loop(
             }
         }
         if !frames.is_empty() {
-            if let Some(exit) = process(shared, &mut state, &mut frames, outbox) {
+            let (exit, leader) = process(shared, &mut state, &mut frames, outbox);
+            if let Some(leader) = leader {
+                commit_log(leader).await;
+            }
+            if let Some(exit) = exit {
                 return exit;
             }
         }
@@ -470,28 +486,83 @@ fn publish_one(
         }
     }
     match state.publish(now, Arc::new(message)) {
-        Ok(true) => deferred.seqs.push(seq),
-        Ok(false) => confirms.push(seq, ConfirmStatus::Confirmed(Durability::InMemory)),
+        Ok(Published::Logged) => deferred.seqs.push(seq),
+        Ok(Published::InMemory) => {
+            confirms.push(seq, ConfirmStatus::Confirmed(Durability::InMemory))
+        }
+        Ok(Published::Duplicate) => confirms.push(seq, ConfirmStatus::Duplicate),
         Err(err) => confirms.push(seq, refused(error_code(&err), err.to_string())),
     }
 }
 
-/// Applies a batch of frames under one lock. Returns why the connection must end, if it must.
+fn exp_mode() -> u8 {
+    static MODE: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("WHARF_EXP_LEAD").as_deref() {
+        Ok("off") => 0,
+        Ok("inline") => 1,
+        Ok("bip") => 3,
+        Ok("spawn") => 4,
+        Ok("bipnoyield") => 5,
+        _ => 2,
+    })
+}
+
+/// Commits the log record of a batch whose confirms or responses wait for it.
+async fn commit_log(leader: Leader) {
+    match exp_mode() {
+        1 => {
+            leader.commit();
+        }
+        3 => {
+            tokio::task::yield_now().await;
+            tokio::task::block_in_place(|| leader.commit());
+        }
+        4 => {
+            tokio::spawn(async move {
+                leader.commit();
+            });
+        }
+        5 => {
+            tokio::task::block_in_place(|| leader.commit());
+        }
+        _ => {
+            tokio::task::yield_now().await;
+            leader.commit();
+        }
+    }
+}
+
+/// Applies a batch of frames under one lock. Returns why the connection must end, if it must,
+/// and the log leader to commit, if the batch's confirms or responses wait for the log.
 fn process(
     shared: &Shared,
     reader: &mut Reader,
     frames: &mut Vec<Frame>,
     outbox: &Arc<Outbox>,
-) -> Option<Exit> {
+) -> (Option<Exit>, Option<Leader>) {
     let now = now_ms();
     let mut confirms = Confirms::default();
     let mut deferred = Deferred::default();
     let mut exit = None;
+    let mut leader = None;
     let connection = reader.connection;
     {
         let mut state = shared.lock();
         for frame in frames.drain(..) {
             if exit.is_some() {
+                continue;
+            }
+            let minor_required = frame.minor_required();
+            if minor_required > reader.minor {
+                // Only what the negotiated minor defines may be sent (docs/protocol.md §8).
+                exit = Some(Exit::Close(
+                    ErrorCode::ProtocolViolation,
+                    format!(
+                        "frame kind {} needs protocol 1.{minor_required}; this connection speaks 1.{}",
+                        frame.kind(),
+                        reader.minor
+                    ),
+                ));
                 continue;
             }
             match frame {
@@ -575,6 +646,21 @@ fn process(
                         }
                     }
                 }
+                Frame::Defer(defer) => {
+                    let command = Command::Defer {
+                        connection,
+                        delivery_tag: DeliveryTag(defer.delivery_tag),
+                        delay_ms: defer.delay_ms,
+                    };
+                    exit = settle(&mut state, now, command);
+                }
+                Frame::Touch(touch) => {
+                    let command = Command::Touch {
+                        connection,
+                        delivery_tag: DeliveryTag(touch.delivery_tag),
+                    };
+                    exit = settle(&mut state, now, command);
+                }
                 Frame::Credit(credit) => {
                     let command = Command::Credit {
                         connection,
@@ -626,6 +712,9 @@ fn process(
                 .count
                 .fetch_add(deferred.seqs.len() as u64, Ordering::AcqRel);
             let (outbox, in_flight) = (outbox.clone(), reader.in_flight.clone());
+            if exp_mode() != 0 {
+                leader = state.log().map(|log| log.lead());
+            }
             state.commit(Some(Box::new(move |outcome| {
                 deferred.complete(&outbox, &in_flight, outcome)
             })));
@@ -638,13 +727,14 @@ fn process(
                 shared.memory_freed.notify_waiters();
             }
         }
+        shared.wake_timer_if_earlier(&state);
     }
     if !confirms.ranges.is_empty() {
         outbox.push_frame(Frame::Confirm(Confirm {
             ranges: confirms.ranges,
         }));
     }
-    exit
+    (exit, leader)
 }
 
 /// Applies an ack / nack / reject: an unknown delivery tag closes the connection (the client's
@@ -671,6 +761,54 @@ fn wire_kind(kind: wharf_core::ExchangeKind) -> ExchangeKind {
         wharf_core::ExchangeKind::Fanout => ExchangeKind::Fanout,
         wharf_core::ExchangeKind::Topic => ExchangeKind::Topic,
         wharf_core::ExchangeKind::Headers => ExchangeKind::Headers,
+    }
+}
+
+fn queue_info_v2(stats: QueueStats) -> QueueInfoV2 {
+    QueueInfoV2 {
+        name: stats.name,
+        durable: stats.durable,
+        exclusive: stats.exclusive,
+        auto_delete: stats.auto_delete,
+        ready: stats.ready,
+        unacked: stats.unacked,
+        consumers: stats.consumers,
+        delayed: stats.delayed,
+        ready_bytes: stats.ready_bytes,
+        published: stats.published,
+        delivered: stats.delivered,
+        redelivered: stats.redelivered,
+        acked: stats.acked,
+        dropped: stats.dropped,
+        expired: stats.expired,
+        duplicates: stats.duplicates,
+    }
+}
+
+/// The consumer argument that gives each delivery of a manual-ack consumer a lease, in ms
+/// (protocol 1.1).
+const ARG_ACK_TIMEOUT: &str = "x-ack-timeout";
+
+/// The lease asked for in a `Subscribe`'s arguments: an integer of ms in
+/// `1..=DURATION_MS_MAX`, for a manual-ack consumer; anything else is an invalid argument.
+fn ack_timeout_of(arguments: &Table, auto_ack: bool) -> Result<Option<u64>, CoreError> {
+    let Some(value) = arguments.get(ARG_ACK_TIMEOUT) else {
+        return Ok(None);
+    };
+    let invalid = |reason: String| Err(CoreError::InvalidArgument { reason });
+    match value {
+        ValueRef::I64(timeout_ms) => match u64::try_from(timeout_ms) {
+            Ok(timeout_ms @ 1..=DURATION_MS_MAX) if !auto_ack => Ok(Some(timeout_ms)),
+            Ok(1..=DURATION_MS_MAX) => invalid(format!(
+                "{ARG_ACK_TIMEOUT} needs manual acks: auto-ack deliveries have no lease"
+            )),
+            _ => invalid(format!(
+                "{ARG_ACK_TIMEOUT} must be in 1..={DURATION_MS_MAX} ms, got {timeout_ms}"
+            )),
+        },
+        other => invalid(format!(
+            "{ARG_ACK_TIMEOUT} must be an integer number of ms, got {other:?}"
+        )),
     }
 }
 
@@ -835,13 +973,15 @@ fn handle_request(
             exclusive,
             priority,
             initial_credit: _,
-            arguments: _,
+            arguments,
         } => {
+            let ack_timeout_ms = ack_timeout_of(&arguments, auto_ack)?;
             let options = ConsumerOptions {
                 prefetch,
                 auto_ack,
                 exclusive,
                 priority,
+                ack_timeout_ms,
             };
             state.apply(
                 now,
@@ -867,6 +1007,30 @@ fn handle_request(
         Request::QueueStats { name } => Ok(Response::Stats(queue_info(
             state.broker.queue_stats(&name)?,
         ))),
+        Request::QueueStatsV2 { name } => Ok(Response::StatsV2(queue_info_v2(
+            state.broker.queue_stats(&name)?,
+        ))),
+        Request::ListQueuesV2 => Ok(Response::QueuesV2(
+            state
+                .broker
+                .list_queues()
+                .into_iter()
+                .map(queue_info_v2)
+                .collect(),
+        )),
+        Request::Redrive { queue, max } => {
+            match state.apply(
+                now,
+                Command::Redrive {
+                    connection,
+                    queue,
+                    max,
+                },
+            )? {
+                Reply::Redriven { moved } => Ok(Response::Redriven { moved }),
+                other => unreachable!("redrive replied {other:?}"),
+            }
+        }
         Request::ListQueues => Ok(Response::Queues(
             state
                 .broker
@@ -904,6 +1068,7 @@ fn message_has_properties(message: &Message) -> bool {
         || message.reply_to.is_some()
         || message.priority != 0
         || message.expiration_ms.is_some()
+        || message.delay_ms.is_some()
         || message.persistent
 }
 

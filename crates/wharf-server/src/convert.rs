@@ -5,6 +5,10 @@ use std::sync::Arc;
 use wharf_core::{CoreError, HeaderValue, Headers, Message};
 use wharf_protocol::{ErrorCode, Properties, PropertiesRef, Table, Value, ValueRef, WireStr};
 
+// The wire's bound on delays, TTLs and leases is the core's: a client that checks against the
+// protocol's constant is never refused by the core.
+const _: () = assert!(wharf_core::DURATION_MS_MAX == wharf_protocol::limits::DURATION_MS_MAX);
+
 /// The wire code for a core error, per docs/protocol.md.
 pub fn error_code(err: &CoreError) -> ErrorCode {
     match err {
@@ -149,6 +153,7 @@ pub fn message_from_wire(
     message.reply_to = fields.reply_to.map(str::to_owned);
     message.priority = fields.priority;
     message.expiration_ms = fields.expiration_ms;
+    message.delay_ms = fields.delay_ms;
     message.persistent = fields.persistent;
     message
 }
@@ -161,7 +166,7 @@ pub fn properties_to_wire(message: &Message) -> Properties {
         persistent: message.persistent,
         timestamp_ms: message.timestamp_ms.unwrap_or(0),
         expiration_ms: message.expiration_ms,
-        delay_ms: None,
+        delay_ms: message.delay_ms,
         message_id: message.message_id.as_deref(),
         correlation_id: message.correlation_id.as_deref(),
         reply_to: message.reply_to.as_deref(),
@@ -205,7 +210,7 @@ mod tests {
             content_encoding: Some("gzip"),
             timestamp_ms: 1_700_000_000_000,
             expiration_ms: Some(5_000),
-            delay_ms: None,
+            delay_ms: Some(250),
             priority: 7,
             persistent: true,
             headers: headers.as_table_ref(),
@@ -221,6 +226,7 @@ mod tests {
         );
         assert_eq!(&*message.exchange, "ex");
         assert_eq!(message.headers, Headers::new().with("k", "v"));
+        assert_eq!(message.delay_ms, Some(250));
         assert_eq!(properties_to_wire(&message), properties);
         let again = message_from_wire(
             &mut names,

@@ -15,11 +15,11 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use wharf_core::{
     BindTarget, Broker, Command, ConnectionId, ExchangeKind, ExchangeOptions, HeaderValue, Headers,
-    Message, QueueOptions,
+    Message, QueueFeatures, QueueOptions,
 };
 
 /// The connection id recovery uses to declare queues (real connections start at 1).
@@ -150,6 +150,7 @@ impl From<StoredMessage> for Message {
             reply_to: stored.reply_to,
             priority: stored.priority,
             expiration_ms: stored.expiration_ms,
+            delay_ms: None,
             persistent: true,
             body: stored.body,
         }
@@ -270,6 +271,40 @@ pub enum Op {
         /// The queue.
         queue: String,
     },
+    /// A persistent message entered durable queues, with when it is ready there (written
+    /// instead of `Enqueue` since delayed delivery; `Enqueue` is still read: ready at once).
+    EnqueueAt {
+        /// Its id, increasing in publish order.
+        durable_id: u64,
+        /// The durable queues it entered.
+        queues: Vec<String>,
+        /// The message.
+        message: StoredMessage,
+        /// Its publish delay, if any (kept with the message).
+        delay_ms: Option<u64>,
+        /// When it is (or was) ready in those queues, unix ms: later than the recovery time
+        /// means it is still delayed; its TTL counts from then.
+        ready_at_ms: u64,
+    },
+    /// A durable queue's dedup window remembers a message id until `until_ms` (checkpoints).
+    Dedup {
+        /// The queue.
+        queue: String,
+        /// The message id.
+        message_id: String,
+        /// When the window forgets it (unix ms).
+        until_ms: u64,
+    },
+}
+
+impl Op {
+    /// Body bytes (plus overhead) a message operation keeps alive in the log; 64 for others.
+    pub fn approx_bytes(&self) -> u64 {
+        match self {
+            Op::Enqueue { message, .. } | Op::EnqueueAt { message, .. } => message.approx_bytes(),
+            _ => 64,
+        }
+    }
 }
 
 /// One WAL record's payload (after the version byte).
@@ -358,12 +393,17 @@ fn bind_target(to_queue: bool, destination: String) -> BindTarget {
 /// Rebuilds broker state from a log's records (in LSN order).
 #[derive(Debug, Default)]
 pub struct Replay {
-    /// Live logged messages: id → (message, queues it is still in).
-    messages: BTreeMap<u64, (StoredMessage, BTreeSet<String>)>,
+    /// Live logged messages: id → (message, its delay, the queues it is still in with when it
+    /// is ready there; `None`: at recovery).
+    #[allow(clippy::type_complexity)]
+    messages: BTreeMap<u64, (StoredMessage, Option<u64>, BTreeMap<String, Option<u64>>)>,
     /// Topology and message operations not yet applied, in order.
     ops: Vec<Op>,
     /// The epoch of the last complete checkpoint seen.
     pub last_epoch: u64,
+    /// Message ids of logged messages (acked since or not) with the queues they entered and
+    /// when: dedup windows are rebuilt from them once the queues exist.
+    dedup_seen: Vec<(String, String, u64)>,
 }
 
 /// What recovery found.
@@ -441,12 +481,46 @@ impl Replay {
                     queues,
                     message,
                 } => {
-                    self.messages
-                        .insert(durable_id, (message, queues.into_iter().collect()));
+                    let queues = queues.into_iter().map(|queue| (queue, None)).collect();
+                    self.messages.insert(durable_id, (message, None, queues));
                     continue;
                 }
+                Op::EnqueueAt {
+                    durable_id,
+                    queues,
+                    message,
+                    delay_ms,
+                    ready_at_ms,
+                } => {
+                    // A checkpoint may list one message several times (queues where it is
+                    // ready at different times).
+                    if let Some(id) = &message.message_id {
+                        let enqueued_at = ready_at_ms.saturating_sub(delay_ms.unwrap_or(0));
+                        for queue in &queues {
+                            self.dedup_seen
+                                .push((queue.clone(), id.clone(), enqueued_at));
+                        }
+                    }
+                    let slot = self
+                        .messages
+                        .entry(durable_id)
+                        .or_insert_with(|| (message, delay_ms, BTreeMap::new()));
+                    for queue in queues {
+                        slot.2.insert(queue, Some(ready_at_ms));
+                    }
+                    continue;
+                }
+                Op::Dedup {
+                    queue,
+                    message_id,
+                    until_ms,
+                } => Command::RestoreDedup {
+                    queue,
+                    message_id,
+                    until_ms,
+                },
                 Op::Settle { durable_id, queue } => {
-                    if let Some((_, queues)) = self.messages.get_mut(&durable_id) {
+                    if let Some((_, _, queues)) = self.messages.get_mut(&durable_id) {
                         queues.remove(&queue);
                         if queues.is_empty() {
                             self.messages.remove(&durable_id);
@@ -455,7 +529,8 @@ impl Replay {
                     continue;
                 }
                 Op::DeleteQueue { name } => {
-                    self.messages.retain(|_, (_, queues)| {
+                    self.dedup_seen.retain(|(queue, _, _)| *queue != name);
+                    self.messages.retain(|_, (_, _, queues)| {
                         queues.remove(&name);
                         !queues.is_empty()
                     });
@@ -537,15 +612,36 @@ impl Replay {
             recovered.topology_ops += 1;
             effects.clear();
         }
-        for (durable_id, (message, queues)) in std::mem::take(&mut self.messages) {
-            let message = Arc::new(Message::from(message));
-            for queue in queues {
+        // Ids of logged messages stay in their queues' dedup windows, even once acked.
+        for (queue, message_id, enqueued_at) in std::mem::take(&mut self.dedup_seen) {
+            let window = broker
+                .queue_options(&queue)
+                .and_then(|options| QueueFeatures::try_from(&options.arguments).ok())
+                .and_then(|features| features.dedup_window);
+            if let Some(window) = window {
+                let command = Command::RestoreDedup {
+                    queue,
+                    message_id,
+                    until_ms: enqueued_at.saturating_add(window),
+                };
+                if let Err(err) = broker.apply(now_ms, command, &mut effects) {
+                    tracing::warn!("recovery: a dedup entry no longer applies: {err}");
+                }
+            }
+        }
+        for (durable_id, (message, delay_ms, queues)) in std::mem::take(&mut self.messages) {
+            let message = Arc::new(Message {
+                delay_ms,
+                ..Message::from(message)
+            });
+            for (queue, ready_at_ms) in queues {
                 match broker.apply(
                     now_ms,
                     Command::Restore {
                         queue: queue.clone(),
                         durable_id,
                         message: message.clone(),
+                        ready_at_ms: ready_at_ms.unwrap_or(now_ms),
                     },
                     &mut effects,
                 ) {
@@ -601,14 +697,34 @@ pub fn snapshot(broker: &Broker, chunk_bytes: usize) -> Vec<Vec<Op>> {
             ops.push(op);
         }
     }
+    for (queue, message_id, until_ms) in broker.durable_dedup_entries() {
+        ops.push(Op::Dedup {
+            queue: queue.to_string(),
+            message_id,
+            until_ms,
+        });
+    }
     let mut bytes = 0usize;
+    let now_ms = broker.now_ms();
     for (durable_id, message, queues) in broker.durable_messages() {
         bytes += message.body.len() + 64;
-        ops.push(Op::Enqueue {
-            durable_id,
-            queues: queues.iter().map(|queue| queue.to_string()).collect(),
-            message: StoredMessage::from(&*message),
-        });
+        // One operation per distinct ready time (usually one: ready now).
+        let mut by_ready_at: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        for (queue, delayed_until) in queues {
+            by_ready_at
+                .entry(delayed_until.unwrap_or(now_ms))
+                .or_default()
+                .push(queue.to_string());
+        }
+        for (ready_at_ms, queues) in by_ready_at {
+            ops.push(Op::EnqueueAt {
+                durable_id,
+                queues,
+                message: StoredMessage::from(&*message),
+                delay_ms: message.delay_ms,
+                ready_at_ms,
+            });
+        }
         if bytes >= chunk_bytes {
             chunks.push(std::mem::take(&mut ops));
             bytes = 0;
@@ -840,5 +956,151 @@ mod tests {
             .map(|(id, _, _)| id)
             .collect();
         assert_eq!(ids, vec![2, 4]);
+    }
+
+    /// A broker that logs into `log` the way the server does (effects → ops).
+    fn apply_logged(broker: &mut Broker, now_ms: u64, command: Command, log: &mut Vec<Op>) {
+        let mut effects = Vec::new();
+        broker.apply(now_ms, command, &mut effects).unwrap();
+        for effect in effects {
+            match effect {
+                wharf_core::Effect::DurableEnqueued {
+                    durable_id,
+                    queues,
+                    message,
+                    ready_at_ms,
+                } => log.push(Op::EnqueueAt {
+                    durable_id,
+                    queues: queues.iter().map(|queue| queue.to_string()).collect(),
+                    message: StoredMessage::from(&*message),
+                    delay_ms: message.delay_ms,
+                    ready_at_ms,
+                }),
+                wharf_core::Effect::DurableSettled { durable_id, queue } => log.push(Op::Settle {
+                    durable_id,
+                    queue: queue.to_string(),
+                }),
+                _ => {}
+            }
+        }
+    }
+
+    fn recover(records: Vec<(u64, Record)>, now_ms: u64) -> Broker {
+        let (replay, _) = Replay::plan(records);
+        let mut broker = Broker::default();
+        broker
+            .apply(
+                now_ms,
+                Command::OpenConnection {
+                    connection: SYSTEM_CONNECTION,
+                },
+                &mut Vec::new(),
+            )
+            .unwrap();
+        replay.apply(&mut broker, now_ms);
+        broker
+    }
+
+    #[test]
+    fn delayed_messages_and_dedup_windows_survive_replay_from_batches_and_from_a_checkpoint() {
+        let arguments = Headers::new().with(wharf_core::ARG_DEDUP_WINDOW, 10_000i64);
+        let options = QueueOptions {
+            durable: true,
+            arguments: arguments.clone(),
+            ..QueueOptions::default()
+        };
+        let mut broker = Broker::default();
+        let mut log = vec![Op::DeclareQueue {
+            name: "q".into(),
+            auto_delete: false,
+            single_active_consumer: false,
+            arguments: stored_headers(&arguments),
+        }];
+        for command in [
+            Command::OpenConnection {
+                connection: SYSTEM_CONNECTION,
+            },
+            Command::DeclareQueue {
+                connection: SYSTEM_CONNECTION,
+                name: "q".into(),
+                options,
+                passive: false,
+            },
+        ] {
+            apply_logged(&mut broker, 1_000, command, &mut log);
+        }
+        let publish = |body: &str, id: &str, delay_ms: Option<u64>| Command::Publish {
+            message: Arc::new(Message {
+                persistent: true,
+                message_id: Some(id.into()),
+                delay_ms,
+                ..Message::new("q", body.to_owned())
+            }),
+        };
+        apply_logged(&mut broker, 1_000, publish("later", "id-1", Some(5_000)), &mut log);
+        apply_logged(&mut broker, 1_000, publish("now", "id-2", None), &mut log);
+        assert_eq!(broker.queue_stats("q").unwrap().delayed, 1);
+
+        // From the log's batches, recovering at 2,000: still delayed until 6,000; both ids are
+        // still duplicates.
+        let batches = vec![(1, Record::Batch(log.clone()))];
+        let check = |mut recovered: Broker, how: &str| {
+            let stats = recovered.queue_stats("q").unwrap();
+            assert_eq!((stats.delayed, stats.ready), (1, 1), "{how}");
+            assert_eq!(recovered.next_deadline(), Some(6_000), "{how}");
+            let mut effects = Vec::new();
+            for id in ["id-1", "id-2"] {
+                let reply = recovered
+                    .apply(2_000, publish("again", id, None), &mut effects)
+                    .unwrap();
+                assert!(
+                    matches!(reply, wharf_core::Reply::Published { routed: 0, duplicates: 1, .. }),
+                    "{how}: {id} is a duplicate after recovery: {reply:?}"
+                );
+            }
+            recovered.apply(6_000, Command::Tick, &mut effects).unwrap();
+            assert_eq!(recovered.queue_stats("q").unwrap().ready, 2, "{how}");
+        };
+        check(recover(batches, 2_000), "batches");
+
+        // From a checkpoint, after the ready message was consumed and acked: its id stays in
+        // the window, the delayed one stays delayed.
+        let mut effects = Vec::new();
+        broker
+            .apply(
+                1_500,
+                Command::Subscribe {
+                    connection: SYSTEM_CONNECTION,
+                    queue: "q".into(),
+                    consumer_tag: wharf_core::ConsumerTag(1),
+                    options: wharf_core::ConsumerOptions {
+                        auto_ack: true,
+                        ..wharf_core::ConsumerOptions::default()
+                    },
+                },
+                &mut effects,
+            )
+            .unwrap();
+        assert_eq!(broker.queue_stats("q").unwrap().ready, 0);
+        let chunks = snapshot(&broker, 1 << 20);
+        let mut records = vec![(1, Record::CheckpointBegin { epoch: 1 })];
+        for ops in chunks {
+            records.push((2, Record::CheckpointChunk { epoch: 1, ops }));
+        }
+        records.push((3, Record::CheckpointEnd { epoch: 1 }));
+        let mut recovered = recover(records, 2_000);
+        let stats = recovered.queue_stats("q").unwrap();
+        assert_eq!((stats.delayed, stats.ready), (1, 0));
+        for id in ["id-1", "id-2"] {
+            let reply = recovered
+                .apply(2_000, publish("again", id, None), &mut effects)
+                .unwrap();
+            assert!(
+                matches!(reply, wharf_core::Reply::Published { routed: 0, duplicates: 1, .. }),
+                "checkpoint: {id}: {reply:?}"
+            );
+        }
+        recovered.apply(6_000, Command::Tick, &mut effects).unwrap();
+        assert_eq!(recovered.queue_stats("q").unwrap().ready, 1);
     }
 }

@@ -39,7 +39,8 @@ struct Book {
     next_checkpoint_bytes: u64,
     checkpoint_running: bool,
     /// Records superseded by a checkpoint, released by the next append on the broker's
-    /// thread: a completion runs on the WAL's writer thread and must not call back into it.
+    /// thread: a completion runs on the WAL's committing thread (its writer thread or a
+    /// leader) and must not call back into it.
     to_release: Vec<Lsn>,
 }
 
@@ -208,8 +209,18 @@ impl Log {
         }
     }
 
+    /// Announces that the caller will commit the log on its own thread right after releasing
+    /// the broker lock (leader-based commit, see [`Wal::lead`]): appends made meanwhile do not
+    /// wake the WAL's writer thread, and [`wharf_storage::Leader::commit`] writes and fsyncs
+    /// them on the caller's thread if no fsync is in flight. Take it before appending, with
+    /// the broker lock held, and commit it without the lock.
+    pub fn lead(&self) -> wharf_storage::Leader {
+        self.wal.lead()
+    }
+
     /// Appends one record. Call with the broker lock held, so that log order is the order in
-    /// which the core applied the commands. `done` runs on the log's writer thread.
+    /// which the core applied the commands. `done` runs on the committing thread: the WAL's
+    /// writer thread, or a leader's (see [`Log::lead`]).
     pub fn append(self: &Arc<Self>, record: &Record, done: Box<dyn FnOnce(Outcome) + Send>) {
         let payload = record.encode();
         let n_bytes = payload.len() as u64;
@@ -220,7 +231,7 @@ impl Log {
         };
         self.release_all(to_release);
         // Completions hold the log weakly: the last strong reference must never be dropped on
-        // the WAL's writer thread (closing the WAL there would join the thread from itself).
+        // the WAL's committing thread (closing the WAL there would wait on itself).
         let log = Arc::downgrade(self);
         self.wal.append(
             vec![payload],
@@ -277,10 +288,7 @@ impl Log {
         let live_bytes: u64 = chunks
             .iter()
             .flatten()
-            .map(|op| match op {
-                crate::durable::Op::Enqueue { message, .. } => message.approx_bytes(),
-                _ => 64,
-            })
+            .map(crate::durable::Op::approx_bytes)
             .sum();
         let epoch = {
             let mut book = self.book.lock().expect("log lock");

@@ -1,17 +1,18 @@
-//! The listener, the accept loop and graceful shutdown.
+//! The listener, the accept loop, the timer task and graceful shutdown.
 
 use crate::config::ServerConfig;
+use crate::limits::READY_BYTES_LOW_WATERMARK_PERCENT;
 use crate::log::{FailStop, Log, LogConfig};
 use crate::state::State;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
-use wharf_core::Broker;
+use tracing::{debug, info, warn};
+use wharf_core::{Broker, Command};
 use wharf_storage::{FileStorage, Storage};
 
 /// Milliseconds since the Unix epoch: the logical time the core is given.
@@ -32,6 +33,12 @@ pub(crate) struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Notified when ready bytes fall below the low watermark (see the memory alarm).
     pub memory_freed: Notify,
+    /// When the timer task will next apply `Command::Tick` (unix ms; `u64::MAX`: no timer).
+    /// Read and written with the state lock held, so it always matches the core's timers as
+    /// of the last command batch.
+    timer_at: AtomicU64,
+    /// Wakes the timer task before `timer_at` (a command created an earlier timer).
+    timer_wake: Notify,
 }
 
 impl Shared {
@@ -40,6 +47,71 @@ impl Shared {
         self.state
             .lock()
             .expect("a panic while holding the broker lock is fatal")
+    }
+
+    /// Call with the state lock held after applying commands: if they created a timer due
+    /// before the timer task's planned wake-up (a delayed publish, a lease, a TTL, an unused
+    /// queue with `x-expires`), wake it. One atomic load per batch when nothing changed.
+    pub fn wake_timer_if_earlier(&self, state: &State) {
+        if let Some(deadline) = state.broker.next_deadline() {
+            if deadline < self.timer_at.load(Ordering::Acquire) {
+                self.timer_at.store(deadline, Ordering::Release);
+                self.timer_wake.notify_one();
+            }
+        }
+    }
+
+    /// Fires the core's due timers (`Command::Tick` at the current time), routes their effects
+    /// (deliveries of messages that became ready, dead letters, requeued deliveries whose lease
+    /// lapsed, deleted queues) and hands their durable changes to the log, like any command
+    /// batch. Returns the next deadline (unix ms), recorded as the timer task's wake-up.
+    fn fire_timers(&self) -> Option<u64> {
+        let mut state = self.lock();
+        let now = now_ms();
+        if state
+            .broker
+            .next_deadline()
+            .is_some_and(|deadline| deadline <= now)
+        {
+            if let Err(err) = state.apply(now, Command::Tick) {
+                warn!("firing timers failed: {err}");
+            }
+            state.route_effects();
+            state.commit(None);
+            let high = self.config.ready_bytes_high_watermark;
+            if state.broker.ready_bytes_total() <= high / 100 * READY_BYTES_LOW_WATERMARK_PERCENT {
+                self.memory_freed.notify_waiters();
+            }
+        }
+        let next = state.broker.next_deadline();
+        self.timer_at
+            .store(next.unwrap_or(u64::MAX), Ordering::Release);
+        next
+    }
+}
+
+/// The timer task: sleeps until the core's earliest timer (or until a command creates an
+/// earlier one, see [`Shared::wake_timer_if_earlier`]), then fires what is due. One task for
+/// every timer of the broker (delays, TTLs, leases, queue expiry): no task per message.
+async fn run_timers(shared: Arc<Shared>) {
+    let mut stop = shared.shutdown.clone();
+    loop {
+        let next = shared.fire_timers();
+        let sleep_for =
+            next.map(|deadline| Duration::from_millis(deadline.saturating_sub(now_ms())));
+        if sleep_for == Some(Duration::ZERO) {
+            // More timers due than one tick fires (or the clock moved on): let the
+            // connections run between rounds.
+            tokio::task::yield_now().await;
+        }
+        tokio::select! {
+            _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => {
+                debug!("timer task stopped");
+                return;
+            }
+            _ = shared.timer_wake.notified() => {}
+            _ = tokio::time::sleep(sleep_for.unwrap_or_default()), if sleep_for.is_some() => {}
+        }
     }
 }
 
@@ -116,6 +188,8 @@ impl Server {
             next_connection: AtomicU64::new(1),
             shutdown: receiver,
             memory_freed: Notify::new(),
+            timer_at: AtomicU64::new(u64::MAX),
+            timer_wake: Notify::new(),
         });
         Ok(Server {
             listener,
@@ -143,6 +217,9 @@ impl Server {
         } = self;
         let mut stop = shared.shutdown.clone();
         let mut connections = JoinSet::new();
+        // Timers recovered from the log (delayed messages, dedup windows, queue expiry) are
+        // fired from the start.
+        let timers = tokio::spawn(run_timers(shared.clone()));
         info!(addr = %listener.local_addr()?, "wharf is listening");
         loop {
             while connections.try_join_next().is_some() {}
@@ -174,6 +251,10 @@ impl Server {
         {
             warn!("some connections did not close in time");
             connections.abort_all();
+        }
+        // Stopped by the shutdown signal; nothing is appended to the log after this.
+        if let Err(err) = timers.await {
+            warn!("the timer task failed: {err}");
         }
         let log = shared.lock().log().cloned();
         if let Some(log) = log {

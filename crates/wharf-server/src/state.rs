@@ -12,6 +12,17 @@ use tracing::debug;
 use wharf_core::{Broker, CancelReason, Command, ConnectionId, CoreError, Effect, Message, Reply};
 use wharf_protocol::{ConsumerCancelled, ErrorCode, Frame};
 
+/// What became of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Enqueued, and logged: confirm once the log record is on disk.
+    Logged,
+    /// Enqueued in memory only (or routed nowhere): confirm now.
+    InMemory,
+    /// Every queue with a dedup window had its id: nothing stored; confirm as duplicate.
+    Duplicate,
+}
+
 /// The core, the connection registry and the pending log operations.
 #[derive(Debug, Default)]
 pub struct State {
@@ -118,8 +129,9 @@ impl State {
         Ok(reply)
     }
 
-    /// Publishes; `Ok(true)` when the message must reach the log before it is confirmed.
-    pub fn publish(&mut self, now_ms: u64, message: Arc<Message>) -> Result<bool, CoreError> {
+    /// Publishes; says whether the message must reach the log before it is confirmed, or
+    /// was a duplicate that no queue took.
+    pub fn publish(&mut self, now_ms: u64, message: Arc<Message>) -> Result<Published, CoreError> {
         // The hot path: no topology to log, so straight to the core.
         let start = self.effects.len();
         let reply = self
@@ -136,9 +148,22 @@ impl State {
                 queue: queue.to_string(),
             });
         }
-        Ok(self.effects[start..]
+        if let Reply::Published {
+            routed: 0,
+            duplicates: 1..,
+            ..
+        } = reply
+        {
+            return Ok(Published::Duplicate);
+        }
+        let logged = self.effects[start..]
             .iter()
-            .any(|effect| matches!(effect, Effect::DurableEnqueued { .. })))
+            .any(|effect| matches!(effect, Effect::DurableEnqueued { .. }));
+        Ok(if logged {
+            Published::Logged
+        } else {
+            Published::InMemory
+        })
     }
 
     /// Whether durable publishes are being refused (disk full, log failed), and why.
@@ -214,11 +239,14 @@ impl State {
                     durable_id,
                     queues,
                     message,
+                    ready_at_ms,
                 } => {
-                    self.log_ops.push(Op::Enqueue {
+                    self.log_ops.push(Op::EnqueueAt {
                         durable_id,
                         queues: queues.iter().map(|queue| queue.to_string()).collect(),
                         message: StoredMessage::from(&*message),
+                        delay_ms: message.delay_ms,
+                        ready_at_ms,
                     });
                 }
                 Effect::DurableSettled { durable_id, queue } => {

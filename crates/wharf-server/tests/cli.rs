@@ -159,6 +159,7 @@ fn help_lists_every_command_with_a_description_and_the_exit_codes() {
         "consume",
         "queues",
         "exchanges",
+        "dlq",
     ] {
         let line = help
             .lines()
@@ -463,9 +464,16 @@ fn queues_and_exchanges_print_aligned_tables() {
     assert_eq!(
         rows,
         [
-            vec!["NAME", "DURABLE", "READY", "UNACKED", "CONSUMERS"],
-            vec!["a-long-queue-name", "yes", "0", "0", "0"],
-            vec!["b", "no", "12", "0", "0"],
+            vec![
+                "NAME",
+                "DURABLE",
+                "READY",
+                "DELAYED",
+                "UNACKED",
+                "CONSUMERS"
+            ],
+            vec!["a-long-queue-name", "yes", "0", "0", "0", "0"],
+            vec!["b", "no", "12", "0", "0", "0"],
         ],
         "{queues:?}"
     );
@@ -622,6 +630,8 @@ fn bad_arguments_are_usage_errors_exit_2() {
         ],
         vec!["consume", "q", "--timeout", "soon"],
         vec!["consume", "q", "--prefetch", "0"],
+        vec!["dlq", "redrive", "q", "--max", "0"],
+        vec!["dlq", "redrive"],
     ] {
         let usage = broker.wharf(&args).failure(2);
         assert!(usage.stderr.contains("error:"), "{args:?}: {usage:?}");
@@ -638,4 +648,72 @@ fn bad_arguments_are_usage_errors_exit_2() {
         .failure(2);
     // An address that does not parse.
     run(&["queues", "--server", "127.0.0.1:notaport"], b"", &[]).failure(2);
+}
+
+#[test]
+fn dlq_redrive_moves_dead_letters_back_and_prints_the_count() {
+    let broker = Broker::start();
+    // Three messages rejected from `work` into `work.dlq`.
+    broker.runtime.block_on(async {
+        let client = Client::connect(&broker.addr).await.expect("connect");
+        client.declare_queue("work.dlq").await.expect("declare");
+        client
+            .declare_queue("work")
+            .dead_letter_exchange("")
+            .dead_letter_routing_key("work.dlq")
+            .await
+            .expect("declare");
+        for body in ["a", "b", "c"] {
+            client
+                .publish("", "work", wharf_client::Message::new(body))
+                .await
+                .expect("confirmed");
+        }
+        let mut consumer = client
+            .consume("work", wharf_client::ConsumeOptions::default())
+            .await
+            .expect("consume");
+        for _ in 0..3 {
+            let delivery = tokio::time::timeout(common::DEADLINE, consumer.next())
+                .await
+                .expect("in time")
+                .expect("open")
+                .expect("delivery");
+            delivery.reject().await.expect("reject");
+        }
+        consumer.cancel().await.expect("cancel");
+        client.close().await.expect("close");
+    });
+    let deadline = Instant::now() + common::DEADLINE;
+    while broker.queue_counts("work.dlq") != (3, 0) {
+        assert!(Instant::now() < deadline, "the rejects never arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let some = broker
+        .wharf(&["dlq", "redrive", "work.dlq", "--max", "2"])
+        .success();
+    assert_eq!(
+        some.stdout,
+        "moved 2 messages from work.dlq back to their queues\n"
+    );
+    assert_eq!(broker.queue_counts("work"), (2, 0));
+    assert_eq!(broker.queue_counts("work.dlq"), (1, 0));
+    let rest = broker.wharf(&["dlq", "redrive", "work.dlq"]).success();
+    assert_eq!(
+        rest.stdout,
+        "moved 1 messages from work.dlq back to their queues\n"
+    );
+    assert_eq!(broker.queue_counts("work"), (3, 0));
+    let none = broker.wharf(&["dlq", "redrive", "work.dlq"]).success();
+    assert!(none.stdout.starts_with("moved 0 messages"), "{none:?}");
+
+    let missing = broker.wharf(&["dlq", "redrive", "no-such-dlq"]).failure(4);
+    assert!(missing.stderr.contains("no-such-dlq"), "{missing:?}");
+    run(
+        &["dlq", "redrive", "work.dlq", "--server", &refused_addr()],
+        b"",
+        &[],
+    )
+    .failure(3);
 }

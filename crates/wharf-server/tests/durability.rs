@@ -339,3 +339,91 @@ async fn a_log_damaged_in_the_middle_refuses_to_start_naming_the_file_and_offset
     assert!(text.contains(&file_name), "names the segment: {text}");
     assert!(text.contains("offset"), "names the offset: {text}");
 }
+
+#[tokio::test]
+async fn delayed_messages_dedup_windows_and_dead_letters_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path()).await;
+    let client = connect(&server).await;
+    client
+        .declare_queue("orders.dead")
+        .durable(true)
+        .await
+        .unwrap();
+    client
+        .declare_queue("orders")
+        .durable(true)
+        .dedup_window(Duration::from_secs(600))
+        .dead_letter_exchange("")
+        .dead_letter_routing_key("orders.dead")
+        .await
+        .unwrap();
+    let delay = Duration::from_millis(1_500);
+    let published_at = std::time::Instant::now();
+    client
+        .publish(
+            "",
+            "orders",
+            Message::new("later").persistent(true).delay(delay),
+        )
+        .await
+        .unwrap();
+    for (body, id) in [("consumed", "order-1"), ("rejected", "order-2")] {
+        client
+            .publish(
+                "",
+                "orders",
+                Message::new(body).persistent(true).message_id(id),
+            )
+            .await
+            .unwrap();
+    }
+    let mut consumer = client.consume("orders", manual(10)).await.unwrap();
+    let consumed = next(&mut consumer).await;
+    assert_eq!(consumed.body().as_ref(), b"consumed");
+    consumed.ack().await.unwrap();
+    let rejected = next(&mut consumer).await;
+    rejected.reject().await.unwrap();
+    consumer.cancel().await.unwrap();
+    client.close().await.unwrap();
+    server.stop().await.unwrap();
+
+    let server = start(dir.path()).await;
+    let client = connect(&server).await;
+    let stats = client.queue_stats_v2("orders").await.unwrap();
+    assert_eq!((stats.delayed, stats.ready), (1, 0), "{stats:?}");
+    assert_eq!(client.queue_stats_v2("orders.dead").await.unwrap().ready, 1);
+    // The dedup window came back: both ids are still duplicates, a new one is not.
+    for id in ["order-1", "order-2"] {
+        let again = client
+            .publish("", "orders", Message::new("again").persistent(true).message_id(id))
+            .await;
+        assert!(matches!(again, Err(wharf_client::ClientError::Duplicate)), "{id}: {again:?}");
+    }
+    client
+        .publish("", "orders", Message::new("fresh").persistent(true).message_id("order-3"))
+        .await
+        .unwrap();
+    let mut consumer = client.consume("orders", manual(10)).await.unwrap();
+    let fresh = next(&mut consumer).await;
+    assert_eq!(fresh.body().as_ref(), b"fresh");
+    fresh.ack().await.unwrap();
+    let later = next(&mut consumer).await;
+    assert_eq!(later.body().as_ref(), b"later");
+    // The broker's clock counts whole milliseconds: allow one for the truncation.
+    assert!(
+        published_at.elapsed() + Duration::from_millis(1) >= delay,
+        "the delayed message waited out its delay across the restart: {:?}",
+        published_at.elapsed()
+    );
+    later.ack().await.unwrap();
+    consumer.cancel().await.unwrap();
+    // The dead letter kept its death record and can be redriven after the restart.
+    assert_eq!(client.redrive("orders.dead", 0).await.unwrap(), 1);
+    let mut consumer = client.consume("orders", manual(10)).await.unwrap();
+    let redriven = next(&mut consumer).await;
+    assert_eq!(redriven.body().as_ref(), b"rejected");
+    redriven.ack().await.unwrap();
+    client.close().await.unwrap();
+    server.stop().await.unwrap();
+}

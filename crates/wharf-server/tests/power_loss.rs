@@ -213,7 +213,8 @@ impl Run {
         } else {
             vec![key.to_owned()]
         };
-        let durable = self.state.publish(0, Arc::new(message)).expect("publish");
+        let durable = self.state.publish(0, Arc::new(message)).expect("publish")
+            == wharf_server::state::Published::Logged;
         self.state.route_effects();
         self.collect_deliveries();
         assert_eq!(
@@ -347,7 +348,7 @@ impl Run {
             if !published.contains(&id) {
                 problems.push(format!("invented message {id}"));
             }
-            for queue in queues {
+            for (queue, _) in queues {
                 if !present.insert((id, queue.to_string())) {
                     problems.push(format!("message {id} twice in {queue}"));
                 }

@@ -54,16 +54,25 @@ impl Peer {
         }
     }
 
-    /// Accepts a connection and completes the handshake with `limits`; returns the `Hello`.
+    /// Accepts a connection and completes the handshake with `limits` as a protocol 1.0
+    /// server; returns the `Hello`.
     pub async fn accept(&self, limits: ServerLimits) -> (PeerConn, Hello) {
-        let mut conn = self.accept_with_preamble(Preamble::CURRENT).await;
+        self.accept_minor(limits, 0).await
+    }
+
+    /// Accepts a connection and completes the handshake with `limits` as a server speaking
+    /// protocol `1.minor`; returns the `Hello`.
+    pub async fn accept_minor(&self, limits: ServerLimits, minor: u16) -> (PeerConn, Hello) {
+        let mut conn = self
+            .accept_with_preamble(Preamble { major: 1, minor })
+            .await;
         let hello = match conn.recv().await {
             Frame::Hello(hello) => hello,
             other => panic!("expected Hello, got {other:?}"),
         };
         conn.send(&Frame::HelloOk(HelloOk {
             server_version: "peer/0".into(),
-            protocol_minor: 0,
+            protocol_minor: minor,
             limits,
         }))
         .await;
