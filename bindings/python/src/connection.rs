@@ -6,12 +6,15 @@ use crate::convert::{self, Props};
 use crate::message::OutgoingMessage;
 use crate::publisher::PyPublisher;
 use crate::{InRuntime, ToPy, run, runtime};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use std::time::Duration;
 use tokio::runtime::Handle;
-use wharf_client::{Client, ClientOptions, ConsumeOptions, ExchangeKind, Message, Value};
+use wharf_client::wharf_protocol::MINOR_QUEUE_FEATURES;
+use wharf_client::{
+    Client, ClientOptions, ConsumeOptions, DeclareQueue, ExchangeKind, Message, Overflow, Value,
+};
 
 /// A connection to a Wharf broker (native core; use `wharf.connect` or `wharf.aio.connect`).
 #[pyclass(frozen, module = "wharf._wharf")]
@@ -51,6 +54,131 @@ fn exchange_kind(kind: &str) -> PyResult<ExchangeKind> {
 
 fn arguments(dict: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<(String, Value)>> {
     convert::optional_entries(dict)
+}
+
+/// The queue features given as keywords of `declare_queue`, each becoming its queue argument.
+/// Integers go to the broker as given, so it judges their range (`InvalidArgument`) exactly as
+/// for the same argument in `arguments`; durations are checked here (seconds >= 0).
+struct QueueFeatures {
+    max_priority: Option<i64>,
+    max_length: Option<i64>,
+    max_length_bytes: Option<i64>,
+    overflow: Option<Overflow>,
+    dead_letter_exchange: Option<String>,
+    dead_letter_routing_key: Option<String>,
+    delivery_limit: Option<i64>,
+    message_ttl: Option<Duration>,
+    expires: Option<Duration>,
+    retry: Option<Vec<Duration>>,
+    dedup_window: Option<Duration>,
+    single_active_consumer: Option<bool>,
+}
+
+impl QueueFeatures {
+    /// The queue argument of every feature given, with its keyword.
+    fn given(&self) -> Vec<(&'static str, &'static str)> {
+        let mut given = Vec::new();
+        let mut add = |is_set: bool, key: &'static str, keyword: &'static str| {
+            if is_set {
+                given.push((key, keyword));
+            }
+        };
+        add(self.max_priority.is_some(), "x-max-priority", "max_priority");
+        add(self.max_length.is_some(), "x-max-length", "max_length");
+        add(self.max_length_bytes.is_some(), "x-max-length-bytes", "max_length_bytes");
+        add(self.overflow.is_some(), "x-overflow", "overflow");
+        add(self.dead_letter_exchange.is_some(), "x-dead-letter-exchange", "dead_letter_exchange");
+        add(
+            self.dead_letter_routing_key.is_some(),
+            "x-dead-letter-routing-key",
+            "dead_letter_routing_key",
+        );
+        add(self.delivery_limit.is_some(), "x-delivery-limit", "delivery_limit");
+        add(self.message_ttl.is_some(), "x-message-ttl", "message_ttl");
+        add(self.expires.is_some(), "x-expires", "expires");
+        add(self.retry.is_some(), "x-retry", "retry");
+        add(self.dedup_window.is_some(), "x-dedup-window", "dedup_window");
+        add(
+            self.single_active_consumer.is_some(),
+            "x-single-active-consumer",
+            "single_active_consumer",
+        );
+        given
+    }
+
+    /// Refuses a feature given both as a keyword and in `arguments` (which one should win
+    /// is a guess; a redeclare must repeat the arguments exactly anyway).
+    fn check_against(&self, arguments: &[(String, Value)]) -> PyResult<()> {
+        for (key, keyword) in self.given() {
+            if arguments.iter().any(|(given, _)| given == key) {
+                return Err(convert::invalid_argument(format!(
+                    "{key} is given twice: as {keyword}= and in arguments"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply<'a>(self, mut declare: DeclareQueue<'a>) -> DeclareQueue<'a> {
+        let integers = [
+            ("x-max-priority", self.max_priority),
+            ("x-max-length", self.max_length),
+            ("x-max-length-bytes", self.max_length_bytes),
+            ("x-delivery-limit", self.delivery_limit),
+        ];
+        for (key, value) in integers {
+            if let Some(value) = value {
+                declare = declare.argument(key, value);
+            }
+        }
+        if let Some(overflow) = self.overflow {
+            declare = declare.overflow(overflow);
+        }
+        if let Some(exchange) = &self.dead_letter_exchange {
+            declare = declare.dead_letter_exchange(exchange);
+        }
+        if let Some(routing_key) = &self.dead_letter_routing_key {
+            declare = declare.dead_letter_routing_key(routing_key);
+        }
+        if let Some(ttl) = self.message_ttl {
+            declare = declare.message_ttl(ttl);
+        }
+        if let Some(idle) = self.expires {
+            declare = declare.expires(idle);
+        }
+        if let Some(delays) = &self.retry {
+            declare = declare.retry(delays);
+        }
+        if let Some(window) = self.dedup_window {
+            declare = declare.dedup_window(window);
+        }
+        if let Some(enabled) = self.single_active_consumer {
+            declare = declare.single_active_consumer(enabled);
+        }
+        declare
+    }
+}
+
+fn overflow(value: &str) -> PyResult<Overflow> {
+    match value {
+        "drop-head" => Ok(Overflow::DropHead),
+        "reject-publish" => Ok(Overflow::RejectPublish),
+        other => Err(convert::invalid_argument(format!(
+            "overflow is 'drop-head' or 'reject-publish', not {other:?}"
+        ))),
+    }
+}
+
+/// A retry schedule: a list or tuple of durations.
+fn retry_schedule(schedule: &Bound<'_, PyAny>) -> PyResult<Vec<Duration>> {
+    if schedule.is_instance_of::<PyString>() || schedule.cast::<PyDict>().is_ok() {
+        return Err(PyTypeError::new_err("retry is a list of delays (seconds or timedelta)"));
+    }
+    schedule
+        .try_iter()
+        .map_err(|_| PyTypeError::new_err("retry is a list of delays (seconds or timedelta)"))?
+        .map(|delay| convert::duration("retry delay", &delay?))
+        .collect()
 }
 
 impl Core {
@@ -124,9 +252,14 @@ impl Core {
         run(py, &self.handle, done, async move { client.close().await })
     }
 
-    /// Declares a queue; returns `(name, ready, consumers)`.
+    /// Declares a queue; returns `(name, ready, consumers)`. The feature keywords
+    /// (`max_priority`, ..., `single_active_consumer`) become their queue arguments.
     #[pyo3(signature = (name, *, durable = false, exclusive = false, auto_delete = false,
-        passive = false, arguments = None, done = None))]
+        passive = false, arguments = None, max_priority = None, max_length = None,
+        max_length_bytes = None, overflow = None, dead_letter_exchange = None,
+        dead_letter_routing_key = None, delivery_limit = None, message_ttl = None,
+        expires = None, retry = None, dedup_window = None, single_active_consumer = None,
+        done = None))]
     #[allow(clippy::too_many_arguments)]
     fn declare_queue(
         &self,
@@ -137,9 +270,39 @@ impl Core {
         auto_delete: bool,
         passive: bool,
         arguments: Option<&Bound<'_, PyAny>>,
+        max_priority: Option<i64>,
+        max_length: Option<i64>,
+        max_length_bytes: Option<i64>,
+        overflow: Option<&str>,
+        dead_letter_exchange: Option<String>,
+        dead_letter_routing_key: Option<String>,
+        delivery_limit: Option<i64>,
+        message_ttl: Option<&Bound<'_, PyAny>>,
+        expires: Option<&Bound<'_, PyAny>>,
+        retry: Option<&Bound<'_, PyAny>>,
+        dedup_window: Option<&Bound<'_, PyAny>>,
+        single_active_consumer: Option<bool>,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let arguments = self::arguments(arguments)?;
+        let features = QueueFeatures {
+            max_priority,
+            max_length,
+            max_length_bytes,
+            overflow: overflow.map(self::overflow).transpose()?,
+            dead_letter_exchange,
+            dead_letter_routing_key,
+            delivery_limit,
+            message_ttl: convert::optional_duration("message_ttl", message_ttl)?,
+            expires: convert::optional_duration("expires", expires)?,
+            retry: retry
+                .filter(|retry| !retry.is_none())
+                .map(retry_schedule)
+                .transpose()?,
+            dedup_window: convert::optional_duration("dedup_window", dedup_window)?,
+            single_active_consumer,
+        };
+        features.check_against(&arguments)?;
         let client = self.client();
         run(py, &self.handle, done, async move {
             let mut declare = client
@@ -151,7 +314,7 @@ impl Core {
             for (key, value) in arguments {
                 declare = declare.argument(&key, value);
             }
-            declare.await
+            features.apply(declare).await
         })
     }
 
@@ -178,18 +341,56 @@ impl Core {
         run(py, &self.handle, done, async move { client.purge_queue(&name).await })
     }
 
-    /// A queue's counters as a dict.
+    /// A queue's counters as a dict (every counter of protocol 1.1; those a 1.0 broker does
+    /// not report are 0).
     #[pyo3(signature = (name, *, done = None))]
     fn queue_stats(&self, py: Python<'_>, name: String, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
         let client = self.client();
-        run(py, &self.handle, done, async move { client.queue_stats(&name).await })
+        run(py, &self.handle, done, async move {
+            if client.protocol_minor() >= MINOR_QUEUE_FEATURES {
+                client.queue_stats_v2(&name).await
+            } else {
+                client.queue_stats(&name).await.map(convert::widen)
+            }
+        })
     }
 
-    /// Every queue's counters, as dicts.
+    /// Every queue's counters, as dicts (as `queue_stats`).
     #[pyo3(signature = (*, done = None))]
     fn list_queues(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
         let client = self.client();
-        run(py, &self.handle, done, async move { client.list_queues().await })
+        run(py, &self.handle, done, async move {
+            if client.protocol_minor() >= MINOR_QUEUE_FEATURES {
+                client.list_queues_v2().await
+            } else {
+                let queues = client.list_queues().await?;
+                Ok(queues.into_iter().map(convert::widen).collect())
+            }
+        })
+    }
+
+    /// Moves up to `max_messages` (`None`: all) dead-lettered messages of `queue` back to the
+    /// queues they died in; returns how many moved.
+    #[pyo3(signature = (queue, *, max_messages = None, done = None))]
+    fn redrive(
+        &self,
+        py: Python<'_>,
+        queue: String,
+        max_messages: Option<i64>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        // The wire's 0 means "all": a Python 0 must not.
+        let max = match max_messages {
+            None => 0,
+            Some(max) if max >= 1 => u64::try_from(max).expect("positive"),
+            Some(max) => {
+                return Err(convert::invalid_argument(format!(
+                    "max_messages must be >= 1 (None: all), not {max}"
+                )));
+            }
+        };
+        let client = self.client();
+        run(py, &self.handle, done, async move { client.redrive(&queue, max).await })
     }
 
     /// Declares an exchange of `kind` (`direct`, `fanout`, `topic`, `headers`).
@@ -277,7 +478,7 @@ impl Core {
     #[pyo3(signature = (routing_key, body, *, exchange = "", headers = None,
         persistent = false, message_id = None, correlation_id = None, reply_to = None,
         content_type = None, content_encoding = None, priority = 0, expiration = None,
-        done = None))]
+        delay = None, done = None))]
     #[allow(clippy::too_many_arguments)]
     fn publish(
         &self,
@@ -293,7 +494,8 @@ impl Core {
         content_type: Option<String>,
         content_encoding: Option<String>,
         priority: u8,
-        expiration: Option<f64>,
+        expiration: Option<&Bound<'_, PyAny>>,
+        delay: Option<&Bound<'_, PyAny>>,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let props = Props::new(
@@ -306,6 +508,7 @@ impl Core {
             content_encoding,
             priority,
             expiration,
+            delay,
         )?;
         let message = props.into_message(convert::extract_body(body)?);
         let exchange = exchange.to_owned();
@@ -367,9 +570,10 @@ impl Core {
         PyPublisher::new(publisher, self.handle.clone())
     }
 
-    /// Subscribes to `queue`; returns a `Consumer`.
+    /// Subscribes to `queue`; returns a `Consumer`. With `ack_timeout`, each delivery is on a
+    /// lease that the client extends while the application holds the message.
     #[pyo3(signature = (queue, *, prefetch = 100, auto_ack = false, exclusive = false,
-        priority = 0, timeout = None, done = None))]
+        priority = 0, timeout = None, ack_timeout = None, done = None))]
     #[allow(clippy::too_many_arguments)]
     fn consume(
         &self,
@@ -380,6 +584,7 @@ impl Core {
         exclusive: bool,
         priority: i32,
         timeout: Option<f64>,
+        ack_timeout: Option<&Bound<'_, PyAny>>,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let timeout: Option<Duration> = convert::optional_seconds("timeout", timeout)?;
@@ -388,7 +593,7 @@ impl Core {
             auto_ack,
             exclusive,
             priority,
-            ..ConsumeOptions::default()
+            ack_timeout: convert::optional_duration("ack_timeout", ack_timeout)?,
         };
         let client = self.client();
         let handle = self.handle.clone();
@@ -400,6 +605,7 @@ impl Core {
                 auto_ack,
                 prefetch,
                 timeout,
+                ack_timeout: options.ack_timeout,
             })
         })
     }

@@ -162,6 +162,7 @@ pub(crate) struct PyConsumer {
     auto_ack: bool,
     prefetch: u32,
     timeout: Option<Duration>,
+    ack_timeout: Option<Duration>,
 }
 
 /// What `Core.consume` produces, made into a `Consumer` once the GIL is held.
@@ -171,6 +172,7 @@ pub(crate) struct NewConsumer {
     pub(crate) auto_ack: bool,
     pub(crate) prefetch: u32,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) ack_timeout: Option<Duration>,
 }
 
 impl ToPy for NewConsumer {
@@ -181,6 +183,7 @@ impl ToPy for NewConsumer {
             auto_ack: self.auto_ack,
             prefetch: self.prefetch,
             timeout: self.timeout,
+            ack_timeout: self.ack_timeout,
             state: Arc::new(Mutex::new(ConsumerState {
                 consumer: Some(self.consumer),
                 error: None,
@@ -278,6 +281,13 @@ impl PyConsumer {
     #[getter]
     fn timeout(&self) -> Option<f64> {
         self.timeout.map(|timeout| timeout.as_secs_f64())
+    }
+
+    /// The lease of each delivery in seconds (`None`: no lease). The client extends the lease
+    /// of every message the application holds (taken, not settled, not garbage-collected).
+    #[getter]
+    fn ack_timeout(&self) -> Option<f64> {
+        self.ack_timeout.map(|timeout| timeout.as_secs_f64())
     }
 
     fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {

@@ -6,10 +6,15 @@ use bytes::Bytes;
 use pyo3::IntoPyObjectExt;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{
+    PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple, PyType,
+};
 use std::time::Duration;
 use wharf_client::wharf_protocol::{TableIter, limits::TABLE_DEPTH_MAX};
-use wharf_client::{ClientError, DeclaredQueue, Durability, Message, QueueInfo, Value, ValueRef};
+use wharf_client::{
+    ClientError, DeclaredQueue, Durability, Message, QueueInfo, QueueInfoV2, Value, ValueRef,
+};
 
 /// A message body: `bytes`, `bytearray`, `str` (UTF-8) or any buffer (`memoryview`, ...).
 pub(crate) fn extract_body(body: &Bound<'_, PyAny>) -> PyResult<Bytes> {
@@ -128,15 +133,52 @@ pub(crate) fn table_to_dict<'py>(py: Python<'py>, entries: TableIter<'_>) -> PyR
     Ok(dict)
 }
 
-/// Seconds (`float`) as a `Duration`.
+/// `wharf.InvalidArgument` (a `ValueError`) with `message`: a bad value caught before
+/// anything is sent.
+pub(crate) fn invalid_argument(message: String) -> PyErr {
+    Python::attach(|py| crate::errors::new_error(py, "InvalidArgument", message))
+}
+
+/// Seconds (`float`) as a `Duration`; `wharf.InvalidArgument` if negative or not finite.
 pub(crate) fn seconds(what: &str, value: f64) -> PyResult<Duration> {
     Duration::try_from_secs_f64(value)
-        .map_err(|_| PyValueError::new_err(format!("{what} must be a finite number of seconds >= 0, not {value}")))
+        .map_err(|_| invalid_argument(format!("{what} must be a finite number of seconds >= 0, not {value}")))
 }
 
 /// Optional seconds.
 pub(crate) fn optional_seconds(what: &str, value: Option<f64>) -> PyResult<Option<Duration>> {
     value.map(|value| seconds(what, value)).transpose()
+}
+
+static TIMEDELTA: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// A duration given as seconds (`int` or `float`) or as a `datetime.timedelta`.
+pub(crate) fn duration(what: &str, value: &Bound<'_, PyAny>) -> PyResult<Duration> {
+    let py = value.py();
+    let timedelta = TIMEDELTA.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import("datetime")?.getattr("timedelta")?.cast_into::<PyType>()?.unbind())
+    })?;
+    let secs: f64 = if value.is_instance(timedelta.bind(py))? {
+        value.call_method0("total_seconds")?.extract()?
+    } else if value.is_instance_of::<PyBool>()
+        || !(value.is_instance_of::<PyInt>() || value.is_instance_of::<PyFloat>())
+    {
+        return Err(PyTypeError::new_err(format!(
+            "{what} is a number of seconds or a datetime.timedelta, not {}",
+            value.get_type().name()?
+        )));
+    } else {
+        value.extract()?
+    };
+    seconds(what, secs)
+}
+
+/// An optional duration (`None` = not given).
+pub(crate) fn optional_duration(what: &str, value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Duration>> {
+    match value {
+        Some(value) if !value.is_none() => Ok(Some(duration(what, value)?)),
+        _ => Ok(None),
+    }
 }
 
 /// The properties of an outgoing message, as given to `publish(...)`.
@@ -150,6 +192,7 @@ pub(crate) struct Props {
     pub(crate) content_encoding: Option<String>,
     pub(crate) priority: u8,
     pub(crate) expiration: Option<Duration>,
+    pub(crate) delay: Option<Duration>,
 }
 
 impl Props {
@@ -164,7 +207,8 @@ impl Props {
         content_type: Option<String>,
         content_encoding: Option<String>,
         priority: u8,
-        expiration: Option<f64>,
+        expiration: Option<&Bound<'_, PyAny>>,
+        delay: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Props> {
         Ok(Props {
             headers: optional_entries(headers)?,
@@ -175,7 +219,8 @@ impl Props {
             content_type,
             content_encoding,
             priority,
-            expiration: optional_seconds("expiration", expiration)?,
+            expiration: optional_duration("expiration", expiration)?,
+            delay: optional_duration("delay", delay)?,
         })
     }
 
@@ -202,6 +247,9 @@ impl Props {
         }
         if let Some(expiration) = self.expiration {
             message = message.expiration(expiration);
+        }
+        if let Some(delay) = self.delay {
+            message = message.delay(delay);
         }
         message
     }
@@ -246,7 +294,22 @@ impl ToPy for DeclaredQueue {
     }
 }
 
-fn queue_info_to_py<'py>(py: Python<'py>, info: QueueInfo) -> PyResult<Bound<'py, PyAny>> {
+/// A 1.0 broker's queue description with the counters it cannot report set to 0.
+pub(crate) fn widen(info: QueueInfo) -> QueueInfoV2 {
+    QueueInfoV2 {
+        name: info.name,
+        durable: info.durable,
+        exclusive: info.exclusive,
+        auto_delete: info.auto_delete,
+        ready: info.ready,
+        unacked: info.unacked,
+        consumers: info.consumers,
+        ..QueueInfoV2::default()
+    }
+}
+
+/// A queue's description and counters as the dict `QueueStats._from_dict` reads.
+fn queue_info_to_py<'py>(py: Python<'py>, info: QueueInfoV2) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     dict.set_item("name", info.name)?;
     dict.set_item("durable", info.durable)?;
@@ -255,16 +318,25 @@ fn queue_info_to_py<'py>(py: Python<'py>, info: QueueInfo) -> PyResult<Bound<'py
     dict.set_item("ready", info.ready)?;
     dict.set_item("unacked", info.unacked)?;
     dict.set_item("consumers", info.consumers)?;
-    Ok(dict.into_any())
+    dict.set_item("delayed", info.delayed)?;
+    dict.set_item("ready_bytes", info.ready_bytes)?;
+    dict.set_item("published", info.published)?;
+    dict.set_item("delivered", info.delivered)?;
+    dict.set_item("redelivered", info.redelivered)?;
+    dict.set_item("acked", info.acked)?;
+    dict.set_item("dropped", info.dropped)?;
+    dict.set_item("expired", info.expired)?;
+    dict.set_item("duplicates", info.duplicates)?;
+    Ok(dict)
 }
 
-impl ToPy for QueueInfo {
+impl ToPy for QueueInfoV2 {
     fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        Ok(queue_info_to_py(py, self)?.unbind())
+        Ok(queue_info_to_py(py, self)?.into_any().unbind())
     }
 }
 
-impl ToPy for Vec<QueueInfo> {
+impl ToPy for Vec<QueueInfoV2> {
     fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let list = PyList::empty(py);
         for info in self {

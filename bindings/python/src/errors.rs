@@ -49,6 +49,7 @@ fn classify(err: &ClientError) -> (&'static str, Option<u16>) {
         ClientError::Duplicate => "Duplicate",
         ClientError::ConsumerCancelled { .. } => "ConsumerCancelled",
         ClientError::NotSettleable { .. } => "NotSettleable",
+        ClientError::NotSupported { .. } => "NotSupported",
         _ => "WharfError",
     };
     (class, code)

@@ -11,9 +11,10 @@ use wharf_client::{ClientError, Delivery};
 
 /// A message delivered to a consumer.
 ///
-/// Settle it exactly once, with `ack()`, `nack(requeue=...)` or `reject()` (or let
-/// `process()` do it), unless it came from an `auto_ack` consumer. Settling never blocks: it
-/// queues the frame for the socket. Safe to use from any thread.
+/// Settle it exactly once, with `ack()`, `nack(requeue=...)`, `reject()` or `defer(delay)`
+/// (or let `process()` do it), unless it came from an `auto_ack` consumer. Settling never
+/// blocks: it queues the frame for the socket. Safe to use from any thread. While it is held
+/// unsettled, the lease of a consumer with an `ack_timeout` is extended in the background.
 #[pyclass(frozen, module = "wharf._wharf")]
 pub(crate) struct Message {
     delivery: Delivery,
@@ -207,6 +208,27 @@ impl Message {
         self.settle(py, self.delivery.reject())
     }
 
+    /// Defers: a nack whose requeue waits `delay` (seconds or `timedelta`, millisecond
+    /// precision). The message comes back flagged redelivered at the back of its queue; until
+    /// then the queue counts it as `delayed`. The delivery limit counts it as a requeue.
+    fn defer(&self, py: Python<'_>, delay: &Bound<'_, PyAny>) -> PyResult<()> {
+        let delay = convert::duration("delay", delay)?;
+        self.settle(py, self.delivery.defer(delay))
+    }
+
+    /// Extends the message's lease by the consumer's `ack_timeout` from now ("still working on
+    /// it"). Rarely needed: the client extends the lease of a message the application holds by
+    /// itself. Does nothing without an `ack_timeout`; does not settle. Raises `NotSettleable`
+    /// once the message is settled or its consumer ended.
+    fn in_progress(&self, py: Python<'_>) -> PyResult<()> {
+        let mut future = Box::pin(self.delivery.in_progress());
+        let result = match poll_once(future.as_mut()) {
+            std::task::Poll::Ready(result) => result,
+            std::task::Poll::Pending => wait_forever(py, &self.handle, future)?,
+        };
+        result.map_err(|err| errors::to_py_err(py, &err))
+    }
+
     /// A context manager that acks when its block succeeds and nacks (with `requeue`) when
     /// it raises; the exception propagates. Does nothing if the block settled the message
     /// itself, or for auto-ack deliveries.
@@ -278,7 +300,7 @@ impl OutgoingMessage {
     #[new]
     #[pyo3(signature = (body, *, routing_key = None, headers = None, persistent = false,
         message_id = None, correlation_id = None, reply_to = None, content_type = None,
-        content_encoding = None, priority = 0, expiration = None))]
+        content_encoding = None, priority = 0, expiration = None, delay = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         body: &Bound<'_, PyAny>,
@@ -291,7 +313,8 @@ impl OutgoingMessage {
         content_type: Option<String>,
         content_encoding: Option<String>,
         priority: u8,
-        expiration: Option<f64>,
+        expiration: Option<&Bound<'_, PyAny>>,
+        delay: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<OutgoingMessage> {
         let props = Props::new(
             headers,
@@ -303,6 +326,7 @@ impl OutgoingMessage {
             content_encoding,
             priority,
             expiration,
+            delay,
         )?;
         Ok(OutgoingMessage {
             routing_key,

@@ -143,7 +143,7 @@ impl PyPublisher {
     #[pyo3(signature = (routing_key, body, *, exchange = "", headers = None,
         persistent = false, message_id = None, correlation_id = None, reply_to = None,
         content_type = None, content_encoding = None, priority = 0, expiration = None,
-        done = None))]
+        delay = None, done = None))]
     #[allow(clippy::too_many_arguments)]
     fn publish(
         &self,
@@ -159,7 +159,8 @@ impl PyPublisher {
         content_type: Option<String>,
         content_encoding: Option<String>,
         priority: u8,
-        expiration: Option<f64>,
+        expiration: Option<&Bound<'_, PyAny>>,
+        delay: Option<&Bound<'_, PyAny>>,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Option<u64>> {
         let props = Props::new(
@@ -172,6 +173,7 @@ impl PyPublisher {
             content_encoding,
             priority,
             expiration,
+            delay,
         )?;
         let message = props.into_message(convert::extract_body(body)?);
         let publisher = (*self.publisher).clone();

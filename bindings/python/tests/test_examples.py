@@ -1,4 +1,5 @@
-"""Runs every tutorial in examples/python against the test server; each must finish by itself."""
+"""Runs every tutorial and queue-feature example in examples/python against the test server;
+each must finish by itself and print its expected line."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ EXPECTED_OUTPUT = {
     "headers.py": "[pdf reports (all)] Received ['monthly pdf report']",
     "rpc.py": "Got 832040",
     "asyncio_hello.py": "Received b'World!'",
+    # The queue features (docs/user-guide.md), one example each.
+    "priorities.py": "Processed in order: ['password reset', 'account locked', 'thumbnail', 'weekly report'",
+    "delayed_delivery.py": "Reminders delivered in order: ['call the customer back', 'send the invoice']",
+    "retries.py": "Redriven 1 message(s) back to 'payments'\n [x] Charged b'order 42: 12.50 EUR'",
+    "ttl.py": "Expired b'EURUSD 1.0842': reason 'expired' in 'quotes'",
+    "dedup.py": "Queue holds 2 charges; 3 duplicates dropped",
+    "leases.py": "Took over b'render outro.mp4' (redelivered=True)",
 }
 
 

@@ -114,7 +114,7 @@ def test_publish_many_returns_one_result_per_message(conn: wharf.Connection, que
     assert conn.queue_stats(queue).ready == 2
     assert conn.queue_stats(other).ready == 1
 
-    # (The broker does not enforce x-max-length yet, so `Backpressure` entries cannot be provoked.)
+    # (`Backpressure` and `Duplicate` entries: tests/test_queue_features.py.)
     results = conn.publish_many([b"x"] * 3, exchange=unique("missing"))
     assert len(results) == 3
     assert all(isinstance(err, wharf.WharfError) and err.code == wharf.ErrorCode.NOT_FOUND for err in results)

@@ -29,8 +29,10 @@ from wharf._types import (
     ExchangeKind,
     Headers,
     HeaderValue,
+    Overflow,
     QueueDeclared,
     QueueStats,
+    Seconds,
 )
 from wharf._wharf import Batches, Consumer, Message, OutgoingMessage, ProcessGuard, Publisher
 from wharf.errors import (
@@ -74,6 +76,8 @@ __all__ = [
     "ExchangeKind",
     "Headers",
     "HeaderValue",
+    "Overflow",
+    "Seconds",
     "ErrorCode",
     "WharfError",
     "ConnectError",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Optional, cast
 
@@ -12,8 +12,10 @@ from wharf._types import (
     Durability,
     ExchangeKind,
     Headers,
+    Overflow,
     QueueDeclared,
     QueueStats,
+    Seconds,
     _arguments,
 )
 from wharf._wharf import Consumer, OutgoingMessage, Publisher
@@ -110,13 +112,50 @@ class Connection:
         auto_delete: bool = False,
         passive: bool = False,
         arguments: Optional[Headers] = None,
+        max_priority: Optional[int] = None,
+        max_length: Optional[int] = None,
+        max_length_bytes: Optional[int] = None,
+        overflow: Optional[Overflow] = None,
+        dead_letter_exchange: Optional[str] = None,
+        dead_letter_routing_key: Optional[str] = None,
+        delivery_limit: Optional[int] = None,
+        message_ttl: Optional[Seconds] = None,
+        expires: Optional[Seconds] = None,
+        retry: Optional[Sequence[Seconds]] = None,
+        dedup_window: Optional[Seconds] = None,
+        single_active_consumer: Optional[bool] = None,
     ) -> QueueDeclared:
         """Declares a queue (creating it unless it exists) and returns its name and counts.
 
         An empty ``name`` asks the broker for a unique one. ``exclusive`` queues belong to this
         connection and vanish with it; ``passive`` only checks the queue exists
-        (:class:`NotFound` otherwise). ``arguments`` are typed queue arguments, e.g.
-        ``{"x-max-length": 1000, "x-message-ttl": 60000, "x-dead-letter-exchange": "dlx"}``.
+        (:class:`NotFound` otherwise).
+
+        Queue features (docs/user-guide.md), each sent as its queue argument; ``None`` leaves
+        it out. Durations (:data:`Seconds`) are seconds or a ``timedelta``:
+
+        * ``max_priority`` (1..255, ``x-max-priority``): deliver higher message priorities
+          first;
+        * ``max_length`` / ``max_length_bytes`` (``x-max-length`` / ``x-max-length-bytes``):
+          most ready messages / body bytes; ``overflow`` (``"drop-head"``, the default, or
+          ``"reject-publish"``: publishes then raise :class:`Backpressure`);
+        * ``dead_letter_exchange`` / ``dead_letter_routing_key``: where rejected, expired,
+          dropped and exhausted messages go (``""`` is the default exchange, which routes by
+          queue name), with an ``x-death`` header;
+        * ``delivery_limit`` (``x-delivery-limit``): dead-letter a message instead of
+          requeueing it after this many deliveries;
+        * ``message_ttl`` (``x-message-ttl``): how long a message may stay ready;
+        * ``expires`` (``x-expires``): delete the queue once unused this long;
+        * ``retry`` (``x-retry``, 1 to 64 delays): a nacked-with-requeue message comes back
+          after the next delay of the schedule, and is dead-lettered after the last;
+        * ``dedup_window`` (``x-dedup-window``): drop a message whose ``message_id`` the queue
+          took this recently (the publish raises :class:`Duplicate`);
+        * ``single_active_consumer``: deliver to one consumer at a time.
+
+        Other arguments go in ``arguments`` (typed values, e.g. ``{"x-max-length": 1000}``); a
+        feature given both ways raises :class:`InvalidArgument`, as does a value the broker
+        refuses (nothing is declared then). A redeclare must repeat the arguments exactly
+        (:class:`PreconditionFailed` otherwise).
         """
         name, ready, consumers = self._core.declare_queue(
             name,
@@ -125,6 +164,18 @@ class Connection:
             auto_delete=auto_delete,
             passive=passive,
             arguments=_arguments(arguments),
+            max_priority=max_priority,
+            max_length=max_length,
+            max_length_bytes=max_length_bytes,
+            overflow=overflow,
+            dead_letter_exchange=dead_letter_exchange,
+            dead_letter_routing_key=dead_letter_routing_key,
+            delivery_limit=delivery_limit,
+            message_ttl=message_ttl,
+            expires=expires,
+            retry=retry,
+            dedup_window=dedup_window,
+            single_active_consumer=single_active_consumer,
         )
         return QueueDeclared(name, ready, consumers)
 
@@ -138,12 +189,21 @@ class Connection:
         return cast(int, self._core.purge_queue(name))
 
     def queue_stats(self, name: str) -> QueueStats:
-        """A queue's counters (ready, unacked, consumers) and flags."""
+        """A queue's counters (``ready``, ``unacked``, ``consumers``, ``delayed``,
+        ``expired``, ``duplicates``, ...) and flags."""
         return QueueStats._from_dict(self._core.queue_stats(name))
 
     def list_queues(self) -> list[QueueStats]:
         """Every queue visible to this connection."""
         return [QueueStats._from_dict(stats) for stats in self._core.list_queues()]
+
+    def redrive(self, queue: str, *, max_messages: Optional[int] = None) -> int:
+        """Moves dead-lettered messages of the dead-letter queue ``queue`` back to the queue
+        each last died in (with its original exchange and routing key, without its death
+        records); returns how many moved. ``max_messages`` (>= 1) bounds how many; ``None``
+        moves all. Messages without a death record, or whose queue is gone or full, stay.
+        Raises :class:`NotFound` if ``queue`` does not exist."""
+        return cast(int, self._core.redrive(queue, max_messages=max_messages))
 
     def declare_exchange(
         self,
@@ -243,15 +303,23 @@ class Connection:
         content_type: Optional[str] = None,
         content_encoding: Optional[str] = None,
         priority: int = 0,
-        expiration: Optional[float] = None,
+        expiration: Optional[Seconds] = None,
+        delay: Optional[Seconds] = None,
     ) -> Durability:
         """Publishes one message and waits for the broker's confirm.
 
         ``exchange=""`` (the default exchange) routes to the queue named ``routing_key``.
         Returns what the confirm promises (``"in_memory"``, ``"fsynced"``, ...); raises
         :class:`PublishRefused`, :class:`NotFound` (no such exchange), :class:`Backpressure`
-        (queue full) or :class:`Timeout`. ``expiration`` is a time to live in seconds.
-        For throughput use :meth:`publisher` or :meth:`publish_many`.
+        (queue full), :class:`Duplicate` or :class:`Timeout`.
+
+        ``expiration`` is the message's time to live (seconds or ``timedelta``) once in a
+        queue; ``delay`` makes each queue hold the message that long before a consumer can
+        get it (confirmed at once; counted in ``QueueStats.delayed`` meanwhile).
+        ``message_id`` is the deduplication key: if every queue the message reached already
+        took that id within its ``dedup_window``, it is not stored again and
+        :class:`Duplicate` is raised; a producer retrying after a lost confirm can treat that
+        as success. For throughput use :meth:`publisher` or :meth:`publish_many`.
         """
         return cast(
             Durability,
@@ -268,6 +336,7 @@ class Connection:
                 content_encoding=content_encoding,
                 priority=priority,
                 expiration=expiration,
+                delay=delay,
             ),
         )
 
@@ -281,9 +350,11 @@ class Connection:
         """Publishes many messages in batches and waits for every confirm.
 
         Each item is a body (routed with ``routing_key``) or an :class:`OutgoingMessage`
-        (its own routing key and properties). Returns one entry per message, in order:
-        ``None`` if the broker stored it, else the error (nothing is raised for a refused
-        message; an error is raised only if nothing could be sent).
+        (its own routing key and properties, ``delay`` included). Returns one entry per
+        message, in order: ``None`` if the broker stored it, else the error that
+        :meth:`publish` would have raised for it (:class:`Backpressure`, :class:`Duplicate`,
+        ...). Nothing is raised for a refused message; an error is raised only if nothing
+        could be sent.
         """
         return cast(
             "list[Optional[WharfError]]",
@@ -307,6 +378,7 @@ class Connection:
         exclusive: bool = False,
         priority: int = 0,
         timeout: Optional[float] = None,
+        ack_timeout: Optional[Seconds] = None,
     ) -> Consumer:
         """Subscribes to ``queue`` and returns a :class:`Consumer` to iterate.
 
@@ -315,6 +387,15 @@ class Connection:
         quietly, cancelling the consumer, once no message arrived for that long; without,
         it waits forever (Ctrl-C interrupts it). ``exclusive`` refuses other consumers;
         higher ``priority`` consumers are served first.
+
+        ``ack_timeout`` (seconds or ``timedelta``, at least 1 ms; manual acks only) puts each
+        delivery on a lease: one not settled in time goes back to the queue and to another
+        consumer, and no connection is closed. While the application holds a message (took
+        it, has neither settled it nor dropped every reference to it), the client extends
+        its lease in the background, GIL or not, so a long ``with message.process():`` block
+        keeps its message; the lease guards against a consumer that is stuck or gone. Keep
+        ``prefetch`` small for long work: messages still buffered in the consumer are not
+        extended.
         """
         return cast(
             Consumer,
@@ -325,5 +406,6 @@ class Connection:
                 exclusive=exclusive,
                 priority=priority,
                 timeout=timeout,
+                ack_timeout=ack_timeout,
             ),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Dict, List, Literal, Mapping, NamedTuple, Union
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "Headers",
     "ExchangeKind",
     "Durability",
+    "Overflow",
+    "Seconds",
     "QueueDeclared",
     "QueueStats",
 ]
@@ -32,6 +35,16 @@ ExchangeKind = Literal["direct", "fanout", "topic", "headers"]
 #: ``unsafe_not_synced`` (written, not fsynced).
 Durability = Literal["in_memory", "fsynced", "unsafe_not_synced"]
 
+#: What a queue at its length limit does with a new message (``x-overflow``): ``drop-head``
+#: (accept it, drop or dead-letter the oldest ready messages) or ``reject-publish`` (refuse it:
+#: the publish raises :class:`~wharf.Backpressure`).
+Overflow = Literal["drop-head", "reject-publish"]
+
+#: A duration: seconds (``int`` or ``float``) or a :class:`datetime.timedelta`. The broker
+#: counts in milliseconds (finer parts are dropped); negative durations raise
+#: :class:`~wharf.InvalidArgument`.
+Seconds = Union[float, timedelta]
+
 
 class QueueDeclared(NamedTuple):
     """The answer to a queue declaration."""
@@ -46,7 +59,8 @@ class QueueDeclared(NamedTuple):
 
 @dataclass(frozen=True)
 class QueueStats:
-    """A queue's description and counters."""
+    """A queue's description and counters. (A broker older than protocol 1.1 reports only
+    ``ready``, ``unacked`` and ``consumers``; the other counters are then 0.)"""
 
     #: Queue name.
     name: str
@@ -62,6 +76,26 @@ class QueueStats:
     unacked: int
     #: Active consumers.
     consumers: int
+    #: Messages waiting for a delay (delayed publishes, deferred messages, retries between
+    #: two attempts): not ready yet, not counted in ``ready``.
+    delayed: int = 0
+    #: Body bytes of the ready messages.
+    ready_bytes: int = 0
+    #: Messages enqueued since the queue was declared.
+    published: int = 0
+    #: Deliveries made, redeliveries included.
+    delivered: int = 0
+    #: Deliveries of messages that had been delivered before.
+    redelivered: int = 0
+    #: Messages acked.
+    acked: int = 0
+    #: Messages that left without an ack (rejected, length or delivery limit, retries
+    #: exhausted), dead-lettered ones included.
+    dropped: int = 0
+    #: Messages that expired (message or queue TTL), dead-lettered ones included.
+    expired: int = 0
+    #: Publishes dropped because their message id was in the queue's dedup window.
+    duplicates: int = 0
 
     @classmethod
     def _from_dict(cls, stats: Mapping[str, Any]) -> QueueStats:

@@ -6,7 +6,9 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Optional, final
 
-from wharf._types import Body, Durability, Headers, HeaderValue
+from collections.abc import Sequence
+
+from wharf._types import Body, Durability, Headers, HeaderValue, Seconds
 
 __version__: str
 
@@ -23,7 +25,7 @@ class Task:
 
 @final
 class Message:
-    """A message delivered to a consumer; settle it once with ack / nack / reject."""
+    """A message delivered to a consumer; settle it once with ack / nack / reject / defer."""
 
     @property
     def body(self) -> bytes: ...
@@ -64,6 +66,8 @@ class Message:
     def ack(self) -> None: ...
     def nack(self, requeue: bool = True) -> None: ...
     def reject(self) -> None: ...
+    def defer(self, delay: Seconds) -> None: ...
+    def in_progress(self) -> None: ...
     def process(self, requeue: bool = False) -> ProcessGuard: ...
 
 @final
@@ -95,7 +99,8 @@ class OutgoingMessage:
         content_type: str | None = None,
         content_encoding: str | None = None,
         priority: int = 0,
-        expiration: float | None = None,
+        expiration: Seconds | None = None,
+        delay: Seconds | None = None,
     ) -> OutgoingMessage: ...
     @property
     def body(self) -> bytes: ...
@@ -116,6 +121,8 @@ class Consumer:
     def prefetch(self) -> int: ...
     @property
     def timeout(self) -> float | None: ...
+    @property
+    def ack_timeout(self) -> float | None: ...
     def __iter__(self) -> Iterator[Message]: ...
     def __next__(self) -> Message: ...
     def get(self, timeout: float | None = None) -> Message | None: ...
@@ -165,7 +172,8 @@ class Publisher:
         content_type: str | None = None,
         content_encoding: str | None = None,
         priority: int = 0,
-        expiration: float | None = None,
+        expiration: Seconds | None = None,
+        delay: Seconds | None = None,
         done: _Done | None = None,
     ) -> int | None: ...
     def wait_confirms(
@@ -211,6 +219,18 @@ class Core:
         auto_delete: bool = False,
         passive: bool = False,
         arguments: Headers | None = None,
+        max_priority: int | None = None,
+        max_length: int | None = None,
+        max_length_bytes: int | None = None,
+        overflow: str | None = None,
+        dead_letter_exchange: str | None = None,
+        dead_letter_routing_key: str | None = None,
+        delivery_limit: int | None = None,
+        message_ttl: Seconds | None = None,
+        expires: Seconds | None = None,
+        retry: Sequence[Seconds] | None = None,
+        dedup_window: Seconds | None = None,
+        single_active_consumer: bool | None = None,
         done: _Done | None = None,
     ) -> Any: ...
     def delete_queue(
@@ -219,6 +239,9 @@ class Core:
     def purge_queue(self, name: str, *, done: _Done | None = None) -> Any: ...
     def queue_stats(self, name: str, *, done: _Done | None = None) -> Any: ...
     def list_queues(self, *, done: _Done | None = None) -> Any: ...
+    def redrive(
+        self, queue: str, *, max_messages: int | None = None, done: _Done | None = None
+    ) -> Any: ...
     def declare_exchange(
         self,
         name: str,
@@ -259,7 +282,8 @@ class Core:
         content_type: str | None = None,
         content_encoding: str | None = None,
         priority: int = 0,
-        expiration: float | None = None,
+        expiration: Seconds | None = None,
+        delay: Seconds | None = None,
         done: _Done | None = None,
     ) -> Any: ...
     def publish_many(
@@ -280,6 +304,7 @@ class Core:
         exclusive: bool = False,
         priority: int = 0,
         timeout: float | None = None,
+        ack_timeout: Seconds | None = None,
         done: _Done | None = None,
     ) -> Any: ...
 

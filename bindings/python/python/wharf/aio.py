@@ -4,8 +4,8 @@
 It runs on the same native core as the blocking API: operations run on Wharf's background
 runtime and their results are handed to the event loop with ``loop.call_soon_threadsafe``;
 nothing blocks the loop and no executor thread is used. Settling a message (``ack``,
-``nack``, ``reject``, ``with message.process():``) never blocks, so it is the same call as in
-the blocking API.
+``nack``, ``reject``, ``defer``, ``with message.process():``) and ``in_progress`` never block,
+so they are the same calls as in the blocking API.
 
 .. code-block:: python
 
@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
+from datetime import timedelta
 from types import TracebackType
 from typing import Any, Optional, cast
 
@@ -35,8 +36,10 @@ from wharf._types import (
     Durability,
     ExchangeKind,
     Headers,
+    Overflow,
     QueueDeclared,
     QueueStats,
+    Seconds,
     _arguments,
 )
 from wharf._wharf import Message, OutgoingMessage
@@ -207,8 +210,21 @@ class Connection:
         auto_delete: bool = False,
         passive: bool = False,
         arguments: Optional[Headers] = None,
+        max_priority: Optional[int] = None,
+        max_length: Optional[int] = None,
+        max_length_bytes: Optional[int] = None,
+        overflow: Optional[Overflow] = None,
+        dead_letter_exchange: Optional[str] = None,
+        dead_letter_routing_key: Optional[str] = None,
+        delivery_limit: Optional[int] = None,
+        message_ttl: Optional[Seconds] = None,
+        expires: Optional[Seconds] = None,
+        retry: Optional[Sequence[Seconds]] = None,
+        dedup_window: Optional[Seconds] = None,
+        single_active_consumer: Optional[bool] = None,
     ) -> QueueDeclared:
-        """Declares a queue; see :meth:`wharf.Connection.declare_queue`."""
+        """Declares a queue, with its queue features; see
+        :meth:`wharf.Connection.declare_queue`."""
         args = _arguments(arguments)
         name, ready, consumers = await _call(
             lambda done: self._core.declare_queue(
@@ -218,6 +234,18 @@ class Connection:
                 auto_delete=auto_delete,
                 passive=passive,
                 arguments=args,
+                max_priority=max_priority,
+                max_length=max_length,
+                max_length_bytes=max_length_bytes,
+                overflow=overflow,
+                dead_letter_exchange=dead_letter_exchange,
+                dead_letter_routing_key=dead_letter_routing_key,
+                delivery_limit=delivery_limit,
+                message_ttl=message_ttl,
+                expires=expires,
+                retry=retry,
+                dedup_window=dedup_window,
+                single_active_consumer=single_active_consumer,
                 done=done,
             )
         )
@@ -249,6 +277,16 @@ class Connection:
         """Every queue visible to this connection."""
         queues = await _call(lambda done: self._core.list_queues(done=done))
         return [QueueStats._from_dict(stats) for stats in queues]
+
+    async def redrive(self, queue: str, *, max_messages: Optional[int] = None) -> int:
+        """Moves dead-lettered messages back to the queues they died in; returns how many.
+        See :meth:`wharf.Connection.redrive`."""
+        return cast(
+            int,
+            await _call(
+                lambda done: self._core.redrive(queue, max_messages=max_messages, done=done)
+            ),
+        )
 
     async def declare_exchange(
         self,
@@ -362,9 +400,12 @@ class Connection:
         content_type: Optional[str] = None,
         content_encoding: Optional[str] = None,
         priority: int = 0,
-        expiration: Optional[float] = None,
+        expiration: Optional[Seconds] = None,
+        delay: Optional[Seconds] = None,
     ) -> Durability:
-        """Publishes one message and awaits its confirm; see :meth:`wharf.Connection.publish`."""
+        """Publishes one message and awaits its confirm; see :meth:`wharf.Connection.publish`
+        (``delay``, ``expiration``, and :class:`~wharf.Duplicate` for a deduplicated
+        ``message_id``)."""
         return cast(
             Durability,
             await _call(
@@ -381,6 +422,7 @@ class Connection:
                     content_encoding=content_encoding,
                     priority=priority,
                     expiration=expiration,
+                    delay=delay,
                     done=done,
                 )
             ),
@@ -418,13 +460,17 @@ class Connection:
         exclusive: bool = False,
         priority: int = 0,
         timeout: Optional[float] = None,
+        ack_timeout: Optional[Seconds] = None,
     ) -> Consumer:
-        """A :class:`Consumer` of ``queue`` (arguments as in :meth:`wharf.Connection.consume`).
+        """A :class:`Consumer` of ``queue`` (arguments as in :meth:`wharf.Connection.consume`,
+        ``ack_timeout`` included: a held message's lease is extended in the background).
 
         It subscribes when first used: ``async with``, ``async for``, ``await``, ``get()`` or
         ``batches()``; subscription errors (e.g. :class:`NotFound`) are raised there.
         """
-        return Consumer(self._core, queue, prefetch, auto_ack, exclusive, priority, timeout)
+        return Consumer(
+            self._core, queue, prefetch, auto_ack, exclusive, priority, timeout, ack_timeout
+        )
 
 
 class Consumer:
@@ -433,7 +479,8 @@ class Consumer:
     ``async for message in consumer`` yields messages; with a ``timeout`` iteration ends
     quietly (cancelling the consumer) after that many idle seconds. ``async with`` cancels it
     on exit. Messages are fetched from the native core in chunks, so per-message overhead is a
-    deque pop.
+    deque pop (one at a time with an ``ack_timeout``, so that only the messages handed to the
+    application have their leases extended).
     """
 
     _CHUNK = 256
@@ -447,6 +494,7 @@ class Consumer:
         exclusive: bool,
         priority: int,
         timeout: Optional[float],
+        ack_timeout: Optional[Seconds] = None,
     ) -> None:
         """Prepares a subscription (use :meth:`Connection.consume` instead)."""
         self._core = core
@@ -456,6 +504,7 @@ class Consumer:
         self._exclusive = exclusive
         self._priority = priority
         self._timeout = timeout
+        self._ack_timeout = ack_timeout
         self._native: Optional[_wharf.Consumer] = None
         self._subscribing: Optional[asyncio.Future[Any]] = None
         self._buffer: collections.deque[Message] = collections.deque()
@@ -470,6 +519,13 @@ class Consumer:
     def timeout(self) -> Optional[float]:
         """Idle seconds after which iteration ends (``None``: never)."""
         return self._timeout
+
+    @property
+    def ack_timeout(self) -> Optional[float]:
+        """The lease of each delivery in seconds (``None``: no lease)."""
+        if isinstance(self._ack_timeout, timedelta):
+            return self._ack_timeout.total_seconds()
+        return None if self._ack_timeout is None else float(self._ack_timeout)
 
     @property
     def consumer_tag(self) -> Optional[int]:
@@ -489,6 +545,7 @@ class Consumer:
                         exclusive=self._exclusive,
                         priority=self._priority,
                         timeout=self._timeout,
+                        ack_timeout=self._ack_timeout,
                         done=done,
                     )
                 )
@@ -532,9 +589,15 @@ class Consumer:
     def __aiter__(self) -> Consumer:
         return self
 
+    def _chunk(self) -> int:
+        # With a lease, take one message at a time: a message taken from the native consumer
+        # is held (its lease extended) until settled, so one waiting in this buffer would be
+        # kept from other consumers however long the application works on the one before.
+        return 1 if self._ack_timeout is not None else min(self._prefetch, self._CHUNK)
+
     async def __anext__(self) -> Message:
         if not self._buffer:
-            if not await self._fetch(min(self._prefetch, self._CHUNK), 0.0, self._timeout):
+            if not await self._fetch(self._chunk(), 0.0, self._timeout):
                 await self.cancel()
                 raise StopAsyncIteration
         return self._buffer.popleft()
@@ -614,7 +677,8 @@ class Publisher:
         content_type: Optional[str] = None,
         content_encoding: Optional[str] = None,
         priority: int = 0,
-        expiration: Optional[float] = None,
+        expiration: Optional[Seconds] = None,
+        delay: Optional[Seconds] = None,
     ) -> int:
         """Queues one publish; returns its sequence number."""
         future, done = _bridge()
@@ -631,6 +695,7 @@ class Publisher:
             content_encoding=content_encoding,
             priority=priority,
             expiration=expiration,
+            delay=delay,
             done=done,
         )
         if seq is not None:

@@ -7,8 +7,8 @@ errors detected by the client have ``code = None``.
 Three classes of failure, as in the rest of Wharf:
 
 * the operation failed, the connection lives: :class:`NotFound`, :class:`PreconditionFailed`,
-  :class:`AccessRefused`, :class:`Backpressure`, :class:`PublishRefused`, :class:`Timeout`,
-  :class:`InvalidArgument`, ...;
+  :class:`AccessRefused`, :class:`Backpressure`, :class:`PublishRefused`, :class:`Duplicate`,
+  :class:`Timeout`, :class:`InvalidArgument`, ...;
 * the connection is over: :class:`ConnectionLost` (and :class:`ConnectionClosed` after
   :meth:`wharf.Connection.close`); every later operation fails the same way;
 * the connection never opened: :class:`ConnectError` (or :class:`AccessRefused`).
@@ -149,7 +149,11 @@ class PublishRefused(WharfError):
 
 
 class Duplicate(WharfError):
-    """The broker already holds a message with this message id: not stored again."""
+    """The publish was dropped as a duplicate: no queue stored it, because the queues it
+    reached had already taken a message with this ``message_id`` within their
+    ``dedup_window``. For a publish retried after a lost confirm this means the first attempt
+    was stored: treat it as success. (If the publish also reached a queue without a window,
+    that queue stores it and the publish is confirmed normally.)"""
 
 
 class ConsumerCancelled(WharfError):
