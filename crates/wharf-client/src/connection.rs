@@ -37,6 +37,72 @@ use wharf_protocol::{
 
 /// Most commands drained into one write: bounds the work between two socket writes.
 const COMMANDS_PER_WRITE_MAX: usize = 512;
+/// Encoded frames at least this long are written from their own buffer (a vectored write)
+/// instead of being copied into the write buffer: a publish batch is tens of KiB.
+const WRITE_BY_REFERENCE_BYTES_MIN: usize = 4 * 1024;
+
+/// What one socket write sends: small frames copied together, large ones by reference, in
+/// order.
+#[derive(Default)]
+struct Outgoing {
+    /// Small frames since the last large one.
+    buf: BytesMut,
+    /// Everything before `buf`, in order.
+    chunks: Vec<Bytes>,
+}
+
+impl Outgoing {
+    fn push(&mut self, bytes: Bytes) {
+        if bytes.len() < WRITE_BY_REFERENCE_BYTES_MIN {
+            self.buf.extend_from_slice(&bytes);
+            return;
+        }
+        if !self.buf.is_empty() {
+            self.chunks.push(self.buf.split().freeze());
+        }
+        self.chunks.push(bytes);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty() && self.chunks.is_empty()
+    }
+
+    /// Writes everything, in order, then leaves this empty.
+    async fn write_to(&mut self, write: &mut OwnedWriteHalf) -> io::Result<()> {
+        if self.chunks.is_empty() {
+            write.write_all(&self.buf).await?;
+            self.buf.clear();
+            return Ok(());
+        }
+        if !self.buf.is_empty() {
+            self.chunks.push(self.buf.split().freeze());
+        }
+        let mut first = 0;
+        while first < self.chunks.len() {
+            let slices: Vec<io::IoSlice<'_>> = self.chunks[first..]
+                .iter()
+                .take(64)
+                .map(|chunk| io::IoSlice::new(chunk))
+                .collect();
+            let mut written = write.write_vectored(&slices).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while written > 0 {
+                let chunk = &mut self.chunks[first];
+                if written >= chunk.len() {
+                    written -= chunk.len();
+                    first += 1;
+                } else {
+                    chunk.advance(written);
+                    written = 0;
+                }
+            }
+        }
+        self.chunks.clear();
+        Ok(())
+    }
+}
 
 /// Capacity the read and write buffers start with and shrink back to after a large frame.
 const BUFFER_BYTES: usize = 64 * 1024;
@@ -1011,7 +1077,10 @@ async fn run_writer(
 ) {
     let mut stop = shared.hard_shutdown.subscribe();
     let mut batch = Vec::with_capacity(COMMANDS_PER_WRITE_MAX);
-    let mut buf = BytesMut::with_capacity(BUFFER_BYTES);
+    let mut out = Outgoing {
+        buf: BytesMut::with_capacity(BUFFER_BYTES),
+        chunks: Vec::new(),
+    };
     let mut written_permits: Vec<OwnedSemaphorePermit> = Vec::new();
     let heartbeat_bytes = shared
         .encode(&Frame::Heartbeat)
@@ -1030,7 +1099,7 @@ async fn run_writer(
                 }
             }
             _ = tokio::time::sleep_until(heartbeat_at.unwrap_or_else(Instant::now)), if heartbeat_at.is_some() => {
-                buf.extend_from_slice(&heartbeat_bytes);
+                out.push(heartbeat_bytes.clone());
             }
         }
         {
@@ -1040,7 +1109,7 @@ async fn run_writer(
                     break;
                 }
                 match command {
-                    Command::Frame(bytes) => buf.extend_from_slice(&bytes),
+                    Command::Frame(bytes) => out.push(bytes),
                     Command::Publish {
                         bytes,
                         n_messages,
@@ -1055,25 +1124,25 @@ async fn run_writer(
                         }
                         // Numbered here, in socket order: nothing else assigns sequence numbers.
                         state.confirms.register(n_messages, waiter, permits);
-                        buf.extend_from_slice(&bytes);
+                        out.push(bytes);
                         written_permits.push(outbound);
                     }
                     Command::Close(bytes) => {
                         close_sent = true;
-                        buf.extend_from_slice(&bytes);
+                        out.push(bytes);
                     }
                     Command::Shutdown => shutdown = true,
                 }
             }
             batch.clear();
         }
-        if buf.is_empty() {
+        if out.is_empty() {
             continue;
         }
         let result = tokio::select! {
             biased;
             _ = stop.wait_for(|stop| *stop) => return,
-            result = write.write_all(&buf) => result,
+            result = out.write_to(&mut write) => result,
         };
         if let Err(err) = result {
             shared.fail(ClientError::ConnectionLost(Arc::new(err)), true);
@@ -1081,9 +1150,8 @@ async fn run_writer(
         }
         last_write = Instant::now();
         written_permits.clear();
-        buf.clear();
-        if buf.capacity() > 4 * BUFFER_BYTES {
-            buf = BytesMut::with_capacity(BUFFER_BYTES);
+        if out.buf.capacity() > 4 * BUFFER_BYTES || out.buf.capacity() < BUFFER_BYTES / 4 {
+            out.buf = BytesMut::with_capacity(BUFFER_BYTES);
         }
     }
     let _ = write.shutdown().await;

@@ -5,7 +5,6 @@ use crate::connection::{Command, Settle, Shared};
 use crate::error::ClientError;
 use bytes::Bytes;
 use futures::Stream;
-use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -413,8 +412,9 @@ pub struct Consumer {
     client: Client,
     consumer: Arc<ConsumerShared>,
     receiver: mpsc::UnboundedReceiver<Result<Vec<Delivery>, ClientError>>,
-    /// Deliveries received in one frame and not yet taken.
-    buffered: VecDeque<Delivery>,
+    /// Deliveries received in one batch and not yet taken (taken from the batch in place:
+    /// no copy into another buffer).
+    buffered: std::vec::IntoIter<Delivery>,
     queue: String,
     prefetch: u32,
     /// Auto-ack: deliveries taken since the last `Credit`.
@@ -437,7 +437,7 @@ impl Consumer {
             client,
             consumer,
             receiver,
-            buffered: VecDeque::new(),
+            buffered: Vec::new().into_iter(),
             queue,
             prefetch,
             n_taken: 0,
@@ -500,7 +500,7 @@ impl Consumer {
     /// Drops the deliveries received but never taken by the application: the broker requeues
     /// them itself when it processes the `Cancel`.
     fn discard_buffered(&mut self) {
-        self.buffered.clear();
+        self.buffered = Vec::new().into_iter();
         self.receiver.close();
         while self.receiver.try_recv().is_ok() {}
     }
@@ -535,15 +535,15 @@ impl Stream for Consumer {
         if this.ended {
             return Poll::Ready(None);
         }
-        if let Some(delivery) = this.buffered.pop_front() {
+        if let Some(delivery) = this.buffered.next() {
             this.took_one();
             delivery.hold_lease();
             return Poll::Ready(Some(Ok(delivery)));
         }
         match this.receiver.poll_recv(cx) {
             Poll::Ready(Some(Ok(batch))) => {
-                this.buffered.extend(batch);
-                match this.buffered.pop_front() {
+                this.buffered = batch.into_iter();
+                match this.buffered.next() {
                     Some(delivery) => {
                         this.took_one();
                         delivery.hold_lease();

@@ -340,22 +340,29 @@ fn split_batch<T>(
     frame_bytes_budget: usize,
 ) -> VecDeque<Vec<(T, BatchMessage)>> {
     assert!(n_per_frame_max >= 1);
-    let mut chunks = VecDeque::new();
-    let mut chunk = Vec::new();
-    let mut chunk_bytes = 0;
-    for (key, message) in entries {
-        let message_bytes = entry_bytes_estimate(&message);
-        if !chunk.is_empty()
-            && (chunk.len() == n_per_frame_max || chunk_bytes + message_bytes > frame_bytes_budget)
+    // Find where frames start first, then cut from the back: the common single-frame batch
+    // is handed on as it is (no element moved), and a longer one moves each element once.
+    let mut starts = Vec::new();
+    let (mut chunk_len, mut chunk_bytes) = (0usize, 0usize);
+    for (idx, (_, message)) in entries.iter().enumerate() {
+        let message_bytes = entry_bytes_estimate(message);
+        if chunk_len > 0
+            && (chunk_len == n_per_frame_max || chunk_bytes + message_bytes > frame_bytes_budget)
         {
-            chunks.push_back(std::mem::take(&mut chunk));
+            starts.push(idx);
+            chunk_len = 0;
             chunk_bytes = 0;
         }
+        chunk_len += 1;
         chunk_bytes += message_bytes;
-        chunk.push((key, message));
     }
-    if !chunk.is_empty() {
-        chunks.push_back(chunk);
+    let mut chunks = VecDeque::with_capacity(starts.len() + 1);
+    let mut rest = entries;
+    for start in starts.into_iter().rev() {
+        chunks.push_front(rest.split_off(start));
+    }
+    if !rest.is_empty() {
+        chunks.push_front(rest);
     }
     chunks
 }

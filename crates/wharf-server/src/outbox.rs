@@ -13,8 +13,9 @@ use wharf_protocol::Frame;
 /// Something to send.
 #[derive(Debug)]
 pub enum Out {
-    /// A ready-made frame (response, confirm, cancel notice, close, heartbeat).
-    Frame(Frame),
+    /// A ready-made frame (response, confirm, cancel notice, close, heartbeat). Boxed: frames
+    /// are rare next to deliveries, and a small `Out` is cheaper to move in bulk.
+    Frame(Box<Frame>),
     /// A delivery, converted to wire form by the writer (outside the broker lock).
     Deliver(wharf_core::Delivery),
 }
@@ -75,7 +76,7 @@ impl Outbox {
 
     /// Queues a frame.
     pub fn push_frame(&self, frame: Frame) {
-        self.push(Out::Frame(frame));
+        self.push(Out::Frame(Box::new(frame)));
     }
 
     /// Takes everything queued, leaving `into` (cleared first) full and the queue empty.
