@@ -1699,6 +1699,15 @@ impl Broker {
         if conn.consumers.contains_key(&tag) {
             return Err(CoreError::ConsumerTagInUse { tag: tag.0 });
         }
+        if options
+            .ack_timeout_ms
+            .is_some_and(|timeout| !(1..=DURATION_MS_MAX).contains(&timeout))
+        {
+            // A zero timeout would lapse every lease as soon as it is granted.
+            return Err(CoreError::InvalidArgument {
+                reason: format!("an ack timeout must be from 1 to {DURATION_MS_MAX} ms"),
+            });
+        }
         let qid = self.queue_for(connection, queue_name)?;
         let queue = &self.queues[&qid];
         if options.exclusive && !queue.consumers.is_empty() {
@@ -2099,6 +2108,28 @@ impl Broker {
                         continue;
                     };
                     queue.stats.delayed -= 1;
+                    if queue.features.overflow == Overflow::RejectPublish
+                        && queue.features.over_limit(
+                            queue.ready.len() as u64 + 1,
+                            queue.ready.bytes() + entry.message.size_bytes(),
+                        )
+                    {
+                        // A full reject-publish queue cannot refuse a message that was
+                        // confirmed long ago: it leaves as if its length limit dropped it.
+                        queue.stats.dropped += 1;
+                        self.dead_letters.extend(DeadLetter::of(
+                            queue,
+                            &entry,
+                            DeathReason::MaxLen,
+                        ));
+                        if let Some(durable_id) = entry.durable_id {
+                            effects.push(Effect::DurableSettled {
+                                durable_id,
+                                queue: queue.name.clone(),
+                            });
+                        }
+                        continue;
+                    }
                     self.ready_bytes_total +=
                         make_ready(queue, qid, &mut self.timers, *entry, now_ms);
                     self.ready_bytes_total -=
@@ -2231,6 +2262,11 @@ impl Broker {
             };
             let size = entry.message.size_bytes();
             self.ready_bytes_total -= size;
+            if entry.expired(self.now_ms) {
+                // Past its TTL here: it expires (as dispatch would), it is not moved.
+                expire_entry(queue, entry, &mut self.dead_letters, effects);
+                continue;
+            }
             let origin = death_origin(&entry.message, &queue.name);
             let target = origin
                 .as_ref()

@@ -267,9 +267,11 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    /// Whether its TTL has passed at `now_ms`.
+    /// Whether its TTL has passed at `now_ms`. A message is alive through the millisecond its
+    /// TTL ends, so a TTL of 0 means "deliver now or never" (as in RabbitMQ): delivered if a
+    /// consumer can take it at once, expired from the next millisecond.
     pub(crate) fn expired(&self, now_ms: u64) -> bool {
-        self.expires_at.is_some_and(|at| at <= now_ms)
+        self.expires_at.is_some_and(|at| at < now_ms)
     }
 }
 
@@ -362,15 +364,16 @@ impl Ready {
         }
     }
 
-    /// When the next ready entry expires.
+    /// When the next ready entry has expired (the millisecond after its TTL ends).
     pub(crate) fn next_expiry(&self) -> Option<u64> {
-        self.expiring.first().map(|(at, _, _)| *at)
+        self.expiring.first().map(|(at, _, _)| at + 1)
     }
 
-    /// Removes and returns a ready entry whose expiry is at or before `now_ms`, the earliest.
+    /// Removes and returns a ready entry that has expired at `now_ms` (see [`Entry::expired`]),
+    /// the earliest.
     pub(crate) fn pop_expired(&mut self, now_ms: u64) -> Option<Entry> {
         let &(at, priority, seq) = self.expiring.first()?;
-        if at > now_ms {
+        if at >= now_ms {
             return None;
         }
         let entry = self.remove(priority, seq);

@@ -14,8 +14,9 @@
 //! - every delivery is the oldest ready copy of its queue (FIFO, requeued copies back at their
 //!   arrival place), flagged `redelivered` exactly when it was delivered before, with
 //!   `delivery_count` one more than last time, and the connection's next delivery tag;
-//! - no copy is lost or duplicated: the model's ledger (ready + outstanding + settled = created)
-//!   holds and the broker's per-queue counters and per-connection unacked counts equal the model's;
+//! - no copy is lost or duplicated: the model's ledger (ready + outstanding + delayed + settled =
+//!   created) holds and the broker's per-queue counters (`delayed`, `expired` and `duplicates`
+//!   included) and per-connection unacked counts equal the model's;
 //! - routing: each publish lands in exactly the queues a naive router (recursive, cycle-safe)
 //!   finds;
 //! - prefetch and credit are never exceeded, and dispatch is eager (no ready message while a
@@ -25,13 +26,37 @@
 //!   publish as a whole or, with other targets, via `refused_by`), dead-lettering (reasons
 //!   `rejected`, `maxlen`, `delivery_limit`; death records built independently by the model and
 //!   compared by value; the cycle guard) and the delivery limit, with their log effects;
-//! - `list_queues`, `queue_stats`, `list_exchanges`, `list_bindings`, `unacked_count` and
-//!   `ready_bytes_total` agree with the model.
+//! - time (the clock moves 1 ms per command, and `Advance` ops jump it and `Tick`): delayed
+//!   messages (`delay_ms`, `Defer`, retry schedules) enter the back of their queue only at a
+//!   `Tick` at or after their due time, in due order (ties in the order they were set); TTLs
+//!   (the message's or the queue's `x-message-ttl`, the shorter, counted from when the copy
+//!   became ready; a requeue keeps it) expire ready copies exactly at the `Tick` that reaches
+//!   them, or when dispatch finds them past due (never delivered), dead-lettered with reason
+//!   `expired` and without TTL or delay; leases (`ack_timeout_ms`) lapse back to the queue,
+//!   `Touch` extends them, a late settle of a lapsed tag is `Settled { count: 0 }` once; unused
+//!   queues with `x-expires` are deleted; `x-dedup-window` drops repeated message ids per
+//!   queue; `Redrive` moves dead letters back to where they last died;
+//! - the order of events inside one `Tick` that covers several due times (which copy a
+//!   drop-head limit drops, the order dead letters reach their queue, hence durable ids) is a
+//!   choice of the core's timer scheme, so the model keeps its own timer list with the scheme's
+//!   documented rules (`timers.rs`: fired by due time, then in the order they were set; one TTL
+//!   timer per queue at its earliest expiry, re-armed only for an earlier one, expiring every
+//!   copy due when it fires; stale timers skipped), and its own dispatch order (queues
+//!   dispatched in the order the command touched them; dead letters found by dispatch
+//!   republished before the next round). Independently of the scheme it checks the contract:
+//!   after a `Tick` nothing is left due (no delayed copy, expiry, lease or unused queue), and
+//!   `next_deadline` is never later than the next thing due;
+//! - `list_queues`, `queue_stats`, `list_exchanges`, `list_bindings`, `unacked_count`,
+//!   `ready_bytes_total`, `delayed_total`, `durable_messages` (with the due times of delayed
+//!   copies) and `durable_dedup_entries` agree with the model.
+//!
+//! Not generated: the recovery commands (`Restore`, `RestoreDedup`; see `tests/timers.rs` and
+//! the server's restart tests).
 //!
 //! Each case starts from a generated setup (declares, a few bindings and consumers) so that the
 //! 1..=60 generated steps mostly exercise consuming rather than failing on missing names;
 //! `generated_sequences_reach_the_interesting_interactions` guards that the generator keeps
-//! reaching redeliveries, cascades, limits and every error class.
+//! reaching redeliveries, cascades, limits, the time-driven features and every error class.
 //!
 //! Cases: 1024 by default, `PROPTEST_CASES` overrides. The seed is printed (visible when the test
 //! fails) and `PROPTEST_RNG_SEED=<seed>` replays a run.
@@ -39,13 +64,14 @@
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config as ProptestConfig, RngSeed};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use wharf_core::topic::topic_matches_naive;
 use wharf_core::{
     BindTarget, Broker, CancelReason, Command, ConnectionId, ConsumerOptions, ConsumerTag,
-    CoreError, Delivery, DeliveryTag, Effect, EntityKind, ExchangeKind, ExchangeOptions,
-    HeaderValue, Headers, Limits, Message, QueueOptions, QueueStats, Reply,
+    CoreError, DURATION_MS_MAX, Delivery, DeliveryTag, Effect, EntityKind, ExchangeKind,
+    ExchangeOptions, HeaderValue, Headers, Limits, Message, QueueOptions, QueueStats,
+    RETRY_STEPS_MAX, Reply,
 };
 
 // ----- the universe of names -----
@@ -75,6 +101,8 @@ const PUBLISH_KEYS: [&str; 8] = ["a", "b", "a.b", "b.c", "", "q0", "q1", "q2"];
 const BINDING_KEYS: [&str; 9] = ["a", "b", "a.b", "b.c", "", "*", "#", "a.#", "*.c"];
 const N_BINDING_ARGUMENTS: usize = 7;
 const N_MESSAGE_HEADERS: usize = 5;
+/// Message ids: few, so that dedup windows see duplicates.
+const MESSAGE_IDS: [&str; 2] = ["id-a", "id-b"];
 
 fn binding_arguments(choice: usize) -> Headers {
     match choice {
@@ -147,6 +175,20 @@ enum TagPick {
     Zero,
     /// A tag the connection was never given.
     Unknown,
+    /// A delivery whose lease lapsed (per the model), if any; else as `Outstanding`.
+    Lapsed(Index),
+    /// The latest outstanding delivery (of any connection): a consumer failing what it just
+    /// got, again and again (retry schedules run out).
+    Newest,
+}
+
+/// The time-related properties of a published message.
+#[derive(Debug, Clone, Copy, Default)]
+struct Timing {
+    delay_ms: Option<u64>,
+    expiration_ms: Option<u64>,
+    /// Index into [`MESSAGE_IDS`].
+    message_id: Option<usize>,
 }
 
 /// Which consumer a cancel or credit names.
@@ -184,6 +226,9 @@ enum Op {
         exchange: usize,
         key: usize,
         count: usize,
+        /// Message ids in turn from [`MESSAGE_IDS`] (1 ms apart: a dedup window's end is met
+        /// exactly).
+        with_ids: bool,
     },
     Open {
         conn: usize,
@@ -239,6 +284,7 @@ enum Op {
         key: usize,
         headers: usize,
         padding: usize,
+        timing: Timing,
     },
     Subscribe {
         conn: usize,
@@ -248,6 +294,7 @@ enum Op {
         auto_ack: bool,
         exclusive: bool,
         priority: i32,
+        ack_timeout_ms: Option<u64>,
     },
     Cancel {
         consumer: ConsumerPick,
@@ -271,6 +318,40 @@ enum Op {
         conn: usize,
         pick: TagPick,
         requeue: bool,
+    },
+    /// A consumer failing a poison message: `rounds` times, nack (requeue) the newest
+    /// outstanding delivery, then tick at the next deadline if it is near (a retry delay).
+    KeepFailing {
+        rounds: usize,
+    },
+    /// Move the clock `ms` forward (on top of the 1 ms every command takes), then `Tick` if
+    /// `tick` (else the next command finds timers overdue).
+    Advance {
+        ms: u64,
+        tick: bool,
+    },
+    /// Move the clock so that the next command lands on the model's next deadline or dedup
+    /// window end (or 1 ms before it, `early`), and `Tick` there if `tick`: exact boundaries.
+    ToDeadline {
+        early: bool,
+        tick: bool,
+    },
+    Defer {
+        conn: usize,
+        pick: TagPick,
+        delay_ms: u64,
+    },
+    Touch {
+        conn: usize,
+        pick: TagPick,
+    },
+    /// Redrive a queue holding dead letters that can go back (per the model), if any; else
+    /// `queue`.
+    Redrive {
+        conn: usize,
+        queue: usize,
+        dead_letters: Option<Index>,
+        max: u64,
     },
 }
 
@@ -316,6 +397,8 @@ fn queue_profile() -> impl Strategy<Value = QueueOptions> {
     };
     let int = HeaderValue::Int;
     let text = |value: &str| HeaderValue::Str(value.to_owned());
+    let retry =
+        |steps: &[i64]| HeaderValue::List(steps.iter().copied().map(HeaderValue::Int).collect());
     prop_oneof![
         2 => Just(with(&plain, &[("x-max-priority", int(2))])),
         1 => Just(with(&durable, &[("x-max-priority", int(3)), ("x-max-length", int(2))])),
@@ -328,11 +411,26 @@ fn queue_profile() -> impl Strategy<Value = QueueOptions> {
         2 => Just(with(&plain, &[("x-dead-letter-exchange", text("x0")), ("x-max-length", int(1))])),
         1 => Just(with(&plain, &[("x-dead-letter-exchange", text("wharf.topic")), ("x-max-priority", int(2))])),
         2 => Just(with(&durable, &[("x-dead-letter-exchange", text("")), ("x-max-length", int(1))])),
+        // Dead letters parked in q2 (redrive brings them back).
+        2 => Just(with(&plain, &[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("q2")), ("x-max-length", int(1))])),
         1 => Just(with(&plain, &[("x-dead-letter-exchange", text("nowhere")), ("x-max-length", int(1))])),
         1 => Just(with(&plain, &[("x-dead-letter-exchange", int(1))])),
         2 => Just(with(&durable, &[("x-delivery-limit", int(1)), ("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("q2"))])),
         1 => Just(with(&plain, &[("x-delivery-limit", int(2)), ("x-max-priority", int(3))])),
         1 => Just(with(&plain, &[("x-delivery-limit", int(0)), ("x-dead-letter-exchange", text("x1"))])),
+        2 => Just(with(&durable, &[("x-message-ttl", int(10)), ("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("q1"))])),
+        1 => Just(with(&plain, &[("x-message-ttl", int(0))])),
+        1 => Just(with(&plain, &[("x-message-ttl", int(25)), ("x-max-length", int(2)), ("x-dead-letter-exchange", text("x0"))])),
+        // With another queue dead-lettering here, the "retry through a TTL queue" loop.
+        1 => Just(with(&plain, &[("x-message-ttl", int(6)), ("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("q0"))])),
+        3 => Just(with(&durable, &[("x-retry", retry(&[0])), ("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("q2"))])),
+        2 => Just(with(&plain, &[("x-retry", retry(&[0, 4])), ("x-dead-letter-exchange", text("x0")), ("x-max-priority", int(2))])),
+        1 => Just(with(&plain, &[("x-retry", retry(&[3])), ("x-delivery-limit", int(3))])),
+        3 => Just(with(&plain, &[("x-dedup-window", int(40))])),
+        1 => Just(with(&durable, &[("x-dedup-window", int(5)), ("x-max-length", int(2)), ("x-overflow", text("reject-publish"))])),
+        2 => Just(with(&plain, &[("x-expires", int(15))])),
+        1 => Just(with(&durable, &[("x-expires", int(40)), ("x-message-ttl", int(20)), ("x-dead-letter-exchange", text("x0"))])),
+        1 => Just(with(&plain, &[("x-expires", int(0))])),
         6 => Just(plain.clone()),
         5 => Just(QueueOptions { durable: true, ..plain.clone() }),
         1 => Just(QueueOptions { durable: true, single_active_consumer: true, ..plain.clone() }),
@@ -355,7 +453,13 @@ fn consumer_pick() -> impl Strategy<Value = ConsumerPick> {
 }
 
 fn tag_pick() -> impl Strategy<Value = TagPick> {
-    prop_oneof![8 => any::<Index>().prop_map(TagPick::Outstanding), 1 => Just(TagPick::Zero), 1 => Just(TagPick::Unknown)]
+    prop_oneof![
+        8 => any::<Index>().prop_map(TagPick::Outstanding),
+        1 => Just(TagPick::Zero),
+        1 => Just(TagPick::Unknown),
+        2 => any::<Index>().prop_map(TagPick::Lapsed),
+        2 => Just(TagPick::Newest),
+    ]
 }
 
 fn target() -> impl Strategy<Value = Target> {
@@ -400,8 +504,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (exchange_idx(), target(), 0..BINDING_KEYS.len(), 0..N_BINDING_ARGUMENTS)
             .prop_map(|(source, target, key, arguments)| Op::Unbind { source, target, key, arguments }),
         2 => any::<Index>().prop_map(|binding| Op::UnbindExisting { binding }),
-        20 => (publish_route(), 0..N_MESSAGE_HEADERS, 0..3usize)
-            .prop_map(|((exchange, key), headers, padding)| Op::Publish { exchange, key, headers, padding }),
+        20 => (publish_route(), 0..N_MESSAGE_HEADERS, 0..3usize, timing())
+            .prop_map(|((exchange, key), headers, padding, timing)| Op::Publish { exchange, key, headers, padding, timing }),
         6 => subscribe_op(),
         2 => consumer_pick().prop_map(|consumer| Op::Cancel { consumer }),
         2 => (consumer_pick(), 1..=2u32).prop_map(|(consumer, credit)| Op::Credit { consumer, credit }),
@@ -411,9 +515,33 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (conn(), tag_pick(), prop::bool::weighted(0.6)).prop_map(|(conn, pick, requeue)| Op::Reject { conn, pick, requeue }),
         2 => (conn(), tag_pick(), prop_oneof![4 => 0..=3u64, 1 => 10..=100u64], prop::bool::weighted(0.1))
             .prop_map(|(conn, pick, span, reversed)| Op::AckRange { conn, pick, span, reversed }),
-        1 => (publish_route(), 10..=80usize).prop_map(|((exchange, key), count)| Op::PublishMany { exchange, key, count }),
+        1 => (publish_route(), 10..=80usize, any::<bool>())
+            .prop_map(|((exchange, key), count, with_ids)| Op::PublishMany { exchange, key, count, with_ids }),
         1 => Just(Op::AckAllButOldest),
+        5 => (prop_oneof![3 => 0..=3u64, 2 => 4..=50u64], prop::bool::weighted(0.8))
+            .prop_map(|(ms, tick)| Op::Advance { ms, tick }),
+        3 => (any::<bool>(), prop::bool::weighted(0.7)).prop_map(|(early, tick)| Op::ToDeadline { early, tick }),
+        2 => (1..=3usize).prop_map(|rounds| Op::KeepFailing { rounds }),
+        2 => (conn(), tag_pick(), prop_oneof![2 => Just(0u64), 8 => 1..=20u64, 1 => Just(DURATION_MS_MAX + 1)])
+            .prop_map(|(conn, pick, delay_ms)| Op::Defer { conn, pick, delay_ms }),
+        3 => (conn(), tag_pick()).prop_map(|(conn, pick)| Op::Touch { conn, pick }),
+        3 => (conn(), queue(), prop::option::weighted(0.7, any::<Index>()), 0..=2u64)
+            .prop_map(|(conn, queue, dead_letters, max)| Op::Redrive { conn, queue, dead_letters, max }),
     ]
+}
+
+/// Mostly plain messages; some delayed, some with a TTL (0 included), some with a message id
+/// from a small set.
+fn timing() -> impl Strategy<Value = Timing> {
+    let delay = prop_oneof![12 => Just(None), 1 => Just(Some(0)), 3 => (1..=30u64).prop_map(Some)];
+    let expiration =
+        prop_oneof![12 => Just(None), 1 => Just(Some(0)), 3 => (1..=40u64).prop_map(Some)];
+    let message_id = prop_oneof![1 => Just(None), 1 => (0..MESSAGE_IDS.len()).prop_map(Some)];
+    (delay, expiration, message_id).prop_map(|(delay_ms, expiration_ms, message_id)| Timing {
+        delay_ms,
+        expiration_ms,
+        message_id,
+    })
 }
 
 /// Exchange and key of a publish: mostly the default exchange with a queue name, or another
@@ -435,6 +563,7 @@ fn subscribe_op() -> impl Strategy<Value = Op> {
         prop::bool::weighted(0.3),
         prop::bool::weighted(0.04),
         0..=1i32,
+        prop_oneof![30 => Just(None), 10 => (2..=20u64).prop_map(Some), 1 => Just(Some(0))],
     );
     (
         0..N_CONNECTIONS,
@@ -444,14 +573,17 @@ fn subscribe_op() -> impl Strategy<Value = Op> {
         flags,
     )
         .prop_map(
-            |(conn, queue, tag, prefetch, (auto_ack, exclusive, priority))| Op::Subscribe {
-                conn,
-                queue,
-                tag,
-                prefetch,
-                auto_ack,
-                exclusive,
-                priority,
+            |(conn, queue, tag, prefetch, (auto_ack, exclusive, priority, ack_timeout_ms))| {
+                Op::Subscribe {
+                    conn,
+                    queue,
+                    tag,
+                    prefetch,
+                    auto_ack,
+                    exclusive,
+                    priority,
+                    ack_timeout_ms,
+                }
             },
         )
 }
@@ -557,7 +689,8 @@ impl From<&CoreError> for ErrorClass {
 /// One copy of a message in one queue (a fanout to two queues makes two copies).
 #[derive(Debug, Clone)]
 struct Copy {
-    /// Arrival position in its queue.
+    /// Arrival position in its queue: the back of the queue when it became ready from outside
+    /// the queue (enqueued, or at the end of a delay); a requeue returns it there.
     seq: u64,
     /// The message's priority capped at the queue's `x-max-priority` (0 without one).
     priority: u8,
@@ -566,6 +699,41 @@ struct Copy {
     delivery_count: u32,
     /// The log id of a persistent message in a durable queue.
     durable_id: Option<u64>,
+    /// When it expires while ready: the shorter of the message's TTL and the queue's, counted
+    /// from when it became ready. A requeue keeps it; the end of a delay sets a fresh one.
+    expires_at: Option<u64>,
+    /// Requeues by consumers that followed the queue's retry schedule so far.
+    retries: u32,
+    /// Coverage only: it waited for a delay before it became ready.
+    was_delayed: bool,
+    /// Coverage only: a lease on it lapsed.
+    lapsed: bool,
+}
+
+impl Copy {
+    fn new(queue: &ModelQueue, message: &Arc<Message>, durable_id: Option<u64>) -> Self {
+        Copy {
+            seq: 0,
+            priority: queue
+                .features
+                .max_priority
+                .map_or(0, |max| message.priority.min(max)),
+            message: message.clone(),
+            redelivered: false,
+            delivery_count: 0,
+            durable_id,
+            expires_at: None,
+            retries: 0,
+            was_delayed: false,
+            lapsed: false,
+        }
+    }
+
+    /// Past its TTL: alive through the millisecond its TTL ends (so TTL 0 means "deliver
+    /// now or never"), expired from the next.
+    fn expired(&self, now_ms: u64) -> bool {
+        self.expires_at.is_some_and(|at| at < now_ms)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -606,6 +774,16 @@ struct ModelQueue {
     redelivered: u64,
     acked: u64,
     dropped: u64,
+    expired: u64,
+    duplicates: u64,
+    /// `x-dedup-window`: message id -> when it is forgotten (remembered while later than now).
+    dedup: BTreeMap<String, u64>,
+    /// `x-expires`: the last declare (or passive declare), subscribe, cancel, or loss of its
+    /// last consumer.
+    last_used_ms: u64,
+    /// Due time of the queue's TTL timer, while one is armed (one per queue: a new one is set
+    /// only for an earlier expiry; it disarms when it fires).
+    ttl_armed: Option<u64>,
 }
 
 /// Queue arguments as the model reads them; `None` when one is invalid.
@@ -618,12 +796,25 @@ struct ModelFeatures {
     dead_letter_exchange: Option<String>,
     dead_letter_routing_key: Option<String>,
     delivery_limit: Option<u64>,
+    message_ttl: Option<u64>,
+    expires: Option<u64>,
+    retry: Option<Vec<u64>>,
+    dedup_window: Option<u64>,
 }
 
 fn model_features(arguments: &Headers) -> Option<ModelFeatures> {
     let count = |key: &str| match arguments.get(key) {
         None => Some(None),
         Some(HeaderValue::Int(value)) if *value >= 0 => Some(Some(*value as u64)),
+        Some(_) => None,
+    };
+    let duration = |key: &str, min: u64| match arguments.get(key) {
+        None => Some(None),
+        Some(HeaderValue::Int(value))
+            if *value >= 0 && (min..=DURATION_MS_MAX).contains(&(*value as u64)) =>
+        {
+            Some(Some(*value as u64))
+        }
         Some(_) => None,
     };
     let max_priority = match arguments.get("x-max-priority") {
@@ -641,6 +832,22 @@ fn model_features(arguments: &Headers) -> Option<ModelFeatures> {
         Some(HeaderValue::Str(text)) if text.len() <= 255 => Some(Some(text.clone())),
         Some(_) => None,
     };
+    let retry = match arguments.get("x-retry") {
+        None => None,
+        Some(HeaderValue::List(steps)) if (1..=RETRY_STEPS_MAX).contains(&steps.len()) => {
+            let steps: Option<Vec<u64>> = steps
+                .iter()
+                .map(|step| match step {
+                    HeaderValue::Int(ms) if *ms >= 0 && *ms as u64 <= DURATION_MS_MAX => {
+                        Some(*ms as u64)
+                    }
+                    _ => None,
+                })
+                .collect();
+            Some(steps?)
+        }
+        Some(_) => return None,
+    };
     Some(ModelFeatures {
         dead_letter_exchange: text("x-dead-letter-exchange")?,
         dead_letter_routing_key: text("x-dead-letter-routing-key")?,
@@ -649,6 +856,10 @@ fn model_features(arguments: &Headers) -> Option<ModelFeatures> {
         max_length: count("x-max-length")?,
         max_length_bytes: count("x-max-length-bytes")?,
         reject_publish,
+        message_ttl: duration("x-message-ttl", 0)?,
+        expires: duration("x-expires", 1)?,
+        retry,
+        dedup_window: duration("x-dedup-window", 1)?,
     })
 }
 
@@ -689,7 +900,8 @@ impl ModelDeadLetter {
     }
 
     /// RabbitMQ's death record: a new one in front of `x-death`, or the earlier one for the
-    /// same queue and reason counted up and moved to the front; `x-first-death-*` once.
+    /// same queue and reason counted up and moved to the front; `x-first-death-*` once. The
+    /// copy loses its TTL and its delay (as in RabbitMQ: it does not expire again on arrival).
     fn republished(&self, now_ms: u64) -> Message {
         let original = &self.message;
         let mut deaths = self.earlier_deaths();
@@ -731,50 +943,102 @@ impl ModelDeadLetter {
                 None => original.routing_key.clone(),
             },
             headers,
+            expiration_ms: None,
+            delay_ms: None,
             ..Message::clone(original)
         }
     }
 }
 
-/// Puts a returned copy back (requeue, cancel, disconnect), unless it reached the queue's
-/// delivery limit: then it leaves the queue, dead-lettered (`delivery_limit`) or dropped.
+/// Where a redrive sends a dead letter back: the latest death record of another queue than
+/// `here`, with the exchange and routing key the message had there.
+fn death_origin(message: &Message, here: &str) -> Option<(String, String, String)> {
+    let Some(HeaderValue::List(records)) = message.headers.get("x-death") else {
+        return None;
+    };
+    records.iter().find_map(|record| {
+        let HeaderValue::Map(record) = record else {
+            return None;
+        };
+        let queue = record.get("queue")?.as_str()?;
+        let exchange = record.get("exchange")?.as_str()?;
+        let Some(HeaderValue::List(keys)) = record.get("routing-keys") else {
+            return None;
+        };
+        let routing_key = keys.first()?.as_str()?;
+        (queue != here).then(|| {
+            (
+                queue.to_owned(),
+                exchange.to_owned(),
+                routing_key.to_owned(),
+            )
+        })
+    })
+}
+
+/// Puts a returned copy back (requeue, cancel, disconnect, lapsed lease; `later`: after a
+/// delay, at the back), unless it reached the queue's delivery limit: then it leaves the
+/// queue, dead-lettered (`delivery_limit`) or dropped.
 fn requeue_or_give_up(
     queue: &mut ModelQueue,
-    copy: Copy,
-    dead_letters: &mut Vec<ModelDeadLetter>,
-    ledger: &mut Ledger,
+    mut copy: Copy,
+    later: Option<u64>,
+    model: &mut ModelState,
     effects: &mut Vec<Effect>,
 ) {
     let over = queue
         .features
         .delivery_limit
         .is_some_and(|limit| u64::from(copy.delivery_count) >= limit);
-    if !over {
-        queue.requeue(copy);
+    if over {
+        queue.dropped += 1;
+        model.ledger.dropped += 1;
+        model
+            .dead_letters
+            .extend(ModelDeadLetter::of(queue, &copy, "delivery_limit"));
+        if let Some(durable_id) = copy.durable_id {
+            effects.push(Effect::DurableSettled {
+                durable_id,
+                queue: queue.name.as_str().into(),
+            });
+        }
         return;
     }
-    queue.dropped += 1;
-    ledger.dropped += 1;
-    dead_letters.extend(ModelDeadLetter::of(queue, &copy, "delivery_limit"));
-    if let Some(durable_id) = copy.durable_id {
-        effects.push(Effect::DurableSettled {
-            durable_id,
-            queue: queue.name.as_str().into(),
-        });
+    if let Some(due) = later {
+        copy.redelivered = true;
+        model.timers.set(
+            due,
+            TimerKind::Delayed {
+                queue_id: queue.id,
+                copy,
+            },
+        );
+        return;
+    }
+    let expires = copy.expires_at.is_some();
+    queue.requeue(copy);
+    if expires {
+        queue.arm_ttl(&mut model.timers);
     }
 }
 
 impl ModelQueue {
+    fn ready_bytes(&self) -> u64 {
+        self.ready
+            .iter()
+            .map(|copy| copy.message.body.len() as u64)
+            .sum()
+    }
+
     /// Whether `extra` more ready copies of `extra_bytes` would exceed a length limit.
     fn over_limit(&self, extra: u64, extra_bytes: u64) -> bool {
-        let stats = self.stats();
         self.features
             .max_length
-            .is_some_and(|max| stats.ready + extra > max)
+            .is_some_and(|max| self.ready.len() as u64 + extra > max)
             || self
                 .features
                 .max_length_bytes
-                .is_some_and(|max| stats.ready_bytes + extra_bytes > max)
+                .is_some_and(|max| self.ready_bytes() + extra_bytes > max)
     }
 
     /// The ready copy delivered next: the highest priority, the oldest among those.
@@ -785,22 +1049,89 @@ impl ModelQueue {
 
     fn requeue(&mut self, mut copy: Copy) {
         copy.redelivered = true;
+        self.put_back(copy);
+    }
+
+    /// Back at its arrival position, flags unchanged.
+    fn put_back(&mut self, copy: Copy) {
         let pos = self.ready.partition_point(|ready| ready.seq < copy.seq);
         self.ready.insert(pos, copy);
     }
 
-    fn stats(&self) -> QueueStats {
+    /// Makes sure a TTL timer is armed at the earliest ready expiry (a new one only when it
+    /// is earlier than the one armed).
+    fn arm_ttl(&mut self, timers: &mut ModelTimers) {
+        let Some(next) = self.ready.iter().filter_map(|copy| copy.expires_at).min() else {
+            return;
+        };
+        let due = next + 1;
+        if self.ttl_armed.is_none_or(|armed| due < armed) {
+            self.ttl_armed = Some(due);
+            timers.set(due, TimerKind::Ttl { queue_id: self.id });
+        }
+    }
+
+    /// A copy becomes ready at the back of the queue, its TTL counted from `since_ms`.
+    fn make_ready(&mut self, mut copy: Copy, since_ms: u64, timers: &mut ModelTimers) {
+        copy.seq = self.next_seq;
+        self.next_seq += 1;
+        let ttl = match (copy.message.expiration_ms, self.features.message_ttl) {
+            (Some(own), Some(queue)) => Some(own.min(queue)),
+            (own, queue) => own.or(queue),
+        };
+        copy.expires_at = ttl.map(|ttl| since_ms + ttl);
+        let expires = copy.expires_at.is_some();
+        self.ready.push(copy);
+        if expires {
+            self.arm_ttl(timers);
+        }
+    }
+
+    /// drop-head: the queue never holds more ready copies than its limits, not even while a
+    /// consumer waits (limits are enforced before dispatch). Returns how many were dropped.
+    fn drop_head_over_limit(&mut self, model: &mut ModelState, effects: &mut Vec<Effect>) -> u64 {
+        let mut n_dropped = 0;
+        while !self.features.reject_publish && self.over_limit(0, 0) {
+            let dropped = self.ready.remove(self.head().expect("over a limit"));
+            n_dropped += 1;
+            self.dropped += 1;
+            model.ledger.dropped += 1;
+            model
+                .dead_letters
+                .extend(ModelDeadLetter::of(self, &dropped, "maxlen"));
+            if let Some(durable_id) = dropped.durable_id {
+                effects.push(Effect::DurableSettled {
+                    durable_id,
+                    queue: self.name.as_str().into(),
+                });
+            }
+        }
+        n_dropped
+    }
+
+    /// A ready copy past its TTL leaves: dead-lettered (`expired`) or dropped.
+    fn expire(&mut self, copy: Copy, model: &mut ModelState, effects: &mut Vec<Effect>) {
+        self.expired += 1;
+        model.ledger.expired += 1;
+        model
+            .dead_letters
+            .extend(ModelDeadLetter::of(self, &copy, "expired"));
+        if let Some(durable_id) = copy.durable_id {
+            effects.push(Effect::DurableSettled {
+                durable_id,
+                queue: self.name.as_str().into(),
+            });
+        }
+    }
+
+    fn stats(&self, timers: &ModelTimers) -> QueueStats {
         QueueStats {
             name: self.name.clone(),
             durable: self.options.durable,
             exclusive: self.options.exclusive,
             auto_delete: self.options.auto_delete,
             ready: self.ready.len() as u64,
-            ready_bytes: self
-                .ready
-                .iter()
-                .map(|copy| copy.message.body.len() as u64)
-                .sum(),
+            ready_bytes: self.ready_bytes(),
             unacked: self.unacked,
             consumers: self.consumers.len() as u32,
             published: self.published,
@@ -808,6 +1139,9 @@ impl ModelQueue {
             redelivered: self.redelivered,
             acked: self.acked,
             dropped: self.dropped,
+            delayed: timers.held().filter(|(_, id, _)| *id == self.id).count() as u64,
+            expired: self.expired,
+            duplicates: self.duplicates,
         }
     }
 
@@ -823,11 +1157,80 @@ impl ModelQueue {
     }
 }
 
+/// What a timer does when it fires.
+#[derive(Debug, Clone)]
+enum TimerKind {
+    /// A copy waiting for its delay (owned by the timer); it enters the back of its queue.
+    Delayed { queue_id: u64, copy: Copy },
+    /// The queue's earliest ready expiry when armed: every ready copy expired by now leaves.
+    Ttl { queue_id: u64 },
+    /// A delivery's lease: it lapses if still outstanding and not extended since.
+    Lease { connection: ConnectionId, tag: u64 },
+    /// An `x-expires` queue may have been unused long enough.
+    QueueExpiry { queue_id: u64 },
+}
+
+#[derive(Debug, Clone)]
+struct ModelTimer {
+    due_ms: u64,
+    /// The order it was set in: timers due at the same time fire in that order.
+    order: u64,
+    kind: TimerKind,
+}
+
+/// Timers as a plain list, fired by due time then by the order they were set.
+#[derive(Debug, Clone, Default)]
+struct ModelTimers {
+    list: Vec<ModelTimer>,
+    next_order: u64,
+}
+
+impl ModelTimers {
+    fn set(&mut self, due_ms: u64, kind: TimerKind) {
+        let order = self.next_order;
+        self.next_order += 1;
+        self.list.push(ModelTimer {
+            due_ms,
+            order,
+            kind,
+        });
+    }
+
+    /// Removes and returns the first timer due at `now_ms`.
+    fn pop_due(&mut self, now_ms: u64) -> Option<TimerKind> {
+        let idx = (0..self.list.len())
+            .filter(|idx| self.list[*idx].due_ms <= now_ms)
+            .min_by_key(|idx| (self.list[*idx].due_ms, self.list[*idx].order))?;
+        Some(self.list.remove(idx).kind)
+    }
+
+    /// Delayed copies: (due, queue id, copy).
+    fn held(&self) -> impl Iterator<Item = (u64, u64, &Copy)> {
+        self.list.iter().filter_map(|timer| match &timer.kind {
+            TimerKind::Delayed { queue_id, copy } => Some((timer.due_ms, *queue_id, copy)),
+            _ => None,
+        })
+    }
+
+    /// Drops the delayed copies of a deleted queue; returns how many.
+    fn remove_held_of(&mut self, deleted: u64) -> u64 {
+        let before = self.list.len();
+        self.list.retain(
+            |timer| !matches!(&timer.kind, TimerKind::Delayed { queue_id, .. } if *queue_id == deleted),
+        );
+        (before - self.list.len()) as u64
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Outstanding {
     queue_id: u64,
     consumer_tag: ConsumerTag,
     copy: Copy,
+    /// (lapses at, the consumer's ack timeout) for consumers with `ack_timeout_ms`.
+    lease: Option<(u64, u64)>,
+    /// Deliveries the model saw before this one (for the generator: the newest delivery).
+    serial: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -835,6 +1238,9 @@ struct ModelConnection {
     last_delivery_tag: u64,
     unacked: BTreeMap<u64, Outstanding>,
     consumers: BTreeMap<ConsumerTag, u64>,
+    /// Tags whose lease lapsed and that were not settled since (a late settle is harmless,
+    /// once).
+    lapsed: BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -858,14 +1264,35 @@ struct ModelExchange {
     bindings: Vec<ModelBinding>,
 }
 
-/// Where every copy ever created went; `created == ready + outstanding + settled` always.
+/// Where every copy ever created went;
+/// `created == ready + outstanding + delayed + settled` always.
 #[derive(Debug, Clone, Default)]
 struct Ledger {
     created: u64,
     acked: u64,
     dropped: u64,
     purged: u64,
+    expired: u64,
     deleted_with_queue: u64,
+}
+
+/// The broker's deliveries of the command being checked, taken in order by the model's
+/// dispatch (which decides when one is due and checks it is legal).
+#[derive(Debug, Clone, Default)]
+struct Deliveries {
+    pending: VecDeque<Delivery>,
+    /// The first disagreement found while dispatching; dispatch stops there.
+    error: Option<String>,
+}
+
+/// The parts of the model that queue-level helpers update while a queue is borrowed.
+#[derive(Debug, Clone, Default)]
+struct ModelState {
+    ledger: Ledger,
+    /// Dead letters of the command being predicted, republished in order (see
+    /// [`Model::finish`]).
+    dead_letters: Vec<ModelDeadLetter>,
+    timers: ModelTimers,
 }
 
 /// The reference model: plain maps and vectors, no cleverness.
@@ -875,19 +1302,24 @@ struct Model {
     queues: BTreeMap<String, ModelQueue>,
     exchanges: BTreeMap<String, ModelExchange>,
     next_queue_id: u64,
-    ledger: Ledger,
+    state: ModelState,
     limits: Limits,
     /// The next log id for a persistent message reaching a durable queue.
     next_durable_id: u64,
     /// Settles the broker must report for auto-ack deliveries absorbed in this step.
     settled_by_deliveries: Vec<(u64, String)>,
-    /// The logical time of the command being predicted (death records carry it).
+    /// The logical time of the command being predicted.
     now_ms: u64,
-    /// Dead letters of the command being predicted, republished in order at its end.
-    dead_letters: Vec<ModelDeadLetter>,
+    /// Queues to dispatch, in the order the command touched them.
+    to_dispatch: Vec<u64>,
+    deliveries: Deliveries,
     /// Dead letters so far, by reason republished or "cycle" (dropped by the cycle guard), for
     /// the coverage check.
     dead_letter_counts: BTreeMap<&'static str, u64>,
+    /// Time-driven events so far, for the coverage check.
+    events: BTreeMap<&'static str, u64>,
+    /// Deliveries so far.
+    n_deliveries: u64,
 }
 
 /// Names are 1..=255 bytes without control characters; user-created ones avoid `wharf.`.
@@ -980,13 +1412,16 @@ impl Model {
             queues: BTreeMap::new(),
             exchanges,
             next_queue_id: 1,
-            ledger: Ledger::default(),
+            state: ModelState::default(),
             limits,
             next_durable_id: 1,
             settled_by_deliveries: Vec::new(),
             now_ms: 0,
-            dead_letters: Vec::new(),
+            to_dispatch: Vec::new(),
+            deliveries: Deliveries::default(),
             dead_letter_counts: BTreeMap::new(),
+            events: BTreeMap::new(),
+            n_deliveries: 0,
         }
     }
 }
@@ -994,17 +1429,34 @@ impl Model {
 impl Model {
     // ----- the checker -----
 
-    /// Checks one command's observed outcome and effects against the model's prediction and
-    /// moves the model forward. `Err` describes the first disagreement.
+    /// Checks one command's observed outcome and effects at `now_ms` against the model's
+    /// prediction and moves the model forward. `Err` describes the first disagreement.
     fn observe(
         &mut self,
+        now_ms: u64,
         command: &Command,
         outcome: &Result<Reply, CoreError>,
         effects: &[Effect],
     ) -> Result<(), String> {
+        self.now_ms = now_ms;
         let mut predicted_effects = Vec::new();
         let before = self.clone();
+        self.deliveries = Deliveries {
+            pending: effects
+                .iter()
+                .filter_map(|effect| match effect {
+                    Effect::Deliver(delivery) => Some(delivery.clone()),
+                    _ => None,
+                })
+                .collect(),
+            error: None,
+        };
         let expected = self.predict(command, &mut predicted_effects);
+        if expected.is_ok() && !self.state.dead_letters.is_empty() {
+            // Copies found expired by the command's last dispatch.
+            self.finish(&mut predicted_effects);
+        }
+        let deliveries = std::mem::take(&mut self.deliveries);
         let observed: Outcome = outcome.clone().map_err(|err| ErrorClass::from(&err));
         if expected != observed {
             return Err(format!(
@@ -1018,6 +1470,16 @@ impl Model {
             // The model's state is unchanged too: prediction never mutates before deciding.
             debug_assert_eq!(format!("{before:?}"), format!("{self:?}"));
             return Ok(());
+        }
+        if let Some(err) = deliveries.error {
+            return Err(err);
+        }
+        if let Some(unexpected) = deliveries.pending.front() {
+            let why = self
+                .check_delivery(unexpected)
+                .err()
+                .unwrap_or_else(|| "a delivery the model's dispatch did not make".to_owned());
+            return Err(format!("{why}\n  delivery: {unexpected:?}"));
         }
         // Settles caused by auto-ack deliveries are known only once the deliveries are
         // absorbed, so log settles are compared separately, after that.
@@ -1040,12 +1502,6 @@ impl Model {
                 "effects {observed_effects:?}, model predicted {predicted_effects:?}"
             ));
         }
-        for effect in effects {
-            if let Effect::Deliver(delivery) = effect {
-                self.absorb_delivery(delivery)
-                    .map_err(|err| format!("{err}\n  delivery: {delivery:?}"))?;
-            }
-        }
         predicted_settles.extend(self.settled_by_deliveries.drain(..).map(
             |(durable_id, queue)| Effect::DurableSettled {
                 durable_id,
@@ -1061,15 +1517,105 @@ impl Model {
         self.check_invariants()
     }
 
-    /// Checks that a delivery chosen by the broker is legal and records it.
-    fn absorb_delivery(&mut self, delivery: &Delivery) -> Result<(), String> {
+    fn event(&mut self, what: &'static str) {
+        *self.events.entry(what).or_default() += 1;
+    }
+
+    /// Records the first disagreement found while dispatching.
+    fn dispatch_error(&mut self, err: String) {
+        self.deliveries.error.get_or_insert(err);
+    }
+
+    /// Hands ready copies of a queue to consumers with capacity until one side runs out,
+    /// expiring the copies past their TTL it meets at the head (never delivered). Which
+    /// consumer gets each copy is the broker's choice: the model takes the broker's next
+    /// delivery, checks it is legal and the copy it expected, and records it.
+    fn dispatch(&mut self, queue_id: u64, effects: &mut Vec<Effect>) {
+        loop {
+            if self.deliveries.error.is_some() {
+                return;
+            }
+            let now_ms = self.now_ms;
+            let Some(queue) = self.queues.values_mut().find(|queue| queue.id == queue_id) else {
+                // Deleted earlier in the command.
+                return;
+            };
+            if queue.ready.is_empty() || !queue.can_dispatch() {
+                return;
+            }
+            let head_idx = queue.head().expect("not empty");
+            if queue.ready[head_idx].expired(now_ms) {
+                let copy = queue.ready.remove(head_idx);
+                let delivered =
+                    self.deliveries.pending.front().is_some_and(|next| {
+                        *next.queue == *queue.name && next.message == copy.message
+                    });
+                if delivered {
+                    let err = format!(
+                        "delivered a message past its TTL (it expired at {:?}, now {now_ms}): {:?}",
+                        copy.expires_at, copy.message.body
+                    );
+                    self.dispatch_error(err);
+                    return;
+                }
+                queue.expire(copy, &mut self.state, effects);
+                self.event("expired in dispatch");
+                continue;
+            }
+            let name = queue.name.clone();
+            let Some(delivery) = self.deliveries.pending.pop_front() else {
+                self.dispatch_error(format!(
+                    "work conservation: queue {name} has a ready message and a consumer with capacity, but the broker delivered nothing (more)"
+                ));
+                return;
+            };
+            let absorbed = if *delivery.queue != *name {
+                let why = self.check_delivery(&delivery).err().unwrap_or_default();
+                Err(format!(
+                    "the model dispatches {name} next (a ready message and a consumer with capacity), the broker delivered from {} {why}",
+                    delivery.queue
+                ))
+            } else {
+                self.absorb_delivery(&delivery)
+            };
+            if let Err(err) = absorbed {
+                self.dispatch_error(format!("{err}\n  delivery: {delivery:?}"));
+                return;
+            }
+        }
+    }
+
+    /// Dispatches the queues the command touched, in that order.
+    fn dispatch_touched(&mut self, effects: &mut Vec<Effect>) {
+        for queue_id in std::mem::take(&mut self.to_dispatch) {
+            self.dispatch(queue_id, effects);
+        }
+    }
+
+    /// The end of every command that may dead-letter: the pending dead letters are
+    /// republished, then the touched queues dispatched; copies that dispatch finds expired
+    /// are dead letters of the next round.
+    fn finish(&mut self, effects: &mut Vec<Effect>) {
+        loop {
+            self.republish_dead_letters(effects);
+            self.dispatch_touched(effects);
+            if self.state.dead_letters.is_empty() {
+                break;
+            }
+        }
+    }
+
+    /// Whether a delivery chosen by the broker is legal in the model's current state: to an
+    /// attached consumer with capacity and the right priority, of the copy delivered next,
+    /// with the right flags and tag. Returns (consumer index, ready index).
+    fn check_delivery(&self, delivery: &Delivery) -> Result<(usize, usize), String> {
         let conn = self
             .connections
-            .get_mut(&delivery.connection)
+            .get(&delivery.connection)
             .ok_or("delivery to a connection that is not open")?;
         let queue = self
             .queues
-            .get_mut(&*delivery.queue)
+            .get(&*delivery.queue)
             .ok_or("delivery from a queue that does not exist")?;
         let consumer_idx = queue
             .consumers
@@ -1102,13 +1648,33 @@ impl Model {
                 ));
             }
         }
+        // Not ready but waiting for its delay? (Checked only when it is not the head: a
+        // redrive can make two copies of one message equal.)
+        let held = || {
+            let held = self
+                .state
+                .timers
+                .held()
+                .find(|(_, id, copy)| *id == queue.id && copy.message == delivery.message);
+            held.map(|(due, _, _)| {
+                format!(
+                    "delivered a delayed message before it was due (due at {due}, now {})",
+                    self.now_ms
+                )
+            })
+        };
         let Some(head_idx) = queue.head() else {
-            return Err(
+            return Err(held().unwrap_or_else(|| {
                 "delivery from a queue with no ready message (a duplicate or invented delivery)"
-                    .into(),
-            );
+                    .into()
+            }));
         };
         let head = &queue.ready[head_idx];
+        if head.message != delivery.message {
+            if let Some(err) = held() {
+                return Err(err);
+            }
+        }
         // By value: a dead-lettered copy is a new message built by broker and model alike
         // (bodies are unique per publish, death records tell copies of one apart).
         if head.message != delivery.message {
@@ -1120,6 +1686,12 @@ impl Model {
                 Some(pos) => format!("FIFO violated: delivered ready message #{pos}, not the oldest of the highest priority ({:?})", head.message.body),
                 None => "delivered a message that is not ready in this queue (a duplicate or invented delivery)".into(),
             });
+        }
+        if head.expired(self.now_ms) {
+            return Err(format!(
+                "delivered a message past its TTL (it expired at {:?}, now {})",
+                head.expires_at, self.now_ms
+            ));
         }
         if delivery.redelivered != head.redelivered {
             return Err(format!(
@@ -1141,12 +1713,35 @@ impl Model {
                 conn.last_delivery_tag + 1
             ));
         }
+        Ok((consumer_idx, head_idx))
+    }
+
+    /// Checks that a delivery chosen by the broker is legal and records it (with a lease
+    /// when the consumer has an ack timeout).
+    fn absorb_delivery(&mut self, delivery: &Delivery) -> Result<(), String> {
+        let (consumer_idx, head_idx) = self.check_delivery(delivery)?;
+        let now_ms = self.now_ms;
+        let conn = self
+            .connections
+            .get_mut(&delivery.connection)
+            .expect("checked");
+        let queue = self.queues.get_mut(&*delivery.queue).expect("checked");
         conn.last_delivery_tag += 1;
+        self.n_deliveries += 1;
         let mut copy = queue.ready.remove(head_idx);
         copy.delivery_count += 1;
         queue.delivered += 1;
         if copy.redelivered {
             queue.redelivered += 1;
+        }
+        if copy.was_delayed {
+            *self.events.entry("deliver a delayed message").or_default() += 1;
+        }
+        if copy.lapsed {
+            *self
+                .events
+                .entry("redeliver after a lapsed lease")
+                .or_default() += 1;
         }
         let consumer = &mut queue.consumers[consumer_idx];
         if consumer.options.auto_ack {
@@ -1154,7 +1749,7 @@ impl Model {
                 consumer.credit -= 1;
             }
             queue.acked += 1;
-            self.ledger.acked += 1;
+            self.state.ledger.acked += 1;
             if let Some(durable_id) = copy.durable_id {
                 self.settled_by_deliveries
                     .push((durable_id, queue.name.clone()));
@@ -1162,10 +1757,23 @@ impl Model {
         } else {
             consumer.unacked += 1;
             queue.unacked += 1;
+            let lease = consumer.options.ack_timeout_ms.map(|timeout| {
+                let until = now_ms + timeout;
+                self.state.timers.set(
+                    until,
+                    TimerKind::Lease {
+                        connection: delivery.connection,
+                        tag: conn.last_delivery_tag,
+                    },
+                );
+                (until, timeout)
+            });
             let outstanding = Outstanding {
                 queue_id: queue.id,
                 consumer_tag: consumer.tag,
                 copy,
+                lease,
+                serial: self.n_deliveries,
             };
             conn.unacked.insert(conn.last_delivery_tag, outstanding);
         }
@@ -1207,29 +1815,65 @@ impl Model {
             .values()
             .map(|conn| conn.unacked.len() as u64)
             .sum();
-        let ledger = &self.ledger;
-        let settled = ledger.acked + ledger.dropped + ledger.purged + ledger.deleted_with_queue;
+        let delayed = self.state.timers.held().count() as u64;
+        let ledger = &self.state.ledger;
+        let settled = ledger.acked
+            + ledger.dropped
+            + ledger.purged
+            + ledger.expired
+            + ledger.deleted_with_queue;
         // Outstanding copies of deleted queues count as settled by the deletion, but they stay
         // acknowledgeable on their connection, so they are counted once, as outstanding.
-        if ledger.created != ready + outstanding + settled {
+        if ledger.created != ready + outstanding + delayed + settled {
             return Err(format!(
-                "lost or duplicated copies: created {} != ready {ready} + outstanding {outstanding} + settled {settled}",
+                "lost or duplicated copies: created {} != ready {ready} + outstanding {outstanding} + delayed {delayed} + settled {settled}",
                 ledger.created
             ));
         }
         Ok(())
     }
 
+    /// The earliest time something must happen on its own: a delayed copy is due, a ready
+    /// copy expires, a lease lapses, an unused queue expires.
+    fn next_real_deadline(&self) -> Option<u64> {
+        let delayed = self.state.timers.held().map(|(due, _, _)| due);
+        let expiries = self
+            .queues
+            .values()
+            // A copy has expired from the millisecond after its TTL ends.
+            .flat_map(|queue| {
+                queue
+                    .ready
+                    .iter()
+                    .filter_map(|copy| copy.expires_at.map(|at| at + 1))
+            });
+        let leases = self.connections.values().flat_map(|conn| {
+            conn.unacked
+                .values()
+                .filter_map(|out| out.lease.map(|(until, _)| until))
+        });
+        let unused = self.queues.values().filter_map(|queue| {
+            let expires = queue.features.expires?;
+            queue
+                .consumers
+                .is_empty()
+                .then_some(queue.last_used_ms + expires)
+        });
+        delayed.chain(expiries).chain(leases).chain(unused).min()
+    }
+
     /// Compares everything the broker exposes with the model.
     fn check_broker(&self, broker: &Broker) -> Result<(), String> {
-        let mut durable: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+        // Logged copies by id: (queue, None when ready or outstanding, Some(due) when delayed).
+        type Places = Vec<(String, Option<u64>)>;
+        let mut durable: BTreeMap<u64, Places> = BTreeMap::new();
         for queue in self.queues.values() {
             for copy in &queue.ready {
                 if let Some(durable_id) = copy.durable_id {
                     durable
                         .entry(durable_id)
                         .or_default()
-                        .push(queue.name.clone());
+                        .push((queue.name.clone(), None));
                 }
             }
         }
@@ -1239,22 +1883,38 @@ impl Model {
                     outstanding.copy.durable_id,
                     self.queue_name_by_id(outstanding.queue_id),
                 ) {
-                    durable.entry(durable_id).or_default().push(name);
+                    durable.entry(durable_id).or_default().push((name, None));
                 }
             }
         }
-        let expected: Vec<(u64, Vec<String>)> = durable
+        for (due, queue_id, copy) in self.state.timers.held() {
+            if let (Some(durable_id), Some(name)) =
+                (copy.durable_id, self.queue_name_by_id(queue_id))
+            {
+                durable
+                    .entry(durable_id)
+                    .or_default()
+                    .push((name, Some(due)));
+            }
+        }
+        let expected: Vec<(u64, Places)> = durable
             .into_iter()
             .map(|(durable_id, mut queues)| {
                 queues.sort();
                 (durable_id, queues)
             })
             .collect();
-        let listed: Vec<(u64, Vec<String>)> = broker
+        let listed: Vec<(u64, Places)> = broker
             .durable_messages()
             .into_iter()
             .map(|(durable_id, _, queues)| {
-                (durable_id, queues.iter().map(|q| q.to_string()).collect())
+                (
+                    durable_id,
+                    queues
+                        .iter()
+                        .map(|(queue, due)| (queue.to_string(), *due))
+                        .collect(),
+                )
             })
             .collect();
         if listed != expected {
@@ -1262,7 +1922,52 @@ impl Model {
                 "durable_messages\n  broker: {listed:?}\n  model:  {expected:?}"
             ));
         }
-        let expected: Vec<QueueStats> = self.queues.values().map(ModelQueue::stats).collect();
+        let mut dedup: Vec<(String, String, u64)> = self
+            .queues
+            .values()
+            .filter(|queue| queue.options.durable && !queue.options.exclusive)
+            .flat_map(|queue| {
+                queue
+                    .dedup
+                    .iter()
+                    .filter(|(_, until)| **until > self.now_ms)
+                    .map(|(id, until)| (queue.name.clone(), id.clone(), *until))
+            })
+            .collect();
+        dedup.sort();
+        let mut listed: Vec<(String, String, u64)> = broker
+            .durable_dedup_entries()
+            .into_iter()
+            .map(|(queue, id, until)| (queue.to_string(), id, until))
+            .collect();
+        listed.sort();
+        if listed != dedup {
+            return Err(format!(
+                "durable_dedup_entries\n  broker: {listed:?}\n  model:  {dedup:?}"
+            ));
+        }
+        let delayed = self.state.timers.held().count() as u64;
+        if broker.delayed_total() != delayed {
+            return Err(format!(
+                "delayed_total() = {}, model has {delayed} delayed copies",
+                broker.delayed_total()
+            ));
+        }
+        // Documented: never later than needed (earlier is allowed: stale timers).
+        if let Some(deadline) = self.next_real_deadline() {
+            if broker.next_deadline().is_none_or(|next| next > deadline) {
+                return Err(format!(
+                    "next_deadline() = {:?}, but something is due at {deadline}",
+                    broker.next_deadline()
+                ));
+            }
+        }
+        let timers = &self.state.timers;
+        let expected: Vec<QueueStats> = self
+            .queues
+            .values()
+            .map(|queue| queue.stats(timers))
+            .collect();
         let listed = broker.list_queues();
         if listed != expected {
             return Err(format!(
@@ -1272,7 +1977,7 @@ impl Model {
         for name in QUEUE_NAMES {
             let stats = broker.queue_stats(name);
             match (self.queues.get(name), stats) {
-                (Some(queue), Ok(stats)) if stats == queue.stats() => {}
+                (Some(queue), Ok(stats)) if stats == queue.stats(timers) => {}
                 (
                     None,
                     Err(CoreError::NotFound {
@@ -1283,7 +1988,7 @@ impl Model {
                 (queue, stats) => {
                     return Err(format!(
                         "queue_stats({name}): broker {stats:?}, model {:?}",
-                        queue.map(ModelQueue::stats)
+                        queue.map(|queue| queue.stats(timers))
                     ));
                 }
             }
@@ -1328,11 +2033,7 @@ impl Model {
                 "list_bindings\n  broker: {bindings:?}\n  model:  {expected:?}"
             ));
         }
-        let ready_bytes: u64 = self
-            .queues
-            .values()
-            .map(|queue| queue.stats().ready_bytes)
-            .sum();
+        let ready_bytes: u64 = self.queues.values().map(ModelQueue::ready_bytes).sum();
         if broker.ready_bytes_total() != ready_bytes {
             return Err(format!(
                 "ready_bytes_total() = {}, model has {ready_bytes}",
@@ -1402,12 +2103,14 @@ impl Model {
             .ok_or(ErrorClass::NotFound(EntityKind::Connection))
     }
 
-    /// Predicts the outcome; on success applies the command's state changes except deliveries
-    /// (which are learnt from the broker) and pushes the non-delivery effects it must emit.
-    /// On error nothing is changed.
+    /// Predicts the outcome; on success applies the command's state changes, dispatching
+    /// where the command dispatches (taking the broker's deliveries, see [`Model::dispatch`]),
+    /// and pushes the non-delivery effects it must emit. On error nothing is changed.
     fn predict(&mut self, command: &Command, effects: &mut Vec<Effect>) -> Outcome {
         match command {
-            Command::Restore { .. } => unreachable!("recovery commands are not generated"),
+            Command::Restore { .. } | Command::RestoreDedup { .. } => {
+                unreachable!("recovery commands are not generated")
+            }
             Command::OpenConnection { connection } => {
                 self.connections.entry(*connection).or_default();
                 Ok(Reply::Done)
@@ -1481,8 +2184,8 @@ impl Model {
             } => {
                 self.connection(*connection)?;
                 if *passive {
-                    let queue = self.queue_for(*connection, name)?;
-                    return Ok(declared(queue));
+                    self.queue_for(*connection, name)?;
+                    return Ok(self.declared(name));
                 }
                 if let Some(err) = name_error(name, true) {
                     return Err(err);
@@ -1494,7 +2197,7 @@ impl Model {
                     if queue.options != *options {
                         return Err(ErrorClass::PreconditionFailed);
                     }
-                    return Ok(declared(queue));
+                    return Ok(self.declared(name));
                 }
                 if self.queues.len() >= self.limits.queues_max {
                     return Err(ErrorClass::LimitExceeded);
@@ -1503,7 +2206,6 @@ impl Model {
                     id: self.next_queue_id,
                     name: name.clone(),
                     options: options.clone(),
-                    features,
                     owner: options.exclusive.then_some(*connection),
                     ready: Vec::new(),
                     next_seq: 0,
@@ -1514,11 +2216,22 @@ impl Model {
                     redelivered: 0,
                     acked: 0,
                     dropped: 0,
+                    expired: 0,
+                    duplicates: 0,
+                    dedup: BTreeMap::new(),
+                    last_used_ms: self.now_ms,
+                    ttl_armed: None,
+                    features,
                 };
                 self.next_queue_id += 1;
-                let reply = declared(&queue);
+                if let Some(expires) = queue.features.expires {
+                    self.state.timers.set(
+                        self.now_ms + expires,
+                        TimerKind::QueueExpiry { queue_id: queue.id },
+                    );
+                }
                 self.queues.insert(name.clone(), queue);
-                Ok(reply)
+                Ok(self.declared(name))
             }
             Command::DeleteQueue {
                 connection,
@@ -1550,7 +2263,7 @@ impl Model {
                     }
                 }
                 queue.ready.clear();
-                self.ledger.purged += messages;
+                self.state.ledger.purged += messages;
                 Ok(Reply::Purged { messages })
             }
             Command::Bind {
@@ -1615,11 +2328,14 @@ impl Model {
                 for id in &refused {
                     targets.remove(id);
                 }
+                let duplicates = self.drop_duplicates(message, &mut targets);
                 self.enqueue(message, &targets, effects);
-                self.republish_dead_letters(effects);
+                self.to_dispatch.extend(targets.iter().copied());
+                self.finish(effects);
                 Ok(Reply::Published {
                     routed: targets.len() as u32,
                     refused_by,
+                    duplicates,
                 })
             }
             Command::Subscribe {
@@ -1634,6 +2350,13 @@ impl Model {
                     .contains_key(consumer_tag)
                 {
                     return Err(ErrorClass::ConsumerTagInUse);
+                }
+                // A lease of 0 ms would lapse as soon as it is granted.
+                if options
+                    .ack_timeout_ms
+                    .is_some_and(|timeout| !(1..=DURATION_MS_MAX).contains(&timeout))
+                {
+                    return Err(ErrorClass::InvalidArgument);
                 }
                 let model_queue = self.queue_for(*connection, queue)?;
                 if options.exclusive && !model_queue.consumers.is_empty() {
@@ -1655,17 +2378,16 @@ impl Model {
                     .expect("checked")
                     .consumers
                     .insert(*consumer_tag, queue_id);
-                self.queues
-                    .get_mut(queue)
-                    .expect("checked")
-                    .consumers
-                    .push(ModelConsumer {
-                        connection: *connection,
-                        tag: *consumer_tag,
-                        options: options.clone(),
-                        credit: options.prefetch,
-                        unacked: 0,
-                    });
+                let model_queue = self.queues.get_mut(queue).expect("checked");
+                model_queue.last_used_ms = self.now_ms;
+                model_queue.consumers.push(ModelConsumer {
+                    connection: *connection,
+                    tag: *consumer_tag,
+                    options: options.clone(),
+                    credit: options.prefetch,
+                    unacked: 0,
+                });
+                self.dispatch(queue_id, effects);
                 Ok(Reply::Done)
             }
             Command::Cancel {
@@ -1690,22 +2412,20 @@ impl Model {
                 for tag in returned {
                     let outstanding = conn.unacked.remove(&tag).expect("collected");
                     queue.unacked -= 1;
-                    requeue_or_give_up(
-                        queue,
-                        outstanding.copy,
-                        &mut self.dead_letters,
-                        &mut self.ledger,
-                        effects,
-                    );
+                    requeue_or_give_up(queue, outstanding.copy, None, &mut self.state, effects);
                 }
                 queue.consumers.retain(|consumer| {
                     !(consumer.connection == *connection && consumer.tag == *consumer_tag)
                 });
+                queue.last_used_ms = self.now_ms;
                 let auto_deleted = queue.options.auto_delete && queue.consumers.is_empty();
                 self.republish_dead_letters(effects);
                 if auto_deleted {
                     self.remove_queue(&name, effects);
+                } else {
+                    self.dispatch(queue_id, effects);
                 }
+                self.dispatch_touched(effects);
                 Ok(Reply::Done)
             }
             Command::Credit {
@@ -1732,6 +2452,7 @@ impl Model {
                         .saturating_add(*credit)
                         .min(consumer.options.prefetch);
                 }
+                self.dispatch(queue_id, effects);
                 Ok(Reply::Done)
             }
             Command::Ack {
@@ -1764,6 +2485,23 @@ impl Model {
                 };
                 self.settle(*connection, *delivery_tag, false, how, effects)
             }
+            Command::Defer {
+                connection,
+                delivery_tag,
+                delay_ms,
+            } => {
+                if *delay_ms > DURATION_MS_MAX {
+                    return Err(ErrorClass::InvalidArgument);
+                }
+                let due = self.now_ms + delay_ms;
+                self.settle(
+                    *connection,
+                    *delivery_tag,
+                    false,
+                    Settle::Defer(due),
+                    effects,
+                )
+            }
             Command::AckRange {
                 connection,
                 first,
@@ -1773,32 +2511,296 @@ impl Model {
                 if first > last {
                     return Err(ErrorClass::InvalidArgument);
                 }
-                let in_range = conn
-                    .unacked
-                    .keys()
-                    .any(|tag| (first.0..=last.0).contains(tag));
-                if !in_range {
-                    return Err(ErrorClass::UnknownDeliveryTag);
-                }
-                let mut count = 0;
+                let range = first.0..=last.0;
                 let tags: Vec<u64> = conn
                     .unacked
                     .keys()
                     .copied()
-                    .filter(|tag| (first.0..=last.0).contains(tag))
+                    .filter(|tag| range.contains(tag))
                     .collect();
-                for tag in tags {
-                    let reply =
-                        self.settle(*connection, DeliveryTag(tag), false, Settle::Ack, effects);
-                    assert_eq!(
-                        reply,
-                        Ok(Reply::Settled { count: 1 }),
-                        "model: listed tags are outstanding"
-                    );
-                    count += 1;
+                let lapsed = conn.lapsed.iter().any(|tag| range.contains(tag));
+                if tags.is_empty() && !lapsed {
+                    return Err(ErrorClass::UnknownDeliveryTag);
                 }
-                Ok(Reply::Settled { count })
+                let conn = self.connections.get_mut(connection).expect("checked");
+                conn.lapsed.retain(|tag| !range.contains(tag));
+                if lapsed {
+                    self.event("late settle of a lapsed tag");
+                }
+                let mut touched: Vec<u64> = Vec::new();
+                for tag in &tags {
+                    let conn = self.connections.get_mut(connection).expect("checked");
+                    let outstanding = conn.unacked.remove(tag).expect("listed");
+                    if let Some(queue_id) =
+                        self.settle_one(*connection, outstanding, Settle::Ack, effects)
+                    {
+                        if !touched.contains(&queue_id) {
+                            touched.push(queue_id);
+                        }
+                    }
+                }
+                // Acks dead-letter nothing: the touched queues are dispatched right away.
+                for queue_id in touched {
+                    self.dispatch(queue_id, effects);
+                }
+                Ok(Reply::Settled {
+                    count: tags.len() as u32,
+                })
             }
+            Command::Tick => {
+                self.tick(effects);
+                Ok(Reply::Done)
+            }
+            Command::Touch {
+                connection,
+                delivery_tag,
+            } => {
+                let now_ms = self.now_ms;
+                let conn = self
+                    .connections
+                    .get_mut(connection)
+                    .ok_or(ErrorClass::NotFound(EntityKind::Connection))?;
+                let Some(outstanding) = conn.unacked.get_mut(&delivery_tag.0) else {
+                    // A lapsed delivery's tag stays known (and is not forgotten by a touch).
+                    return if conn.lapsed.contains(&delivery_tag.0) {
+                        Ok(Reply::Done)
+                    } else {
+                        Err(ErrorClass::UnknownDeliveryTag)
+                    };
+                };
+                if let Some((until, timeout)) = &mut outstanding.lease {
+                    if now_ms + *timeout > *until {
+                        *until = now_ms + *timeout;
+                        let kind = TimerKind::Lease {
+                            connection: *connection,
+                            tag: delivery_tag.0,
+                        };
+                        self.state.timers.set(*until, kind);
+                        self.event("touch extended a lease");
+                    }
+                }
+                Ok(Reply::Done)
+            }
+            Command::Redrive {
+                connection,
+                queue,
+                max,
+            } => {
+                let queue_id = self.queue_for(*connection, queue)?.id;
+                let moved = self.redrive(queue_id, *max, effects);
+                Ok(Reply::Redriven { moved })
+            }
+        }
+    }
+
+    /// `Redrive`: takes ready copies from the head of the dead-letter queue and moves each to
+    /// the queue of its latest death elsewhere (if that queue exists and is not full with
+    /// reject-publish) as a new message with the exchange and routing key it had there and no
+    /// death headers; the others stay where they were. Stops after `max` moves (0: no limit).
+    fn redrive(&mut self, queue_id: u64, max: u64, effects: &mut Vec<Effect>) -> u64 {
+        let limit = if max == 0 { u64::MAX } else { max };
+        let name = self.queue_name_by_id(queue_id).expect("checked");
+        let mut kept: Vec<Copy> = Vec::new();
+        let mut moved = 0;
+        while moved < limit {
+            let dead_letter_queue = self.queues.get_mut(&name).expect("checked");
+            let Some(head_idx) = dead_letter_queue.head() else {
+                break;
+            };
+            let copy = dead_letter_queue.ready.remove(head_idx);
+            if copy.expired(self.now_ms) {
+                dead_letter_queue.expire(copy, &mut self.state, effects);
+                self.event("redrive expired a message");
+                continue;
+            }
+            let origin = death_origin(&copy.message, &name);
+            let target = origin.as_ref().and_then(|(target, _, _)| {
+                let target = self.queues.get(target)?;
+                let size = copy.message.body.len() as u64;
+                let full = target.features.reject_publish && target.over_limit(1, size);
+                (target.id != queue_id && !full).then_some(target.id)
+            });
+            let (Some(target), Some((_, exchange, routing_key))) = (target, origin) else {
+                kept.push(copy);
+                continue;
+            };
+            let dead_letter_queue = self.queues.get_mut(&name).expect("checked");
+            dead_letter_queue.acked += 1;
+            self.state.ledger.acked += 1;
+            if let Some(durable_id) = copy.durable_id {
+                effects.push(Effect::DurableSettled {
+                    durable_id,
+                    queue: name.as_str().into(),
+                });
+            }
+            let mut headers = copy.message.headers.clone();
+            for key in [
+                "x-death",
+                "x-first-death-reason",
+                "x-first-death-queue",
+                "x-first-death-exchange",
+            ] {
+                headers.remove(key);
+            }
+            let message = Arc::new(Message {
+                exchange: exchange.as_str().into(),
+                routing_key: routing_key.as_str().into(),
+                headers,
+                ..Message::clone(&copy.message)
+            });
+            self.enqueue(&message, &BTreeSet::from([target]), effects);
+            self.to_dispatch.push(target);
+            moved += 1;
+            self.event("redrive moved a message");
+        }
+        if !kept.is_empty() {
+            self.event("redrive kept a message");
+        }
+        let dead_letter_queue = self.queues.get_mut(&name).expect("checked");
+        for copy in kept {
+            dead_letter_queue.put_back(copy);
+        }
+        self.finish(effects);
+        moved
+    }
+
+    /// `Tick`: fires every timer due now, first due first (ties: first set first), then
+    /// republishes the dead letters and dispatches the touched queues.
+    fn tick(&mut self, effects: &mut Vec<Effect>) {
+        let now_ms = self.now_ms;
+        while let Some(timer) = self.state.timers.pop_due(now_ms) {
+            match timer {
+                TimerKind::Delayed { queue_id, mut copy } => {
+                    let queue = self
+                        .queues
+                        .values_mut()
+                        .find(|queue| queue.id == queue_id)
+                        .expect("a deleted queue's delayed copies go with it");
+                    copy.was_delayed = true;
+                    let size = copy.message.body.len() as u64;
+                    if queue.features.reject_publish && queue.over_limit(1, size) {
+                        // A full reject-publish queue drops what enters it late (`maxlen`).
+                        queue.dropped += 1;
+                        self.state.ledger.dropped += 1;
+                        self.state
+                            .dead_letters
+                            .extend(ModelDeadLetter::of(queue, &copy, "maxlen"));
+                        if let Some(durable_id) = copy.durable_id {
+                            effects.push(Effect::DurableSettled {
+                                durable_id,
+                                queue: queue.name.as_str().into(),
+                            });
+                        }
+                        self.event("a delayed message entered a full reject-publish queue");
+                        continue;
+                    }
+                    queue.make_ready(copy, now_ms, &mut self.state.timers);
+                    if queue.drop_head_over_limit(&mut self.state, effects) > 0 {
+                        *self
+                            .events
+                            .entry("a delayed message entered a full queue")
+                            .or_default() += 1;
+                    }
+                    self.to_dispatch.push(queue_id);
+                    self.event("a delayed message entered its queue");
+                }
+                TimerKind::Ttl { queue_id } => {
+                    let Some(queue) = self.queues.values_mut().find(|queue| queue.id == queue_id)
+                    else {
+                        continue;
+                    };
+                    if queue.ttl_armed.is_some_and(|armed| armed <= now_ms) {
+                        queue.ttl_armed = None;
+                    }
+                    // In expiry order (ties: lower priority first, then arrival).
+                    while let Some(idx) = (0..queue.ready.len())
+                        .filter(|idx| queue.ready[*idx].expired(now_ms))
+                        .min_by_key(|idx| {
+                            let copy = &queue.ready[*idx];
+                            (copy.expires_at, copy.priority, copy.seq)
+                        })
+                    {
+                        let copy = queue.ready.remove(idx);
+                        queue.expire(copy, &mut self.state, effects);
+                        *self.events.entry("expired by a tick").or_default() += 1;
+                    }
+                    queue.arm_ttl(&mut self.state.timers);
+                }
+                TimerKind::Lease { connection, tag } => self.lapse(connection, tag, effects),
+                TimerKind::QueueExpiry { queue_id } => {
+                    let Some(queue) = self.queue_by_id(queue_id) else {
+                        continue;
+                    };
+                    let expires = queue.features.expires.expect("only with x-expires");
+                    let deadline = queue.last_used_ms + expires;
+                    let kind = TimerKind::QueueExpiry { queue_id };
+                    if !queue.consumers.is_empty() {
+                        // In use: looked at again after another period.
+                        self.state.timers.set(now_ms + expires, kind);
+                    } else if deadline > now_ms {
+                        self.state.timers.set(deadline, kind);
+                    } else {
+                        let name = queue.name.clone();
+                        self.remove_queue(&name, effects);
+                        self.event("queue expired");
+                    }
+                }
+            }
+        }
+        // The documented contract, whatever the timer scheme: a tick leaves nothing due.
+        if let Some(due) = self.next_real_deadline().filter(|due| *due <= now_ms) {
+            self.dispatch_error(format!(
+                "a Tick at {now_ms} left something due at {due} (a delayed copy, an expiry, a lease or an unused queue)"
+            ));
+        }
+        self.finish(effects);
+    }
+
+    /// A lease timer fired: the delivery goes back to its queue if it is still outstanding
+    /// and its lease was not extended since; its tag is remembered as lapsed.
+    fn lapse(&mut self, connection: ConnectionId, tag: u64, effects: &mut Vec<Effect>) {
+        let now_ms = self.now_ms;
+        let Some(conn) = self.connections.get_mut(&connection) else {
+            return;
+        };
+        let due = conn
+            .unacked
+            .get(&tag)
+            .is_some_and(|out| out.lease.is_some_and(|(until, _)| until <= now_ms));
+        if !due {
+            return;
+        }
+        let mut outstanding = conn.unacked.remove(&tag).expect("checked");
+        conn.lapsed.insert(tag);
+        self.event("lease lapsed");
+        let Some(queue) = self
+            .queues
+            .values_mut()
+            .find(|queue| queue.id == outstanding.queue_id)
+        else {
+            // Its queue was deleted: the copy went with it.
+            self.state.ledger.deleted_with_queue += 1;
+            return;
+        };
+        queue.unacked -= 1;
+        if let Some(consumer) = queue.consumers.iter_mut().find(|consumer| {
+            consumer.connection == connection && consumer.tag == outstanding.consumer_tag
+        }) {
+            consumer.unacked -= 1;
+        }
+        outstanding.copy.lapsed = true;
+        requeue_or_give_up(queue, outstanding.copy, None, &mut self.state, effects);
+        self.to_dispatch.push(outstanding.queue_id);
+    }
+
+    /// The reply to a declare of an existing queue, which counts as a use (`x-expires`).
+    fn declared(&mut self, name: &str) -> Reply {
+        let queue = self.queues.get_mut(name).expect("caller checked");
+        queue.last_used_ms = self.now_ms;
+        Reply::QueueDeclared {
+            name: queue.name.as_str().into(),
+            ready: queue.ready.len() as u64,
+            consumers: queue.consumers.len() as u32,
         }
     }
 
@@ -1917,87 +2919,170 @@ impl Model {
             .get_mut(&connection)
             .ok_or(ErrorClass::NotFound(EntityKind::Connection))?;
         let settled: Vec<Outstanding> = if multiple {
-            if tag.0 != 0 && !conn.unacked.contains_key(&tag.0) {
+            if tag.0 != 0 && !conn.unacked.contains_key(&tag.0) && !conn.lapsed.contains(&tag.0) {
                 return Err(ErrorClass::UnknownDeliveryTag);
             }
-            let tags: Vec<u64> = conn
-                .unacked
-                .keys()
-                .copied()
-                .filter(|t| tag.0 == 0 || *t <= tag.0)
-                .collect();
-            tags.iter()
+            let upto = if tag.0 == 0 { u64::MAX } else { tag.0 };
+            // Lapsed tags up to it are settled too (nothing to do for them).
+            let n_lapsed = conn.lapsed.len();
+            conn.lapsed.retain(|lapsed| *lapsed > upto);
+            let forgot_lapsed = conn.lapsed.len() < n_lapsed;
+            let tags: Vec<u64> = conn.unacked.range(..=upto).map(|(t, _)| *t).collect();
+            let settled = tags
+                .iter()
                 .map(|t| conn.unacked.remove(t).expect("listed"))
-                .collect()
+                .collect();
+            if forgot_lapsed {
+                self.event("late settle of a lapsed tag");
+            }
+            settled
         } else {
-            vec![
-                conn.unacked
-                    .remove(&tag.0)
-                    .ok_or(ErrorClass::UnknownDeliveryTag)?,
-            ]
+            match conn.unacked.remove(&tag.0) {
+                Some(outstanding) => vec![outstanding],
+                None if conn.lapsed.remove(&tag.0) => {
+                    // Its lease lapsed and it went back to its queue: accepted once, no-op.
+                    self.event("late settle of a lapsed tag");
+                    return Ok(Reply::Settled { count: 0 });
+                }
+                None => return Err(ErrorClass::UnknownDeliveryTag),
+            }
         };
         let count = settled.len() as u32;
+        let mut touched: Vec<u64> = Vec::new();
         for outstanding in settled {
-            let Some(queue) = self
-                .queues
-                .values_mut()
-                .find(|queue| queue.id == outstanding.queue_id)
-            else {
-                // Its queue was deleted: the copy was settled then; the ack is accepted and ignored.
-                self.ledger.deleted_with_queue += 1;
-                continue;
-            };
-            queue.unacked -= 1;
-            if let Some(consumer) = queue.consumers.iter_mut().find(|consumer| {
-                consumer.connection == connection && consumer.tag == outstanding.consumer_tag
-            }) {
-                consumer.unacked -= 1;
-            }
-            let settled_id = outstanding.copy.durable_id;
-            match how {
-                Settle::Ack => {
-                    queue.acked += 1;
-                    self.ledger.acked += 1;
+            if let Some(queue_id) = self.settle_one(connection, outstanding, how, effects) {
+                if !touched.contains(&queue_id) {
+                    touched.push(queue_id);
                 }
-                Settle::Drop => {
-                    queue.dropped += 1;
-                    self.ledger.dropped += 1;
-                    self.dead_letters.extend(ModelDeadLetter::of(
-                        queue,
-                        &outstanding.copy,
-                        "rejected",
-                    ));
-                }
-                Settle::Requeue => {
-                    requeue_or_give_up(
-                        queue,
-                        outstanding.copy,
-                        &mut self.dead_letters,
-                        &mut self.ledger,
-                        effects,
-                    );
-                    continue;
-                }
-            }
-            if let Some(durable_id) = settled_id {
-                effects.push(Effect::DurableSettled {
-                    durable_id,
-                    queue: queue.name.as_str().into(),
-                });
             }
         }
-        self.republish_dead_letters(effects);
+        self.to_dispatch.extend(touched);
+        self.finish(effects);
         Ok(Reply::Settled { count })
     }
 
+    /// Settles one outstanding delivery; returns its queue, unless that was deleted while the
+    /// delivery was outstanding (then the copy went with it and there is nothing to do).
+    fn settle_one(
+        &mut self,
+        connection: ConnectionId,
+        outstanding: Outstanding,
+        how: Settle,
+        effects: &mut Vec<Effect>,
+    ) -> Option<u64> {
+        let now_ms = self.now_ms;
+        let Some(queue) = self
+            .queues
+            .values_mut()
+            .find(|queue| queue.id == outstanding.queue_id)
+        else {
+            self.state.ledger.deleted_with_queue += 1;
+            return None;
+        };
+        queue.unacked -= 1;
+        if let Some(consumer) = queue.consumers.iter_mut().find(|consumer| {
+            consumer.connection == connection && consumer.tag == outstanding.consumer_tag
+        }) {
+            consumer.unacked -= 1;
+        }
+        let mut copy = outstanding.copy;
+        // Back to the queue at this time (now: at once), or out of it (`None`).
+        let back_at: Option<u64> = match how {
+            Settle::Ack => {
+                queue.acked += 1;
+                self.state.ledger.acked += 1;
+                None
+            }
+            Settle::Drop => {
+                queue.dropped += 1;
+                self.state.ledger.dropped += 1;
+                self.state
+                    .dead_letters
+                    .extend(ModelDeadLetter::of(queue, &copy, "rejected"));
+                None
+            }
+            Settle::Requeue => match &queue.features.retry {
+                // The retry schedule delays the n-th requeue by its n-th step; past the last
+                // step the copy is rejected for good.
+                Some(schedule) => match schedule.get(copy.retries as usize) {
+                    Some(delay) => {
+                        copy.retries += 1;
+                        *self.events.entry("retry delayed a requeue").or_default() += 1;
+                        Some(now_ms + delay)
+                    }
+                    None => {
+                        queue.dropped += 1;
+                        self.state.ledger.dropped += 1;
+                        let dead = ModelDeadLetter::of(queue, &copy, "rejected");
+                        if dead.is_some() {
+                            *self
+                                .events
+                                .entry("retries exhausted, dead-lettered")
+                                .or_default() += 1;
+                        }
+                        self.state.dead_letters.extend(dead);
+                        None
+                    }
+                },
+                None => Some(now_ms),
+            },
+            Settle::Defer(due) => Some(due),
+        };
+        if let Some(due) = back_at {
+            let later = (due > now_ms).then_some(due);
+            if later.is_some() && matches!(how, Settle::Defer(_)) {
+                *self.events.entry("defer held a message").or_default() += 1;
+            }
+            requeue_or_give_up(queue, copy, later, &mut self.state, effects);
+            return Some(outstanding.queue_id);
+        }
+        if let Some(durable_id) = copy.durable_id {
+            effects.push(Effect::DurableSettled {
+                durable_id,
+                queue: queue.name.as_str().into(),
+            });
+        }
+        Some(outstanding.queue_id)
+    }
+
+    /// Drops the targets whose dedup window remembers the message's id (counted per queue);
+    /// the other targets with a window remember it from now on. Returns how many dropped.
+    fn drop_duplicates(&mut self, message: &Message, targets: &mut BTreeSet<u64>) -> u32 {
+        let Some(id) = &message.message_id else {
+            return 0;
+        };
+        let now_ms = self.now_ms;
+        let mut duplicates = 0;
+        for queue in self.queues.values_mut() {
+            let Some(window) = queue.features.dedup_window else {
+                continue;
+            };
+            if !targets.contains(&queue.id) {
+                continue;
+            }
+            if queue.dedup.get(id).is_some_and(|until| *until > now_ms) {
+                queue.duplicates += 1;
+                duplicates += 1;
+                targets.remove(&queue.id);
+            } else {
+                queue.dedup.insert(id.clone(), now_ms + window);
+            }
+        }
+        duplicates
+    }
+
     /// A routed message entering its target queues: logged if persistent and a target is
-    /// durable, then each queue trimmed to its drop-head limits (dropped copies dead-lettered).
+    /// durable; delayed copies wait in timers, the others become ready and each queue is
+    /// trimmed to its drop-head limits (dropped copies dead-lettered).
     fn enqueue(
         &mut self,
         message: &Arc<Message>,
         targets: &BTreeSet<u64>,
         effects: &mut Vec<Effect>,
     ) {
+        let now_ms = self.now_ms;
+        let delay = message.delay_ms.filter(|delay| *delay > 0);
+        let ready_at_ms = now_ms + delay.unwrap_or(0);
         let durable_queues: Vec<Arc<str>> = targets
             .iter()
             .filter_map(|id| self.queues.values().find(|queue| queue.id == *id))
@@ -2011,6 +3096,7 @@ impl Model {
                 durable_id,
                 queues: durable_queues,
                 message: message.clone(),
+                ready_at_ms,
             });
             durable_id
         });
@@ -2020,48 +3106,31 @@ impl Model {
                 .values_mut()
                 .find(|queue| queue.id == *id)
                 .expect("routed to live queues");
-            let seq = queue.next_seq;
-            queue.next_seq += 1;
             queue.published += 1;
             let durable = queue.options.durable && !queue.options.exclusive;
-            let priority = queue
-                .features
-                .max_priority
-                .map_or(0, |max| message.priority.min(max));
-            queue.ready.push(Copy {
-                seq,
-                priority,
-                message: message.clone(),
-                redelivered: false,
-                delivery_count: 0,
-                durable_id: durable_id.filter(|_| durable),
-            });
-            self.ledger.created += 1;
-            // drop-head: the queue never holds more ready copies than its limits, not even
-            // while a consumer waits (limits are enforced before dispatch).
-            while !queue.features.reject_publish && queue.over_limit(0, 0) {
-                let dropped = queue.ready.remove(queue.head().expect("over a limit"));
-                queue.dropped += 1;
-                self.ledger.dropped += 1;
-                self.dead_letters
-                    .extend(ModelDeadLetter::of(queue, &dropped, "maxlen"));
-                if let Some(durable_id) = dropped.durable_id {
-                    effects.push(Effect::DurableSettled {
-                        durable_id,
-                        queue: queue.name.as_str().into(),
-                    });
-                }
+            let copy = Copy::new(queue, message, durable_id.filter(|_| durable));
+            self.state.ledger.created += 1;
+            if delay.is_some() {
+                let kind = TimerKind::Delayed {
+                    queue_id: *id,
+                    copy,
+                };
+                self.state.timers.set(ready_at_ms, kind);
+                continue;
             }
+            queue.make_ready(copy, now_ms, &mut self.state.timers);
+            queue.drop_head_over_limit(&mut self.state, effects);
         }
     }
 
     /// Republishes the command's dead letters, first in first out (each may drop and
     /// dead-letter more): to their dead-letter exchange (internal ones too) unless it is missing
-    /// or the message already died in that queue for that reason (other than `rejected`).
+    /// or the message already died in that queue for that reason (other than `rejected`). Their
+    /// targets are dispatched next.
     fn republish_dead_letters(&mut self, effects: &mut Vec<Effect>) {
         let mut n_dead_letters = 0;
-        while !self.dead_letters.is_empty() {
-            let dead = self.dead_letters.remove(0);
+        while !self.state.dead_letters.is_empty() {
+            let dead = self.state.dead_letters.remove(0);
             n_dead_letters += 1;
             if n_dead_letters > wharf_core::limits::DEAD_LETTERS_PER_COMMAND_MAX {
                 continue;
@@ -2086,18 +3155,25 @@ impl Model {
                 !(queue.features.reject_publish && queue.over_limit(1, size))
             });
             self.enqueue(&message, &targets, effects);
+            self.to_dispatch.extend(targets.iter().copied());
         }
     }
 
     fn close_connection(&mut self, connection: ConnectionId, effects: &mut Vec<Effect>) {
         let conn = self.connections.remove(&connection).expect("checked");
+        // Queues to dispatch (or auto-delete), in the order the connection touched them: its
+        // consumers' queues by consumer tag, then the queues of its unacked deliveries.
+        let mut touched: Vec<u64> = Vec::new();
         let mut lost_consumers: Vec<u64> = Vec::new();
         for (tag, queue_id) in &conn.consumers {
             if let Some(queue) = self.queues.values_mut().find(|queue| queue.id == *queue_id) {
                 queue.consumers.retain(|consumer| {
                     !(consumer.connection == connection && consumer.tag == *tag)
                 });
-                lost_consumers.push(*queue_id);
+                if !touched.contains(queue_id) {
+                    touched.push(*queue_id);
+                    lost_consumers.push(*queue_id);
+                }
             }
         }
         for outstanding in conn.unacked.into_values() {
@@ -2108,15 +3184,12 @@ impl Model {
             {
                 Some(queue) => {
                     queue.unacked -= 1;
-                    requeue_or_give_up(
-                        queue,
-                        outstanding.copy,
-                        &mut self.dead_letters,
-                        &mut self.ledger,
-                        effects,
-                    );
+                    requeue_or_give_up(queue, outstanding.copy, None, &mut self.state, effects);
+                    if !touched.contains(&outstanding.queue_id) {
+                        touched.push(outstanding.queue_id);
+                    }
                 }
-                None => self.ledger.deleted_with_queue += 1,
+                None => self.state.ledger.deleted_with_queue += 1,
             }
         }
         // Dead letters go out before the exclusive and auto-delete queues are deleted.
@@ -2130,20 +3203,30 @@ impl Model {
         for name in exclusive {
             self.remove_queue(&name, effects);
         }
-        for queue_id in lost_consumers {
-            let Some(queue) = self.queue_by_id(queue_id) else {
+        for queue_id in touched {
+            let now_ms = self.now_ms;
+            let Some(queue) = self.queues.values_mut().find(|queue| queue.id == queue_id) else {
                 continue;
             };
-            if queue.options.auto_delete && queue.consumers.is_empty() {
+            if queue.consumers.is_empty() {
+                queue.last_used_ms = now_ms;
+            }
+            if queue.options.auto_delete
+                && queue.consumers.is_empty()
+                && lost_consumers.contains(&queue_id)
+            {
                 let name = queue.name.clone();
                 self.remove_queue(&name, effects);
+            } else {
+                self.dispatch(queue_id, effects);
             }
         }
+        self.dispatch_touched(effects);
     }
 
     /// Deletes a queue: consumers cancelled (and told), bindings to it removed (auto-deleting
-    /// sources left without bindings), ready copies dropped. Outstanding copies stay with their
-    /// connections, acknowledgeable and ignored.
+    /// sources left without bindings), ready and delayed copies dropped. Outstanding copies
+    /// stay with their connections, acknowledgeable and ignored.
     fn remove_queue(&mut self, name: &str, effects: &mut Vec<Effect>) {
         let queue = self.queues.remove(name).expect("caller checked");
         for consumer in &queue.consumers {
@@ -2156,7 +3239,8 @@ impl Model {
                 reason: CancelReason::QueueDeleted,
             });
         }
-        self.ledger.deleted_with_queue += queue.ready.len() as u64;
+        self.state.ledger.deleted_with_queue +=
+            queue.ready.len() as u64 + self.state.timers.remove_held_of(queue.id);
         let target = ModelTarget::Queue(queue.id);
         self.remove_bindings_to(&target, effects);
         effects.push(Effect::QueueDeleted {
@@ -2217,14 +3301,8 @@ enum Settle {
     Ack,
     Requeue,
     Drop,
-}
-
-fn declared(queue: &ModelQueue) -> Reply {
-    Reply::QueueDeclared {
-        name: queue.name.as_str().into(),
-        ready: queue.ready.len() as u64,
-        consumers: queue.consumers.len() as u32,
-    }
+    /// Requeue when due (at once when already due).
+    Defer(u64),
 }
 
 // ----- the harness: renders ops, applies them to broker and model -----
@@ -2348,10 +3426,37 @@ impl Harness {
                 .get(&connection)
                 .map_or(1, |conn| conn.last_delivery_tag + 1),
         );
+        if let TagPick::Lapsed(index) = pick {
+            let all: Vec<(ConnectionId, DeliveryTag)> = self
+                .model
+                .connections
+                .iter()
+                .flat_map(|(id, conn)| conn.lapsed.iter().map(|tag| (*id, DeliveryTag(*tag))))
+                .collect();
+            if !all.is_empty() {
+                return all[index.index(all.len())];
+            }
+        }
+        if let TagPick::Newest = pick {
+            // Tags are per connection: the latest delivery is the one the model learnt last.
+            let newest = self
+                .model
+                .connections
+                .iter()
+                .flat_map(|(id, conn)| {
+                    conn.unacked
+                        .iter()
+                        .map(|(tag, out)| (out.serial, *id, *tag))
+                })
+                .max();
+            if let Some((_, connection, tag)) = newest {
+                return (connection, DeliveryTag(tag));
+            }
+        }
         match pick {
-            TagPick::Zero => (connection, DeliveryTag(0)),
+            TagPick::Zero | TagPick::Newest => (connection, DeliveryTag(0)),
             TagPick::Unknown => (connection, never_given),
-            TagPick::Outstanding(index) => {
+            TagPick::Outstanding(index) | TagPick::Lapsed(index) => {
                 let all: Vec<(ConnectionId, DeliveryTag)> = self
                     .model
                     .connections
@@ -2484,6 +3589,7 @@ impl Harness {
                 key,
                 headers,
                 padding,
+                timing,
             } => {
                 let message_id = self.next_message_id;
                 self.next_message_id += 1;
@@ -2493,6 +3599,9 @@ impl Harness {
                     headers: message_headers(*headers),
                     persistent: padding % 2 == 0,
                     priority: (message_id % 4) as u8,
+                    delay_ms: timing.delay_ms,
+                    expiration_ms: timing.expiration_ms,
+                    message_id: timing.message_id.map(|idx| MESSAGE_IDS[idx].to_owned()),
                     ..Message::new(PUBLISH_KEYS[*key], body)
                 };
                 Command::Publish {
@@ -2507,6 +3616,7 @@ impl Harness {
                 auto_ack,
                 exclusive,
                 priority,
+                ack_timeout_ms,
             } => Command::Subscribe {
                 connection: slot(conn),
                 queue: QUEUE_NAMES[*queue].to_owned(),
@@ -2516,6 +3626,7 @@ impl Harness {
                     auto_ack: *auto_ack,
                     exclusive: *exclusive,
                     priority: *priority,
+                    ack_timeout_ms: *ack_timeout_ms,
                 },
             },
             Op::Cancel { consumer } => {
@@ -2589,7 +3700,58 @@ impl Harness {
                     last: DeliveryTag(last),
                 }
             }
-            Op::PublishMany { .. } | Op::AckAllButOldest => {
+            Op::Defer {
+                conn,
+                pick,
+                delay_ms,
+            } => {
+                let (connection, delivery_tag) = self.delivery_tag(*conn, pick);
+                Command::Defer {
+                    connection,
+                    delivery_tag,
+                    delay_ms: *delay_ms,
+                }
+            }
+            Op::Touch { conn, pick } => {
+                let (connection, delivery_tag) = self.delivery_tag(*conn, pick);
+                Command::Touch {
+                    connection,
+                    delivery_tag,
+                }
+            }
+            Op::Redrive {
+                conn,
+                queue,
+                dead_letters,
+                max,
+            } => {
+                let holding: Vec<&ModelQueue> = self
+                    .model
+                    .queues
+                    .values()
+                    .filter(|queue| {
+                        queue.ready.iter().any(|copy| {
+                            death_origin(&copy.message, &queue.name).is_some_and(
+                                |(origin, _, _)| self.model.queues.contains_key(&origin),
+                            )
+                        })
+                    })
+                    .collect();
+                let (connection, queue) = match dead_letters {
+                    Some(index) if !holding.is_empty() => {
+                        let queue = holding[index.index(holding.len())];
+                        (queue.owner.unwrap_or(slot(conn)), queue.name.clone())
+                    }
+                    _ => (slot(conn), QUEUE_NAMES[*queue].to_owned()),
+                };
+                Command::Redrive {
+                    connection,
+                    queue,
+                    max: *max,
+                }
+            }
+            Op::Advance { .. } | Op::ToDeadline { .. } => Command::Tick,
+            Op::PublishMany { .. } | Op::AckAllButOldest | Op::KeepFailing { .. } => {
                 unreachable!("expanded into several commands by Harness::step")
             }
         }
@@ -2604,10 +3766,14 @@ impl Harness {
             .map(|id| self.broker.unacked_count(*id))
             .collect();
         format!(
-            "{:?}\n{:?}\n{:?}\n{unacked:?}",
+            "{:?}\n{:?}\n{:?}\n{unacked:?}\n{:?}",
             self.broker.list_queues(),
             self.broker.list_exchanges(),
-            self.broker.list_bindings()
+            self.broker.list_bindings(),
+            (
+                self.broker.delayed_total(),
+                self.broker.durable_messages().len()
+            )
         )
     }
 
@@ -2680,10 +3846,19 @@ impl Harness {
                 }
             }
         }
-        if let (Command::Publish { message }, Ok(Reply::Published { routed, refused_by })) =
-            (command, outcome)
+        if let (
+            Command::Publish { message },
+            Ok(Reply::Published {
+                routed,
+                refused_by,
+                duplicates,
+            }),
+        ) = (command, outcome)
         {
             hit(format!("publish routed to {routed}"));
+            if *duplicates > 0 {
+                hit("publish dropped a duplicate".into());
+            }
             if refused_by.is_some() {
                 hit("publish refused by one full queue of several".into());
             }
@@ -2734,13 +3909,18 @@ impl Harness {
         }
     }
 
-    fn record_dead_letters(&mut self, before: &BTreeMap<&'static str, u64>) {
+    fn record_dead_letters(&mut self, before: &Model) {
         for (reason, count) in &self.model.dead_letter_counts {
-            if before.get(reason) != Some(count) {
+            if before.dead_letter_counts.get(reason) != Some(count) {
                 *self
                     .coverage
                     .entry(format!("dead letter {reason}"))
                     .or_default() += 1;
+            }
+        }
+        for (event, count) in &self.model.events {
+            if before.events.get(event) != Some(count) {
+                *self.coverage.entry((*event).to_owned()).or_default() += 1;
             }
         }
     }
@@ -2773,17 +3953,82 @@ impl Harness {
             exchange,
             key,
             count,
+            with_ids,
         } = op
         {
             for idx in 0..*count {
                 let (exchange, key, headers, padding) =
                     (*exchange, *key, idx % N_MESSAGE_HEADERS, idx % 3);
+                let timing = Timing {
+                    message_id: with_ids.then_some(idx % MESSAGE_IDS.len()),
+                    ..Timing::default()
+                };
                 self.step(&Op::Publish {
                     exchange,
                     key,
                     headers,
                     padding,
+                    timing,
                 })?;
+            }
+            return Ok(());
+        }
+        if let Op::Advance { ms, tick } = op {
+            self.now_ms += ms;
+            self.log.push(format!("(clock +{ms} ms)"));
+            if *tick {
+                // The model has checked the outcome (a tick always succeeds).
+                let _done = self.apply_checked(Command::Tick)?;
+            }
+            return Ok(());
+        }
+        if let Op::KeepFailing { rounds } = op {
+            for _ in 0..*rounds {
+                let (connection, delivery_tag) = self.delivery_tag(0, &TagPick::Newest);
+                if delivery_tag.0 == 0 {
+                    break;
+                }
+                let _settled = self.apply_checked(Command::Nack {
+                    connection,
+                    delivery_tag,
+                    multiple: false,
+                    requeue: true,
+                })?;
+                if self
+                    .model
+                    .next_real_deadline()
+                    .is_some_and(|deadline| deadline <= self.now_ms + 10)
+                {
+                    self.step(&Op::ToDeadline {
+                        early: false,
+                        tick: true,
+                    })?;
+                }
+            }
+            return Ok(());
+        }
+        if let Op::ToDeadline { early, tick } = op {
+            let dedup_ends = self.model.queues.values().flat_map(|queue| {
+                queue
+                    .dedup
+                    .values()
+                    .copied()
+                    .filter(|until| *until > self.now_ms)
+            });
+            let next = self
+                .model
+                .next_real_deadline()
+                .into_iter()
+                .chain(dedup_ends)
+                .min();
+            if let Some(moment) = next {
+                let at = moment - u64::from(*early);
+                // The next command takes the clock 1 ms further.
+                self.now_ms = self.now_ms.max(at.saturating_sub(1));
+                self.log.push(format!("(clock to {})", self.now_ms));
+            }
+            if *tick {
+                let _done = self.apply_checked(Command::Tick)?;
             }
             return Ok(());
         }
@@ -2801,18 +4046,18 @@ impl Harness {
 
     /// Applies one command to the broker and checks it against the model.
     fn apply_checked(&mut self, command: Command) -> Result<Result<Reply, CoreError>, String> {
-        self.log.push(format!("{command:?}"));
         let before = self.snapshot();
         self.now_ms += 1;
+        self.log.push(format!("@{} {command:?}", self.now_ms));
         let mut effects = Vec::new();
         let outcome = self
             .broker
             .apply(self.now_ms, command.clone(), &mut effects);
         let model_before = self.model.clone();
-        self.model.now_ms = self.now_ms;
-        self.model.observe(&command, &outcome, &effects)?;
+        self.model
+            .observe(self.now_ms, &command, &outcome, &effects)?;
         self.record_coverage(&command, &outcome, &effects, &model_before);
-        self.record_dead_letters(&model_before.dead_letter_counts);
+        self.record_dead_letters(&model_before);
         if outcome.is_err() && self.snapshot() != before {
             return Err(format!(
                 "failed command {outcome:?} changed the broker state"
@@ -2843,7 +4088,7 @@ fn run_case(case: &Case) -> Result<(), String> {
     Ok(())
 }
 
-/// Cases per run when `PROPTEST_CASES` is not set: about 3 s at the test profile's opt-level 1.
+/// Cases per run when `PROPTEST_CASES` is not set: about 2 s at the test profile's opt-level 1.
 const DEFAULT_CASES: u32 = 1024;
 
 /// [`DEFAULT_CASES`] unless `PROPTEST_CASES` says otherwise; a fixed, printed seed (random unless
@@ -2892,7 +4137,7 @@ fn generated_sequences_reach_the_interesting_interactions() {
         ..ProptestConfig::default()
     });
     let mut coverage: BTreeMap<String, u64> = BTreeMap::new();
-    for _ in 0..400 {
+    for _ in 0..1000 {
         let case = case().new_tree(&mut runner).expect("generates").current();
         // Disagreements are the property test's business; here only reach counts.
         let Ok(mut harness) = Harness::with_setup(case.universe.clone()) else {
@@ -2965,6 +4210,33 @@ fn generated_sequences_reach_the_interesting_interactions() {
         "err Subscribe NotFound(Connection)",
         "err Subscribe ResourceLocked",
         "err Unbind NotFound(Exchange)",
+        // Time-driven features.
+        "a delayed message entered its queue",
+        "deliver a delayed message",
+        "a delayed message entered a full queue",
+        "redrive expired a message",
+        "expired by a tick",
+        "expired in dispatch",
+        "dead letter expired",
+        "lease lapsed",
+        "redeliver after a lapsed lease",
+        "late settle of a lapsed tag",
+        "touch extended a lease",
+        "publish dropped a duplicate",
+        "retry delayed a requeue",
+        "retries exhausted, dead-lettered",
+        "defer held a message",
+        "queue expired",
+        "queue deleted implicitly by Tick",
+        "redrive moved a message",
+        "redrive kept a message",
+        "ok Tick",
+        "ok Defer",
+        "ok Touch",
+        "ok Redrive",
+        "err Defer InvalidArgument",
+        "err Touch UnknownDeliveryTag",
+        "err Redrive NotFound(Queue)",
     ];
     let missing: Vec<&str> = required
         .into_iter()
@@ -3012,6 +4284,7 @@ fn harness_with_one_delivery() -> (Harness, Vec<Effect>) {
             auto_ack: false,
             exclusive: false,
             priority: 0,
+            ack_timeout_ms: None,
         })
         .unwrap();
     (harness, Vec::new())
@@ -3023,6 +4296,7 @@ fn publish_to_q0(harness: &mut Harness) -> (Command, Result<Reply, CoreError>, V
         key: 5,
         headers: 0,
         padding: 0,
+        timing: Timing::default(),
     });
     let mut effects = Vec::new();
     harness.now_ms += 1;
@@ -3044,7 +4318,7 @@ fn checker_rejects_a_duplicate_delivery_not_flagged_redelivered() {
     effects.push(Effect::Deliver(duplicate));
     let err = harness
         .model
-        .observe(&command, &outcome, &effects)
+        .observe(harness.now_ms, &command, &outcome, &effects)
         .expect_err("a duplicate delivery must be reported");
     assert!(err.contains("duplicate"), "{err}");
 }
@@ -3058,6 +4332,7 @@ fn checker_rejects_a_redelivery_without_the_redelivered_flag() {
             key: 5,
             headers: 0,
             padding: 0,
+            timing: Timing::default(),
         })
         .unwrap();
     let command = harness.command(&Op::Nack {
@@ -3078,7 +4353,7 @@ fn checker_rejects_a_redelivery_without_the_redelivered_flag() {
     }
     let err = harness
         .model
-        .observe(&command, &outcome, &effects)
+        .observe(harness.now_ms + 1, &command, &outcome, &effects)
         .expect_err("an unflagged redelivery must be reported");
     assert!(err.contains("redelivered flag"), "{err}");
 }
@@ -3092,7 +4367,10 @@ fn checker_rejects_a_lost_message() {
         })
         .unwrap();
     let (command, outcome, effects) = publish_to_q0(&mut harness);
-    harness.model.observe(&command, &outcome, &effects).unwrap();
+    harness
+        .model
+        .observe(harness.now_ms, &command, &outcome, &effects)
+        .unwrap();
     harness.model.check_broker(&harness.broker).unwrap();
     // The same history on a broker that lost the message (it never saw the publish).
     let mut lossy = Broker::default();
@@ -3137,6 +4415,7 @@ fn checker_rejects_a_delivery_out_of_fifo_order() {
             key: 5,
             headers: 0,
             padding: 0,
+            timing: Timing::default(),
         })
         .unwrap();
     harness
@@ -3145,6 +4424,7 @@ fn checker_rejects_a_delivery_out_of_fifo_order() {
             key: 5,
             headers: 0,
             padding: 1,
+            timing: Timing::default(),
         })
         .unwrap();
     let command = harness.command(&Op::Subscribe {
@@ -3155,6 +4435,7 @@ fn checker_rejects_a_delivery_out_of_fifo_order() {
         auto_ack: false,
         exclusive: false,
         priority: 0,
+        ack_timeout_ms: None,
     });
     let mut effects = Vec::new();
     let outcome = harness
@@ -3176,7 +4457,7 @@ fn checker_rejects_a_delivery_out_of_fifo_order() {
     });
     let err = harness
         .model
-        .observe(&command, &outcome, &effects)
+        .observe(harness.now_ms + 1, &command, &outcome, &effects)
         .expect_err("out-of-order delivery must be reported");
     assert!(err.contains("FIFO"), "{err}");
 }
@@ -3195,6 +4476,7 @@ fn checker_rejects_a_delivery_beyond_prefetch() {
             key: 5,
             headers: 0,
             padding: 0,
+            timing: Timing::default(),
         })
         .unwrap();
     harness
@@ -3203,6 +4485,7 @@ fn checker_rejects_a_delivery_beyond_prefetch() {
             key: 5,
             headers: 0,
             padding: 0,
+            timing: Timing::default(),
         })
         .unwrap();
     let command = harness.command(&Op::Subscribe {
@@ -3213,6 +4496,7 @@ fn checker_rejects_a_delivery_beyond_prefetch() {
         auto_ack: false,
         exclusive: false,
         priority: 0,
+        ack_timeout_ms: None,
     });
     let mut effects = Vec::new();
     let outcome = harness
@@ -3239,7 +4523,7 @@ fn checker_rejects_a_delivery_beyond_prefetch() {
     };
     let err = harness
         .model
-        .observe(&claimed, &outcome, &effects)
+        .observe(harness.now_ms + 1, &claimed, &outcome, &effects)
         .expect_err("exceeding prefetch must be reported");
     assert!(err.contains("without capacity"), "{err}");
 }
@@ -3254,7 +4538,7 @@ fn checker_rejects_a_failed_command_that_should_have_succeeded() {
     });
     let err = harness
         .model
-        .observe(&command, &outcome, &[])
+        .observe(harness.now_ms + 1, &command, &outcome, &[])
         .expect_err("a wrong error must be reported");
     assert!(err.contains("expected Ok(Purged"), "{err}");
 }
@@ -3290,6 +4574,7 @@ fn checker_rejects_arrival_order_when_a_priority_queue_has_a_higher_priority_rea
                 key: 5,
                 headers: 0,
                 padding,
+                timing: Timing::default(),
             })
             .unwrap();
     }
@@ -3301,6 +4586,7 @@ fn checker_rejects_arrival_order_when_a_priority_queue_has_a_higher_priority_rea
         auto_ack: false,
         exclusive: false,
         priority: 0,
+        ack_timeout_ms: None,
     });
     let mut effects = Vec::new();
     let outcome = harness
@@ -3325,7 +4611,153 @@ fn checker_rejects_arrival_order_when_a_priority_queue_has_a_higher_priority_rea
     ];
     let err = harness
         .model
-        .observe(&command, &outcome, &arrival_order)
+        .observe(harness.now_ms + 1, &command, &outcome, &arrival_order)
         .expect_err("arrival order ahead of a higher priority must be reported");
     assert!(err.contains("highest priority"), "{err}");
+}
+
+/// A plain `q0` without consumers.
+fn harness_with_q0() -> Harness {
+    let (mut harness, _) = harness_with_one_delivery();
+    harness
+        .step(&Op::Cancel {
+            consumer: ConsumerPick::Named { conn: 0, tag: 1 },
+        })
+        .unwrap();
+    harness
+}
+
+fn publish_timed_to_q0(harness: &mut Harness, timing: Timing) {
+    harness
+        .step(&Op::Publish {
+            exchange: DEFAULT_EXCHANGE_IDX,
+            key: 5,
+            headers: 0,
+            padding: 1,
+            timing,
+        })
+        .unwrap();
+}
+
+/// Applies `op` to the broker only, for a test to tamper with what the broker did.
+fn apply_unchecked(
+    harness: &mut Harness,
+    op: &Op,
+) -> (Command, Result<Reply, CoreError>, Vec<Effect>) {
+    let command = harness.command(op);
+    harness.now_ms += 1;
+    let mut effects = Vec::new();
+    let outcome = harness
+        .broker
+        .apply(harness.now_ms, command.clone(), &mut effects);
+    (command, outcome, effects)
+}
+
+fn subscribe_to_q0(tag: u32, ack_timeout_ms: Option<u64>) -> Op {
+    Op::Subscribe {
+        conn: 0,
+        queue: 0,
+        tag,
+        prefetch: 1,
+        auto_ack: false,
+        exclusive: false,
+        priority: 0,
+        ack_timeout_ms,
+    }
+}
+
+#[test]
+fn checker_rejects_a_delivery_of_an_expired_message() {
+    let mut harness = harness_with_q0();
+    publish_timed_to_q0(
+        &mut harness,
+        Timing {
+            expiration_ms: Some(5),
+            ..Timing::default()
+        },
+    );
+    // Past its TTL, with no tick since: the consumer that arrives must not get it.
+    harness.now_ms += 10;
+    let (command, outcome, mut effects) = apply_unchecked(&mut harness, &subscribe_to_q0(2, None));
+    assert!(
+        !effects
+            .iter()
+            .any(|effect| matches!(effect, Effect::Deliver(_))),
+        "the broker expires it instead: {effects:?}"
+    );
+    let message = harness.model.queues["q0"].ready[0].message.clone();
+    effects.push(Effect::Deliver(Delivery {
+        connection: harness.slots[0],
+        consumer_tag: ConsumerTag(2),
+        delivery_tag: DeliveryTag(2),
+        queue: "q0".into(),
+        message,
+        redelivered: false,
+        delivery_count: 1,
+    }));
+    let err = harness
+        .model
+        .observe(harness.now_ms, &command, &outcome, &effects)
+        .expect_err("a delivery past the TTL must be reported");
+    assert!(err.contains("past its TTL"), "{err}");
+}
+
+#[test]
+fn checker_rejects_a_delayed_message_delivered_before_due() {
+    let (mut harness, _) = harness_with_one_delivery();
+    let op = Op::Publish {
+        exchange: DEFAULT_EXCHANGE_IDX,
+        key: 5,
+        headers: 0,
+        padding: 1,
+        timing: Timing {
+            delay_ms: Some(20),
+            ..Timing::default()
+        },
+    };
+    let (command, outcome, mut effects) = apply_unchecked(&mut harness, &op);
+    assert!(effects.is_empty(), "held, not delivered: {effects:?}");
+    let Command::Publish { message } = &command else {
+        unreachable!()
+    };
+    effects.push(Effect::Deliver(Delivery {
+        connection: harness.slots[0],
+        consumer_tag: ConsumerTag(1),
+        delivery_tag: DeliveryTag(1),
+        queue: "q0".into(),
+        message: message.clone(),
+        redelivered: false,
+        delivery_count: 1,
+    }));
+    let err = harness
+        .model
+        .observe(harness.now_ms, &command, &outcome, &effects)
+        .expect_err("a delayed message delivered early must be reported");
+    assert!(err.contains("before it was due"), "{err}");
+}
+
+#[test]
+fn checker_rejects_a_lapsed_lease_that_is_not_redelivered() {
+    let mut harness = harness_with_q0();
+    harness.step(&subscribe_to_q0(2, Some(5))).unwrap();
+    publish_timed_to_q0(&mut harness, Timing::default());
+    assert_eq!(
+        harness.model.connections[&harness.slots[0]].unacked.len(),
+        1
+    );
+    harness.now_ms += 10;
+    let (command, outcome, mut effects) =
+        apply_unchecked(&mut harness, &Op::Advance { ms: 0, tick: true });
+    let n_effects = effects.len();
+    effects.retain(|effect| !matches!(effect, Effect::Deliver(_)));
+    assert_eq!(
+        effects.len() + 1,
+        n_effects,
+        "the lapsed delivery is redelivered"
+    );
+    let err = harness
+        .model
+        .observe(harness.now_ms, &command, &outcome, &effects)
+        .expect_err("a lapsed delivery that stays lost must be reported");
+    assert!(err.contains("work conservation"), "{err}");
 }

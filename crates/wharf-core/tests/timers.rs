@@ -417,13 +417,15 @@ fn message_ttl_expires_ready_messages_into_the_dead_letter_queue() {
     harness.publish(with_ttl("work", "own-ttl", 100));
     harness.publish(with_ttl("work", "longer-own-ttl", 10_000));
     harness.tick_at(1_100);
+    assert_eq!(harness.stats("work").expired, 0, "alive through its last millisecond");
+    harness.tick_at(1_101);
     assert_eq!(
         harness.stats("work").expired,
         1,
         "the 100 ms message, not at the head"
     );
     assert_eq!(harness.stats("work").ready, 2);
-    harness.tick_at(1_500);
+    harness.tick_at(1_501);
     assert_eq!(
         harness.stats("work").expired,
         3,
@@ -596,6 +598,23 @@ fn touch_extends_a_lease() {
         }),
         Err(CoreError::UnknownDeliveryTag { tag: 77 })
     );
+    for bad in [0, u64::MAX] {
+        let err = harness
+            .apply(Command::Subscribe {
+                connection: C2,
+                queue: "jobs".into(),
+                consumer_tag: ConsumerTag(9),
+                options: ConsumerOptions {
+                    ack_timeout_ms: Some(bad),
+                    ..ConsumerOptions::default()
+                },
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, CoreError::InvalidArgument { .. }),
+            "{bad}: {err:?}"
+        );
+    }
 }
 
 // ----- queue expiry -----
@@ -816,3 +835,73 @@ impl Harness {
         }
     }
 }
+
+#[test]
+fn a_delayed_message_entering_a_full_reject_publish_queue_is_dead_lettered_maxlen() {
+    let mut harness = Harness::new();
+    with_dead_letter_queue(
+        &mut harness,
+        args(&[
+            ("x-max-length", int(1)),
+            ("x-overflow", text("reject-publish")),
+        ]),
+    );
+    for body in ["a", "b"] {
+        let reply = harness.publish(delayed("work", body, 10));
+        assert!(
+            matches!(reply, Reply::Published { routed: 1, .. }),
+            "{reply:?}"
+        );
+    }
+    harness.tick_at(1_010);
+    let stats = harness.stats("work");
+    assert_eq!((stats.ready, stats.dropped, stats.delayed), (1, 1, 0));
+    let dead = harness.drain("dead");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(death_reason(&dead[0]).as_deref(), Some("maxlen"));
+}
+
+#[test]
+fn redrive_expires_a_dead_letter_past_its_ttl_instead_of_moving_it() {
+    let mut harness = Harness::new();
+    harness.declare("dead", false, args(&[("x-message-ttl", int(10))]));
+    let mut arguments = Headers::new();
+    arguments.insert("x-dead-letter-exchange", "");
+    arguments.insert("x-dead-letter-routing-key", "dead");
+    harness.declare("work", false, arguments);
+    harness.subscribe(C1, "work", 1, manual(0));
+    harness.publish(Message::new("work", "x"));
+    let (_, _, tag, _) = harness.one();
+    harness.ok(Command::Reject {
+        connection: C1,
+        delivery_tag: tag,
+        requeue: false,
+    });
+    harness.now = 1_100; // no tick: the dead letter is still ready, past its TTL
+    let reply = harness.ok(Command::Redrive {
+        connection: C1,
+        queue: "dead".into(),
+        max: 0,
+    });
+    assert_eq!(reply, Reply::Redriven { moved: 0 });
+    assert_eq!(harness.stats("dead").expired, 1);
+    assert!(
+        harness.delivered().is_empty(),
+        "nothing reached the consumer on work"
+    );
+}
+
+#[test]
+fn a_ttl_of_zero_means_deliver_now_or_never() {
+    let mut harness = Harness::new();
+    with_dead_letter_queue(&mut harness, Headers::new());
+    harness.subscribe(C1, "work", 1, manual(1));
+    harness.publish(with_ttl("work", "taken at once", 0));
+    harness.publish(with_ttl("work", "no room", 0));
+    assert_eq!(harness.bodies(), ["taken at once"]);
+    assert_eq!(harness.broker.next_deadline(), Some(1_001));
+    harness.tick_at(1_001);
+    assert_eq!(harness.stats("work").expired, 1);
+    assert_eq!(harness.stats("dead").ready, 1);
+}
+
