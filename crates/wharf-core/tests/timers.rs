@@ -417,7 +417,11 @@ fn message_ttl_expires_ready_messages_into_the_dead_letter_queue() {
     harness.publish(with_ttl("work", "own-ttl", 100));
     harness.publish(with_ttl("work", "longer-own-ttl", 10_000));
     harness.tick_at(1_100);
-    assert_eq!(harness.stats("work").expired, 0, "alive through its last millisecond");
+    assert_eq!(
+        harness.stats("work").expired,
+        0,
+        "alive through its last millisecond"
+    );
     harness.tick_at(1_101);
     assert_eq!(
         harness.stats("work").expired,
@@ -904,4 +908,3 @@ fn a_ttl_of_zero_means_deliver_now_or_never() {
     assert_eq!(harness.stats("work").expired, 1);
     assert_eq!(harness.stats("dead").ready, 1);
 }
-

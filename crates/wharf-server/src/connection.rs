@@ -278,7 +278,7 @@ async fn read_loop(
         if !frames.is_empty() {
             let (exit, leader) = process(shared, &mut state, &mut frames, outbox);
             if let Some(leader) = leader {
-                commit_log(leader).await;
+                commit_log(leader);
             }
             if let Some(exit) = exit {
                 return exit;
@@ -474,7 +474,7 @@ fn refused(code: ErrorCode, reason: impl Into<String>) -> ConfirmStatus {
 fn publish_one(
     state: &mut State,
     now: u64,
-    message: Message,
+    message: Arc<Message>,
     seq: u64,
     confirms: &mut Confirms,
     deferred: &mut Deferred,
@@ -485,7 +485,7 @@ fn publish_one(
             return;
         }
     }
-    match state.publish(now, Arc::new(message)) {
+    match state.publish(now, message) {
         Ok(Published::Logged) => deferred.seqs.push(seq),
         Ok(Published::InMemory) => {
             confirms.push(seq, ConfirmStatus::Confirmed(Durability::InMemory))
@@ -495,45 +495,22 @@ fn publish_one(
     }
 }
 
-fn exp_mode() -> u8 {
-    static MODE: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-    *MODE.get_or_init(|| match std::env::var("WHARF_EXP_LEAD").as_deref() {
-        Ok("off") => 0,
-        Ok("inline") => 1,
-        Ok("bip") => 3,
-        Ok("spawn") => 4,
-        Ok("bipnoyield") => 5,
-        _ => 2,
-    })
-}
-
-/// Commits the log record of a batch whose confirms or responses wait for it.
-async fn commit_log(leader: Leader) {
-    match exp_mode() {
-        1 => {
-            leader.commit();
-        }
-        3 => {
-            tokio::task::yield_now().await;
-            tokio::task::block_in_place(|| leader.commit());
-        }
-        4 => {
-            tokio::spawn(async move {
-                leader.commit();
-            });
-        }
-        5 => {
-            tokio::task::block_in_place(|| leader.commit());
-        }
-        _ => {
-            tokio::task::yield_now().await;
-            leader.commit();
-        }
-    }
+/// Commits the log record of a batch whose confirms or responses wait for it, as the log's
+/// leader (docs/durability.md "Latency"): if no fsync is in flight, the record is written and
+/// fsynced on this runtime worker and its completion queues the confirm for this connection's
+/// writer task on the same worker, so no thread is woken on the way. It runs as a task of its
+/// own, spawned on this worker: the reader finishes its turn first, and the writer tasks this
+/// batch woke (deliveries to consumers) stay free for another worker to run while this one
+/// waits on the disk, so deliveries are not held back by the fsync.
+fn commit_log(leader: Leader) {
+    tokio::spawn(async move {
+        leader.commit();
+    });
 }
 
 /// Applies a batch of frames under one lock. Returns why the connection must end, if it must,
-/// and the log leader to commit, if the batch's confirms or responses wait for the log.
+/// and the log leader to commit, if the batch's confirms or responses wait for the log and the
+/// client had nothing else waiting on it.
 fn process(
     shared: &Shared,
     reader: &mut Reader,
@@ -707,12 +684,18 @@ fn process(
             state.route_effects();
         }
         if !deferred.seqs.is_empty() || !deferred.frames.is_empty() {
-            reader
+            let in_flight_before = reader
                 .in_flight
                 .count
                 .fetch_add(deferred.seqs.len() as u64, Ordering::AcqRel);
             let (outbox, in_flight) = (outbox.clone(), reader.in_flight.clone());
-            if exp_mode() != 0 {
+            if in_flight_before == 0 {
+                // Nothing else of this client awaits the log: it is most likely waiting for
+                // exactly these confirms, so their latency is what counts. Lead: announced
+                // before the append, which then does not wake the WAL's writer thread, and
+                // committed by this connection once the broker lock is released. A client
+                // with publishes already in flight is pipelining: its batches join the
+                // writer thread's group commits, and no runtime worker waits on the disk.
                 leader = state.log().map(|log| log.lead());
             }
             state.commit(Some(Box::new(move |outcome| {

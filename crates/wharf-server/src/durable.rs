@@ -1037,7 +1037,12 @@ mod tests {
                 ..Message::new("q", body.to_owned())
             }),
         };
-        apply_logged(&mut broker, 1_000, publish("later", "id-1", Some(5_000)), &mut log);
+        apply_logged(
+            &mut broker,
+            1_000,
+            publish("later", "id-1", Some(5_000)),
+            &mut log,
+        );
         apply_logged(&mut broker, 1_000, publish("now", "id-2", None), &mut log);
         assert_eq!(broker.queue_stats("q").unwrap().delayed, 1);
 
@@ -1054,7 +1059,14 @@ mod tests {
                     .apply(2_000, publish("again", id, None), &mut effects)
                     .unwrap();
                 assert!(
-                    matches!(reply, wharf_core::Reply::Published { routed: 0, duplicates: 1, .. }),
+                    matches!(
+                        reply,
+                        wharf_core::Reply::Published {
+                            routed: 0,
+                            duplicates: 1,
+                            ..
+                        }
+                    ),
                     "{how}: {id} is a duplicate after recovery: {reply:?}"
                 );
             }
@@ -1096,7 +1108,14 @@ mod tests {
                 .apply(2_000, publish("again", id, None), &mut effects)
                 .unwrap();
             assert!(
-                matches!(reply, wharf_core::Reply::Published { routed: 0, duplicates: 1, .. }),
+                matches!(
+                    reply,
+                    wharf_core::Reply::Published {
+                        routed: 0,
+                        duplicates: 1,
+                        ..
+                    }
+                ),
                 "checkpoint: {id}: {reply:?}"
             );
         }

@@ -284,7 +284,19 @@ pub struct RunningServer {
 impl RunningServer {
     /// Binds and starts a server on the current tokio runtime.
     pub async fn start(config: ServerConfig) -> std::io::Result<RunningServer> {
-        let server = Server::bind(config).await?;
+        RunningServer::spawn(Server::bind(config).await?)
+    }
+
+    /// Binds and starts a server whose log lives on `storage` (e.g. the fault-injecting
+    /// in-memory storage of the tests).
+    pub async fn start_with_storage(
+        config: ServerConfig,
+        storage: Arc<dyn Storage>,
+    ) -> std::io::Result<RunningServer> {
+        RunningServer::spawn(Server::bind_with_storage(config, storage).await?)
+    }
+
+    fn spawn(server: Server) -> std::io::Result<RunningServer> {
         let addr = server.local_addr()?;
         let shutdown = server.shutdown_handle();
         let task = tokio::spawn(server.run());

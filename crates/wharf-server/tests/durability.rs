@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use wharf_client::{Client, ConsumeOptions, Consumer, Delivery, Durability, ExchangeKind, Message};
 use wharf_protocol::ErrorCode;
-use wharf_server::{RunningServer, Server, ServerConfig};
+use wharf_server::{RunningServer, ServerConfig};
 use wharf_storage::{Fault, MemStorage};
 
 async fn start(dir: &Path) -> RunningServer {
@@ -20,17 +20,9 @@ async fn start(dir: &Path) -> RunningServer {
 }
 
 async fn start_on(storage: MemStorage, dir: &Path) -> RunningServer {
-    let server = Server::bind_with_storage(ServerConfig::ephemeral(dir), Arc::new(storage))
+    RunningServer::start_with_storage(ServerConfig::ephemeral(dir), Arc::new(storage))
         .await
-        .expect("server starts");
-    let addr = server.local_addr().unwrap();
-    let shutdown = server.shutdown_handle();
-    let task = tokio::spawn(server.run());
-    RunningServer {
-        addr,
-        shutdown,
-        task,
-    }
+        .expect("server starts")
 }
 
 async fn connect(server: &RunningServer) -> Client {
@@ -396,12 +388,23 @@ async fn delayed_messages_dedup_windows_and_dead_letters_survive_a_restart() {
     // The dedup window came back: both ids are still duplicates, a new one is not.
     for id in ["order-1", "order-2"] {
         let again = client
-            .publish("", "orders", Message::new("again").persistent(true).message_id(id))
+            .publish(
+                "",
+                "orders",
+                Message::new("again").persistent(true).message_id(id),
+            )
             .await;
-        assert!(matches!(again, Err(wharf_client::ClientError::Duplicate)), "{id}: {again:?}");
+        assert!(
+            matches!(again, Err(wharf_client::ClientError::Duplicate)),
+            "{id}: {again:?}"
+        );
     }
     client
-        .publish("", "orders", Message::new("fresh").persistent(true).message_id("order-3"))
+        .publish(
+            "",
+            "orders",
+            Message::new("fresh").persistent(true).message_id("order-3"),
+        )
         .await
         .unwrap();
     let mut consumer = client.consume("orders", manual(10)).await.unwrap();

@@ -49,7 +49,7 @@ pub use format::{
 pub use mem::{Fault, MemStorage, SECTOR_BYTES, SplitMix64};
 pub use storage::{FileStorage, Storage, StorageFile};
 pub use wal::{
-    Committed, Completion, Records, RecoveryReport, RelocateHook, Relocation, SyncCoverage,
+    Committed, Completion, Leader, Records, RecoveryReport, RelocateHook, Relocation, SyncCoverage,
     SyncPolicy, Truncation, Wal, WalConfig, WalStats,
 };
 

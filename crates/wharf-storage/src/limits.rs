@@ -14,6 +14,11 @@ pub const BATCH_RECORDS_MAX: usize = 65_536;
 /// latency a single write adds to everyone in the group.
 pub const GROUP_BYTES_MAX: usize = 8 * 1024 * 1024;
 
+/// Most bytes a leader ([`crate::Wal::lead`]) commits on its own thread: leaders are often an
+/// async runtime's workers, which must not be held up writing a checkpoint; a larger group
+/// (or a larger first batch) is left to the writer thread.
+pub const LEADER_GROUP_BYTES_MAX: usize = 1024 * 1024;
+
 /// Smallest segment: room for the segment header and a few small records, so rollover logic
 /// is exercised by tests without degenerate one-record segments.
 pub const SEGMENT_BYTES_MIN: u64 = 4 * 1024;

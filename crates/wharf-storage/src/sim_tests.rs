@@ -64,6 +64,8 @@ struct RoundStats {
     durable_checked: u64,
     truncations: u64,
     lost_unconfirmed: u64,
+    /// Groups committed by a leader on the test thread rather than by the writer thread.
+    leader_commits: u64,
 }
 
 fn power_loss_round(seed: u64, hooks: TestHooks) -> Result<RoundStats, String> {
@@ -130,9 +132,13 @@ fn power_loss_round(seed: u64, hooks: TestHooks) -> Result<RoundStats, String> {
                 }
             }
         };
+        // Leaders announced and not yet run: while any is, the writer thread leaves the
+        // queue to them, so appends pile up behind a leader as they do behind a slow fsync.
+        let mut leaders = Vec::new();
         for _ in 0..rng.below(80) {
             match rng.below(10) {
                 0..=5 => {
+                    let leader = (rng.below(3) == 0).then(|| wal.lead());
                     let n_records = 1 + rng.below(4) as usize;
                     let ids: Vec<u64> = (0..n_records).map(|i| next_id + i as u64).collect();
                     next_id += n_records as u64;
@@ -146,6 +152,19 @@ fn power_loss_round(seed: u64, hooks: TestHooks) -> Result<RoundStats, String> {
                         records,
                         Box::new(move |outcome| outcomes.lock().unwrap().push((ids, outcome))),
                     );
+                    if let Some(leader) = leader {
+                        leaders.push(leader);
+                    }
+                    if rng.coin() {
+                        // Run (or, rarely, drop) the oldest leader; the others wait.
+                        if let Some(leader) = (!leaders.is_empty()).then(|| leaders.remove(0)) {
+                            if rng.below(8) == 0 {
+                                drop(leader);
+                            } else {
+                                stats.leader_commits += u64::from(leader.commit());
+                            }
+                        }
+                    }
                 }
                 6 | 7 => {
                     harvest(&mut durable, &mut live);
@@ -174,9 +193,15 @@ fn power_loss_round(seed: u64, hooks: TestHooks) -> Result<RoundStats, String> {
             }
         }
         if rng.coin() {
+            for leader in leaders.drain(..) {
+                stats.leader_commits += u64::from(leader.commit());
+            }
+        }
+        if rng.coin() {
             wal.quiesce();
         }
         mem.crash();
+        drop(leaders);
         drop(wal);
         harvest(&mut durable, &mut live);
     }
@@ -203,6 +228,7 @@ fn power_loss_keeps_every_durable_record_exactly_once() {
                 total.durable_checked += stats.durable_checked;
                 total.truncations += stats.truncations;
                 total.lost_unconfirmed += stats.lost_unconfirmed;
+                total.leader_commits += stats.leader_commits;
             }
             Err(failure) => panic!("seed {seed}: {failure}\nreplay with WHARF_SEED={seed}"),
         }
@@ -211,7 +237,10 @@ fn power_loss_keeps_every_durable_record_exactly_once() {
     if seeds.len() > 1 {
         // The crashes really did cut torn tails and lose unconfirmed appends.
         assert!(
-            total.durable_checked > 1000 && total.truncations > 0 && total.lost_unconfirmed > 0,
+            total.durable_checked > 1000
+                && total.truncations > 0
+                && total.lost_unconfirmed > 0
+                && total.leader_commits > 0,
             "{total:?}"
         );
     }
@@ -1009,4 +1038,504 @@ fn a_panicking_completion_does_not_stop_the_writer() {
         .expect("writer still alive");
     assert!(committed.is_durable());
     assert_eq!(replay(&wal).len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leaders: appenders that commit on their own thread when the log is idle.
+
+/// Appends through a leader on the calling thread, as the broker does: announce, append,
+/// commit. Returns the outcome, whether this thread committed, and where the completion ran.
+fn append_led(
+    wal: &Wal,
+    records: Vec<Bytes>,
+) -> (Result<Committed, WalError>, bool, std::thread::ThreadId) {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let leader = wal.lead();
+    wal.append(
+        records,
+        Box::new(move |outcome| {
+            let _ = sender.send((outcome, std::thread::current().id()));
+        }),
+    );
+    let led = leader.commit();
+    let (outcome, thread) = receiver.recv().expect("every append completes");
+    (outcome, led, thread)
+}
+
+/// Storage whose file fsyncs can be held at a gate: the test learns when an fsync started and
+/// decides when it returns, so "an fsync is in flight" is a state it can set up exactly.
+struct Gated {
+    inner: MemStorage,
+    gate: Arc<Gate>,
+}
+
+#[derive(Default)]
+struct Gate {
+    /// While set, every file fsync reports itself on `entered` and waits for `open`.
+    closed: std::sync::atomic::AtomicBool,
+    entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    open: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+struct GatedFile {
+    inner: Arc<dyn StorageFile>,
+    gate: Arc<Gate>,
+}
+
+impl StorageFile for GatedFile {
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.inner.write_at(offset, buf)
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn sync(&self) -> io::Result<()> {
+        if self.gate.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Some(entered) = self.gate.entered.lock().unwrap().as_ref() {
+                let _ = entered.send(());
+            }
+            if let Some(open) = self.gate.open.lock().unwrap().as_ref() {
+                let _ = open.recv();
+            }
+        }
+        self.inner.sync()
+    }
+    fn truncate(&self, len: u64) -> io::Result<()> {
+        self.inner.truncate(len)
+    }
+}
+
+impl Storage for Gated {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        Ok(Arc::new(GatedFile {
+            inner: self.inner.create(path)?,
+            gate: Arc::clone(&self.gate),
+        }))
+    }
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>> {
+        Ok(Arc::new(GatedFile {
+            inner: self.inner.open(path)?,
+            gate: Arc::clone(&self.gate),
+        }))
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.inner.list_dir(dir)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+}
+
+fn writer_thread_name() -> Option<String> {
+    std::thread::current().name().map(str::to_owned)
+}
+
+#[test]
+fn a_leader_writes_and_fsyncs_on_its_own_thread_when_the_log_is_idle() {
+    let mem = MemStorage::new(1);
+    let (wal, _) = open(&mem, test_config(1 << 20));
+    let syncs_before = mem.sync_count();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let leader = wal.lead();
+    wal.append(
+        vec![payload(1, 100), payload(2, 100)],
+        Box::new(move |outcome| {
+            let _ = sender.send((outcome, std::thread::current().id()));
+        }),
+    );
+    // Announced: the writer thread was not woken and nothing is written yet.
+    assert!(
+        receiver.try_recv().is_err(),
+        "completed before the leader ran"
+    );
+    assert_eq!(wal.durable_lsn(), Lsn(0));
+    assert!(leader.commit(), "an idle log is committed by the leader");
+    let (outcome, thread) = receiver.try_recv().expect("completed during commit");
+    assert_eq!(
+        thread,
+        std::thread::current().id(),
+        "completion ran on the leader"
+    );
+    let committed = outcome.unwrap();
+    assert_eq!(committed.coverage, SyncCoverage::Fsynced);
+    assert!(
+        wal.durable_lsn() >= committed.end,
+        "confirmed before its fsync returned"
+    );
+    assert_eq!(
+        mem.sync_count() - syncs_before,
+        1,
+        "one fsync for the group"
+    );
+    let stats = wal.stats();
+    assert_eq!((stats.leader_commits, stats.writer_commits), (1, 0));
+    // Survives a power cut.
+    drop(wal);
+    mem.crash();
+    let (wal, _) = open(&mem, test_config(1 << 20));
+    assert_eq!(replay(&wal).len(), 2);
+}
+
+#[test]
+fn appends_during_a_leaders_fsync_share_the_next_fsync_on_the_writer_thread() {
+    let mem = MemStorage::new(1);
+    let gate = Arc::new(Gate::default());
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (open_gate, open_rx) = std::sync::mpsc::channel();
+    *gate.entered.lock().unwrap() = Some(entered_tx);
+    *gate.open.lock().unwrap() = Some(open_rx);
+    let storage = Arc::new(Gated {
+        inner: mem.clone(),
+        gate: Arc::clone(&gate),
+    });
+    let (wal, _) = Wal::open(storage, dir(), test_config(1 << 20)).unwrap();
+    let wal = Arc::new(wal);
+    gate.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let first = {
+        let wal = Arc::clone(&wal);
+        std::thread::spawn(move || append_led(&wal, vec![payload(1, 100)]))
+    };
+    entered.recv().unwrap();
+    // The leader's fsync is in flight. A second leader finds the log busy and returns at
+    // once; its batch and a plain append wait for the next group.
+    let outcomes: Outcomes = Arc::new(Mutex::new(Vec::new()));
+    let leader = wal.lead();
+    for id in [2, 3] {
+        let outcomes = Arc::clone(&outcomes);
+        wal.append(
+            vec![payload(id, 100)],
+            Box::new(move |outcome| {
+                assert_eq!(writer_thread_name().as_deref(), Some("wharf-wal-writer"));
+                outcomes.lock().unwrap().push((vec![id], outcome));
+            }),
+        );
+    }
+    assert!(
+        !leader.commit(),
+        "a commit is in flight: no second committer"
+    );
+    assert!(
+        outcomes.lock().unwrap().is_empty(),
+        "completed before any fsync covered it"
+    );
+    let syncs_before = mem.sync_count();
+    gate.closed
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    open_gate.send(()).unwrap();
+    let (outcome, led, thread) = first.join().unwrap();
+    assert!(led);
+    assert_ne!(thread, std::thread::current().id());
+    assert!(outcome.unwrap().is_durable());
+    wal.quiesce();
+    let outcomes = outcomes.lock().unwrap();
+    assert_eq!(outcomes.len(), 2);
+    let ends: Vec<Lsn> = outcomes
+        .iter()
+        .map(|(_, outcome)| {
+            let committed = outcome.as_ref().unwrap();
+            assert!(committed.is_durable());
+            committed.end
+        })
+        .collect();
+    assert!(ends[0] < ends[1], "submission order kept");
+    assert_eq!(
+        mem.sync_count() - syncs_before,
+        2,
+        "the leader's fsync, then one shared by both later batches"
+    );
+    let stats = wal.stats();
+    assert_eq!((stats.leader_commits, stats.writer_commits), (1, 1));
+}
+
+#[test]
+fn concurrent_leaders_still_share_fsyncs_and_keep_each_threads_order() {
+    let mem = MemStorage::new(1);
+    let storage = Arc::new(Wrapped {
+        inner: mem.clone(),
+        sync_delay: Duration::from_millis(2),
+        skip_remove: false,
+    });
+    let (wal, _) = Wal::open(storage, dir(), WalConfig::default()).unwrap();
+    let wal = Arc::new(wal);
+    let syncs_before = mem.sync_count();
+    let n_threads = 8;
+    let n_appends = 40;
+    let threads: Vec<_> = (0..n_threads)
+        .map(|thread_idx| {
+            let wal = Arc::clone(&wal);
+            std::thread::spawn(move || {
+                let mut last_end = Lsn(0);
+                for idx in 0..n_appends {
+                    let (outcome, _, _) =
+                        append_led(&wal, vec![payload(thread_idx * 1000 + idx, 100)]);
+                    let committed = outcome.unwrap();
+                    assert_eq!(committed.coverage, SyncCoverage::Fsynced);
+                    assert!(committed.lsns[0] >= last_end, "order within a thread");
+                    last_end = committed.end;
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    wal.quiesce();
+    let syncs = mem.sync_count() - syncs_before;
+    let appends = n_threads * n_appends;
+    let stats = wal.stats();
+    assert!(
+        syncs * 2 < appends,
+        "{syncs} fsyncs for {appends} appends: no group commit ({stats:?})"
+    );
+    assert!(stats.leader_commits > 0, "{stats:?}");
+    assert!(
+        stats.writer_commits > 0,
+        "appends made during a leader's fsync go to the writer thread: {stats:?}"
+    );
+    assert_eq!(
+        stats.leader_commits + stats.writer_commits,
+        syncs,
+        "one fsync per group"
+    );
+    assert_eq!(replay(&wal).len() as u64, appends);
+}
+
+#[test]
+fn an_fsync_failure_under_a_leader_completes_nothing_as_durable_and_poisons_the_wal() {
+    for kth in 1..=12 {
+        let mem = MemStorage::new(kth);
+        let (wal, _) = open(&mem, test_config(4096));
+        mem.fail_sync(kth, Fault::Eio);
+        let mut durable = Vec::new();
+        let mut failed_at = None;
+        for id in 0..20u64 {
+            let (outcome, _, thread) = append_led(&wal, vec![payload(id, 400)]);
+            // Leaders commit here, or refuse up front here once poisoned: never elsewhere.
+            assert_eq!(thread, std::thread::current().id(), "kth {kth}");
+            match outcome {
+                Ok(committed) => {
+                    assert!(
+                        failed_at.is_none(),
+                        "kth {kth}: append {id} completed after a failed fsync"
+                    );
+                    assert!(committed.is_durable());
+                    durable.push(id);
+                }
+                Err(WalError::SyncFailed { .. }) if failed_at.is_none() => failed_at = Some(id),
+                Err(WalError::Poisoned { .. }) if failed_at.is_some() => {}
+                Err(error) => panic!("kth {kth}: append {id}: unexpected {error}"),
+            }
+        }
+        assert!(failed_at.is_some(), "kth {kth}: the fault did not fire");
+        assert!(wal.is_poisoned());
+        assert!(wal.stats().leader_commits > 0);
+        drop(wal);
+        mem.crash();
+        let (wal, _) = open(&mem, test_config(4096));
+        let replayed: Vec<u64> = replay(&wal)
+            .iter()
+            .map(|(_, bytes)| payload_id(bytes).unwrap())
+            .collect();
+        assert_eq!(&replayed[..durable.len()], &durable[..], "kth {kth}");
+    }
+}
+
+#[test]
+fn a_failed_leader_fsync_fails_every_batch_of_its_group() {
+    let mem = MemStorage::new(7);
+    let (wal, _) = open(&mem, test_config(1 << 20));
+    wal.append_wait(vec![payload(0, 10)]).unwrap();
+    // The writer thread gives the tail back only after running the completion.
+    wal.quiesce();
+    mem.fail_sync(1, Fault::Eio);
+    let outcomes: Outcomes = Arc::new(Mutex::new(Vec::new()));
+    let leader = wal.lead();
+    for id in 1..=3 {
+        let outcomes = Arc::clone(&outcomes);
+        wal.append(
+            vec![payload(id, 10)],
+            Box::new(move |outcome| outcomes.lock().unwrap().push((vec![id], outcome))),
+        );
+    }
+    assert!(leader.commit());
+    let outcomes = outcomes.lock().unwrap();
+    assert_eq!(outcomes.len(), 3);
+    for (ids, outcome) in outcomes.iter() {
+        assert!(
+            matches!(outcome, Err(WalError::SyncFailed { .. })),
+            "batch {ids:?}: {outcome:?}"
+        );
+    }
+    assert!(wal.is_poisoned());
+    assert!(matches!(
+        wal.append_wait(vec![payload(9, 10)]),
+        Err(WalError::Poisoned { .. })
+    ));
+}
+
+#[test]
+fn storage_full_under_a_leader_refuses_that_append_and_the_next_ones_continue() {
+    for nth in 1..=12 {
+        let mem = MemStorage::new(nth);
+        let (wal, _) = open(&mem, test_config(4096));
+        mem.fail_write(nth, Fault::NoSpace);
+        let mut accepted = Vec::new();
+        let mut refused = 0;
+        for id in 0..16 {
+            match append_led(&wal, vec![payload(id, 250)]).0 {
+                Ok(committed) => {
+                    assert!(committed.is_durable());
+                    accepted.push(id);
+                }
+                Err(WalError::StorageFull { .. }) => refused += 1,
+                Err(error) => panic!("nth {nth}: untyped failure {error}"),
+            }
+        }
+        assert_eq!(refused, 1, "nth {nth}");
+        assert!(!wal.is_poisoned());
+        drop(wal);
+        mem.crash();
+        let (wal, _) = open(&mem, test_config(4096));
+        let replayed: Vec<u64> = replay(&wal)
+            .iter()
+            .map(|(_, bytes)| payload_id(bytes).unwrap())
+            .collect();
+        assert_eq!(replayed, accepted, "nth {nth}");
+    }
+}
+
+#[test]
+fn a_leader_leaves_a_batch_larger_than_its_limit_to_the_writer_thread() {
+    let mem = MemStorage::new(1);
+    let (wal, _) = open(&mem, test_config(8 << 20));
+    let big = crate::limits::LEADER_GROUP_BYTES_MAX + 1;
+    let (outcome, led, thread) = append_led(&wal, vec![payload(1, big)]);
+    assert!(outcome.unwrap().is_durable());
+    assert!(!led);
+    assert_ne!(thread, std::thread::current().id());
+    // A small batch queued behind a large one is not committed ahead of it.
+    let outcomes: Outcomes = Arc::new(Mutex::new(Vec::new()));
+    let leader = wal.lead();
+    for (id, len) in [(2, big), (3, 10)] {
+        let outcomes = Arc::clone(&outcomes);
+        wal.append(
+            vec![payload(id, len)],
+            Box::new(move |outcome| outcomes.lock().unwrap().push((vec![id], outcome))),
+        );
+    }
+    assert!(!leader.commit());
+    wal.quiesce();
+    let ids: Vec<u64> = outcomes
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(ids, _)| ids[0])
+        .collect();
+    assert_eq!(ids, [2, 3]);
+    let stats = wal.stats();
+    assert_eq!(stats.leader_commits, 0, "{stats:?}");
+}
+
+#[test]
+fn a_dropped_leader_hands_its_batch_to_the_writer_thread() {
+    let mem = MemStorage::new(1);
+    let (wal, _) = open(&mem, test_config(1 << 20));
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let leader = wal.lead();
+    wal.append(
+        vec![payload(1, 10)],
+        Box::new(move |outcome| {
+            let _ = sender.send((outcome, writer_thread_name()));
+        }),
+    );
+    drop(leader);
+    let (outcome, thread) = receiver
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the writer thread commits what a dropped leader announced");
+    assert!(outcome.unwrap().is_durable());
+    assert_eq!(thread.as_deref(), Some("wharf-wal-writer"));
+}
+
+#[test]
+fn quiesce_and_close_do_not_wait_for_an_announced_leader() {
+    let mem = MemStorage::new(1);
+    let (wal, _) = open(&mem, test_config(1 << 20));
+    let outcomes: Outcomes = Arc::new(Mutex::new(Vec::new()));
+    let leader = wal.lead();
+    let sink = Arc::clone(&outcomes);
+    wal.append(
+        vec![payload(1, 10)],
+        Box::new(move |outcome| sink.lock().unwrap().push((vec![1], outcome))),
+    );
+    wal.quiesce();
+    assert!(outcomes.lock().unwrap()[0].1.as_ref().unwrap().is_durable());
+    assert!(!leader.commit(), "nothing left to commit");
+    let leader = wal.lead();
+    let sink = Arc::clone(&outcomes);
+    wal.append(
+        vec![payload(2, 10)],
+        Box::new(move |outcome| sink.lock().unwrap().push((vec![2], outcome))),
+    );
+    wal.close();
+    assert!(
+        !leader.commit(),
+        "closed: the writer thread drained the queue"
+    );
+    assert_eq!(outcomes.lock().unwrap().len(), 2);
+    mem.crash();
+    let (wal, _) = open(&mem, test_config(1 << 20));
+    assert_eq!(replay(&wal).len(), 2);
+}
+
+#[test]
+fn leaders_do_nothing_under_the_interval_and_never_policies() {
+    for policy in [
+        SyncPolicy::Interval(Duration::from_millis(5)),
+        SyncPolicy::Never,
+    ] {
+        let mem = MemStorage::new(1);
+        let mut config = test_config(1 << 20);
+        config.sync_policy = policy;
+        let (wal, _) = open(&mem, config);
+        let (outcome, led, thread) = append_led(&wal, vec![payload(1, 10)]);
+        assert!(!led, "{policy:?}");
+        assert_ne!(thread, std::thread::current().id(), "{policy:?}");
+        assert!(!outcome.unwrap().is_durable());
+    }
+}
+
+#[test]
+fn dropping_the_last_handle_inside_a_leaders_completion_does_not_deadlock() {
+    let mem = MemStorage::new(1);
+    let (wal, _) = open(&mem, test_config(1 << 20));
+    let wal = Arc::new(wal);
+    let leader = wal.lead();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let handle = Arc::clone(&wal);
+    wal.append(
+        vec![payload(1, 10)],
+        Box::new(move |outcome| {
+            // The last strong reference goes here, on the leader's thread, tail held.
+            drop(handle);
+            let _ = sender.send(outcome);
+        }),
+    );
+    drop(wal);
+    assert!(leader.commit());
+    assert!(receiver.recv().unwrap().unwrap().is_durable());
+    mem.crash();
+    let (wal, _) = open(&mem, test_config(1 << 20));
+    assert_eq!(replay(&wal).len(), 1);
 }

@@ -1,8 +1,13 @@
-//! The write-ahead log: group-committing writer thread, recovery, reads, release and GC.
+//! The write-ahead log: group commit (by a leader or the writer thread), recovery, reads,
+//! release and GC.
 //!
-//! Threads: one dedicated writer thread owns the active segment (appends, fsyncs, rollover,
-//! compaction, segment deletion). Callers submit batches from any thread through a
-//! `Mutex` + `Condvar` queue; readers and `release` only take the short index lock.
+//! Threads: callers submit batches from any thread through a `Mutex` + `Condvar` queue. One
+//! committer at a time holds the active segment's tail (the `busy` flag of the queue is the
+//! token; the tail itself sits behind an uncontended mutex): either the dedicated writer thread
+//! (group commits, interval fsyncs, rollover, compaction, segment deletion) or a *leader*, a
+//! caller that announced with [`Wal::lead`] that it will commit the queue on its own thread
+//! once it has released its own locks, so an append to an idle log costs no thread hand-off.
+//! Readers and `release` only take the short index lock.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -11,7 +16,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,8 +27,9 @@ use crate::format::{
     SegmentHeader,
 };
 use crate::limits::{
-    BATCH_RECORDS_MAX, GROUP_BYTES_MAX, PENDING_BYTES_MAX_DEFAULT, READ_AHEAD_BYTES,
-    RECORD_BYTES_MAX, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
+    BATCH_RECORDS_MAX, GROUP_BYTES_MAX, LEADER_GROUP_BYTES_MAX, PENDING_BYTES_MAX_DEFAULT,
+    READ_AHEAD_BYTES, RECORD_BYTES_MAX, SEGMENT_BYTES_DEFAULT, SEGMENT_BYTES_MAX,
+    SEGMENT_BYTES_MIN,
 };
 use crate::storage::{Storage, StorageFile};
 
@@ -72,10 +78,11 @@ impl Committed {
     }
 }
 
-/// Callback receiving the outcome of one submitted batch. It runs on the writer thread (or
-/// on the caller's thread if the append is refused up front): keep it short, e.g. send on a
-/// channel or complete a `tokio::sync::oneshot`. It must not block on the WAL itself
-/// ([`Wal::append_wait`], [`Wal::quiesce`], [`Wal::close`]): the writer would wait on itself.
+/// Callback receiving the outcome of one submitted batch. It runs on the committing thread:
+/// the writer thread, or the thread of a [`Leader`] (or the caller's thread if the append is
+/// refused up front): keep it short, e.g. send on a channel or complete a
+/// `tokio::sync::oneshot`. It must not block on the WAL itself ([`Wal::append_wait`],
+/// [`Wal::quiesce`]): the committer would wait on itself.
 pub type Completion = Box<dyn FnOnce(Result<Committed, WalError>) + Send + 'static>;
 
 /// A record moved by compaction: it now lives at `to`.
@@ -228,6 +235,10 @@ pub struct WalStats {
     pub end_lsn: Lsn,
     /// Everything below this LSN is fsynced.
     pub durable_lsn: Lsn,
+    /// Groups committed by leaders on their own threads ([`Wal::lead`]) since open.
+    pub leader_commits: u64,
+    /// Groups committed by the writer thread since open.
+    pub writer_commits: u64,
 }
 
 struct Segment {
@@ -307,9 +318,40 @@ struct Queue {
     pending: VecDeque<Submission>,
     pending_bytes: u64,
     gc_wanted: bool,
-    /// The writer holds work taken from the queue.
+    /// A committer (the writer thread or a leader) holds the tail and work taken from the
+    /// queue. Only the holder of this flag touches the tail: it is the commit token.
     busy: bool,
+    /// The thread of the leader holding `busy`, if a leader holds it.
+    leader: Option<ThreadId>,
+    /// Leaders announced ([`Wal::lead`]) and not yet run: while there are any, appends leave
+    /// the writer thread asleep (a leader commits them or wakes the thread).
+    leaders: usize,
+    /// Callers blocked in [`Wal::quiesce`] (`idle` is notified only when someone waits).
+    quiescers: usize,
     shutdown: bool,
+}
+
+impl Queue {
+    fn has_work(&self) -> bool {
+        !self.pending.is_empty() || self.gc_wanted || self.shutdown
+    }
+
+    /// Takes the next group: submissions in order while their framed bytes stay within
+    /// `bytes_max` (at least one).
+    fn take_group(&mut self, bytes_max: u64) -> Vec<Submission> {
+        let mut group = Vec::new();
+        let mut group_bytes = 0u64;
+        while let Some(next) = self.pending.front() {
+            if !group.is_empty() && group_bytes + next.framed_bytes > bytes_max {
+                break;
+            }
+            let submission = self.pending.pop_front().expect("front exists");
+            group_bytes += submission.framed_bytes;
+            self.pending_bytes -= submission.framed_bytes;
+            group.push(submission);
+        }
+        group
+    }
 }
 
 struct Shared {
@@ -320,11 +362,13 @@ struct Shared {
     queue: Mutex<Queue>,
     /// Wakes the writer thread (only the writer waits on it).
     wake: Condvar,
-    /// Wakes [`Wal::quiesce`] callers when the writer goes idle.
+    /// Wakes [`Wal::quiesce`] callers when a committer goes idle.
     idle: Condvar,
     poisoned: AtomicBool,
     poison_reason: Mutex<Option<String>>,
     durable_lsn: AtomicU64,
+    leader_commits: AtomicU64,
+    writer_commits: AtomicU64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -354,6 +398,23 @@ impl Shared {
     fn segment_path(&self, base: u64) -> PathBuf {
         segment_path(&self.dir, base)
     }
+
+    /// Ends a commit: gives the token back, wakes the writer thread if work is left (it was
+    /// queued during this commit and forms the next group; the writer thread itself looks
+    /// again without being woken), and wakes `quiesce` callers.
+    fn release_token(&self, mut queue: MutexGuard<'_, Queue>, by_writer: bool) {
+        queue.busy = false;
+        queue.leader = None;
+        let wake_writer = !by_writer && queue.has_work();
+        let wake_quiescers = queue.quiescers > 0;
+        drop(queue);
+        if wake_writer {
+            self.wake.notify_one();
+        }
+        if wake_quiescers {
+            self.idle.notify_all();
+        }
+    }
 }
 
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
@@ -373,6 +434,8 @@ fn parse_segment_name(name: &str) -> Option<u64> {
 /// See the crate documentation for a usage example and docs/storage.md for the format.
 pub struct Wal {
     shared: Arc<Shared>,
+    /// The tail: locked by whoever holds the queue's `busy` token.
+    tail: Arc<Mutex<Writer>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -417,22 +480,28 @@ impl Wal {
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
             durable_lsn: AtomicU64::new(report.end_lsn.0),
+            leader_commits: AtomicU64::new(0),
+            writer_commits: AtomicU64::new(0),
         });
-        let writer = Writer {
+        let tail = Arc::new(Mutex::new(Writer {
             shared: Arc::clone(&shared),
             active_file: active,
             active_base: report_active_base(&shared),
             write_lsn: report.end_lsn.0,
             durable_lsn: report.end_lsn.0,
             last_sync: Instant::now(),
+        }));
+        let handle = {
+            let (shared, tail) = (Arc::clone(&shared), Arc::clone(&tail));
+            std::thread::Builder::new()
+                .name("wharf-wal-writer".into())
+                .spawn(move || run_writer(&shared, &tail))
+                .map_err(|source| WalError::io("spawn writer thread", 0, 0, source))?
         };
-        let handle = std::thread::Builder::new()
-            .name("wharf-wal-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|source| WalError::io("spawn writer thread", 0, 0, source))?;
         Ok((
             Wal {
                 shared,
+                tail,
                 writer: Mutex::new(Some(handle)),
             },
             report,
@@ -467,10 +536,35 @@ impl Wal {
                     framed_bytes,
                     done,
                 });
+                // An announced leader commits it (or wakes the writer): no wake-up here.
+                let wake = queue.leaders == 0;
                 drop(queue);
-                self.shared.wake.notify_one();
+                if wake {
+                    self.shared.wake.notify_one();
+                }
             }
             Err(error) => done(Err(error)),
+        }
+    }
+
+    /// Announces a leader: the calling thread promises to call [`Leader::commit`] soon (after
+    /// releasing its own locks), so until then [`Wal::append`] does not wake the writer thread.
+    /// If no commit is in flight then, the leader writes and fsyncs the queued batches itself
+    /// and runs their completions on its thread: an append to an idle log pays no thread
+    /// hand-off. If a commit is in flight, the batches join the next group as usual.
+    ///
+    /// Only under [`SyncPolicy::Always`]; under the other policies the returned leader does
+    /// nothing (the writer thread owns the interval fsync and does all the writing).
+    /// Dropping the leader without committing hands the work to the writer thread.
+    pub fn lead(&self) -> Leader {
+        let armed = self.shared.config.sync_policy == SyncPolicy::Always;
+        if armed {
+            lock(&self.shared.queue).leaders += 1;
+        }
+        Leader {
+            shared: Arc::clone(&self.shared),
+            tail: Arc::clone(&self.tail),
+            armed,
         }
     }
 
@@ -658,6 +752,8 @@ impl Wal {
             live_records: index.segments.values().map(|segment| segment.n_live).sum(),
             end_lsn: Lsn(index.segments[&index.active].end),
             durable_lsn: self.durable_lsn(),
+            leader_commits: self.shared.leader_commits.load(Ordering::Relaxed),
+            writer_commits: self.shared.writer_commits.load(Ordering::Relaxed),
         }
     }
 
@@ -666,9 +762,13 @@ impl Wal {
         self.shared.poisoned.load(Ordering::SeqCst)
     }
 
-    /// Blocks until the writer has nothing queued and no GC work pending (tests, shutdown).
+    /// Blocks until nothing is queued, no commit is in flight and no GC work is pending
+    /// (tests, shutdown).
     pub fn quiesce(&self) {
         let mut queue = lock(&self.shared.queue);
+        queue.quiescers += 1;
+        // Batches an announced leader has not committed yet are the writer's now.
+        self.shared.wake.notify_one();
         while (!queue.pending.is_empty() || queue.gc_wanted || queue.busy) && !queue.shutdown {
             queue = self
                 .shared
@@ -676,20 +776,27 @@ impl Wal {
                 .wait(queue)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
+        queue.quiescers -= 1;
     }
 
     /// Commits everything queued, fsyncs, and stops the writer thread. Also run by `Drop`.
     pub fn close(&self) {
-        lock(&self.shared.queue).shutdown = true;
+        let leading_here = {
+            let mut queue = lock(&self.shared.queue);
+            queue.shutdown = true;
+            queue.leader == Some(std::thread::current().id())
+        };
         self.shared.wake.notify_all();
         self.shared.idle.notify_all();
         let mut writer = lock(&self.writer);
         // The last reference can be dropped inside a completion, i.e. on the writer thread
-        // itself: it must not join itself (EDEADLK). It has been told to shut down and exits
-        // once the completion returns.
-        if writer
-            .as_ref()
-            .is_some_and(|handle| handle.thread().id() == std::thread::current().id())
+        // itself or on a leader's thread while it holds the tail: joining the writer there
+        // would wait on ourselves. The writer has been told to shut down and exits once the
+        // completion returns and the tail is free.
+        if leading_here
+            || writer
+                .as_ref()
+                .is_some_and(|handle| handle.thread().id() == std::thread::current().id())
         {
             return;
         }
@@ -717,32 +824,211 @@ fn complete(done: Completion, outcome: Result<Committed, WalError>) {
     }
 }
 
-/// If the writer thread dies (a broken invariant), poison the WAL and fail everything queued,
-/// so no caller waits forever for a completion.
-struct PanicGuard(Arc<Shared>);
+/// If a committer panics (a broken invariant) while holding the tail, poison the WAL and fail
+/// everything queued, so no caller waits forever for a completion. `writer_thread`: the
+/// writer thread itself died, so nothing will ever commit again.
+struct PanicGuard {
+    shared: Arc<Shared>,
+    writer_thread: bool,
+    /// Created during an unwind (a leader run from a destructor): that panic is not ours.
+    unwinding_already: bool,
+}
+
+impl PanicGuard {
+    fn new(shared: &Arc<Shared>, writer_thread: bool) -> Self {
+        PanicGuard {
+            shared: Arc::clone(shared),
+            writer_thread,
+            unwinding_already: std::thread::panicking(),
+        }
+    }
+}
 
 impl Drop for PanicGuard {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        if !std::thread::panicking() || self.unwinding_already {
             return;
         }
-        self.0.poison("the WAL writer thread panicked".into());
+        let who = if self.writer_thread {
+            "the WAL writer thread"
+        } else {
+            "a WAL leader"
+        };
+        self.shared
+            .poison(format!("{who} panicked while committing"));
         let pending = {
-            let mut queue = lock(&self.0.queue);
-            queue.shutdown = true;
+            let mut queue = lock(&self.shared.queue);
+            if self.writer_thread {
+                queue.shutdown = true;
+            }
             queue.busy = false;
+            queue.leader = None;
             queue.gc_wanted = false;
             queue.pending_bytes = 0;
             std::mem::take(&mut queue.pending)
         };
         for submission in pending {
-            complete(submission.done, Err(self.0.poisoned_error()));
+            complete(submission.done, Err(self.shared.poisoned_error()));
         }
-        self.0.idle.notify_all();
+        self.shared.wake.notify_one();
+        self.shared.idle.notify_all();
     }
 }
 
-/// The writer thread's state: it alone touches the active segment's tail.
+/// A caller's promise to commit the queue on its own thread (see [`Wal::lead`]).
+///
+/// Typical use: announce the leader, append under your own lock (so the log order is your
+/// order), release the lock, then [`Leader::commit`].
+#[must_use = "an announced leader holds back the writer thread until it commits or is dropped"]
+pub struct Leader {
+    shared: Arc<Shared>,
+    tail: Arc<Mutex<Writer>>,
+    /// Counted in `Queue::leaders` and not yet run.
+    armed: bool,
+}
+
+impl fmt::Debug for Leader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Leader")
+            .field("armed", &self.armed)
+            .finish()
+    }
+}
+
+impl Leader {
+    /// If no commit is in flight, commits the queued batches (up to
+    /// [`LEADER_GROUP_BYTES_MAX`]) on this thread: one write, one fsync, then their completions,
+    /// here. Batches queued meanwhile, or left over, go to the writer thread as the next group.
+    /// If a commit is in flight, returns at once: its committer picks the queue up when it
+    /// finishes. Returns whether this thread committed.
+    ///
+    /// Blocks for a write and an fsync: from an async runtime, call it where blocking the
+    /// worker for that long is acceptable.
+    pub fn commit(mut self) -> bool {
+        if !self.armed {
+            return false;
+        }
+        self.armed = false;
+        let group = {
+            let mut queue = lock(&self.shared.queue);
+            queue.leaders -= 1;
+            let free = !queue.busy && !queue.shutdown;
+            // A large first batch (a checkpoint) is the writer thread's job: a leader may be
+            // an async runtime's worker.
+            let small = queue
+                .pending
+                .front()
+                .is_some_and(|first| first.framed_bytes <= LEADER_GROUP_BYTES_MAX as u64);
+            if !free || !small {
+                let wake = !queue.busy && queue.has_work();
+                drop(queue);
+                if wake {
+                    self.shared.wake.notify_one();
+                }
+                return false;
+            }
+            queue.busy = true;
+            queue.leader = Some(std::thread::current().id());
+            queue.take_group(LEADER_GROUP_BYTES_MAX as u64)
+        };
+        let guard = PanicGuard::new(&self.shared, false);
+        // The tail is free: every committer unlocks it before giving the token back.
+        lock(&self.tail).commit_group(group);
+        drop(guard);
+        self.shared.leader_commits.fetch_add(1, Ordering::Relaxed);
+        self.shared.release_token(lock(&self.shared.queue), false);
+        true
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut queue = lock(&self.shared.queue);
+        queue.leaders -= 1;
+        let wake = !queue.busy && queue.has_work();
+        drop(queue);
+        if wake {
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+/// The writer thread: commits groups when woken (no leader took them), runs interval fsyncs
+/// and garbage collection, and the final fsync at shutdown.
+fn run_writer(shared: &Arc<Shared>, tail: &Mutex<Writer>) {
+    let _guard = PanicGuard::new(shared, true);
+    // Leaders commit only under `SyncPolicy::Always`, where there is no interval deadline; so
+    // under `Interval` this thread alone writes and its last computed deadline stays exact.
+    let mut interval_deadline = lock(tail).interval_deadline();
+    loop {
+        let (group, gc, shutdown) = {
+            let mut queue = lock(&shared.queue);
+            loop {
+                // Queued batches are an announced leader's to commit (a wake-up here would
+                // be spurious, or for GC or shutdown): the thread only takes them once no
+                // leader is left to come, or when someone waits in `quiesce`.
+                let ready = queue.shutdown
+                    || queue.gc_wanted
+                    || (!queue.pending.is_empty() && (queue.leaders == 0 || queue.quiescers > 0));
+                if ready && !queue.busy {
+                    break;
+                }
+                match interval_deadline.filter(|_| !queue.busy) {
+                    Some(deadline) => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            break;
+                        }
+                        queue = shared
+                            .wake
+                            .wait_timeout(queue, deadline - now)
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .0;
+                    }
+                    None => {
+                        queue = shared
+                            .wake
+                            .wait(queue)
+                            .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    }
+                }
+            }
+            let group = queue.take_group(GROUP_BYTES_MAX as u64);
+            let gc = std::mem::take(&mut queue.gc_wanted);
+            queue.busy = true;
+            (group, gc, queue.shutdown && queue.pending.is_empty())
+        };
+        {
+            let mut writer = lock(tail);
+            if !group.is_empty() {
+                writer.commit_group(group);
+                shared.writer_commits.fetch_add(1, Ordering::Relaxed);
+            }
+            if writer
+                .interval_deadline()
+                .is_some_and(|deadline| Instant::now() >= deadline)
+            {
+                writer.sync_or_poison();
+            }
+            if gc && !writer.poisoned() {
+                writer.collect_garbage();
+            }
+            if shutdown && !writer.poisoned() && writer.write_lsn > writer.durable_lsn {
+                writer.sync_or_poison();
+            }
+            interval_deadline = writer.interval_deadline();
+        }
+        shared.release_token(lock(&shared.queue), true);
+        if shutdown {
+            return;
+        }
+    }
+}
+
+/// The tail of the log: only the holder of the queue's `busy` token touches it.
 struct Writer {
     shared: Arc<Shared>,
     active_file: Arc<dyn StorageFile>,
@@ -759,76 +1045,6 @@ enum GcJob {
 }
 
 impl Writer {
-    fn run(mut self) {
-        let _guard = PanicGuard(Arc::clone(&self.shared));
-        loop {
-            let (group, gc, shutdown) = {
-                let mut queue = lock(&self.shared.queue);
-                loop {
-                    if !queue.pending.is_empty() || queue.gc_wanted || queue.shutdown {
-                        break;
-                    }
-                    match self.interval_deadline() {
-                        Some(deadline) => {
-                            let now = Instant::now();
-                            if now >= deadline {
-                                break;
-                            }
-                            queue = self
-                                .shared
-                                .wake
-                                .wait_timeout(queue, deadline - now)
-                                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                                .0;
-                        }
-                        None => {
-                            queue = self
-                                .shared
-                                .wake
-                                .wait(queue)
-                                .unwrap_or_else(|poisoned| poisoned.into_inner());
-                        }
-                    }
-                }
-                let mut group = Vec::new();
-                let mut group_bytes = 0u64;
-                while let Some(next) = queue.pending.front() {
-                    if !group.is_empty() && group_bytes + next.framed_bytes > GROUP_BYTES_MAX as u64
-                    {
-                        break;
-                    }
-                    let submission = queue.pending.pop_front().expect("front exists");
-                    group_bytes += submission.framed_bytes;
-                    queue.pending_bytes -= submission.framed_bytes;
-                    group.push(submission);
-                }
-                let gc = std::mem::take(&mut queue.gc_wanted);
-                queue.busy = true;
-                (group, gc, queue.shutdown && queue.pending.is_empty())
-            };
-            if !group.is_empty() {
-                self.commit_group(group);
-            }
-            if self
-                .interval_deadline()
-                .is_some_and(|deadline| Instant::now() >= deadline)
-            {
-                self.sync_or_poison();
-            }
-            if gc && !self.poisoned() {
-                self.collect_garbage();
-            }
-            lock(&self.shared.queue).busy = false;
-            self.shared.idle.notify_all();
-            if shutdown {
-                if !self.poisoned() && self.write_lsn > self.durable_lsn {
-                    self.sync_or_poison();
-                }
-                return;
-            }
-        }
-    }
-
     fn poisoned(&self) -> bool {
         self.shared.poisoned.load(Ordering::SeqCst)
     }
