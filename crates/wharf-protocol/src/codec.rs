@@ -530,6 +530,38 @@ fn encode_deliver_batch_inner(
     frame_bytes_max: u32,
     dst: &mut BytesMut,
 ) -> Result<(), Error> {
+    let bodies_bytes =
+        encode_deliver_batch_head_inner(consumer_tag, deliveries, frame_bytes_max, dst)?;
+    dst.reserve(bodies_bytes as usize);
+    for delivery in deliveries {
+        dst.extend_from_slice(delivery.body);
+    }
+    Ok(())
+}
+
+/// Appends everything of [`encode_deliver_batch`]'s frame except the bodies, which the caller
+/// must send right after it, in order (e.g. as their own buffers in a vectored write, so large
+/// bodies are not copied). Returns the bodies' total length. Fails without writing anything.
+pub fn encode_deliver_batch_head(
+    consumer_tag: u32,
+    deliveries: &[DeliveryRef<'_>],
+    frame_bytes_max: u32,
+    dst: &mut BytesMut,
+) -> Result<u64, Error> {
+    let start = dst.len();
+    let result = encode_deliver_batch_head_inner(consumer_tag, deliveries, frame_bytes_max, dst);
+    if result.is_err() {
+        dst.truncate(start);
+    }
+    result
+}
+
+fn encode_deliver_batch_head_inner(
+    consumer_tag: u32,
+    deliveries: &[DeliveryRef<'_>],
+    frame_bytes_max: u32,
+    dst: &mut BytesMut,
+) -> Result<u64, Error> {
     let start = dst.len();
     dst.put_u32(0); // Patched once the length is known.
     let single = deliveries.len() == 1;
@@ -552,11 +584,7 @@ fn encode_deliver_batch_inner(
     }
     // Cannot truncate: frame_bytes <= frame_bytes_max, a u32.
     dst[start..start + FRAME_PREFIX_BYTES].copy_from_slice(&(frame_bytes as u32).to_be_bytes());
-    dst.reserve(bodies_bytes as usize);
-    for delivery in deliveries {
-        dst.extend_from_slice(delivery.body);
-    }
-    Ok(())
+    Ok(bodies_bytes)
 }
 
 impl<'a> From<&'a Delivery> for DeliveryRef<'a> {

@@ -36,7 +36,8 @@ mod wire_str;
 
 pub use code::ErrorCode;
 pub use codec::{
-    Codec, DeliveryRef, decode, decode_frame, encode, encode_deliver_batch, encode_vectored,
+    Codec, DeliveryRef, decode, decode_frame, encode, encode_deliver_batch,
+    encode_deliver_batch_head, encode_vectored,
 };
 pub use error::Error;
 pub use frame::{

@@ -12,7 +12,7 @@ use crate::log::Outcome;
 use crate::outbox::{Out, Outbox};
 use crate::server::{Shared, now_ms};
 use crate::state::{Published, State};
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,11 +26,11 @@ use wharf_core::{
     BindTarget, Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag,
     ExchangeOptions, Message, QueueOptions, QueueStats, Reply,
 };
-use wharf_protocol::limits::DURATION_MS_MAX;
+use wharf_protocol::limits::{DURATION_MS_MAX, VECTORED_COPY_BYTES_MAX};
 use wharf_protocol::{
     Close, Confirm, ConfirmRange, ConfirmStatus, DeliveryRef, Destination, Durability, ErrorCode,
     ExchangeInfo, ExchangeKind, Frame, HelloOk, Preamble, Properties, QueueInfo, QueueInfoV2,
-    Request, Response, ServerLimits, Table, ValueRef, decode, encode, encode_deliver_batch,
+    Request, Response, ServerLimits, Table, ValueRef, decode, encode, encode_deliver_batch_head,
 };
 use wharf_storage::{Leader, SyncCoverage, WalError};
 
@@ -1055,6 +1055,9 @@ fn message_has_properties(message: &Message) -> bool {
         || message.persistent
 }
 
+/// Buffers handed to one vectored write at most (the kernel's limit is 1,024).
+const IOVECS_PER_WRITE_MAX: usize = 256;
+
 /// Deliveries per `DeliverBatch` frame at most.
 const DELIVERIES_PER_BATCH_MAX: usize = 512;
 
@@ -1062,7 +1065,12 @@ const DELIVERIES_PER_BATCH_MAX: usize = 512;
 /// gathered and encoded as one `DeliverBatch`, straight from the core's deliveries (borrowed:
 /// no owned wire copies of names, properties or bodies).
 struct FrameWriter {
+    /// Encoded bytes after `chunks`.
     buf: BytesMut,
+    /// What goes before `buf`, in order: earlier encoded bytes and large bodies, sent by
+    /// reference (a vectored write) instead of being copied into `buf`.
+    chunks: Vec<Bytes>,
+    chunks_bytes: usize,
     send_frame_bytes_max: u32,
     pending: Vec<wharf_core::Delivery>,
     pending_bytes: usize,
@@ -1070,6 +1078,62 @@ struct FrameWriter {
 }
 
 impl FrameWriter {
+    /// Bytes encoded and not yet written.
+    fn queued_bytes(&self) -> usize {
+        self.buf.len() + self.chunks_bytes
+    }
+
+    /// Appends a body: copied when small, by reference when large.
+    fn push_body(&mut self, body: &Bytes) {
+        if body.len() < VECTORED_COPY_BYTES_MAX {
+            self.buf.extend_from_slice(body);
+            return;
+        }
+        if !self.buf.is_empty() {
+            self.chunks_bytes += self.buf.len();
+            self.chunks.push(self.buf.split().freeze());
+        }
+        self.chunks_bytes += body.len();
+        self.chunks.push(body.clone());
+    }
+
+    /// Writes everything queued, in order, and leaves the writer empty.
+    async fn write_to(&mut self, writer: &mut OwnedWriteHalf) -> std::io::Result<()> {
+        if self.chunks.is_empty() {
+            writer.write_all(&self.buf).await?;
+            self.buf.clear();
+            return Ok(());
+        }
+        if !self.buf.is_empty() {
+            self.chunks.push(self.buf.split().freeze());
+        }
+        let mut first = 0;
+        while first < self.chunks.len() {
+            let slices: Vec<std::io::IoSlice<'_>> = self.chunks[first..]
+                .iter()
+                .take(IOVECS_PER_WRITE_MAX)
+                .map(|chunk| std::io::IoSlice::new(chunk))
+                .collect();
+            let mut written = writer.write_vectored(&slices).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            while written > 0 {
+                let chunk = &mut self.chunks[first];
+                if written >= chunk.len() {
+                    written -= chunk.len();
+                    first += 1;
+                } else {
+                    chunk.advance(written);
+                    written = 0;
+                }
+            }
+        }
+        self.chunks.clear();
+        self.chunks_bytes = 0;
+        Ok(())
+    }
+
     fn frame(&mut self, frame: &Frame) -> Result<(), String> {
         self.flush_pending()?;
         match encode(frame, self.send_frame_bytes_max, &mut self.buf) {
@@ -1138,7 +1202,7 @@ impl FrameWriter {
                 body: &delivery.message.body,
             })
             .collect();
-        let encoded = encode_deliver_batch(
+        let encoded = encode_deliver_batch_head(
             consumer_tag,
             &refs,
             self.send_frame_bytes_max,
@@ -1146,9 +1210,16 @@ impl FrameWriter {
         )
         .map_err(|err| format!("cannot send a delivery: {err}"));
         drop(refs);
-        self.pending.clear();
+        let mut pending = std::mem::take(&mut self.pending);
+        if encoded.is_ok() {
+            for delivery in &pending {
+                self.push_body(&delivery.message.body);
+            }
+        }
+        pending.clear();
+        self.pending = pending;
         self.pending_bytes = 0;
-        encoded
+        encoded.map(|_| ())
     }
 }
 
@@ -1156,6 +1227,8 @@ async fn write_loop(mut writer: OwnedWriteHalf, outbox: Arc<Outbox>, negotiated:
     let mut items: Vec<Out> = Vec::new();
     let mut out = FrameWriter {
         buf: BytesMut::with_capacity(READ_BUFFER_BYTES),
+        chunks: Vec::new(),
+        chunks_bytes: 0,
         send_frame_bytes_max: negotiated.send_frame_bytes_max,
         pending: Vec::new(),
         pending_bytes: 0,
@@ -1195,22 +1268,24 @@ async fn write_loop(mut writer: OwnedWriteHalf, outbox: Arc<Outbox>, negotiated:
                 failed = true;
                 break;
             }
-            if out.buf.len() >= WRITE_CHUNK_BYTES {
-                if writer.write_all(&out.buf).await.is_err() {
+            if out.queued_bytes() >= WRITE_CHUNK_BYTES {
+                if out.write_to(&mut writer).await.is_err() {
                     failed = true;
                     break;
                 }
-                out.buf.clear();
             }
         }
         if !failed && out.flush_pending().is_err() {
             failed = true;
         }
-        if !failed && !out.buf.is_empty() && writer.write_all(&out.buf).await.is_err() {
+        if !failed && out.queued_bytes() > 0 && out.write_to(&mut writer).await.is_err() {
             failed = true;
         }
         out.buf.clear();
-        if out.buf.capacity() > 4 * WRITE_CHUNK_BYTES {
+        out.chunks.clear();
+        out.chunks_bytes = 0;
+        if out.buf.capacity() > 4 * WRITE_CHUNK_BYTES || out.buf.capacity() < READ_BUFFER_BYTES / 4
+        {
             out.buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
         }
         last_write = Instant::now();
