@@ -163,8 +163,9 @@ fn overflow(value: &str) -> PyResult<Overflow> {
     match value {
         "drop-head" => Ok(Overflow::DropHead),
         "reject-publish" => Ok(Overflow::RejectPublish),
+        "reject-publish-dlx" => Ok(Overflow::RejectPublishDlx),
         other => Err(convert::invalid_argument(format!(
-            "overflow is 'drop-head' or 'reject-publish', not {other:?}"
+            "overflow is 'drop-head', 'reject-publish' or 'reject-publish-dlx', not {other:?}"
         ))),
     }
 }

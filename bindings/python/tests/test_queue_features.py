@@ -392,6 +392,18 @@ def test_a_full_reject_publish_queue_raises_backpressure(conn: wharf.Connection)
     assert conn.queue_stats(queue).ready == 2
 
 
+def test_reject_publish_dlx_raises_backpressure_and_dead_letters(conn: wharf.Connection) -> None:
+    queue, dlq = dead_letter_pair(conn, "refused", max_length=1, overflow="reject-publish-dlx")
+    conn.publish(queue, b"kept")
+    with pytest.raises(wharf.Backpressure):
+        conn.publish(queue, b"refused")
+    with conn.consume(dlq) as consumer:
+        dead = get(consumer)
+        assert dead.body == b"refused"
+        dead.ack()
+    assert conn.queue_stats(queue).ready == 1
+
+
 def test_drop_head_dead_letters_the_oldest_with_reason_maxlen(conn: wharf.Connection) -> None:
     queue, dlq = dead_letter_pair(conn, "maxlen", max_length_bytes=4, overflow="drop-head")
     conn.publish(queue, b"old.")
@@ -466,7 +478,7 @@ def test_feature_keywords_are_queue_arguments_a_redeclare_must_repeat(conn: whar
         {"max_length_bytes": -1},
         {"delivery_limit": -1},
         {"overflow": "drop-tail"},
-        {"overflow": "reject-publish-dlx"},
+        {"overflow": "reject-publish-dlq"},
         {"message_ttl": -1},
         {"expires": 0},
         {"expires": float("nan")},

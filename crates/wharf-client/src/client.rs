@@ -513,6 +513,9 @@ pub enum Overflow {
     DropHead,
     /// Refuse the publish with a `Backpressure` confirm (`reject-publish`).
     RejectPublish,
+    /// Refuse the publish with a `Backpressure` confirm and dead-letter the refused message
+    /// (reason `maxlen`; `reject-publish-dlx`).
+    RejectPublishDlx,
 }
 
 /// Builder of a queue declaration; `.await` it. From [`Client::declare_queue`].
@@ -579,6 +582,7 @@ impl DeclareQueue<'_> {
         let value = match overflow {
             Overflow::DropHead => "drop-head",
             Overflow::RejectPublish => "reject-publish",
+            Overflow::RejectPublishDlx => "reject-publish-dlx",
         };
         set_argument(
             &mut self.arguments,

@@ -191,6 +191,15 @@ impl Message {
         self
     }
 
+    /// Delayed delivery until a point in time: the delay from now on this machine's clock
+    /// (a time already past means no delay). The broker holds the message until then.
+    pub fn deliver_at(self, at: SystemTime) -> Message {
+        let delay = at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        self.delay(delay)
+    }
+
     /// Store the message on disk when it lands in a durable queue (default: not persistent).
     pub fn persistent(mut self, persistent: bool) -> Message {
         self.persistent = persistent;
@@ -286,6 +295,19 @@ mod tests {
             properties.header("name").and_then(|value| value.as_str()),
             Some("x")
         );
+    }
+
+    #[test]
+    fn deliver_at_is_the_delay_from_now_and_a_past_time_is_no_delay() {
+        let delay_of = |message: Message| {
+            let (properties, _) = message.into_wire(MINOR_QUEUE_FEATURES).unwrap();
+            properties.get().delay_ms.unwrap()
+        };
+        let later =
+            delay_of(Message::new("x").deliver_at(SystemTime::now() + Duration::from_secs(60)));
+        assert!((59_000..=60_000).contains(&later), "{later}");
+        let past = delay_of(Message::new("x").deliver_at(UNIX_EPOCH));
+        assert_eq!(past, 0);
     }
 
     #[test]

@@ -1310,7 +1310,7 @@ impl Broker {
                 .exclusive_queues
                 .push(qid);
         }
-        if features.overflow == Overflow::RejectPublish {
+        if features.overflow.rejects() {
             self.n_reject_publish_queues += 1;
         }
         if let Some(expires) = features.expires {
@@ -1387,7 +1387,7 @@ impl Broker {
             .queues
             .remove(&qid)
             .expect("caller checked the queue exists");
-        if queue.features.overflow == Overflow::RejectPublish {
+        if queue.features.overflow.rejects() {
             self.n_reject_publish_queues -= 1;
         }
         self.queue_names.remove(&queue.name);
@@ -1445,14 +1445,26 @@ impl Broker {
             return Err(err);
         }
         // Queues that reject-publish when full refuse their copy before anything changes.
-        let refused_by = self.refuse_full(message.size_bytes(), &mut targets);
-        if targets.is_empty() {
+        let mut refused_dlx = Vec::new();
+        let refused_by = self.refuse_full(message.size_bytes(), &mut targets, &mut refused_dlx);
+        if targets.is_empty() && refused_dlx.is_empty() {
             if let Some(queue) = refused_by {
                 self.route_scratch = targets;
                 return Err(CoreError::QueueFull {
                     queue: queue.to_string(),
                 });
             }
+        }
+        for qid in &refused_dlx {
+            // reject-publish-dlx: refused to the publisher, and dead-lettered.
+            let queue = self
+                .queues
+                .get_mut(qid)
+                .expect("routing yields live queues");
+            queue.stats.dropped += 1;
+            let entry = queue.new_entry(message.clone(), None, false);
+            self.dead_letters
+                .extend(DeadLetter::of(queue, &entry, DeathReason::MaxLen));
         }
         let duplicates = self.drop_duplicates(&message, &mut targets);
         self.enqueue_routed(&message, &targets, effects);
@@ -1494,8 +1506,14 @@ impl Broker {
         duplicates
     }
 
-    /// Removes the targets that are full and reject-publish; returns the first of them.
-    fn refuse_full(&self, size: u64, targets: &mut Vec<QueueId>) -> Option<Arc<str>> {
+    /// Removes the targets that are full and refuse publishes; returns the first of them.
+    /// Those with `reject-publish-dlx` are also listed in `refused_dlx`.
+    fn refuse_full(
+        &self,
+        size: u64,
+        targets: &mut Vec<QueueId>,
+        refused_dlx: &mut Vec<QueueId>,
+    ) -> Option<Arc<str>> {
         if self.n_reject_publish_queues == 0 {
             // The common case: no queue refuses publishes, nothing to look up.
             return None;
@@ -1503,12 +1521,15 @@ impl Broker {
         let mut refused_by: Option<Arc<str>> = None;
         targets.retain(|qid| {
             let queue = &self.queues[qid];
-            let fits = queue.features.overflow != Overflow::RejectPublish
+            let fits = !queue.features.overflow.rejects()
                 || !queue
                     .features
                     .over_limit(queue.ready.len() as u64 + 1, queue.ready.bytes() + size);
             if !fits && refused_by.is_none() {
                 refused_by = Some(queue.name.clone());
+            }
+            if !fits && queue.features.overflow == Overflow::RejectPublishDlx {
+                refused_dlx.push(*qid);
             }
             fits
         });
@@ -1625,7 +1646,9 @@ impl Broker {
         if self.route(&message, &mut targets, true).is_err() {
             return;
         }
-        self.refuse_full(message.size_bytes(), &mut targets);
+        // A dead letter refused by a full queue is dropped (even with reject-publish-dlx: no
+        // dead-lettering a dead letter in a loop).
+        self.refuse_full(message.size_bytes(), &mut targets, &mut Vec::new());
         self.enqueue_routed(&message, &targets, effects);
         self.to_dispatch.extend_from_slice(&targets);
     }
@@ -2108,7 +2131,7 @@ impl Broker {
                         continue;
                     };
                     queue.stats.delayed -= 1;
-                    if queue.features.overflow == Overflow::RejectPublish
+                    if queue.features.overflow.rejects()
                         && queue.features.over_limit(
                             queue.ready.len() as u64 + 1,
                             queue.ready.bytes() + entry.message.size_bytes(),
@@ -2277,7 +2300,7 @@ impl Broker {
                 continue;
             };
             let mut targets = vec![target];
-            self.refuse_full(size, &mut targets);
+            self.refuse_full(size, &mut targets, &mut Vec::new());
             if targets.is_empty() {
                 kept.push(entry);
                 continue;

@@ -47,6 +47,16 @@ pub enum Overflow {
     DropHead,
     /// Refuse the publish ([`CoreError::QueueFull`]).
     RejectPublish,
+    /// Refuse the publish and dead-letter the refused message (reason `maxlen`), as RabbitMQ's
+    /// `reject-publish-dlx`.
+    RejectPublishDlx,
+}
+
+impl Overflow {
+    /// Whether a full queue refuses new messages (instead of dropping old ones).
+    pub fn rejects(self) -> bool {
+        matches!(self, Overflow::RejectPublish | Overflow::RejectPublishDlx)
+    }
 }
 
 /// The queue features an [`QueueOptions::arguments`] map asks for, validated.
@@ -162,10 +172,13 @@ impl TryFrom<&Headers> for QueueFeatures {
             None => Overflow::DropHead,
             Some(HeaderValue::Str(mode)) if mode == "drop-head" => Overflow::DropHead,
             Some(HeaderValue::Str(mode)) if mode == "reject-publish" => Overflow::RejectPublish,
+            Some(HeaderValue::Str(mode)) if mode == "reject-publish-dlx" => {
+                Overflow::RejectPublishDlx
+            }
             Some(other) => {
                 return Err(CoreError::InvalidArgument {
                     reason: format!(
-                        "{ARG_OVERFLOW} must be \"drop-head\" or \"reject-publish\", not {other:?}"
+                        "{ARG_OVERFLOW} must be \"drop-head\", \"reject-publish\" or \"reject-publish-dlx\", not {other:?}"
                     ),
                 });
             }
@@ -793,7 +806,7 @@ mod tests {
             Headers::new().with(ARG_MAX_PRIORITY, "9"),
             Headers::new().with(ARG_MAX_LENGTH, -1i64),
             Headers::new().with(ARG_MAX_LENGTH_BYTES, 1.5f64),
-            Headers::new().with(ARG_OVERFLOW, "reject-publish-dlx"),
+            Headers::new().with(ARG_OVERFLOW, "reject-publish-dlq"),
             Headers::new().with(ARG_OVERFLOW, true),
             Headers::new().with(ARG_DEAD_LETTER_EXCHANGE, 1i64),
             Headers::new().with(ARG_DELIVERY_LIMIT, -3i64),

@@ -403,7 +403,7 @@ fn length_limit_arguments_are_validated() {
         args(&[("x-max-length", int(-1))]),
         args(&[("x-max-length", text("10"))]),
         args(&[("x-max-length-bytes", HeaderValue::Float(1.0))]),
-        args(&[("x-overflow", text("reject-publish-dlx"))]),
+        args(&[("x-overflow", text("reject-publish-dlq"))]),
         args(&[("x-overflow", text("drop-tail"))]),
         args(&[("x-overflow", int(1))]),
     ] {

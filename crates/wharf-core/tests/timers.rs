@@ -908,3 +908,57 @@ fn a_ttl_of_zero_means_deliver_now_or_never() {
     assert_eq!(harness.stats("work").expired, 1);
     assert_eq!(harness.stats("dead").ready, 1);
 }
+
+#[test]
+fn reject_publish_dlx_refuses_the_publish_and_dead_letters_the_message() {
+    let mut harness = Harness::new();
+    with_dead_letter_queue(
+        &mut harness,
+        args(&[
+            ("x-max-length", int(1)),
+            ("x-overflow", text("reject-publish-dlx")),
+        ]),
+    );
+    let first = harness.publish(Message::new("work", "fits"));
+    assert!(matches!(
+        first,
+        Reply::Published {
+            routed: 1,
+            refused_by: None,
+            ..
+        }
+    ));
+    let refused = harness.publish(Message::new("work", "refused"));
+    assert_eq!(
+        refused,
+        Reply::Published {
+            routed: 0,
+            refused_by: Some("work".into()),
+            duplicates: 0
+        },
+        "refused (the server turns refused_by into a refused confirm), yet not an error"
+    );
+    let stats = harness.stats("work");
+    assert_eq!((stats.ready, stats.dropped), (1, 1));
+    let dead = harness.drain("dead");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(&dead[0].body[..], b"refused");
+    assert_eq!(death_reason(&dead[0]).as_deref(), Some("maxlen"));
+    // A plain reject-publish queue still fails the command and changes nothing.
+    harness.declare(
+        "strict",
+        false,
+        args(&[
+            ("x-max-length", int(0)),
+            ("x-overflow", text("reject-publish")),
+        ]),
+    );
+    assert_eq!(
+        harness.apply(Command::Publish {
+            message: Arc::new(Message::new("strict", "x")),
+        }),
+        Err(CoreError::QueueFull {
+            queue: "strict".into()
+        })
+    );
+}

@@ -106,6 +106,35 @@ async fn reject_publish_refuses_with_backpressure_and_accepts_after_a_consume() 
 }
 
 #[tokio::test]
+async fn reject_publish_dlx_refuses_with_backpressure_and_dead_letters_the_message() {
+    let server = TestServer::start().await;
+    let client = connect(&server).await;
+    client.declare_queue("bounded.dead").await.unwrap();
+    client
+        .declare_queue("bounded")
+        .max_length(1)
+        .overflow(Overflow::RejectPublishDlx)
+        .dead_letter_exchange("")
+        .dead_letter_routing_key("bounded.dead")
+        .await
+        .unwrap();
+    client
+        .publish("", "bounded", Message::new("first"))
+        .await
+        .expect("room for one");
+    let refused = client
+        .publish("", "bounded", Message::new("second"))
+        .await
+        .expect_err("full");
+    assert!(
+        matches!(refused, ClientError::Backpressure { .. }),
+        "{refused:?}"
+    );
+    let mut dead = client.consume("bounded.dead", manual(10)).await.unwrap();
+    assert_eq!(body_of(&mut dead).await, "second");
+}
+
+#[tokio::test]
 async fn invalid_queue_feature_arguments_are_refused() {
     let server = TestServer::start().await;
     let client = connect(&server).await;

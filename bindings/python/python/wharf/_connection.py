@@ -137,8 +137,9 @@ class Connection:
         * ``max_priority`` (1..255, ``x-max-priority``): deliver higher message priorities
           first;
         * ``max_length`` / ``max_length_bytes`` (``x-max-length`` / ``x-max-length-bytes``):
-          most ready messages / body bytes; ``overflow`` (``"drop-head"``, the default, or
-          ``"reject-publish"``: publishes then raise :class:`Backpressure`);
+          most ready messages / body bytes; ``overflow`` (``"drop-head"``, the default,
+          ``"reject-publish"``: publishes then raise :class:`Backpressure`, or
+          ``"reject-publish-dlx"``: the same, and the refused message is dead-lettered);
         * ``dead_letter_exchange`` / ``dead_letter_routing_key``: where rejected, expired,
           dropped and exhausted messages go (``""`` is the default exchange, which routes by
           queue name), with an ``x-death`` header;

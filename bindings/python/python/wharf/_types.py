@@ -36,9 +36,10 @@ ExchangeKind = Literal["direct", "fanout", "topic", "headers"]
 Durability = Literal["in_memory", "fsynced", "unsafe_not_synced"]
 
 #: What a queue at its length limit does with a new message (``x-overflow``): ``drop-head``
-#: (accept it, drop or dead-letter the oldest ready messages) or ``reject-publish`` (refuse it:
-#: the publish raises :class:`~wharf.Backpressure`).
-Overflow = Literal["drop-head", "reject-publish"]
+#: (accept it, drop or dead-letter the oldest ready messages), ``reject-publish`` (refuse it:
+#: the publish raises :class:`~wharf.Backpressure`) or ``reject-publish-dlx`` (refuse it and
+#: dead-letter it, reason ``maxlen``).
+Overflow = Literal["drop-head", "reject-publish", "reject-publish-dlx"]
 
 #: A duration: seconds (``int`` or ``float``) or a :class:`datetime.timedelta`. The broker
 #: counts in milliseconds (finer parts are dropped); negative durations raise
