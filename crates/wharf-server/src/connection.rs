@@ -1268,11 +1268,9 @@ async fn write_loop(mut writer: OwnedWriteHalf, outbox: Arc<Outbox>, negotiated:
                 failed = true;
                 break;
             }
-            if out.queued_bytes() >= WRITE_CHUNK_BYTES {
-                if out.write_to(&mut writer).await.is_err() {
-                    failed = true;
-                    break;
-                }
+            if out.queued_bytes() >= WRITE_CHUNK_BYTES && out.write_to(&mut writer).await.is_err() {
+                failed = true;
+                break;
             }
         }
         if !failed && out.flush_pending().is_err() {
