@@ -9,6 +9,7 @@ use crate::message::{HeaderValue, Headers, Message};
 use crate::name::{RESERVED_PREFIX, validate_name, validate_routing_key, validate_user_name};
 use crate::outstanding::Outstanding;
 use crate::queue::{
+    PagedEntry,
     Consumer, ConsumerOptions, DURATION_MS_MAX, Entry, Overflow, Queue, QueueFeatures,
     QueueOptions, QueueStats,
 };
@@ -243,6 +244,17 @@ pub enum Command {
         /// Most messages to move (0: all).
         max: u64,
     },
+    /// The server's answer to [`Effect::PageIn`]: the oldest paged messages of `queue`, in
+    /// order, as they were paged out. Ignored when stale (the tail was discarded since: purge,
+    /// delete) or unasked.
+    PageIn {
+        /// The queue.
+        queue: String,
+        /// The tail's epoch, from the effect.
+        epoch: u64,
+        /// The oldest paged entries, at most the number asked for.
+        entries: Vec<PagedEntry>,
+    },
     /// Nack of exactly one delivery.
     Reject {
         /// The connection.
@@ -377,6 +389,45 @@ pub enum Effect {
         durable_id: u64,
         /// The queue it left.
         queue: Arc<str>,
+    },
+    /// Logged messages with consecutive ids left a durable queue for good (a purge of its
+    /// paged tail): every id in `first..first + count` was in the queue.
+    DurableSettledRange {
+        /// The first id.
+        first: u64,
+        /// How many.
+        count: u64,
+        /// The queue they left.
+        queue: Arc<str>,
+    },
+    /// A ready message joins the paged tail of a queue larger than memory: the server keeps it
+    /// (in order, per queue and epoch) until the core asks for it back with
+    /// [`Effect::PageIn`]. Logged messages are still logged as usual.
+    PageOut {
+        /// The queue.
+        queue: Arc<str>,
+        /// The tail's epoch (see [`Effect::PagesDropped`]).
+        epoch: u64,
+        /// The message and its queue state.
+        entry: Box<PagedEntry>,
+    },
+    /// The queue wants up to `max` of its oldest paged messages back: answer with
+    /// [`Command::PageIn`]. At most one request per queue is outstanding.
+    PageIn {
+        /// The queue.
+        queue: Arc<str>,
+        /// The tail's epoch.
+        epoch: u64,
+        /// Most entries wanted (never more than are paged).
+        max: u64,
+    },
+    /// The paged tail of `queue` at `epoch` was discarded (purge, queue deleted): the server
+    /// may forget what it kept.
+    PagesDropped {
+        /// The queue.
+        queue: Arc<str>,
+        /// The epoch discarded.
+        epoch: u64,
     },
 }
 
@@ -724,7 +775,7 @@ impl Broker {
                         });
                     }
                 }
-                let messages = queue.ready.clear() as u64;
+                let messages = queue.ready.clear() as u64 + discard_paged(queue, effects);
                 Ok(Reply::Purged { messages })
             }
             Command::Bind {
@@ -799,6 +850,11 @@ impl Broker {
                 Ok(Reply::Done)
             }
             Command::Tick => Ok(self.tick(effects)),
+            Command::PageIn {
+                queue,
+                epoch,
+                entries,
+            } => Ok(self.page_in(&queue, epoch, entries, effects)),
             Command::Defer {
                 connection,
                 delivery_tag,
@@ -1319,8 +1375,17 @@ impl Broker {
                 TimerKind::QueueExpiry { queue: qid },
             );
         }
+        let pageable = self.limits.paging_threshold > 0
+            && options.durable
+            && !options.exclusive
+            && features.max_priority.is_none()
+            && features.max_length.is_none()
+            && features.max_length_bytes.is_none();
         let mut queue = Queue::new(name.clone(), options, features, owner);
         queue.last_used_ms = self.now_ms;
+        if pageable {
+            queue.paged.threshold = Some(self.limits.paging_threshold);
+        }
         self.queues.insert(qid, queue);
         self.queue_names.insert(name.clone(), qid);
         Ok(Reply::QueueDeclared {
@@ -1336,7 +1401,7 @@ impl Broker {
         queue.last_used_ms = self.now_ms;
         Reply::QueueDeclared {
             name: queue.name.clone(),
-            ready: queue.ready.len() as u64,
+            ready: queue.ready_total(),
             consumers: queue.consumers.len() as u32,
         }
     }
@@ -1368,11 +1433,11 @@ impl Broker {
                 format!("it has {} consumers", queue.consumers.len()),
             ));
         }
-        if if_empty && !queue.ready.is_empty() {
+        if if_empty && queue.ready_total() > 0 {
             return Err(CoreError::precondition(
                 EntityKind::Queue,
                 name,
-                format!("it has {} ready messages", queue.ready.len()),
+                format!("it has {} ready messages", queue.ready_total()),
             ));
         }
         let messages = self.remove_queue(qid, effects);
@@ -1383,10 +1448,19 @@ impl Broker {
     /// dropped. Deliveries outstanding from it stay with their connections; settling them
     /// later is accepted and does nothing. Returns the ready messages dropped.
     fn remove_queue(&mut self, qid: QueueId, effects: &mut Vec<Effect>) -> u64 {
-        let queue = self
+        let mut queue = self
             .queues
             .remove(&qid)
             .expect("caller checked the queue exists");
+        // Its logged messages go with the queue's `QueueDeleted`: no settlement per message.
+        let paged = queue.paged.count;
+        if paged > 0 {
+            effects.push(Effect::PagesDropped {
+                queue: queue.name.clone(),
+                epoch: queue.paged.epoch,
+            });
+            queue.paged.discard();
+        }
         if queue.features.overflow.rejects() {
             self.n_reject_publish_queues -= 1;
         }
@@ -1425,7 +1499,7 @@ impl Broker {
             name: queue.name.clone(),
             durable: queue.is_durable(),
         });
-        queue.ready.len() as u64
+        queue.ready.len() as u64 + paged
     }
 
     // ----- publishing -----
@@ -1580,7 +1654,8 @@ impl Broker {
                 self.delayed_total += 1;
                 continue;
             }
-            self.ready_bytes_total += make_ready(queue, *qid, &mut self.timers, entry, now_ms);
+            self.ready_bytes_total +=
+                make_ready(queue, *qid, &mut self.timers, entry, now_ms, effects);
             self.ready_bytes_total -= drop_head_over_limit(queue, &mut self.dead_letters, effects);
         }
     }
@@ -2047,7 +2122,8 @@ impl Broker {
             return Ok(Reply::Done);
         }
         // Its TTL counts from when it became ready before the restart.
-        self.ready_bytes_total += make_ready(queue, qid, &mut self.timers, entry, ready_at_ms);
+        self.ready_bytes_total +=
+            make_ready(queue, qid, &mut self.timers, entry, ready_at_ms, effects);
         self.dispatch(qid, effects);
         Ok(Reply::Done)
     }
@@ -2154,7 +2230,7 @@ impl Broker {
                         continue;
                     }
                     self.ready_bytes_total +=
-                        make_ready(queue, qid, &mut self.timers, *entry, now_ms);
+                        make_ready(queue, qid, &mut self.timers, *entry, now_ms, effects);
                     self.ready_bytes_total -=
                         drop_head_over_limit(queue, &mut self.dead_letters, effects);
                     self.to_dispatch.push(qid);
@@ -2171,6 +2247,7 @@ impl Broker {
                         expire_entry(queue, entry, &mut self.dead_letters, effects);
                     }
                     arm_ttl(queue, qid, &mut self.timers);
+                    request_page_in(queue, effects);
                 }
                 TimerKind::Lease { connection, tag } => {
                     self.lapse_lease(connection, tag, effects);
@@ -2337,6 +2414,7 @@ impl Broker {
             self.ready_bytes_total += entry.message.size_bytes();
             queue.ready.requeue(entry);
         }
+        request_page_in(queue, effects);
         self.finish_dead_letters_and_dispatch(effects);
         Ok(Reply::Redriven { moved })
     }
@@ -2424,6 +2502,36 @@ impl Broker {
                 );
             }
         }
+        request_page_in(queue, effects);
+    }
+
+    fn page_in(
+        &mut self,
+        name: &str,
+        epoch: u64,
+        entries: Vec<PagedEntry>,
+        effects: &mut Vec<Effect>,
+    ) -> Reply {
+        let Some(&qid) = self.queue_names.get(name) else {
+            // Deleted since it asked.
+            return Reply::Done;
+        };
+        let queue = self.queues.get_mut(&qid).expect("names map to live queues");
+        if queue.paged.epoch != epoch || !queue.paged.page_in_pending {
+            return Reply::Done;
+        }
+        queue.paged.page_in_pending = false;
+        for entry in entries {
+            if queue.paged.count == 0 {
+                break;
+            }
+            self.ready_bytes_total += queue.page_in(entry);
+        }
+        arm_ttl(queue, qid, &mut self.timers);
+        // Delivers what came back, and asks for more if it was not enough.
+        self.dispatch(qid, effects);
+        self.finish_dead_letters_and_dispatch(effects);
+        Reply::Done
     }
 }
 
@@ -2540,19 +2648,69 @@ fn hold(queue: &mut Queue, qid: QueueId, timers: &mut Timers, entry: Entry, due:
 }
 
 /// Appends an entry to the ready messages, its TTL counted from `since_ms`, with a timer for
-/// the TTL; returns the bytes that became ready.
+/// the TTL; returns the bytes that became ready in memory. In a queue larger than memory the
+/// entry joins the paged tail instead ([`Effect::PageOut`]).
 fn make_ready(
     queue: &mut Queue,
     qid: QueueId,
     timers: &mut Timers,
     entry: Entry,
     since_ms: u64,
+    effects: &mut Vec<Effect>,
 ) -> u64 {
+    if queue.paged.takes(queue.ready.len()) {
+        let paged = queue.page_out(entry, since_ms);
+        effects.push(Effect::PageOut {
+            queue: queue.name.clone(),
+            epoch: queue.paged.epoch,
+            entry: Box::new(paged),
+        });
+        return 0;
+    }
     let size = entry.message.size_bytes();
     if queue.push_ready(entry, since_ms).is_some() {
         arm_ttl(queue, qid, timers);
     }
     size
+}
+
+/// Asks the server for the oldest paged messages once the ready messages in memory fell to
+/// half the threshold (so that they come back before memory runs dry), unless already asked.
+fn request_page_in(queue: &mut Queue, effects: &mut Vec<Effect>) {
+    let Some(threshold) = queue.paged.threshold else {
+        return;
+    };
+    let in_memory = queue.ready.len();
+    if queue.paged.count == 0 || queue.paged.page_in_pending || in_memory > threshold / 2 {
+        return;
+    }
+    queue.paged.page_in_pending = true;
+    effects.push(Effect::PageIn {
+        queue: queue.name.clone(),
+        epoch: queue.paged.epoch,
+        max: ((threshold - in_memory) as u64).min(queue.paged.count),
+    });
+}
+
+/// Discards the paged tail (purge): its logged messages are settled by id runs. Returns how
+/// many messages it held.
+fn discard_paged(queue: &mut Queue, effects: &mut Vec<Effect>) -> u64 {
+    let count = queue.paged.count;
+    if count == 0 {
+        return 0;
+    }
+    effects.push(Effect::PagesDropped {
+        queue: queue.name.clone(),
+        epoch: queue.paged.epoch,
+    });
+    for (first, n) in queue.paged.discard() {
+        effects.push(Effect::DurableSettledRange {
+            first,
+            count: n,
+            queue: queue.name.clone(),
+        });
+    }
+    count
 }
 
 /// A ready entry whose TTL passed leaves its queue: dead-lettered (`expired`) or dropped.

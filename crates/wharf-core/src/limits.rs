@@ -22,6 +22,10 @@ pub const EXCHANGE_HOPS_MAX: usize = 16;
 /// command's work grow combinatorially.
 pub const DEAD_LETTERS_PER_COMMAND_MAX: usize = 10_000;
 
+/// Ready messages a pageable queue keeps in memory by default in the core: 0, never page (the
+/// server sets its own default, see [`Limits::paging_threshold`]).
+pub const PAGING_THRESHOLD_DEFAULT: usize = 0;
+
 /// The limits in force in one broker; `Limits::default()` uses the constants of this module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -33,6 +37,11 @@ pub struct Limits {
     pub bindings_per_exchange_max: usize,
     /// See [`CONSUMERS_PER_QUEUE_MAX`].
     pub consumers_per_queue_max: usize,
+    /// Queues larger than memory: a durable queue without priorities or length limits keeps
+    /// at most this many ready messages in memory; later arrivals are *paged* (handed to the
+    /// server in [`crate::Effect::PageOut`] and counted only) until the queue has drained
+    /// them back (see [`crate::Command::PageIn`]). 0: never page.
+    pub paging_threshold: usize,
 }
 
 impl Default for Limits {
@@ -42,6 +51,7 @@ impl Default for Limits {
             exchanges_max: EXCHANGES_MAX,
             bindings_per_exchange_max: BINDINGS_PER_EXCHANGE_MAX,
             consumers_per_queue_max: CONSUMERS_PER_QUEUE_MAX,
+            paging_threshold: PAGING_THRESHOLD_DEFAULT,
         }
     }
 }

@@ -288,6 +288,82 @@ impl Entry {
     }
 }
 
+/// A ready message moved out of memory (see [`crate::Effect::PageOut`]): everything its queue
+/// needs to take it back with [`crate::Command::PageIn`], unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PagedEntry {
+    /// Its position in the queue's arrival order.
+    pub seq: u64,
+    /// The message.
+    pub message: Arc<Message>,
+    /// Its id in the log, if logged.
+    pub durable_id: Option<u64>,
+    /// Whether it was delivered before.
+    pub redelivered: bool,
+    /// Deliveries so far.
+    pub delivery_count: u32,
+    /// When it expires (unix ms), if it has a TTL: fixed when it became ready.
+    pub expires_at: Option<u64>,
+    /// Retry steps taken so far.
+    pub retries: u32,
+}
+
+/// The paged tail of a queue larger than memory: once a pageable queue holds its threshold of
+/// ready messages in memory, every later arrival is paged until the tail has drained back, so
+/// the paged messages are always the newest and FIFO order holds. The core keeps only counts
+/// and the runs of logged ids (a compact index: one run per stretch of consecutive ids).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Paged {
+    /// Ready messages kept in memory at most; `None`: this queue never pages.
+    pub threshold: Option<usize>,
+    pub count: u64,
+    pub bytes: u64,
+    /// Ids of the logged paged messages, oldest first, as runs (first id, how many).
+    pub ids: VecDeque<(u64, u64)>,
+    /// Bumped when the paged tail is discarded (purge, delete): page-ins of an older epoch are
+    /// stale.
+    pub epoch: u64,
+    /// A page-in was requested and not yet answered.
+    pub page_in_pending: bool,
+}
+
+impl Paged {
+    /// Whether an arrival must be paged: the tail is not empty (FIFO), or memory is full.
+    pub(crate) fn takes(&self, in_memory: usize) -> bool {
+        self.threshold
+            .is_some_and(|threshold| self.count > 0 || in_memory >= threshold)
+    }
+
+    pub(crate) fn push_id(&mut self, durable_id: u64) {
+        match self.ids.back_mut() {
+            Some((first, n)) if *first + *n == durable_id => *n += 1,
+            _ => self.ids.push_back((durable_id, 1)),
+        }
+    }
+
+    pub(crate) fn pop_id(&mut self, durable_id: u64) {
+        let (first, n) = self
+            .ids
+            .front_mut()
+            .expect("a paged logged message has its id in the runs");
+        assert_eq!(*first, durable_id, "paged messages come back in order");
+        *first += 1;
+        *n -= 1;
+        if *n == 0 {
+            self.ids.pop_front();
+        }
+    }
+
+    /// Forgets the whole tail; returns its id runs.
+    pub(crate) fn discard(&mut self) -> VecDeque<(u64, u64)> {
+        self.count = 0;
+        self.bytes = 0;
+        self.epoch += 1;
+        self.page_in_pending = false;
+        std::mem::take(&mut self.ids)
+    }
+}
+
 /// Ready messages in delivery order: highest priority first, by arrival within a priority; a
 /// requeued message goes back to its arrival place within its priority.
 ///
@@ -484,6 +560,8 @@ pub struct QueueStats {
     pub ready: u64,
     /// Body bytes of the ready messages.
     pub ready_bytes: u64,
+    /// Ready messages paged out of memory (included in `ready`; see [`crate::Limits::paging_threshold`]).
+    pub paged: u64,
     /// Messages delivered and not yet acked.
     pub unacked: u64,
     /// Consumers attached.
@@ -531,6 +609,8 @@ pub(crate) struct Queue {
     pub dedup: DedupWindow,
     /// The due time of the TTL timer set for this queue, if one is pending.
     pub ttl_armed: Option<u64>,
+    /// Its paged tail (queues larger than memory).
+    pub paged: Paged,
 }
 
 /// The message ids a queue with `x-dedup-window` has enqueued recently, with when each is
@@ -619,6 +699,7 @@ impl Queue {
             last_used_ms: 0,
             dedup: DedupWindow::default(),
             ttl_armed: None,
+            paged: Paged::default(),
         }
     }
 
@@ -641,9 +722,9 @@ impl Queue {
         }
     }
 
-    /// Appends an entry to the ready messages with the next arrival position and, when the
-    /// message or the queue has a TTL, its expiry counted from `now_ms`. Returns the expiry.
-    pub(crate) fn push_ready(&mut self, mut entry: Entry, now_ms: u64) -> Option<u64> {
+    /// Gives an arriving entry the next arrival position and, when the message or the queue
+    /// has a TTL, its expiry counted from `now_ms`.
+    fn stamp(&mut self, entry: &mut Entry, now_ms: u64) {
         entry.seq = self.next_seq;
         self.next_seq += 1;
         let ttl = match (entry.message.expiration_ms, self.features.message_ttl) {
@@ -651,9 +732,63 @@ impl Queue {
             (own, queue) => own.or(queue),
         };
         entry.expires_at = ttl.map(|ttl| now_ms.saturating_add(ttl));
+    }
+
+    /// Appends an entry to the ready messages with the next arrival position and, when the
+    /// message or the queue has a TTL, its expiry counted from `now_ms`. Returns the expiry.
+    pub(crate) fn push_ready(&mut self, mut entry: Entry, now_ms: u64) -> Option<u64> {
+        self.stamp(&mut entry, now_ms);
         let expires_at = entry.expires_at;
         self.ready.push_back(entry);
         expires_at
+    }
+
+    /// Like [`Queue::push_ready`], but the entry joins the paged tail: it is counted, and
+    /// returned for the server to keep.
+    pub(crate) fn page_out(&mut self, mut entry: Entry, now_ms: u64) -> PagedEntry {
+        self.stamp(&mut entry, now_ms);
+        self.paged.count += 1;
+        self.paged.bytes += entry.message.size_bytes();
+        if let Some(durable_id) = entry.durable_id {
+            self.paged.push_id(durable_id);
+        }
+        PagedEntry {
+            seq: entry.seq,
+            message: entry.message,
+            durable_id: entry.durable_id,
+            redelivered: entry.redelivered,
+            delivery_count: entry.delivery_count,
+            expires_at: entry.expires_at,
+            retries: entry.retries,
+        }
+    }
+
+    /// Takes a paged entry back into memory, at the back of the ready messages (it is newer
+    /// than all of them). Returns its size.
+    pub(crate) fn page_in(&mut self, paged: PagedEntry) -> u64 {
+        let size = paged.message.size_bytes();
+        self.paged.count -= 1;
+        self.paged.bytes -= size;
+        if let Some(durable_id) = paged.durable_id {
+            self.paged.pop_id(durable_id);
+        }
+        let entry = Entry {
+            seq: paged.seq,
+            priority: self.features.effective_priority(&paged.message),
+            message: paged.message,
+            redelivered: paged.redelivered,
+            delivery_count: paged.delivery_count,
+            durable_id: paged.durable_id,
+            expires_at: paged.expires_at,
+            retries: paged.retries,
+        };
+        self.ready.push_back(entry);
+        size
+    }
+
+    /// Ready messages, paged ones included.
+    pub(crate) fn ready_total(&self) -> u64 {
+        self.ready.len() as u64 + self.paged.count
     }
 
     /// Whether persistent messages in this queue are logged.
@@ -710,8 +845,9 @@ impl Queue {
 
     pub(crate) fn stats(&self) -> QueueStats {
         let mut stats = self.stats.clone();
-        stats.ready = self.ready.len() as u64;
-        stats.ready_bytes = self.ready.bytes();
+        stats.ready = self.ready_total();
+        stats.ready_bytes = self.ready.bytes() + self.paged.bytes;
+        stats.paged = self.paged.count;
         stats.unacked = self.unacked;
         stats.consumers = self.consumers.len() as u32;
         stats

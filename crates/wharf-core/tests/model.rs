@@ -482,6 +482,8 @@ fn limits() -> impl Strategy<Value = Limits> {
         exchanges_max: 7,
         bindings_per_exchange_max: 2,
         consumers_per_queue_max: 2,
+        // Paging has its own test (tests/paging.rs); the model keeps every message in memory.
+        paging_threshold: 0,
     };
     prop_oneof![3 => Just(Limits::default()), 1 => Just(tight)]
 }
@@ -1132,6 +1134,7 @@ impl ModelQueue {
             auto_delete: self.options.auto_delete,
             ready: self.ready.len() as u64,
             ready_bytes: self.ready_bytes(),
+            paged: 0,
             unacked: self.unacked,
             consumers: self.consumers.len() as u32,
             published: self.published,
@@ -2108,8 +2111,8 @@ impl Model {
     /// and pushes the non-delivery effects it must emit. On error nothing is changed.
     fn predict(&mut self, command: &Command, effects: &mut Vec<Effect>) -> Outcome {
         match command {
-            Command::Restore { .. } | Command::RestoreDedup { .. } => {
-                unreachable!("recovery commands are not generated")
+            Command::Restore { .. } | Command::RestoreDedup { .. } | Command::PageIn { .. } => {
+                unreachable!("recovery and paging commands are not generated")
             }
             Command::OpenConnection { connection } => {
                 self.connections.entry(*connection).or_default();
@@ -3834,6 +3837,12 @@ impl Harness {
                     }
                 }
                 Effect::DurableSettled { .. } => hit("durable settle".into()),
+                Effect::DurableSettledRange { .. }
+                | Effect::PageOut { .. }
+                | Effect::PageIn { .. }
+                | Effect::PagesDropped { .. } => {
+                    unreachable!("the model's brokers never page")
+                }
                 Effect::QueueDeleted { .. } => {
                     if !matches!(command, Command::DeleteQueue { .. }) {
                         hit(format!("queue deleted implicitly by {name}"));
