@@ -9,8 +9,7 @@ use crate::message::{HeaderValue, Headers, Message};
 use crate::name::{RESERVED_PREFIX, validate_name, validate_routing_key, validate_user_name};
 use crate::outstanding::Outstanding;
 use crate::queue::{
-    PagedEntry,
-    Consumer, ConsumerOptions, DURATION_MS_MAX, Entry, Overflow, Queue, QueueFeatures,
+    Consumer, ConsumerOptions, DURATION_MS_MAX, Entry, Overflow, PagedEntry, Queue, QueueFeatures,
     QueueOptions, QueueStats,
 };
 use crate::timers::{TimerKind, Timers};
@@ -690,9 +689,16 @@ impl Broker {
         broker
     }
 
-    /// Body bytes of ready messages across all queues.
+    /// Body bytes of ready messages in memory across all queues (paged ones are not).
     pub fn ready_bytes_total(&self) -> u64 {
         self.ready_bytes_total
+    }
+
+    /// Messages and body bytes paged out of memory across all queues (O(queues)).
+    pub fn paged_totals(&self) -> (u64, u64) {
+        self.queues.values().fold((0, 0), |(count, bytes), queue| {
+            (count + queue.paged.count, bytes + queue.paged.bytes)
+        })
     }
 
     /// The logical time of the last command applied.

@@ -96,12 +96,20 @@ impl Harness {
                     durable_id, queues, ..
                 } => {
                     for queue in queues {
-                        assert!(self.live.entry(queue.to_string()).or_default().insert(durable_id));
+                        assert!(
+                            self.live
+                                .entry(queue.to_string())
+                                .or_default()
+                                .insert(durable_id)
+                        );
                     }
                 }
                 Effect::DurableSettled { durable_id, queue } => {
                     assert!(
-                        self.live.entry(queue.to_string()).or_default().remove(&durable_id),
+                        self.live
+                            .entry(queue.to_string())
+                            .or_default()
+                            .remove(&durable_id),
                         "settled once"
                     );
                 }
@@ -113,7 +121,10 @@ impl Harness {
                     assert!(count >= 1);
                     for durable_id in first..first + count {
                         assert!(
-                            self.live.entry(queue.to_string()).or_default().remove(&durable_id),
+                            self.live
+                                .entry(queue.to_string())
+                                .or_default()
+                                .remove(&durable_id),
                             "a range settles live messages of its queue only"
                         );
                     }
@@ -206,7 +217,11 @@ fn a_queue_past_its_threshold_pages_later_arrivals_and_drains_them_back_in_order
     let stats = h.stats("q");
     assert_eq!((stats.ready, stats.paged), (10, 6));
     assert_eq!(h.page_outs, 6);
-    assert_eq!(h.broker.ready_bytes_total(), 4 * 2, "only 4 bodies in memory");
+    assert_eq!(
+        h.broker.ready_bytes_total(),
+        4 * 2,
+        "only 4 bodies in memory"
+    );
     let paged: Vec<u64> = h.spools[&("q".to_owned(), 0)]
         .iter()
         .map(|entry| entry.durable_id.unwrap())
@@ -268,8 +283,7 @@ fn purging_a_paged_queue_settles_its_tail_by_id_runs_and_stale_page_ins_are_igno
         "only the outstanding delivery (q1, id 3) is still logged in q"
     );
     // The answer to the old request arrives late: ignored.
-    h.spools
-        .insert(("q".to_owned(), 0), VecDeque::from(vec![]));
+    h.spools.insert(("q".to_owned(), 0), VecDeque::from(vec![]));
     let stale = PagedEntry {
         seq: 2,
         message: Arc::new(Message::new("q", "ghost")),
@@ -365,7 +379,11 @@ fn only_durable_fifo_queues_without_length_limits_page() {
     assert_eq!(h.stats("transient").paged, 0);
     assert_eq!(h.stats("prio").paged, 0);
     assert_eq!(h.stats("limited").paged, 0);
-    assert_eq!(h.stats("ttl").paged, 2, "a queue TTL pages: expiry is FIFO too");
+    assert_eq!(
+        h.stats("ttl").paged,
+        2,
+        "a queue TTL pages: expiry is FIFO too"
+    );
     // Transient messages in a durable queue page as well (memory, not durability).
     h.declare("durable", true, Headers::new());
     for body in numbered(3) {

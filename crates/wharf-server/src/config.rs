@@ -51,6 +51,9 @@ pub struct ServerConfig {
     pub checkpoint_bytes: u64,
     /// Log segment file size.
     pub segment_bytes: u64,
+    /// Ready messages a durable queue keeps in memory; later arrivals are paged to a spool
+    /// file until it drains (queues larger than memory). 0: never page.
+    pub queue_memory_messages: usize,
 }
 
 /// Parses a sync policy: `always`, `never` (unsafe) or `interval=MS`.
@@ -83,6 +86,7 @@ impl Default for ServerConfig {
             sync_policy: SyncPolicy::Always,
             checkpoint_bytes: crate::log::CHECKPOINT_BYTES_DEFAULT,
             segment_bytes: 64 * 1024 * 1024,
+            queue_memory_messages: crate::limits::QUEUE_MEMORY_MESSAGES,
         }
     }
 }
@@ -125,6 +129,8 @@ pub struct FileConfig {
     pub checkpoint_bytes: Option<u64>,
     /// See [`ServerConfig::segment_bytes`].
     pub segment_bytes: Option<u64>,
+    /// See [`ServerConfig::queue_memory_messages`].
+    pub queue_memory_messages: Option<usize>,
 }
 
 /// A config error: the file cannot be read or parsed, or a value is out of range.
@@ -230,6 +236,9 @@ pub fn resolve(
         sync_policy,
         checkpoint_bytes: file.checkpoint_bytes.unwrap_or(defaults.checkpoint_bytes),
         segment_bytes: file.segment_bytes.unwrap_or(defaults.segment_bytes),
+        queue_memory_messages: file
+            .queue_memory_messages
+            .unwrap_or(defaults.queue_memory_messages),
         bind: overrides.bind.or(file.bind).unwrap_or(defaults.bind),
         data_dir: overrides
             .data_dir

@@ -295,6 +295,16 @@ pub enum Op {
         /// When the window forgets it (unix ms).
         until_ms: u64,
     },
+    /// Logged messages `first..first + count` left a durable queue for good (a purge of a
+    /// paged tail: the broker keeps runs of ids, not the messages).
+    SettleRange {
+        /// The first id.
+        first: u64,
+        /// How many.
+        count: u64,
+        /// The queue.
+        queue: String,
+    },
 }
 
 impl Op {
@@ -420,9 +430,10 @@ pub struct Recovered {
 }
 
 impl Replay {
-    /// Chooses what to replay: the last complete checkpoint (if any) and the batches after it.
-    /// A checkpoint without its end (cut by a crash) is ignored, and so is everything before the
-    /// checkpoint that is used.
+    /// Chooses what to replay: the last complete checkpoint (if any) and the batches after its
+    /// begin (batches appended while its paged messages were being copied lie between its
+    /// begin and its end, and follow its state). A checkpoint without its end (cut by a crash)
+    /// is ignored, and so is everything before the checkpoint that is used.
     pub fn plan(records: Vec<(u64, Record)>) -> (Replay, u64) {
         let n_records = records.len() as u64;
         let mut begin_of: BTreeMap<u64, usize> = BTreeMap::new();
@@ -455,7 +466,7 @@ impl Replay {
                         }
                     }
                 }
-                end + 1
+                begin + 1
             }
             None => 0,
         };
@@ -468,7 +479,14 @@ impl Replay {
     }
 
     /// Applies the plan to an empty broker (which must have `SYSTEM_CONNECTION` open).
-    pub fn apply(mut self, broker: &mut Broker, now_ms: u64) -> Recovered {
+    /// Effects other than those of the log (pages of queues larger than memory) go to
+    /// `on_effect`.
+    pub fn apply(
+        mut self,
+        broker: &mut Broker,
+        now_ms: u64,
+        on_effect: &mut dyn FnMut(wharf_core::Effect),
+    ) -> Recovered {
         let mut recovered = Recovered {
             epoch: self.last_epoch,
             ..Recovered::default()
@@ -525,6 +543,25 @@ impl Replay {
                         if queues.is_empty() {
                             self.messages.remove(&durable_id);
                         }
+                    }
+                    continue;
+                }
+                Op::SettleRange {
+                    first,
+                    count,
+                    queue,
+                } => {
+                    let mut emptied = Vec::new();
+                    for (durable_id, (_, _, queues)) in
+                        self.messages.range_mut(first..first.saturating_add(count))
+                    {
+                        queues.remove(&queue);
+                        if queues.is_empty() {
+                            emptied.push(*durable_id);
+                        }
+                    }
+                    for durable_id in emptied {
+                        self.messages.remove(&durable_id);
                     }
                     continue;
                 }
@@ -610,7 +647,7 @@ impl Replay {
                 tracing::warn!("recovery: a logged topology change no longer applies: {err}");
             }
             recovered.topology_ops += 1;
-            effects.clear();
+            effects.drain(..).for_each(&mut *on_effect);
         }
         // Ids of logged messages stay in their queues' dedup windows, even once acked.
         for (queue, message_id, enqueued_at) in std::mem::take(&mut self.dedup_seen) {
@@ -650,7 +687,7 @@ impl Replay {
                         tracing::warn!(queue, durable_id, "recovery: message not restored: {err}")
                     }
                 }
-                effects.clear();
+                effects.drain(..).for_each(&mut *on_effect);
             }
         }
         recovered
@@ -941,7 +978,7 @@ mod tests {
                 &mut Vec::new(),
             )
             .unwrap();
-        let recovered = replay.apply(&mut broker, 0);
+        let recovered = replay.apply(&mut broker, 0, &mut |_| {});
         assert_eq!(recovered.messages, 2);
         assert_eq!(recovered.epoch, 1);
         let names: Vec<String> = broker.list_queues().into_iter().map(|q| q.name).collect();
@@ -997,7 +1034,7 @@ mod tests {
                 &mut Vec::new(),
             )
             .unwrap();
-        replay.apply(&mut broker, now_ms);
+        replay.apply(&mut broker, now_ms, &mut |_| {});
         broker
     }
 

@@ -15,6 +15,7 @@ pub mod limits;
 pub mod log;
 pub mod outbox;
 mod server;
+pub mod spool;
 pub mod state;
 
 pub use config::{LogFormat, ServerConfig};

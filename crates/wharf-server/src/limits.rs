@@ -7,6 +7,10 @@ pub const CONNECTIONS_MAX: usize = 20_000;
 /// Ready bytes across all queues before publishers are paused: a broker must not be pushed
 /// into swap or the OOM killer by producers outrunning consumers.
 pub const READY_BYTES_HIGH_WATERMARK: u64 = 2 * 1024 * 1024 * 1024;
+/// Ready messages a durable queue keeps in memory before later arrivals are paged to its spool
+/// file: about 30 MB of 100-byte messages with their bookkeeping, so a backlog of tens of
+/// millions stays within a few hundred MB, while ordinary queues never touch a spool.
+pub const QUEUE_MEMORY_MESSAGES: usize = 100_000;
 /// Publishers resume once ready bytes fall below this fraction of the high watermark.
 pub const READY_BYTES_LOW_WATERMARK_PERCENT: u64 = 80;
 /// Outbound bytes queued for one connection before its reader stops reading: a client that

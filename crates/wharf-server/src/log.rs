@@ -3,14 +3,15 @@
 //! supersedes, writes checkpoints, releases superseded records, and classifies failures:
 //! a failed fsync is fail-stop; a full disk refuses durable publishes for a while.
 
-use crate::durable::{Record, Recovered, Replay, SYSTEM_CONNECTION, snapshot};
+use crate::durable::{Op, Record, Recovered, Replay, SYSTEM_CONNECTION, StoredMessage, snapshot};
+use crate::spool::{SpoolRange, Spools};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
-use wharf_core::{Broker, Command};
+use wharf_core::{Broker, Command, Effect};
 use wharf_storage::{Lsn, Storage, SyncCoverage, SyncPolicy, Wal, WalConfig, WalError};
 
 /// Log bytes appended after which a checkpoint is considered (and the live state is at most
@@ -54,6 +55,10 @@ pub struct Log {
     checkpoint_bytes: u64,
     /// Checkpoints written since start (for tests and metrics).
     pub checkpoints: Arc<AtomicU64>,
+    /// Paged messages copied from spools into checkpoints since start (for tests and metrics).
+    pub paged_copied: Arc<AtomicU64>,
+    /// The thread copying paged messages into the running checkpoint, if any.
+    copier: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Log {
@@ -105,6 +110,7 @@ impl Log {
         dir: &Path,
         config: LogConfig,
         broker: &mut Broker,
+        spools: &mut Spools,
         now_ms: u64,
         fail_stop: FailStop,
     ) -> Result<(Arc<Log>, Recovered), LogError> {
@@ -139,7 +145,16 @@ impl Log {
             )
             .expect("a fresh broker accepts the system connection");
         let (replay, _) = Replay::plan(records);
-        let mut recovered = replay.apply(broker, now_ms);
+        // Queues larger than memory page their restored tails out as they fill.
+        let mut recovered = replay.apply(broker, now_ms, &mut |effect| match effect {
+            Effect::PageOut {
+                queue,
+                epoch,
+                entry,
+            } => spools.push(&queue, epoch, &entry),
+            Effect::PageIn { queue, epoch, max } => spools.request(queue, epoch, max),
+            _ => {}
+        });
         recovered.records = lsns.len() as u64;
         let epoch = recovered.epoch;
         let mut book = Book {
@@ -157,6 +172,8 @@ impl Log {
             fail_stop,
             checkpoint_bytes: config.checkpoint_bytes,
             checkpoints: Arc::new(AtomicU64::new(0)),
+            copier: Mutex::new(None),
+            paged_copied: Arc::new(AtomicU64::new(0)),
         });
         if recovered.records > 0 {
             info!(
@@ -165,7 +182,7 @@ impl Log {
                 "recovered from the log"
             );
             // Start from a clean checkpoint so the replayed history can be released.
-            log.checkpoint(broker);
+            log.checkpoint(broker, Some(spools));
         }
         Ok((log, recovered))
     }
@@ -272,24 +289,30 @@ impl Log {
 
     /// Writes a checkpoint if enough log has accumulated and the live state is small next to
     /// it. Call with the broker lock held, after appending a batch.
-    pub fn maybe_checkpoint(self: &Arc<Self>, broker: &Broker) {
+    pub fn maybe_checkpoint(self: &Arc<Self>, broker: &Broker, spools: Option<&mut Spools>) {
         {
             let book = self.book.lock().expect("log lock");
             if book.checkpoint_running || book.bytes_since_checkpoint < book.next_checkpoint_bytes {
                 return;
             }
         }
-        self.checkpoint(broker);
+        self.checkpoint(broker, spools);
     }
 
-    /// Writes a checkpoint of `broker`'s durable state now.
-    pub fn checkpoint(self: &Arc<Self>, broker: &Broker) {
+    /// Writes a checkpoint of `broker`'s durable state now. Paged messages (queues larger
+    /// than memory) are copied from their spools by a thread of the log, without the broker
+    /// lock: batches appended meanwhile land between the checkpoint's begin and end, and
+    /// replay applies every batch after the begin (docs/durability.md).
+    pub fn checkpoint(self: &Arc<Self>, broker: &Broker, spools: Option<&mut Spools>) {
         let chunks = snapshot(broker, CHECKPOINT_CHUNK_BYTES);
+        let (n_paged, paged_bytes) = broker.paged_totals();
         let live_bytes: u64 = chunks
             .iter()
             .flatten()
             .map(crate::durable::Op::approx_bytes)
-            .sum();
+            .sum::<u64>()
+            + paged_bytes
+            + 64 * n_paged;
         let epoch = {
             let mut book = self.book.lock().expect("log lock");
             if book.bytes_since_checkpoint > 0 && live_bytes * 2 > book.bytes_since_checkpoint {
@@ -309,7 +332,110 @@ impl Log {
                 .into_iter()
                 .map(|ops| Record::CheckpointChunk { epoch, ops }.encode()),
         );
-        records.push(Record::CheckpointEnd { epoch }.encode());
+        let ranges = spools.map(Spools::ranges).unwrap_or_default();
+        if ranges.is_empty() {
+            records.push(Record::CheckpointEnd { epoch }.encode());
+            self.append_checkpoint_end(epoch, records);
+            return;
+        }
+        // The begin and the in-memory state now (log order is core order), the paged messages
+        // from a thread, then the end.
+        let log = Arc::downgrade(self);
+        self.wal.append(
+            records,
+            Box::new(move |outcome| Self::track_checkpoint_part(&log, epoch, outcome)),
+        );
+        let log = self.clone();
+        let now_ms = broker.now_ms();
+        let copier = std::thread::Builder::new()
+            .name("wharf-checkpoint".to_owned())
+            .spawn(move || log.copy_paged(epoch, now_ms, ranges))
+            .expect("spawning the checkpoint thread");
+        let previous = self.copier.lock().expect("log lock").replace(copier);
+        if let Some(previous) = previous {
+            // Finished: a checkpoint starts only once the previous one ended.
+            let _ = previous.join();
+        }
+    }
+
+    fn track_checkpoint_part(
+        log: &std::sync::Weak<Log>,
+        epoch: u64,
+        outcome: Result<wharf_storage::Committed, WalError>,
+    ) {
+        let Some(log) = log.upgrade() else { return };
+        match outcome {
+            Ok(committed) => log.track(epoch, committed.lsns),
+            Err(err) => log.failed(&err),
+        }
+    }
+
+    /// The checkpoint thread: appends the paged messages of `ranges` as checkpoint chunks, one
+    /// at a time (waiting for each, so a large copy never floods the WAL), then the end.
+    fn copy_paged(self: Arc<Self>, epoch: u64, now_ms: u64, ranges: Vec<SpoolRange>) {
+        let append_chunk = |ops: Vec<Op>| -> bool {
+            let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+            let log = Arc::downgrade(&self);
+            self.wal.append(
+                vec![Record::CheckpointChunk { epoch, ops }.encode()],
+                Box::new(move |outcome| {
+                    let ok = outcome.is_ok();
+                    Self::track_checkpoint_part(&log, epoch, outcome);
+                    let _ = sender.send(ok);
+                }),
+            );
+            receiver.recv().unwrap_or(false)
+        };
+        let mut ops: Vec<Op> = Vec::new();
+        let mut bytes = 0usize;
+        let mut failed = false;
+        for range in &ranges {
+            let copied = range.for_each(|entry| {
+                if failed {
+                    return;
+                }
+                let Some(durable_id) = entry.durable_id else {
+                    return;
+                };
+                bytes += entry.message.body.len() + 64;
+                self.paged_copied.fetch_add(1, Ordering::Relaxed);
+                ops.push(Op::EnqueueAt {
+                    durable_id,
+                    queues: vec![range.queue.to_string()],
+                    message: StoredMessage::from(&*entry.message),
+                    delay_ms: entry.message.delay_ms,
+                    ready_at_ms: now_ms,
+                });
+                if bytes >= CHECKPOINT_CHUNK_BYTES {
+                    bytes = 0;
+                    failed = !append_chunk(std::mem::take(&mut ops));
+                }
+            });
+            if let Err(err) = copied {
+                // Paged messages that cannot be read cannot be delivered either: fail-stop.
+                error!("checkpoint: {err}: stopping");
+                self.poisoned.store(true, Ordering::Release);
+                (self.fail_stop)(err);
+                failed = true;
+            }
+            if failed {
+                break;
+            }
+        }
+        if !failed && !ops.is_empty() {
+            failed = !append_chunk(ops);
+        }
+        if failed {
+            // No end: replay keeps using the previous checkpoint and everything after it.
+            self.book.lock().expect("log lock").checkpoint_running = false;
+            return;
+        }
+        self.append_checkpoint_end(epoch, vec![Record::CheckpointEnd { epoch }.encode()]);
+    }
+
+    /// Appends the last records of checkpoint `epoch`; once they are on disk every record of
+    /// earlier epochs is released.
+    fn append_checkpoint_end(self: &Arc<Self>, epoch: u64, records: Vec<bytes::Bytes>) {
         let log = Arc::downgrade(self);
         self.wal.append(
             records,
@@ -345,8 +471,13 @@ impl Log {
         self.wal.stats()
     }
 
-    /// Commits what is queued, fsyncs, and stops the writer.
+    /// Commits what is queued, fsyncs, and stops the writer (after the checkpoint thread,
+    /// if one runs, has finished).
     pub fn close(&self) {
+        let copier = self.copier.lock().expect("log lock").take();
+        if let Some(copier) = copier {
+            let _ = copier.join();
+        }
         self.wal.close();
     }
 }

@@ -3,6 +3,7 @@
 use crate::config::ServerConfig;
 use crate::limits::READY_BYTES_LOW_WATERMARK_PERCENT;
 use crate::log::{FailStop, Log, LogConfig};
+use crate::spool::Spools;
 use crate::state::State;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
-use wharf_core::{Broker, Command};
+use tracing::{debug, error, info, warn};
+use wharf_core::{Broker, Command, Limits};
 use wharf_storage::{FileStorage, Storage};
 
 /// Milliseconds since the Unix epoch: the logical time the core is given.
@@ -23,7 +24,6 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// What every connection shares.
-#[derive(Debug)]
 pub(crate) struct Shared {
     pub config: ServerConfig,
     state: Mutex<State>,
@@ -39,6 +39,18 @@ pub(crate) struct Shared {
     timer_at: AtomicU64,
     /// Wakes the timer task before `timer_at` (a command created an earlier timer).
     timer_wake: Notify,
+    /// Wakes the pager task (a queue asked for paged messages).
+    pager_wake: Arc<Notify>,
+    /// Stops the server on a failure it must not survive.
+    fail_stop: FailStop,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -87,6 +99,78 @@ impl Shared {
         self.timer_at
             .store(next.unwrap_or(u64::MAX), Ordering::Release);
         next
+    }
+}
+
+/// The pager task: serves the page-in requests of queues larger than memory. It reads their
+/// spool files without the broker lock (on a blocking thread), then hands the entries to the
+/// core, whose deliveries and further requests follow as for any command.
+async fn run_pager(shared: Arc<Shared>) {
+    let mut stop = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => {
+                debug!("pager task stopped");
+                return;
+            }
+            _ = shared.pager_wake.notified() => {}
+        }
+        loop {
+            let reads = match shared.lock().spools() {
+                Some(spools) => spools.start_reads(),
+                None => Vec::new(),
+            };
+            if reads.is_empty() {
+                break;
+            }
+            let done = tokio::task::spawn_blocking(move || {
+                reads
+                    .into_iter()
+                    .map(crate::spool::PageRead::run)
+                    .collect::<Result<Vec<_>, String>>()
+            })
+            .await
+            .unwrap_or_else(|err| Err(format!("the spool reader failed: {err}")));
+            let done = match done {
+                Ok(done) => done,
+                Err(err) => {
+                    error!("{err}: paged messages cannot come back; stopping");
+                    (shared.fail_stop)(err);
+                    return;
+                }
+            };
+            let mut state = shared.lock();
+            for read in done {
+                let (queue, epoch) = (read.queue().to_string(), read.epoch());
+                let finished = state
+                    .spools()
+                    .expect("reads come from spools")
+                    .finish_read(read);
+                match finished {
+                    Ok(Some(entries)) => {
+                        if let Err(err) = state.apply(
+                            now_ms(),
+                            Command::PageIn {
+                                queue,
+                                epoch,
+                                entries,
+                            },
+                        ) {
+                            warn!("paging in failed: {err}");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(err) => {
+                        error!("{err}: stopping");
+                        (shared.fail_stop)(err);
+                        return;
+                    }
+                }
+            }
+            state.route_effects();
+            state.commit(None);
+            shared.wake_timer_if_earlier(&state);
+        }
     }
 }
 
@@ -164,14 +248,19 @@ impl Server {
             segment_bytes: config.segment_bytes,
             checkpoint_bytes: config.checkpoint_bytes,
         };
-        let mut broker = Broker::default();
+        let mut broker = Broker::new(Limits {
+            paging_threshold: config.queue_memory_messages,
+            ..Limits::default()
+        });
+        let mut spools = Spools::new(config.data_dir.join("spool"));
         let (log, recovered) = Log::open(
             storage,
             &config.data_dir.join("wal"),
             log_config,
             &mut broker,
+            &mut spools,
             now_ms(),
-            fail_stop,
+            fail_stop.clone(),
         )
         .map_err(|err| {
             std::io::Error::other(format!(
@@ -181,10 +270,13 @@ impl Server {
         })?;
         info!(?recovered, "log open");
         let listener = TcpListener::bind(config.bind).await?;
+        let pager_wake = spools.wake.clone();
         let shared = Arc::new(Shared {
             config,
             failure,
-            state: Mutex::new(State::with_log(broker, log)),
+            pager_wake,
+            fail_stop,
+            state: Mutex::new(State::with_log(broker, log, spools)),
             next_connection: AtomicU64::new(1),
             shutdown: receiver,
             memory_freed: Notify::new(),
@@ -220,6 +312,7 @@ impl Server {
         // Timers recovered from the log (delayed messages, dedup windows, queue expiry) are
         // fired from the start.
         let timers = tokio::spawn(run_timers(shared.clone()));
+        let pager = tokio::spawn(run_pager(shared.clone()));
         info!(addr = %listener.local_addr()?, "wharf is listening");
         loop {
             while connections.try_join_next().is_some() {}
@@ -255,6 +348,9 @@ impl Server {
         // Stopped by the shutdown signal; nothing is appended to the log after this.
         if let Err(err) = timers.await {
             warn!("the timer task failed: {err}");
+        }
+        if let Err(err) = pager.await {
+            warn!("the pager task failed: {err}");
         }
         let log = shared.lock().log().cloned();
         if let Some(log) = log {

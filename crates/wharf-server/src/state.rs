@@ -6,6 +6,7 @@
 use crate::durable::{Op, Record, StoredMessage, bind_op, declare_exchange_op, declare_queue_op};
 use crate::log::{Log, Outcome};
 use crate::outbox::{Out, Outbox};
+use crate::spool::Spools;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use tracing::debug;
@@ -35,16 +36,24 @@ pub struct State {
     /// Durable changes applied but not yet handed to the log.
     log_ops: Vec<Op>,
     log: Option<Arc<Log>>,
+    /// The paged tails of queues larger than memory (present when the broker pages).
+    spools: Option<Spools>,
 }
 
 impl State {
-    /// A state around a recovered broker and its log.
-    pub fn with_log(broker: Broker, log: Arc<Log>) -> Self {
+    /// A state around a recovered broker, its log and its spools.
+    pub fn with_log(broker: Broker, log: Arc<Log>, spools: Spools) -> Self {
         State {
             broker,
             log: Some(log),
+            spools: Some(spools),
             ..State::default()
         }
+    }
+
+    /// The spools, if the broker has them.
+    pub fn spools(&mut self) -> Option<&mut Spools> {
+        self.spools.as_mut()
     }
 
     /// The log, if the broker has one.
@@ -195,7 +204,7 @@ impl State {
         }
         let record = Record::Batch(std::mem::take(&mut self.log_ops));
         log.append(&record, done.unwrap_or_else(|| Box::new(|_| {})));
-        log.maybe_checkpoint(&self.broker);
+        log.maybe_checkpoint(&self.broker, self.spools.as_mut());
     }
 
     /// Sends every pending effect to the outbox of the connection it concerns, and queues the
@@ -254,6 +263,36 @@ impl State {
                         durable_id,
                         queue: queue.to_string(),
                     });
+                }
+                Effect::DurableSettledRange {
+                    first,
+                    count,
+                    queue,
+                } => {
+                    self.log_ops.push(Op::SettleRange {
+                        first,
+                        count,
+                        queue: queue.to_string(),
+                    });
+                }
+                Effect::PageOut {
+                    queue,
+                    epoch,
+                    entry,
+                } => self
+                    .spools
+                    .as_mut()
+                    .expect("a paging broker has spools")
+                    .push(&queue, epoch, &entry),
+                Effect::PageIn { queue, epoch, max } => self
+                    .spools
+                    .as_mut()
+                    .expect("a paging broker has spools")
+                    .request(queue, epoch, max),
+                Effect::PagesDropped { queue, epoch } => {
+                    if let Some(spools) = self.spools.as_mut() {
+                        spools.drop_tail(&queue, epoch);
+                    }
                 }
                 Effect::QueueDeleted { name, durable } => {
                     debug!(queue = %name, durable, "queue deleted");

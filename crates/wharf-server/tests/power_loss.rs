@@ -7,6 +7,11 @@
 //! - nothing whose ack was durably logged comes back;
 //! - nothing is invented, transient messages and queues are gone, recovery never fails.
 //!
+//! Odd seeds run the broker with a paging threshold of 1 to 4 ready messages per queue, so
+//! queues larger than memory (spool files, page-ins, checkpoints copying paged messages on
+//! their own thread while batches keep coming) face the same power cuts; their recovered
+//! paged tails count as present.
+//!
 //! Seeds: `WHARF_POWER_SEEDS` (default 60; 600 with `WHARF_SLOW_TESTS=1`); `WHARF_SEED=n`
 //! replays one. Every failure prints its seed.
 
@@ -15,10 +20,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use wharf_core::{
     BindTarget, Broker, Command, ConnectionId, ConsumerOptions, ConsumerTag, DeliveryTag,
-    ExchangeKind, ExchangeOptions, Headers, Message, QueueOptions,
+    ExchangeKind, ExchangeOptions, Headers, Limits, Message, QueueOptions,
 };
 use wharf_server::log::{Log, LogConfig, Outcome};
 use wharf_server::outbox::{Out, Outbox};
+use wharf_server::spool::Spools;
 use wharf_server::state::State;
 use wharf_storage::{Leader, MemStorage, SplitMix64, SyncCoverage, SyncPolicy};
 
@@ -54,6 +60,10 @@ struct Run {
     policy: SyncPolicy,
     /// Log leaders announced and not yet run (a connection's commit task not yet polled).
     leaders: Vec<Leader>,
+    /// Ready messages per queue in memory before paging (0: never).
+    paging: usize,
+    /// Spool directories of the brokers opened.
+    _spool_dirs: Vec<tempfile::TempDir>,
 }
 
 fn config(policy: SyncPolicy) -> LogConfig {
@@ -68,19 +78,55 @@ fn config(policy: SyncPolicy) -> LogConfig {
     }
 }
 
-fn open(storage: &MemStorage, policy: SyncPolicy) -> (State, u64) {
-    let mut broker = Broker::default();
+fn open(
+    storage: &MemStorage,
+    policy: SyncPolicy,
+    paging: usize,
+) -> (State, u64, tempfile::TempDir) {
+    let mut broker = Broker::new(Limits {
+        paging_threshold: paging,
+        ..Limits::default()
+    });
+    let spool_dir = tempfile::tempdir().unwrap();
+    let mut spools = Spools::new(spool_dir.path().to_path_buf());
     let fail_stop = Arc::new(|reason: String| panic!("unexpected log failure: {reason}"));
     let (log, recovered) = Log::open(
         Arc::new(storage.clone()),
         Path::new("/data/wal"),
         config(policy),
         &mut broker,
+        &mut spools,
         0,
         fail_stop,
     )
     .expect("recovery never fails after a power cut");
-    (State::with_log(broker, log), recovered.messages)
+    (
+        State::with_log(broker, log, spools),
+        recovered.messages,
+        spool_dir,
+    )
+}
+
+/// Every logged message a state holds: in memory, and in its queues' paged tails.
+fn durable_copies(state: &mut State) -> Vec<(Arc<Message>, String)> {
+    let mut copies = Vec::new();
+    for (_, message, queues) in state.broker.durable_messages() {
+        for (queue, _) in queues {
+            copies.push((message.clone(), queue.to_string()));
+        }
+    }
+    if let Some(spools) = state.spools() {
+        for range in spools.ranges() {
+            range
+                .for_each(|entry| {
+                    if entry.durable_id.is_some() {
+                        copies.push((entry.message, range.queue.to_string()));
+                    }
+                })
+                .expect("spools read back");
+        }
+    }
+    copies
 }
 
 fn id_of(message: &Message) -> u64 {
@@ -91,7 +137,12 @@ fn id_of(message: &Message) -> u64 {
 impl Run {
     fn new(seed: u64, policy: SyncPolicy, count_unsynced_as_confirmed: bool) -> Run {
         let storage = MemStorage::new(seed);
-        let (state, _) = open(&storage, policy);
+        let paging = if seed % 2 == 1 {
+            1 + (seed / 2 % 4) as usize
+        } else {
+            0
+        };
+        let (state, _, spool_dir) = open(&storage, policy, paging);
         let mut run = Run {
             seed,
             rng: SplitMix64::new(seed),
@@ -106,6 +157,8 @@ impl Run {
             count_unsynced_as_confirmed,
             policy,
             leaders: Vec::new(),
+            paging,
+            _spool_dirs: vec![spool_dir],
         };
         run.state.open(0, run.connection, run.outbox.clone());
         let durable = QueueOptions {
@@ -317,7 +370,37 @@ impl Run {
         self.subscribe();
     }
 
+    /// Serves the pending page-in requests, as the server's pager task does.
+    fn page_in(&mut self) {
+        let reads = match self.state.spools() {
+            Some(spools) => spools.start_reads(),
+            None => return,
+        };
+        for read in reads {
+            let done = read.run().expect("spools read back");
+            let (queue, epoch) = (done.queue().to_string(), done.epoch());
+            let entries = self
+                .state
+                .spools()
+                .unwrap()
+                .finish_read(done)
+                .expect("a spool holds what its queue counts as paged");
+            if let Some(entries) = entries {
+                self.apply(Command::PageIn {
+                    queue,
+                    epoch,
+                    entries,
+                });
+            }
+        }
+        self.collect_deliveries();
+        self.commit_plain();
+    }
+
     fn step(&mut self) {
+        if self.paging > 0 && self.rng.below(4) == 0 {
+            self.page_in();
+        }
         match self.rng.below(10) {
             0..=2 => self.publish(true),
             3 => self.publish(false),
@@ -370,18 +453,17 @@ impl Run {
         };
         let disk = self.storage.deep_clone();
         disk.crash();
-        let (state, _) = open(&disk, self.policy);
+        let (mut state, _, spool_dir) = open(&disk, self.policy, self.paging);
+        self._spool_dirs.push(spool_dir);
         let mut present: BTreeSet<(u64, String)> = BTreeSet::new();
         let mut problems = Vec::new();
-        for (_, message, queues) in state.broker.durable_messages() {
+        for (message, queue) in durable_copies(&mut state) {
             let id = id_of(&message);
             if !published.contains(&id) {
                 problems.push(format!("invented message {id}"));
             }
-            for (queue, _) in queues {
-                if !present.insert((id, queue.to_string())) {
-                    problems.push(format!("message {id} twice in {queue}"));
-                }
+            if !present.insert((id, queue.clone())) {
+                problems.push(format!("message {id} twice in {queue}"));
             }
         }
         for copy in &confirmed {
@@ -423,7 +505,7 @@ fn seeds() -> Vec<u64> {
 
 /// Runs one seed: random steps, a power cut at a random step, recovery, checks. Also returns
 /// how many groups leaders and the WAL's writer thread committed.
-fn run_seed(seed: u64, policy: SyncPolicy, lenient: bool) -> (Vec<String>, usize, u64, [u64; 2]) {
+fn run_seed(seed: u64, policy: SyncPolicy, lenient: bool) -> (Vec<String>, usize, u64, [u64; 4]) {
     let mut run = Run::new(seed, policy, lenient);
     let n_steps = 100 + run.rng.below(300);
     let cut_at = n_steps / 3 + run.rng.below(n_steps - n_steps / 3);
@@ -438,12 +520,19 @@ fn run_seed(seed: u64, policy: SyncPolicy, lenient: bool) -> (Vec<String>, usize
         }
     }
     let stats = run.state.log().unwrap().stats();
+    let (paged, _) = run.state.broker.paged_totals();
+    let copied = run
+        .state
+        .log()
+        .unwrap()
+        .paged_copied
+        .load(std::sync::atomic::Ordering::Relaxed);
     let (problems, confirmed, checkpoints) = run.power_cut_and_check();
     (
         problems,
         confirmed,
         checkpoints,
-        [stats.leader_commits, stats.writer_commits],
+        [stats.leader_commits, stats.writer_commits, paged, copied],
     )
 }
 
@@ -451,10 +540,13 @@ fn run_seed(seed: u64, policy: SyncPolicy, lenient: bool) -> (Vec<String>, usize
 fn power_loss_keeps_every_confirmed_message_and_never_resurrects_an_acked_one() {
     let (mut n_seeds, mut n_confirmed, mut n_checkpoints) = (0, 0, 0);
     let mut commits = [0u64; 2];
+    let (mut paged, mut copied) = (0, 0);
     for seed in seeds() {
         let (problems, confirmed, checkpoints, by) = run_seed(seed, SyncPolicy::Always, false);
         commits[0] += by[0];
         commits[1] += by[1];
+        paged += by[2];
+        copied += by[3];
         assert!(
             problems.is_empty(),
             "seed {seed} (replay with WHARF_SEED={seed}): {problems:?}"
@@ -464,7 +556,7 @@ fn power_loss_keeps_every_confirmed_message_and_never_resurrects_an_acked_one() 
         n_checkpoints += checkpoints;
     }
     eprintln!(
-        "power loss: {n_seeds} seeds, {n_confirmed} confirmed copies checked, {n_checkpoints} checkpoints, none lost; groups committed by leaders / the writer thread: {} / {}",
+        "power loss: {n_seeds} seeds, {n_confirmed} confirmed copies checked, {n_checkpoints} checkpoints, {paged} messages paged at the cuts, {copied} copied from spools by checkpoints, none lost; groups committed by leaders / the writer thread: {} / {}",
         commits[0], commits[1]
     );
     if n_seeds > 1 {
@@ -473,6 +565,8 @@ fn power_loss_keeps_every_confirmed_message_and_never_resurrects_an_acked_one() 
             "too few confirmed messages to prove anything: {n_confirmed}"
         );
         assert!(n_checkpoints > 0, "no checkpoint was exercised");
+        assert!(paged > 0, "no queue was paged at a cut");
+        assert!(copied > 0, "no checkpoint copied paged messages");
         assert!(
             commits[0] > 0 && commits[1] > 0,
             "both commit paths exercised: {commits:?}"
@@ -500,7 +594,7 @@ fn recovery_restores_topology_and_messages_flagged_redelivered() {
         run.publish(true);
     }
     run.state.log().unwrap().close();
-    let (state, restored) = open(&run.storage, SyncPolicy::Always);
+    let (state, restored, _spools) = open(&run.storage, SyncPolicy::Always, 0);
     assert!(restored >= 20, "restored {restored}");
     let stats = state.broker.queue_stats("q0").unwrap();
     assert!(stats.durable);
