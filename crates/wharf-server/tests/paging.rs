@@ -1,0 +1,188 @@
+//! Queues larger than memory through the real server and client: with a small
+//! `queue_memory_messages`, a durable queue pages its tail to a spool file, delivers everything
+//! in order, gives its disk back once drained, and keeps (or, once purged, forgets) its paged
+//! messages across restarts and checkpoints.
+
+mod common;
+
+use common::DEADLINE;
+use std::path::Path;
+use std::time::Duration;
+use wharf_client::{Client, ConsumeOptions, Consumer, Message};
+use wharf_server::{RunningServer, ServerConfig};
+
+const THRESHOLD: usize = 50;
+
+async fn start(dir: &Path, checkpoint_bytes: Option<u64>) -> RunningServer {
+    let mut config = ServerConfig::ephemeral(dir);
+    config.queue_memory_messages = THRESHOLD;
+    if let Some(bytes) = checkpoint_bytes {
+        config.checkpoint_bytes = bytes;
+        config.segment_bytes = 64 * 1024;
+    }
+    RunningServer::start(config).await.expect("server starts")
+}
+
+async fn connect(server: &RunningServer) -> Client {
+    Client::connect(&server.addr.to_string())
+        .await
+        .expect("connect")
+}
+
+fn spool_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("spool")).map_or(0, |entries| entries.count())
+}
+
+async fn publish(client: &Client, queue: &str, range: std::ops::Range<usize>) {
+    let publisher = client.publisher_with_window(256);
+    let messages = range
+        .map(|idx| Message::new(format!("m{idx:05}-{}", "x".repeat(80))).persistent(true))
+        .collect();
+    for outcome in publisher.publish_batch("", queue, messages).await.unwrap() {
+        outcome.expect("confirmed");
+    }
+}
+
+/// Takes `n` deliveries, acking each, and returns their indexes.
+async fn drain(consumer: &mut Consumer, n: usize) -> Vec<usize> {
+    let mut seen = Vec::with_capacity(n);
+    for _ in 0..n {
+        let delivery = tokio::time::timeout(DEADLINE, consumer.next())
+            .await
+            .expect("in time")
+            .expect("open")
+            .expect("ok");
+        let body = std::str::from_utf8(delivery.body()).unwrap();
+        seen.push(body[1..6].parse().unwrap());
+        delivery.ack().await.unwrap();
+    }
+    seen
+}
+
+fn manual(prefetch: u32) -> ConsumeOptions {
+    ConsumeOptions {
+        prefetch,
+        auto_ack: false,
+        ..ConsumeOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn a_queue_larger_than_memory_delivers_everything_in_order_and_gives_its_disk_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), None).await;
+    let client = connect(&server).await;
+    client.declare_queue("big").durable(true).await.unwrap();
+    client.declare_queue("small").durable(true).await.unwrap();
+    publish(&client, "big", 0..3_000).await;
+    publish(&client, "small", 0..THRESHOLD).await;
+    assert_eq!(client.queue_stats("big").await.unwrap().ready, 3_000);
+    assert_eq!(
+        spool_files(dir.path()),
+        1,
+        "only the queue past its threshold pages"
+    );
+    let mut consumer = client.consume("big", manual(100)).await.unwrap();
+    // Arrivals while draining join the paged tail, after everything before them.
+    let (first, ()) = tokio::join!(
+        drain(&mut consumer, 3_500),
+        publish(&client, "big", 3_000..3_500)
+    );
+    assert_eq!(
+        first,
+        (0..3_500).collect::<Vec<_>>(),
+        "FIFO across memory and spool"
+    );
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while spool_files(dir.path()) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the drained spool file is deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stats = client.queue_stats("big").await.unwrap();
+    assert_eq!((stats.ready, stats.unacked), (0, 0));
+    client.close().await.unwrap();
+    drop(consumer);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn paged_messages_survive_a_restart_and_a_purged_tail_does_not_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), None).await;
+    let client = connect(&server).await;
+    client.declare_queue("keep").durable(true).await.unwrap();
+    client.declare_queue("purge").durable(true).await.unwrap();
+    publish(&client, "keep", 0..1_000).await;
+    publish(&client, "purge", 0..1_000).await;
+    assert_eq!(
+        client.purge_queue("purge").await.unwrap(),
+        1_000,
+        "memory and tail"
+    );
+    assert_eq!(client.queue_stats("purge").await.unwrap().ready, 0);
+    client.close().await.unwrap();
+    server.stop().await.unwrap();
+
+    let server = start(dir.path(), None).await;
+    let client = connect(&server).await;
+    assert_eq!(client.queue_stats("keep").await.unwrap().ready, 1_000);
+    assert_eq!(
+        client.queue_stats("purge").await.unwrap().ready,
+        0,
+        "the purge was logged"
+    );
+    assert_eq!(
+        spool_files(dir.path()),
+        1,
+        "recovery pages the restored tail again"
+    );
+    let mut consumer = client.consume("keep", manual(64)).await.unwrap();
+    assert_eq!(
+        drain(&mut consumer, 1_000).await,
+        (0..1_000).collect::<Vec<_>>()
+    );
+    client.close().await.unwrap();
+    drop(consumer);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_checkpoint_taken_while_messages_are_paged_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small checkpoints and segments: checkpoints run while most of the queue is paged.
+    let server = start(dir.path(), Some(32 * 1024)).await;
+    let client = connect(&server).await;
+    client.declare_queue("q").durable(true).await.unwrap();
+    let mut consumer = client.consume("q", manual(16)).await.unwrap();
+    let mut seen = Vec::new();
+    for round in 0..6 {
+        publish(&client, "q", round * 1_000..(round + 1) * 1_000).await;
+        seen.extend(drain(&mut consumer, 800).await);
+    }
+    assert_eq!(seen, (0..4_800).collect::<Vec<_>>());
+    client.close().await.unwrap();
+    drop(consumer);
+    server.stop().await.unwrap();
+    let segments = std::fs::read_dir(dir.path().join("wal")).unwrap().count();
+    assert!(
+        segments < 20,
+        "checkpoints released the consumed history ({segments} segments of 64 KiB for ~600 KiB logged)"
+    );
+
+    let server = start(dir.path(), Some(32 * 1024)).await;
+    let client = connect(&server).await;
+    // Every drained delivery was acked; those still in the consumer's buffer were not, and
+    // are still in the queue with the rest.
+    let ready = client.queue_stats("q").await.unwrap().ready;
+    assert_eq!(ready, 1_200);
+    let mut consumer = client.consume("q", manual(64)).await.unwrap();
+    let rest = drain(&mut consumer, 1_200).await;
+    let expected: Vec<usize> = (4_800..6_000).collect();
+    assert_eq!(rest, expected);
+    client.close().await.unwrap();
+    drop(consumer);
+    server.stop().await.unwrap();
+}
