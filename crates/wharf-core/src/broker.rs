@@ -694,6 +694,17 @@ impl Broker {
         self.ready_bytes_total
     }
 
+    /// Ready messages and their body bytes across all queues, paged ones included
+    /// (O(queues)).
+    pub fn ready_totals(&self) -> (u64, u64) {
+        self.queues.values().fold((0, 0), |(count, bytes), queue| {
+            (
+                count + queue.ready_total(),
+                bytes + queue.ready.bytes() + queue.paged.bytes,
+            )
+        })
+    }
+
     /// Messages and body bytes paged out of memory across all queues (O(queues)).
     pub fn paged_totals(&self) -> (u64, u64) {
         self.queues.values().fold((0, 0), |(count, bytes), queue| {

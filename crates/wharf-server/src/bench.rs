@@ -153,6 +153,11 @@ pub struct BenchArgs {
     /// After publishing ends, give up waiting for deliveries after SECS without progress.
     #[arg(long, value_name = "SECS", value_parser = parse_seconds, default_value = "10")]
     drain_timeout: Duration,
+    /// Publish everything before any consumer attaches, then drain the standing queues
+    /// (queues larger than memory): the delivery rate is the drain rate, from the moment the
+    /// consumers attach.
+    #[arg(long, conflicts_with = "rate")]
+    backlog: bool,
     /// Print the results as one JSON object on stdout (instead of the table).
     #[arg(long)]
     json: bool,
@@ -199,6 +204,7 @@ struct Settings {
     batch: u32,
     threads: u32,
     drain_timeout: Duration,
+    backlog: bool,
     json: bool,
     quiet: bool,
     fault_ignore_every: Option<u64>,
@@ -388,6 +394,7 @@ impl TryFrom<BenchArgs> for Settings {
             batch,
             threads: args.threads.unwrap_or(2),
             drain_timeout: args.drain_timeout,
+            backlog: args.backlog,
             json: args.json,
             quiet: args.quiet,
             fault_ignore_every: args.fault_ignore_every,
@@ -456,6 +463,9 @@ impl Settings {
                 let _ = write!(text, ", for {:.1} s", duration.as_secs_f64());
             }
             _ => {}
+        }
+        if self.backlog {
+            text.push_str(", published as a backlog, then drained");
         }
         text
     }
@@ -1283,35 +1293,14 @@ async fn run_load(
     clock: Clock,
 ) -> Result<Results, Failure> {
     let (stop_sender, stop) = watch::channel(false);
-    // Consumers first, so nothing is published before someone listens.
-    let mut consumer_tasks = Vec::new();
-    let mut consumer_progress = Vec::new();
-    for consumer_idx in 0..settings.consumers {
-        let queue_idx = consumer_idx % settings.queues;
-        let client = connect(settings, "consumer").await?;
-        let consumer = client
-            .consume(
-                &topology.queues[queue_idx as usize],
-                ConsumeOptions {
-                    prefetch: settings.prefetch,
-                    auto_ack: settings.auto_ack,
-                    ..ConsumeOptions::default()
-                },
-            )
-            .await?;
-        let progress = Arc::new(Progress::default());
-        consumer_progress.push((queue_idx, progress.clone()));
-        let task = ConsumerTask {
-            settings: settings.clone(),
-            queue_idx,
-            client,
-            consumer,
-            clock,
-            progress,
-            stop: stop.clone(),
-        };
-        consumer_tasks.push(tokio::spawn(task.run()));
-    }
+    // Consumers first, so nothing is published before someone listens (unless measuring the
+    // drain of a backlog: then they attach once everything is published).
+    let (mut consumer_tasks, mut consumer_progress) = if settings.backlog {
+        (Vec::new(), Vec::new())
+    } else {
+        start_consumers(settings, topology, clock, &stop).await?
+    };
+    let mut drain_start_ns: Option<u64> = None;
     let routing_keys: Arc<Vec<String>> = Arc::new(
         (0..settings.queues)
             .map(|queue_idx| settings.routing_key(&topology.exchange, queue_idx))
@@ -1345,7 +1334,6 @@ async fn run_load(
         };
         producer_tasks.push(task);
     }
-
     let expected_upfront = settings.count.map(|count| {
         if settings.fanout() {
             count * u64::from(settings.queues)
@@ -1397,6 +1385,11 @@ async fn run_load(
                 }
             }
             producer_reports = Some(reports);
+            if settings.backlog {
+                (consumer_tasks, consumer_progress) =
+                    start_consumers(settings, topology, clock, &stop).await?;
+                drain_start_ns = Some(clock.now_ns());
+            }
             last_progress = Instant::now();
         }
         let unique: u64 = unique_per_queue.iter().sum();
@@ -1440,9 +1433,55 @@ async fn run_load(
     Ok(Results::merge(
         settings,
         start_ns,
+        drain_start_ns,
         producer_reports,
         consumer_reports,
     ))
+}
+
+/// Attaches the consumers (spread over the queues round-robin) and starts their tasks.
+#[allow(clippy::type_complexity)]
+async fn start_consumers(
+    settings: &Arc<Settings>,
+    topology: &Topology,
+    clock: Clock,
+    stop: &watch::Receiver<bool>,
+) -> Result<
+    (
+        Vec<tokio::task::JoinHandle<ConsumerReport>>,
+        Vec<(u32, Arc<Progress>)>,
+    ),
+    Failure,
+> {
+    let mut consumer_tasks = Vec::new();
+    let mut consumer_progress = Vec::new();
+    for consumer_idx in 0..settings.consumers {
+        let queue_idx = consumer_idx % settings.queues;
+        let client = connect(settings, "consumer").await?;
+        let consumer = client
+            .consume(
+                &topology.queues[queue_idx as usize],
+                ConsumeOptions {
+                    prefetch: settings.prefetch,
+                    auto_ack: settings.auto_ack,
+                    ..ConsumeOptions::default()
+                },
+            )
+            .await?;
+        let progress = Arc::new(Progress::default());
+        consumer_progress.push((queue_idx, progress.clone()));
+        let task = ConsumerTask {
+            settings: settings.clone(),
+            queue_idx,
+            client,
+            consumer,
+            clock,
+            progress,
+            stop: stop.clone(),
+        };
+        consumer_tasks.push(tokio::spawn(task.run()));
+    }
+    Ok((consumer_tasks, consumer_progress))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1469,9 +1508,12 @@ struct Results {
 }
 
 impl Results {
+    /// `drain_start_ns`: with `--backlog`, when the consumers attached (deliveries are timed
+    /// from then).
     fn merge(
         settings: &Settings,
         start_ns: u64,
+        drain_start_ns: Option<u64>,
         producers: Vec<ProducerReport>,
         consumers: Vec<ConsumerReport>,
     ) -> Results {
@@ -1511,13 +1553,14 @@ impl Results {
                     .max()
                     .unwrap_or(start_ns),
             ),
-            deliver_seconds: seconds(
-                consumers
-                    .iter()
-                    .map(|report| report.last_delivery_ns)
-                    .max()
-                    .unwrap_or(start_ns),
-            ),
+            deliver_seconds: consumers
+                .iter()
+                .map(|report| report.last_delivery_ns)
+                .max()
+                .map_or(0.0, |end_ns| {
+                    let from = drain_start_ns.unwrap_or(start_ns);
+                    end_ns.saturating_sub(from) as f64 / 1e9
+                }),
             latency,
             confirm_latency,
             error: producers
@@ -1670,6 +1713,7 @@ impl Results {
                 "ack_every": settings.ack_every,
                 "batch": settings.batch,
                 "threads": settings.threads,
+                "backlog": settings.backlog,
             },
             "published": self.published,
             "confirmed": self.confirmed,
@@ -1701,10 +1745,15 @@ impl Results {
             "", "messages", "seconds", "msgs/s", "MB/s"
         );
         let size = settings.size as f64;
+        let delivered = if settings.backlog {
+            "drained"
+        } else {
+            "delivered"
+        };
         for (name, count, seconds) in [
             ("published", self.published, self.publish_seconds),
             ("confirmed", self.confirmed, self.confirm_seconds),
-            ("delivered", self.delivered, self.deliver_seconds),
+            (delivered, self.delivered, self.deliver_seconds),
         ] {
             let rate = Results::rate(count, seconds);
             let _ = writeln!(

@@ -400,20 +400,11 @@ fn bind_target(to_queue: bool, destination: String) -> BindTarget {
     }
 }
 
-/// Rebuilds broker state from a log's records (in LSN order).
+/// Rebuilds broker state from a log's records (in LSN order); see [`replay`]. Holds the
+/// records in memory: for tests and small logs (the server streams them from the WAL).
 #[derive(Debug, Default)]
 pub struct Replay {
-    /// Live logged messages: id → (message, its delay, the queues it is still in with when it
-    /// is ready there; `None`: at recovery).
-    #[allow(clippy::type_complexity)]
-    messages: BTreeMap<u64, (StoredMessage, Option<u64>, BTreeMap<String, Option<u64>>)>,
-    /// Topology and message operations not yet applied, in order.
-    ops: Vec<Op>,
-    /// The epoch of the last complete checkpoint seen.
-    pub last_epoch: u64,
-    /// Message ids of logged messages (acked since or not) with the queues they entered and
-    /// when: dedup windows are rebuilt from them once the queues exist.
-    dedup_seen: Vec<(String, String, u64)>,
+    records: Vec<(u64, Bytes)>,
 }
 
 /// What recovery found.
@@ -430,267 +421,440 @@ pub struct Recovered {
 }
 
 impl Replay {
-    /// Chooses what to replay: the last complete checkpoint (if any) and the batches after its
-    /// begin (batches appended while its paged messages were being copied lie between its
-    /// begin and its end, and follow its state). A checkpoint without its end (cut by a crash)
-    /// is ignored, and so is everything before the checkpoint that is used.
+    /// Takes the records to replay; returns how many there are.
     pub fn plan(records: Vec<(u64, Record)>) -> (Replay, u64) {
         let n_records = records.len() as u64;
-        let mut begin_of: BTreeMap<u64, usize> = BTreeMap::new();
-        let mut complete: Option<(u64, usize, usize)> = None;
-        for (idx, (_, record)) in records.iter().enumerate() {
-            match record {
-                Record::CheckpointBegin { epoch } => {
-                    begin_of.insert(*epoch, idx);
-                }
-                Record::CheckpointEnd { epoch } => {
-                    if let Some(begin) = begin_of.get(epoch) {
-                        complete = Some((*epoch, *begin, idx));
-                    }
-                }
-                _ => {}
-            }
-        }
-        let mut replay = Replay::default();
-        let start = match complete {
-            Some((epoch, begin, end)) => {
-                replay.last_epoch = epoch;
-                for (_, record) in &records[begin..end] {
-                    if let Record::CheckpointChunk {
-                        epoch: chunk_epoch,
-                        ops,
-                    } = record
-                    {
-                        if *chunk_epoch == epoch {
-                            replay.ops.extend(ops.iter().cloned());
-                        }
-                    }
-                }
-                begin + 1
-            }
-            None => 0,
-        };
-        for (_, record) in records.into_iter().skip(start) {
-            if let Record::Batch(ops) = record {
-                replay.ops.extend(ops);
-            }
-        }
-        (replay, n_records)
+        let records = records
+            .into_iter()
+            .map(|(lsn, record)| (lsn, record.encode()))
+            .collect();
+        (Replay { records }, n_records)
     }
 
-    /// Applies the plan to an empty broker (which must have `SYSTEM_CONNECTION` open).
-    /// Effects other than those of the log (pages of queues larger than memory) go to
-    /// `on_effect`.
+    /// Applies them to an empty broker (which must have `SYSTEM_CONNECTION` open); effects
+    /// other than the log's (pages of queues larger than memory) go to `on_effect`.
     pub fn apply(
-        mut self,
+        self,
         broker: &mut Broker,
         now_ms: u64,
         on_effect: &mut dyn FnMut(wharf_core::Effect),
     ) -> Recovered {
-        let mut recovered = Recovered {
-            epoch: self.last_epoch,
-            ..Recovered::default()
-        };
-        let mut effects = Vec::new();
-        for op in std::mem::take(&mut self.ops) {
-            let command = match op {
-                Op::Enqueue {
-                    durable_id,
-                    queues,
-                    message,
-                } => {
-                    let queues = queues.into_iter().map(|queue| (queue, None)).collect();
-                    self.messages.insert(durable_id, (message, None, queues));
-                    continue;
+        let records = &self.records;
+        replay::<RecordError, _>(
+            || {
+                records
+                    .iter()
+                    .map(|(lsn, payload)| Ok((*lsn, payload.clone())))
+            },
+            broker,
+            now_ms,
+            on_effect,
+        )
+        .expect("records encoded here decode")
+    }
+}
+
+/// A record's kind and checkpoint epoch, read from its first bytes (its operations are not
+/// decoded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Head {
+    Batch,
+    Begin(u64),
+    Chunk(u64),
+    End(u64),
+}
+
+fn head(lsn: u64, payload: &[u8]) -> Result<Head, RecordError> {
+    let undecodable = |detail: &str| RecordError::Decode {
+        lsn,
+        detail: detail.to_owned(),
+    };
+    match payload.first() {
+        Some(&RECORD_FORMAT_VERSION) => {}
+        Some(&version) => return Err(RecordError::Version { lsn, version }),
+        None => return Err(undecodable("empty payload")),
+    }
+    // Postcard: the variant index, then (for checkpoint records) the epoch, as varints.
+    let (variant, rest) = postcard::take_from_bytes::<u32>(&payload[1..])
+        .map_err(|err| undecodable(&err.to_string()))?;
+    let epoch = || {
+        postcard::take_from_bytes::<u64>(rest)
+            .map(|(epoch, _)| epoch)
+            .map_err(|err| undecodable(&err.to_string()))
+    };
+    Ok(match variant {
+        0 => Head::Batch,
+        1 => Head::Begin(epoch()?),
+        2 => Head::Chunk(epoch()?),
+        3 => Head::End(epoch()?),
+        other => return Err(undecodable(&format!("unknown record kind {other}"))),
+    })
+}
+
+/// Sets of ids kept as runs (acks are mostly in order, so a run per stretch of them).
+#[derive(Debug, Default)]
+struct IdRuns {
+    /// start → end (exclusive).
+    runs: BTreeMap<u64, u64>,
+}
+
+impl IdRuns {
+    fn insert_range(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (mut start, mut end) = (start, end);
+        // Merge with every run that overlaps or touches [start, end).
+        if let Some((&before, &before_end)) = self.runs.range(..=start).next_back() {
+            if before_end >= start {
+                start = before;
+                end = end.max(before_end);
+            }
+        }
+        let touching: Vec<u64> = self.runs.range(start..=end).map(|(&s, _)| s).collect();
+        for run_start in touching {
+            let run_end = self.runs.remove(&run_start).expect("listed");
+            end = end.max(run_end);
+        }
+        self.runs.insert(start, end);
+    }
+
+    fn contains(&self, id: u64) -> bool {
+        self.runs
+            .range(..=id)
+            .next_back()
+            .is_some_and(|(_, &end)| id < end)
+    }
+}
+
+/// What the first pass learns: which logged messages are gone, without keeping any message.
+#[derive(Debug, Default)]
+struct Fates {
+    /// Per queue, the ids settled in it.
+    settled: BTreeMap<String, IdRuns>,
+    /// Per queue, the highest id seen when it was last deleted: its messages up to that id
+    /// went with it (ids grow in replay order).
+    deleted_up_to: BTreeMap<String, u64>,
+    max_id: u64,
+}
+
+impl Fates {
+    fn learn(&mut self, op: &Op) {
+        match op {
+            Op::Enqueue { durable_id, .. } | Op::EnqueueAt { durable_id, .. } => {
+                self.max_id = self.max_id.max(*durable_id);
+            }
+            Op::Settle { durable_id, queue } => self
+                .settled
+                .entry(queue.clone())
+                .or_default()
+                .insert_range(*durable_id, durable_id + 1),
+            Op::SettleRange {
+                first,
+                count,
+                queue,
+            } => self
+                .settled
+                .entry(queue.clone())
+                .or_default()
+                .insert_range(*first, first.saturating_add(*count)),
+            Op::DeleteQueue { name } => {
+                self.deleted_up_to.insert(name.clone(), self.max_id);
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether message `durable_id` was deleted with (an earlier incarnation of) `queue`.
+    fn deleted(&self, durable_id: u64, queue: &str) -> bool {
+        self.deleted_up_to
+            .get(queue)
+            .is_some_and(|up_to| durable_id <= *up_to)
+    }
+
+    fn live(&self, durable_id: u64, queue: &str) -> bool {
+        !self.deleted(durable_id, queue)
+            && !self
+                .settled
+                .get(queue)
+                .is_some_and(|settled| settled.contains(durable_id))
+    }
+}
+
+/// Replays a log into an empty broker (which must have `SYSTEM_CONNECTION` open): the last
+/// complete checkpoint (a checkpoint without its end, cut by a crash, is ignored), then every
+/// batch after its begin — batches appended while a checkpoint copied paged messages lie
+/// between its begin and its end, and follow its state. Everything before the checkpoint
+/// used is ignored.
+///
+/// Memory stays bounded by what the broker keeps, not by the log: `source` is read three
+/// times. The first pass finds the checkpoint from the records' first bytes; the second learns
+/// which messages were settled or deleted (as runs of ids per queue); the third rebuilds the
+/// topology and restores each live message as it is read, so a queue larger than memory pages
+/// its tail out as it fills (its pages go to `on_effect`, with any other non-log effect).
+/// Recovered messages are flagged redelivered, in log order per queue.
+pub fn replay<E, I>(
+    mut source: impl FnMut() -> I,
+    broker: &mut Broker,
+    now_ms: u64,
+    on_effect: &mut dyn FnMut(wharf_core::Effect),
+) -> Result<Recovered, E>
+where
+    E: From<RecordError>,
+    I: Iterator<Item = Result<(u64, Bytes), E>>,
+{
+    // Pass 1: the last complete checkpoint, by record index.
+    let mut begin_of: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut complete: Option<(u64, usize, usize)> = None;
+    let mut n_records = 0usize;
+    for item in source() {
+        let (lsn, payload) = item?;
+        match head(lsn, &payload)? {
+            Head::Begin(epoch) => {
+                begin_of.insert(epoch, n_records);
+            }
+            Head::End(epoch) => {
+                if let Some(&begin) = begin_of.get(&epoch) {
+                    complete = Some((epoch, begin, n_records));
                 }
-                Op::EnqueueAt {
+            }
+            Head::Batch | Head::Chunk(_) => {}
+        }
+        n_records += 1;
+    }
+    let mut recovered = Recovered {
+        records: n_records as u64,
+        ..Recovered::default()
+    };
+    // Visits the replayed operations in replay order: the checkpoint's chunks, then the
+    // batches after its begin (those inside the checkpoint are held until its end).
+    let mut visit = |each: &mut dyn FnMut(Op)| -> Result<(), E> {
+        let mut held: Vec<Record> = Vec::new();
+        for (idx, item) in source().enumerate() {
+            let (lsn, payload) = item?;
+            let kind = head(lsn, &payload)?;
+            let in_checkpoint = complete.is_some_and(|(_, begin, end)| idx > begin && idx < end);
+            let after = match complete {
+                Some((_, begin, _)) => idx > begin,
+                None => true,
+            };
+            match kind {
+                Head::Chunk(epoch) if in_checkpoint && Some(epoch) == complete.map(|c| c.0) => {
+                    if let Record::CheckpointChunk { ops, .. } = Record::decode(lsn, &payload)? {
+                        ops.into_iter().for_each(&mut *each);
+                    }
+                }
+                Head::Batch if in_checkpoint => held.push(Record::decode(lsn, &payload)?),
+                Head::Batch if after => {
+                    if let Record::Batch(ops) = Record::decode(lsn, &payload)? {
+                        ops.into_iter().for_each(&mut *each);
+                    }
+                }
+                _ => {}
+            }
+            if complete.is_some_and(|(_, _, end)| idx == end) {
+                for record in held.drain(..) {
+                    if let Record::Batch(ops) = record {
+                        ops.into_iter().for_each(&mut *each);
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    // Pass 2: what was settled or deleted.
+    let mut fates = Fates::default();
+    visit(&mut |op| fates.learn(&op))?;
+    // Pass 3: rebuild.
+    recovered.epoch = complete.map_or(0, |(epoch, _, _)| epoch);
+    let mut effects = Vec::new();
+    visit(&mut |op| {
+        let command = match op {
+            Op::Enqueue {
+                durable_id,
+                queues,
+                message,
+            } => {
+                restore(
+                    broker,
+                    now_ms,
+                    &fates,
                     durable_id,
                     queues,
-                    message,
+                    Message::from(message),
+                    None,
+                    &mut effects,
+                    &mut recovered,
+                );
+                effects.drain(..).for_each(&mut *on_effect);
+                return;
+            }
+            Op::EnqueueAt {
+                durable_id,
+                queues,
+                message,
+                delay_ms,
+                ready_at_ms,
+            } => {
+                let message = Message {
                     delay_ms,
-                    ready_at_ms,
-                } => {
-                    // A checkpoint may list one message several times (queues where it is
-                    // ready at different times).
-                    if let Some(id) = &message.message_id {
-                        let enqueued_at = ready_at_ms.saturating_sub(delay_ms.unwrap_or(0));
-                        for queue in &queues {
-                            self.dedup_seen
-                                .push((queue.clone(), id.clone(), enqueued_at));
-                        }
-                    }
-                    let slot = self
-                        .messages
-                        .entry(durable_id)
-                        .or_insert_with(|| (message, delay_ms, BTreeMap::new()));
-                    for queue in queues {
-                        slot.2.insert(queue, Some(ready_at_ms));
-                    }
-                    continue;
-                }
-                Op::Dedup {
-                    queue,
-                    message_id,
-                    until_ms,
-                } => Command::RestoreDedup {
-                    queue,
-                    message_id,
-                    until_ms,
-                },
-                Op::Settle { durable_id, queue } => {
-                    if let Some((_, _, queues)) = self.messages.get_mut(&durable_id) {
-                        queues.remove(&queue);
-                        if queues.is_empty() {
-                            self.messages.remove(&durable_id);
-                        }
-                    }
-                    continue;
-                }
-                Op::SettleRange {
-                    first,
-                    count,
-                    queue,
-                } => {
-                    let mut emptied = Vec::new();
-                    for (durable_id, (_, _, queues)) in
-                        self.messages.range_mut(first..first.saturating_add(count))
-                    {
-                        queues.remove(&queue);
-                        if queues.is_empty() {
-                            emptied.push(*durable_id);
-                        }
-                    }
-                    for durable_id in emptied {
-                        self.messages.remove(&durable_id);
-                    }
-                    continue;
-                }
-                Op::DeleteQueue { name } => {
-                    self.dedup_seen.retain(|(queue, _, _)| *queue != name);
-                    self.messages.retain(|_, (_, _, queues)| {
-                        queues.remove(&name);
-                        !queues.is_empty()
-                    });
-                    Command::DeleteQueue {
-                        connection: SYSTEM_CONNECTION,
-                        name,
-                        if_unused: false,
-                        if_empty: false,
-                    }
-                }
-                Op::DeclareQueue {
-                    name,
+                    ..Message::from(message)
+                };
+                restore(
+                    broker,
+                    now_ms,
+                    &fates,
+                    durable_id,
+                    queues,
+                    message,
+                    Some(ready_at_ms),
+                    &mut effects,
+                    &mut recovered,
+                );
+                effects.drain(..).for_each(&mut *on_effect);
+                return;
+            }
+            Op::Settle { .. } | Op::SettleRange { .. } => return,
+            Op::Dedup {
+                queue,
+                message_id,
+                until_ms,
+            } => Command::RestoreDedup {
+                queue,
+                message_id,
+                until_ms,
+            },
+            Op::DeleteQueue { name } => Command::DeleteQueue {
+                connection: SYSTEM_CONNECTION,
+                name,
+                if_unused: false,
+                if_empty: false,
+            },
+            Op::DeclareQueue {
+                name,
+                auto_delete,
+                single_active_consumer,
+                arguments,
+            } => Command::DeclareQueue {
+                connection: SYSTEM_CONNECTION,
+                name,
+                options: QueueOptions {
+                    durable: true,
+                    exclusive: false,
                     auto_delete,
                     single_active_consumer,
-                    arguments,
-                } => Command::DeclareQueue {
-                    connection: SYSTEM_CONNECTION,
-                    name,
-                    options: QueueOptions {
-                        durable: true,
-                        exclusive: false,
-                        auto_delete,
-                        single_active_consumer,
-                        arguments: core_headers(arguments),
-                    },
-                    passive: false,
+                    arguments: core_headers(arguments),
                 },
-                Op::DeclareExchange {
-                    name,
-                    kind,
+                passive: false,
+            },
+            Op::DeclareExchange {
+                name,
+                kind,
+                auto_delete,
+                internal,
+                arguments,
+            } => Command::DeclareExchange {
+                name,
+                kind: kind.into(),
+                options: ExchangeOptions {
+                    durable: true,
                     auto_delete,
                     internal,
-                    arguments,
-                } => Command::DeclareExchange {
-                    name,
-                    kind: kind.into(),
-                    options: ExchangeOptions {
-                        durable: true,
-                        auto_delete,
-                        internal,
-                        arguments: core_headers(arguments),
-                    },
-                    passive: false,
-                },
-                Op::DeleteExchange { name } => Command::DeleteExchange {
-                    name,
-                    if_unused: false,
-                },
-                Op::Bind {
-                    source,
-                    to_queue,
-                    destination,
-                    routing_key,
-                    arguments,
-                } => Command::Bind {
-                    source,
-                    target: bind_target(to_queue, destination),
-                    routing_key,
                     arguments: core_headers(arguments),
                 },
-                Op::Unbind {
-                    source,
-                    to_queue,
-                    destination,
-                    routing_key,
-                    arguments,
-                } => Command::Unbind {
-                    source,
-                    target: bind_target(to_queue, destination),
-                    routing_key,
-                    arguments: core_headers(arguments),
-                },
-            };
-            // Replaying what once succeeded succeeds again; a failure would mean the log and
-            // the core disagree, which recovery reports rather than hides.
-            if let Err(err) = broker.apply(now_ms, command, &mut effects) {
-                tracing::warn!("recovery: a logged topology change no longer applies: {err}");
-            }
-            recovered.topology_ops += 1;
-            effects.drain(..).for_each(&mut *on_effect);
+                passive: false,
+            },
+            Op::DeleteExchange { name } => Command::DeleteExchange {
+                name,
+                if_unused: false,
+            },
+            Op::Bind {
+                source,
+                to_queue,
+                destination,
+                routing_key,
+                arguments,
+            } => Command::Bind {
+                source,
+                target: bind_target(to_queue, destination),
+                routing_key,
+                arguments: core_headers(arguments),
+            },
+            Op::Unbind {
+                source,
+                to_queue,
+                destination,
+                routing_key,
+                arguments,
+            } => Command::Unbind {
+                source,
+                target: bind_target(to_queue, destination),
+                routing_key,
+                arguments: core_headers(arguments),
+            },
+        };
+        // Replaying what once succeeded succeeds again; a failure would mean the log and the
+        // core disagree, which recovery reports rather than hides.
+        if let Err(err) = broker.apply(now_ms, command, &mut effects) {
+            tracing::warn!("recovery: a logged change no longer applies: {err}");
         }
-        // Ids of logged messages stay in their queues' dedup windows, even once acked.
-        for (queue, message_id, enqueued_at) in std::mem::take(&mut self.dedup_seen) {
+        recovered.topology_ops += 1;
+        effects.drain(..).for_each(&mut *on_effect);
+    })?;
+    Ok(recovered)
+}
+
+/// Recovery of one logged message: back into each queue it is still live in, and into the
+/// dedup window of each queue it entered (acked since or not).
+#[allow(clippy::too_many_arguments)]
+fn restore(
+    broker: &mut Broker,
+    now_ms: u64,
+    fates: &Fates,
+    durable_id: u64,
+    queues: Vec<String>,
+    message: Message,
+    ready_at_ms: Option<u64>,
+    effects: &mut Vec<wharf_core::Effect>,
+    recovered: &mut Recovered,
+) {
+    let message = Arc::new(message);
+    for queue in queues {
+        if fates.deleted(durable_id, &queue) {
+            continue;
+        }
+        if let (Some(id), Some(ready_at_ms)) = (&message.message_id, ready_at_ms) {
             let window = broker
                 .queue_options(&queue)
                 .and_then(|options| QueueFeatures::try_from(&options.arguments).ok())
                 .and_then(|features| features.dedup_window);
             if let Some(window) = window {
+                let enqueued_at = ready_at_ms.saturating_sub(message.delay_ms.unwrap_or(0));
                 let command = Command::RestoreDedup {
-                    queue,
-                    message_id,
+                    queue: queue.clone(),
+                    message_id: id.clone(),
                     until_ms: enqueued_at.saturating_add(window),
                 };
-                if let Err(err) = broker.apply(now_ms, command, &mut effects) {
+                if let Err(err) = broker.apply(now_ms, command, effects) {
                     tracing::warn!("recovery: a dedup entry no longer applies: {err}");
                 }
             }
         }
-        for (durable_id, (message, delay_ms, queues)) in std::mem::take(&mut self.messages) {
-            let message = Arc::new(Message {
-                delay_ms,
-                ..Message::from(message)
-            });
-            for (queue, ready_at_ms) in queues {
-                match broker.apply(
-                    now_ms,
-                    Command::Restore {
-                        queue: queue.clone(),
-                        durable_id,
-                        message: message.clone(),
-                        ready_at_ms: ready_at_ms.unwrap_or(now_ms),
-                    },
-                    &mut effects,
-                ) {
-                    Ok(_) => recovered.messages += 1,
-                    Err(err) => {
-                        tracing::warn!(queue, durable_id, "recovery: message not restored: {err}")
-                    }
-                }
-                effects.drain(..).for_each(&mut *on_effect);
+        if !fates.live(durable_id, &queue) {
+            continue;
+        }
+        let command = Command::Restore {
+            queue: queue.clone(),
+            durable_id,
+            message: message.clone(),
+            ready_at_ms: ready_at_ms.unwrap_or(now_ms),
+        };
+        match broker.apply(now_ms, command, effects) {
+            Ok(_) => recovered.messages += 1,
+            Err(err) => {
+                tracing::warn!(queue, durable_id, "recovery: message not restored: {err}")
             }
         }
-        recovered
     }
 }
 
@@ -1036,6 +1200,112 @@ mod tests {
             .unwrap();
         replay.apply(&mut broker, now_ms, &mut |_| {});
         broker
+    }
+
+    fn ids_in(broker: &Broker, queue: &str) -> Vec<u64> {
+        broker
+            .durable_messages()
+            .into_iter()
+            .filter(|(_, _, queues)| queues.iter().any(|(q, _)| &**q == queue))
+            .map(|(id, _, _)| id)
+            .collect()
+    }
+
+    #[test]
+    fn id_runs_merge_and_answer_membership() {
+        let mut runs = IdRuns::default();
+        for id in [5, 7, 6, 1, 2] {
+            runs.insert_range(id, id + 1);
+        }
+        runs.insert_range(10, 20);
+        runs.insert_range(15, 25);
+        runs.insert_range(8, 10);
+        assert_eq!(
+            runs.runs.iter().map(|(s, e)| (*s, *e)).collect::<Vec<_>>(),
+            vec![(1, 3), (5, 25)]
+        );
+        for id in [1, 2, 5, 9, 24] {
+            assert!(runs.contains(id), "{id}");
+        }
+        for id in [0, 3, 4, 25, 100] {
+            assert!(!runs.contains(id), "{id}");
+        }
+    }
+
+    #[test]
+    fn replay_settles_ranges_forgets_deleted_incarnations_and_applies_batches_held_inside_a_checkpoint()
+     {
+        let declare = |name: &str| Op::DeclareQueue {
+            name: name.into(),
+            auto_delete: false,
+            single_active_consumer: false,
+            arguments: vec![],
+        };
+        let enqueue = |id: u64, queue: &str| Op::EnqueueAt {
+            durable_id: id,
+            queues: vec![queue.into()],
+            message: message(&format!("m{id}")),
+            delay_ms: None,
+            ready_at_ms: 0,
+        };
+        let records = vec![
+            (1, Record::CheckpointBegin { epoch: 1 }),
+            (
+                2,
+                Record::CheckpointChunk {
+                    epoch: 1,
+                    ops: vec![declare("q"), declare("r"), enqueue(1, "q"), enqueue(2, "q")],
+                },
+            ),
+            // Appended while the checkpoint's paged messages were copied: after its state.
+            (
+                3,
+                Record::Batch(vec![
+                    enqueue(6, "q"),
+                    Op::Settle {
+                        durable_id: 3,
+                        queue: "q".into(),
+                    },
+                ]),
+            ),
+            (
+                4,
+                Record::CheckpointChunk {
+                    epoch: 1,
+                    ops: vec![
+                        enqueue(3, "q"),
+                        enqueue(4, "q"),
+                        enqueue(5, "q"),
+                        enqueue(5, "r"),
+                    ],
+                },
+            ),
+            (5, Record::CheckpointEnd { epoch: 1 }),
+            (
+                6,
+                Record::Batch(vec![
+                    Op::SettleRange {
+                        first: 4,
+                        count: 2,
+                        queue: "q".into(),
+                    },
+                    Op::DeleteQueue { name: "r".into() },
+                    declare("r"),
+                    enqueue(7, "r"),
+                ]),
+            ),
+        ];
+        let broker = recover(records, 0);
+        assert_eq!(
+            ids_in(&broker, "q"),
+            vec![1, 2, 6],
+            "3 settled, 4..=5 by range"
+        );
+        assert_eq!(
+            ids_in(&broker, "r"),
+            vec![7],
+            "5 went with the first incarnation of r"
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! supersedes, writes checkpoints, releases superseded records, and classifies failures:
 //! a failed fsync is fail-stop; a full disk refuses durable publishes for a while.
 
-use crate::durable::{Op, Record, Recovered, Replay, SYSTEM_CONNECTION, StoredMessage, snapshot};
+use crate::durable::{Op, Record, Recovered, SYSTEM_CONNECTION, StoredMessage, replay, snapshot};
 use crate::spool::{SpoolRange, Spools};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -38,6 +38,9 @@ struct Book {
     released_below: u64,
     bytes_since_checkpoint: u64,
     next_checkpoint_bytes: u64,
+    /// A checkpoint deferred because the live state was large is looked at again (cheaply)
+    /// once the log reaches this, in case the live state shrank meanwhile.
+    recheck_at: u64,
     checkpoint_running: bool,
     /// Records superseded by a checkpoint, released by the next append on the broker's
     /// thread: a completion runs on the WAL's committing thread (its writer thread or a
@@ -128,13 +131,6 @@ impl Log {
                 "recovery cut a torn tail off the log (writes that were never confirmed)"
             );
         }
-        let mut records = Vec::new();
-        let mut lsns = Vec::new();
-        for item in wal.records(wal.first_lsn()) {
-            let (lsn, payload) = item?;
-            records.push((lsn.0, Record::decode(lsn.0, &payload)?));
-            lsns.push(lsn);
-        }
         broker
             .apply(
                 now_ms,
@@ -144,9 +140,24 @@ impl Log {
                 &mut Vec::new(),
             )
             .expect("a fresh broker accepts the system connection");
-        let (replay, _) = Replay::plan(records);
+        // Streamed from the WAL (read three times, see `replay`): memory follows the broker,
+        // not the log. The first read also lists the records' LSNs, for release.
+        let lsns = std::cell::RefCell::new(Vec::new());
+        let reads = std::cell::Cell::new(0u32);
+        let source = || {
+            let first = reads.get() == 0;
+            reads.set(reads.get() + 1);
+            let lsns = &lsns;
+            wal.records(wal.first_lsn()).map(move |item| {
+                let (lsn, payload) = item?;
+                if first {
+                    lsns.borrow_mut().push(lsn);
+                }
+                Ok::<_, LogError>((lsn.0, payload))
+            })
+        };
         // Queues larger than memory page their restored tails out as they fill.
-        let mut recovered = replay.apply(broker, now_ms, &mut |effect| match effect {
+        let recovered = replay(source, broker, now_ms, &mut |effect| match effect {
             Effect::PageOut {
                 queue,
                 epoch,
@@ -154,8 +165,8 @@ impl Log {
             } => spools.push(&queue, epoch, &entry),
             Effect::PageIn { queue, epoch, max } => spools.request(queue, epoch, max),
             _ => {}
-        });
-        recovered.records = lsns.len() as u64;
+        })?;
+        let lsns = lsns.into_inner();
         let epoch = recovered.epoch;
         let mut book = Book {
             epoch,
@@ -291,9 +302,25 @@ impl Log {
     /// it. Call with the broker lock held, after appending a batch.
     pub fn maybe_checkpoint(self: &Arc<Self>, broker: &Broker, spools: Option<&mut Spools>) {
         {
-            let book = self.book.lock().expect("log lock");
-            if book.checkpoint_running || book.bytes_since_checkpoint < book.next_checkpoint_bytes {
+            let mut book = self.book.lock().expect("log lock");
+            if book.checkpoint_running {
                 return;
+            }
+            let since = book.bytes_since_checkpoint;
+            if since < book.next_checkpoint_bytes {
+                // Deferred because the live state was large (a backlog)? Once it has drained,
+                // the log is mostly garbage: estimate the live state every quarter of
+                // `checkpoint_bytes` (ready bytes in memory and paged, O(queues)) and try.
+                if since < self.checkpoint_bytes || since < book.recheck_at {
+                    return;
+                }
+                book.recheck_at = since + self.checkpoint_bytes / 4;
+                // As `Op::approx_bytes` counts them: body plus 64 per message.
+                let (n_ready, ready_bytes) = broker.ready_totals();
+                let estimate = ready_bytes + 64 * n_ready;
+                if estimate.saturating_mul(2) > since {
+                    return;
+                }
             }
         }
         self.checkpoint(broker, spools);
@@ -323,6 +350,7 @@ impl Log {
             book.checkpoint_running = true;
             book.epoch += 1;
             book.bytes_since_checkpoint = 0;
+            book.recheck_at = 0;
             book.next_checkpoint_bytes = self.checkpoint_bytes.max(live_bytes * 2);
             book.epoch
         };
