@@ -694,10 +694,11 @@ impl Broker {
         self.ready_bytes_total
     }
 
-    /// Ready messages and their body bytes across all queues, paged ones included
-    /// (O(queues)).
-    pub fn ready_totals(&self) -> (u64, u64) {
-        self.queues.values().fold((0, 0), |(count, bytes), queue| {
+    /// Ready messages and their body bytes across durable queues (whose persistent messages
+    /// are logged), paged ones included (O(queues)).
+    pub fn durable_ready_totals(&self) -> (u64, u64) {
+        let durable = self.queues.values().filter(|queue| queue.is_durable());
+        durable.fold((0, 0), |(count, bytes), queue| {
             (
                 count + queue.ready_total(),
                 bytes + queue.ready.bytes() + queue.paged.bytes,

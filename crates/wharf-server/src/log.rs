@@ -17,6 +17,10 @@ use wharf_storage::{Lsn, Storage, SyncCoverage, SyncPolicy, Wal, WalConfig, WalE
 /// Log bytes appended after which a checkpoint is considered (and the live state is at most
 /// half of them, so a checkpoint never rewrites more than it frees).
 pub const CHECKPOINT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+/// A deferred checkpoint is retried early (see [`Log::maybe_checkpoint`]) only while the live
+/// state in memory is at most this: it is captured under the broker lock, so a large one would
+/// stall every connection (paged messages are copied without the lock and do not count).
+const RECHECK_IN_MEMORY_BYTES_MAX: u64 = 32 * 1024 * 1024;
 /// Message bytes per checkpoint chunk record.
 const CHECKPOINT_CHUNK_BYTES: usize = 1024 * 1024;
 /// How long durable publishes are refused after the disk was found full, before trying again.
@@ -307,20 +311,33 @@ impl Log {
                 return;
             }
             let since = book.bytes_since_checkpoint;
-            if since < book.next_checkpoint_bytes {
-                // Deferred because the live state was large (a backlog)? Once it has drained,
-                // the log is mostly garbage: estimate the live state every quarter of
-                // `checkpoint_bytes` (ready bytes in memory and paged, O(queues)) and try.
-                if since < self.checkpoint_bytes || since < book.recheck_at {
-                    return;
-                }
+            let due = since >= book.next_checkpoint_bytes;
+            // A checkpoint deferred because the live state was large (a backlog) is looked at
+            // again every quarter of `checkpoint_bytes`: once the backlog has drained, the log
+            // is mostly garbage.
+            let recheck = !due && since >= self.checkpoint_bytes && since >= book.recheck_at;
+            if !due && !recheck {
+                return;
+            }
+            if recheck {
                 book.recheck_at = since + self.checkpoint_bytes / 4;
-                // As `Op::approx_bytes` counts them: body plus 64 per message.
-                let (n_ready, ready_bytes) = broker.ready_totals();
-                let estimate = ready_bytes + 64 * n_ready;
-                if estimate.saturating_mul(2) > since {
-                    return;
+            }
+            // An estimate of the live state, O(queues), as `Op::approx_bytes` counts it (body
+            // plus 64 per ready message of durable queues; deliveries outstanding and delayed
+            // messages are not counted, transient messages in durable queues are): when it is
+            // too large, defer without capturing anything.
+            let (n_ready, ready_bytes) = broker.durable_ready_totals();
+            let (n_paged, paged_bytes) = broker.paged_totals();
+            let estimate = ready_bytes + 64 * n_ready;
+            if estimate.saturating_mul(2) > since {
+                if due {
+                    book.next_checkpoint_bytes = since + estimate * 2;
                 }
+                return;
+            }
+            let in_memory = (ready_bytes - paged_bytes) + 64 * (n_ready - n_paged);
+            if recheck && in_memory > RECHECK_IN_MEMORY_BYTES_MAX {
+                return;
             }
         }
         self.checkpoint(broker, spools);
