@@ -148,10 +148,20 @@ fn power_loss_round(seed: u64, hooks: TestHooks) -> Result<RoundStats, String> {
                         .collect();
                     submitted.extend(&ids);
                     let outcomes = Arc::clone(&outcomes);
-                    wal.append(
-                        records,
-                        Box::new(move |outcome| outcomes.lock().unwrap().push((ids, outcome))),
-                    );
+                    let done: crate::Completion =
+                        Box::new(move |outcome| outcomes.lock().unwrap().push((ids, outcome)));
+                    // Half the batches carry their own sync need (a queue's policy overriding
+                    // the broker's): whatever a batch reports as fsynced must survive.
+                    match rng.below(6) {
+                        0 => wal.append_with(records, SyncPolicy::Always, done),
+                        1 => wal.append_with(
+                            records,
+                            SyncPolicy::Interval(Duration::from_millis(1 + rng.below(20))),
+                            done,
+                        ),
+                        2 => wal.append_with(records, SyncPolicy::Never, done),
+                        _ => wal.append(records, done),
+                    }
                     if let Some(leader) = leader {
                         leaders.push(leader);
                     }
@@ -895,6 +905,95 @@ fn concurrent_appends_share_fsyncs_through_group_commit() {
         "{syncs} fsyncs for {appends} appends: no group commit"
     );
     assert_eq!(replay(&wal).len() as u64, appends);
+}
+
+#[test]
+fn a_batch_s_own_sync_need_overrides_the_configured_policy() {
+    // Configured `never`: a batch that needs nothing is not fsynced; one that needs `always`
+    // is, and survives a crash.
+    let mem = MemStorage::new(7);
+    let mut config = test_config(1 << 20);
+    config.sync_policy = SyncPolicy::Never;
+    let (wal, _) = open(&mem, config.clone());
+    let syncs = mem.sync_count();
+    let loose = wal.append_wait(vec![payload(1, 10)]).unwrap();
+    assert_eq!(loose.coverage, SyncCoverage::Unsynced);
+    assert_eq!(mem.sync_count(), syncs);
+    let (sender, receiver) = std::sync::mpsc::channel();
+    wal.append_with(
+        vec![payload(2, 10)],
+        SyncPolicy::Always,
+        Box::new(move |outcome| sender.send(outcome).unwrap()),
+    );
+    let kept = receiver.recv().unwrap().unwrap();
+    assert_eq!(kept.coverage, SyncCoverage::Fsynced);
+    assert!(wal.durable_lsn() >= kept.end);
+    mem.crash();
+    drop(wal);
+    let (wal, _) = open(&mem, config);
+    let ids: Vec<Option<u64>> = replay(&wal)
+        .iter()
+        .map(|(_, bytes)| payload_id(bytes))
+        .collect();
+    assert!(ids.contains(&Some(2)), "the fsynced append survived: {ids:?}");
+    drop(wal);
+
+    // Configured `always`: a batch that needs nothing costs no fsync, unless it shares a group
+    // with one that does, which then covers both (reported as such).
+    let mem = MemStorage::new(8);
+    let config = test_config(1 << 20);
+    let (wal, _) = open(&mem, config);
+    let syncs = mem.sync_count();
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let leader = wal.lead();
+    let sender_2 = sender.clone();
+    wal.append_with(
+        vec![payload(3, 10)],
+        SyncPolicy::Never,
+        Box::new(move |outcome| sender.send(outcome).unwrap()),
+    );
+    assert!(leader.commit());
+    let alone = receiver.recv().unwrap().unwrap();
+    assert_eq!(alone.coverage, SyncCoverage::Unsynced);
+    assert_eq!(mem.sync_count(), syncs, "no fsync for a batch that needs none");
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let leader = wal.lead();
+    for (id, sync) in [(4, SyncPolicy::Never), (5, SyncPolicy::Always)] {
+        let sender = sender.clone();
+        wal.append_with(
+            vec![payload(id, 10)],
+            sync,
+            Box::new(move |outcome| sender.send(outcome).unwrap()),
+        );
+    }
+    assert!(leader.commit(), "one group, committed by the leader");
+    drop(sender_2);
+    for _ in 0..2 {
+        let outcome = receiver.recv().unwrap().unwrap();
+        assert_eq!(outcome.coverage, SyncCoverage::Fsynced);
+    }
+    assert_eq!(mem.sync_count(), syncs + 1);
+}
+
+#[test]
+fn an_interval_batch_committed_by_a_leader_is_fsynced_by_the_writer_within_its_interval() {
+    let mem = MemStorage::new(9);
+    let (wal, _) = open(&mem, test_config(1 << 20));
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let leader = wal.lead();
+    wal.append_with(
+        vec![payload(1, 10)],
+        SyncPolicy::Interval(Duration::from_millis(5)),
+        Box::new(move |outcome| sender.send(outcome).unwrap()),
+    );
+    assert!(leader.commit());
+    let committed = receiver.recv().unwrap().unwrap();
+    assert_eq!(committed.coverage, SyncCoverage::IntervalPending);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while wal.durable_lsn() < committed.end {
+        assert!(Instant::now() < deadline, "the interval fsync never happened");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 #[test]

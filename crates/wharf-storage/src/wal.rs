@@ -310,6 +310,8 @@ impl Index {
 struct Submission {
     records: Vec<Bytes>,
     framed_bytes: u64,
+    /// What this batch needs before its completion (see [`Wal::append_with`]).
+    sync: SyncPolicy,
     done: Completion,
 }
 
@@ -329,6 +331,9 @@ struct Queue {
     /// Callers blocked in [`Wal::quiesce`] (`idle` is notified only when someone waits).
     quiescers: usize,
     shutdown: bool,
+    /// A leader left written data with an interval deadline: the writer thread must look at
+    /// its deadline again (it owns interval fsyncs).
+    deadline_moved: bool,
 }
 
 impl Queue {
@@ -490,6 +495,7 @@ impl Wal {
             write_lsn: report.end_lsn.0,
             durable_lsn: report.end_lsn.0,
             last_sync: Instant::now(),
+            sync_due: None,
         }));
         let handle = {
             let (shared, tail) = (Arc::clone(&shared), Arc::clone(&tail));
@@ -512,6 +518,15 @@ impl Wal {
     /// order, and `done` runs once the batch is covered by the [`SyncPolicy`] (or failed).
     /// Batches submitted concurrently are committed in submission order and share fsyncs.
     pub fn append(&self, records: Vec<Bytes>, done: Completion) {
+        self.append_with(records, self.shared.config.sync_policy, done);
+    }
+
+    /// Like [`Wal::append`], with this batch's own sync need instead of the configured
+    /// policy: `Always` completes it after an fsync covering it (under any configured policy),
+    /// `Interval(d)` after the write with an fsync within `d`, `Never` after the write. A group
+    /// is fsynced if any of its batches needs it, and then every batch of the group completes
+    /// as [`SyncCoverage::Fsynced`]: the coverage reports what happened, never less.
+    pub fn append_with(&self, records: Vec<Bytes>, sync: SyncPolicy, done: Completion) {
         match self.admit(&records) {
             Ok(framed_bytes) => {
                 let mut queue = lock(&self.shared.queue);
@@ -534,6 +549,7 @@ impl Wal {
                 queue.pending.push_back(Submission {
                     records,
                     framed_bytes,
+                    sync,
                     done,
                 });
                 // An announced leader commits it (or wakes the writer): no wake-up here.
@@ -933,10 +949,20 @@ impl Leader {
         };
         let guard = PanicGuard::new(&self.shared, false);
         // The tail is free: every committer unlocks it before giving the token back.
-        lock(&self.tail).commit_group(group);
+        let deadline = {
+            let mut tail = lock(&self.tail);
+            tail.commit_group(group);
+            tail.interval_deadline()
+        };
         drop(guard);
         self.shared.leader_commits.fetch_add(1, Ordering::Relaxed);
-        self.shared.release_token(lock(&self.shared.queue), false);
+        let mut queue = lock(&self.shared.queue);
+        if deadline.is_some() {
+            // Batches that asked for an interval fsync: the writer thread owns those.
+            queue.deadline_moved = true;
+            self.shared.wake.notify_one();
+        }
+        self.shared.release_token(queue, false);
         true
     }
 }
@@ -960,8 +986,8 @@ impl Drop for Leader {
 /// and garbage collection, and the final fsync at shutdown.
 fn run_writer(shared: &Arc<Shared>, tail: &Mutex<Writer>) {
     let _guard = PanicGuard::new(shared, true);
-    // Leaders commit only under `SyncPolicy::Always`, where there is no interval deadline; so
-    // under `Interval` this thread alone writes and its last computed deadline stays exact.
+    // A leader that leaves data with an interval deadline sets `deadline_moved`, so the
+    // deadline this thread waits for is recomputed.
     let mut interval_deadline = lock(tail).interval_deadline();
     loop {
         let (group, gc, shutdown) = {
@@ -972,6 +998,7 @@ fn run_writer(shared: &Arc<Shared>, tail: &Mutex<Writer>) {
                 // leader is left to come, or when someone waits in `quiesce`.
                 let ready = queue.shutdown
                     || queue.gc_wanted
+                    || queue.deadline_moved
                     || (!queue.pending.is_empty() && (queue.leaders == 0 || queue.quiescers > 0));
                 if ready && !queue.busy {
                     break;
@@ -998,6 +1025,7 @@ fn run_writer(shared: &Arc<Shared>, tail: &Mutex<Writer>) {
             }
             let group = queue.take_group(GROUP_BYTES_MAX as u64);
             let gc = std::mem::take(&mut queue.gc_wanted);
+            queue.deadline_moved = false;
             queue.busy = true;
             (group, gc, queue.shutdown && queue.pending.is_empty())
         };
@@ -1036,6 +1064,9 @@ struct Writer {
     write_lsn: u64,
     durable_lsn: u64,
     last_sync: Instant,
+    /// When data written without an fsync must be fsynced at the latest (the earliest
+    /// interval of the batches written since the last fsync).
+    sync_due: Option<Instant>,
 }
 
 enum GcJob {
@@ -1050,14 +1081,8 @@ impl Writer {
     }
 
     fn interval_deadline(&self) -> Option<Instant> {
-        match self.shared.config.sync_policy {
-            SyncPolicy::Interval(interval)
-                if self.write_lsn > self.durable_lsn && !self.poisoned() =>
-            {
-                Some(self.last_sync + interval)
-            }
-            _ => None,
-        }
+        self.sync_due
+            .filter(|_| self.write_lsn > self.durable_lsn && !self.poisoned())
     }
 
     fn fits(&self, pending: u64) -> bool {
@@ -1089,7 +1114,9 @@ impl Writer {
             }
             batch.push((submission, lsns));
         }
-        let sync_now = self.shared.config.sync_policy == SyncPolicy::Always;
+        let sync_now = batch
+            .iter()
+            .any(|(submission, _)| submission.sync == SyncPolicy::Always);
         self.flush(buf, batch, sync_now);
     }
 
@@ -1105,20 +1132,24 @@ impl Writer {
             }
             return;
         }
-        let coverage = if sync_now {
+        if sync_now {
             if let Err(error) = self.sync_active() {
                 for (submission, _) in batch {
                     complete(submission.done, Err(error.clone()));
                 }
                 return;
             }
-            SyncCoverage::Fsynced
-        } else if matches!(self.shared.config.sync_policy, SyncPolicy::Interval(_)) {
-            SyncCoverage::IntervalPending
-        } else {
-            SyncCoverage::Unsynced
-        };
+        }
         for (submission, lsns) in batch {
+            let coverage = if sync_now {
+                SyncCoverage::Fsynced
+            } else if let SyncPolicy::Interval(interval) = submission.sync {
+                let due = Instant::now() + interval;
+                self.sync_due = Some(self.sync_due.map_or(due, |earlier| earlier.min(due)));
+                SyncCoverage::IntervalPending
+            } else {
+                SyncCoverage::Unsynced
+            };
             let end = lsns.last().map_or(0, |lsn| lsn.0)
                 + RECORD_HEADER_LEN
                 + submission
@@ -1200,6 +1231,7 @@ impl Writer {
         }
         self.durable_lsn = self.write_lsn;
         self.last_sync = Instant::now();
+        self.sync_due = None;
         self.shared
             .durable_lsn
             .store(self.durable_lsn, Ordering::SeqCst);
