@@ -9,8 +9,8 @@ use crate::message::{HeaderValue, Headers, Message};
 use crate::name::{RESERVED_PREFIX, validate_name, validate_routing_key, validate_user_name};
 use crate::outstanding::Outstanding;
 use crate::queue::{
-    Consumer, ConsumerOptions, DURATION_MS_MAX, Entry, Overflow, PagedEntry, Queue, QueueFeatures,
-    QueueOptions, QueueStats,
+    Consumer, ConsumerOptions, DURATION_MS_MAX, DurableSync, Entry, Overflow, PagedEntry, Queue,
+    QueueFeatures, QueueOptions, QueueStats,
 };
 use crate::timers::{TimerKind, Timers};
 use crate::{ConnectionId, ConsumerTag, DeliveryTag, FixedState, QueueId};
@@ -381,6 +381,8 @@ pub enum Effect {
         /// When it is ready in those queues: now, or when its delay ends. Recovery passes it
         /// back in [`Command::Restore`].
         ready_at_ms: u64,
+        /// What those queues' sync policies (`x-sync`) ask of its log record.
+        sync: DurableSync,
     },
     /// A logged message left a durable queue for good (acked, dropped, purged, auto-acked).
     DurableSettled {
@@ -1643,17 +1645,22 @@ impl Broker {
             if message.persistent && targets.iter().any(|qid| self.queues[qid].is_durable()) {
                 let durable_id = self.next_durable_id;
                 self.next_durable_id += 1;
+                let mut sync = DurableSync::default();
                 let queues = targets
                     .iter()
                     .map(|qid| &self.queues[qid])
                     .filter(|queue| queue.is_durable())
-                    .map(|queue| queue.name.clone())
+                    .map(|queue| {
+                        sync.add(queue.features.sync);
+                        queue.name.clone()
+                    })
                     .collect();
                 effects.push(Effect::DurableEnqueued {
                     durable_id,
                     queues,
                     message: message.clone(),
                     ready_at_ms,
+                    sync,
                 });
                 Some(durable_id)
             } else {

@@ -33,6 +33,10 @@ pub const ARG_RETRY: &str = "x-retry";
 /// Queue argument: milliseconds during which a message id, once enqueued, makes later
 /// messages with the same id duplicates (dropped, their publish confirmed as duplicate).
 pub const ARG_DEDUP_WINDOW: &str = "x-dedup-window";
+/// Queue argument: when the log record of a persistent message routed to this durable queue
+/// is fsynced, overriding the broker's policy: `"always"` (before the confirm), `"interval=MS"`
+/// (within MS after the confirm) or `"never"` (**unsafe**: at the OS's leisure).
+pub const ARG_SYNC: &str = "x-sync";
 /// Longest delay, TTL, expiry or window accepted: about 10 years, so that deadlines never
 /// overflow.
 pub const DURATION_MS_MAX: u64 = 10 * 366 * 24 * 3600 * 1000;
@@ -56,6 +60,71 @@ impl Overflow {
     /// Whether a full queue refuses new messages (instead of dropping old ones).
     pub fn rejects(self) -> bool {
         matches!(self, Overflow::RejectPublish | Overflow::RejectPublishDlx)
+    }
+}
+
+/// A durable queue's sync policy (`x-sync`), overriding the broker's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueSync {
+    /// Confirm only after the fsync covering the message.
+    Always,
+    /// Confirm after the write; fsync within this many ms.
+    Interval(u64),
+    /// Confirm after the write; never fsync on purpose (unsafe).
+    Never,
+}
+
+impl QueueSync {
+    /// The stronger of two needs: `Always` over any interval over `Never`; the shorter
+    /// interval of two.
+    pub fn stronger(self, other: QueueSync) -> QueueSync {
+        match (self, other) {
+            (QueueSync::Always, _) | (_, QueueSync::Always) => QueueSync::Always,
+            (QueueSync::Interval(a), QueueSync::Interval(b)) => QueueSync::Interval(a.min(b)),
+            (QueueSync::Interval(ms), QueueSync::Never)
+            | (QueueSync::Never, QueueSync::Interval(ms)) => QueueSync::Interval(ms),
+            (QueueSync::Never, QueueSync::Never) => QueueSync::Never,
+        }
+    }
+}
+
+/// What the durable queues a logged message entered ask of its log record: the strongest of
+/// their `x-sync` overrides, and whether any of them follows the broker's policy (which then
+/// counts too: see [`DurableSync::resolve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DurableSync {
+    /// The strongest override among the queues, if any has one.
+    pub strongest: Option<QueueSync>,
+    /// Some queue has no override.
+    pub uses_default: bool,
+}
+
+impl DurableSync {
+    /// Adds one queue's override (`None`: it follows the broker).
+    pub fn add(&mut self, queue: Option<QueueSync>) {
+        match queue {
+            Some(sync) => {
+                self.strongest = Some(self.strongest.map_or(sync, |other| other.stronger(sync)));
+            }
+            None => self.uses_default = true,
+        }
+    }
+
+    /// The need, given the broker's policy.
+    pub fn resolve(self, default: QueueSync) -> QueueSync {
+        match (self.strongest, self.uses_default) {
+            (Some(sync), true) => sync.stronger(default),
+            (Some(sync), false) => sync,
+            (None, _) => default,
+        }
+    }
+
+    /// The stronger need of two records' worth of messages.
+    pub fn merge(&mut self, other: DurableSync) {
+        if let Some(sync) = other.strongest {
+            self.add(Some(sync));
+        }
+        self.uses_default |= other.uses_default;
     }
 }
 
@@ -87,6 +156,8 @@ pub struct QueueFeatures {
     pub retry: Option<Arc<[u64]>>,
     /// `x-dedup-window`: ms a message id is remembered (at least 1).
     pub dedup_window: Option<u64>,
+    /// `x-sync`: the queue's own sync policy (durable queues; `None`: the broker's).
+    pub sync: Option<QueueSync>,
 }
 
 fn text_argument(arguments: &Headers, key: &str) -> Result<Option<Arc<str>>, CoreError> {
@@ -195,8 +266,32 @@ impl TryFrom<&Headers> for QueueFeatures {
             expires: duration_argument(arguments, ARG_EXPIRES, 1)?,
             retry: retry_argument(arguments)?,
             dedup_window: duration_argument(arguments, ARG_DEDUP_WINDOW, 1)?,
+            sync: sync_argument(arguments)?,
         })
     }
+}
+
+fn sync_argument(arguments: &Headers) -> Result<Option<QueueSync>, CoreError> {
+    let Some(value) = arguments.get(ARG_SYNC) else {
+        return Ok(None);
+    };
+    let parsed = match value {
+        HeaderValue::Str(text) => match text.as_str() {
+            "always" => Some(QueueSync::Always),
+            "never" => Some(QueueSync::Never),
+            other => other
+                .strip_prefix("interval=")
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .filter(|ms| (1..=DURATION_MS_MAX).contains(ms))
+                .map(QueueSync::Interval),
+        },
+        _ => None,
+    };
+    parsed.map(Some).ok_or_else(|| CoreError::InvalidArgument {
+        reason: format!(
+            "{ARG_SYNC} must be \"always\", \"never\" or \"interval=MS\" (MS 1..={DURATION_MS_MAX}), not {value:?}"
+        ),
+    })
 }
 
 impl QueueFeatures {
@@ -934,9 +1029,22 @@ mod tests {
                 expires: None,
                 retry: None,
                 dedup_window: None,
+                sync: None,
             })
         );
+        for (text, sync) in [
+            ("always", QueueSync::Always),
+            ("never", QueueSync::Never),
+            ("interval=250", QueueSync::Interval(250)),
+        ] {
+            let parsed = features(Headers::new().with(ARG_SYNC, text)).unwrap();
+            assert_eq!(parsed.sync, Some(sync));
+        }
         for bad in [
+            Headers::new().with(ARG_SYNC, "sometimes"),
+            Headers::new().with(ARG_SYNC, "interval=0"),
+            Headers::new().with(ARG_SYNC, "interval="),
+            Headers::new().with(ARG_SYNC, 1i64),
             Headers::new().with(ARG_MAX_PRIORITY, 0i64),
             Headers::new().with(ARG_MAX_PRIORITY, 256i64),
             Headers::new().with(ARG_MAX_PRIORITY, "9"),
@@ -956,6 +1064,36 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_strongest_sync_need_of_a_message_s_queues_wins() {
+        use QueueSync::{Always, Interval, Never};
+        let need = |queues: &[Option<QueueSync>]| {
+            let mut need = DurableSync::default();
+            queues.iter().for_each(|queue| need.add(*queue));
+            need
+        };
+        assert_eq!(
+            need(&[Some(Never)]).resolve(Always),
+            Never,
+            "an override replaces the broker's"
+        );
+        assert_eq!(
+            need(&[Some(Never), None]).resolve(Always),
+            Always,
+            "a queue on the default counts"
+        );
+        assert_eq!(need(&[None]).resolve(Interval(5)), Interval(5));
+        assert_eq!(
+            need(&[Some(Interval(50)), Some(Interval(5)), Some(Never)]).resolve(Never),
+            Interval(5)
+        );
+        assert_eq!(need(&[Some(Always), Some(Never)]).resolve(Never), Always);
+        let mut merged = need(&[Some(Never)]);
+        merged.merge(need(&[Some(Interval(9)), None]));
+        assert_eq!(merged.resolve(Never), Interval(9));
+        assert_eq!(merged.resolve(Always), Always);
     }
 
     #[test]

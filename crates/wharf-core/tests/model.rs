@@ -3086,11 +3086,17 @@ impl Model {
         let now_ms = self.now_ms;
         let delay = message.delay_ms.filter(|delay| *delay > 0);
         let ready_at_ms = now_ms + delay.unwrap_or(0);
+        // The model's queues never set `x-sync`: every durable queue follows the broker.
+        let mut sync = wharf_core::DurableSync::default();
         let durable_queues: Vec<Arc<str>> = targets
             .iter()
             .filter_map(|id| self.queues.values().find(|queue| queue.id == *id))
             .filter(|queue| queue.options.durable && !queue.options.exclusive)
-            .map(|queue| Arc::from(queue.name.as_str()))
+            .map(|queue| {
+                assert!(queue.options.arguments.get(wharf_core::ARG_SYNC).is_none());
+                sync.add(None);
+                Arc::from(queue.name.as_str())
+            })
             .collect();
         let durable_id = (message.persistent && !durable_queues.is_empty()).then(|| {
             let durable_id = self.next_durable_id;
@@ -3100,6 +3106,7 @@ impl Model {
                 queues: durable_queues,
                 message: message.clone(),
                 ready_at_ms,
+                sync,
             });
             durable_id
         });

@@ -1170,6 +1170,7 @@ mod tests {
                     queues,
                     message,
                     ready_at_ms,
+                    ..
                 } => log.push(Op::EnqueueAt {
                     durable_id,
                     queues: queues.iter().map(|queue| queue.to_string()).collect(),

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
-use wharf_core::{Broker, Command, Effect};
+use wharf_core::{Broker, Command, Effect, QueueSync};
 use wharf_storage::{Lsn, Storage, SyncCoverage, SyncPolicy, Wal, WalConfig, WalError};
 
 /// Log bytes appended after which a checkpoint is considered (and the live state is at most
@@ -60,6 +60,7 @@ pub struct Log {
     poisoned: AtomicBool,
     fail_stop: FailStop,
     checkpoint_bytes: u64,
+    sync_policy: SyncPolicy,
     /// Checkpoints written since start (for tests and metrics).
     pub checkpoints: Arc<AtomicU64>,
     /// Paged messages copied from spools into checkpoints since start (for tests and metrics).
@@ -186,6 +187,7 @@ impl Log {
             poisoned: AtomicBool::new(false),
             fail_stop,
             checkpoint_bytes: config.checkpoint_bytes,
+            sync_policy: config.sync_policy,
             checkpoints: Arc::new(AtomicU64::new(0)),
             copier: Mutex::new(None),
             paged_copied: Arc::new(AtomicU64::new(0)),
@@ -250,10 +252,40 @@ impl Log {
         self.wal.lead()
     }
 
-    /// Appends one record. Call with the broker lock held, so that log order is the order in
-    /// which the core applied the commands. `done` runs on the committing thread: the WAL's
-    /// writer thread, or a leader's (see [`Log::lead`]).
+    /// The broker's sync policy, as a queue's `x-sync` would say it.
+    pub fn default_sync(&self) -> QueueSync {
+        match self.sync_policy {
+            SyncPolicy::Always => QueueSync::Always,
+            SyncPolicy::Interval(interval) => QueueSync::Interval(
+                u64::try_from(interval.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            ),
+            SyncPolicy::Never => QueueSync::Never,
+        }
+    }
+
+    /// Appends one record under the broker's sync policy; see [`Log::append_with`].
     pub fn append(self: &Arc<Self>, record: &Record, done: Box<dyn FnOnce(Outcome) + Send>) {
+        let sync = self.default_sync();
+        self.append_with(record, sync, done);
+    }
+
+    /// Appends one record, fsynced as `sync` says (the strongest need of the queues its
+    /// messages entered, see `x-sync`). Call with the broker lock held, so that log order is
+    /// the order in which the core applied the commands. `done` runs on the committing thread:
+    /// the WAL's writer thread, or a leader's (see [`Log::lead`]).
+    pub fn append_with(
+        self: &Arc<Self>,
+        record: &Record,
+        sync: QueueSync,
+        done: Box<dyn FnOnce(Outcome) + Send>,
+    ) {
+        let sync = match sync {
+            QueueSync::Always => SyncPolicy::Always,
+            QueueSync::Interval(ms) => SyncPolicy::Interval(Duration::from_millis(ms)),
+            QueueSync::Never => SyncPolicy::Never,
+        };
         let payload = record.encode();
         let n_bytes = payload.len() as u64;
         let (epoch, to_release) = {
@@ -265,8 +297,9 @@ impl Log {
         // Completions hold the log weakly: the last strong reference must never be dropped on
         // the WAL's committing thread (closing the WAL there would wait on itself).
         let log = Arc::downgrade(self);
-        self.wal.append(
+        self.wal.append_with(
             vec![payload],
+            sync,
             Box::new(move |outcome| match outcome {
                 Ok(committed) => {
                     if let Some(log) = log.upgrade() {

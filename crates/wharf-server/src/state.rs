@@ -10,7 +10,9 @@ use crate::spool::Spools;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use tracing::debug;
-use wharf_core::{Broker, CancelReason, Command, ConnectionId, CoreError, Effect, Message, Reply};
+use wharf_core::{
+    Broker, CancelReason, Command, ConnectionId, CoreError, DurableSync, Effect, Message, Reply,
+};
 use wharf_protocol::{ConsumerCancelled, ErrorCode, Frame};
 
 /// What became of a publish.
@@ -38,6 +40,8 @@ pub struct State {
     log: Option<Arc<Log>>,
     /// The paged tails of queues larger than memory (present when the broker pages).
     spools: Option<Spools>,
+    /// What the queues of the messages in `log_ops` ask of their record (`x-sync`).
+    log_sync: DurableSync,
 }
 
 impl State {
@@ -189,6 +193,7 @@ impl State {
     /// log order is then core order). `done` runs when the record is on disk (or failed); with
     /// nothing to log it runs at once with the strongest outcome.
     pub fn commit(&mut self, done: Option<Box<dyn FnOnce(Outcome) + Send>>) {
+        let mut need = std::mem::take(&mut self.log_sync);
         let Some(log) = self.log.clone() else {
             self.log_ops.clear();
             if let Some(done) = done {
@@ -202,8 +207,20 @@ impl State {
             }
             return;
         }
+        // The strongest need of the queues its messages entered; the broker's policy for
+        // anything else someone may wait for (topology changes).
+        if self.log_ops.iter().any(|op| {
+            !matches!(
+                op,
+                Op::EnqueueAt { .. } | Op::Settle { .. } | Op::SettleRange { .. }
+            )
+        }) || need == DurableSync::default()
+        {
+            need.add(None);
+        }
         let record = Record::Batch(std::mem::take(&mut self.log_ops));
-        log.append(&record, done.unwrap_or_else(|| Box::new(|_| {})));
+        let sync = need.resolve(log.default_sync());
+        log.append_with(&record, sync, done.unwrap_or_else(|| Box::new(|_| {})));
         log.maybe_checkpoint(&self.broker, self.spools.as_mut());
     }
 
@@ -249,7 +266,9 @@ impl State {
                     queues,
                     message,
                     ready_at_ms,
+                    sync,
                 } => {
+                    self.log_sync.merge(sync);
                     self.log_ops.push(Op::EnqueueAt {
                         durable_id,
                         queues: queues.iter().map(|queue| queue.to_string()).collect(),

@@ -150,6 +150,14 @@ async fn invalid_queue_feature_arguments_are_refused() {
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err:?}");
+    let err = client
+        .declare_queue("q")
+        .durable(true)
+        .argument("x-sync", "sometimes")
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Some(ErrorCode::InvalidArgument), "{err:?}");
+    assert!(err.to_string().contains("x-sync"), "{err}");
     // The connection lives on.
     client.declare_queue("q").max_length(5).await.unwrap();
 }

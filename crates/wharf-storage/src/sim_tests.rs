@@ -935,7 +935,10 @@ fn a_batch_s_own_sync_need_overrides_the_configured_policy() {
         .iter()
         .map(|(_, bytes)| payload_id(bytes))
         .collect();
-    assert!(ids.contains(&Some(2)), "the fsynced append survived: {ids:?}");
+    assert!(
+        ids.contains(&Some(2)),
+        "the fsynced append survived: {ids:?}"
+    );
     drop(wal);
 
     // Configured `always`: a batch that needs nothing costs no fsync, unless it shares a group
@@ -955,7 +958,11 @@ fn a_batch_s_own_sync_need_overrides_the_configured_policy() {
     assert!(leader.commit());
     let alone = receiver.recv().unwrap().unwrap();
     assert_eq!(alone.coverage, SyncCoverage::Unsynced);
-    assert_eq!(mem.sync_count(), syncs, "no fsync for a batch that needs none");
+    assert_eq!(
+        mem.sync_count(),
+        syncs,
+        "no fsync for a batch that needs none"
+    );
     let (sender, receiver) = std::sync::mpsc::channel();
     let leader = wal.lead();
     for (id, sync) in [(4, SyncPolicy::Never), (5, SyncPolicy::Always)] {
@@ -991,7 +998,10 @@ fn an_interval_batch_committed_by_a_leader_is_fsynced_by_the_writer_within_its_i
     assert_eq!(committed.coverage, SyncCoverage::IntervalPending);
     let deadline = Instant::now() + Duration::from_secs(10);
     while wal.durable_lsn() < committed.end {
-        assert!(Instant::now() < deadline, "the interval fsync never happened");
+        assert!(
+            Instant::now() < deadline,
+            "the interval fsync never happened"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
