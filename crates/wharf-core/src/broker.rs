@@ -412,15 +412,18 @@ pub enum Effect {
         /// The message and its queue state.
         entry: Box<PagedEntry>,
     },
-    /// The queue wants up to `max` of its oldest paged messages back: answer with
-    /// [`Command::PageIn`]. At most one request per queue is outstanding.
+    /// The queue wants up to `max` of its oldest paged messages back, and no more body bytes
+    /// than `max_bytes` past the first: answer with [`Command::PageIn`] (at least one entry).
+    /// At most one request per queue is outstanding.
     PageIn {
         /// The queue.
         queue: Arc<str>,
         /// The tail's epoch.
         epoch: u64,
-        /// Most entries wanted (never more than are paged).
+        /// Most entries wanted (at least 1, never more than are paged).
         max: u64,
+        /// Body bytes wanted at most (the first entry is taken whatever its size).
+        max_bytes: u64,
     },
     /// The paged tail of `queue` at `epoch` was discarded (purge, queue deleted): the server
     /// may forget what it kept.
@@ -1405,6 +1408,10 @@ impl Broker {
         queue.last_used_ms = self.now_ms;
         if pageable {
             queue.paged.threshold = Some(self.limits.paging_threshold);
+            queue.paged.threshold_bytes = match self.limits.paging_threshold_bytes {
+                0 => u64::MAX,
+                bytes => bytes,
+            };
         }
         self.queues.insert(qid, queue);
         self.queue_names.insert(name.clone(), qid);
@@ -2683,7 +2690,7 @@ fn make_ready(
     since_ms: u64,
     effects: &mut Vec<Effect>,
 ) -> u64 {
-    if queue.paged.takes(queue.ready.len()) {
+    if queue.paged.takes(queue.ready.len(), queue.ready.bytes()) {
         let paged = queue.page_out(entry, since_ms);
         effects.push(Effect::PageOut {
             queue: queue.name.clone(),
@@ -2706,14 +2713,23 @@ fn request_page_in(queue: &mut Queue, effects: &mut Vec<Effect>) {
         return;
     };
     let in_memory = queue.ready.len();
-    if queue.paged.count == 0 || queue.paged.page_in_pending || in_memory > threshold / 2 {
+    let in_memory_bytes = queue.ready.bytes();
+    let bytes_limit = queue.paged.threshold_bytes;
+    if queue.paged.count == 0
+        || queue.paged.page_in_pending
+        || in_memory > threshold / 2
+        || in_memory_bytes > bytes_limit / 2
+    {
         return;
     }
     queue.paged.page_in_pending = true;
     effects.push(Effect::PageIn {
         queue: queue.name.clone(),
         epoch: queue.paged.epoch,
-        max: ((threshold - in_memory) as u64).min(queue.paged.count),
+        max: (threshold.saturating_sub(in_memory) as u64)
+            .min(queue.paged.count)
+            .max(1),
+        max_bytes: bytes_limit.saturating_sub(in_memory_bytes).max(1),
     });
 }
 

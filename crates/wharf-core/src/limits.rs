@@ -42,6 +42,9 @@ pub struct Limits {
     /// server in [`crate::Effect::PageOut`] and counted only) until the queue has drained
     /// them back (see [`crate::Command::PageIn`]). 0: never page.
     pub paging_threshold: usize,
+    /// The same limit in body bytes: a pageable queue also pages once its ready messages in
+    /// memory hold this many bytes (so large messages page early). 0: no byte limit.
+    pub paging_threshold_bytes: u64,
 }
 
 impl Default for Limits {
@@ -52,6 +55,7 @@ impl Default for Limits {
             bindings_per_exchange_max: BINDINGS_PER_EXCHANGE_MAX,
             consumers_per_queue_max: CONSUMERS_PER_QUEUE_MAX,
             paging_threshold: PAGING_THRESHOLD_DEFAULT,
+            paging_threshold_bytes: 0,
         }
     }
 }

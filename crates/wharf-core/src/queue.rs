@@ -411,6 +411,8 @@ pub struct PagedEntry {
 pub(crate) struct Paged {
     /// Ready messages kept in memory at most; `None`: this queue never pages.
     pub threshold: Option<usize>,
+    /// Body bytes of ready messages kept in memory at most (with `threshold`).
+    pub threshold_bytes: u64,
     pub count: u64,
     pub bytes: u64,
     /// Ids of the logged paged messages, oldest first, as runs (first id, how many).
@@ -423,10 +425,12 @@ pub(crate) struct Paged {
 }
 
 impl Paged {
-    /// Whether an arrival must be paged: the tail is not empty (FIFO), or memory is full.
-    pub(crate) fn takes(&self, in_memory: usize) -> bool {
-        self.threshold
-            .is_some_and(|threshold| self.count > 0 || in_memory >= threshold)
+    /// Whether an arrival must be paged: the tail is not empty (FIFO), or memory is full
+    /// (by count or by bytes).
+    pub(crate) fn takes(&self, in_memory: usize, in_memory_bytes: u64) -> bool {
+        self.threshold.is_some_and(|threshold| {
+            self.count > 0 || in_memory >= threshold || in_memory_bytes >= self.threshold_bytes
+        })
     }
 
     pub(crate) fn push_id(&mut self, durable_id: u64) {

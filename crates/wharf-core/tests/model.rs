@@ -484,6 +484,7 @@ fn limits() -> impl Strategy<Value = Limits> {
         consumers_per_queue_max: 2,
         // Paging has its own test (tests/paging.rs); the model keeps every message in memory.
         paging_threshold: 0,
+        paging_threshold_bytes: 0,
     };
     prop_oneof![3 => Just(Limits::default()), 1 => Just(tight)]
 }

@@ -21,8 +21,8 @@ struct Harness {
     effects: Vec<Effect>,
     /// Paged entries per (queue, epoch), oldest first.
     spools: HashMap<(String, u64), VecDeque<PagedEntry>>,
-    /// Page-in requests not yet answered: (queue, epoch, max).
-    requests: Vec<(String, u64, u64)>,
+    /// Page-in requests not yet answered: (queue, epoch, max, max bytes).
+    requests: Vec<(String, u64, u64, u64)>,
     /// Logged messages per queue, as the log would replay them.
     live: BTreeMap<String, BTreeSet<u64>>,
     /// Deliveries seen: (body, tag, redelivered).
@@ -32,9 +32,14 @@ struct Harness {
 
 impl Harness {
     fn new(threshold: usize) -> Self {
+        Harness::with_bytes(threshold, 0)
+    }
+
+    fn with_bytes(threshold: usize, threshold_bytes: u64) -> Self {
         let mut harness = Harness {
             broker: Broker::new(Limits {
                 paging_threshold: threshold,
+                paging_threshold_bytes: threshold_bytes,
                 ..Limits::default()
             }),
             now: 0,
@@ -74,12 +79,17 @@ impl Harness {
                         .or_default()
                         .push_back(*entry);
                 }
-                Effect::PageIn { queue, epoch, max } => {
+                Effect::PageIn {
+                    queue,
+                    epoch,
+                    max,
+                    max_bytes,
+                } => {
                     assert!(
                         !self
                             .requests
                             .iter()
-                            .any(|(q, e, _)| *q == *queue && *e == epoch),
+                            .any(|(q, e, _, _)| *q == *queue && *e == epoch),
                         "one page-in request per queue at a time"
                     );
                     let held = self
@@ -87,7 +97,9 @@ impl Harness {
                         .get(&(queue.to_string(), epoch))
                         .map_or(0, VecDeque::len);
                     assert!(max >= 1 && max as usize <= held, "asks for what is paged");
-                    self.requests.push((queue.to_string(), epoch, max));
+                    assert!(max_bytes >= 1);
+                    self.requests
+                        .push((queue.to_string(), epoch, max, max_bytes));
                 }
                 Effect::PagesDropped { queue, epoch } => {
                     self.spools.remove(&(queue.to_string(), epoch));
@@ -145,10 +157,20 @@ impl Harness {
     /// Answers every pending page-in request (as the server's pager task does).
     fn serve_page_ins(&mut self) -> usize {
         let mut served = 0;
-        for (queue, epoch, max) in std::mem::take(&mut self.requests) {
+        for (queue, epoch, max, max_bytes) in std::mem::take(&mut self.requests) {
             let spool = self.spools.entry((queue.clone(), epoch)).or_default();
-            let n = (max as usize).min(spool.len());
-            let entries: Vec<PagedEntry> = spool.drain(..n).collect();
+            // As the server: at least one, then while within both budgets.
+            let mut entries: Vec<PagedEntry> = Vec::new();
+            let mut bytes = 0;
+            while let Some(next) = spool.front() {
+                let size = next.message.body.len() as u64;
+                if !entries.is_empty() && (entries.len() as u64 >= max || bytes + size > max_bytes)
+                {
+                    break;
+                }
+                bytes += size;
+                entries.push(spool.pop_front().unwrap());
+            }
             served += entries.len();
             self.ok(Command::PageIn {
                 queue,
@@ -230,7 +252,7 @@ fn a_queue_past_its_threshold_pages_later_arrivals_and_drains_them_back_in_order
 
     h.subscribe("q", 1, 0, true);
     assert_eq!(h.bodies(), numbered(4), "memory first");
-    assert_eq!(h.requests, vec![("q".to_owned(), 0, 4)]);
+    assert_eq!(h.requests, vec![("q".to_owned(), 0, 4, u64::MAX)]);
     // Arrivals while the tail is paged join the tail (FIFO).
     h.publish("q", "m10", true);
     assert_eq!(h.stats("q").paged, 7);
@@ -356,6 +378,32 @@ fn if_empty_counts_paged_messages() {
 }
 
 #[test]
+fn large_messages_page_by_bytes_and_come_back_within_the_byte_budget() {
+    let mut h = Harness::with_bytes(1_000, 100);
+    h.declare("q", true, Headers::new());
+    for i in 0..10 {
+        h.publish("q", &format!("{i}{}", "x".repeat(39)), true);
+    }
+    // 40-byte bodies: three fit under 100 bytes, the fourth reaches it, the rest page.
+    let stats = h.stats("q");
+    assert_eq!((stats.ready, stats.paged), (10, 7));
+    assert_eq!(h.broker.ready_bytes_total(), 120);
+    h.subscribe("q", 1, 0, true);
+    assert_eq!(h.bodies().len(), 3);
+    assert_eq!(h.requests, vec![("q".to_owned(), 0, 7, 100)]);
+    assert_eq!(h.serve_page_ins(), 2, "two bodies within 100 bytes");
+    while h.serve_page_ins() > 0 {}
+    let bodies = h.bodies();
+    assert_eq!(bodies.len(), 7);
+    assert!(
+        bodies
+            .iter()
+            .enumerate()
+            .all(|(i, body)| body.starts_with(&(i + 3).to_string()))
+    );
+}
+
+#[test]
 fn only_durable_fifo_queues_without_length_limits_page() {
     let mut h = Harness::new(1);
     h.declare("transient", false, Headers::new());
@@ -452,9 +500,10 @@ proptest! {
     #[test]
     fn paging_keeps_order_and_loses_nothing(
         threshold in 1usize..6,
+        threshold_bytes in prop_oneof![Just(0u64), 1u64..24],
         ops in prop::collection::vec(op(), 1..120),
     ) {
-        let mut h = Harness::new(threshold);
+        let mut h = Harness::with_bytes(threshold, threshold_bytes);
         h.declare("q", true, Headers::new());
         let mut next = 0usize;
         let mut purged: BTreeSet<String> = BTreeSet::new();
@@ -528,6 +577,10 @@ proptest! {
             let stats = h.stats("q");
             // Memory holds the threshold, plus what consumers gave back (requeues go to the head).
             prop_assert!(stats.ready - stats.paged <= threshold as u64 + requeued);
+            if threshold_bytes > 0 {
+                // Bodies are at most 5 bytes ("m9999"): one arrival past the byte limit.
+                prop_assert!(h.broker.ready_bytes_total() < threshold_bytes + 5 * (1 + requeued));
+            }
             // The log's view: every logged message still in the queue, and nothing else.
             let live = h.live.get("q").map_or(0, BTreeSet::len) as u64;
             prop_assert!(live <= stats.ready + stats.unacked);

@@ -54,6 +54,9 @@ pub struct ServerConfig {
     /// Ready messages a durable queue keeps in memory; later arrivals are paged to a spool
     /// file until it drains (queues larger than memory). 0: never page.
     pub queue_memory_messages: usize,
+    /// The same limit in body bytes (paging starts at whichever is reached first). 0: no
+    /// byte limit.
+    pub queue_memory_bytes: u64,
 }
 
 /// Parses a sync policy: `always`, `never` (unsafe) or `interval=MS`.
@@ -87,6 +90,7 @@ impl Default for ServerConfig {
             checkpoint_bytes: crate::log::CHECKPOINT_BYTES_DEFAULT,
             segment_bytes: 64 * 1024 * 1024,
             queue_memory_messages: crate::limits::QUEUE_MEMORY_MESSAGES,
+            queue_memory_bytes: crate::limits::QUEUE_MEMORY_BYTES,
         }
     }
 }
@@ -131,6 +135,8 @@ pub struct FileConfig {
     pub segment_bytes: Option<u64>,
     /// See [`ServerConfig::queue_memory_messages`].
     pub queue_memory_messages: Option<usize>,
+    /// See [`ServerConfig::queue_memory_bytes`].
+    pub queue_memory_bytes: Option<u64>,
 }
 
 /// A config error: the file cannot be read or parsed, or a value is out of range.
@@ -239,6 +245,9 @@ pub fn resolve(
         queue_memory_messages: file
             .queue_memory_messages
             .unwrap_or(defaults.queue_memory_messages),
+        queue_memory_bytes: file
+            .queue_memory_bytes
+            .unwrap_or(defaults.queue_memory_bytes),
         bind: overrides.bind.or(file.bind).unwrap_or(defaults.bind),
         data_dir: overrides
             .data_dir

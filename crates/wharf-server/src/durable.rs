@@ -115,6 +115,11 @@ impl StoredMessage {
     pub fn approx_bytes(&self) -> u64 {
         self.body.len() as u64 + 64
     }
+
+    /// Body bytes.
+    pub fn body_len(&self) -> usize {
+        self.body.len()
+    }
 }
 
 impl From<&Message> for StoredMessage {

@@ -11,6 +11,10 @@ pub const READY_BYTES_HIGH_WATERMARK: u64 = 2 * 1024 * 1024 * 1024;
 /// file: about 30 MB of 100-byte messages with their bookkeeping, so a backlog of tens of
 /// millions stays within a few hundred MB, while ordinary queues never touch a spool.
 pub const QUEUE_MEMORY_MESSAGES: usize = 100_000;
+/// Body bytes of ready messages a durable queue keeps in memory before later arrivals are
+/// paged: large messages page early (1,600 of 40 KiB), so a backlog of them cannot fill memory
+/// either.
+pub const QUEUE_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 /// Publishers resume once ready bytes fall below this fraction of the high watermark.
 pub const READY_BYTES_LOW_WATERMARK_PERCENT: u64 = 80;
 /// Outbound bytes queued for one connection before its reader stops reading: a client that

@@ -168,7 +168,12 @@ impl Log {
                 epoch,
                 entry,
             } => spools.push(&queue, epoch, &entry),
-            Effect::PageIn { queue, epoch, max } => spools.request(queue, epoch, max),
+            Effect::PageIn {
+                queue,
+                epoch,
+                max,
+                max_bytes,
+            } => spools.request(queue, epoch, max, max_bytes),
             _ => {}
         })?;
         let lsns = lsns.into_inner();

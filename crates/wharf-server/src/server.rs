@@ -250,6 +250,7 @@ impl Server {
         };
         let mut broker = Broker::new(Limits {
             paging_threshold: config.queue_memory_messages,
+            paging_threshold_bytes: config.queue_memory_bytes,
             ..Limits::default()
         });
         let mut spools = Spools::new(config.data_dir.join("spool"));

@@ -67,18 +67,53 @@ fn encode(entry: &PagedEntry, out: &mut Vec<u8>) {
     out[at..at + 4].copy_from_slice(&len.to_le_bytes());
 }
 
-/// Decodes the records at the start of `bytes`, at most `max`; returns them and the bytes
+/// How much a page-in may take: entries, and body bytes (the first entry always fits).
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    entries: u64,
+    bytes: u64,
+    taken: u64,
+    /// An entry was refused: the page-in is complete.
+    full: bool,
+}
+
+impl Budget {
+    fn new(entries: u64, bytes: u64) -> Budget {
+        Budget {
+            entries,
+            bytes,
+            taken: 0,
+            full: false,
+        }
+    }
+
+    fn take(&mut self, size: u64) -> bool {
+        if self.entries == 0 || (self.taken > 0 && size > self.bytes) {
+            self.full = true;
+            return false;
+        }
+        self.entries -= 1;
+        self.bytes = self.bytes.saturating_sub(size);
+        self.taken += 1;
+        true
+    }
+}
+
+/// Decodes the records at the start of `bytes` within `budget`; returns them and the bytes
 /// they took. A record cut by the end of `bytes` is left for the next read.
-fn decode(mut bytes: &[u8], max: u64) -> Result<(Vec<PagedEntry>, usize), String> {
+fn decode(mut bytes: &[u8], budget: &mut Budget) -> Result<(Vec<PagedEntry>, usize), String> {
     let start = bytes.len();
     let mut entries = Vec::new();
-    while (entries.len() as u64) < max && bytes.len() >= 4 {
+    while bytes.len() >= 4 {
         let len = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
         if bytes.len() < 4 + len {
             break;
         }
         let record: SpoolRecord = postcard::from_bytes(&bytes[4..4 + len])
             .map_err(|err| format!("spool record does not decode: {err}"))?;
+        if !budget.take(record.message.body_len() as u64) {
+            break;
+        }
         bytes.advance(4 + len);
         let message = Message {
             persistent: record.persistent,
@@ -167,6 +202,7 @@ pub struct PageRead {
     pub epoch: u64,
     /// Entries wanted.
     pub max: u64,
+    budget: Budget,
     file: Arc<File>,
     from: u64,
     to: u64,
@@ -193,13 +229,13 @@ impl PageReadDone {
 }
 
 impl PageRead {
-    /// Reads up to `max` entries from the file (no lock held). An I/O or decoding error means
-    /// paged messages cannot come back: the caller stops the server.
-    pub fn run(self) -> Result<PageReadDone, String> {
+    /// Reads up to `max` entries (and the byte budget) from the file (no lock held). An I/O or
+    /// decoding error means paged messages cannot come back: the caller stops the server.
+    pub fn run(mut self) -> Result<PageReadDone, String> {
         let mut entries = Vec::new();
         let mut at = self.from;
         let mut carry: Vec<u8> = Vec::new();
-        while (entries.len() as u64) < self.max && at < self.to {
+        while !self.budget.full && at < self.to {
             let n = READ_BLOCK_BYTES.min((self.to - at) as usize);
             let start = carry.len();
             carry.resize(start + n, 0);
@@ -207,11 +243,11 @@ impl PageRead {
                 .read_exact_at(&mut carry[start..], at)
                 .map_err(|err| format!("cannot read a spool file: {err}"))?;
             at += n as u64;
-            let (mut more, used) = decode(&carry, self.max - entries.len() as u64)?;
+            let (mut more, used) = decode(&carry, &mut self.budget)?;
             entries.append(&mut more);
             carry.drain(..used);
         }
-        // Bytes of whole records taken: what was read minus the cut record left over.
+        // Bytes of whole records taken: what was read minus what is left over.
         let consumed = at - self.from - carry.len() as u64;
         Ok(PageReadDone {
             read: self,
@@ -246,12 +282,12 @@ impl SpoolRange {
                 .read_exact_at(&mut carry[start..], at)
                 .map_err(|err| format!("cannot read a spool file: {err}"))?;
             at += n as u64;
-            let (entries, used) = decode(&carry, u64::MAX)?;
+            let (entries, used) = decode(&carry, &mut Budget::new(u64::MAX, u64::MAX))?;
             entries.into_iter().for_each(&mut each);
             carry.drain(..used);
         }
         carry.extend_from_slice(&self.tail);
-        let (entries, used) = decode(&carry, u64::MAX)?;
+        let (entries, used) = decode(&carry, &mut Budget::new(u64::MAX, u64::MAX))?;
         if used != carry.len() {
             return Err("a spool ends inside a record".to_owned());
         }
@@ -266,7 +302,7 @@ pub struct Spools {
     dir: PathBuf,
     next_file: u64,
     spools: FxHashMap<Arc<str>, Spool>,
-    requests: Vec<(Arc<str>, u64, u64)>,
+    requests: Vec<(Arc<str>, u64, u64, u64)>,
     /// Wakes the pager task when a request arrives.
     pub wake: Arc<Notify>,
 }
@@ -352,8 +388,8 @@ impl Spools {
     }
 
     /// Records a page-in request ([`wharf_core::Effect::PageIn`]) and wakes the pager.
-    pub fn request(&mut self, queue: Arc<str>, epoch: u64, max: u64) {
-        self.requests.push((queue, epoch, max));
+    pub fn request(&mut self, queue: Arc<str>, epoch: u64, max: u64, max_bytes: u64) {
+        self.requests.push((queue, epoch, max, max_bytes));
         self.wake.notify_one();
     }
 
@@ -361,7 +397,7 @@ impl Spools {
     /// records first, so the file holds everything the core counts as paged).
     pub fn start_reads(&mut self) -> Vec<PageRead> {
         let mut reads = Vec::new();
-        for (queue, epoch, max) in std::mem::take(&mut self.requests) {
+        for (queue, epoch, max, max_bytes) in std::mem::take(&mut self.requests) {
             let Some(spool) = self.spools.get_mut(&queue) else {
                 continue;
             };
@@ -374,6 +410,7 @@ impl Spools {
                 queue,
                 epoch,
                 max,
+                budget: Budget::new(max, max_bytes),
                 file: spool.file.clone(),
                 from: spool.read_at,
                 to: spool.written,
@@ -387,7 +424,7 @@ impl Spools {
     /// the core — `None` if the tail was discarded meanwhile. A drained tail's file goes.
     pub fn finish_read(&mut self, done: PageReadDone) -> Result<Option<Vec<PagedEntry>>, String> {
         let PageReadDone {
-            read,
+            mut read,
             mut entries,
             consumed,
         } = done;
@@ -399,13 +436,12 @@ impl Spools {
         }
         spool.reading = false;
         spool.read_at += consumed;
-        let missing = read.max - entries.len() as u64;
-        if missing > 0 && spool.read_at == spool.written {
-            let (mut more, used) = decode(&spool.buffer, missing)?;
+        if !read.budget.full && spool.read_at == spool.written {
+            let (mut more, used) = decode(&spool.buffer, &mut read.budget)?;
             spool.buffer.drain(..used);
             entries.append(&mut more);
         }
-        if (entries.len() as u64) < read.max {
+        if !read.budget.full && (entries.len() as u64) < read.max {
             return Err(format!(
                 "the spool of queue {} holds {} fewer messages than the queue counts",
                 read.queue,
@@ -471,7 +507,7 @@ mod tests {
     }
 
     fn drain(spools: &mut Spools, queue: &Arc<str>, epoch: u64, max: u64) -> Vec<PagedEntry> {
-        spools.request(queue.clone(), epoch, max);
+        spools.request(queue.clone(), epoch, max, u64::MAX);
         let mut out = Vec::new();
         for read in spools.start_reads() {
             let done = read.run().unwrap();
@@ -512,7 +548,7 @@ mod tests {
         let mut spools = Spools::new(dir.path().to_path_buf());
         let queue: Arc<str> = "q".into();
         spools.push(&queue, 0, &entry(0, "a"));
-        spools.request(queue.clone(), 0, 1);
+        spools.request(queue.clone(), 0, 1, u64::MAX);
         let reads = spools.start_reads();
         spools.drop_tail(&queue, 0);
         spools.push(&queue, 1, &entry(5, "b"));
@@ -554,12 +590,32 @@ mod tests {
     }
 
     #[test]
+    fn a_page_in_stops_at_its_byte_budget_but_always_takes_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spools = Spools::new(dir.path().to_path_buf());
+        let queue: Arc<str> = "q".into();
+        let pushed: Vec<PagedEntry> = (0..6).map(|seq| entry(seq, &"z".repeat(1_000))).collect();
+        for paged in &pushed {
+            spools.push(&queue, 0, paged);
+        }
+        let mut page = |max: u64, max_bytes: u64| {
+            spools.request(queue.clone(), 0, max, max_bytes);
+            let read = spools.start_reads().pop().unwrap();
+            spools.finish_read(read.run().unwrap()).unwrap().unwrap()
+        };
+        assert_eq!(page(6, 2_500).len(), 2, "two bodies of 1,000 within 2,500");
+        assert_eq!(page(4, 10).len(), 1, "the first always fits");
+        let rest = page(3, u64::MAX);
+        assert_eq!(rest, pushed[3..].to_vec());
+    }
+
+    #[test]
     fn asking_for_more_than_the_spool_holds_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let mut spools = Spools::new(dir.path().to_path_buf());
         let queue: Arc<str> = "q".into();
         spools.push(&queue, 0, &entry(0, "a"));
-        spools.request(queue.clone(), 0, 2);
+        spools.request(queue.clone(), 0, 2, u64::MAX);
         let read = spools.start_reads().pop().unwrap();
         let err = spools.finish_read(read.run().unwrap()).unwrap_err();
         assert!(err.contains("1 fewer messages"), "{err}");

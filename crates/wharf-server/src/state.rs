@@ -303,11 +303,16 @@ impl State {
                     .as_mut()
                     .expect("a paging broker has spools")
                     .push(&queue, epoch, &entry),
-                Effect::PageIn { queue, epoch, max } => self
+                Effect::PageIn {
+                    queue,
+                    epoch,
+                    max,
+                    max_bytes,
+                } => self
                     .spools
                     .as_mut()
                     .expect("a paging broker has spools")
-                    .request(queue, epoch, max),
+                    .request(queue, epoch, max, max_bytes),
                 Effect::PagesDropped { queue, epoch } => {
                     if let Some(spools) = self.spools.as_mut() {
                         spools.drop_tail(&queue, epoch);

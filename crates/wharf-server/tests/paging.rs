@@ -230,3 +230,27 @@ async fn once_a_backlog_drains_its_log_is_released() {
     drop(consumer);
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn large_messages_page_by_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::ephemeral(dir.path());
+    config.queue_memory_bytes = 64 * 1024;
+    let server = RunningServer::start(config).await.expect("server starts");
+    let client = connect(&server).await;
+    client.declare_queue("big").durable(true).await.unwrap();
+    let publisher = client.publisher_with_window(64);
+    let messages = (0..200)
+        .map(|idx| Message::new(format!("m{idx:05}-{}", "y".repeat(4_000))).persistent(true))
+        .collect();
+    for outcome in publisher.publish_batch("", "big", messages).await.unwrap() {
+        outcome.expect("confirmed");
+    }
+    // 200 × 4 KB is 800 KB: far under the message threshold, over the byte threshold.
+    assert_eq!(spool_files(dir.path()), 1);
+    let mut consumer = client.consume("big", manual(8)).await.unwrap();
+    assert_eq!(drain(&mut consumer, 200).await, (0..200).collect::<Vec<_>>());
+    client.close().await.unwrap();
+    drop(consumer);
+    server.stop().await.unwrap();
+}
