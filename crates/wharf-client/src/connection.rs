@@ -81,7 +81,7 @@ impl Outgoing {
         while first < self.chunks.len() {
             let slices: Vec<io::IoSlice<'_>> = self.chunks[first..]
                 .iter()
-                .take(64)
+                .take(IOV_PER_WRITE_MAX)
                 .map(|chunk| io::IoSlice::new(chunk))
                 .collect();
             let mut written = write.write_vectored(&slices).await?;
@@ -104,6 +104,10 @@ impl Outgoing {
     }
 }
 
+/// Slices per vectored write (Linux accepts 1,024): a batch of 4 KiB bodies is one slice per
+/// body.
+const IOV_PER_WRITE_MAX: usize = 512;
+
 /// Capacity the read and write buffers start with and shrink back to after a large frame.
 const BUFFER_BYTES: usize = 64 * 1024;
 
@@ -111,9 +115,10 @@ const BUFFER_BYTES: usize = 64 * 1024;
 pub(crate) enum Command {
     /// Write a frame without bookkeeping (request, credit, close, close-ok).
     Frame(Bytes),
-    /// Write a `Publish` or `PublishBatch` frame, registering its sequence numbers first.
+    /// Write a `Publish` or `PublishBatch` frame, registering its sequence numbers first. The
+    /// frame comes in chunks: its header, and large bodies by reference (no copy).
     Publish {
-        bytes: Bytes,
+        chunks: Vec<Bytes>,
         n_messages: usize,
         waiter: Waiter,
         /// Confirm-window permits, released when the publish is confirmed.
@@ -234,6 +239,15 @@ impl Shared {
         self.lock().terminal.is_some()
     }
 
+    /// Encodes a publish frame with the server's frame size limit, as chunks for a vectored
+    /// write: bodies of 512 bytes or more are referenced, not copied.
+    pub(crate) fn encode_publish_frame(&self, frame: &Frame) -> Result<Vec<Bytes>, ClientError> {
+        let mut chunks = Vec::new();
+        wharf_protocol::encode_vectored(frame, self.limits.frame_bytes_max, &mut chunks)
+            .map_err(ClientError::encode)?;
+        Ok(chunks)
+    }
+
     /// Encodes `frame` with the server's frame size limit.
     pub(crate) fn encode(&self, frame: &Frame) -> Result<Bytes, ClientError> {
         let mut buf = BytesMut::new();
@@ -352,13 +366,14 @@ impl Shared {
     /// Queues an encoded publish frame once the outbound buffer has room for it.
     pub(crate) async fn send_publish(
         &self,
-        bytes: Bytes,
+        chunks: Vec<Bytes>,
         n_messages: usize,
         waiter: Waiter,
         permits: Permits,
     ) -> Result<(), ClientError> {
+        let n_bytes: usize = chunks.iter().map(Bytes::len).sum();
         // A frame larger than the whole budget takes all of it rather than waiting forever.
-        let n_permits = bytes.len().clamp(1, self.options.outbound_bytes_max.max(1));
+        let n_permits = n_bytes.clamp(1, self.options.outbound_bytes_max.max(1));
         let n_permits = u32::try_from(n_permits).unwrap_or(u32::MAX);
         let outbound = self
             .outbound_bytes
@@ -368,7 +383,7 @@ impl Shared {
             .map_err(|_| self.terminal_error())?;
         self.check_open()?;
         self.send(Command::Publish {
-            bytes,
+            chunks,
             n_messages,
             waiter,
             permits,
@@ -1111,7 +1126,7 @@ async fn run_writer(
                 match command {
                     Command::Frame(bytes) => out.push(bytes),
                     Command::Publish {
-                        bytes,
+                        chunks,
                         n_messages,
                         waiter,
                         permits,
@@ -1124,7 +1139,7 @@ async fn run_writer(
                         }
                         // Numbered here, in socket order: nothing else assigns sequence numbers.
                         state.confirms.register(n_messages, waiter, permits);
-                        out.push(bytes);
+                        chunks.into_iter().for_each(|chunk| out.push(chunk));
                         written_permits.push(outbound);
                     }
                     Command::Close(bytes) => {

@@ -29,9 +29,9 @@ pub(crate) fn encode_publish(
     exchange: &str,
     routing_key: &str,
     message: Message,
-) -> Result<Bytes, ClientError> {
+) -> Result<Vec<Bytes>, ClientError> {
     let (properties, body) = message.into_wire(shared.protocol_minor)?;
-    shared.encode(&Frame::Publish(Publish {
+    shared.encode_publish_frame(&Frame::Publish(Publish {
         exchange: WireStr::copy_from_str(exchange),
         routing_key: WireStr::copy_from_str(routing_key),
         properties,
@@ -230,8 +230,8 @@ impl Publisher {
                 routing_key: routing_key.clone(),
                 messages: batch_messages,
             });
-            let bytes = match shared.encode(&frame) {
-                Ok(bytes) => bytes,
+            let bytes = match shared.encode_publish_frame(&frame) {
+                Ok(chunks) => chunks,
                 Err(err) => {
                     let Frame::PublishBatch(batch) = frame else {
                         unreachable!("built above")

@@ -655,6 +655,15 @@ fn process(
                 } => {
                     let logged_before = state.pending_log_ops();
                     let response = handle_request(&mut state, connection, now, request);
+                    if matches!(response, Response::Subscribed { .. }) {
+                        // The answer precedes the consumer's first delivery (it logs nothing).
+                        outbox.push_frame(Frame::Response {
+                            correlation_id,
+                            response,
+                        });
+                        state.route_effects();
+                        continue;
+                    }
                     state.route_effects();
                     let frame = Frame::Response {
                         correlation_id,
@@ -1060,6 +1069,11 @@ const IOVECS_PER_WRITE_MAX: usize = 256;
 
 /// Deliveries per `DeliverBatch` frame at most.
 const DELIVERIES_PER_BATCH_MAX: usize = 512;
+/// Body bytes per `DeliverBatch` frame at most: a client receives a frame into one buffer,
+/// growing it as the frame arrives (64 KiB at a time, see `READ_RESERVE_BYTES_MAX`), so
+/// multi-MiB frames of large bodies cost it copies and fresh pages; 256 KiB frames arrive in
+/// place and still amortize the frame overhead over 64 bodies of 4 KiB.
+const DELIVER_BATCH_BYTES_MAX: usize = 256 * 1024;
 
 /// Encodes what the writer takes from the outbox. Consecutive deliveries to one consumer are
 /// gathered and encoded as one `DeliverBatch`, straight from the core's deliveries (borrowed:
@@ -1165,7 +1179,8 @@ impl FrameWriter {
         let fits = self.pending.first().is_some_and(|first| {
             first.consumer_tag == delivery.consumer_tag
                 && self.pending.len() < DELIVERIES_PER_BATCH_MAX
-                && self.pending_bytes + body_bytes < self.send_frame_bytes_max as usize / 2
+                && self.pending_bytes + body_bytes
+                    < DELIVER_BATCH_BYTES_MAX.min(self.send_frame_bytes_max as usize / 2)
         });
         if !fits {
             self.flush_pending()?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use wharf_client::{
     Client, ClientError, ConsumeOptions, Consumer, Delivery, ExchangeKind, HeadersMatch, Message,
 };
-use wharf_protocol::ErrorCode;
+use wharf_protocol::{ErrorCode, Frame};
 
 async fn connect(server: &TestServer) -> Client {
     Client::connect(&server.addr().to_string())
@@ -643,4 +643,70 @@ async fn a_publisher_outrunning_its_consumers_is_paused_at_the_memory_watermark(
         .await
         .expect("the publisher finished")
         .unwrap();
+}
+
+#[tokio::test]
+async fn deliveries_of_large_bodies_come_in_frames_of_at_most_256_kib_of_bodies() {
+    let server = TestServer::start().await;
+    let client = connect(&server).await;
+    client.declare_queue("big").await.unwrap();
+    let publisher = client.publisher();
+    let messages = (0..300)
+        .map(|idx| Message::new(format!("{idx:04}{}", "b".repeat(4_092))))
+        .collect();
+    for outcome in publisher.publish_batch("", "big", messages).await.unwrap() {
+        outcome.unwrap();
+    }
+    // A raw consumer attaches to the standing backlog: the broker batches what it sends.
+    let mut raw = common::Raw::open(server.addr()).await;
+    raw.send(&Frame::Request {
+        correlation_id: 1,
+        request: wharf_protocol::Request::Subscribe {
+            queue: "big".into(),
+            consumer_tag: 1,
+            prefetch: 1_000,
+            auto_ack: false,
+            exclusive: false,
+            priority: 0,
+            initial_credit: None,
+            arguments: Default::default(),
+        },
+    })
+    .await;
+    let mut seen = 0;
+    let mut frames = 0;
+    let mut order = Vec::new();
+    while seen < 300 {
+        let frame = raw.recv_significant().await.expect("deliveries");
+        order.push(matches!(frame, Frame::Response { .. }));
+        let bodies: Vec<usize> = match frame {
+            Frame::DeliverBatch(batch) => batch.deliveries.iter().map(|d| d.body.len()).collect(),
+            Frame::Deliver(deliver) => vec![deliver.delivery.body.len()],
+            Frame::Response { response, .. } => {
+                assert!(
+                    matches!(response, wharf_protocol::Response::Subscribed { .. }),
+                    "{response:?}"
+                );
+                continue;
+            }
+            other => panic!("unexpected {other:?}"),
+        };
+        let bytes: usize = bodies.iter().sum();
+        assert!(
+            bytes <= 256 * 1024,
+            "{} bodies, {bytes} bytes in one frame",
+            bodies.len()
+        );
+        seen += bodies.len();
+        frames += 1;
+    }
+    assert_eq!(seen, 300);
+    assert!(
+        order[0],
+        "the Subscribed response precedes the first delivery: {order:?}"
+    );
+    assert!(
+        frames >= 5,
+        "300 bodies of 4 KiB need at least 5 frames, got {frames}"
+    );
 }

@@ -249,7 +249,10 @@ async fn large_messages_page_by_bytes() {
     // 200 × 4 KB is 800 KB: far under the message threshold, over the byte threshold.
     assert_eq!(spool_files(dir.path()), 1);
     let mut consumer = client.consume("big", manual(8)).await.unwrap();
-    assert_eq!(drain(&mut consumer, 200).await, (0..200).collect::<Vec<_>>());
+    assert_eq!(
+        drain(&mut consumer, 200).await,
+        (0..200).collect::<Vec<_>>()
+    );
     client.close().await.unwrap();
     drop(consumer);
     server.stop().await.unwrap();
