@@ -45,6 +45,9 @@ struct Book {
     /// A checkpoint deferred because the live state was large is looked at again (cheaply)
     /// once the log reaches this, in case the live state shrank meanwhile.
     recheck_at: u64,
+    /// Bytes of live state the last checkpoint wrote: released by the next one, so part of
+    /// what a checkpoint frees.
+    last_checkpoint_bytes: u64,
     checkpoint_running: bool,
     /// Records superseded by a checkpoint, released by the next append on the broker's
     /// thread: a completion runs on the WAL's committing thread (its writer thread or a
@@ -340,20 +343,47 @@ impl Log {
         }
     }
 
+    /// Periodic work for an idle broker (call about once a second with the broker lock held):
+    /// releases the records a finished checkpoint superseded (otherwise the next append does),
+    /// and looks at a deferred checkpoint again: once a backlog has drained the log is mostly
+    /// garbage, and no further append may come to notice it.
+    pub fn housekeeping(self: &Arc<Self>, broker: &Broker, spools: Option<&mut Spools>) {
+        let to_release = {
+            let mut book = self.book.lock().expect("log lock");
+            book.recheck_at = 0;
+            std::mem::take(&mut book.to_release)
+        };
+        self.release_all(to_release);
+        self.consider_checkpoint(broker, spools, true);
+    }
+
     /// Writes a checkpoint if enough log has accumulated and the live state is small next to
     /// it. Call with the broker lock held, after appending a batch.
     pub fn maybe_checkpoint(self: &Arc<Self>, broker: &Broker, spools: Option<&mut Spools>) {
+        self.consider_checkpoint(broker, spools, false);
+    }
+
+    fn consider_checkpoint(
+        self: &Arc<Self>,
+        broker: &Broker,
+        spools: Option<&mut Spools>,
+        idle: bool,
+    ) {
         {
             let mut book = self.book.lock().expect("log lock");
             if book.checkpoint_running {
                 return;
             }
             let since = book.bytes_since_checkpoint;
+            // What a checkpoint now would free: the log since the last one, and the last one.
+            let reclaimable = since + book.last_checkpoint_bytes;
             let due = since >= book.next_checkpoint_bytes;
             // A checkpoint deferred because the live state was large (a backlog) is looked at
-            // again every quarter of `checkpoint_bytes`: once the backlog has drained, the log
-            // is mostly garbage.
-            let recheck = !due && since >= self.checkpoint_bytes && since >= book.recheck_at;
+            // again every quarter of `checkpoint_bytes` of log, and by the housekeeping
+            // (`idle`): once the backlog has drained, the log is mostly garbage.
+            let recheck = !due
+                && reclaimable >= self.checkpoint_bytes
+                && (idle || (since >= self.checkpoint_bytes && since >= book.recheck_at));
             if !due && !recheck {
                 return;
             }
@@ -367,7 +397,7 @@ impl Log {
             let (n_ready, ready_bytes) = broker.durable_ready_totals();
             let (n_paged, paged_bytes) = broker.paged_totals();
             let estimate = ready_bytes + 64 * n_ready;
-            if estimate.saturating_mul(2) > since {
+            if estimate.saturating_mul(2) > reclaimable {
                 if due {
                     book.next_checkpoint_bytes = since + estimate * 2;
                 }
@@ -397,7 +427,8 @@ impl Log {
             + 64 * n_paged;
         let epoch = {
             let mut book = self.book.lock().expect("log lock");
-            if book.bytes_since_checkpoint > 0 && live_bytes * 2 > book.bytes_since_checkpoint {
+            let reclaimable = book.bytes_since_checkpoint + book.last_checkpoint_bytes;
+            if book.bytes_since_checkpoint > 0 && live_bytes * 2 > reclaimable {
                 // Rewriting the live state would cost more than it frees: wait for more garbage.
                 book.next_checkpoint_bytes = book.bytes_since_checkpoint + live_bytes * 2;
                 return;
@@ -406,6 +437,7 @@ impl Log {
             book.epoch += 1;
             book.bytes_since_checkpoint = 0;
             book.recheck_at = 0;
+            book.last_checkpoint_bytes = live_bytes;
             book.next_checkpoint_bytes = self.checkpoint_bytes.max(live_bytes * 2);
             book.epoch
         };

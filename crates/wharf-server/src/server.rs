@@ -174,6 +174,22 @@ async fn run_pager(shared: Arc<Shared>) {
     }
 }
 
+/// How often the log's housekeeping runs (releases and deferred checkpoints on an idle broker).
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The housekeeping task: the log's periodic work, see [`crate::log::Log::housekeeping`].
+async fn run_housekeeping(shared: Arc<Shared>) {
+    let mut stop = shared.shutdown.clone();
+    let mut every = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => return,
+            _ = every.tick() => shared.lock().housekeeping(),
+        }
+    }
+}
+
 /// The timer task: sleeps until the core's earliest timer (or until a command creates an
 /// earlier one, see [`Shared::wake_timer_if_earlier`]), then fires what is due. One task for
 /// every timer of the broker (delays, TTLs, leases, queue expiry): no task per message.
@@ -314,6 +330,7 @@ impl Server {
         // fired from the start.
         let timers = tokio::spawn(run_timers(shared.clone()));
         let pager = tokio::spawn(run_pager(shared.clone()));
+        let housekeeping = tokio::spawn(run_housekeeping(shared.clone()));
         info!(addr = %listener.local_addr()?, "wharf is listening");
         loop {
             while connections.try_join_next().is_some() {}
@@ -352,6 +369,9 @@ impl Server {
         }
         if let Err(err) = pager.await {
             warn!("the pager task failed: {err}");
+        }
+        if let Err(err) = housekeeping.await {
+            warn!("the housekeeping task failed: {err}");
         }
         let log = shared.lock().log().cloned();
         if let Some(log) = log {

@@ -179,6 +179,13 @@ impl State {
         })
     }
 
+    /// The log's periodic work (see [`Log::housekeeping`]).
+    pub fn housekeeping(&mut self) {
+        if let Some(log) = self.log.clone() {
+            log.housekeeping(&self.broker, self.spools.as_mut());
+        }
+    }
+
     /// Whether durable publishes are being refused (disk full, log failed), and why.
     pub fn refusing_durable(&self) -> Option<&'static str> {
         self.log.as_ref().and_then(|log| log.refusing())
