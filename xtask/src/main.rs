@@ -7,6 +7,9 @@
 //! - `fuzz TARGET [--seconds N] [--sanitizer]`: a cargo-fuzz target for N seconds.
 //! - `layers`: checks the crate layering (the sans-IO core pulls in no runtime).
 //! - `python`: only the Python tier of `test` (build the package, pytest, mypy on examples).
+//! - `backlog [--count N] [--in-memory]`: the queues-larger-than-memory benchmark: a release
+//!   server, `wharf bench --backlog` with N persistent 100-byte messages (default 10 M), then
+//!   the server's peak RSS (`--in-memory`: with paging off, for comparison).
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -23,6 +26,7 @@ fn main() -> Result<()> {
         "layers" => layers(),
         "python" => python_tier(),
         "crash" => crash(&rest),
+        "backlog" => backlog(&rest),
         "help" | "--help" | "-h" => {
             println!("{}", HELP);
             Ok(())
@@ -41,7 +45,10 @@ const HELP: &str = "usage: cargo xtask <task>
                                run a cargo-fuzz target (decode_frame, decode_stream)
   layers                       check crate layering (wharf-core has no tokio)
   python                       only the Python tier (bindings/python tests, mypy on examples)
-  crash [--rounds N]           kill -9 crash rounds of the real server (default 50; CI runs 10)";
+  crash [--rounds N]           kill -9 crash rounds of the real server (default 50; CI runs 10)
+  backlog [--count N] [--in-memory]
+                               N persistent 100-byte messages published, then drained (default
+                               10 M): rates and the broker's peak RSS (--in-memory: paging off)";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -361,6 +368,68 @@ fn bench_plot(args: &[String]) -> Result<()> {
     }
     eprintln!("xtask: wrote {}", out.display());
     Ok(())
+}
+
+/// `cargo xtask backlog`: a release `wharf serve` on a fresh data dir, `wharf bench --backlog`
+/// against it, then the server's peak resident memory (`VmHWM`, Linux).
+fn backlog(args: &[String]) -> Result<()> {
+    let mut count = "10000000".to_owned();
+    let mut in_memory = false;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--count" => count = args.next().context("--count needs a number")?.clone(),
+            "--in-memory" => in_memory = true,
+            other => bail!("backlog: unknown argument {other}"),
+        }
+    }
+    run(cargo().args(["build", "--release", "--bin", "wharf"]))?;
+    let dir = root().join("target/backlog");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("wharf.toml");
+    let paging = if in_memory { 0 } else { 100_000 };
+    std::fs::write(&config, format!("queue_memory_messages = {paging}\n"))?;
+    let wharf = root().join("target/release/wharf");
+    let mut server = Command::new(&wharf)
+        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting wharf serve")?;
+    let result = (|| {
+        let addr = server_addr(&mut server)?;
+        run(Command::new(&wharf).args([
+            "bench",
+            "--persistent",
+            "--manual-ack",
+            "--backlog",
+            "--confirm-window",
+            "1000",
+            "--quiet",
+            "--count",
+            &count,
+            "--server",
+            &addr,
+        ]))?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.id()))
+            .context("reading the server's /proc status (Linux only)")?;
+        for line in status.lines() {
+            if line.starts_with("VmHWM") || line.starts_with("VmRSS") {
+                println!(
+                    "broker {}",
+                    line.split_whitespace().collect::<Vec<_>>().join(" ")
+                );
+            }
+        }
+        Ok(())
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// Builds the release binary, starts `wharf serve` on a free port with a fresh data dir, runs
