@@ -72,6 +72,7 @@ struct QueueFeatures {
     retry: Option<Vec<Duration>>,
     dedup_window: Option<Duration>,
     single_active_consumer: Option<bool>,
+    sync: Option<String>,
 }
 
 impl QueueFeatures {
@@ -83,26 +84,47 @@ impl QueueFeatures {
                 given.push((key, keyword));
             }
         };
-        add(self.max_priority.is_some(), "x-max-priority", "max_priority");
+        add(
+            self.max_priority.is_some(),
+            "x-max-priority",
+            "max_priority",
+        );
         add(self.max_length.is_some(), "x-max-length", "max_length");
-        add(self.max_length_bytes.is_some(), "x-max-length-bytes", "max_length_bytes");
+        add(
+            self.max_length_bytes.is_some(),
+            "x-max-length-bytes",
+            "max_length_bytes",
+        );
         add(self.overflow.is_some(), "x-overflow", "overflow");
-        add(self.dead_letter_exchange.is_some(), "x-dead-letter-exchange", "dead_letter_exchange");
+        add(
+            self.dead_letter_exchange.is_some(),
+            "x-dead-letter-exchange",
+            "dead_letter_exchange",
+        );
         add(
             self.dead_letter_routing_key.is_some(),
             "x-dead-letter-routing-key",
             "dead_letter_routing_key",
         );
-        add(self.delivery_limit.is_some(), "x-delivery-limit", "delivery_limit");
+        add(
+            self.delivery_limit.is_some(),
+            "x-delivery-limit",
+            "delivery_limit",
+        );
         add(self.message_ttl.is_some(), "x-message-ttl", "message_ttl");
         add(self.expires.is_some(), "x-expires", "expires");
         add(self.retry.is_some(), "x-retry", "retry");
-        add(self.dedup_window.is_some(), "x-dedup-window", "dedup_window");
+        add(
+            self.dedup_window.is_some(),
+            "x-dedup-window",
+            "dedup_window",
+        );
         add(
             self.single_active_consumer.is_some(),
             "x-single-active-consumer",
             "single_active_consumer",
         );
+        add(self.sync.is_some(), "x-sync", "sync");
         given
     }
 
@@ -155,6 +177,10 @@ impl QueueFeatures {
         if let Some(enabled) = self.single_active_consumer {
             declare = declare.single_active_consumer(enabled);
         }
+        if let Some(sync) = &self.sync {
+            // The broker validates it (`InvalidArgument`), as for `arguments`.
+            declare = declare.argument("x-sync", sync.as_str());
+        }
         declare
     }
 }
@@ -173,7 +199,9 @@ fn overflow(value: &str) -> PyResult<Overflow> {
 /// A retry schedule: a list or tuple of durations.
 fn retry_schedule(schedule: &Bound<'_, PyAny>) -> PyResult<Vec<Duration>> {
     if schedule.is_instance_of::<PyString>() || schedule.cast::<PyDict>().is_ok() {
-        return Err(PyTypeError::new_err("retry is a list of delays (seconds or timedelta)"));
+        return Err(PyTypeError::new_err(
+            "retry is a list of delays (seconds or timedelta)",
+        ));
     }
     schedule
         .try_iter()
@@ -213,7 +241,9 @@ impl Core {
             options.client_name = client_name;
         }
         if let Some(heartbeat) = convert::optional_seconds("heartbeat", heartbeat)? {
-            options.heartbeat_ms = u32::try_from(heartbeat.as_millis()).unwrap_or(u32::MAX).max(1);
+            options.heartbeat_ms = u32::try_from(heartbeat.as_millis())
+                .unwrap_or(u32::MAX)
+                .max(1);
         }
         let task_handle = handle.clone();
         run(py, &handle, done, async move {
@@ -260,7 +290,7 @@ impl Core {
         max_length_bytes = None, overflow = None, dead_letter_exchange = None,
         dead_letter_routing_key = None, delivery_limit = None, message_ttl = None,
         expires = None, retry = None, dedup_window = None, single_active_consumer = None,
-        done = None))]
+        sync = None, done = None))]
     #[allow(clippy::too_many_arguments)]
     fn declare_queue(
         &self,
@@ -283,6 +313,7 @@ impl Core {
         retry: Option<&Bound<'_, PyAny>>,
         dedup_window: Option<&Bound<'_, PyAny>>,
         single_active_consumer: Option<bool>,
+        sync: Option<String>,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let arguments = self::arguments(arguments)?;
@@ -302,6 +333,7 @@ impl Core {
                 .transpose()?,
             dedup_window: convert::optional_duration("dedup_window", dedup_window)?,
             single_active_consumer,
+            sync,
         };
         features.check_against(&arguments)?;
         let client = self.client();
@@ -331,21 +363,37 @@ impl Core {
     ) -> PyResult<Py<PyAny>> {
         let client = self.client();
         run(py, &self.handle, done, async move {
-            client.delete_queue(&name).if_unused(if_unused).if_empty(if_empty).await
+            client
+                .delete_queue(&name)
+                .if_unused(if_unused)
+                .if_empty(if_empty)
+                .await
         })
     }
 
     /// Drops a queue's ready messages; returns how many.
     #[pyo3(signature = (name, *, done = None))]
-    fn purge_queue(&self, py: Python<'_>, name: String, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+    fn purge_queue(
+        &self,
+        py: Python<'_>,
+        name: String,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
         let client = self.client();
-        run(py, &self.handle, done, async move { client.purge_queue(&name).await })
+        run(py, &self.handle, done, async move {
+            client.purge_queue(&name).await
+        })
     }
 
     /// A queue's counters as a dict (every counter of protocol 1.1; those a 1.0 broker does
     /// not report are 0).
     #[pyo3(signature = (name, *, done = None))]
-    fn queue_stats(&self, py: Python<'_>, name: String, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+    fn queue_stats(
+        &self,
+        py: Python<'_>,
+        name: String,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
         let client = self.client();
         run(py, &self.handle, done, async move {
             if client.protocol_minor() >= MINOR_QUEUE_FEATURES {
@@ -391,7 +439,9 @@ impl Core {
             }
         };
         let client = self.client();
-        run(py, &self.handle, done, async move { client.redrive(&queue, max).await })
+        run(py, &self.handle, done, async move {
+            client.redrive(&queue, max).await
+        })
     }
 
     /// Declares an exchange of `kind` (`direct`, `fanout`, `topic`, `headers`).
@@ -532,7 +582,8 @@ impl Core {
         exchange: &str,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        let mut entries: Vec<(Option<String>, Message)> = Vec::with_capacity(messages.len().unwrap_or(0));
+        let mut entries: Vec<(Option<String>, Message)> =
+            Vec::with_capacity(messages.len().unwrap_or(0));
         let mut routed = false;
         for item in messages.try_iter()? {
             let item = item?;
@@ -555,7 +606,9 @@ impl Core {
                 publisher.publish_batch_routed(&exchange, routed).await
             } else {
                 let messages = entries.into_iter().map(|(_, message)| message).collect();
-                publisher.publish_batch(&exchange, &routing_key, messages).await
+                publisher
+                    .publish_batch(&exchange, &routing_key, messages)
+                    .await
             }
         })
     }
@@ -613,8 +666,13 @@ impl Core {
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         let version = PyString::new(py, self.client.server_version()).repr()?;
-        let closed = if self.client.is_closed() { "True" } else { "False" };
-        Ok(format!("<wharf Core server_version={version} closed={closed}>"))
+        let closed = if self.client.is_closed() {
+            "True"
+        } else {
+            "False"
+        };
+        Ok(format!(
+            "<wharf Core server_version={version} closed={closed}>"
+        ))
     }
 }
-

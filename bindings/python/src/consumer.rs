@@ -62,7 +62,11 @@ pub(crate) struct Batch {
 
 /// Takes what the stream has buffered, up to `max`, without waiting. `Err` only if nothing
 /// was taken (an error after some deliveries is kept for the next call).
-fn take_buffered(state: &mut ConsumerState, max: usize, collected: &mut Collected) -> Result<(), ClientError> {
+fn take_buffered(
+    state: &mut ConsumerState,
+    max: usize,
+    collected: &mut Collected,
+) -> Result<(), ClientError> {
     if let Some(err) = state.error.take() {
         state.ended = true;
         return Err(err);
@@ -206,7 +210,10 @@ struct AsyncBatch {
 impl ToPy for AsyncBatch {
     fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let messages = Message::list(py, self.batch.deliveries, self.auto_ack, &self.handle)?;
-        Ok((messages, self.batch.ended).into_pyobject(py)?.into_any().unbind())
+        Ok((messages, self.batch.ended)
+            .into_pyobject(py)?
+            .into_any()
+            .unbind())
     }
 }
 
@@ -225,17 +232,28 @@ impl PyConsumer {
             && let Ok(mut state) = self.state.try_lock()
         {
             let mut collected = Collected(Vec::new());
-            take_buffered(&mut state, max, &mut collected).map_err(|err| errors::to_py_err(py, &err))?;
+            take_buffered(&mut state, max, &mut collected)
+                .map_err(|err| errors::to_py_err(py, &err))?;
             if !collected.0.is_empty() || state.ended {
                 let ended = state.ended;
                 drop(state);
-                return Ok((Message::list(py, collected.take(), self.auto_ack, &self.handle)?, ended));
+                return Ok((
+                    Message::list(py, collected.take(), self.auto_ack, &self.handle)?,
+                    ended,
+                ));
             }
         }
         let first_deadline = timeout.map(|timeout| Instant::now() + timeout);
-        let batch = wait_forever(py, &self.handle, collect(self.state.clone(), max, first_deadline, max_wait))?
-            .map_err(|err| errors::to_py_err(py, &err))?;
-        Ok((Message::list(py, batch.deliveries, self.auto_ack, &self.handle)?, batch.ended))
+        let batch = wait_forever(
+            py,
+            &self.handle,
+            collect(self.state.clone(), max, first_deadline, max_wait),
+        )?
+        .map_err(|err| errors::to_py_err(py, &err))?;
+        Ok((
+            Message::list(py, batch.deliveries, self.auto_ack, &self.handle)?,
+            batch.ended,
+        ))
     }
 
     fn cancel_future(&self) -> impl Future<Output = Result<(), ClientError>> + Send + 'static {
@@ -329,7 +347,9 @@ impl PyConsumer {
     ) -> PyResult<Vec<Py<Message>>> {
         let max_wait = convert::seconds("max_wait", max_wait)?;
         let timeout = convert::optional_seconds("timeout", timeout)?;
-        Ok(self.next_batch_inner(py, max_messages, max_wait, timeout)?.0)
+        Ok(self
+            .next_batch_inner(py, max_messages, max_wait, timeout)?
+            .0)
     }
 
     /// An iterator of non-empty lists of up to `max_messages` messages, each waiting at most
@@ -348,7 +368,8 @@ impl PyConsumer {
     /// not yet taken are requeued; messages taken and not settled are requeued by the broker.
     /// Cancelling twice is a no-op.
     fn cancel(&self, py: Python<'_>) -> PyResult<()> {
-        wait_forever(py, &self.handle, self.cancel_future())?.map_err(|err| errors::to_py_err(py, &err))
+        wait_forever(py, &self.handle, self.cancel_future())?
+            .map_err(|err| errors::to_py_err(py, &err))
     }
 
     fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
@@ -378,7 +399,8 @@ impl PyConsumer {
         timeout: Option<f64>,
     ) -> PyResult<crate::Task> {
         let max_wait = convert::seconds("max_wait", max_wait)?;
-        let first_deadline = convert::optional_seconds("timeout", timeout)?.map(|timeout| Instant::now() + timeout);
+        let first_deadline =
+            convert::optional_seconds("timeout", timeout)?.map(|timeout| Instant::now() + timeout);
         let state = self.state.clone();
         let (auto_ack, handle) = (self.auto_ack, self.handle.clone());
         Ok(spawn_done(&self.handle, done, async move {
@@ -423,7 +445,8 @@ impl Batches {
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<Vec<Py<Message>>>> {
         let consumer = self.consumer.get();
-        let (messages, ended) = consumer.next_batch_inner(py, self.max_messages, self.max_wait, consumer.timeout)?;
+        let (messages, ended) =
+            consumer.next_batch_inner(py, self.max_messages, self.max_wait, consumer.timeout)?;
         if messages.is_empty() {
             if !ended {
                 consumer.cancel(py)?;

@@ -89,7 +89,9 @@ pub(crate) fn to_entries(dict: &Bound<'_, PyDict>, depth: usize) -> PyResult<Vec
 }
 
 /// Optional entries from a dict or any mapping (`None` = empty).
-pub(crate) fn optional_entries(mapping: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<(String, Value)>> {
+pub(crate) fn optional_entries(
+    mapping: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Vec<(String, Value)>> {
     let Some(mapping) = mapping else {
         return Ok(Vec::new());
     };
@@ -104,7 +106,10 @@ pub(crate) fn optional_entries(mapping: Option<&Bound<'_, PyAny>>) -> PyResult<V
 }
 
 /// A typed table value as a Python object.
-pub(crate) fn value_to_py<'py>(py: Python<'py>, value: ValueRef<'_>) -> PyResult<Bound<'py, PyAny>> {
+pub(crate) fn value_to_py<'py>(
+    py: Python<'py>,
+    value: ValueRef<'_>,
+) -> PyResult<Bound<'py, PyAny>> {
     match value {
         ValueRef::Str(text) => text.into_bound_py_any(py),
         ValueRef::I64(number) => number.into_bound_py_any(py),
@@ -123,7 +128,10 @@ pub(crate) fn value_to_py<'py>(py: Python<'py>, value: ValueRef<'_>) -> PyResult
 }
 
 /// Table entries as a dict; for a repeated key the first entry wins (as for readers in Rust).
-pub(crate) fn table_to_dict<'py>(py: Python<'py>, entries: TableIter<'_>) -> PyResult<Bound<'py, PyDict>> {
+pub(crate) fn table_to_dict<'py>(
+    py: Python<'py>,
+    entries: TableIter<'_>,
+) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     for (key, value) in entries {
         if !dict.contains(key)? {
@@ -141,8 +149,11 @@ pub(crate) fn invalid_argument(message: String) -> PyErr {
 
 /// Seconds (`float`) as a `Duration`; `wharf.InvalidArgument` if negative or not finite.
 pub(crate) fn seconds(what: &str, value: f64) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(value)
-        .map_err(|_| invalid_argument(format!("{what} must be a finite number of seconds >= 0, not {value}")))
+    Duration::try_from_secs_f64(value).map_err(|_| {
+        invalid_argument(format!(
+            "{what} must be a finite number of seconds >= 0, not {value}"
+        ))
+    })
 }
 
 /// Optional seconds.
@@ -156,7 +167,12 @@ static TIMEDELTA: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 pub(crate) fn duration(what: &str, value: &Bound<'_, PyAny>) -> PyResult<Duration> {
     let py = value.py();
     let timedelta = TIMEDELTA.get_or_try_init(py, || {
-        Ok::<_, PyErr>(py.import("datetime")?.getattr("timedelta")?.cast_into::<PyType>()?.unbind())
+        Ok::<_, PyErr>(
+            py.import("datetime")?
+                .getattr("timedelta")?
+                .cast_into::<PyType>()?
+                .unbind(),
+        )
     })?;
     let secs: f64 = if value.is_instance(timedelta.bind(py))? {
         value.call_method0("total_seconds")?.extract()?
@@ -174,7 +190,10 @@ pub(crate) fn duration(what: &str, value: &Bound<'_, PyAny>) -> PyResult<Duratio
 }
 
 /// An optional duration (`None` = not given).
-pub(crate) fn optional_duration(what: &str, value: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Duration>> {
+pub(crate) fn optional_duration(
+    what: &str,
+    value: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Option<Duration>> {
     match value {
         Some(value) if !value.is_none() => Ok(Some(duration(what, value)?)),
         _ => Ok(None),
@@ -226,7 +245,9 @@ impl Props {
 
     /// The message to publish.
     pub(crate) fn into_message(self, body: Bytes) -> Message {
-        let mut message = Message::new(body).persistent(self.persistent).priority(self.priority);
+        let mut message = Message::new(body)
+            .persistent(self.persistent)
+            .priority(self.priority);
         for (key, value) in self.headers {
             message = message.header(key, value);
         }

@@ -66,7 +66,9 @@ pub(crate) fn runtime() -> PyResult<Handle> {
         .thread_name("wharf-io")
         .enable_all()
         .build()
-        .map_err(|err| pyo3::exceptions::PyOSError::new_err(format!("cannot start the wharf runtime: {err}")))?;
+        .map_err(|err| {
+            pyo3::exceptions::PyOSError::new_err(format!("cannot start the wharf runtime: {err}"))
+        })?;
     let runtime = Arc::new(runtime);
     let handle = runtime.handle().clone();
     *slot = Some((pid, runtime));

@@ -24,7 +24,12 @@ pub(crate) struct Message {
 }
 
 impl Message {
-    pub(crate) fn new(py: Python<'_>, delivery: Delivery, auto_ack: bool, handle: Handle) -> Message {
+    pub(crate) fn new(
+        py: Python<'_>,
+        delivery: Delivery,
+        auto_ack: bool,
+        handle: Handle,
+    ) -> Message {
         let body = PyBytes::new(py, delivery.body()).unbind();
         Message {
             delivery,
@@ -245,7 +250,11 @@ impl Message {
             "<wharf.Message delivery_tag={} routing_key={:?} redelivered={} body_bytes={}>",
             self.delivery.delivery_tag(),
             self.delivery.routing_key(),
-            if self.delivery.redelivered() { "True" } else { "False" },
+            if self.delivery.redelivered() {
+                "True"
+            } else {
+                "False"
+            },
             self.delivery.body().len()
         )
     }

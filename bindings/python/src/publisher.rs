@@ -109,13 +109,22 @@ impl PyPublisher {
     }
 
     fn wait_confirms_inner(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Failures> {
-        let deadline = convert::optional_seconds("timeout", timeout)?.map(|timeout| Instant::now() + timeout);
-        match wait(py, &self.handle, all_confirmed(self.pending.clone()), deadline)? {
+        let deadline =
+            convert::optional_seconds("timeout", timeout)?.map(|timeout| Instant::now() + timeout);
+        match wait(
+            py,
+            &self.handle,
+            all_confirmed(self.pending.clone()),
+            deadline,
+        )? {
             Some(failures) => Ok(failures),
             None => Err(errors::new_error(
                 py,
                 "Timeout",
-                format!("wait_confirms timed out with {} publishes unconfirmed", lock(&self.pending).tickets.len()),
+                format!(
+                    "wait_confirms timed out with {} publishes unconfirmed",
+                    lock(&self.pending).tickets.len()
+                ),
             )),
         }
     }
@@ -204,7 +213,12 @@ impl PyPublisher {
     /// Waits until every publish so far is confirmed (at most `timeout` seconds, then
     /// `Timeout`) and returns the refused ones as `[(seq, error), ...]` (empty: all stored).
     #[pyo3(signature = (timeout = None, *, done = None))]
-    fn wait_confirms(&self, py: Python<'_>, timeout: Option<f64>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+    fn wait_confirms(
+        &self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
         match done {
             None => self.wait_confirms_inner(py, timeout)?.to_py(py),
             Some(done) => {

@@ -248,6 +248,29 @@ def test_the_dedup_window_forgets_an_id_once_it_has_passed(conn: wharf.Connectio
     assert conn.queue_stats(queue).ready == 2
 
 
+# -- sync policy per queue ------------------------------------------------------------------
+
+
+def test_a_queue_s_sync_policy_overrides_the_broker_s_and_the_confirm_says_so(
+    conn: wharf.Connection,
+) -> None:
+    relaxed = conn.declare_queue(unique("sync-never"), durable=True, sync="never").name
+    strict = conn.declare_queue(unique("sync-default"), durable=True).name
+    assert conn.publish(relaxed, b"a", persistent=True) == "unsafe_not_synced"
+    assert conn.publish(strict, b"b", persistent=True) == "fsynced"
+    soon = conn.declare_queue(unique("sync-interval"), durable=True, sync="interval=50").name
+    assert conn.publish(soon, b"c", persistent=True) == "unsafe_not_synced"
+
+
+def test_a_bad_sync_policy_or_one_given_twice_is_refused(conn: wharf.Connection) -> None:
+    with pytest.raises(wharf.InvalidArgument, match="x-sync"):
+        conn.declare_queue(unique("sync-bad"), durable=True, sync="sometimes")
+    with pytest.raises(wharf.InvalidArgument, match="given twice"):
+        conn.declare_queue(
+            unique("sync-twice"), durable=True, sync="never", arguments={"x-sync": "never"}
+        )
+
+
 # -- leases -------------------------------------------------------------------------------
 
 

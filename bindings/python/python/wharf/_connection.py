@@ -124,6 +124,7 @@ class Connection:
         retry: Optional[Sequence[Seconds]] = None,
         dedup_window: Optional[Seconds] = None,
         single_active_consumer: Optional[bool] = None,
+        sync: Optional[str] = None,
     ) -> QueueDeclared:
         """Declares a queue (creating it unless it exists) and returns its name and counts.
 
@@ -151,7 +152,12 @@ class Connection:
           after the next delay of the schedule, and is dead-lettered after the last;
         * ``dedup_window`` (``x-dedup-window``): drop a message whose ``message_id`` the queue
           took this recently (the publish raises :class:`Duplicate`);
-        * ``single_active_consumer``: deliver to one consumer at a time.
+        * ``single_active_consumer``: deliver to one consumer at a time;
+        * ``sync`` (``x-sync``, durable queues): this queue's fsync policy, overriding the
+          broker's: ``"always"`` (confirm after the fsync), ``"interval=MS"`` (fsync within MS
+          after the confirm) or ``"never"`` (unsafe); a persistent message is fsynced as the
+          strictest of its queues asks, and its confirm's :class:`Durability` says what
+          happened.
 
         Other arguments go in ``arguments`` (typed values, e.g. ``{"x-max-length": 1000}``); a
         feature given both ways raises :class:`InvalidArgument`, as does a value the broker
@@ -177,6 +183,7 @@ class Connection:
             retry=retry,
             dedup_window=dedup_window,
             single_active_consumer=single_active_consumer,
+            sync=sync,
         )
         return QueueDeclared(name, ready, consumers)
 

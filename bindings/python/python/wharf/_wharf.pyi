@@ -231,6 +231,7 @@ class Core:
         retry: Sequence[Seconds] | None = None,
         dedup_window: Seconds | None = None,
         single_active_consumer: bool | None = None,
+        sync: str | None = None,
         done: _Done | None = None,
     ) -> Any: ...
     def delete_queue(

@@ -222,6 +222,7 @@ class Connection:
         retry: Optional[Sequence[Seconds]] = None,
         dedup_window: Optional[Seconds] = None,
         single_active_consumer: Optional[bool] = None,
+        sync: Optional[str] = None,
     ) -> QueueDeclared:
         """Declares a queue, with its queue features; see
         :meth:`wharf.Connection.declare_queue`."""
@@ -246,6 +247,7 @@ class Connection:
                 retry=retry,
                 dedup_window=dedup_window,
                 single_active_consumer=single_active_consumer,
+                sync=sync,
                 done=done,
             )
         )
