@@ -675,35 +675,28 @@ where
     let mut effects = Vec::new();
     visit(&mut |op| {
         let command = match op {
-            Op::Enqueue {
-                durable_id,
-                queues,
-                message,
-            } => {
-                restore(
-                    broker,
-                    now_ms,
-                    &fates,
-                    durable_id,
-                    queues,
-                    Message::from(message),
-                    None,
-                    &mut effects,
-                    &mut recovered,
-                );
-                effects.drain(..).for_each(&mut *on_effect);
-                return;
-            }
-            Op::EnqueueAt {
-                durable_id,
-                queues,
-                message,
-                delay_ms,
-                ready_at_ms,
-            } => {
-                let message = Message {
-                    delay_ms,
-                    ..Message::from(message)
+            Op::Enqueue { .. } | Op::EnqueueAt { .. } => {
+                // `Enqueue` (older logs): ready at recovery.
+                let (durable_id, queues, message, ready_at_ms) = match op {
+                    Op::Enqueue {
+                        durable_id,
+                        queues,
+                        message,
+                    } => (durable_id, queues, Message::from(message), None),
+                    Op::EnqueueAt {
+                        durable_id,
+                        queues,
+                        message,
+                        delay_ms,
+                        ready_at_ms,
+                    } => {
+                        let message = Message {
+                            delay_ms,
+                            ..Message::from(message)
+                        };
+                        (durable_id, queues, message, Some(ready_at_ms))
+                    }
+                    _ => unreachable!("matched above"),
                 };
                 restore(
                     broker,
@@ -712,7 +705,7 @@ where
                     durable_id,
                     queues,
                     message,
-                    Some(ready_at_ms),
+                    ready_at_ms,
                     &mut effects,
                     &mut recovered,
                 );

@@ -411,11 +411,26 @@ impl Log {
         self.checkpoint(broker, spools);
     }
 
-    /// Writes a checkpoint of `broker`'s durable state now. Paged messages (queues larger
-    /// than memory) are copied from their spools by a thread of the log, without the broker
-    /// lock: batches appended meanwhile land between the checkpoint's begin and end, and
-    /// replay applies every batch after the begin (docs/durability.md).
+    /// Writes a checkpoint of `broker`'s durable state now, unless rewriting the live state
+    /// would cost more than it frees (then it is deferred). Paged messages (queues larger than
+    /// memory) are copied from their spools by a thread of the log, without the broker lock:
+    /// batches appended meanwhile land between the checkpoint's begin and end, and replay
+    /// applies every batch after the begin (docs/durability.md).
     pub fn checkpoint(self: &Arc<Self>, broker: &Broker, spools: Option<&mut Spools>) {
+        self.write_checkpoint(broker, spools, false);
+    }
+
+    /// Writes a checkpoint now, whatever it costs (tests and tools), unless one is running.
+    pub fn checkpoint_forced(self: &Arc<Self>, broker: &Broker, spools: Option<&mut Spools>) {
+        self.write_checkpoint(broker, spools, true);
+    }
+
+    fn write_checkpoint(
+        self: &Arc<Self>,
+        broker: &Broker,
+        spools: Option<&mut Spools>,
+        force: bool,
+    ) {
         let chunks = snapshot(broker, CHECKPOINT_CHUNK_BYTES);
         let (n_paged, paged_bytes) = broker.paged_totals();
         let live_bytes: u64 = chunks
@@ -427,8 +442,11 @@ impl Log {
             + 64 * n_paged;
         let epoch = {
             let mut book = self.book.lock().expect("log lock");
+            if book.checkpoint_running {
+                return;
+            }
             let reclaimable = book.bytes_since_checkpoint + book.last_checkpoint_bytes;
-            if book.bytes_since_checkpoint > 0 && live_bytes * 2 > reclaimable {
+            if !force && book.bytes_since_checkpoint > 0 && live_bytes * 2 > reclaimable {
                 // Rewriting the live state would cost more than it frees: wait for more garbage.
                 book.next_checkpoint_bytes = book.bytes_since_checkpoint + live_bytes * 2;
                 return;

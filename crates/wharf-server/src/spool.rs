@@ -228,27 +228,44 @@ impl PageReadDone {
     }
 }
 
+/// Reads the records of `file` in `from..to` block by block, within `budget`, handing the
+/// entries to `each`; returns the bytes of whole records taken and what is left over (a record
+/// cut by `to`, or refused by the budget).
+fn read_range(
+    file: &File,
+    from: u64,
+    to: u64,
+    budget: &mut Budget,
+    mut each: impl FnMut(Vec<PagedEntry>),
+) -> Result<(u64, Vec<u8>), String> {
+    let mut at = from;
+    let mut carry: Vec<u8> = Vec::new();
+    while !budget.full && at < to {
+        let n = READ_BLOCK_BYTES.min((to - at) as usize);
+        let start = carry.len();
+        carry.resize(start + n, 0);
+        file.read_exact_at(&mut carry[start..], at)
+            .map_err(|err| format!("cannot read a spool file: {err}"))?;
+        at += n as u64;
+        let (entries, used) = decode(&carry, budget)?;
+        each(entries);
+        carry.drain(..used);
+    }
+    Ok((at - from - carry.len() as u64, carry))
+}
+
 impl PageRead {
     /// Reads up to `max` entries (and the byte budget) from the file (no lock held). An I/O or
     /// decoding error means paged messages cannot come back: the caller stops the server.
     pub fn run(mut self) -> Result<PageReadDone, String> {
         let mut entries = Vec::new();
-        let mut at = self.from;
-        let mut carry: Vec<u8> = Vec::new();
-        while !self.budget.full && at < self.to {
-            let n = READ_BLOCK_BYTES.min((self.to - at) as usize);
-            let start = carry.len();
-            carry.resize(start + n, 0);
-            self.file
-                .read_exact_at(&mut carry[start..], at)
-                .map_err(|err| format!("cannot read a spool file: {err}"))?;
-            at += n as u64;
-            let (mut more, used) = decode(&carry, &mut self.budget)?;
-            entries.append(&mut more);
-            carry.drain(..used);
-        }
-        // Bytes of whole records taken: what was read minus what is left over.
-        let consumed = at - self.from - carry.len() as u64;
+        let (consumed, _) = read_range(
+            &self.file,
+            self.from,
+            self.to,
+            &mut self.budget,
+            |mut more| entries.append(&mut more),
+        )?;
         Ok(PageReadDone {
             read: self,
             entries,
@@ -272,22 +289,13 @@ pub struct SpoolRange {
 impl SpoolRange {
     /// Calls `each` with every entry of the range, in order, reading block by block.
     pub fn for_each(&self, mut each: impl FnMut(PagedEntry)) -> Result<(), String> {
-        let mut at = self.from;
-        let mut carry: Vec<u8> = Vec::new();
-        while at < self.to {
-            let n = READ_BLOCK_BYTES.min((self.to - at) as usize);
-            let start = carry.len();
-            carry.resize(start + n, 0);
-            self.file
-                .read_exact_at(&mut carry[start..], at)
-                .map_err(|err| format!("cannot read a spool file: {err}"))?;
-            at += n as u64;
-            let (entries, used) = decode(&carry, &mut Budget::new(u64::MAX, u64::MAX))?;
-            entries.into_iter().for_each(&mut each);
-            carry.drain(..used);
-        }
+        let mut unlimited = Budget::new(u64::MAX, u64::MAX);
+        let (_, mut carry) =
+            read_range(&self.file, self.from, self.to, &mut unlimited, |entries| {
+                entries.into_iter().for_each(&mut each)
+            })?;
         carry.extend_from_slice(&self.tail);
-        let (entries, used) = decode(&carry, &mut Budget::new(u64::MAX, u64::MAX))?;
+        let (entries, used) = decode(&carry, &mut unlimited)?;
         if used != carry.len() {
             return Err("a spool ends inside a record".to_owned());
         }

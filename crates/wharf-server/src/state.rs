@@ -179,6 +179,13 @@ impl State {
         })
     }
 
+    /// Writes a checkpoint now (tests and tools; the log decides when on its own otherwise).
+    pub fn checkpoint_now(&mut self) {
+        if let Some(log) = self.log.clone() {
+            log.checkpoint_forced(&self.broker, self.spools.as_mut());
+        }
+    }
+
     /// The log's periodic work (see [`Log::housekeeping`]).
     pub fn housekeeping(&mut self) {
         if let Some(log) = self.log.clone() {
