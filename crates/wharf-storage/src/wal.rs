@@ -494,7 +494,6 @@ impl Wal {
             active_base: report_active_base(&shared),
             write_lsn: report.end_lsn.0,
             durable_lsn: report.end_lsn.0,
-            last_sync: Instant::now(),
             sync_due: None,
         }));
         let handle = {
@@ -1063,7 +1062,6 @@ struct Writer {
     active_base: u64,
     write_lsn: u64,
     durable_lsn: u64,
-    last_sync: Instant,
     /// When data written without an fsync must be fsynced at the latest (the earliest
     /// interval of the batches written since the last fsync).
     sync_due: Option<Instant>,
@@ -1230,7 +1228,6 @@ impl Writer {
             return Err(error);
         }
         self.durable_lsn = self.write_lsn;
-        self.last_sync = Instant::now();
         self.sync_due = None;
         self.shared
             .durable_lsn
