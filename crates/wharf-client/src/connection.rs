@@ -1002,6 +1002,20 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
+/// Makes room for the rest of the frame whose start is in `buf`, if its length is within the
+/// limit (`decode` refuses it otherwise), so that a large `DeliverBatch` arrives in place:
+/// `decode` alone grows the buffer 64 KiB at a time (it must not trust a peer's length), which
+/// reallocates and copies a 256 KiB frame twice over. The server is the only peer here.
+fn reserve_whole_frame(buf: &mut BytesMut, frame_bytes_max: u32) {
+    let Some(prefix) = buf.get(..4) else {
+        return;
+    };
+    let frame_bytes = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+    if frame_bytes <= frame_bytes_max {
+        buf.reserve((4 + frame_bytes as usize).saturating_sub(buf.len()));
+    }
+}
+
 async fn run_reader(
     shared: Arc<Shared>,
     mut read: OwnedReadHalf,
@@ -1015,6 +1029,7 @@ async fn run_reader(
     loop {
         let next = async {
             loop {
+                reserve_whole_frame(&mut buf, frame_bytes_max);
                 match wharf_protocol::decode(&mut buf, frame_bytes_max) {
                     Ok(Some(frame)) => return Ok(Some(frame)),
                     Ok(None) => {}
@@ -1175,6 +1190,25 @@ async fn run_writer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partly_received_frame_gets_room_for_all_of_it_within_the_limit_only() {
+        let mut buf = BytesMut::with_capacity(16);
+        buf.extend_from_slice(&300_000_u32.to_be_bytes());
+        buf.extend_from_slice(&[7; 10]);
+        reserve_whole_frame(&mut buf, 1_000_000);
+        assert!(buf.capacity() >= 4 + 300_000, "{}", buf.capacity());
+        assert_eq!(&buf[4..], &[7; 10], "the received part is kept");
+
+        let mut over = BytesMut::with_capacity(16);
+        over.extend_from_slice(&300_000_u32.to_be_bytes());
+        reserve_whole_frame(&mut over, 100_000);
+        assert!(over.capacity() < 100_000, "a length over the limit reserves nothing");
+
+        let mut short = BytesMut::from(&[0_u8, 1][..]);
+        reserve_whole_frame(&mut short, 1_000_000);
+        assert_eq!(&short[..], &[0, 1], "no prefix yet: nothing to do");
+    }
 
     #[tokio::test]
     async fn read_frame_reports_clean_eof_and_mid_frame_eof_differently() {

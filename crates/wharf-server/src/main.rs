@@ -110,6 +110,9 @@ async fn wait_for_signal() {
     let _ = ctrl_c.await;
 }
 
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
