@@ -82,6 +82,7 @@ fn has_nextest() -> bool {
 }
 
 fn test(_args: &[String]) -> Result<()> {
+    build_tools()?;
     layers()?;
     // Release-mode build of the binary is what end-to-end tests exercise when present; the
     // tests themselves build what they need through cargo's own test harness.
@@ -94,6 +95,44 @@ fn test(_args: &[String]) -> Result<()> {
     run(cargo().args(["test", "--workspace", "--doc"]))?;
     python_tier()?;
     Ok(())
+}
+
+/// The `wharf` binary links jemalloc, whose build (`tikv-jemalloc-sys`) runs `make` besides
+/// the C compiler that Rust already links with. On a fresh Debian machine without `make`, it is
+/// installed with apt (as root, or through sudo).
+fn build_tools() -> Result<()> {
+    let has = |tool: &str| {
+        Command::new(tool)
+            .arg("--version")
+            .output()
+            .map(|out| out.status.success())
+            .unwrap_or(false)
+    };
+    if has("make") {
+        return Ok(());
+    }
+    if !has("apt-get") {
+        bail!("`make` is needed to build jemalloc; install it with your package manager");
+    }
+    eprintln!("xtask: `make` is missing; installing it with apt-get");
+    let as_root = std::env::var("USER").is_ok_and(|user| user == "root")
+        || Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|out| out.stdout.starts_with(b"0"));
+    let apt = |args: &[&str]| {
+        let mut cmd = if as_root {
+            Command::new("apt-get")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.arg("apt-get");
+            sudo
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut cmd)
+    };
+    apt(&["update", "-q"])?;
+    apt(&["install", "-y", "-q", "make"])
 }
 
 /// Tool versions the Python tier installs into its venv (pinned: a new release must not change
