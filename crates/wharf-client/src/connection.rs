@@ -1203,7 +1203,10 @@ mod tests {
         let mut over = BytesMut::with_capacity(16);
         over.extend_from_slice(&300_000_u32.to_be_bytes());
         reserve_whole_frame(&mut over, 100_000);
-        assert!(over.capacity() < 100_000, "a length over the limit reserves nothing");
+        assert!(
+            over.capacity() < 100_000,
+            "a length over the limit reserves nothing"
+        );
 
         let mut short = BytesMut::from(&[0_u8, 1][..]);
         reserve_whole_frame(&mut short, 1_000_000);

@@ -452,6 +452,27 @@ const LAPSED_TAGS_MAX: usize = 65_536;
 /// at once, and other commands get the broker in between.
 const TIMERS_PER_TICK_MAX: usize = 65_536;
 
+/// Distinct queues [`Broker::take_routed`] reports at most (a publish fanning out wider is
+/// watched through its first ones).
+pub const ROUTED_TRACKED_MAX: usize = 64;
+
+/// A queue's backlog and progress, for the server's publisher flow control
+/// ([`Broker::queue_flow`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFlow {
+    /// Ready messages (paged ones included).
+    pub ready: u64,
+    /// Body bytes of the ready messages.
+    pub ready_bytes: u64,
+    /// Consumers attached.
+    pub consumers: u32,
+    /// Those of them on the publishing connection itself (holding its reads would hold their
+    /// acks and credit too).
+    pub own_consumers: u32,
+    /// Deliveries made so far: it advances while consumers are taking messages.
+    pub delivered: u64,
+}
+
 #[derive(Debug, Clone, Default)]
 struct Connection {
     next_delivery_tag: u64,
@@ -519,6 +540,9 @@ pub struct Broker {
     next_queue_id: u64,
     next_generated_name: u64,
     route_scratch: Vec<QueueId>,
+    /// Queues that publishes were routed to since [`Broker::take_routed`] (distinct, at most
+    /// [`ROUTED_TRACKED_MAX`]): what the server's publisher flow control looks at.
+    routed: Vec<QueueId>,
     now_ms: u64,
     /// Body bytes of ready messages across all queues (for the server's memory watermark).
     ready_bytes_total: u64,
@@ -673,6 +697,7 @@ impl Broker {
             next_queue_id: 1,
             next_generated_name: 1,
             route_scratch: Vec::new(),
+            routed: Vec::new(),
             now_ms: 0,
             ready_bytes_total: 0,
             next_durable_id: 1,
@@ -916,6 +941,31 @@ impl Broker {
     }
 
     // ----- queries -----
+
+    /// Moves the queues that publishes were routed to since the last call into `into`
+    /// (cleared first; distinct, the first [`ROUTED_TRACKED_MAX`] of them). Observation only:
+    /// no state the commands depend on.
+    pub fn take_routed(&mut self, into: &mut Vec<QueueId>) {
+        into.clear();
+        std::mem::swap(&mut self.routed, into);
+    }
+
+    /// What publisher flow control needs to know of a queue, as seen by the publishing
+    /// `connection`, or `None` if the queue is gone.
+    pub fn queue_flow(&self, qid: QueueId, connection: ConnectionId) -> Option<QueueFlow> {
+        let queue = self.queues.get(&qid)?;
+        Some(QueueFlow {
+            ready: queue.ready_total(),
+            ready_bytes: queue.ready.bytes() + queue.paged.bytes,
+            consumers: queue.consumers.len() as u32,
+            own_consumers: queue
+                .consumers
+                .iter()
+                .filter(|consumer| consumer.connection == connection)
+                .count() as u32,
+            delivered: queue.stats.delivered,
+        })
+    }
 
     /// Statistics of one queue.
     pub fn queue_stats(&self, name: &str) -> Result<QueueStats, CoreError> {
@@ -1570,6 +1620,11 @@ impl Broker {
         let duplicates = self.drop_duplicates(&message, &mut targets);
         self.enqueue_routed(&message, &targets, effects);
         let routed = targets.len() as u32;
+        for qid in &targets {
+            if self.routed.len() < ROUTED_TRACKED_MAX && !self.routed.contains(qid) {
+                self.routed.push(*qid);
+            }
+        }
         self.to_dispatch.extend_from_slice(&targets);
         self.route_scratch = targets;
         self.finish_dead_letters_and_dispatch(effects);

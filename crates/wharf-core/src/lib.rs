@@ -40,7 +40,7 @@ pub mod topic;
 
 pub use broker::{
     BUILTIN_EXCHANGES, BindTarget, BindingInfo, Broker, CancelReason, Command, DEFAULT_EXCHANGE,
-    Delivery, Effect, ExchangeInfo, Reply,
+    Delivery, Effect, ExchangeInfo, QueueFlow, ROUTED_TRACKED_MAX, Reply,
 };
 pub use error::{CoreError, EntityKind};
 pub use exchange::{Destination, ExchangeKind, ExchangeOptions};

@@ -1320,3 +1320,89 @@ fn ready_bytes_total_tracks_every_way_messages_enter_and_leave_ready() {
     });
     assert_eq!(h.broker.ready_bytes_total(), 0);
 }
+
+#[test]
+fn routed_queues_are_reported_once_each_with_their_backlog_and_progress() {
+    let mut h = Harness::new();
+    h.queue("a");
+    h.queue("b");
+    h.exchange("fan", ExchangeKind::Fanout);
+    h.bind("fan", "a", "");
+    h.bind("fan", "b", "");
+    let mut routed = Vec::new();
+    h.broker.take_routed(&mut routed);
+    assert!(routed.is_empty(), "declaring and binding route nothing");
+
+    for body in ["one", "two", "three"] {
+        assert_eq!(h.publish("fan", "", body), 2);
+    }
+    h.publish("", "nowhere", "unroutable");
+    h.broker.take_routed(&mut routed);
+    assert_eq!(
+        routed.len(),
+        2,
+        "two queues, each reported once: {routed:?}"
+    );
+    let flows: Vec<_> = routed
+        .iter()
+        .map(|qid| h.broker.queue_flow(*qid, C2).expect("live queue"))
+        .collect();
+    for flow in &flows {
+        assert_eq!((flow.ready, flow.ready_bytes), (3, 3 + 3 + 5));
+        assert_eq!((flow.consumers, flow.delivered), (0, 0));
+    }
+    let mut again = Vec::new();
+    h.broker.take_routed(&mut again);
+    assert!(again.is_empty(), "taken: nothing until the next publish");
+
+    // A consumer takes from "a": its backlog shrinks and its deliveries count up.
+    h.subscribe(C1, "a", 1, 2);
+    let a = routed
+        .iter()
+        .copied()
+        .find(|qid| {
+            h.broker
+                .queue_flow(*qid, C2)
+                .is_some_and(|flow| flow.consumers == 1)
+        })
+        .expect("the queue with the consumer");
+    let flow = h.broker.queue_flow(a, C2).expect("live queue");
+    assert_eq!((flow.ready, flow.delivered), (1, 2));
+    assert_eq!(
+        flow.own_consumers, 0,
+        "the consumer is on another connection"
+    );
+    let flow = h.broker.queue_flow(a, C1).expect("live queue");
+    assert_eq!(
+        flow.own_consumers, 1,
+        "as seen by the consumer's connection"
+    );
+
+    h.ok(Command::DeleteQueue {
+        connection: C1,
+        name: "a".into(),
+        if_unused: false,
+        if_empty: false,
+    });
+    assert_eq!(
+        h.broker.queue_flow(a, C1),
+        None,
+        "a deleted queue has no flow"
+    );
+}
+
+#[test]
+fn routed_queues_tracked_are_bounded() {
+    let mut h = Harness::new();
+    h.exchange("fan", ExchangeKind::Fanout);
+    let n_queues = wharf_core::ROUTED_TRACKED_MAX + 6;
+    for idx in 0..n_queues {
+        let name = format!("q{idx}");
+        h.queue(&name);
+        h.bind("fan", &name, "");
+    }
+    assert_eq!(h.publish("fan", "", "x") as usize, n_queues);
+    let mut routed = Vec::new();
+    h.broker.take_routed(&mut routed);
+    assert_eq!(routed.len(), wharf_core::ROUTED_TRACKED_MAX);
+}

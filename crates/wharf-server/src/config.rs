@@ -57,6 +57,11 @@ pub struct ServerConfig {
     /// The same limit in body bytes (paging starts at whichever is reached first). 0: no
     /// byte limit.
     pub queue_memory_bytes: u64,
+    /// Publisher flow control: ready messages in a queue, with consumers taking from it, above
+    /// which its publishers are paused until the consumers catch up. 0: off.
+    pub flow_ready_messages: u64,
+    /// The same limit in body bytes (whichever is reached first). 0: no byte limit.
+    pub flow_ready_bytes: u64,
 }
 
 /// Parses a sync policy: `always`, `never` (unsafe) or `interval=MS`.
@@ -91,6 +96,8 @@ impl Default for ServerConfig {
             segment_bytes: 64 * 1024 * 1024,
             queue_memory_messages: crate::limits::QUEUE_MEMORY_MESSAGES,
             queue_memory_bytes: crate::limits::QUEUE_MEMORY_BYTES,
+            flow_ready_messages: crate::limits::FLOW_READY_MESSAGES,
+            flow_ready_bytes: crate::limits::FLOW_READY_BYTES,
         }
     }
 }
@@ -137,6 +144,10 @@ pub struct FileConfig {
     pub queue_memory_messages: Option<usize>,
     /// See [`ServerConfig::queue_memory_bytes`].
     pub queue_memory_bytes: Option<u64>,
+    /// See [`ServerConfig::flow_ready_messages`].
+    pub flow_ready_messages: Option<u64>,
+    /// See [`ServerConfig::flow_ready_bytes`].
+    pub flow_ready_bytes: Option<u64>,
 }
 
 /// A config error: the file cannot be read or parsed, or a value is out of range.
@@ -248,6 +259,10 @@ pub fn resolve(
         queue_memory_bytes: file
             .queue_memory_bytes
             .unwrap_or(defaults.queue_memory_bytes),
+        flow_ready_messages: file
+            .flow_ready_messages
+            .unwrap_or(defaults.flow_ready_messages),
+        flow_ready_bytes: file.flow_ready_bytes.unwrap_or(defaults.flow_ready_bytes),
         bind: overrides.bind.or(file.bind).unwrap_or(defaults.bind),
         data_dir: overrides
             .data_dir

@@ -6,7 +6,8 @@ use crate::convert::{
     PublishNames, error_code, message_from_wire, properties_to_wire, table_to_headers,
 };
 use crate::limits::{
-    OUTBOX_BYTES_MAX, READ_BUFFER_BYTES, READY_BYTES_LOW_WATERMARK_PERCENT, WRITE_CHUNK_BYTES,
+    FLOW_RESUME_PERCENT, FLOW_STALL, OUTBOX_BYTES_MAX, READ_BUFFER_BYTES,
+    READY_BYTES_LOW_WATERMARK_PERCENT, WRITE_CHUNK_BYTES,
 };
 use crate::log::Outcome;
 use crate::outbox::{Out, Outbox};
@@ -24,7 +25,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 use wharf_core::{
     BindTarget, Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag,
-    ExchangeOptions, Message, QueueOptions, QueueStats, Reply,
+    ExchangeOptions, Message, QueueFlow, QueueId, QueueOptions, QueueStats, Reply,
 };
 use wharf_protocol::limits::{DURATION_MS_MAX, VECTORED_COPY_BYTES_MAX};
 use wharf_protocol::{
@@ -231,6 +232,11 @@ struct Reader {
     published: bool,
     /// Publishes waiting for the log before they are confirmed.
     in_flight: Arc<InFlight>,
+    /// Queues the last batch's publishes were routed to (publisher flow control).
+    routed: Vec<QueueId>,
+    /// Queues whose consumers stopped taking while this publisher waited for them, with their
+    /// delivery count then: no more waiting for them until they take again.
+    stalled: Vec<(QueueId, u64)>,
 }
 
 /// Unconfirmed publishes of one connection: the reader stops reading at the limit.
@@ -258,6 +264,8 @@ async fn read_loop(
         names: PublishNames::default(),
         published: false,
         in_flight: Arc::new(InFlight::default()),
+        routed: Vec::new(),
+        stalled: Vec::new(),
     };
     let in_flight_max = u64::from(shared.config.publishes_in_flight_max);
     let mut frames: Vec<Frame> = Vec::new();
@@ -306,6 +314,7 @@ async fn read_loop(
         if state.published {
             state.published = false;
             wait_for_memory(shared).await;
+            wait_for_flow(shared, &mut state).await;
         }
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(READ_BUFFER_BYTES);
@@ -373,6 +382,75 @@ async fn wait_for_memory(shared: &Shared) {
             return;
         }
         let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;
+    }
+}
+
+/// Stalled queues a reader remembers at most (the oldest is forgotten first).
+const STALLED_TRACKED_MAX: usize = 16;
+
+/// Publisher flow control: after a batch that published, if a queue it was routed to holds
+/// more than the flow limit (`flow_ready_messages` / `flow_ready_bytes`) and has consumers,
+/// the connection is not read (its TCP window fills and its client blocks) until the consumers
+/// bring the queue down to `FLOW_RESUME_PERCENT` of the limit. A producer faster than its
+/// consumers then runs at their pace with a short backlog instead of filling memory (the
+/// bodies stay in cache, the broker's memory is reused; RabbitMQ's credit flow does the
+/// same). Consumers that take nothing for `FLOW_STALL` (gone quiet, or out of prefetch with
+/// nothing acked) release the publisher, and the queue grows as it would without them, until
+/// they take again. Queues without consumers are a store: never a reason to wait; nor is a
+/// queue this connection consumes from itself (its acks and credit arrive on this socket).
+async fn wait_for_flow(shared: &Shared, reader: &mut Reader) {
+    let (max_messages, max_bytes) = (
+        shared.config.flow_ready_messages,
+        shared.config.flow_ready_bytes,
+    );
+    if reader.routed.is_empty() || (max_messages == 0 && max_bytes == 0) {
+        return;
+    }
+    let over = |flow: &QueueFlow, percent: u64| {
+        (max_messages != 0 && flow.ready > max_messages / 100 * percent)
+            || (max_bytes != 0 && flow.ready_bytes > max_bytes / 100 * percent)
+    };
+    let congested = {
+        let state = shared.lock();
+        reader.routed.iter().find_map(|qid| {
+            let flow = state.broker.queue_flow(*qid, reader.connection)?;
+            let stalled = reader.stalled.contains(&(*qid, flow.delivered));
+            let held = flow.consumers > 0 && flow.own_consumers == 0 && !stalled;
+            (held && over(&flow, 100)).then_some((*qid, flow.delivered))
+        })
+    };
+    reader.routed.clear();
+    let Some((qid, mut delivered)) = congested else {
+        return;
+    };
+    let mut last_progress = Instant::now();
+    loop {
+        let changed = shared.queues_changed.notified();
+        let Some(flow) = shared.lock().broker.queue_flow(qid, reader.connection) else {
+            return;
+        };
+        if flow.consumers == 0 || !over(&flow, FLOW_RESUME_PERCENT) {
+            return;
+        }
+        if flow.delivered != delivered {
+            delivered = flow.delivered;
+            last_progress = Instant::now();
+        }
+        let waited = last_progress.elapsed();
+        if waited >= FLOW_STALL {
+            reader.stalled.retain(|(stalled, _)| *stalled != qid);
+            if reader.stalled.len() >= STALLED_TRACKED_MAX {
+                reader.stalled.remove(0);
+            }
+            reader.stalled.push((qid, delivered));
+            debug!(
+                connection = reader.connection.0,
+                "flow: the consumers of a queue took nothing for {} ms; publishing resumes",
+                FLOW_STALL.as_millis()
+            );
+            return;
+        }
+        let _ = tokio::time::timeout(FLOW_STALL - waited, changed).await;
     }
 }
 
@@ -525,6 +603,8 @@ fn process(
     let connection = reader.connection;
     {
         let mut state = shared.lock();
+        // Publishes made outside connections (recovery) are none of this reader's business.
+        state.broker.take_routed(&mut reader.routed);
         for frame in frames.drain(..) {
             if exit.is_some() {
                 continue;
@@ -719,6 +799,8 @@ fn process(
                 shared.memory_freed.notify_waiters();
             }
         }
+        state.broker.take_routed(&mut reader.routed);
+        shared.queues_changed.notify_waiters();
         shared.wake_timer_if_earlier(&state);
     }
     if !confirms.ranges.is_empty() {

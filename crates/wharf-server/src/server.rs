@@ -33,6 +33,9 @@ pub(crate) struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Notified when ready bytes fall below the low watermark (see the memory alarm).
     pub memory_freed: Notify,
+    /// Notified after every batch of commands: publishers paused by flow control look at
+    /// their queue again (see `connection::wait_for_flow`).
+    pub queues_changed: Notify,
     /// When the timer task will next apply `Command::Tick` (unix ms; `u64::MAX`: no timer).
     /// Read and written with the state lock held, so it always matches the core's timers as
     /// of the last command batch.
@@ -94,6 +97,7 @@ impl Shared {
             if state.broker.ready_bytes_total() <= high / 100 * READY_BYTES_LOW_WATERMARK_PERCENT {
                 self.memory_freed.notify_waiters();
             }
+            self.queues_changed.notify_waiters();
         }
         let next = state.broker.next_deadline();
         self.timer_at
@@ -297,6 +301,7 @@ impl Server {
             next_connection: AtomicU64::new(1),
             shutdown: receiver,
             memory_freed: Notify::new(),
+            queues_changed: Notify::new(),
             timer_at: AtomicU64::new(u64::MAX),
             timer_wake: Notify::new(),
         });
