@@ -6,8 +6,8 @@ use crate::convert::{
     PublishNames, error_code, message_from_wire, properties_to_wire, table_to_headers,
 };
 use crate::limits::{
-    FLOW_RESUME_PERCENT, FLOW_STALL, OUTBOX_BYTES_MAX, READ_BUFFER_BYTES,
-    READY_BYTES_LOW_WATERMARK_PERCENT, WRITE_CHUNK_BYTES,
+    FLOW_DRAIN_HORIZON, FLOW_RESUME_PERCENT, FLOW_SLOW_BACKOFF, FLOW_WINDOW, OUTBOX_BYTES_MAX,
+    READ_BUFFER_BYTES, READY_BYTES_LOW_WATERMARK_PERCENT, WRITE_CHUNK_BYTES,
 };
 use crate::log::Outcome;
 use crate::outbox::{Out, Outbox};
@@ -234,9 +234,9 @@ struct Reader {
     in_flight: Arc<InFlight>,
     /// Queues the last batch's publishes were routed to (publisher flow control).
     routed: Vec<QueueId>,
-    /// Queues whose consumers stopped taking while this publisher waited for them, with their
-    /// delivery count then: no more waiting for them until they take again.
-    stalled: Vec<(QueueId, u64)>,
+    /// Queues whose consumers drained them too slowly to hold this publisher for, and until
+    /// when they are not looked at again.
+    slow: Vec<(QueueId, Instant)>,
 }
 
 /// Unconfirmed publishes of one connection: the reader stops reading at the limit.
@@ -265,7 +265,7 @@ async fn read_loop(
         published: false,
         in_flight: Arc::new(InFlight::default()),
         routed: Vec::new(),
-        stalled: Vec::new(),
+        slow: Vec::new(),
     };
     let in_flight_max = u64::from(shared.config.publishes_in_flight_max);
     let mut frames: Vec<Frame> = Vec::new();
@@ -385,19 +385,22 @@ async fn wait_for_memory(shared: &Shared) {
     }
 }
 
-/// Stalled queues a reader remembers at most (the oldest is forgotten first).
-const STALLED_TRACKED_MAX: usize = 16;
+/// Queues a reader remembers as slow to drain at most (the oldest is forgotten first).
+const SLOW_TRACKED_MAX: usize = 16;
 
 /// Publisher flow control: after a batch that published, if a queue it was routed to holds
-/// more than the flow limit (`flow_ready_messages` / `flow_ready_bytes`) and has consumers,
-/// the connection is not read (its TCP window fills and its client blocks) until the consumers
-/// bring the queue down to `FLOW_RESUME_PERCENT` of the limit. A producer faster than its
-/// consumers then runs at their pace with a short backlog instead of filling memory (the
-/// bodies stay in cache, the broker's memory is reused; RabbitMQ's credit flow does the
-/// same). Consumers that take nothing for `FLOW_STALL` (gone quiet, or out of prefetch with
-/// nothing acked) release the publisher, and the queue grows as it would without them, until
-/// they take again. Queues without consumers are a store: never a reason to wait; nor is a
-/// queue this connection consumes from itself (its acks and credit arrive on this socket).
+/// more than the flow limit (`flow_ready_messages` / `flow_ready_bytes`) and has consumers
+/// keeping up with it, the connection is not read (its TCP window fills and its client blocks)
+/// until the consumers bring the queue down to `FLOW_RESUME_PERCENT` of the limit. A producer
+/// faster than a stream's consumers then runs at their pace with a short backlog instead of
+/// filling memory (the bodies stay in cache, the broker's memory is reused; RabbitMQ's credit
+/// flow does the same). "Keeping up" is checked every `FLOW_WINDOW`: the consumers must have
+/// taken enough to reach the resume level within `FLOW_DRAIN_HORIZON` at that pace. Slower
+/// consumers (a job queue's workers, consumers out of prefetch, or gone quiet) release the
+/// publisher, which is then not held for that queue for `FLOW_SLOW_BACKOFF`: their queue is a
+/// store that grows as it would without flow control. Queues without consumers are never a
+/// reason to wait, nor is a queue this connection consumes from itself (its acks and credit
+/// arrive on this socket).
 async fn wait_for_flow(shared: &Shared, reader: &mut Reader) {
     let (max_messages, max_bytes) = (
         shared.config.flow_ready_messages,
@@ -406,52 +409,90 @@ async fn wait_for_flow(shared: &Shared, reader: &mut Reader) {
     if reader.routed.is_empty() || (max_messages == 0 && max_bytes == 0) {
         return;
     }
-    let over = |flow: &QueueFlow, percent: u64| {
-        (max_messages != 0 && flow.ready > max_messages / 100 * percent)
-            || (max_bytes != 0 && flow.ready_bytes > max_bytes / 100 * percent)
-    };
+    let now = Instant::now();
+    reader.slow.retain(|(_, until)| *until > now);
     let congested = {
         let state = shared.lock();
         reader.routed.iter().find_map(|qid| {
+            if reader.slow.iter().any(|(slow, _)| slow == qid) {
+                return None;
+            }
             let flow = state.broker.queue_flow(*qid, reader.connection)?;
-            let stalled = reader.stalled.contains(&(*qid, flow.delivered));
-            let held = flow.consumers > 0 && flow.own_consumers == 0 && !stalled;
-            (held && over(&flow, 100)).then_some((*qid, flow.delivered))
+            holds_publisher(&flow, max_messages, max_bytes).then_some((*qid, flow.delivered))
         })
     };
     reader.routed.clear();
-    let Some((qid, mut delivered)) = congested else {
+    let Some((qid, mut window_delivered)) = congested else {
         return;
     };
-    let mut last_progress = Instant::now();
+    let mut window_end = Instant::now() + FLOW_WINDOW;
     loop {
         let changed = shared.queues_changed.notified();
         let Some(flow) = shared.lock().broker.queue_flow(qid, reader.connection) else {
             return;
         };
-        if flow.consumers == 0 || !over(&flow, FLOW_RESUME_PERCENT) {
+        if flow.consumers == 0
+            || !over_flow_limit(&flow, max_messages, max_bytes, FLOW_RESUME_PERCENT)
+        {
             return;
         }
-        if flow.delivered != delivered {
-            delivered = flow.delivered;
-            last_progress = Instant::now();
-        }
-        let waited = last_progress.elapsed();
-        if waited >= FLOW_STALL {
-            reader.stalled.retain(|(stalled, _)| *stalled != qid);
-            if reader.stalled.len() >= STALLED_TRACKED_MAX {
-                reader.stalled.remove(0);
+        let now = Instant::now();
+        if now >= window_end {
+            let taken = flow.delivered - window_delivered;
+            let excess = flow_excess(flow, max_messages, max_bytes);
+            let windows_to_drain = FLOW_DRAIN_HORIZON.as_nanos() / FLOW_WINDOW.as_nanos();
+            if u128::from(taken) * windows_to_drain < u128::from(excess) {
+                if reader.slow.len() >= SLOW_TRACKED_MAX {
+                    reader.slow.remove(0);
+                }
+                reader.slow.push((qid, now + FLOW_SLOW_BACKOFF));
+                debug!(
+                    connection = reader.connection.0,
+                    taken,
+                    excess,
+                    "flow: the consumers of a queue drain it slowly; publishing resumes"
+                );
+                return;
             }
-            reader.stalled.push((qid, delivered));
-            debug!(
-                connection = reader.connection.0,
-                "flow: the consumers of a queue took nothing for {} ms; publishing resumes",
-                FLOW_STALL.as_millis()
-            );
-            return;
+            window_delivered = flow.delivered;
+            window_end = now + FLOW_WINDOW;
         }
-        let _ = tokio::time::timeout(FLOW_STALL - waited, changed).await;
+        let _ = tokio::time::timeout(window_end - now, changed).await;
     }
+}
+
+/// Whether a queue's backlog is above `percent` of the flow limits (0: no limit).
+fn over_flow_limit(flow: &QueueFlow, max_messages: u64, max_bytes: u64, percent: u64) -> bool {
+    (max_messages != 0 && flow.ready > max_messages / 100 * percent)
+        || (max_bytes != 0 && flow.ready_bytes > max_bytes / 100 * percent)
+}
+
+/// Whether a queue holds the publishing connection it is seen from: it has consumers, none of
+/// them on that connection, and more ready than the flow limits.
+fn holds_publisher(flow: &QueueFlow, max_messages: u64, max_bytes: u64) -> bool {
+    flow.consumers > 0
+        && flow.own_consumers == 0
+        && over_flow_limit(flow, max_messages, max_bytes, 100)
+}
+
+/// Ready messages of a held queue above its resume level: by count, or by bytes converted to
+/// messages of the queue's average size, whichever is more.
+fn flow_excess(flow: QueueFlow, max_messages: u64, max_bytes: u64) -> u64 {
+    let by_count = if max_messages == 0 {
+        0
+    } else {
+        flow.ready
+            .saturating_sub(max_messages / 100 * FLOW_RESUME_PERCENT)
+    };
+    let by_bytes = if max_bytes == 0 || flow.ready_bytes == 0 {
+        0
+    } else {
+        let excess_bytes = flow
+            .ready_bytes
+            .saturating_sub(max_bytes / 100 * FLOW_RESUME_PERCENT);
+        (u128::from(flow.ready) * u128::from(excess_bytes) / u128::from(flow.ready_bytes)) as u64
+    };
+    by_count.max(by_bytes)
 }
 
 /// Builds confirm ranges: consecutive sequence numbers with the same outcome share a range.
@@ -1396,6 +1437,50 @@ async fn write_loop(mut writer: OwnedWriteHalf, outbox: Arc<Outbox>, negotiated:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queue_holds_its_publisher_only_with_others_consuming_and_over_a_limit() {
+        let flow = QueueFlow {
+            ready: 5_000,
+            ready_bytes: 500_000,
+            consumers: 2,
+            own_consumers: 0,
+            delivered: 7,
+        };
+        assert!(holds_publisher(&flow, 4_096, 0), "over the count limit");
+        assert!(holds_publisher(&flow, 0, 400_000), "over the byte limit");
+        assert!(!holds_publisher(&flow, 8_192, 1 << 20), "under both");
+        assert!(!holds_publisher(&flow, 0, 0), "flow control off");
+        let no_consumers = QueueFlow {
+            consumers: 0,
+            ..flow
+        };
+        assert!(!holds_publisher(&no_consumers, 4_096, 0), "a store");
+        let own = QueueFlow {
+            own_consumers: 1,
+            ..flow
+        };
+        assert!(
+            !holds_publisher(&own, 4_096, 0),
+            "the publisher consumes from it itself: holding it would hold its acks"
+        );
+    }
+
+    #[test]
+    fn a_held_queues_excess_counts_bytes_in_messages_of_its_average_size() {
+        let flow = QueueFlow {
+            ready: 1_000,
+            ready_bytes: 4_096_000,
+            consumers: 1,
+            own_consumers: 0,
+            delivered: 0,
+        };
+        // Resume levels: 2,048 messages (not reached: no excess by count), 1 MiB by bytes.
+        assert_eq!(flow_excess(flow, 4_096, 0), 0);
+        let excess_bytes = 4_096_000 - (2 << 20) / 100 * FLOW_RESUME_PERCENT;
+        assert_eq!(flow_excess(flow, 4_096, 2 << 20), excess_bytes / 4_096);
+        assert_eq!(flow_excess(flow, 100, 0), 1_000 - 50);
+    }
 
     #[test]
     fn confirms_merge_consecutive_equal_outcomes_into_ranges() {

@@ -16,8 +16,8 @@ pub const QUEUE_MEMORY_MESSAGES: usize = 100_000;
 /// either.
 pub const QUEUE_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 /// Publisher flow control: a publisher is paused while a queue it publishes to holds more
-/// ready messages than this and its consumers are taking them (they drain it more slowly than
-/// it is filled). A short backlog keeps the entries and bodies in cache and the broker's memory
+/// ready messages than this and its consumers keep up with it (they drain it, only more slowly
+/// than it is filled). A short backlog keeps the entries and bodies in cache and the broker's memory
 /// reused; a deep one only adds latency. S1 (one producer, one consumer, 100-byte messages)
 /// delivered 1.57–1.62 M msgs/s with 65,536, 1.66 M with 16,384, 1.80–1.99 M with 4,096 down
 /// to 256; at 1.8 M msgs/s the resume point (2,048) still leaves the consumers 1 ms of work
@@ -25,10 +25,17 @@ pub const QUEUE_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 pub const FLOW_READY_MESSAGES: u64 = 4_096;
 /// The same in body bytes (4 MiB: 1,024 bodies of 4 KiB).
 pub const FLOW_READY_BYTES: u64 = 4 * 1024 * 1024;
-/// A paused publisher resumes when the queue's consumers have taken nothing for this long
-/// (stalled consumers: the queue then grows as it would without them) ...
-pub const FLOW_STALL: Duration = Duration::from_millis(50);
-/// ... or when the queue is down to this percentage of the flow limits.
+/// A held publisher stays held only while the queue's consumers keep up: every window, they
+/// must have taken enough to bring the queue to its resume level within the horizon at that
+/// pace (a stream whose producer is merely faster). Slower consumers (a job queue's workers)
+/// release it ...
+pub const FLOW_WINDOW: Duration = Duration::from_millis(10);
+/// See [`FLOW_WINDOW`].
+pub const FLOW_DRAIN_HORIZON: Duration = Duration::from_millis(100);
+/// ... and their queue does not hold that publisher again for this long: a producer filling a
+/// job queue loses at most one window per backoff (1%).
+pub const FLOW_SLOW_BACKOFF: Duration = Duration::from_secs(1);
+/// A held publisher resumes when the queue is down to this percentage of the flow limits.
 pub const FLOW_RESUME_PERCENT: u64 = 50;
 /// Publishers resume once ready bytes fall below this fraction of the high watermark.
 pub const READY_BYTES_LOW_WATERMARK_PERCENT: u64 = 80;
