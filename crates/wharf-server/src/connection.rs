@@ -438,7 +438,7 @@ async fn wait_for_flow(shared: &Shared, reader: &mut Reader) {
         }
         let now = Instant::now();
         if now >= window_end {
-            let taken = flow.delivered - window_delivered;
+            let taken = flow.delivered.saturating_sub(window_delivered);
             let excess = flow_excess(flow, max_messages, max_bytes);
             let windows_to_drain = FLOW_DRAIN_HORIZON.as_nanos() / FLOW_WINDOW.as_nanos();
             if u128::from(taken) * windows_to_drain < u128::from(excess) {
