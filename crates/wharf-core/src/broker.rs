@@ -1620,9 +1620,13 @@ impl Broker {
         let duplicates = self.drop_duplicates(&message, &mut targets);
         self.enqueue_routed(&message, &targets, effects);
         let routed = targets.len() as u32;
-        for qid in &targets {
-            if self.routed.len() < ROUTED_TRACKED_MAX && !self.routed.contains(qid) {
-                self.routed.push(*qid);
+        // A batch usually publishes to the same queues again and again (route order is
+        // deterministic): then the list already starts with them, and nothing is searched.
+        if !self.routed.starts_with(&targets) {
+            for qid in &targets {
+                if self.routed.len() < ROUTED_TRACKED_MAX && !self.routed.contains(qid) {
+                    self.routed.push(*qid);
+                }
             }
         }
         self.to_dispatch.extend_from_slice(&targets);

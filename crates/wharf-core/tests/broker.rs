@@ -1355,6 +1355,14 @@ fn routed_queues_are_reported_once_each_with_their_backlog_and_progress() {
     h.broker.take_routed(&mut again);
     assert!(again.is_empty(), "taken: nothing until the next publish");
 
+    // Overlapping sets in another order: each queue still reported once.
+    h.publish("", "b", "to b");
+    h.publish("fan", "", "to both");
+    h.publish("", "a", "to a");
+    h.broker.take_routed(&mut again);
+    assert_eq!(again.len(), 2, "{again:?}");
+    assert_ne!(again[0], again[1]);
+
     // A consumer takes from "a": its backlog shrinks and its deliveries count up.
     h.subscribe(C1, "a", 1, 2);
     let a = routed
@@ -1367,7 +1375,8 @@ fn routed_queues_are_reported_once_each_with_their_backlog_and_progress() {
         })
         .expect("the queue with the consumer");
     let flow = h.broker.queue_flow(a, C2).expect("live queue");
-    assert_eq!((flow.ready, flow.delivered), (1, 2));
+    // "a" holds 5 (three fanned out, "to both", "to a"): two delivered, three ready.
+    assert_eq!((flow.ready, flow.delivered), (3, 2));
     assert_eq!(
         flow.own_consumers, 0,
         "the consumer is on another connection"

@@ -57,8 +57,8 @@ pub struct ServerConfig {
     /// The same limit in body bytes (paging starts at whichever is reached first). 0: no
     /// byte limit.
     pub queue_memory_bytes: u64,
-    /// Publisher flow control: ready messages in a queue, with consumers taking from it, above
-    /// which its publishers are paused until the consumers catch up. 0: off.
+    /// Publisher flow control: ready messages in a queue, with consumers keeping up with it,
+    /// above which its publishers are paused until the consumers bring it to half. 0: off.
     pub flow_ready_messages: u64,
     /// The same limit in body bytes (whichever is reached first). 0: no byte limit.
     pub flow_ready_bytes: u64,
