@@ -633,6 +633,22 @@ struct ProducerReport {
     error: Option<ClientError>,
 }
 
+impl ProducerReport {
+    fn new(settings: &Settings, start_ns: u64) -> ProducerReport {
+        ProducerReport {
+            published: 0,
+            confirmed: 0,
+            refused: 0,
+            unconfirmed: Vec::new(),
+            confirmed_per_queue: vec![0; settings.queues as usize],
+            confirm_latency: new_histogram(),
+            last_publish_ns: start_ns,
+            last_confirm_ns: start_ns,
+            error: None,
+        }
+    }
+}
+
 struct Producer {
     settings: Arc<Settings>,
     idx: u32,
@@ -643,6 +659,10 @@ struct Producer {
     start_ns: u64,
     progress: Arc<Progress>,
 }
+
+/// A paced producer waits longer than this before a slot on tokio's timer (1 ms granularity)
+/// and only this last stretch on `std::thread::sleep`.
+const PACED_COARSE_SLEEP_NS_MIN: u64 = 2_000_000;
 
 /// A batch in flight: first sequence number, size, queue, intended time of its first message,
 /// and the outcomes.
@@ -679,8 +699,7 @@ impl Producer {
     }
 
     /// Publishes until the count or the deadline, then waits for every confirm. In open-loop
-    /// mode it runs on its own thread (`block_on`) and paces with `std::thread::sleep`, which
-    /// is precise to tens of µs where tokio's timer has 1 ms granularity.
+    /// mode it runs as a [`PacedProducer`].
     async fn run(self) -> ProducerReport {
         let settings = self.settings.clone();
         let publisher = self.client.publisher_with_window(settings.confirm_window);
@@ -689,17 +708,7 @@ impl Producer {
             .duration
             .map(|duration| self.start_ns + duration.as_nanos() as u64);
         let interval_ns = self.interval_ns();
-        let mut report = ProducerReport {
-            published: 0,
-            confirmed: 0,
-            refused: 0,
-            unconfirmed: Vec::new(),
-            confirmed_per_queue: vec![0; settings.queues as usize],
-            confirm_latency: new_histogram(),
-            last_publish_ns: self.start_ns,
-            last_confirm_ns: self.start_ns,
-            error: None,
-        };
+        let mut report = ProducerReport::new(&settings, self.start_ns);
         let mut bodies = Bodies::new(settings.size);
         let batch = u64::from(settings.batch);
         let batches_in_flight_max = (settings.confirm_window as usize)
@@ -724,6 +733,13 @@ impl Producer {
             }
             if let Some(interval_ns) = interval_ns {
                 let slot_ns = self.slot_ns(interval_ns, seq);
+                if slot_ns > now_ns + PACED_COARSE_SLEEP_NS_MIN {
+                    // A long wait goes on tokio's timer, which keeps this thread's connection
+                    // served (heartbeats, confirms); the last stretch on the precise sleep.
+                    let coarse_ns = slot_ns - now_ns - PACED_COARSE_SLEEP_NS_MIN;
+                    tokio::time::sleep(Duration::from_nanos(coarse_ns)).await;
+                    now_ns = self.clock.now_ns();
+                }
                 if slot_ns > now_ns {
                     std::thread::sleep(Duration::from_nanos(slot_ns - now_ns));
                     now_ns = self.clock.now_ns();
@@ -752,6 +768,11 @@ impl Producer {
                 }
                 seq += 1;
                 report.published += 1;
+                if interval_ns.is_some() {
+                    // Paced: the connection's writer runs on this thread's runtime. Let it
+                    // write the message (and the reader take in confirms) before sleeping.
+                    tokio::task::yield_now().await;
+                }
                 self.drain_ready_tickets(&mut tickets, &mut report);
                 if tickets.len() > 2 * settings.confirm_window as usize {
                     if let Some(entry) = tickets.pop_front() {
@@ -780,6 +801,10 @@ impl Producer {
                 // Polling sends the new batch's frames; completed ones are accounted.
                 while let Some(Some(done)) = batches.next().now_or_never() {
                     self.account_batch(done, &mut report);
+                }
+                if interval_ns.is_some() {
+                    // Paced: let this thread's connection writer send the batch now.
+                    tokio::task::yield_now().await;
                 }
                 while batches.len() >= batches_in_flight_max {
                     match batches.next().await {
@@ -1121,6 +1146,98 @@ async fn ack(delivery: &Delivery, n_covered: u32) -> Result<(), ClientError> {
 // ---------------------------------------------------------------------------------------------
 // The run.
 
+/// What a producer is given once every producer is connected.
+struct ProducerStart {
+    idx: u32,
+    exchange: String,
+    routing_keys: Arc<Vec<String>>,
+    clock: Clock,
+    start_ns: u64,
+    progress: Arc<Progress>,
+}
+
+impl ProducerStart {
+    fn into_producer(self, settings: Arc<Settings>, client: Client) -> Producer {
+        Producer {
+            settings,
+            idx: self.idx,
+            client,
+            exchange: self.exchange,
+            routing_keys: self.routing_keys,
+            clock: self.clock,
+            start_ns: self.start_ns,
+            progress: self.progress,
+        }
+    }
+}
+
+/// A connected producer waiting for the start.
+enum PendingProducer {
+    /// Runs as a task of the bench's runtime.
+    Task(Client),
+    /// Runs on a thread of its own (see [`PacedProducer`]).
+    Paced(PacedProducer),
+}
+
+/// An open-loop (`--rate`) producer: a thread of its own that sleeps to each message's slot
+/// with `std::thread::sleep` (precise to tens of µs, where tokio's timer has 1 ms granularity),
+/// driving its connection on a current-thread runtime of its own. The publishing thread writes
+/// each message to the socket itself: no other thread is woken between the schedule and the
+/// broker, as with an application on a `current_thread` runtime (and as `loopback-floor`'s
+/// sender does).
+struct PacedProducer {
+    start: std::sync::mpsc::Sender<ProducerStart>,
+    thread: tokio::task::JoinHandle<ProducerReport>,
+}
+
+impl PacedProducer {
+    /// Starts the thread and waits until its connection is open.
+    async fn connect(settings: Arc<Settings>) -> Result<PacedProducer, Failure> {
+        let (connected_sender, connected) = tokio::sync::oneshot::channel();
+        let (start, started) = std::sync::mpsc::channel::<ProducerStart>();
+        let thread = tokio::task::spawn_blocking(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    let failure = Failure::new(
+                        EXIT_OTHER,
+                        format!("cannot start a producer runtime: {err}"),
+                    );
+                    let _ = connected_sender.send(Err(failure));
+                    return ProducerReport::new(&settings, 0);
+                }
+            };
+            let client = match runtime.block_on(connect(&settings, "producer")) {
+                Ok(client) => client,
+                Err(failure) => {
+                    let _ = connected_sender.send(Err(failure));
+                    return ProducerReport::new(&settings, 0);
+                }
+            };
+            let _ = connected_sender.send(Ok(()));
+            match started.recv() {
+                Ok(start) => runtime.block_on(start.into_producer(settings, client).run()),
+                // The run was abandoned before it started (another producer failed to connect).
+                Err(_) => ProducerReport::new(&settings, 0),
+            }
+        });
+        match connected.await {
+            Ok(Ok(())) => Ok(PacedProducer { start, thread }),
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => Err(Failure::new(EXIT_OTHER, "a producer thread ended early")),
+        }
+    }
+
+    fn start(self, start: ProducerStart) -> tokio::task::JoinHandle<ProducerReport> {
+        // The thread is waiting on the other end and only returns after receiving.
+        let _ = self.start.send(start);
+        self.thread
+    }
+}
+
 async fn connect(settings: &Settings, role: &str) -> Result<Client, Failure> {
     let options = ClientOptions {
         client_name: format!("wharf-bench/{} {role}", env!("CARGO_PKG_VERSION")),
@@ -1306,33 +1423,36 @@ async fn run_load(
             .map(|queue_idx| settings.routing_key(&topology.exchange, queue_idx))
             .collect(),
     );
+    // Every producer connects before the first one starts.
     let mut producers = Vec::new();
     for idx in 0..settings.producers {
-        producers.push((idx, connect(settings, "producer").await?));
+        let producer = if settings.rate.is_some() {
+            PendingProducer::Paced(PacedProducer::connect(settings.clone()).await?)
+        } else {
+            PendingProducer::Task(connect(settings, "producer").await?)
+        };
+        producers.push((idx, producer));
     }
     let start_ns = clock.now_ns();
     let mut producer_tasks = Vec::new();
     let mut producer_progress = Vec::new();
-    for (idx, client) in producers {
+    for (idx, pending) in producers {
         let progress = Arc::new(Progress::default());
         producer_progress.push(progress.clone());
-        let producer = Producer {
-            settings: settings.clone(),
+        let start = ProducerStart {
             idx,
-            client,
             exchange: topology.exchange.clone(),
             routing_keys: routing_keys.clone(),
             clock,
             start_ns,
             progress,
         };
-        let task = if settings.rate.is_some() {
-            let runtime = tokio::runtime::Handle::current();
-            tokio::task::spawn_blocking(move || runtime.block_on(producer.run()))
-        } else {
-            tokio::spawn(producer.run())
-        };
-        producer_tasks.push(task);
+        producer_tasks.push(match pending {
+            PendingProducer::Paced(paced) => paced.start(start),
+            PendingProducer::Task(client) => {
+                tokio::spawn(start.into_producer(settings.clone(), client).run())
+            }
+        });
     }
     let expected_upfront = settings.count.map(|count| {
         if settings.fanout() {

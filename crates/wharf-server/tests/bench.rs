@@ -22,12 +22,16 @@ struct Broker {
 
 impl Broker {
     fn start() -> Broker {
+        Broker::start_with(|_| {})
+    }
+
+    fn start_with(tweak: impl FnOnce(&mut wharf_server::config::ServerConfig)) -> Broker {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
-        let server = runtime.block_on(common::TestServer::start());
+        let server = runtime.block_on(common::TestServer::start_with(tweak));
         Broker {
             addr: server.addr().to_string(),
             _server: server,
@@ -249,6 +253,58 @@ fn open_loop_rate_follows_the_schedule_and_measures_every_message() {
         "open loop publishes near the asked rate: {report:#}"
     );
     assert_eq!(report["settings"]["batch"], 1, "one by one on a schedule");
+}
+
+#[test]
+fn open_loop_producers_each_on_their_own_thread_share_the_schedule() {
+    let broker = Broker::start();
+    let report = broker.bench_json(&[
+        "--rate",
+        "4000",
+        "--count",
+        "400",
+        "--producers",
+        "2",
+        "--queues",
+        "2",
+        "--batch",
+        "10",
+    ]);
+    assert_complete(&report, 400, 1);
+    assert_eq!(report["settings"]["batch"], 10);
+    let publish_rate = report["publish_rate"].as_f64().expect("rate");
+    assert!(
+        (2_000.0..=5_200.0).contains(&publish_rate),
+        "together near the asked rate: {report:#}"
+    );
+}
+
+#[test]
+fn an_open_loop_producer_the_server_refuses_fails_the_run_with_the_connect_code() {
+    // Room for the bench's setup and consumer connections, not for its producer's (the
+    // third): the producer's thread reports the refusal and the run ends with it.
+    let broker = Broker::start_with(|config| config.connections_max = 2);
+    let run = broker.bench(&["--rate", "1000", "--count", "100"]);
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("the server has its maximum of 2 connections"),
+        "{run:?}"
+    );
+    // With room for the producer too, the same run completes.
+    let roomy = Broker::start_with(|config| config.connections_max = 3);
+    let report = roomy.bench_json(&["--rate", "1000", "--count", "100"]);
+    assert_complete(&report, 100, 1);
+}
+
+#[test]
+fn a_slow_schedule_keeps_its_producer_connection_alive_between_messages() {
+    // 4 msgs/s: 250 ms between messages, longer than the server waits for a silent client
+    // (twice its 100 ms heartbeat). The paced producer's thread must keep serving its
+    // connection while it waits for the next slot.
+    let broker = Broker::start_with(|config| config.heartbeat = Duration::from_millis(100));
+    let report = broker.bench_json(&["--rate", "4", "--count", "4"]);
+    assert_complete(&report, 4, 1);
 }
 
 #[test]
