@@ -2,18 +2,17 @@
 //! the broker (batching every complete frame in the read buffer under one lock), and a writer
 //! task that drains the connection's outbox into as few socket writes as it can.
 
-use crate::convert::{
-    PublishNames, error_code, message_from_wire, properties_to_wire, table_to_headers,
-};
+use crate::convert::{PublishNames, error_code, message_from_wire, table_to_headers};
 use crate::limits::{
     FLOW_DRAIN_HORIZON, FLOW_RESUME_PERCENT, FLOW_SLOW_BACKOFF, FLOW_WINDOW, OUTBOX_BYTES_MAX,
-    READ_BUFFER_BYTES, READY_BYTES_LOW_WATERMARK_PERCENT, WRITE_CHUNK_BYTES,
+    READ_BUFFER_BYTES, READY_BYTES_LOW_WATERMARK_PERCENT,
 };
 use crate::log::Outcome;
-use crate::outbox::{Out, Outbox};
+use crate::outbox::Outbox;
 use crate::server::{Shared, now_ms};
 use crate::state::{Published, State};
-use bytes::{Buf, Bytes, BytesMut};
+use crate::writer::{Sink, flush_or_wake, write_loop};
+use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,11 +26,11 @@ use wharf_core::{
     BindTarget, Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag,
     ExchangeOptions, Message, QueueFlow, QueueId, QueueOptions, QueueStats, Reply,
 };
-use wharf_protocol::limits::{DURATION_MS_MAX, VECTORED_COPY_BYTES_MAX};
+use wharf_protocol::limits::DURATION_MS_MAX;
 use wharf_protocol::{
-    Close, Confirm, ConfirmRange, ConfirmStatus, DeliveryRef, Destination, Durability, ErrorCode,
-    ExchangeInfo, ExchangeKind, Frame, HelloOk, Preamble, Properties, QueueInfo, QueueInfoV2,
-    Request, Response, ServerLimits, Table, ValueRef, decode, encode, encode_deliver_batch_head,
+    Close, Confirm, ConfirmRange, ConfirmStatus, Destination, Durability, ErrorCode, ExchangeInfo,
+    ExchangeKind, Frame, HelloOk, Preamble, QueueInfo, QueueInfoV2, Request, Response,
+    ServerLimits, Table, ValueRef, decode, encode,
 };
 use wharf_storage::{Leader, SyncCoverage, WalError};
 
@@ -85,9 +84,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     );
     let outbox = Arc::new(Outbox::default());
+    *outbox
+        .sink
+        .try_lock()
+        .expect("a new outbox is not shared yet") =
+        Some(Sink::new(writer, negotiated.send_frame_bytes_max));
     shared.lock().open(now_ms(), connection, outbox.clone());
     debug!(%peer, connection = connection.0, "connection open");
-    let writer_task = tokio::spawn(write_loop(writer, outbox.clone(), negotiated));
+    let writer_task = tokio::spawn(write_loop(outbox.clone(), negotiated.heartbeat));
     let exit = read_loop(&shared, connection, &mut reader, buf, &outbox, negotiated).await;
     {
         // Leaving may start timers: requeued deliveries, queues now unused (`x-expires`).
@@ -237,6 +241,8 @@ struct Reader {
     /// Queues whose consumers drained them too slowly to hold this publisher for, and until
     /// when they are not looked at again.
     slow: Vec<(QueueId, Instant)>,
+    /// Outboxes the last batch queued output in, to flush once the lock is released.
+    held: Vec<Arc<Outbox>>,
 }
 
 /// Unconfirmed publishes of one connection: the reader stops reading at the limit.
@@ -266,6 +272,7 @@ async fn read_loop(
         in_flight: Arc::new(InFlight::default()),
         routed: Vec::new(),
         slow: Vec::new(),
+        held: Vec::new(),
     };
     let in_flight_max = u64::from(shared.config.publishes_in_flight_max);
     let mut frames: Vec<Frame> = Vec::new();
@@ -644,6 +651,8 @@ fn process(
     let connection = reader.connection;
     {
         let mut state = shared.lock();
+        // Output is written by this reader once the lock is released (writer::flush_or_wake).
+        state.hold_output();
         // Publishes made outside connections (recovery) are none of this reader's business.
         state.broker.take_routed(&mut reader.routed);
         for frame in frames.drain(..) {
@@ -778,7 +787,7 @@ fn process(
                     let response = handle_request(&mut state, connection, now, request);
                     if matches!(response, Response::Subscribed { .. }) {
                         // The answer precedes the consumer's first delivery (it logs nothing).
-                        outbox.push_frame(Frame::Response {
+                        outbox.push_frame_held(Frame::Response {
                             correlation_id,
                             response,
                         });
@@ -794,13 +803,13 @@ fn process(
                         // A durable change: answer once it is on disk.
                         deferred.frames.push(frame);
                     } else {
-                        outbox.push_frame(frame);
+                        outbox.push_frame_held(frame);
                     }
                 }
                 Frame::Heartbeat => {}
                 Frame::Close(close) => {
                     debug!(connection = connection.0, code = %close.code, "client closes: {}", close.reason);
-                    outbox.push_frame(Frame::CloseOk);
+                    outbox.push_frame_held(Frame::CloseOk);
                     exit = Some(Exit::Gone);
                 }
                 Frame::CloseOk => exit = Some(Exit::Gone),
@@ -843,12 +852,19 @@ fn process(
         state.broker.take_routed(&mut reader.routed);
         shared.queues_changed.notify_waiters();
         shared.wake_timer_if_earlier(&state);
+        state.release_output(&mut reader.held);
     }
     if !confirms.ranges.is_empty() {
-        outbox.push_frame(Frame::Confirm(Confirm {
+        outbox.push_frame_held(Frame::Confirm(Confirm {
             ranges: confirms.ranges,
         }));
     }
+    // Deliveries first: they are what someone is waiting for.
+    for held in reader.held.drain(..) {
+        flush_or_wake(&held);
+    }
+    // This connection's own responses, confirms and close (held above; maybe none).
+    flush_or_wake(outbox);
     (exit, leader)
 }
 
@@ -1171,267 +1187,6 @@ fn handle_request(
         code: error_code(&err),
         message: err.to_string(),
     })
-}
-
-fn message_has_properties(message: &Message) -> bool {
-    message.message_id.is_some()
-        || !message.headers.is_empty()
-        || message.content_type.is_some()
-        || message.content_encoding.is_some()
-        || message.timestamp_ms.is_some()
-        || message.correlation_id.is_some()
-        || message.reply_to.is_some()
-        || message.priority != 0
-        || message.expiration_ms.is_some()
-        || message.delay_ms.is_some()
-        || message.persistent
-}
-
-/// Buffers handed to one vectored write at most (the kernel's limit is 1,024).
-const IOVECS_PER_WRITE_MAX: usize = 256;
-
-/// Deliveries per `DeliverBatch` frame at most.
-const DELIVERIES_PER_BATCH_MAX: usize = 512;
-/// Body bytes per `DeliverBatch` frame at most: a client receives a frame into one buffer,
-/// growing it as the frame arrives (64 KiB at a time, see `READ_RESERVE_BYTES_MAX`), so
-/// multi-MiB frames of large bodies cost it copies and fresh pages; 256 KiB frames arrive in
-/// place and still amortize the frame overhead over 64 bodies of 4 KiB.
-const DELIVER_BATCH_BYTES_MAX: usize = 256 * 1024;
-
-/// Encodes what the writer takes from the outbox. Consecutive deliveries to one consumer are
-/// gathered and encoded as one `DeliverBatch`, straight from the core's deliveries (borrowed:
-/// no owned wire copies of names, properties or bodies).
-struct FrameWriter {
-    /// Encoded bytes after `chunks`.
-    buf: BytesMut,
-    /// What goes before `buf`, in order: earlier encoded bytes and large bodies, sent by
-    /// reference (a vectored write) instead of being copied into `buf`.
-    chunks: Vec<Bytes>,
-    chunks_bytes: usize,
-    send_frame_bytes_max: u32,
-    pending: Vec<wharf_core::Delivery>,
-    pending_bytes: usize,
-    properties: Vec<Properties>,
-}
-
-impl FrameWriter {
-    /// Bytes encoded and not yet written.
-    fn queued_bytes(&self) -> usize {
-        self.buf.len() + self.chunks_bytes
-    }
-
-    /// Appends a body: copied when small, by reference when large.
-    fn push_body(&mut self, body: &Bytes) {
-        if body.len() < VECTORED_COPY_BYTES_MAX {
-            self.buf.extend_from_slice(body);
-            return;
-        }
-        if !self.buf.is_empty() {
-            self.chunks_bytes += self.buf.len();
-            self.chunks.push(self.buf.split().freeze());
-        }
-        self.chunks_bytes += body.len();
-        self.chunks.push(body.clone());
-    }
-
-    /// Writes everything queued, in order, and leaves the writer empty.
-    async fn write_to(&mut self, writer: &mut OwnedWriteHalf) -> std::io::Result<()> {
-        if self.chunks.is_empty() {
-            writer.write_all(&self.buf).await?;
-            self.buf.clear();
-            return Ok(());
-        }
-        if !self.buf.is_empty() {
-            self.chunks.push(self.buf.split().freeze());
-        }
-        let mut first = 0;
-        while first < self.chunks.len() {
-            let slices: Vec<std::io::IoSlice<'_>> = self.chunks[first..]
-                .iter()
-                .take(IOVECS_PER_WRITE_MAX)
-                .map(|chunk| std::io::IoSlice::new(chunk))
-                .collect();
-            let mut written = writer.write_vectored(&slices).await?;
-            if written == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
-            while written > 0 {
-                let chunk = &mut self.chunks[first];
-                if written >= chunk.len() {
-                    written -= chunk.len();
-                    first += 1;
-                } else {
-                    chunk.advance(written);
-                    written = 0;
-                }
-            }
-        }
-        self.chunks.clear();
-        self.chunks_bytes = 0;
-        Ok(())
-    }
-
-    fn frame(&mut self, frame: &Frame) -> Result<(), String> {
-        self.flush_pending()?;
-        match encode(frame, self.send_frame_bytes_max, &mut self.buf) {
-            Ok(()) => Ok(()),
-            Err(err) => match frame {
-                // A response too large for the client (a huge listing) becomes an error response.
-                Frame::Response { correlation_id, .. } => {
-                    let response = Response::Error {
-                        code: ErrorCode::ResourceLimit,
-                        message: format!("response too large: {err}"),
-                    };
-                    encode(
-                        &Frame::Response {
-                            correlation_id: *correlation_id,
-                            response,
-                        },
-                        self.send_frame_bytes_max,
-                        &mut self.buf,
-                    )
-                    .map_err(|err| err.to_string())
-                }
-                _ => Err(err.to_string()),
-            },
-        }
-    }
-
-    fn deliver(&mut self, delivery: wharf_core::Delivery) -> Result<(), String> {
-        let body_bytes = delivery.message.body.len() + 64;
-        let fits = self.pending.first().is_some_and(|first| {
-            first.consumer_tag == delivery.consumer_tag
-                && self.pending.len() < DELIVERIES_PER_BATCH_MAX
-                && self.pending_bytes + body_bytes
-                    < DELIVER_BATCH_BYTES_MAX.min(self.send_frame_bytes_max as usize / 2)
-        });
-        if !fits {
-            self.flush_pending()?;
-        }
-        self.pending_bytes += body_bytes;
-        self.pending.push(delivery);
-        Ok(())
-    }
-
-    fn flush_pending(&mut self) -> Result<(), String> {
-        let Some(first) = self.pending.first() else {
-            return Ok(());
-        };
-        let consumer_tag = first.consumer_tag.0;
-        self.properties.clear();
-        self.properties.extend(self.pending.iter().map(|delivery| {
-            if message_has_properties(&delivery.message) {
-                properties_to_wire(&delivery.message)
-            } else {
-                Properties::default()
-            }
-        }));
-        let refs: Vec<DeliveryRef<'_>> = self
-            .pending
-            .iter()
-            .zip(&self.properties)
-            .map(|(delivery, properties)| DeliveryRef {
-                delivery_tag: delivery.delivery_tag.0,
-                redelivered: delivery.redelivered,
-                delivery_count: delivery.delivery_count,
-                exchange: &delivery.message.exchange,
-                routing_key: &delivery.message.routing_key,
-                properties,
-                body: &delivery.message.body,
-            })
-            .collect();
-        let encoded = encode_deliver_batch_head(
-            consumer_tag,
-            &refs,
-            self.send_frame_bytes_max,
-            &mut self.buf,
-        )
-        .map_err(|err| format!("cannot send a delivery: {err}"));
-        drop(refs);
-        let mut pending = std::mem::take(&mut self.pending);
-        if encoded.is_ok() {
-            for delivery in &pending {
-                self.push_body(&delivery.message.body);
-            }
-        }
-        pending.clear();
-        self.pending = pending;
-        self.pending_bytes = 0;
-        encoded.map(|_| ())
-    }
-}
-
-async fn write_loop(mut writer: OwnedWriteHalf, outbox: Arc<Outbox>, negotiated: Negotiated) {
-    let mut items: Vec<Out> = Vec::new();
-    let mut out = FrameWriter {
-        buf: BytesMut::with_capacity(READ_BUFFER_BYTES),
-        chunks: Vec::new(),
-        chunks_bytes: 0,
-        send_frame_bytes_max: negotiated.send_frame_bytes_max,
-        pending: Vec::new(),
-        pending_bytes: 0,
-        properties: Vec::new(),
-    };
-    let mut last_write = Instant::now();
-    let mut ticker = tokio::time::interval(negotiated.heartbeat / 2);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        if !outbox.is_closing() {
-            tokio::select! {
-                _ = outbox.wake.notified() => {}
-                _ = ticker.tick() => {
-                    if last_write.elapsed() >= negotiated.heartbeat {
-                        outbox.push_frame(Frame::Heartbeat);
-                    }
-                }
-            }
-        }
-        outbox.take_all(&mut items);
-        if items.is_empty() {
-            if outbox.is_closing() {
-                break;
-            }
-            continue;
-        }
-        let mut accounted = 0;
-        let mut failed = false;
-        for item in items.drain(..) {
-            accounted += Outbox::item_bytes(&item);
-            let result = match item {
-                Out::Frame(frame) => out.frame(&frame),
-                Out::Deliver(delivery) => out.deliver(delivery),
-            };
-            if let Err(reason) = result {
-                warn!("closing connection: {reason}");
-                failed = true;
-                break;
-            }
-            if out.queued_bytes() >= WRITE_CHUNK_BYTES && out.write_to(&mut writer).await.is_err() {
-                failed = true;
-                break;
-            }
-        }
-        if !failed && out.flush_pending().is_err() {
-            failed = true;
-        }
-        if !failed && out.queued_bytes() > 0 && out.write_to(&mut writer).await.is_err() {
-            failed = true;
-        }
-        out.buf.clear();
-        out.chunks.clear();
-        out.chunks_bytes = 0;
-        if out.buf.capacity() > 4 * WRITE_CHUNK_BYTES || out.buf.capacity() < READ_BUFFER_BYTES / 4
-        {
-            out.buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
-        }
-        last_write = Instant::now();
-        outbox.written(accounted);
-        if failed {
-            // The reader notices the broken socket (or the client's silence) and cleans up.
-            break;
-        }
-    }
-    let _ = writer.shutdown().await;
 }
 
 #[cfg(test)]

@@ -3,8 +3,9 @@
 //! Ties the sans-IO core (`wharf-core`) to sockets and the runtime. One mutex guards the
 //! broker state and is held only while commands are applied — never across I/O. Each client
 //! connection has a reader loop, which decodes every complete frame in its buffer and applies
-//! them under one lock, and a writer task, which drains the connection's [`outbox::Outbox`]
-//! into as few socket writes as it can, coalescing deliveries into `DeliverBatch` frames.
+//! them under one lock and then writes the small outputs it queued itself, and a writer task,
+//! which drains the connection's [`outbox::Outbox`] of the rest into as few socket writes as
+//! it can, coalescing deliveries into `DeliverBatch` frames.
 //! See docs/ARCHITECTURE.md.
 
 pub mod config;
@@ -17,6 +18,7 @@ pub mod outbox;
 mod server;
 pub mod spool;
 pub mod state;
+mod writer;
 
 pub use config::{LogFormat, ServerConfig};
 pub use server::{RunningServer, Server, ShutdownHandle};

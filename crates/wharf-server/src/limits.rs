@@ -48,5 +48,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Initial read buffer: small so that idle connections stay cheap; it grows with traffic.
 pub const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Output a reader writes to a connection's socket itself, right after its batch, instead of
+/// waking that connection's writer task: a message at low rates (its delivery, its confirm)
+/// then takes no extra task, and often no second worker thread, on its way; bulk output stays
+/// with the writer tasks so that readers and writers share the CPUs.
+pub const INLINE_WRITE_BYTES_MAX: usize = 8 * 1024;
 /// Bytes encoded before the writer flushes to the socket mid-batch.
 pub const WRITE_CHUNK_BYTES: usize = 256 * 1024;

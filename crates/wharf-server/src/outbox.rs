@@ -3,8 +3,10 @@
 //!
 //! Pushing never blocks and never does I/O, so it is safe under the broker lock. The writer
 //! is woken only on the empty → non-empty transition, so a burst of deliveries costs one
-//! wake-up.
+//! wake-up; a reader's batch queues its output *held* (no wake-up at all) and sends it itself
+//! once it released the lock (`writer::flush_or_wake`).
 
+use crate::writer::Sink;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::sync::Notify;
@@ -39,6 +41,9 @@ pub struct Outbox {
     /// Wakes a reader waiting for the writer to drain.
     pub(crate) drained: Notify,
     closing: AtomicBool,
+    /// The connection's socket writer, shared by its writer task and the readers that write a
+    /// small output inline (`None` until the connection installs it and once it is shut).
+    pub(crate) sink: tokio::sync::Mutex<Option<Sink>>,
 }
 
 impl Outbox {
@@ -77,6 +82,25 @@ impl Outbox {
     /// Queues a frame.
     pub fn push_frame(&self, frame: Frame) {
         self.push(Out::Frame(Box::new(frame)));
+    }
+
+    /// Queues every item of `items` (leaving it empty) without waking the writer: the caller
+    /// must send it with `writer::flush_or_wake` once it has released the broker lock.
+    pub(crate) fn push_many_held(&self, items: &mut Vec<Out>) {
+        let bytes: usize = items.iter().map(Out::approx_bytes).sum();
+        self.items
+            .lock()
+            .expect("outbox lock poisoned")
+            .append(items);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Queues a frame without waking the writer (see [`Outbox::push_many_held`]).
+    pub(crate) fn push_frame_held(&self, frame: Frame) {
+        let item = Out::Frame(Box::new(frame));
+        let bytes = item.approx_bytes();
+        self.items.lock().expect("outbox lock poisoned").push(item);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Takes everything queued, leaving `into` (cleared first) full and the queue empty.

@@ -42,6 +42,10 @@ pub struct State {
     spools: Option<Spools>,
     /// What the queues of the messages in `log_ops` ask of their record (`x-sync`).
     log_sync: DurableSync,
+    /// Between [`State::hold_output`] and [`State::release_output`]: deliveries are queued
+    /// without waking the writers, and their outboxes listed here for the caller to flush.
+    holding: bool,
+    held: Vec<Arc<Outbox>>,
 }
 
 impl State {
@@ -63,6 +67,21 @@ impl State {
     /// The log, if the broker has one.
     pub fn log(&self) -> Option<&Arc<Log>> {
         self.log.as_ref()
+    }
+
+    /// From now until [`State::release_output`], deliveries are queued in their connections'
+    /// outboxes without waking the writers: the caller (a reader applying a batch) sends them
+    /// itself once it has released the lock, with `writer::flush_or_wake`, so a delivery at a
+    /// low rate is written by the thread that routed it.
+    pub fn hold_output(&mut self) {
+        self.holding = true;
+    }
+
+    /// Ends [`State::hold_output`]: appends to `into` every outbox that was given output since
+    /// (an outbox may be listed twice), which the caller must flush or wake.
+    pub fn release_output(&mut self, into: &mut Vec<Arc<Outbox>>) {
+        self.holding = false;
+        into.append(&mut self.held);
     }
 
     /// Registers a connection and its outbox with the core.
@@ -242,12 +261,13 @@ impl State {
     /// durable ones for the log.
     pub fn route_effects(&mut self) {
         let mut burst_to: Option<ConnectionId> = None;
-        for effect in self.effects.drain(..) {
+        let mut effects = std::mem::take(&mut self.effects);
+        for effect in effects.drain(..) {
             if let Effect::Deliver(delivery) = effect {
                 // Consecutive deliveries to one connection go to its outbox in one push.
                 if burst_to != Some(delivery.connection) {
                     if let Some(connection) = burst_to {
-                        Self::flush_burst(&self.outboxes, connection, &mut self.burst);
+                        self.flush_burst(connection);
                     }
                     burst_to = Some(delivery.connection);
                 }
@@ -255,7 +275,7 @@ impl State {
                 continue;
             }
             if let Some(connection) = burst_to.take() {
-                Self::flush_burst(&self.outboxes, connection, &mut self.burst);
+                self.flush_burst(connection);
             }
             match effect {
                 Effect::Deliver(_) => unreachable!("handled above"),
@@ -351,18 +371,30 @@ impl State {
             }
         }
         if let Some(connection) = burst_to {
-            Self::flush_burst(&self.outboxes, connection, &mut self.burst);
+            self.flush_burst(connection);
         }
+        assert!(self.effects.is_empty(), "routing effects applies nothing");
+        self.effects = effects;
     }
 
-    fn flush_burst(
-        outboxes: &FxHashMap<ConnectionId, Arc<Outbox>>,
-        connection: ConnectionId,
-        burst: &mut Vec<Out>,
-    ) {
-        match outboxes.get(&connection) {
-            Some(outbox) => outbox.push_many(burst),
-            None => burst.clear(),
+    fn flush_burst(&mut self, connection: ConnectionId) {
+        let Some(outbox) = self.outboxes.get(&connection) else {
+            self.burst.clear();
+            return;
+        };
+        if !self.holding {
+            outbox.push_many(&mut self.burst);
+            return;
+        }
+        outbox.push_many_held(&mut self.burst);
+        // Consecutive bursts to one connection are common (a batch of publishes to one queue):
+        // list it once for them. A repeat elsewhere in the list only costs an empty flush.
+        if !self
+            .held
+            .last()
+            .is_some_and(|last| Arc::ptr_eq(last, outbox))
+        {
+            self.held.push(outbox.clone());
         }
     }
 }

@@ -1,0 +1,678 @@
+//! A connection's writer: encodes what the broker queued in the connection's [`Outbox`] and
+//! writes it to the socket.
+//!
+//! Two parties write, one at a time (the [`Sink`] sits behind a mutex in the outbox): the
+//! connection's writer task, woken by the outbox, and, for a small output queued by one
+//! reader's batch, that reader itself, right after it released the broker lock
+//! ([`flush_or_wake`]). The inline write takes the writer task's wake-up (often a second
+//! runtime worker's) off the path of a message at low rates: publish → delivery and
+//! publish → confirm each cost one task fewer. Outputs larger than
+//! [`INLINE_WRITE_BYTES_MAX`] stay with the writer task, so at high rates a publisher's reader
+//! and its consumers' writers keep working on both CPUs.
+
+use crate::limits::{INLINE_WRITE_BYTES_MAX, READ_BUFFER_BYTES, WRITE_CHUNK_BYTES};
+use crate::outbox::{Out, Outbox};
+use bytes::{Buf, Bytes, BytesMut};
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tracing::{debug, warn};
+use wharf_core::Message;
+use wharf_protocol::limits::VECTORED_COPY_BYTES_MAX;
+use wharf_protocol::{
+    DeliveryRef, ErrorCode, Frame, Properties, Response, encode, encode_deliver_batch_head,
+};
+
+use crate::convert::properties_to_wire;
+
+fn message_has_properties(message: &Message) -> bool {
+    message.message_id.is_some()
+        || !message.headers.is_empty()
+        || message.content_type.is_some()
+        || message.content_encoding.is_some()
+        || message.timestamp_ms.is_some()
+        || message.correlation_id.is_some()
+        || message.reply_to.is_some()
+        || message.priority != 0
+        || message.expiration_ms.is_some()
+        || message.delay_ms.is_some()
+        || message.persistent
+}
+
+/// Buffers handed to one vectored write at most (the kernel's limit is 1,024).
+const IOVECS_PER_WRITE_MAX: usize = 256;
+
+/// Deliveries per `DeliverBatch` frame at most.
+const DELIVERIES_PER_BATCH_MAX: usize = 512;
+/// Body bytes per `DeliverBatch` frame at most: a client receives a frame into one buffer,
+/// growing it as the frame arrives (64 KiB at a time, see `READ_RESERVE_BYTES_MAX`), so
+/// multi-MiB frames of large bodies cost it copies and fresh pages; 256 KiB frames arrive in
+/// place and still amortize the frame overhead over 64 bodies of 4 KiB.
+const DELIVER_BATCH_BYTES_MAX: usize = 256 * 1024;
+
+/// Encodes what the writer takes from the outbox. Consecutive deliveries to one consumer are
+/// gathered and encoded as one `DeliverBatch`, straight from the core's deliveries (borrowed:
+/// no owned wire copies of names, properties or bodies).
+struct FrameWriter {
+    /// Encoded bytes after `chunks`.
+    buf: BytesMut,
+    /// What goes before `buf`, in order: earlier encoded bytes and large bodies, sent by
+    /// reference (a vectored write) instead of being copied into `buf`.
+    chunks: Vec<Bytes>,
+    chunks_bytes: usize,
+    send_frame_bytes_max: u32,
+    pending: Vec<wharf_core::Delivery>,
+    pending_bytes: usize,
+    properties: Vec<Properties>,
+}
+
+impl FrameWriter {
+    /// Bytes encoded and not yet written.
+    fn queued_bytes(&self) -> usize {
+        self.buf.len() + self.chunks_bytes
+    }
+
+    /// Appends a body: copied when small, by reference when large.
+    fn push_body(&mut self, body: &Bytes) {
+        if body.len() < VECTORED_COPY_BYTES_MAX {
+            self.buf.extend_from_slice(body);
+            return;
+        }
+        if !self.buf.is_empty() {
+            self.chunks_bytes += self.buf.len();
+            self.chunks.push(self.buf.split().freeze());
+        }
+        self.chunks_bytes += body.len();
+        self.chunks.push(body.clone());
+    }
+
+    /// Whether anything is queued and not yet written.
+    fn has_output(&self) -> bool {
+        !self.buf.is_empty() || !self.chunks.is_empty() || !self.pending.is_empty()
+    }
+
+    /// Encodes one item.
+    fn push(&mut self, item: Out) -> Result<(), String> {
+        match item {
+            Out::Frame(frame) => self.frame(&frame),
+            Out::Deliver(delivery) => self.deliver(delivery),
+        }
+    }
+
+    /// Moves the encoded bytes behind the chunks, so that the chunks hold everything, in order.
+    fn seal(&mut self) {
+        if !self.buf.is_empty() {
+            self.chunks_bytes += self.buf.len();
+            self.chunks.push(self.buf.split().freeze());
+        }
+    }
+
+    /// The first chunks, as one vectored write takes them.
+    fn slices(&self) -> Vec<io::IoSlice<'_>> {
+        self.chunks
+            .iter()
+            .take(IOVECS_PER_WRITE_MAX)
+            .map(|chunk| io::IoSlice::new(chunk))
+            .collect()
+    }
+
+    /// Forgets the first `written` bytes of the chunks: the socket took them.
+    fn consume(&mut self, mut written: usize) {
+        self.chunks_bytes -= written;
+        let mut n_done = 0;
+        for chunk in &mut self.chunks {
+            if written >= chunk.len() {
+                written -= chunk.len();
+                n_done += 1;
+            } else {
+                chunk.advance(written);
+                break;
+            }
+        }
+        self.chunks.drain(..n_done);
+    }
+
+    /// Writes everything queued, in order, and leaves the writer empty.
+    async fn write_to(&mut self, writer: &mut OwnedWriteHalf) -> io::Result<()> {
+        if self.chunks.is_empty() {
+            writer.write_all(&self.buf).await?;
+            self.buf.clear();
+            return Ok(());
+        }
+        self.seal();
+        while !self.chunks.is_empty() {
+            let written = writer.write_vectored(&self.slices()).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.consume(written);
+        }
+        Ok(())
+    }
+
+    /// Writes what the socket takes without waiting: `Ok(true)` once everything queued is
+    /// written, `Ok(false)` if the socket's buffer filled first (the rest stays queued, in
+    /// order, for [`FrameWriter::write_to`]).
+    fn try_write_to(&mut self, writer: &OwnedWriteHalf) -> io::Result<bool> {
+        while self.chunks.is_empty() && !self.buf.is_empty() {
+            match writer.try_write(&self.buf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => self.buf.advance(written),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        self.seal();
+        while !self.chunks.is_empty() {
+            match writer.try_write_vectored(&self.slices()) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => self.consume(written),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Empties the writer after a write (or a failure), keeping its buffer unless it grew
+    /// large or was handed to the chunks.
+    fn reset(&mut self) {
+        self.buf.clear();
+        self.chunks.clear();
+        self.chunks_bytes = 0;
+        self.pending.clear();
+        self.pending_bytes = 0;
+        if self.buf.capacity() > 4 * WRITE_CHUNK_BYTES
+            || self.buf.capacity() < READ_BUFFER_BYTES / 4
+        {
+            self.buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
+        }
+    }
+
+    fn frame(&mut self, frame: &Frame) -> Result<(), String> {
+        self.flush_pending()?;
+        match encode(frame, self.send_frame_bytes_max, &mut self.buf) {
+            Ok(()) => Ok(()),
+            Err(err) => match frame {
+                // A response too large for the client (a huge listing) becomes an error response.
+                Frame::Response { correlation_id, .. } => {
+                    let response = Response::Error {
+                        code: ErrorCode::ResourceLimit,
+                        message: format!("response too large: {err}"),
+                    };
+                    encode(
+                        &Frame::Response {
+                            correlation_id: *correlation_id,
+                            response,
+                        },
+                        self.send_frame_bytes_max,
+                        &mut self.buf,
+                    )
+                    .map_err(|err| err.to_string())
+                }
+                _ => Err(err.to_string()),
+            },
+        }
+    }
+
+    fn deliver(&mut self, delivery: wharf_core::Delivery) -> Result<(), String> {
+        let body_bytes = delivery.message.body.len() + 64;
+        let fits = self.pending.first().is_some_and(|first| {
+            first.consumer_tag == delivery.consumer_tag
+                && self.pending.len() < DELIVERIES_PER_BATCH_MAX
+                && self.pending_bytes + body_bytes
+                    < DELIVER_BATCH_BYTES_MAX.min(self.send_frame_bytes_max as usize / 2)
+        });
+        if !fits {
+            self.flush_pending()?;
+        }
+        self.pending_bytes += body_bytes;
+        self.pending.push(delivery);
+        Ok(())
+    }
+
+    fn flush_pending(&mut self) -> Result<(), String> {
+        let Some(first) = self.pending.first() else {
+            return Ok(());
+        };
+        let consumer_tag = first.consumer_tag.0;
+        self.properties.clear();
+        self.properties.extend(self.pending.iter().map(|delivery| {
+            if message_has_properties(&delivery.message) {
+                properties_to_wire(&delivery.message)
+            } else {
+                Properties::default()
+            }
+        }));
+        let refs: Vec<DeliveryRef<'_>> = self
+            .pending
+            .iter()
+            .zip(&self.properties)
+            .map(|(delivery, properties)| DeliveryRef {
+                delivery_tag: delivery.delivery_tag.0,
+                redelivered: delivery.redelivered,
+                delivery_count: delivery.delivery_count,
+                exchange: &delivery.message.exchange,
+                routing_key: &delivery.message.routing_key,
+                properties,
+                body: &delivery.message.body,
+            })
+            .collect();
+        let encoded = encode_deliver_batch_head(
+            consumer_tag,
+            &refs,
+            self.send_frame_bytes_max,
+            &mut self.buf,
+        )
+        .map_err(|err| format!("cannot send a delivery: {err}"));
+        drop(refs);
+        let mut pending = std::mem::take(&mut self.pending);
+        if encoded.is_ok() {
+            for delivery in &pending {
+                self.push_body(&delivery.message.body);
+            }
+        }
+        pending.clear();
+        self.pending = pending;
+        self.pending_bytes = 0;
+        encoded.map(|_| ())
+    }
+}
+
+/// The writing end of a connection: its socket and encoder, shared (behind the outbox's mutex)
+/// by the writer task and the readers that flush small outputs inline.
+pub(crate) struct Sink {
+    socket: OwnedWriteHalf,
+    out: FrameWriter,
+    /// Items taken from the outbox, being encoded (kept for its allocation).
+    items: Vec<Out>,
+    last_write: Instant,
+    /// A write or an encoding failed: nothing more is written and the writer task ends (the
+    /// reader notices the broken socket, or the client's silence, and cleans up).
+    failed: bool,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink")
+            .field("queued_bytes", &self.out.queued_bytes())
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sink {
+    /// A sink writing to `socket` frames of at most `send_frame_bytes_max` bytes (the client's
+    /// limit).
+    pub(crate) fn new(socket: OwnedWriteHalf, send_frame_bytes_max: u32) -> Self {
+        Sink {
+            socket,
+            out: FrameWriter {
+                buf: BytesMut::with_capacity(READ_BUFFER_BYTES),
+                chunks: Vec::new(),
+                chunks_bytes: 0,
+                send_frame_bytes_max,
+                pending: Vec::new(),
+                pending_bytes: 0,
+                properties: Vec::new(),
+            },
+            items: Vec::new(),
+            last_write: Instant::now(),
+            failed: false,
+        }
+    }
+
+    /// Takes everything queued in `outbox` and writes it, with what an inline write left
+    /// before it (writer task). `Ok(false)`: there was nothing to write; `Err`: the connection
+    /// cannot be written to any more.
+    async fn drain(&mut self, outbox: &Outbox) -> Result<bool, ()> {
+        outbox.take_all(&mut self.items);
+        if self.items.is_empty() && !self.out.has_output() {
+            return Ok(false);
+        }
+        let mut accounted = 0;
+        let mut result = Ok(true);
+        for item in self.items.drain(..) {
+            accounted += Outbox::item_bytes(&item);
+            if let Err(reason) = self.out.push(item) {
+                warn!("closing connection: {reason}");
+                result = Err(());
+                break;
+            }
+            if self.out.queued_bytes() >= WRITE_CHUNK_BYTES
+                && self.out.write_to(&mut self.socket).await.is_err()
+            {
+                result = Err(());
+                break;
+            }
+        }
+        if result.is_ok() {
+            if let Err(reason) = self.out.flush_pending() {
+                warn!("closing connection: {reason}");
+                result = Err(());
+            }
+        }
+        if result.is_ok()
+            && self.out.has_output()
+            && self.out.write_to(&mut self.socket).await.is_err()
+        {
+            result = Err(());
+        }
+        self.out.reset();
+        self.last_write = Instant::now();
+        outbox.written(accounted);
+        result
+    }
+
+    /// Takes everything queued in `outbox`, encodes it and writes as much as the socket takes
+    /// without waiting (a reader, inline). `true`: all of it was written; `false`: the rest is
+    /// left in the encoder for the writer task (or the sink failed), which must be woken.
+    fn flush_inline(&mut self, outbox: &Outbox) -> bool {
+        outbox.take_all(&mut self.items);
+        if self.items.is_empty() {
+            // Nothing was written: the heartbeat clock must not move.
+            return true;
+        }
+        let mut accounted = 0;
+        for item in self.items.drain(..) {
+            accounted += Outbox::item_bytes(&item);
+            if let Err(reason) = self.out.push(item) {
+                warn!("closing connection: {reason}");
+                self.failed = true;
+                break;
+            }
+        }
+        if !self.failed {
+            if let Err(reason) = self.out.flush_pending() {
+                warn!("closing connection: {reason}");
+                self.failed = true;
+            }
+        }
+        let written = !self.failed
+            && match self.out.try_write_to(&self.socket) {
+                Ok(written) => written,
+                Err(err) => {
+                    debug!("inline write failed: {err}");
+                    self.failed = true;
+                    false
+                }
+            };
+        if written {
+            self.out.reset();
+            self.last_write = Instant::now();
+        }
+        // What is left over (the socket's buffer was full) is at most about
+        // INLINE_WRITE_BYTES_MAX, and the writer task writes it next.
+        outbox.written(accounted);
+        written
+    }
+}
+
+/// Sends what `outbox` holds: written here and now if it is small and nobody is writing to the
+/// connection, otherwise by its writer task, which is woken. Called by a reader once it has
+/// released the broker lock, for every outbox its batch queued output in without waking the
+/// writer ([`Outbox::push_many_held`], [`Outbox::push_frame_held`]).
+pub(crate) fn flush_or_wake(outbox: &Outbox) {
+    if outbox.queued_bytes() <= INLINE_WRITE_BYTES_MAX && !outbox.is_closing() {
+        if let Ok(mut sink) = outbox.sink.try_lock() {
+            if let Some(sink) = sink.as_mut() {
+                if !sink.failed && !sink.out.has_output() && sink.flush_inline(outbox) {
+                    return;
+                }
+            }
+        }
+    }
+    outbox.wake.notify_one();
+}
+
+/// The connection's writer task: writes what the outbox holds whenever it is woken, sends a
+/// heartbeat when nothing was written for `heartbeat`, and shuts the socket down once the
+/// outbox is closing and empty, or after a failed write.
+pub(crate) async fn write_loop(outbox: Arc<Outbox>, heartbeat: Duration) {
+    let mut ticker = tokio::time::interval(heartbeat / 2);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut tick = false;
+        if !outbox.is_closing() {
+            tokio::select! {
+                _ = outbox.wake.notified() => {}
+                _ = ticker.tick() => tick = true,
+            }
+        }
+        let mut sink = outbox.sink.lock().await;
+        let Some(sink) = sink.as_mut() else {
+            return;
+        };
+        if sink.failed {
+            break;
+        }
+        if tick && sink.last_write.elapsed() >= heartbeat {
+            outbox.push_frame(Frame::Heartbeat);
+        }
+        match sink.drain(&outbox).await {
+            Ok(true) => {}
+            Ok(false) if outbox.is_closing() => break,
+            Ok(false) => {}
+            Err(()) => {
+                sink.failed = true;
+                break;
+            }
+        }
+    }
+    let sink = outbox.sink.lock().await.take();
+    if let Some(mut sink) = sink {
+        let _ = sink.socket.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpSocket, TcpStream};
+    use wharf_protocol::{Confirm, ConfirmRange, ConfirmStatus, Durability, decode};
+
+    const FRAME_BYTES_MAX: u32 = 1 << 20;
+
+    /// An outbox whose sink writes to a loopback socket, and the peer's end of it. No writer
+    /// task runs until a test spawns one. Small socket buffers, so that they fill quickly.
+    async fn connected_outbox() -> (Arc<Outbox>, TcpStream) {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_send_buffer_size(4096).expect("send buffer");
+        socket
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        let address = socket.local_addr().expect("address");
+        let listener: TcpListener = socket.listen(4).expect("listen");
+        let client = TcpSocket::new_v4().expect("socket");
+        client.set_recv_buffer_size(4096).expect("receive buffer");
+        let (client, accepted) = tokio::join!(client.connect(address), listener.accept());
+        let (server, _) = accepted.expect("accept");
+        let (_, write_half) = server.into_split();
+        let outbox = Arc::new(Outbox::default());
+        *outbox.sink.try_lock().expect("not shared yet") =
+            Some(Sink::new(write_half, FRAME_BYTES_MAX));
+        (outbox, client.expect("connect"))
+    }
+
+    fn confirm(seq: u64) -> Frame {
+        Frame::Confirm(Confirm {
+            ranges: vec![ConfirmRange {
+                first_seq: seq,
+                last_seq: seq,
+                status: ConfirmStatus::Confirmed(Durability::InMemory),
+            }],
+        })
+    }
+
+    /// Whether the outbox's writer task would be woken (a `notify_one` permit is stored).
+    async fn writer_woken(outbox: &Outbox) -> bool {
+        tokio::time::timeout(Duration::ZERO, outbox.wake.notified())
+            .await
+            .is_ok()
+    }
+
+    /// Reads frames until `n_frames` arrived; checks that they are the confirms `first..` in
+    /// order.
+    async fn read_confirms(client: &mut TcpStream, first: u64, n_frames: u64) {
+        let mut buf = BytesMut::new();
+        let mut expected = first;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while expected < first + n_frames {
+            while let Some(frame) = decode(&mut buf, FRAME_BYTES_MAX).expect("well-formed") {
+                assert_eq!(frame, confirm(expected), "frames out of order");
+                expected += 1;
+            }
+            if expected == first + n_frames {
+                break;
+            }
+            let read = tokio::time::timeout_at(deadline.into(), client.read_buf(&mut buf))
+                .await
+                .expect("frames arrive within 10 s")
+                .expect("read");
+            assert!(read > 0, "the socket closed after {expected} frames");
+        }
+        assert!(buf.is_empty(), "nothing follows the last frame");
+    }
+
+    #[tokio::test]
+    async fn a_small_held_output_is_written_inline_without_waking_the_writer() {
+        let (outbox, mut client) = connected_outbox().await;
+        outbox.push_frame_held(confirm(1));
+        outbox.push_frame_held(confirm(2));
+        flush_or_wake(&outbox);
+        assert!(!writer_woken(&outbox).await, "the writer task was woken");
+        assert_eq!(outbox.queued_bytes(), 0);
+        // No writer task exists: the frames can only have been written inline.
+        read_confirms(&mut client, 1, 2).await;
+    }
+
+    #[tokio::test]
+    async fn flushing_an_empty_outbox_writes_nothing_and_keeps_the_heartbeat_clock() {
+        let (outbox, _client) = connected_outbox().await;
+        let last_write = |outbox: &Outbox| {
+            outbox
+                .sink
+                .try_lock()
+                .expect("idle")
+                .as_ref()
+                .expect("installed")
+                .last_write
+        };
+        let before = last_write(&outbox);
+        // A reader flushes its own outbox after every batch, even one that queued nothing
+        // (a client's heartbeat): that is not a write, or server heartbeats would stop.
+        let later = Instant::now() + Duration::from_millis(2);
+        while Instant::now() < later {
+            flush_or_wake(&outbox);
+        }
+        assert_eq!(last_write(&outbox), before);
+        assert!(!writer_woken(&outbox).await);
+    }
+
+    #[tokio::test]
+    async fn a_large_held_output_is_left_to_the_writer_task_which_writes_it_in_order() {
+        let (outbox, mut client) = connected_outbox().await;
+        let n_frames = (INLINE_WRITE_BYTES_MAX / 64 + 1) as u64;
+        for seq in 1..=n_frames {
+            outbox.push_frame_held(confirm(seq));
+        }
+        flush_or_wake(&outbox);
+        assert!(writer_woken(&outbox).await, "the writer task was not woken");
+        assert!(
+            outbox.queued_bytes() > INLINE_WRITE_BYTES_MAX,
+            "written inline"
+        );
+        outbox.wake.notify_one(); // the permit taken by the check above
+        let writer = tokio::spawn(write_loop(outbox.clone(), Duration::from_secs(60)));
+        read_confirms(&mut client, 1, n_frames).await;
+        outbox.close();
+        writer
+            .await
+            .expect("the writer task ends once the outbox is closed");
+    }
+
+    #[tokio::test]
+    async fn output_held_while_the_writer_task_writes_wakes_it_instead() {
+        let (outbox, mut client) = connected_outbox().await;
+        let busy = outbox.sink.try_lock().expect("idle");
+        outbox.push_frame_held(confirm(1));
+        flush_or_wake(&outbox);
+        assert!(writer_woken(&outbox).await, "the writer task was not woken");
+        assert!(
+            outbox.queued_bytes() > 0,
+            "written although the sink was busy"
+        );
+        drop(busy);
+        outbox.wake.notify_one();
+        let writer = tokio::spawn(write_loop(outbox.clone(), Duration::from_secs(60)));
+        read_confirms(&mut client, 1, 1).await;
+        outbox.close();
+        writer.await.expect("writer ends");
+    }
+
+    #[tokio::test]
+    async fn what_a_full_socket_leaves_of_an_inline_write_is_sent_first_by_the_writer_task() {
+        let (outbox, mut client) = connected_outbox().await;
+        // The client reads nothing, so the socket's buffers fill: an inline write stops part
+        // way and leaves the rest of its output (maybe half a frame) for the writer task.
+        let mut seq = 0;
+        while !writer_woken(&outbox).await {
+            assert!(seq < 10_000_000, "the socket never filled");
+            for _ in 0..100 {
+                seq += 1;
+                outbox.push_frame_held(confirm(seq));
+            }
+            flush_or_wake(&outbox);
+        }
+        // Later output queues behind the leftover and must follow it on the wire.
+        for _ in 0..100 {
+            seq += 1;
+            outbox.push_frame(confirm(seq));
+        }
+        let writer = tokio::spawn(write_loop(outbox.clone(), Duration::from_secs(60)));
+        read_confirms(&mut client, 1, seq).await;
+        outbox.close();
+        writer.await.expect("writer ends");
+    }
+
+    #[tokio::test]
+    async fn a_failed_inline_write_ends_the_writer_task() {
+        let (outbox, client) = connected_outbox().await;
+        drop(client);
+        // Writes to a closed peer fail once the reset came back (the first may still succeed).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            outbox.push_frame_held(confirm(1));
+            flush_or_wake(&outbox);
+            if outbox
+                .sink
+                .try_lock()
+                .expect("idle")
+                .as_ref()
+                .expect("installed")
+                .failed
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "writes to a closed peer kept succeeding"
+            );
+            tokio::task::yield_now().await;
+        }
+        let writer = tokio::spawn(write_loop(outbox.clone(), Duration::from_secs(60)));
+        tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .expect("the writer task ends after a failed write")
+            .expect("writer ends");
+        assert!(
+            outbox.sink.try_lock().expect("idle").is_none(),
+            "socket shut"
+        );
+    }
+}
