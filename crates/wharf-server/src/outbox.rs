@@ -6,6 +6,7 @@
 //! wake-up; a reader's batch queues its output *held* (no wake-up at all) and sends it itself
 //! once it released the lock (`writer::flush_or_wake`).
 
+use crate::limits::INLINE_WRITE_BYTES_MAX;
 use crate::writer::Sink;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -85,14 +86,19 @@ impl Outbox {
     }
 
     /// Queues every item of `items` (leaving it empty) without waking the writer: the caller
-    /// must send it with `writer::flush_or_wake` once it has released the broker lock.
+    /// must send it with `writer::flush_or_wake` once it has released the broker lock. Output
+    /// too large to be written inline wakes the writer at once all the same, so that it starts
+    /// on a large batch while the reader is still applying the rest.
     pub(crate) fn push_many_held(&self, items: &mut Vec<Out>) {
         let bytes: usize = items.iter().map(Out::approx_bytes).sum();
         self.items
             .lock()
             .expect("outbox lock poisoned")
             .append(items);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let queued = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if queued > INLINE_WRITE_BYTES_MAX {
+            self.wake.notify_one();
+        }
     }
 
     /// Queues a frame without waking the writer (see [`Outbox::push_many_held`]).

@@ -597,6 +597,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn held_deliveries_too_large_for_an_inline_write_wake_the_writer_at_once() {
+        let (outbox, _client) = connected_outbox().await;
+        let mut burst = vec![Out::Frame(Box::new(confirm(1)))];
+        outbox.push_many_held(&mut burst);
+        assert!(
+            !writer_woken(&outbox).await,
+            "a small burst woke the writer"
+        );
+        // The writer starts on a large output while the reader still applies its batch.
+        let n_frames = INLINE_WRITE_BYTES_MAX / 64 + 1;
+        let mut burst: Vec<Out> = (0..n_frames)
+            .map(|seq| Out::Frame(Box::new(confirm(seq as u64 + 2))))
+            .collect();
+        outbox.push_many_held(&mut burst);
+        assert!(
+            writer_woken(&outbox).await,
+            "a large burst did not wake the writer"
+        );
+    }
+
+    #[tokio::test]
     async fn output_held_while_the_writer_task_writes_wakes_it_instead() {
         let (outbox, mut client) = connected_outbox().await;
         let busy = outbox.sink.try_lock().expect("idle");
