@@ -48,15 +48,22 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// Appends to the queue under its lock, counting the bytes *before* the items can be taken:
+    /// a taker on another thread (a writer, or a reader flushing inline) subtracts what it took
+    /// once written, so counting after the items became visible could subtract first and leak
+    /// the count for good (it saturates at zero), until the reader waited for room forever.
+    /// Returns whether the queue was empty before and the bytes queued after.
+    fn enqueue(&self, bytes: usize, append: impl FnOnce(&mut Vec<Out>)) -> (bool, usize) {
+        let mut queued = self.items.lock().expect("outbox lock poisoned");
+        let was_empty = queued.is_empty();
+        let queued_bytes = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        append(&mut queued);
+        (was_empty, queued_bytes)
+    }
+
     /// Queues an item.
     pub fn push(&self, item: Out) {
-        let bytes = item.approx_bytes();
-        let was_empty = {
-            let mut items = self.items.lock().expect("outbox lock poisoned");
-            items.push(item);
-            items.len() == 1
-        };
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let (was_empty, _) = self.enqueue(item.approx_bytes(), |queued| queued.push(item));
         if was_empty {
             self.wake.notify_one();
         }
@@ -68,13 +75,7 @@ impl Outbox {
             return;
         }
         let bytes: usize = items.iter().map(Out::approx_bytes).sum();
-        let was_empty = {
-            let mut queued = self.items.lock().expect("outbox lock poisoned");
-            let was_empty = queued.is_empty();
-            queued.append(items);
-            was_empty
-        };
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let (was_empty, _) = self.enqueue(bytes, |queued| queued.append(items));
         if was_empty {
             self.wake.notify_one();
         }
@@ -91,12 +92,8 @@ impl Outbox {
     /// on a large batch while the reader is still applying the rest.
     pub(crate) fn push_many_held(&self, items: &mut Vec<Out>) {
         let bytes: usize = items.iter().map(Out::approx_bytes).sum();
-        self.items
-            .lock()
-            .expect("outbox lock poisoned")
-            .append(items);
-        let queued = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if queued > INLINE_WRITE_BYTES_MAX {
+        let (_, queued_bytes) = self.enqueue(bytes, |queued| queued.append(items));
+        if queued_bytes > INLINE_WRITE_BYTES_MAX {
             self.wake.notify_one();
         }
     }
@@ -104,9 +101,7 @@ impl Outbox {
     /// Queues a frame without waking the writer (see [`Outbox::push_many_held`]).
     pub(crate) fn push_frame_held(&self, frame: Frame) {
         let item = Out::Frame(Box::new(frame));
-        let bytes = item.approx_bytes();
-        self.items.lock().expect("outbox lock poisoned").push(item);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.enqueue(item.approx_bytes(), |queued| queued.push(item));
     }
 
     /// Takes everything queued, leaving `into` (cleared first) full and the queue empty.
@@ -144,5 +139,48 @@ impl Outbox {
     /// Bytes an item accounts for (what [`Outbox::written`] must be given back).
     pub fn item_bytes(item: &Out) -> usize {
         item.approx_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wharf_protocol::{Confirm, ConfirmRange, ConfirmStatus, Durability};
+
+    fn confirm() -> Out {
+        Out::Frame(Box::new(Frame::Confirm(Confirm {
+            ranges: vec![ConfirmRange {
+                first_seq: 1,
+                last_seq: 1,
+                status: ConfirmStatus::Confirmed(Durability::InMemory),
+            }],
+        })))
+    }
+
+    #[test]
+    fn items_are_counted_before_a_taker_can_see_them() {
+        // A taker on another thread (a writer, or a reader flushing inline) uncounts what it
+        // took once written: were items visible before they were counted, it could uncount
+        // first, and the count would leak for good (it saturates at zero). So at the moment
+        // the items join the queue, their bytes must be counted already.
+        let outbox = Outbox::default();
+        outbox.push_frame_held(Frame::Heartbeat);
+        let before = outbox.queued_bytes();
+        let items = vec![confirm(), confirm()];
+        let bytes: usize = items.iter().map(Outbox::item_bytes).sum();
+        let mut items = Some(items);
+        outbox.enqueue(bytes, |queued| {
+            assert_eq!(
+                outbox.queued_bytes(),
+                before + bytes,
+                "visible before counted"
+            );
+            queued.append(&mut items.take().expect("appended once"));
+        });
+        let mut taken = Vec::new();
+        outbox.take_all(&mut taken);
+        assert_eq!(taken.len(), 3);
+        outbox.written(taken.iter().map(Outbox::item_bytes).sum());
+        assert_eq!(outbox.queued_bytes(), 0);
     }
 }

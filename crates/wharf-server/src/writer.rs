@@ -686,6 +686,13 @@ mod tests {
             );
             tokio::task::yield_now().await;
         }
+        // A failed sink writes nothing more inline: its output goes to the writer task,
+        // which is woken to end the connection's writing.
+        let _ = writer_woken(&outbox).await;
+        outbox.push_frame_held(confirm(2));
+        flush_or_wake(&outbox);
+        assert!(outbox.queued_bytes() > 0, "written inline to a failed sink");
+        assert!(writer_woken(&outbox).await, "the writer task was not woken");
         let writer = tokio::spawn(write_loop(outbox.clone(), Duration::from_secs(60)));
         tokio::time::timeout(Duration::from_secs(10), writer)
             .await
