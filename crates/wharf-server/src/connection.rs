@@ -1,6 +1,7 @@
 //! One client connection: the handshake, a reader loop that applies what the client sends to
-//! the broker (batching every complete frame in the read buffer under one lock), and a writer
-//! task that drains the connection's outbox into as few socket writes as it can.
+//! the broker (batching every complete frame in the read buffer under one lock) and then writes
+//! the small outputs of that batch itself, and the connection's writer task (`writer.rs`), which
+//! drains the rest of its outbox into as few socket writes as it can.
 
 use crate::convert::{PublishNames, error_code, message_from_wire, table_to_headers};
 use crate::limits::{
