@@ -310,7 +310,10 @@ async fn read_loop(
         } else if more_complete_frames(&buf) {
             continue;
         }
-        wait_for_outbox_room(outbox).await;
+        if !wait_for_outbox_room(outbox).await {
+            // The writer failed (the peer is gone): nothing queued will ever drain.
+            return Exit::Gone;
+        }
         while state.in_flight.count.load(Ordering::Acquire) >= in_flight_max {
             let confirmed = state.in_flight.confirmed.notified();
             if state.in_flight.count.load(Ordering::Acquire) < in_flight_max {
@@ -332,6 +335,9 @@ async fn read_loop(
             _ = async { shutdown.wait_for(|stop| *stop).await.is_ok() } => {
                 return Exit::Close(ErrorCode::ConnectionForced, "the server is shutting down".to_owned());
             }
+            // A failed write ended the writer: whatever the client still sends, nothing can
+            // be answered or delivered, so its deliveries go back to their queues now.
+            _ = outbox.writer_end.notified() => return Exit::Gone,
         };
         match read {
             Err(_) => {
@@ -361,15 +367,21 @@ fn more_complete_frames(buf: &BytesMut) -> bool {
     buf.len() >= 4 + len
 }
 
-async fn wait_for_outbox_room(outbox: &Outbox) {
+/// Waits until this connection's outbox is under its limit; `false` if its writer task ended
+/// first (a failed write: the outbox will never drain).
+async fn wait_for_outbox_room(outbox: &Outbox) -> bool {
     while outbox.queued_bytes() > OUTBOX_BYTES_MAX {
         let drained = outbox.drained.notified();
+        if outbox.writer_ended() {
+            return false;
+        }
         if outbox.queued_bytes() <= OUTBOX_BYTES_MAX {
             break;
         }
         // The writer notifies after every write; the timeout only guards against a missed race.
         let _ = tokio::time::timeout(Duration::from_millis(100), drained).await;
     }
+    true
 }
 
 /// The memory alarm: while ready bytes across all queues exceed the high watermark, a

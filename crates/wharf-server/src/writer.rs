@@ -467,6 +467,7 @@ pub(crate) async fn write_loop(outbox: Arc<Outbox>, heartbeat: Duration) {
     if let Some(mut sink) = sink {
         let _ = sink.socket.shutdown().await;
     }
+    outbox.end_writer();
 }
 
 #[cfg(test)]

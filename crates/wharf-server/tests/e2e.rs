@@ -710,3 +710,104 @@ async fn deliveries_of_large_bodies_come_in_frames_of_at_most_256_kib_of_bodies(
         "300 bodies of 4 KiB need at least 5 frames, got {frames}"
     );
 }
+
+#[tokio::test]
+async fn a_consumer_that_dies_with_a_full_outbox_has_its_deliveries_redelivered() {
+    // A consumer stops reading while more than the outbox limit (64 MiB) is queued for it, so
+    // its connection's reader waits for room; then it dies. Its writer's next write fails.
+    // The reader must notice (it cannot drain any more) and close the connection, so that
+    // the unacked deliveries go back to the queue.
+    let server = TestServer::start().await;
+    let client = connect(&server).await;
+    client.declare_queue("big").await.unwrap();
+    let mut stuck = common::Raw::open(server.addr()).await;
+    let subscribed = stuck
+        .request(wharf_protocol::Request::Subscribe {
+            queue: "big".into(),
+            consumer_tag: 1,
+            prefetch: 100,
+            auto_ack: false,
+            exclusive: false,
+            priority: 0,
+            initial_credit: None,
+            arguments: Default::default(),
+        })
+        .await;
+    assert!(
+        matches!(subscribed, wharf_protocol::Response::Subscribed { .. }),
+        "{subscribed:?}"
+    );
+    let n_messages = 9;
+    let body = vec![7u8; 8 * 1024 * 1024];
+    for _ in 0..n_messages {
+        client
+            .publish("", "big", Message::new(body.clone()))
+            .await
+            .expect("confirmed");
+    }
+    // Confirmed, so routed: 72 MiB are queued for the consumer, which reads none of it. A
+    // frame makes its reader go round its loop, into the wait for room.
+    stuck.send(&Frame::Heartbeat).await;
+    wait_stats(&client, "big", |stats| stats.unacked == n_messages).await;
+    // Unread data makes the close a reset: the broker's pending write fails.
+    drop(stuck);
+    let stats = wait_stats(&client, "big", |stats| stats.consumers == 0).await;
+    assert_eq!(stats.ready, n_messages, "{stats:?}");
+    let mut consumer = client.consume("big", manual(100)).await.unwrap();
+    for _ in 0..n_messages {
+        let delivery = next(&mut consumer).await;
+        assert!(delivery.redelivered());
+        assert_eq!(delivery.body().len(), body.len());
+        delivery.ack().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_delivery_too_large_for_its_consumer_ends_that_connection_and_is_redelivered() {
+    // The consumer accepts frames of 64 KiB at most; a 100 KiB message cannot be sent to it.
+    // Its writer gives up (and shuts the socket); the reader must end the connection at once,
+    // even though this client neither sends nor closes, so the message returns to its queue.
+    let server = TestServer::start().await;
+    let client = connect(&server).await;
+    client.declare_queue("wide").await.unwrap();
+    let mut small = common::Raw::connect(server.addr()).await;
+    small
+        .send_bytes(&wharf_protocol::Preamble::CURRENT.encode())
+        .await;
+    let mut hello = common::Raw::hello();
+    if let Frame::Hello(hello) = &mut hello {
+        hello.frame_bytes_max = wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR;
+    }
+    small.send(&hello).await;
+    small.read_preamble().await.expect("server preamble");
+    assert!(matches!(small.recv().await, Some(Frame::HelloOk(_))));
+    let subscribed = small
+        .request(wharf_protocol::Request::Subscribe {
+            queue: "wide".into(),
+            consumer_tag: 1,
+            prefetch: 10,
+            auto_ack: false,
+            exclusive: false,
+            priority: 0,
+            initial_credit: None,
+            arguments: Default::default(),
+        })
+        .await;
+    assert!(
+        matches!(subscribed, wharf_protocol::Response::Subscribed { .. }),
+        "{subscribed:?}"
+    );
+    let body = vec![1u8; 100 * 1024];
+    client
+        .publish("", "wide", Message::new(body.clone()))
+        .await
+        .expect("confirmed");
+    let stats = wait_stats(&client, "wide", |stats| stats.consumers == 0).await;
+    assert_eq!(stats.ready, 1, "{stats:?}");
+    // The small consumer's socket was shut without a frame it could not take.
+    assert_eq!(small.recv().await, None);
+    let mut consumer = client.consume("wide", manual(10)).await.unwrap();
+    let delivery = next(&mut consumer).await;
+    assert!(delivery.redelivered());
+    assert_eq!(delivery.body().len(), body.len());
+}
