@@ -310,22 +310,33 @@ async fn read_loop(
         } else if more_complete_frames(&buf) {
             continue;
         }
-        if !wait_for_outbox_room(outbox).await {
-            // The writer failed (the peer is gone): nothing queued will ever drain.
-            return Exit::Gone;
-        }
-        while state.in_flight.count.load(Ordering::Acquire) >= in_flight_max {
-            let confirmed = state.in_flight.confirmed.notified();
-            if state.in_flight.count.load(Ordering::Acquire) < in_flight_max {
-                break;
+        // Before reading more: room in the outbox, a free in-flight slot, and (after a batch
+        // that published) the memory alarm and publisher flow control. None of these waits
+        // reads the socket, so a peer that dies meanwhile is noticed through the writer: its
+        // next write (a delivery, a heartbeat) fails and ends the writer task.
+        let ready_to_read = async {
+            wait_for_outbox_room(outbox).await;
+            while state.in_flight.count.load(Ordering::Acquire) >= in_flight_max {
+                let confirmed = state.in_flight.confirmed.notified();
+                if state.in_flight.count.load(Ordering::Acquire) < in_flight_max {
+                    break;
+                }
+                // Confirms notify; the timeout only guards against a missed race.
+                let _ = tokio::time::timeout(Duration::from_millis(100), confirmed).await;
             }
-            // Confirms notify; the timeout only guards against a missed race.
-            let _ = tokio::time::timeout(Duration::from_millis(100), confirmed).await;
-        }
-        if state.published {
-            state.published = false;
-            wait_for_memory(shared).await;
-            wait_for_flow(shared, &mut state).await;
+            if state.published {
+                state.published = false;
+                wait_for_memory(shared).await;
+                wait_for_flow(shared, &mut state).await;
+            }
+        };
+        tokio::select! {
+            // Usually ready at once: then the writer's end is not even looked at.
+            biased;
+            () = ready_to_read => {}
+            // Nothing queued will drain and nothing more can be answered or delivered: end the
+            // connection so that its deliveries return to their queues.
+            () = outbox.writer_end.notified() => return Exit::Gone,
         }
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(READ_BUFFER_BYTES);
@@ -367,21 +378,16 @@ fn more_complete_frames(buf: &BytesMut) -> bool {
     buf.len() >= 4 + len
 }
 
-/// Waits until this connection's outbox is under its limit; `false` if its writer task ended
-/// first (a failed write: the outbox will never drain).
-async fn wait_for_outbox_room(outbox: &Outbox) -> bool {
+/// Waits until this connection's outbox is under its limit.
+async fn wait_for_outbox_room(outbox: &Outbox) {
     while outbox.queued_bytes() > OUTBOX_BYTES_MAX {
         let drained = outbox.drained.notified();
-        if outbox.writer_ended() {
-            return false;
-        }
         if outbox.queued_bytes() <= OUTBOX_BYTES_MAX {
             break;
         }
         // The writer notifies after every write; the timeout only guards against a missed race.
         let _ = tokio::time::timeout(Duration::from_millis(100), drained).await;
     }
-    true
 }
 
 /// The memory alarm: while ready bytes across all queues exceed the high watermark, a

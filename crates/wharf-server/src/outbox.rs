@@ -42,8 +42,6 @@ pub struct Outbox {
     /// Wakes a reader waiting for the writer to drain.
     pub(crate) drained: Notify,
     closing: AtomicBool,
-    /// Set when the writer task has ended: nothing more can be sent on this connection.
-    writer_ended: AtomicBool,
     /// Wakes the reader when the writer task ends (a stored permit if it is not waiting).
     pub(crate) writer_end: Notify,
     /// The connection's socket writer, shared by its writer task and the readers that write a
@@ -136,16 +134,9 @@ impl Outbox {
     }
 
     /// Records that the writer task ended (a failed write, or the connection closed): wakes
-    /// the reader, which must stop waiting for room that will never come.
+    /// the reader, which must not wait any more for a peer that cannot be written to.
     pub(crate) fn end_writer(&self) {
-        self.writer_ended.store(true, Ordering::Release);
         self.writer_end.notify_one();
-        self.drained.notify_waiters();
-    }
-
-    /// Whether [`Outbox::end_writer`] was called.
-    pub fn writer_ended(&self) -> bool {
-        self.writer_ended.load(Ordering::Acquire)
     }
 
     /// Whether [`Outbox::close`] was called.

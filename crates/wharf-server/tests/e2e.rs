@@ -811,3 +811,60 @@ async fn a_delivery_too_large_for_its_consumer_ends_that_connection_and_is_redel
     assert!(delivery.redelivered());
     assert_eq!(delivery.body().len(), body.len());
 }
+
+#[tokio::test]
+async fn a_publisher_that_dies_while_paused_by_the_memory_alarm_is_cleaned_up() {
+    // The memory alarm stops reading a publisher's socket; if the publisher dies meanwhile,
+    // the broker learns it from its writer (a heartbeat it cannot send) and ends the
+    // connection: the delivery the publisher held as a consumer returns to its queue.
+    let server = TestServer::start_with(|config| {
+        config.ready_bytes_high_watermark = 64 * 1024;
+        config.heartbeat = Duration::from_millis(100);
+    })
+    .await;
+    let client = connect(&server).await;
+    client.declare_queue("side").await.unwrap();
+    client.declare_queue("fill").await.unwrap();
+    let mut dying = common::Raw::open(server.addr()).await;
+    let subscribed = dying
+        .request(wharf_protocol::Request::Subscribe {
+            queue: "side".into(),
+            consumer_tag: 1,
+            prefetch: 10,
+            auto_ack: false,
+            exclusive: false,
+            priority: 0,
+            initial_credit: None,
+            arguments: Default::default(),
+        })
+        .await;
+    assert!(
+        matches!(subscribed, wharf_protocol::Response::Subscribed { .. }),
+        "{subscribed:?}"
+    );
+    client
+        .publish("", "side", Message::new("held"))
+        .await
+        .unwrap();
+    wait_stats(&client, "side", |stats| stats.unacked == 1).await;
+    // Past the watermark with nobody consuming: the alarm is on for good (and this client,
+    // which published, is not read any more either: another one watches).
+    client
+        .publish("", "fill", Message::new(vec![0u8; 128 * 1024]))
+        .await
+        .unwrap();
+    let observer = connect(&server).await;
+    // The raw connection publishes too, so its reader waits on the alarm before reading on.
+    dying
+        .send(&Frame::Publish(wharf_protocol::Publish {
+            exchange: wharf_protocol::WireStr::from(""),
+            routing_key: wharf_protocol::WireStr::from("fill"),
+            properties: Default::default(),
+            body: bytes::Bytes::from_static(b"x"),
+        }))
+        .await;
+    wait_stats(&observer, "fill", |stats| stats.ready == 2).await;
+    drop(dying);
+    let stats = wait_stats(&observer, "side", |stats| stats.consumers == 0).await;
+    assert_eq!((stats.ready, stats.unacked), (1, 0), "{stats:?}");
+}
