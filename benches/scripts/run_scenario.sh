@@ -16,11 +16,12 @@ wharf=$1 label=$2 scenario=$3
 shift 3
 work=$(mktemp -d)
 trap 'kill "$broker" 2>/dev/null || true; rm -rf "$work"' EXIT
-port=$((20000 + RANDOM % 20000))
+port=$((10000 + RANDOM % 20000))  # below the ephemeral range: no collision with a client's port
 "$wharf" serve --bind "127.0.0.1:$port" --data-dir "$work/data" >"$work/broker.log" 2>&1 &
 broker=$!
 for _ in $(seq 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+  kill -0 "$broker" 2>/dev/null || { echo "the broker did not start:" >&2; cat "$work/broker.log" >&2; exit 1; }
   sleep 0.05
 done
 switches() { cat /proc/"$broker"/task/*/status | awk '/ctxt_switches/ { n += $2 } END { print n }'; }
