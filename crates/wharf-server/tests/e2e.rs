@@ -544,17 +544,7 @@ async fn a_peer_gone_silent_has_its_unacked_messages_requeued_and_exclusive_queu
         arguments: Default::default(),
     })
     .await;
-    raw.request(wharf_protocol::Request::Subscribe {
-        queue: "work".into(),
-        consumer_tag: 1,
-        prefetch: 1,
-        auto_ack: false,
-        exclusive: false,
-        priority: 0,
-        initial_credit: None,
-        arguments: Default::default(),
-    })
-    .await;
+    raw.subscribe("work", 1).await;
     let started = tokio::time::Instant::now();
     let close = raw.expect_close().await;
     assert_eq!(close.code, ErrorCode::HeartbeatTimeout);
@@ -721,22 +711,7 @@ async fn a_consumer_that_dies_with_a_full_outbox_has_its_deliveries_redelivered(
     let client = connect(&server).await;
     client.declare_queue("big").await.unwrap();
     let mut stuck = common::Raw::open(server.addr()).await;
-    let subscribed = stuck
-        .request(wharf_protocol::Request::Subscribe {
-            queue: "big".into(),
-            consumer_tag: 1,
-            prefetch: 100,
-            auto_ack: false,
-            exclusive: false,
-            priority: 0,
-            initial_credit: None,
-            arguments: Default::default(),
-        })
-        .await;
-    assert!(
-        matches!(subscribed, wharf_protocol::Response::Subscribed { .. }),
-        "{subscribed:?}"
-    );
+    stuck.subscribe("big", 100).await;
     let n_messages = 9;
     let body = vec![7u8; 8 * 1024 * 1024];
     for _ in 0..n_messages {
@@ -781,22 +756,7 @@ async fn a_delivery_too_large_for_its_consumer_ends_that_connection_and_is_redel
     small.send(&hello).await;
     small.read_preamble().await.expect("server preamble");
     assert!(matches!(small.recv().await, Some(Frame::HelloOk(_))));
-    let subscribed = small
-        .request(wharf_protocol::Request::Subscribe {
-            queue: "wide".into(),
-            consumer_tag: 1,
-            prefetch: 10,
-            auto_ack: false,
-            exclusive: false,
-            priority: 0,
-            initial_credit: None,
-            arguments: Default::default(),
-        })
-        .await;
-    assert!(
-        matches!(subscribed, wharf_protocol::Response::Subscribed { .. }),
-        "{subscribed:?}"
-    );
+    small.subscribe("wide", 10).await;
     let body = vec![1u8; 100 * 1024];
     client
         .publish("", "wide", Message::new(body.clone()))
@@ -826,22 +786,7 @@ async fn a_publisher_that_dies_while_paused_by_the_memory_alarm_is_cleaned_up() 
     client.declare_queue("side").await.unwrap();
     client.declare_queue("fill").await.unwrap();
     let mut dying = common::Raw::open(server.addr()).await;
-    let subscribed = dying
-        .request(wharf_protocol::Request::Subscribe {
-            queue: "side".into(),
-            consumer_tag: 1,
-            prefetch: 10,
-            auto_ack: false,
-            exclusive: false,
-            priority: 0,
-            initial_credit: None,
-            arguments: Default::default(),
-        })
-        .await;
-    assert!(
-        matches!(subscribed, wharf_protocol::Response::Subscribed { .. }),
-        "{subscribed:?}"
-    );
+    dying.subscribe("side", 10).await;
     client
         .publish("", "side", Message::new("held"))
         .await

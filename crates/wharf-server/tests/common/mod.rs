@@ -161,6 +161,26 @@ impl Raw {
         }
     }
 
+    /// Subscribes consumer tag 1 to `queue` with manual acks and checks the answer.
+    pub async fn subscribe(&mut self, queue: &str, prefetch: u32) {
+        let response = self
+            .request(Request::Subscribe {
+                queue: queue.into(),
+                consumer_tag: 1,
+                prefetch,
+                auto_ack: false,
+                exclusive: false,
+                priority: 0,
+                initial_credit: None,
+                arguments: Default::default(),
+            })
+            .await;
+        assert!(
+            matches!(response, Response::Subscribed { .. }),
+            "{response:?}"
+        );
+    }
+
     /// Expects a Close frame (after any other frames) and then EOF; returns the Close.
     pub async fn expect_close(&mut self) -> wharf_protocol::Close {
         loop {
