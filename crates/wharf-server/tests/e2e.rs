@@ -649,18 +649,11 @@ async fn deliveries_of_large_bodies_come_in_frames_of_at_most_256_kib_of_bodies(
     }
     // A raw consumer attaches to the standing backlog: the broker batches what it sends.
     let mut raw = common::Raw::open(server.addr()).await;
+    // Sent raw, not through `Raw::subscribe`: the order of the answer and the deliveries is
+    // what this test looks at.
     raw.send(&Frame::Request {
         correlation_id: 1,
-        request: wharf_protocol::Request::Subscribe {
-            queue: "big".into(),
-            consumer_tag: 1,
-            prefetch: 1_000,
-            auto_ack: false,
-            exclusive: false,
-            priority: 0,
-            initial_credit: None,
-            arguments: Default::default(),
-        },
+        request: common::Raw::subscribe_request("big", 1_000),
     })
     .await;
     let mut seen = 0;

@@ -161,20 +161,23 @@ impl Raw {
         }
     }
 
+    /// The request subscribing consumer tag 1 to `queue` with manual acks.
+    pub fn subscribe_request(queue: &str, prefetch: u32) -> Request {
+        Request::Subscribe {
+            queue: queue.into(),
+            consumer_tag: 1,
+            prefetch,
+            auto_ack: false,
+            exclusive: false,
+            priority: 0,
+            initial_credit: None,
+            arguments: Default::default(),
+        }
+    }
+
     /// Subscribes consumer tag 1 to `queue` with manual acks and checks the answer.
     pub async fn subscribe(&mut self, queue: &str, prefetch: u32) {
-        let response = self
-            .request(Request::Subscribe {
-                queue: queue.into(),
-                consumer_tag: 1,
-                prefetch,
-                auto_ack: false,
-                exclusive: false,
-                priority: 0,
-                initial_credit: None,
-                arguments: Default::default(),
-            })
-            .await;
+        let response = self.request(Raw::subscribe_request(queue, prefetch)).await;
         assert!(
             matches!(response, Response::Subscribed { .. }),
             "{response:?}"
