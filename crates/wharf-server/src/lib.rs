@@ -11,6 +11,7 @@
 pub mod config;
 mod connection;
 pub mod convert;
+pub mod data_dir;
 pub mod durable;
 pub mod limits;
 pub mod log;

@@ -3,7 +3,10 @@
 //! supersedes, writes checkpoints, releases superseded records, and classifies failures:
 //! a failed fsync is fail-stop; a full disk refuses durable publishes for a while.
 
-use crate::durable::{Op, Record, Recovered, SYSTEM_CONNECTION, StoredMessage, replay, snapshot};
+use crate::durable::{
+    Captured, Op, OpRecords, RECORD_PREFIX_BYTES_MAX, Record, Recovered, SYSTEM_CONNECTION,
+    StoredMessage, replay,
+};
 use crate::spool::{SpoolRange, Spools};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,7 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 use wharf_core::{Broker, Command, Effect, QueueSync};
-use wharf_storage::{Lsn, Storage, SyncCoverage, SyncPolicy, Wal, WalConfig, WalError};
+use wharf_storage::limits::BATCH_RECORDS_MAX;
+use wharf_storage::{
+    Lsn, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, Storage, SyncCoverage, SyncPolicy, Wal, WalConfig,
+    WalError,
+};
 
 /// Log bytes appended after which a checkpoint is considered (and the live state is at most
 /// half of them, so a checkpoint never rewrites more than it frees).
@@ -21,8 +28,12 @@ pub const CHECKPOINT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 /// state in memory is at most this: it is captured under the broker lock, so a large one would
 /// stall every connection (paged messages are copied without the lock and do not count).
 const RECHECK_IN_MEMORY_BYTES_MAX: u64 = 32 * 1024 * 1024;
-/// Message bytes per checkpoint chunk record.
-const CHECKPOINT_CHUNK_BYTES: usize = 1024 * 1024;
+/// Encoded bytes per checkpoint chunk record: small enough that a chunk is one quick write
+/// among the batches appended meanwhile, large enough that a chunk costs few records.
+pub const CHECKPOINT_CHUNK_BYTES_DEFAULT: usize = 1024 * 1024;
+/// An `EnqueueAt` operation's bytes besides its message, with one queue name of the longest
+/// kind: variant, id, queue list, delay and ready time.
+const ENQUEUE_OP_BYTES_MAX: usize = 1 + 10 + 5 + 5 + wharf_core::limits::NAME_BYTES_MAX + 11 + 10;
 /// How long durable publishes are refused after the disk was found full, before trying again.
 const DISK_FULL_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -55,6 +66,62 @@ struct Book {
     to_release: Vec<Lsn>,
 }
 
+/// Runs a batch's completion once every WAL submission of it has completed: with the first
+/// error if any failed, else with the weakest sync coverage among them.
+struct Gather {
+    state: Mutex<GatherState>,
+}
+
+struct GatherState {
+    left: usize,
+    outcome: Outcome,
+    done: Option<Box<dyn FnOnce(Outcome) + Send>>,
+}
+
+impl Gather {
+    fn new(parts: usize, done: Box<dyn FnOnce(Outcome) + Send>) -> Arc<Gather> {
+        assert!(parts > 0, "a batch has at least one submission");
+        Arc::new(Gather {
+            state: Mutex::new(GatherState {
+                left: parts,
+                outcome: Ok(SyncCoverage::Fsynced),
+                done: Some(done),
+            }),
+        })
+    }
+
+    fn part(&self, outcome: Outcome) {
+        let (outcome, done) = {
+            let mut state = self.state.lock().expect("gather lock");
+            state.outcome = match (
+                std::mem::replace(&mut state.outcome, Err(WalError::Closed)),
+                outcome,
+            ) {
+                (Err(first), _) | (Ok(_), Err(first)) => Err(first),
+                (Ok(left), Ok(right)) => Ok(weakest(left, right)),
+            };
+            state.left -= 1;
+            if state.left > 0 {
+                return;
+            }
+            let outcome = std::mem::replace(&mut state.outcome, Err(WalError::Closed));
+            (outcome, state.done.take().expect("runs once"))
+        };
+        done(outcome);
+    }
+}
+
+/// The weaker of two sync coverages (what a batch of both can promise).
+fn weakest(left: SyncCoverage, right: SyncCoverage) -> SyncCoverage {
+    match (left, right) {
+        (SyncCoverage::Unsynced, _) | (_, SyncCoverage::Unsynced) => SyncCoverage::Unsynced,
+        (SyncCoverage::IntervalPending, _) | (_, SyncCoverage::IntervalPending) => {
+            SyncCoverage::IntervalPending
+        }
+        (SyncCoverage::Fsynced, SyncCoverage::Fsynced) => SyncCoverage::Fsynced,
+    }
+}
+
 /// The log.
 pub struct Log {
     wal: Arc<Wal>,
@@ -64,6 +131,16 @@ pub struct Log {
     fail_stop: FailStop,
     checkpoint_bytes: u64,
     sync_policy: SyncPolicy,
+    /// Largest record payload the WAL takes.
+    record_bytes_max: usize,
+    /// Most framed bytes in one WAL submission (a segment's record area).
+    submission_bytes_max: u64,
+    /// See [`CHECKPOINT_CHUNK_BYTES_DEFAULT`].
+    chunk_bytes: usize,
+    /// Held while appending the records of one batch or one checkpoint part, so that the
+    /// parts of a batch split over several submissions are contiguous in the log (replay
+    /// needs them so) even while the checkpoint thread appends.
+    append_lock: Mutex<()>,
     /// Checkpoints written since start (for tests and metrics).
     pub checkpoints: Arc<AtomicU64>,
     /// Paged messages copied from spools into checkpoints since start (for tests and metrics).
@@ -89,6 +166,11 @@ pub struct LogConfig {
     pub segment_bytes: u64,
     /// See [`CHECKPOINT_BYTES_DEFAULT`].
     pub checkpoint_bytes: u64,
+    /// See [`CHECKPOINT_CHUNK_BYTES_DEFAULT`] (tests lower it to get many chunks).
+    pub checkpoint_chunk_bytes: usize,
+    /// Largest record payload, at most what the WAL allows for `segment_bytes` (tests lower
+    /// it to split batches often).
+    pub record_bytes_max: usize,
 }
 
 impl Default for LogConfig {
@@ -97,6 +179,8 @@ impl Default for LogConfig {
             sync_policy: SyncPolicy::Always,
             segment_bytes: WalConfig::default().segment_bytes,
             checkpoint_bytes: CHECKPOINT_BYTES_DEFAULT,
+            checkpoint_chunk_bytes: CHECKPOINT_CHUNK_BYTES_DEFAULT,
+            record_bytes_max: usize::MAX,
         }
     }
 }
@@ -132,11 +216,28 @@ impl Log {
             compact_live_ratio: 0.0,
             ..WalConfig::default()
         };
+        let record_bytes_max = usize::try_from(wal_config.record_bytes_max())
+            .unwrap_or(usize::MAX)
+            .min(config.record_bytes_max);
+        assert!(
+            record_bytes_max > 2 * RECORD_PREFIX_BYTES_MAX,
+            "records must have room for operations"
+        );
+        let submission_bytes_max = config.segment_bytes - SEGMENT_HEADER_LEN;
         let (wal, report) = Wal::open(storage, dir, wal_config)?;
         if let Some(cut) = &report.truncated {
+            // Whether the cut records had been confirmed depends on the sync policy: under
+            // `always` a confirm follows an fsync of its whole record, so a record left
+            // incomplete was never confirmed; under `interval` or `never` it may have been.
+            let confirmed = match config.sync_policy {
+                SyncPolicy::Always => "none of them was confirmed (sync = always)",
+                SyncPolicy::Interval(_) | SyncPolicy::Never => {
+                    "under this sync policy some may have been confirmed without an fsync"
+                }
+            };
             warn!(
                 ?cut,
-                "recovery cut a torn tail off the log (writes that were never confirmed)"
+                "recovery cut an incomplete write off the end of the log: {confirmed}"
             );
         }
         broker
@@ -196,6 +297,12 @@ impl Log {
             fail_stop,
             checkpoint_bytes: config.checkpoint_bytes,
             sync_policy: config.sync_policy,
+            record_bytes_max,
+            submission_bytes_max,
+            chunk_bytes: config
+                .checkpoint_chunk_bytes
+                .clamp(1, record_bytes_max - RECORD_PREFIX_BYTES_MAX),
+            append_lock: Mutex::new(()),
             checkpoints: Arc::new(AtomicU64::new(0)),
             copier: Mutex::new(None),
             paged_copied: Arc::new(AtomicU64::new(0)),
@@ -273,19 +380,26 @@ impl Log {
         }
     }
 
-    /// Appends one record under the broker's sync policy; see [`Log::append_with`].
-    pub fn append(self: &Arc<Self>, record: &Record, done: Box<dyn FnOnce(Outcome) + Send>) {
+    /// Appends one batch of operations under the broker's sync policy; see
+    /// [`Log::append_ops`].
+    pub fn append(self: &Arc<Self>, ops: Vec<Op>, done: Box<dyn FnOnce(Outcome) + Send>) {
         let sync = self.default_sync();
-        self.append_with(record, sync, done);
+        self.append_ops(ops, sync, done);
     }
 
-    /// Appends one record, fsynced as `sync` says (the strongest need of the queues its
-    /// messages entered, see `x-sync`). Call with the broker lock held, so that log order is
-    /// the order in which the core applied the commands. `done` runs on the committing thread:
-    /// the WAL's writer thread, or a leader's (see [`Log::lead`]).
-    pub fn append_with(
+    /// Appends one batch of operations, fsynced as `sync` says (the strongest need of the
+    /// queues its messages entered, see `x-sync`). Call with the broker lock held, so that
+    /// log order is the order in which the core applied the commands. `done` runs once, on the
+    /// committing thread (the WAL's writer thread, or a leader's, see [`Log::lead`]), when
+    /// every record of the batch is on disk or the append failed.
+    ///
+    /// A batch is one record when it fits (the usual case). A larger one is split at operation
+    /// boundaries into `BatchPart` records, appended contiguously in as many WAL submissions
+    /// as the segment size needs; replay applies it only once its last part is read, so a
+    /// batch is atomic whatever its size.
+    pub fn append_ops(
         self: &Arc<Self>,
-        record: &Record,
+        ops: Vec<Op>,
         sync: QueueSync,
         done: Box<dyn FnOnce(Outcome) + Send>,
     ) {
@@ -294,35 +408,95 @@ impl Log {
             QueueSync::Interval(ms) => SyncPolicy::Interval(Duration::from_millis(ms)),
             QueueSync::Never => SyncPolicy::Never,
         };
-        let payload = record.encode();
-        let n_bytes = payload.len() as u64;
+        let records = match OpRecords::encode(ops, self.op_bytes_max()) {
+            Ok(encoded) => encoded.batch(self.record_bytes_max),
+            Err(err) => {
+                warn!("log append refused: {err}");
+                let (bytes, limit) = match err {
+                    crate::durable::RecordError::OpTooLarge { bytes, limit } => (bytes, limit),
+                    _ => (0, self.record_bytes_max as u64),
+                };
+                done(Err(WalError::RecordTooLarge { bytes, limit }));
+                return;
+            }
+        };
+        let n_bytes: u64 = records.iter().map(|record| record.len() as u64).sum();
         let (epoch, to_release) = {
             let mut book = self.book.lock().expect("log lock");
             book.bytes_since_checkpoint += n_bytes;
             (book.epoch, std::mem::take(&mut book.to_release))
         };
         self.release_all(to_release);
-        // Completions hold the log weakly: the last strong reference must never be dropped on
-        // the WAL's committing thread (closing the WAL there would wait on itself).
-        let log = Arc::downgrade(self);
-        self.wal.append_with(
-            vec![payload],
-            sync,
-            Box::new(move |outcome| match outcome {
-                Ok(committed) => {
-                    if let Some(log) = log.upgrade() {
-                        log.track(epoch, committed.lsns);
+        let submissions = self.submissions(records);
+        let done = Gather::new(submissions.len(), done);
+        let _contiguous = self.append_lock.lock().expect("append lock");
+        for records in submissions {
+            // Completions hold the log weakly: the last strong reference must never be dropped
+            // on the WAL's committing thread (closing the WAL there would wait on itself).
+            let log = Arc::downgrade(self);
+            let done = done.clone();
+            self.wal.append_with(
+                records,
+                sync,
+                Box::new(move |outcome| match outcome {
+                    Ok(committed) => {
+                        if let Some(log) = log.upgrade() {
+                            log.track(epoch, committed.lsns);
+                        }
+                        done.part(Ok(committed.coverage));
                     }
-                    done(Ok(committed.coverage));
-                }
-                Err(err) => {
-                    if let Some(log) = log.upgrade() {
-                        log.failed(&err);
+                    Err(err) => {
+                        if let Some(log) = log.upgrade() {
+                            log.failed(&err);
+                        }
+                        done.part(Err(err));
                     }
-                    done(Err(err));
+                }),
+            );
+        }
+    }
+
+    /// Whether a persistent message is too large to be logged, with its size and the limit.
+    /// A message is split by queues, never within itself, so it must fit in one record with
+    /// one queue name. Only messages near the limit are measured (an encoding).
+    pub fn refuses_message(&self, message: &wharf_core::Message) -> Option<(u64, usize)> {
+        let limit = self.op_bytes_max() - ENQUEUE_OP_BYTES_MAX;
+        if message.body.len() < limit / 2 {
+            return None;
+        }
+        let bytes = postcard::to_allocvec(&StoredMessage::from(message))
+            .expect("log operations always serialize")
+            .len();
+        (bytes > limit).then_some((bytes as u64, limit))
+    }
+
+    /// Largest encoded operation: what fits in a record after its prefix.
+    fn op_bytes_max(&self) -> usize {
+        self.record_bytes_max - RECORD_PREFIX_BYTES_MAX
+    }
+
+    /// Groups records into WAL submissions the WAL accepts (a segment's record area, and
+    /// [`BATCH_RECORDS_MAX`] records, at most).
+    fn submissions(&self, records: Vec<bytes::Bytes>) -> Vec<Vec<bytes::Bytes>> {
+        let mut submissions: Vec<Vec<bytes::Bytes>> = Vec::new();
+        let mut framed = 0u64;
+        for record in records {
+            let bytes = RECORD_HEADER_LEN + record.len() as u64;
+            match submissions.last_mut() {
+                Some(last)
+                    if framed + bytes <= self.submission_bytes_max
+                        && last.len() < BATCH_RECORDS_MAX =>
+                {
+                    framed += bytes;
+                    last.push(record);
                 }
-            }),
-        );
+                _ => {
+                    framed = bytes;
+                    submissions.push(vec![record]);
+                }
+            }
+        }
+        submissions
     }
 
     fn track(&self, epoch: u64, lsns: Vec<Lsn>) {
@@ -431,20 +605,14 @@ impl Log {
         spools: Option<&mut Spools>,
         force: bool,
     ) {
-        let chunks = snapshot(broker, CHECKPOINT_CHUNK_BYTES);
         let (n_paged, paged_bytes) = broker.paged_totals();
-        let live_bytes: u64 = chunks
-            .iter()
-            .flatten()
-            .map(crate::durable::Op::approx_bytes)
-            .sum::<u64>()
-            + paged_bytes
-            + 64 * n_paged;
         let epoch = {
-            let mut book = self.book.lock().expect("log lock");
-            if book.checkpoint_running {
+            if self.book.lock().expect("log lock").checkpoint_running {
                 return;
             }
+            let captured = Captured::capture(broker);
+            let live_bytes = captured.approx_bytes() + paged_bytes + 64 * n_paged;
+            let mut book = self.book.lock().expect("log lock");
             let reclaimable = book.bytes_since_checkpoint + book.last_checkpoint_bytes;
             if !force && book.bytes_since_checkpoint > 0 && live_bytes * 2 > reclaimable {
                 // Rewriting the live state would cost more than it frees: wait for more garbage.
@@ -457,32 +625,41 @@ impl Log {
             book.recheck_at = 0;
             book.last_checkpoint_bytes = live_bytes;
             book.next_checkpoint_bytes = self.checkpoint_bytes.max(live_bytes * 2);
-            book.epoch
+            (book.epoch, captured)
         };
-        let mut records = vec![Record::CheckpointBegin { epoch }.encode()];
-        records.extend(
-            chunks
-                .into_iter()
-                .map(|ops| Record::CheckpointChunk { epoch, ops }.encode()),
-        );
+        let (epoch, captured) = epoch;
         let ranges = spools.map(Spools::ranges).unwrap_or_default();
-        if ranges.is_empty() {
-            records.push(Record::CheckpointEnd { epoch }.encode());
-            self.append_checkpoint_end(epoch, records);
-            return;
-        }
-        // The begin and the in-memory state now (log order is core order), the paged messages
-        // from a thread, then the end.
-        let log = Arc::downgrade(self);
-        self.wal.append(
-            records,
-            Box::new(move |outcome| Self::track_checkpoint_part(&log, epoch, outcome)),
+        // The begin now, under the broker lock: every batch appended after it follows the
+        // state captured here (log order is core order), and replay applies those batches
+        // after the checkpoint's chunks. The chunks themselves are encoded and appended by a
+        // thread, one at a time, without the broker lock.
+        let (begun, begin_written) = std::sync::mpsc::sync_channel(1);
+        self.append_part(
+            Record::CheckpointBegin { epoch }.encode(),
+            epoch,
+            Box::new(move |written| {
+                let _ = begun.send(written);
+            }),
         );
         let log = self.clone();
-        let now_ms = broker.now_ms();
         let copier = std::thread::Builder::new()
             .name("wharf-checkpoint".to_owned())
-            .spawn(move || log.copy_paged(epoch, now_ms, ranges))
+            .spawn(move || {
+                let written = begin_written
+                    .recv()
+                    .unwrap_or_else(|_| Err("the log closed".to_owned()))
+                    .and_then(|()| log.stream_checkpoint(epoch, captured, ranges));
+                if let Err(reason) = written {
+                    // No end: replay keeps using the previous checkpoint and every record
+                    // after it, none of which is released.
+                    log.book.lock().expect("log lock").checkpoint_running = false;
+                    warn!(
+                        epoch,
+                        "checkpoint abandoned: {reason}; the previous checkpoint and every \
+                         record since are kept"
+                    );
+                }
+            })
             .expect("spawning the checkpoint thread");
         let previous = self.copier.lock().expect("log lock").replace(copier);
         if let Some(previous) = previous {
@@ -491,112 +668,124 @@ impl Log {
         }
     }
 
-    fn track_checkpoint_part(
-        log: &std::sync::Weak<Log>,
+    /// Appends one record of checkpoint `epoch`; `written` learns whether it is on disk (with
+    /// the reason if not).
+    fn append_part(
+        self: &Arc<Self>,
+        record: bytes::Bytes,
         epoch: u64,
-        outcome: Result<wharf_storage::Committed, WalError>,
+        written: Box<dyn FnOnce(Result<(), String>) + Send>,
     ) {
-        let Some(log) = log.upgrade() else { return };
-        match outcome {
-            Ok(committed) => log.track(epoch, committed.lsns),
-            Err(err) => log.failed(&err),
-        }
+        let log = Arc::downgrade(self);
+        let _contiguous = self.append_lock.lock().expect("append lock");
+        self.wal.append(
+            vec![record],
+            Box::new(move |outcome| {
+                let Some(log) = log.upgrade() else {
+                    written(Err("the log closed".to_owned()));
+                    return;
+                };
+                match outcome {
+                    Ok(committed) => {
+                        log.track(epoch, committed.lsns);
+                        written(Ok(()));
+                    }
+                    Err(err) => {
+                        log.failed(&err);
+                        written(Err(err.to_string()));
+                    }
+                }
+            }),
+        );
     }
 
-    /// The checkpoint thread: appends the paged messages of `ranges` as checkpoint chunks, one
-    /// at a time (waiting for each, so a large copy never floods the WAL), then the end.
-    fn copy_paged(self: Arc<Self>, epoch: u64, now_ms: u64, ranges: Vec<SpoolRange>) {
-        let append_chunk = |ops: Vec<Op>| -> bool {
-            let (sender, receiver) = std::sync::mpsc::sync_channel(1);
-            let log = Arc::downgrade(&self);
-            self.wal.append(
-                vec![Record::CheckpointChunk { epoch, ops }.encode()],
-                Box::new(move |outcome| {
-                    let ok = outcome.is_ok();
-                    Self::track_checkpoint_part(&log, epoch, outcome);
-                    let _ = sender.send(ok);
-                }),
-            );
-            receiver.recv().unwrap_or(false)
+    /// [`Log::append_part`], waiting until the record is on disk (the checkpoint thread: one
+    /// chunk at a time, so a large checkpoint never floods the WAL).
+    fn append_part_wait(self: &Arc<Self>, record: bytes::Bytes, epoch: u64) -> Result<(), String> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        self.append_part(
+            record,
+            epoch,
+            Box::new(move |written| {
+                let _ = sender.send(written);
+            }),
+        );
+        receiver
+            .recv()
+            .unwrap_or_else(|_| Err("the log closed".to_owned()))
+    }
+
+    /// The checkpoint thread, once the begin is on disk: the captured state, then the paged
+    /// messages of `ranges`, as chunk records of about `chunk_bytes`, each on disk before the
+    /// next is appended; then the end, and only then are the records it supersedes released.
+    /// Any failure abandons the checkpoint (the caller keeps everything older).
+    fn stream_checkpoint(
+        self: &Arc<Self>,
+        epoch: u64,
+        captured: Captured,
+        ranges: Vec<SpoolRange>,
+    ) -> Result<(), String> {
+        let now_ms = captured.now_ms();
+        let mut pending = OpRecords::default();
+        let append = |op: Op, pending: &mut OpRecords| -> Result<(), String> {
+            pending
+                .push(op, self.op_bytes_max())
+                .map_err(|err| err.to_string())?;
+            if pending.bytes() >= self.chunk_bytes {
+                for record in std::mem::take(pending).chunks(epoch, self.chunk_bytes) {
+                    self.append_part_wait(record, epoch)?;
+                }
+            }
+            Ok(())
         };
-        let mut ops: Vec<Op> = Vec::new();
-        let mut bytes = 0usize;
-        let mut failed = false;
+        for op in captured.into_ops() {
+            append(op, &mut pending)?;
+        }
         for range in &ranges {
+            let mut failed: Result<(), String> = Ok(());
             let copied = range.for_each(|entry| {
-                if failed {
+                if failed.is_err() {
                     return;
                 }
                 let Some(durable_id) = entry.durable_id else {
                     return;
                 };
-                bytes += entry.message.body.len() + 64;
                 self.paged_copied.fetch_add(1, Ordering::Relaxed);
-                ops.push(Op::EnqueueAt {
-                    durable_id,
-                    queues: vec![range.queue.to_string()],
-                    message: StoredMessage::from(&*entry.message),
-                    delay_ms: entry.message.delay_ms,
-                    ready_at_ms: now_ms,
-                });
-                if bytes >= CHECKPOINT_CHUNK_BYTES {
-                    bytes = 0;
-                    failed = !append_chunk(std::mem::take(&mut ops));
-                }
+                failed = append(
+                    Op::EnqueueAt {
+                        durable_id,
+                        queues: vec![range.queue.to_string()],
+                        message: StoredMessage::from(&*entry.message),
+                        delay_ms: entry.message.delay_ms,
+                        ready_at_ms: now_ms,
+                    },
+                    &mut pending,
+                );
             });
             if let Err(err) = copied {
                 // Paged messages that cannot be read cannot be delivered either: fail-stop.
                 error!("checkpoint: {err}: stopping");
                 self.poisoned.store(true, Ordering::Release);
-                (self.fail_stop)(err);
-                failed = true;
+                (self.fail_stop)(err.clone());
+                return Err(err);
             }
-            if failed {
-                break;
-            }
+            failed?;
         }
-        if !failed && !ops.is_empty() {
-            failed = !append_chunk(ops);
+        for record in pending.chunks(epoch, self.chunk_bytes) {
+            self.append_part_wait(record, epoch)?;
         }
-        if failed {
-            // No end: replay keeps using the previous checkpoint and everything after it.
-            self.book.lock().expect("log lock").checkpoint_running = false;
-            return;
+        self.append_part_wait(Record::CheckpointEnd { epoch }.encode(), epoch)?;
+        // On disk after its begin and every chunk: everything of earlier epochs is superseded.
+        {
+            let mut book = self.book.lock().expect("log lock");
+            book.checkpoint_running = false;
+            let keep = book.lsns.split_off(&epoch);
+            let old = std::mem::replace(&mut book.lsns, keep);
+            book.released_below = epoch;
+            book.to_release.extend(old.into_values().flatten());
         }
-        self.append_checkpoint_end(epoch, vec![Record::CheckpointEnd { epoch }.encode()]);
-    }
-
-    /// Appends the last records of checkpoint `epoch`; once they are on disk every record of
-    /// earlier epochs is released.
-    fn append_checkpoint_end(self: &Arc<Self>, epoch: u64, records: Vec<bytes::Bytes>) {
-        let log = Arc::downgrade(self);
-        self.wal.append(
-            records,
-            Box::new(move |outcome| {
-                let Some(log) = log.upgrade() else { return };
-                match outcome {
-                    Ok(committed) => {
-                        {
-                            let mut book = log.book.lock().expect("log lock");
-                            book.checkpoint_running = false;
-                            book.lsns
-                                .entry(epoch)
-                                .or_default()
-                                .extend(committed.lsns.iter().copied());
-                            let keep = book.lsns.split_off(&epoch);
-                            let old = std::mem::replace(&mut book.lsns, keep);
-                            book.released_below = epoch;
-                            book.to_release.extend(old.into_values().flatten());
-                        }
-                        log.checkpoints.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(err) => {
-                        log.book.lock().expect("log lock").checkpoint_running = false;
-                        log.failed(&err);
-                    }
-                }
-            }),
-        );
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The WAL's counters.

@@ -84,7 +84,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     init_logging(config.log_format);
     let server = Server::bind(config.clone())
         .await
-        .with_context(|| format!("cannot listen on {}", config.bind))?;
+        .context("cannot start the broker")?;
     let shutdown = server.shutdown_handle();
     tokio::spawn(async move {
         wait_for_signal().await;

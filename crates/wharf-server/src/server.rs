@@ -239,6 +239,23 @@ pub struct Server {
     listener: TcpListener,
     shared: Arc<Shared>,
     shutdown: ShutdownHandle,
+    /// Held until `run` has closed the log.
+    dir_lock: crate::data_dir::DirLock,
+}
+
+/// A sync policy as the `--sync` flag spells it.
+struct SyncPolicyText(wharf_storage::SyncPolicy);
+
+impl std::fmt::Display for SyncPolicyText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            wharf_storage::SyncPolicy::Always => f.write_str("always"),
+            wharf_storage::SyncPolicy::Interval(interval) => {
+                write!(f, "interval={}", interval.as_millis())
+            }
+            wharf_storage::SyncPolicy::Never => f.write_str("never"),
+        }
+    }
 }
 
 impl Server {
@@ -252,7 +269,22 @@ impl Server {
         config: ServerConfig,
         storage: Arc<dyn Storage>,
     ) -> std::io::Result<Server> {
-        std::fs::create_dir_all(&config.data_dir)?;
+        // Before anything in the directory is opened: a second broker stops here.
+        let dir_lock = crate::data_dir::lock(&config.data_dir)?;
+        // Before the log is opened too: a broker that cannot listen touches nothing.
+        let listener = TcpListener::bind(config.bind).await.map_err(|err| {
+            std::io::Error::new(
+                err.kind(),
+                format!("cannot listen on {}: {err}", config.bind),
+            )
+        })?;
+        info!(
+            version = env!("CARGO_PKG_VERSION"),
+            data_dir = %dir_lock.dir().display(),
+            sync = %SyncPolicyText(config.sync_policy),
+            "wharf starting: recovering the log"
+        );
+        let started = std::time::Instant::now();
         let (sender, receiver) = watch::channel(false);
         let sender = Arc::new(sender);
         let failure: Arc<Mutex<Option<String>>> = Arc::default();
@@ -267,6 +299,7 @@ impl Server {
             sync_policy: config.sync_policy,
             segment_bytes: config.segment_bytes,
             checkpoint_bytes: config.checkpoint_bytes,
+            ..LogConfig::default()
         };
         let mut broker = Broker::new(Limits {
             paging_threshold: config.queue_memory_messages,
@@ -289,8 +322,29 @@ impl Server {
                 config.data_dir.display()
             ))
         })?;
-        info!(?recovered, "log open");
-        let listener = TcpListener::bind(config.bind).await?;
+        let durable_queues = broker
+            .list_queues()
+            .iter()
+            .filter(|queue| {
+                broker
+                    .queue_options(&queue.name)
+                    .is_some_and(|options| options.durable)
+            })
+            .count();
+        info!(
+            "recovered {} messages in {} durable queues ({} topology changes) from {} log \
+             records{} in {} ms",
+            recovered.messages,
+            durable_queues,
+            recovered.topology_ops,
+            recovered.records,
+            if recovered.epoch > 0 {
+                format!(" (checkpoint {} and the records after it)", recovered.epoch)
+            } else {
+                String::new()
+            },
+            started.elapsed().as_millis()
+        );
         let pager_wake = spools.wake.clone();
         let shared = Arc::new(Shared {
             config,
@@ -309,6 +363,7 @@ impl Server {
             listener,
             shared,
             shutdown: ShutdownHandle { sender },
+            dir_lock,
         })
     }
 
@@ -328,6 +383,7 @@ impl Server {
             listener,
             shared,
             shutdown: _keep_sender,
+            dir_lock,
         } = self;
         let mut stop = shared.shutdown.clone();
         let mut connections = JoinSet::new();
@@ -382,6 +438,8 @@ impl Server {
         if let Some(log) = log {
             log.close();
         }
+        // Another broker may use the directory from now on.
+        drop(dir_lock);
         if let Some(reason) = shared.failure.lock().expect("failure lock").clone() {
             return Err(std::io::Error::other(format!(
                 "stopped after a log failure: {reason}"

@@ -3,7 +3,7 @@
 //! applied, their effects queued and their log record handed to the WAL writer — never across
 //! I/O.
 
-use crate::durable::{Op, Record, StoredMessage, bind_op, declare_exchange_op, declare_queue_op};
+use crate::durable::{Op, StoredMessage, bind_op, declare_exchange_op, declare_queue_op};
 use crate::log::{Log, Outcome};
 use crate::outbox::{Out, Outbox};
 use crate::spool::Spools;
@@ -165,6 +165,20 @@ impl State {
     /// was a duplicate that no queue took.
     pub fn publish(&mut self, now_ms: u64, message: Arc<Message>) -> Result<Published, CoreError> {
         // The hot path: no topology to log, so straight to the core.
+        if message.persistent {
+            if let Some(log) = &self.log {
+                if let Some((bytes, limit)) = log.refuses_message(&message) {
+                    debug!(
+                        bytes,
+                        limit, "a persistent message too large to log was refused"
+                    );
+                    return Err(CoreError::LimitExceeded {
+                        what: "bytes in a persistent message as logged",
+                        limit,
+                    });
+                }
+            }
+        }
         let start = self.effects.len();
         let reply = self
             .broker
@@ -251,9 +265,12 @@ impl State {
         {
             need.add(None);
         }
-        let record = Record::Batch(std::mem::take(&mut self.log_ops));
         let sync = need.resolve(log.default_sync());
-        log.append_with(&record, sync, done.unwrap_or_else(|| Box::new(|_| {})));
+        log.append_ops(
+            std::mem::take(&mut self.log_ops),
+            sync,
+            done.unwrap_or_else(|| Box::new(|_| {})),
+        );
         log.maybe_checkpoint(&self.broker, self.spools.as_mut());
     }
 

@@ -430,3 +430,70 @@ async fn delayed_messages_dedup_windows_and_dead_letters_survive_a_restart() {
     client.close().await.unwrap();
     server.stop().await.unwrap();
 }
+
+/// A batch larger than one log record, and than one WAL submission (a whole segment here), is
+/// logged whole and confirmed once all of it is on disk; it comes back after a restart, as
+/// do the checkpoints written of it. A persistent message too large for any record is refused
+/// up front with `ResourceLimit`, and the broker serves on.
+#[tokio::test]
+async fn batches_past_the_record_and_segment_limits_are_logged_whole_and_oversized_messages_refused()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut config = ServerConfig::ephemeral(dir.path());
+        config.segment_bytes = 64 * 1024;
+        config
+    };
+    let body = |idx: usize| format!("{idx:05}{}", "x".repeat(2_000));
+    let server = RunningServer::start(config()).await.unwrap();
+    let client = connect(&server).await;
+    client.declare_queue("big").durable(true).await.unwrap();
+    // 100 x 2 KB in one batch: about three segments' worth.
+    let outcomes = client
+        .publisher()
+        .publish_batch(
+            "",
+            "big",
+            (0..100)
+                .map(|idx| Message::new(body(idx)).persistent(true))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    for outcome in outcomes {
+        assert_eq!(outcome.unwrap(), Durability::Fsynced);
+    }
+    let err = client
+        .publish(
+            "",
+            "big",
+            Message::new(vec![7u8; 70 * 1024]).persistent(true),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ResourceLimit), "{err}");
+    assert!(err.to_string().contains("logged"), "{err}");
+    // Transient, the same message is fine: it is never logged.
+    client
+        .publish("", "big", Message::new(vec![7u8; 70 * 1024]))
+        .await
+        .unwrap();
+    server.stop().await.unwrap();
+    // Twice: the first restart writes a checkpoint of it all, the second reads it back.
+    for _ in 0..2 {
+        let server = RunningServer::start(config()).await.unwrap();
+        let client = connect(&server).await;
+        let stats = client.queue_stats("big").await.unwrap();
+        assert_eq!(stats.ready, 100, "{stats:?}");
+        server.stop().await.unwrap();
+    }
+    let server = RunningServer::start(config()).await.unwrap();
+    let client = connect(&server).await;
+    let mut consumer = client.consume("big", manual(100)).await.unwrap();
+    for idx in 0..100 {
+        let delivery = next(&mut consumer).await;
+        assert_eq!(&delivery.body()[..], body(idx).as_bytes(), "message {idx}");
+        delivery.ack().await.unwrap();
+    }
+    server.stop().await.unwrap();
+}

@@ -76,6 +76,10 @@ fn config(policy: SyncPolicy) -> LogConfig {
         sync_policy: policy,
         segment_bytes: 64 * 1024,
         checkpoint_bytes,
+        // Past every record and chunk limit: a batch of a few messages is split over several
+        // records, and every checkpoint takes several chunks.
+        checkpoint_chunk_bytes: 1024,
+        record_bytes_max: 2048,
     }
 }
 
@@ -277,37 +281,43 @@ impl Run {
         }
     }
 
-    fn publish(&mut self, persistent: bool) {
-        let id = self.next_id;
-        self.next_id += 1;
-        let (exchange, key) = match self.rng.below(3) {
-            0 => ("", "q0"),
-            1 => ("", "q1"),
-            _ => ("fan", ""),
-        };
-        let body = format!("m{id}:") + &"x".repeat(self.rng.below(600) as usize);
-        let message = Message {
-            exchange: exchange.into(),
-            persistent,
-            ..Message::new(key, body)
-        };
-        let queues: Vec<String> = if exchange == "fan" {
-            DURABLE_QUEUES.iter().map(|q| q.to_string()).collect()
-        } else {
-            vec![key.to_owned()]
-        };
-        let durable = self.state.publish(0, Arc::new(message)).expect("publish")
-            == wharf_server::state::Published::Logged;
-        self.state.route_effects();
-        self.collect_deliveries();
-        assert_eq!(
-            durable, persistent,
-            "seed {}: persistent messages to durable queues are logged",
-            self.seed
-        );
+    /// Publishes `n_messages` as one batch (one commit, as a connection's batch of frames):
+    /// several messages make batches larger than one log record.
+    fn publish(&mut self, persistent: bool, n_messages: u64) {
+        let mut copies: Vec<(u64, Vec<String>)> = Vec::new();
+        for _ in 0..n_messages {
+            let id = self.next_id;
+            self.next_id += 1;
+            let (exchange, key) = match self.rng.below(3) {
+                0 => ("", "q0"),
+                1 => ("", "q1"),
+                _ => ("fan", ""),
+            };
+            let body = format!("m{id}:") + &"x".repeat(self.rng.below(600) as usize);
+            let message = Message {
+                exchange: exchange.into(),
+                persistent,
+                ..Message::new(key, body)
+            };
+            let queues: Vec<String> = if exchange == "fan" {
+                DURABLE_QUEUES.iter().map(|q| q.to_string()).collect()
+            } else {
+                vec![key.to_owned()]
+            };
+            let durable = self.state.publish(0, Arc::new(message)).expect("publish")
+                == wharf_server::state::Published::Logged;
+            self.state.route_effects();
+            self.collect_deliveries();
+            assert_eq!(
+                durable, persistent,
+                "seed {}: persistent messages to durable queues are logged",
+                self.seed
+            );
+            copies.push((id, queues));
+        }
         if persistent {
             let mut truth = self.truth.lock().unwrap();
-            truth.published.insert(id);
+            truth.published.extend(copies.iter().map(|(id, _)| *id));
             truth.in_flight += 1;
             drop(truth);
             let (truth, lenient) = (self.truth.clone(), self.count_unsynced_as_confirmed);
@@ -317,8 +327,10 @@ impl Run {
                 let mut truth = truth.lock().unwrap();
                 truth.in_flight -= 1;
                 if counts {
-                    for queue in queues {
-                        truth.confirmed.insert((id, queue));
+                    for (id, queues) in copies {
+                        for queue in queues {
+                            truth.confirmed.insert((id, queue));
+                        }
                     }
                 }
             }));
@@ -405,18 +417,26 @@ impl Run {
             self.page_in();
         }
         match self.rng.below(10) {
-            0..=2 => self.publish(true),
-            3 => self.publish(false),
+            0..=2 => {
+                // A third of the batches hold several messages: past the record limit.
+                let n_messages = if self.rng.below(3) == 0 {
+                    2 + self.rng.below(7)
+                } else {
+                    1
+                };
+                self.publish(true, n_messages)
+            }
+            3 => self.publish(false, 1),
             4..=6 => self.settle(None),
             7 => self.settle(Some(true)),
             8 => self.settle(Some(false)),
-            _ => {
-                if self.rng.below(4) == 0 {
-                    self.reconnect();
-                } else {
-                    self.run_leaders();
-                }
-            }
+            _ => match self.rng.below(8) {
+                0 | 1 => self.reconnect(),
+                // Whatever the cost rule says (batches of several messages keep the live
+                // state large next to the log): checkpoints of many chunks, cut anywhere.
+                2 => self.state.checkpoint_now(),
+                _ => self.run_leaders(),
+            },
         }
     }
 
@@ -599,7 +619,7 @@ fn negative_control_confirming_before_fsync_is_caught_as_loss() {
 fn recovery_restores_topology_and_messages_flagged_redelivered() {
     let mut run = Run::new(7, SyncPolicy::Always, false);
     for _ in 0..20 {
-        run.publish(true);
+        run.publish(true, 1);
     }
     run.state.log().unwrap().close();
     let (state, restored, _spools) = open(&run.storage, SyncPolicy::Always, 0);
@@ -633,7 +653,7 @@ fn a_checkpoint_copies_paged_messages_and_recovery_keeps_them() {
     let mut run = Run::new(7, SyncPolicy::Always, false);
     assert!(run.paging > 0);
     for _ in 0..60 {
-        run.publish(true);
+        run.publish(true, 1);
     }
     run.quiesce();
     let (paged, _) = run.state.broker.paged_totals();
@@ -654,7 +674,7 @@ fn a_checkpoint_copies_paged_messages_and_recovery_keeps_them() {
         "every paged logged message was copied into the checkpoint"
     );
     // The history before the checkpoint is released by the next append; then a power cut.
-    run.publish(true);
+    run.publish(true, 1);
     run.quiesce();
     let (problems, confirmed, _) = run.power_cut_and_check();
     assert!(problems.is_empty(), "{problems:?}");
