@@ -12,7 +12,7 @@ use crate::log::Outcome;
 use crate::outbox::Outbox;
 use crate::server::{Shared, now_ms};
 use crate::state::{Published, State};
-use crate::writer::{Sink, flush_or_wake, write_loop};
+use crate::writer::{Sink, write_loop};
 use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -90,15 +90,23 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
         .try_lock()
         .expect("a new outbox is not shared yet") =
         Some(Sink::new(writer, negotiated.send_frame_bytes_max));
-    shared.lock().open(now_ms(), connection, outbox.clone());
+    {
+        let mut batch = shared.batch();
+        batch.open(now_ms(), connection, outbox.clone());
+        // Nothing to log or deliver yet; nobody waits on a leader.
+        let _ = batch.finish().flush(None);
+    }
     debug!(%peer, connection = connection.0, "connection open");
     let writer_task = tokio::spawn(write_loop(outbox.clone(), negotiated.heartbeat));
     let exit = read_loop(&shared, connection, &mut reader, buf, &outbox, negotiated).await;
     {
-        // Leaving may start timers: requeued deliveries, queues now unused (`x-expires`).
-        let mut state = shared.lock();
-        state.close(now_ms(), connection);
-        shared.wake_timer_if_earlier(&state);
+        // Leaving requeues its unacked deliveries (to other consumers) and may start timers
+        // (queues now unused, `x-expires`): a command batch like any other.
+        let mut batch = shared.batch();
+        batch.close(now_ms(), connection);
+        if let Some(leader) = batch.finish().flush(None) {
+            leader.commit();
+        }
     }
     match &exit {
         Exit::Gone => debug!(connection = connection.0, "connection closed by peer"),
@@ -242,8 +250,6 @@ struct Reader {
     /// Queues whose consumers drained them too slowly to hold this publisher for, and until
     /// when they are not looked at again.
     slow: Vec<(QueueId, Instant)>,
-    /// Outboxes the last batch queued output in, to flush once the lock is released.
-    held: Vec<Arc<Outbox>>,
 }
 
 /// Unconfirmed publishes of one connection: the reader stops reading at the limit.
@@ -273,7 +279,6 @@ async fn read_loop(
         in_flight: Arc::new(InFlight::default()),
         routed: Vec::new(),
         slow: Vec::new(),
-        held: Vec::new(),
     };
     let in_flight_max = u64::from(shared.config.publishes_in_flight_max);
     let mut frames: Vec<Frame> = Vec::new();
@@ -666,12 +671,10 @@ fn process(
     let mut confirms = Confirms::default();
     let mut deferred = Deferred::default();
     let mut exit = None;
-    let mut leader = None;
     let connection = reader.connection;
-    {
-        let mut state = shared.lock();
+    let after = {
         // Output is written by this reader once the lock is released (writer::flush_or_wake).
-        state.hold_output();
+        let mut state = shared.batch();
         // Publishes made outside connections (recovery) are none of this reader's business.
         state.broker.take_routed(&mut reader.routed);
         for frame in frames.drain(..) {
@@ -847,43 +850,25 @@ fn process(
                 .count
                 .fetch_add(deferred.seqs.len() as u64, Ordering::AcqRel);
             let (outbox, in_flight) = (outbox.clone(), reader.in_flight.clone());
-            if in_flight_before == 0 {
-                // Nothing else of this client awaits the log: it is most likely waiting for
-                // exactly these confirms, so their latency is what counts. Lead: announced
-                // before the append, which then does not wake the WAL's writer thread, and
-                // committed by this connection once the broker lock is released. A client
-                // with publishes already in flight is pipelining: its batches join the
-                // writer thread's group commits, and no runtime worker waits on the disk.
-                leader = state.log().map(|log| log.lead());
-            }
-            state.commit(Some(Box::new(move |outcome| {
-                deferred.complete(&outbox, &in_flight, outcome)
-            })));
-        } else {
-            state.commit(None);
-        }
-        {
-            let high = shared.config.ready_bytes_high_watermark;
-            if state.broker.ready_bytes_total() <= high / 100 * READY_BYTES_LOW_WATERMARK_PERCENT {
-                shared.memory_freed.notify_waiters();
-            }
+            // Lead when nothing else of this client awaits the log: it is most likely waiting
+            // for exactly these confirms, so their latency is what counts. A client with
+            // publishes already in flight is pipelining: its batches join the writer thread's
+            // group commits, and no runtime worker waits on the disk.
+            state.on_durable(
+                Box::new(move |outcome| deferred.complete(&outbox, &in_flight, outcome)),
+                in_flight_before == 0,
+            );
         }
         state.broker.take_routed(&mut reader.routed);
-        shared.queues_changed.notify_waiters();
-        shared.wake_timer_if_earlier(&state);
-        state.release_output(&mut reader.held);
-    }
+        state.finish()
+    };
     if !confirms.ranges.is_empty() {
         outbox.push_frame_held(Frame::Confirm(Confirm {
             ranges: confirms.ranges,
         }));
     }
-    // Deliveries first: they are what someone is waiting for.
-    for held in reader.held.drain(..) {
-        flush_or_wake(&held);
-    }
-    // This connection's own responses, confirms and close (held above; maybe none).
-    flush_or_wake(outbox);
+    // Deliveries first, then this connection's own responses, confirms and close.
+    let leader = after.flush(Some(outbox));
     (exit, leader)
 }
 

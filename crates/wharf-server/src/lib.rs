@@ -8,6 +8,7 @@
 //! it can, coalescing deliveries into `DeliverBatch` frames.
 //! See docs/ARCHITECTURE.md.
 
+mod batch;
 pub mod config;
 mod connection;
 pub mod convert;

@@ -1,7 +1,6 @@
 //! The listener, the accept loop, the timer task and graceful shutdown.
 
 use crate::config::ServerConfig;
-use crate::limits::READY_BYTES_LOW_WATERMARK_PERCENT;
 use crate::log::{FailStop, Log, LogConfig};
 use crate::spool::Spools;
 use crate::state::State;
@@ -81,27 +80,25 @@ impl Shared {
     /// lapsed, deleted queues) and hands their durable changes to the log, like any command
     /// batch. Returns the next deadline (unix ms), recorded as the timer task's wake-up.
     fn fire_timers(&self) -> Option<u64> {
-        let mut state = self.lock();
+        let mut batch = self.batch();
         let now = now_ms();
-        if state
+        if batch
             .broker
             .next_deadline()
             .is_some_and(|deadline| deadline <= now)
         {
-            if let Err(err) = state.apply(now, Command::Tick) {
+            if let Err(err) = batch.apply(now, Command::Tick) {
                 warn!("firing timers failed: {err}");
             }
-            state.route_effects();
-            state.commit(None);
-            let high = self.config.ready_bytes_high_watermark;
-            if state.broker.ready_bytes_total() <= high / 100 * READY_BYTES_LOW_WATERMARK_PERCENT {
-                self.memory_freed.notify_waiters();
-            }
-            self.queues_changed.notify_waiters();
+            batch.route_effects();
         }
-        let next = state.broker.next_deadline();
+        let next = batch.broker.next_deadline();
+        // Recorded before the batch ends, so that ending it does not wake this task again.
         self.timer_at
             .store(next.unwrap_or(u64::MAX), Ordering::Release);
+        if let Some(leader) = batch.finish().flush(None) {
+            leader.commit();
+        }
         next
     }
 }
@@ -143,7 +140,7 @@ async fn run_pager(shared: Arc<Shared>) {
                     return;
                 }
             };
-            let mut state = shared.lock();
+            let mut state = shared.batch();
             for read in done {
                 let (queue, epoch) = (read.queue().to_string(), read.epoch());
                 let finished = state
@@ -171,9 +168,9 @@ async fn run_pager(shared: Arc<Shared>) {
                     }
                 }
             }
-            state.route_effects();
-            state.commit(None);
-            shared.wake_timer_if_earlier(&state);
+            if let Some(leader) = state.finish().flush(None) {
+                leader.commit();
+            }
         }
     }
 }

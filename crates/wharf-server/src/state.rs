@@ -109,8 +109,6 @@ impl State {
             Ok(_) | Err(CoreError::NotFound { .. }) => {}
             Err(err) => panic!("closing a connection failed: {err}"),
         }
-        self.route_effects();
-        self.commit(None);
     }
 
     /// Number of connections registered.

@@ -377,6 +377,8 @@ impl Run {
 
     fn reconnect(&mut self) {
         self.state.close(0, self.connection);
+        self.state.route_effects();
+        self.commit_plain();
         self.outstanding.clear();
         self.connection = ConnectionId(self.next_connection);
         self.next_connection += 1;
