@@ -4,11 +4,13 @@
 //! (exchanges, queues, bindings whose both ends are durable), persistent messages that reached
 //! durable queues (`Enqueue`, one record per message however many queues it reached), and
 //! their settlement (`Settle`: acked, dropped, purged, auto-acked). Replay applies them in log
-//! order. To keep the log from growing forever, the broker periodically writes a
-//! **checkpoint**: the whole live durable state as one batch of records
-//! (`CheckpointBegin`, `CheckpointChunk`s, `CheckpointEnd`, appended contiguously under the
-//! broker lock, so nothing interleaves), and once it is on disk every older record is released.
-//! Recovery starts from the last complete checkpoint and replays the batches after it.
+//! order. One command batch is one `Batch` record, or several `BatchPart` records when it is
+//! larger than a record may be ([`OpRecords`]; replay applies it only whole). To keep the log
+//! from growing forever, the broker periodically writes a **checkpoint**: the whole live
+//! durable state as `CheckpointBegin` (appended under the broker lock), `CheckpointChunk`s of
+//! bounded size (appended by a thread; batches may land between them) and `CheckpointEnd`,
+//! written only once the rest is durable; then every record older than the begin is released.
+//! Recovery starts from the last complete checkpoint and replays the batches after its begin.
 //!
 //! WAL compaction is disabled for this log: moving a record would change replay order.
 //! See docs/durability.md for what a confirm promises.
