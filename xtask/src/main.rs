@@ -42,7 +42,7 @@ const HELP: &str = "usage: cargo xtask <task>
                                wharf bench over message sizes against a release server,
                                drawn to docs/bench-sizes.svg (--from: redraw saved JSON)
   fuzz TARGET [--seconds N] [--sanitizer]
-                               run a cargo-fuzz target (decode_frame, decode_stream)
+                               run a cargo-fuzz target (decode_frame, decode_stream, wal_recover)
   layers                       check crate layering (wharf-core has no tokio)
   python                       only the Python tier (bindings/python tests, mypy on examples)
   crash [--rounds N]           kill -9 crash rounds of the real server (default 50; CI runs 10)

@@ -39,6 +39,11 @@ mod error;
 mod format;
 pub mod limits;
 mod mem;
+// The damage-then-recover checker of the `wal_recover` fuzz target and tests/recover_damage.rs:
+// test support, compiled only for them (the crate's own tests enable the feature too).
+#[cfg(any(test, feature = "recovery-check"))]
+#[doc(hidden)]
+pub mod recovery_check;
 mod storage;
 mod wal;
 
