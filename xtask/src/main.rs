@@ -45,7 +45,8 @@ const HELP: &str = "usage: cargo xtask <task>
                                run a cargo-fuzz target (decode_frame, decode_stream, wal_recover)
   layers                       check crate layering (wharf-core has no tokio)
   python                       only the Python tier (bindings/python tests, mypy on examples)
-  crash [--rounds N]           kill -9 crash rounds of the real server (default 50; CI runs 10)
+  crash [--rounds N]           kill -9 crash rounds of the real server (default 50; CI runs 10),
+                               then N kill -9 rounds with 200+ MB backlogs (tests/scale.rs)
   backlog [--count N] [--in-memory]
                                N persistent 100-byte messages published, then drained (default
                                10 M): rates and the broker's peak RSS (--in-memory: paging off)";
@@ -212,18 +213,20 @@ fn crash(args: &[String]) -> Result<()> {
             .context("--rounds needs a value")?
             .parse()?;
     }
-    run(cargo()
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "wharf-server",
-            "--test",
-            "crash",
-            "--",
-            "--nocapture",
-        ])
-        .env("WHARF_CRASH_ROUNDS", rounds.to_string()))
+    let server_test = |test: &str, filter: &str, (var, value): (&str, String)| {
+        run(cargo()
+            .args(["test", "--release", "-p", "wharf-server", "--test", test])
+            .args(["--", "--nocapture", filter])
+            .env(var, value))
+    };
+    server_test("crash", "", ("WHARF_CRASH_ROUNDS", rounds.to_string()))?;
+    // The same number of kill -9 rounds with backlogs of 200 MB and more across a FIFO, a
+    // priority and a length-limited queue (tests/scale.rs; CI runs 3).
+    server_test(
+        "scale",
+        "kill_9_rounds",
+        ("WHARF_SCALE_ROUNDS", rounds.to_string()),
+    )
 }
 
 fn bench(args: &[String]) -> Result<()> {

@@ -10,55 +10,16 @@
 mod common;
 
 use common::DEADLINE;
+use common::process::spawn;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use wharf_client::{Client, ConsumeOptions, Durability, Message};
 use wharf_storage::SplitMix64;
 
 const QUEUE: &str = "crash-test";
-
-struct Broker {
-    child: Child,
-    addr: SocketAddr,
-}
-
-/// Starts `wharf serve` on an ephemeral port and reads the address from its log.
-fn spawn(dir: &std::path::Path) -> Broker {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn wharf serve");
-    let stderr = child.stderr.take().expect("piped");
-    let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sender = Some(sender);
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if !line.contains("wharf is listening") {
-                continue;
-            }
-            let found = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|rest| rest.split_whitespace().next());
-            if let (Some(found), Some(sender)) = (found, sender.take()) {
-                let _ = sender.send(found.parse::<SocketAddr>().expect("an address"));
-            }
-        }
-    });
-    let addr = receiver
-        .recv_timeout(DEADLINE)
-        .expect("the server logs its address in time");
-    Broker { child, addr }
-}
 
 #[derive(Default)]
 struct Seen {

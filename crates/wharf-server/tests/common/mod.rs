@@ -1,6 +1,9 @@
 //! Shared helpers for the server's end-to-end tests: an in-process server on an ephemeral
-//! port with its own temp data dir, and a raw protocol peer for bad-input tests.
+//! port with its own temp data dir, a raw protocol peer for bad-input tests, and (in
+//! [`process`]) the real `wharf serve` process for tests that kill it.
 #![allow(dead_code)]
+
+pub mod process;
 
 use bytes::BytesMut;
 use std::net::SocketAddr;
