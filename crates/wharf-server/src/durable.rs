@@ -379,14 +379,49 @@ fn push_varint(out: &mut Vec<u8>, mut value: u64) {
     out.push(value as u8);
 }
 
+/// A postcard flavor appending to a `Vec` with `extend_from_slice` (postcard's `to_extend`
+/// pushes a slice's bytes through an iterator).
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for Append<'_> {
+    type Output = ();
+
+    #[inline]
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    #[inline]
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
 /// Operations encoded one by one, packed into records of bounded size without encoding them
 /// again: a record is its prefix followed by its operations' bytes, exactly what postcard
 /// writes for the `Record` (checked by `packed_records_are_what_postcard_writes`).
-#[derive(Debug, Default)]
+/// `encoded` starts with [`RECORD_PREFIX_BYTES_MAX`] spare bytes, so that a batch that fits in
+/// one record gets its prefix written in front of its operations without copying them.
+#[derive(Debug)]
 pub struct OpRecords {
     encoded: Vec<u8>,
     /// End offset of each operation in `encoded`.
     ends: Vec<usize>,
+}
+
+impl Default for OpRecords {
+    fn default() -> Self {
+        OpRecords {
+            encoded: vec![0; RECORD_PREFIX_BYTES_MAX],
+            ends: Vec::new(),
+        }
+    }
 }
 
 impl OpRecords {
@@ -409,7 +444,7 @@ impl OpRecords {
         let mut todo = vec![op];
         while let Some(op) = todo.pop() {
             let start = self.encoded.len();
-            self.encoded = postcard::to_extend(&op, std::mem::take(&mut self.encoded))
+            postcard::serialize_with_flavor(&op, Append(&mut self.encoded))
                 .expect("log operations always serialize");
             let bytes = self.encoded.len() - start;
             if bytes <= op_bytes_max {
@@ -460,14 +495,22 @@ impl OpRecords {
 
     /// Encoded bytes of all operations.
     pub fn bytes(&self) -> usize {
-        self.encoded.len()
+        self.encoded.len() - RECORD_PREFIX_BYTES_MAX
+    }
+
+    /// Where operation `idx` starts in `encoded`.
+    fn start_of(&self, idx: usize) -> usize {
+        match idx {
+            0 => RECORD_PREFIX_BYTES_MAX,
+            _ => self.ends[idx - 1],
+        }
     }
 
     /// Groups of consecutive operations (index ranges) of at most `group_bytes` each (a group
     /// holds at least one operation).
     fn groups(&self, group_bytes: usize) -> Vec<std::ops::Range<usize>> {
         let mut groups = Vec::new();
-        let (mut first, mut first_byte) = (0usize, 0usize);
+        let (mut first, mut first_byte) = (0usize, RECORD_PREFIX_BYTES_MAX);
         for (idx, &end) in self.ends.iter().enumerate() {
             if idx > first && end - first_byte > group_bytes {
                 groups.push(first..idx);
@@ -481,34 +524,35 @@ impl OpRecords {
         groups
     }
 
-    fn record(&self, kind: u32, tag: Option<u64>, range: std::ops::Range<usize>) -> Bytes {
-        let start = if range.start == 0 {
-            0
-        } else {
-            self.ends[range.start - 1]
-        };
-        let end = if range.is_empty() {
-            start
-        } else {
-            self.ends[range.end - 1]
-        };
-        let mut out = Vec::with_capacity(RECORD_PREFIX_BYTES_MAX + end - start);
-        out.push(RECORD_FORMAT_VERSION);
-        push_varint(&mut out, u64::from(kind));
+    fn prefix(kind: u32, tag: Option<u64>, n_ops: usize) -> Vec<u8> {
+        let mut prefix = Vec::with_capacity(RECORD_PREFIX_BYTES_MAX);
+        prefix.push(RECORD_FORMAT_VERSION);
+        push_varint(&mut prefix, u64::from(kind));
         if let Some(tag) = tag {
-            push_varint(&mut out, tag);
+            push_varint(&mut prefix, tag);
         }
-        push_varint(&mut out, range.len() as u64);
+        push_varint(&mut prefix, n_ops as u64);
+        prefix
+    }
+
+    fn record(&self, kind: u32, tag: Option<u64>, range: std::ops::Range<usize>) -> Bytes {
+        let start = self.start_of(range.start);
+        let end = self.start_of(range.end);
+        let mut out = Self::prefix(kind, tag, range.len());
         out.extend_from_slice(&self.encoded[start..end]);
         Bytes::from(out)
     }
 
     /// The records of one batch: a single `Batch` record when it fits in `record_bytes_max`
-    /// (the usual case), else `BatchPart`s of at most that size, in order.
-    pub fn batch(&self, record_bytes_max: usize) -> Vec<Bytes> {
+    /// (the usual case: its prefix goes in front of the operations, which are not copied),
+    /// else `BatchPart`s of at most that size, in order.
+    pub fn into_batch(mut self, record_bytes_max: usize) -> Vec<Bytes> {
         let room = record_bytes_max - RECORD_PREFIX_BYTES_MAX;
         if self.bytes() <= room {
-            return vec![self.record(KIND_BATCH, None, 0..self.len())];
+            let prefix = Self::prefix(KIND_BATCH, None, self.len());
+            let start = RECORD_PREFIX_BYTES_MAX - prefix.len();
+            self.encoded[start..RECORD_PREFIX_BYTES_MAX].copy_from_slice(&prefix);
+            return vec![Bytes::from(self.encoded).slice(start..)];
         }
         let groups = self.groups(room);
         let last = groups.len() - 1;
@@ -1776,11 +1820,15 @@ mod tests {
         assert_eq!(encoded.len(), ops.len());
         // Fits: one `Batch` record, byte for byte postcard's.
         assert_eq!(
-            encoded.batch(1 << 20),
+            OpRecords::encode(ops.clone(), 1 << 20)
+                .unwrap()
+                .into_batch(1 << 20),
             vec![Record::Batch(ops.clone()).encode()]
         );
         // Does not fit: parts, each within the limit, that decode to the same operations.
-        let parts = encoded.batch(600);
+        let parts = OpRecords::encode(ops.clone(), 1 << 20)
+            .unwrap()
+            .into_batch(600);
         assert!(parts.len() > 3, "{} parts", parts.len());
         let mut joined = Vec::new();
         for (idx, part) in parts.iter().enumerate() {
@@ -1851,7 +1899,7 @@ mod tests {
             std::iter::once(
                 Record::Batch(queues.iter().map(|name| declare_op(name)).collect()).encode(),
             )
-            .chain(encoded.batch(450))
+            .chain(encoded.into_batch(450))
             .collect(),
         )
         .unwrap();
@@ -1872,7 +1920,7 @@ mod tests {
         let ops: Vec<Op> = (1..=20)
             .map(|id| enqueue(id, &["q"], &"m".repeat(50)))
             .collect();
-        let parts = OpRecords::encode(ops, 1 << 20).unwrap().batch(400);
+        let parts = OpRecords::encode(ops, 1 << 20).unwrap().into_batch(400);
         assert!(parts.len() >= 3);
         let all: Vec<u64> = (1..=20).collect();
         // Whole: every message.

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 use wharf_core::{Broker, Command, Effect, QueueSync};
 use wharf_storage::limits::BATCH_RECORDS_MAX;
 use wharf_storage::{
@@ -308,11 +308,7 @@ impl Log {
             paged_copied: Arc::new(AtomicU64::new(0)),
         });
         if recovered.records > 0 {
-            info!(
-                records = recovered.records,
-                messages = recovered.messages,
-                "recovered from the log"
-            );
+            // (The server logs what was recovered, in words.)
             // Start from a clean checkpoint so the replayed history can be released.
             log.checkpoint(broker, Some(spools));
         }
@@ -409,7 +405,7 @@ impl Log {
             QueueSync::Never => SyncPolicy::Never,
         };
         let records = match OpRecords::encode(ops, self.op_bytes_max()) {
-            Ok(encoded) => encoded.batch(self.record_bytes_max),
+            Ok(encoded) => encoded.into_batch(self.record_bytes_max),
             Err(err) => {
                 warn!("log append refused: {err}");
                 let (bytes, limit) = match err {
@@ -427,33 +423,54 @@ impl Log {
             (book.epoch, std::mem::take(&mut book.to_release))
         };
         self.release_all(to_release);
-        let submissions = self.submissions(records);
-        let done = Gather::new(submissions.len(), done);
+        let mut submissions = self.submissions(records);
         let _contiguous = self.append_lock.lock().expect("append lock");
+        if submissions.len() == 1 {
+            let records = submissions.pop().expect("one");
+            self.append_submission(records, sync, epoch, done);
+            return;
+        }
+        let gather = Gather::new(submissions.len(), done);
         for records in submissions {
-            // Completions hold the log weakly: the last strong reference must never be dropped
-            // on the WAL's committing thread (closing the WAL there would wait on itself).
-            let log = Arc::downgrade(self);
-            let done = done.clone();
-            self.wal.append_with(
+            let gather = gather.clone();
+            self.append_submission(
                 records,
                 sync,
-                Box::new(move |outcome| match outcome {
-                    Ok(committed) => {
-                        if let Some(log) = log.upgrade() {
-                            log.track(epoch, committed.lsns);
-                        }
-                        done.part(Ok(committed.coverage));
-                    }
-                    Err(err) => {
-                        if let Some(log) = log.upgrade() {
-                            log.failed(&err);
-                        }
-                        done.part(Err(err));
-                    }
-                }),
+                epoch,
+                Box::new(move |outcome| gather.part(outcome)),
             );
         }
+    }
+
+    /// Appends one WAL submission of a batch appended in `epoch`; call with `append_lock`.
+    fn append_submission(
+        self: &Arc<Self>,
+        records: Vec<bytes::Bytes>,
+        sync: SyncPolicy,
+        epoch: u64,
+        done: Box<dyn FnOnce(Outcome) + Send>,
+    ) {
+        // Completions hold the log weakly: the last strong reference must never be dropped on
+        // the WAL's committing thread (closing the WAL there would wait on itself).
+        let log = Arc::downgrade(self);
+        self.wal.append_with(
+            records,
+            sync,
+            Box::new(move |outcome| match outcome {
+                Ok(committed) => {
+                    if let Some(log) = log.upgrade() {
+                        log.track(epoch, committed.lsns);
+                    }
+                    done(Ok(committed.coverage));
+                }
+                Err(err) => {
+                    if let Some(log) = log.upgrade() {
+                        log.failed(&err);
+                    }
+                    done(Err(err));
+                }
+            }),
+        );
     }
 
     /// Whether a persistent message is too large to be logged, with its size and the limit.
