@@ -805,6 +805,11 @@ impl Log {
         Ok(())
     }
 
+    /// Whether a checkpoint is being written (its thread has not ended it or given it up).
+    pub fn checkpoint_running(&self) -> bool {
+        self.book.lock().expect("log lock").checkpoint_running
+    }
+
     /// The WAL's counters.
     pub fn stats(&self) -> wharf_storage::WalStats {
         self.wal.stats()

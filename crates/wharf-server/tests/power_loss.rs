@@ -682,3 +682,53 @@ fn a_checkpoint_copies_paged_messages_and_recovery_keeps_them() {
     assert!(problems.is_empty(), "{problems:?}");
     assert!(confirmed >= 61);
 }
+
+#[test]
+fn a_checkpoint_whose_chunk_fails_is_abandoned_and_releases_nothing() {
+    // Even seed: no paging. Enough confirmed messages for a checkpoint of many 1 KiB chunks.
+    let mut run = Run::new(8, SyncPolicy::Always, false);
+    for _ in 0..60 {
+        run.publish(true, 1);
+    }
+    run.quiesce();
+    let log = run.state.log().unwrap().clone();
+    let ended =
+        |log: &wharf_server::log::Log| log.checkpoints.load(std::sync::atomic::Ordering::Relaxed);
+    let before = ended(&log);
+    let wait_for_the_checkpoint = |log: &wharf_server::log::Log| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.checkpoint_running() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the checkpoint never ended"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+    // The begin and the first chunk are written; the second chunk finds the disk full.
+    run.storage.fail_write(3, wharf_storage::Fault::NoSpace);
+    run.state.checkpoint_now();
+    wait_for_the_checkpoint(&log);
+    let abandoned = ended(&log) == before;
+    run.storage.clear_faults();
+    // The disk-full back-off refuses durable publishes for a second; the log itself goes on.
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    for _ in 0..5 {
+        run.publish(true, 1);
+    }
+    run.quiesce();
+    // Nothing before the abandoned checkpoint was released: a power cut loses nothing.
+    let (problems, confirmed, _) = run.power_cut_and_check();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(confirmed >= 65, "{confirmed} confirmed copies checked");
+    assert!(abandoned, "a checkpoint with a failed chunk has no end");
+    // And the next checkpoint completes.
+    run.state.checkpoint_now();
+    wait_for_the_checkpoint(&log);
+    assert_eq!(ended(&log), before + 1, "the next checkpoint ends");
+    let (problems, _, _) = run.power_cut_and_check();
+    assert!(
+        problems.is_empty(),
+        "after the next checkpoint: {problems:?}"
+    );
+}
