@@ -20,8 +20,8 @@
 //! core order. Changing this order changes what a confirm means (docs/durability.md).
 
 use crate::limits::READY_BYTES_LOW_WATERMARK_PERCENT;
-use crate::log::Outcome;
 use crate::outbox::Outbox;
+use crate::persist::journal::Outcome;
 use crate::server::Shared;
 use crate::state::State;
 use crate::writer::flush_or_wake;
@@ -153,7 +153,11 @@ mod tests {
             ("server.rs", include_str!("server.rs")),
             ("writer.rs", include_str!("writer.rs")),
             ("outbox.rs", include_str!("outbox.rs")),
-            ("log.rs", include_str!("log.rs")),
+            ("persist/journal.rs", include_str!("persist/journal.rs")),
+            (
+                "persist/checkpoint.rs",
+                include_str!("persist/checkpoint.rs"),
+            ),
         ];
         for (file, text) in sources {
             for needle in [

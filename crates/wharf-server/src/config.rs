@@ -92,7 +92,7 @@ impl Default for ServerConfig {
             handshake_timeout: crate::limits::HANDSHAKE_TIMEOUT,
             shutdown_timeout: crate::limits::SHUTDOWN_TIMEOUT,
             sync_policy: SyncPolicy::Always,
-            checkpoint_bytes: crate::log::CHECKPOINT_BYTES_DEFAULT,
+            checkpoint_bytes: crate::persist::checkpoint::CHECKPOINT_BYTES_DEFAULT,
             segment_bytes: 64 * 1024 * 1024,
             queue_memory_messages: crate::limits::QUEUE_MEMORY_MESSAGES,
             queue_memory_bytes: crate::limits::QUEUE_MEMORY_BYTES,

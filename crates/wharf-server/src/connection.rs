@@ -8,8 +8,8 @@ use crate::limits::{
     FLOW_DRAIN_HORIZON, FLOW_RESUME_PERCENT, FLOW_SLOW_BACKOFF, FLOW_WINDOW, OUTBOX_BYTES_MAX,
     READ_BUFFER_BYTES, READY_BYTES_LOW_WATERMARK_PERCENT,
 };
-use crate::log::Outcome;
 use crate::outbox::Outbox;
+use crate::persist::journal::Outcome;
 use crate::server::{Shared, now_ms};
 use crate::state::{Published, State};
 use crate::writer::{Sink, write_loop};

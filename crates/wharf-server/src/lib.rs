@@ -13,12 +13,10 @@ pub mod config;
 mod connection;
 pub mod convert;
 pub mod data_dir;
-pub mod durable;
 pub mod limits;
-pub mod log;
 pub mod outbox;
+pub mod persist;
 mod server;
-pub mod spool;
 pub mod state;
 mod writer;
 

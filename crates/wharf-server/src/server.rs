@@ -1,8 +1,8 @@
 //! The listener, the accept loop, the timer task and graceful shutdown.
 
 use crate::config::ServerConfig;
-use crate::log::{FailStop, Log, LogConfig};
-use crate::spool::Spools;
+use crate::persist::journal::{FailStop, Log, LogConfig};
+use crate::persist::spool::Spools;
 use crate::state::State;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -127,7 +127,7 @@ async fn run_pager(shared: Arc<Shared>) {
             let done = tokio::task::spawn_blocking(move || {
                 reads
                     .into_iter()
-                    .map(crate::spool::PageRead::run)
+                    .map(crate::persist::spool::PageRead::run)
                     .collect::<Result<Vec<_>, String>>()
             })
             .await
@@ -178,7 +178,7 @@ async fn run_pager(shared: Arc<Shared>) {
 /// How often the log's housekeeping runs (releases and deferred checkpoints on an idle broker).
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The housekeeping task: the log's periodic work, see [`crate::log::Log::housekeeping`].
+/// The housekeeping task: the log's periodic work, see [`crate::persist::journal::Log::housekeeping`].
 async fn run_housekeeping(shared: Arc<Shared>) {
     let mut stop = shared.shutdown.clone();
     let mut every = tokio::time::interval(HOUSEKEEPING_INTERVAL);

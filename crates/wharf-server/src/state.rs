@@ -3,10 +3,10 @@
 //! applied, their effects queued and their log record handed to the WAL writer — never across
 //! I/O.
 
-use crate::durable::{Op, StoredMessage, bind_op, declare_exchange_op, declare_queue_op};
-use crate::log::{Log, Outcome};
 use crate::outbox::{Out, Outbox};
-use crate::spool::Spools;
+use crate::persist::journal::{Log, Outcome};
+use crate::persist::record::{Op, StoredMessage, bind_op, declare_exchange_op, declare_queue_op};
+use crate::persist::spool::Spools;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use tracing::debug;

@@ -23,9 +23,9 @@ use wharf_core::{
     BindTarget, Broker, Command, ConnectionId, ConsumerOptions, ConsumerTag, DeliveryTag,
     ExchangeKind, ExchangeOptions, Headers, Limits, Message, QueueOptions,
 };
-use wharf_server::log::{Log, LogConfig, Outcome};
 use wharf_server::outbox::{Out, Outbox};
-use wharf_server::spool::Spools;
+use wharf_server::persist::journal::{Log, LogConfig, Outcome};
+use wharf_server::persist::spool::Spools;
 use wharf_server::state::State;
 use wharf_storage::{Leader, MemStorage, SplitMix64, SyncCoverage, SyncPolicy};
 
@@ -692,10 +692,11 @@ fn a_checkpoint_whose_chunk_fails_is_abandoned_and_releases_nothing() {
     }
     run.quiesce();
     let log = run.state.log().unwrap().clone();
-    let ended =
-        |log: &wharf_server::log::Log| log.checkpoints.load(std::sync::atomic::Ordering::Relaxed);
+    let ended = |log: &wharf_server::persist::journal::Log| {
+        log.checkpoints.load(std::sync::atomic::Ordering::Relaxed)
+    };
     let before = ended(&log);
-    let wait_for_the_checkpoint = |log: &wharf_server::log::Log| {
+    let wait_for_the_checkpoint = |log: &wharf_server::persist::journal::Log| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while log.checkpoint_running() {
             assert!(

@@ -3,11 +3,12 @@
 //! supersedes, writes checkpoints, releases superseded records, and classifies failures:
 //! a failed fsync is fail-stop; a full disk refuses durable publishes for a while.
 
-use crate::durable::{
-    Captured, Op, OpRecords, RECORD_PREFIX_BYTES_MAX, Record, Recovered, SYSTEM_CONNECTION,
-    StoredMessage, replay,
+use super::checkpoint::{CHECKPOINT_BYTES_DEFAULT, CHECKPOINT_CHUNK_BYTES_DEFAULT};
+use super::replay::{Recovered, replay};
+use crate::persist::record::{
+    Op, OpRecords, RECORD_PREFIX_BYTES_MAX, SYSTEM_CONNECTION, StoredMessage,
 };
-use crate::spool::{SpoolRange, Spools};
+use crate::persist::spool::Spools;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,16 +22,6 @@ use wharf_storage::{
     WalError,
 };
 
-/// Log bytes appended after which a checkpoint is considered (and the live state is at most
-/// half of them, so a checkpoint never rewrites more than it frees).
-pub const CHECKPOINT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
-/// A deferred checkpoint is retried early (see [`Log::maybe_checkpoint`]) only while the live
-/// state in memory is at most this: it is captured under the broker lock, so a large one would
-/// stall every connection (paged messages are copied without the lock and do not count).
-const RECHECK_IN_MEMORY_BYTES_MAX: u64 = 32 * 1024 * 1024;
-/// Encoded bytes per checkpoint chunk record: small enough that a chunk is one quick write
-/// among the batches appended meanwhile, large enough that a chunk costs few records.
-pub const CHECKPOINT_CHUNK_BYTES_DEFAULT: usize = 1024 * 1024;
 /// An `EnqueueAt` operation's bytes besides its message, with one queue name of the longest
 /// kind: variant, id, queue list, delay and ready time.
 const ENQUEUE_OP_BYTES_MAX: usize = 1 + 10 + 5 + 5 + wharf_core::limits::NAME_BYTES_MAX + 11 + 10;
@@ -44,26 +35,26 @@ pub type Outcome = Result<SyncCoverage, WalError>;
 pub type FailStop = Arc<dyn Fn(String) + Send + Sync>;
 
 #[derive(Debug, Default)]
-struct Book {
+pub(super) struct Book {
     /// Current checkpoint epoch: records appended now are superseded by checkpoint epoch + 1.
-    epoch: u64,
+    pub(super) epoch: u64,
     /// Record LSNs by the epoch they were appended in.
-    lsns: BTreeMap<u64, Vec<Lsn>>,
+    pub(super) lsns: BTreeMap<u64, Vec<Lsn>>,
     /// Epochs whose records were released (a late completion of one releases at once).
-    released_below: u64,
-    bytes_since_checkpoint: u64,
-    next_checkpoint_bytes: u64,
+    pub(super) released_below: u64,
+    pub(super) bytes_since_checkpoint: u64,
+    pub(super) next_checkpoint_bytes: u64,
     /// A checkpoint deferred because the live state was large is looked at again (cheaply)
     /// once the log reaches this, in case the live state shrank meanwhile.
-    recheck_at: u64,
+    pub(super) recheck_at: u64,
     /// Bytes of live state the last checkpoint wrote: released by the next one, so part of
     /// what a checkpoint frees.
-    last_checkpoint_bytes: u64,
-    checkpoint_running: bool,
+    pub(super) last_checkpoint_bytes: u64,
+    pub(super) checkpoint_running: bool,
     /// Records superseded by a checkpoint, released by the next append on the broker's
     /// thread: a completion runs on the WAL's committing thread (its writer thread or a
     /// leader) and must not call back into it.
-    to_release: Vec<Lsn>,
+    pub(super) to_release: Vec<Lsn>,
 }
 
 /// Runs a batch's completion once every WAL submission of it has completed: with the first
@@ -124,29 +115,29 @@ fn weakest(left: SyncCoverage, right: SyncCoverage) -> SyncCoverage {
 
 /// The log.
 pub struct Log {
-    wal: Arc<Wal>,
-    book: Arc<Mutex<Book>>,
-    disk_full_since: Mutex<Option<Instant>>,
-    poisoned: AtomicBool,
-    fail_stop: FailStop,
-    checkpoint_bytes: u64,
-    sync_policy: SyncPolicy,
+    pub(super) wal: Arc<Wal>,
+    pub(super) book: Arc<Mutex<Book>>,
+    pub(super) disk_full_since: Mutex<Option<Instant>>,
+    pub(super) poisoned: AtomicBool,
+    pub(super) fail_stop: FailStop,
+    pub(super) checkpoint_bytes: u64,
+    pub(super) sync_policy: SyncPolicy,
     /// Largest record payload the WAL takes.
-    record_bytes_max: usize,
+    pub(super) record_bytes_max: usize,
     /// Most framed bytes in one WAL submission (a segment's record area).
-    submission_bytes_max: u64,
+    pub(super) submission_bytes_max: u64,
     /// See [`CHECKPOINT_CHUNK_BYTES_DEFAULT`].
-    chunk_bytes: usize,
+    pub(super) chunk_bytes: usize,
     /// Held while appending the records of one batch or one checkpoint part, so that the
     /// parts of a batch split over several submissions are contiguous in the log (replay
     /// needs them so) even while the checkpoint thread appends.
-    append_lock: Mutex<()>,
+    pub(super) append_lock: Mutex<()>,
     /// Checkpoints written since start (for tests and metrics).
     pub checkpoints: Arc<AtomicU64>,
     /// Paged messages copied from spools into checkpoints since start (for tests and metrics).
     pub paged_copied: Arc<AtomicU64>,
     /// The thread copying paged messages into the running checkpoint, if any.
-    copier: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub(super) copier: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Log {
@@ -194,7 +185,7 @@ pub enum LogError {
     Wal(#[from] WalError),
     /// A record does not decode.
     #[error(transparent)]
-    Record(#[from] crate::durable::RecordError),
+    Record(#[from] crate::persist::record::RecordError),
 }
 
 impl Log {
@@ -332,7 +323,7 @@ impl Log {
         }
     }
 
-    fn failed(&self, err: &WalError) {
+    pub(super) fn failed(&self, err: &WalError) {
         match err {
             WalError::StorageFull { .. } => {
                 warn!("disk full: refusing durable publishes: {err}");
@@ -409,7 +400,9 @@ impl Log {
             Err(err) => {
                 warn!("log append refused: {err}");
                 let (bytes, limit) = match err {
-                    crate::durable::RecordError::OpTooLarge { bytes, limit } => (bytes, limit),
+                    crate::persist::record::RecordError::OpTooLarge { bytes, limit } => {
+                        (bytes, limit)
+                    }
                     _ => (0, self.record_bytes_max as u64),
                 };
                 done(Err(WalError::RecordTooLarge { bytes, limit }));
@@ -488,7 +481,7 @@ impl Log {
     }
 
     /// Largest encoded operation: what fits in a record after its prefix.
-    fn op_bytes_max(&self) -> usize {
+    pub(super) fn op_bytes_max(&self) -> usize {
         self.record_bytes_max - RECORD_PREFIX_BYTES_MAX
     }
 
@@ -516,7 +509,7 @@ impl Log {
         submissions
     }
 
-    fn track(&self, epoch: u64, lsns: Vec<Lsn>) {
+    pub(super) fn track(&self, epoch: u64, lsns: Vec<Lsn>) {
         let mut book = self.book.lock().expect("log lock");
         if epoch < book.released_below {
             // Appended before a checkpoint that already covers it: superseded at once.
@@ -546,263 +539,6 @@ impl Log {
         };
         self.release_all(to_release);
         self.consider_checkpoint(broker, spools, true);
-    }
-
-    /// Writes a checkpoint if enough log has accumulated and the live state is small next to
-    /// it. Call with the broker lock held, after appending a batch.
-    pub fn maybe_checkpoint(self: &Arc<Self>, broker: &Broker, spools: Option<&mut Spools>) {
-        self.consider_checkpoint(broker, spools, false);
-    }
-
-    fn consider_checkpoint(
-        self: &Arc<Self>,
-        broker: &Broker,
-        spools: Option<&mut Spools>,
-        idle: bool,
-    ) {
-        {
-            let mut book = self.book.lock().expect("log lock");
-            if book.checkpoint_running {
-                return;
-            }
-            let since = book.bytes_since_checkpoint;
-            // What a checkpoint now would free: the log since the last one, and the last one.
-            let reclaimable = since + book.last_checkpoint_bytes;
-            let due = since >= book.next_checkpoint_bytes;
-            // A checkpoint deferred because the live state was large (a backlog) is looked at
-            // again every quarter of `checkpoint_bytes` of log, and by the housekeeping
-            // (`idle`): once the backlog has drained, the log is mostly garbage.
-            let recheck = !due
-                && reclaimable >= self.checkpoint_bytes
-                && (idle || (since >= self.checkpoint_bytes && since >= book.recheck_at));
-            if !due && !recheck {
-                return;
-            }
-            if recheck {
-                book.recheck_at = since + self.checkpoint_bytes / 4;
-            }
-            // An estimate of the live state, O(queues), as `Op::approx_bytes` counts it (body
-            // plus 64 per ready message of durable queues; deliveries outstanding and delayed
-            // messages are not counted, transient messages in durable queues are): when it is
-            // too large, defer without capturing anything.
-            let (n_ready, ready_bytes) = broker.durable_ready_totals();
-            let (n_paged, paged_bytes) = broker.paged_totals();
-            let estimate = ready_bytes + 64 * n_ready;
-            if estimate.saturating_mul(2) > reclaimable {
-                if due {
-                    book.next_checkpoint_bytes = since + estimate * 2;
-                }
-                return;
-            }
-            let in_memory = (ready_bytes - paged_bytes) + 64 * (n_ready - n_paged);
-            if recheck && in_memory > RECHECK_IN_MEMORY_BYTES_MAX {
-                return;
-            }
-        }
-        self.checkpoint(broker, spools);
-    }
-
-    /// Writes a checkpoint of `broker`'s durable state now, unless rewriting the live state
-    /// would cost more than it frees (then it is deferred). Paged messages (queues larger than
-    /// memory) are copied from their spools by a thread of the log, without the broker lock:
-    /// batches appended meanwhile land between the checkpoint's begin and end, and replay
-    /// applies every batch after the begin (docs/durability.md).
-    pub fn checkpoint(self: &Arc<Self>, broker: &Broker, spools: Option<&mut Spools>) {
-        self.write_checkpoint(broker, spools, false);
-    }
-
-    /// Writes a checkpoint now, whatever it costs (tests and tools), unless one is running.
-    pub fn checkpoint_forced(self: &Arc<Self>, broker: &Broker, spools: Option<&mut Spools>) {
-        self.write_checkpoint(broker, spools, true);
-    }
-
-    fn write_checkpoint(
-        self: &Arc<Self>,
-        broker: &Broker,
-        spools: Option<&mut Spools>,
-        force: bool,
-    ) {
-        let (n_paged, paged_bytes) = broker.paged_totals();
-        let epoch = {
-            if self.book.lock().expect("log lock").checkpoint_running {
-                return;
-            }
-            let captured = Captured::capture(broker);
-            let live_bytes = captured.approx_bytes() + paged_bytes + 64 * n_paged;
-            let mut book = self.book.lock().expect("log lock");
-            let reclaimable = book.bytes_since_checkpoint + book.last_checkpoint_bytes;
-            if !force && book.bytes_since_checkpoint > 0 && live_bytes * 2 > reclaimable {
-                // Rewriting the live state would cost more than it frees: wait for more garbage.
-                book.next_checkpoint_bytes = book.bytes_since_checkpoint + live_bytes * 2;
-                return;
-            }
-            book.checkpoint_running = true;
-            book.epoch += 1;
-            book.bytes_since_checkpoint = 0;
-            book.recheck_at = 0;
-            book.last_checkpoint_bytes = live_bytes;
-            book.next_checkpoint_bytes = self.checkpoint_bytes.max(live_bytes * 2);
-            (book.epoch, captured)
-        };
-        let (epoch, captured) = epoch;
-        let ranges = spools.map(Spools::ranges).unwrap_or_default();
-        // The begin now, under the broker lock: every batch appended after it follows the
-        // state captured here (log order is core order), and replay applies those batches
-        // after the checkpoint's chunks. The chunks themselves are encoded and appended by a
-        // thread, one at a time, without the broker lock.
-        let (begun, begin_written) = std::sync::mpsc::sync_channel(1);
-        self.append_part(
-            Record::CheckpointBegin { epoch }.encode(),
-            epoch,
-            Box::new(move |written| {
-                let _ = begun.send(written);
-            }),
-        );
-        let log = self.clone();
-        let copier = std::thread::Builder::new()
-            .name("wharf-checkpoint".to_owned())
-            .spawn(move || {
-                let written = begin_written
-                    .recv()
-                    .unwrap_or_else(|_| Err("the log closed".to_owned()))
-                    .and_then(|()| log.stream_checkpoint(epoch, captured, ranges));
-                if let Err(reason) = written {
-                    // No end: replay keeps using the previous checkpoint and every record
-                    // after it, none of which is released.
-                    log.book.lock().expect("log lock").checkpoint_running = false;
-                    warn!(
-                        epoch,
-                        "checkpoint abandoned: {reason}; the previous checkpoint and every \
-                         record since are kept"
-                    );
-                }
-            })
-            .expect("spawning the checkpoint thread");
-        let previous = self.copier.lock().expect("log lock").replace(copier);
-        if let Some(previous) = previous {
-            // Finished: a checkpoint starts only once the previous one ended.
-            let _ = previous.join();
-        }
-    }
-
-    /// Appends one record of checkpoint `epoch`; `written` learns whether it is on disk (with
-    /// the reason if not).
-    fn append_part(
-        self: &Arc<Self>,
-        record: bytes::Bytes,
-        epoch: u64,
-        written: Box<dyn FnOnce(Result<(), String>) + Send>,
-    ) {
-        let log = Arc::downgrade(self);
-        let _contiguous = self.append_lock.lock().expect("append lock");
-        self.wal.append(
-            vec![record],
-            Box::new(move |outcome| {
-                let Some(log) = log.upgrade() else {
-                    written(Err("the log closed".to_owned()));
-                    return;
-                };
-                match outcome {
-                    Ok(committed) => {
-                        log.track(epoch, committed.lsns);
-                        written(Ok(()));
-                    }
-                    Err(err) => {
-                        log.failed(&err);
-                        written(Err(err.to_string()));
-                    }
-                }
-            }),
-        );
-    }
-
-    /// [`Log::append_part`], waiting until the record is on disk (the checkpoint thread: one
-    /// chunk at a time, so a large checkpoint never floods the WAL).
-    fn append_part_wait(self: &Arc<Self>, record: bytes::Bytes, epoch: u64) -> Result<(), String> {
-        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
-        self.append_part(
-            record,
-            epoch,
-            Box::new(move |written| {
-                let _ = sender.send(written);
-            }),
-        );
-        receiver
-            .recv()
-            .unwrap_or_else(|_| Err("the log closed".to_owned()))
-    }
-
-    /// The checkpoint thread, once the begin is on disk: the captured state, then the paged
-    /// messages of `ranges`, as chunk records of about `chunk_bytes`, each on disk before the
-    /// next is appended; then the end, and only then are the records it supersedes released.
-    /// Any failure abandons the checkpoint (the caller keeps everything older).
-    fn stream_checkpoint(
-        self: &Arc<Self>,
-        epoch: u64,
-        captured: Captured,
-        ranges: Vec<SpoolRange>,
-    ) -> Result<(), String> {
-        let now_ms = captured.now_ms();
-        let mut pending = OpRecords::default();
-        let append = |op: Op, pending: &mut OpRecords| -> Result<(), String> {
-            pending
-                .push(op, self.op_bytes_max())
-                .map_err(|err| err.to_string())?;
-            if pending.bytes() >= self.chunk_bytes {
-                for record in std::mem::take(pending).chunks(epoch, self.chunk_bytes) {
-                    self.append_part_wait(record, epoch)?;
-                }
-            }
-            Ok(())
-        };
-        for op in captured.into_ops() {
-            append(op, &mut pending)?;
-        }
-        for range in &ranges {
-            let mut failed: Result<(), String> = Ok(());
-            let copied = range.for_each(|entry| {
-                if failed.is_err() {
-                    return;
-                }
-                let Some(durable_id) = entry.durable_id else {
-                    return;
-                };
-                self.paged_copied.fetch_add(1, Ordering::Relaxed);
-                failed = append(
-                    Op::EnqueueAt {
-                        durable_id,
-                        queues: vec![range.queue.to_string()],
-                        message: StoredMessage::from(&*entry.message),
-                        delay_ms: entry.message.delay_ms,
-                        ready_at_ms: now_ms,
-                    },
-                    &mut pending,
-                );
-            });
-            if let Err(err) = copied {
-                // Paged messages that cannot be read cannot be delivered either: fail-stop.
-                error!("checkpoint: {err}: stopping");
-                self.poisoned.store(true, Ordering::Release);
-                (self.fail_stop)(err.clone());
-                return Err(err);
-            }
-            failed?;
-        }
-        for record in pending.chunks(epoch, self.chunk_bytes) {
-            self.append_part_wait(record, epoch)?;
-        }
-        self.append_part_wait(Record::CheckpointEnd { epoch }.encode(), epoch)?;
-        // On disk after its begin and every chunk: everything of earlier epochs is superseded.
-        {
-            let mut book = self.book.lock().expect("log lock");
-            book.checkpoint_running = false;
-            let keep = book.lsns.split_off(&epoch);
-            let old = std::mem::replace(&mut book.lsns, keep);
-            book.released_below = epoch;
-            book.to_release.extend(old.into_values().flatten());
-        }
-        self.checkpoints.fetch_add(1, Ordering::Relaxed);
-        Ok(())
     }
 
     /// Whether a checkpoint is being written (its thread has not ended it or given it up).

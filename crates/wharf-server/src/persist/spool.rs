@@ -12,7 +12,7 @@
 //! rather than losing a message; a warning says so). A spool that cannot be read back is
 //! fatal: the messages would be lost, so the server stops (fail-stop, as for the log).
 
-use crate::durable::StoredMessage;
+use crate::persist::record::StoredMessage;
 use bytes::{Buf, BufMut};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
