@@ -1191,21 +1191,19 @@ impl Broker {
             return;
         };
         for key in exchange.bindings() {
-            if let Destination::Queue(qid) = key.destination {
-                if let Some(queue) = self.queues.get_mut(&qid) {
-                    if let Some(pos) =
-                        queue
-                            .bound_from
-                            .iter()
-                            .position(|(source, routing_key, args)| {
-                                source == name
-                                    && *routing_key == key.routing_key
-                                    && *args == key.arguments
-                            })
-                    {
-                        queue.bound_from.swap_remove(pos);
-                    }
-                }
+            if let Destination::Queue(qid) = key.destination
+                && let Some(queue) = self.queues.get_mut(&qid)
+                && let Some(pos) =
+                    queue
+                        .bound_from
+                        .iter()
+                        .position(|(source, routing_key, args)| {
+                            source == name
+                                && *routing_key == key.routing_key
+                                && *args == key.arguments
+                        })
+            {
+                queue.bound_from.swap_remove(pos);
             }
         }
         effects.push(Effect::ExchangeDeleted {
@@ -1252,18 +1250,16 @@ impl Broker {
         }
         let now_unused =
             exchange.options.auto_delete && exchange.n_bindings() == 0 && !exchange.builtin;
-        if let Destination::Queue(qid) = &key.destination {
-            if let Some(queue) = self.queues.get_mut(qid) {
-                if let Some(pos) = queue
-                    .bound_from
-                    .iter()
-                    .position(|(from, routing_key, args)| {
-                        from == source && *routing_key == key.routing_key && *args == key.arguments
-                    })
-                {
-                    queue.bound_from.swap_remove(pos);
-                }
-            }
+        if let Destination::Queue(qid) = &key.destination
+            && let Some(queue) = self.queues.get_mut(qid)
+            && let Some(pos) = queue
+                .bound_from
+                .iter()
+                .position(|(from, routing_key, args)| {
+                    from == source && *routing_key == key.routing_key && *args == key.arguments
+                })
+        {
+            queue.bound_from.swap_remove(pos);
         }
         if now_unused {
             let source = source.clone();
@@ -1312,12 +1308,12 @@ impl Broker {
         check_header_depth(&arguments)?;
         let source = self.binding_source(source)?;
         let destination = self.resolve_target(&target)?;
-        if let Destination::Exchange(dest) = &destination {
-            if *dest == DEFAULT_EXCHANGE.into() {
-                return Err(CoreError::AccessRefused {
-                    reason: "the default exchange cannot be a binding destination".to_owned(),
-                });
-            }
+        if let Destination::Exchange(dest) = &destination
+            && *dest == DEFAULT_EXCHANGE.into()
+        {
+            return Err(CoreError::AccessRefused {
+                reason: "the default exchange cannot be a binding destination".to_owned(),
+            });
         }
         let exchange = &self.exchanges[&source];
         if exchange.kind == ExchangeKind::Headers {
@@ -1547,10 +1543,10 @@ impl Broker {
             // Its delayed messages go with it (rare: a scan of the timers).
             self.delayed_total -= self.timers.remove_delayed_of(qid);
         }
-        if let Some(owner) = queue.owner {
-            if let Some(conn) = self.connections.get_mut(&owner) {
-                conn.exclusive_queues.retain(|id| *id != qid);
-            }
+        if let Some(owner) = queue.owner
+            && let Some(conn) = self.connections.get_mut(&owner)
+        {
+            conn.exclusive_queues.retain(|id| *id != qid);
         }
         for consumer in &queue.consumers {
             if let Some(conn) = self.connections.get_mut(&consumer.connection) {
@@ -1598,13 +1594,14 @@ impl Broker {
         // Queues that reject-publish when full refuse their copy before anything changes.
         let mut refused_dlx = Vec::new();
         let refused_by = self.refuse_full(message.size_bytes(), &mut targets, &mut refused_dlx);
-        if targets.is_empty() && refused_dlx.is_empty() {
-            if let Some(queue) = refused_by {
-                self.route_scratch = targets;
-                return Err(CoreError::QueueFull {
-                    queue: queue.to_string(),
-                });
-            }
+        if targets.is_empty()
+            && refused_dlx.is_empty()
+            && let Some(queue) = refused_by
+        {
+            self.route_scratch = targets;
+            return Err(CoreError::QueueFull {
+                queue: queue.to_string(),
+            });
         }
         for qid in &refused_dlx {
             // reject-publish-dlx: refused to the publisher, and dead-lettered.
@@ -1797,15 +1794,13 @@ impl Broker {
     /// died in the same queue for the same reason, unless that reason is `rejected` (a consumer
     /// decision, not an automatic loop), as RabbitMQ does.
     fn republish_dead_letter(&mut self, dead: &DeadLetter, effects: &mut Vec<Effect>) {
-        if dead.reason != DeathReason::Rejected {
-            if let Some(HeaderValue::List(records)) = dead.message.headers.get(X_DEATH) {
-                if records
-                    .iter()
-                    .any(|record| is_death_of(record, &dead.queue, dead.reason.as_str()))
-                {
-                    return;
-                }
-            }
+        if dead.reason != DeathReason::Rejected
+            && let Some(HeaderValue::List(records)) = dead.message.headers.get(X_DEATH)
+            && records
+                .iter()
+                .any(|record| is_death_of(record, &dead.queue, dead.reason.as_str()))
+        {
+            return;
         }
         let message = Arc::new(dead_lettered(dead, self.now_ms));
         let mut targets = Vec::new();
@@ -2268,10 +2263,10 @@ impl Broker {
             }
         }
         for (due, timer) in self.timers.iter() {
-            if let TimerKind::Delayed { queue, entry } = timer {
-                if let Some(queue) = self.queues.get(queue) {
-                    add(entry, queue, Some(due));
-                }
+            if let TimerKind::Delayed { queue, entry } = timer
+                && let Some(queue) = self.queues.get(queue)
+            {
+                add(entry, queue, Some(due));
             }
         }
         by_id
@@ -2717,11 +2712,11 @@ fn requeue_entry(
 
 /// Makes sure a TTL timer is set for the queue's earliest ready expiry.
 fn arm_ttl(queue: &mut Queue, qid: QueueId, timers: &mut Timers) {
-    if let Some(next) = queue.ready.next_expiry() {
-        if queue.ttl_armed.is_none_or(|armed| next < armed) {
-            queue.ttl_armed = Some(next);
-            timers.push(next, TimerKind::Ttl { queue: qid });
-        }
+    if let Some(next) = queue.ready.next_expiry()
+        && queue.ttl_armed.is_none_or(|armed| next < armed)
+    {
+        queue.ttl_armed = Some(next);
+        timers.push(next, TimerKind::Ttl { queue: qid });
     }
 }
 

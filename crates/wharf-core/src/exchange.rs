@@ -244,12 +244,10 @@ impl Exchange {
             .is_some_and(|((dest, _), _)| *dest == key.destination);
         match &mut self.router {
             Router::Direct(table) => {
-                if !key_still_bound {
-                    if let Some(list) = table.get_mut(&key.routing_key) {
-                        list.retain(|dest| *dest != key.destination);
-                        if list.is_empty() {
-                            table.remove(&key.routing_key);
-                        }
+                if !key_still_bound && let Some(list) = table.get_mut(&key.routing_key) {
+                    list.retain(|dest| *dest != key.destination);
+                    if list.is_empty() {
+                        table.remove(&key.routing_key);
                     }
                 }
             }

@@ -1674,10 +1674,10 @@ impl Model {
             }));
         };
         let head = &queue.ready[head_idx];
-        if head.message != delivery.message {
-            if let Some(err) = held() {
-                return Err(err);
-            }
+        if head.message != delivery.message
+            && let Some(err) = held()
+        {
+            return Err(err);
         }
         // By value: a dead-lettered copy is a new message built by broker and model alike
         // (bodies are unique per publish, death records tell copies of one apart).
@@ -1958,13 +1958,13 @@ impl Model {
             ));
         }
         // Documented: never later than needed (earlier is allowed: stale timers).
-        if let Some(deadline) = self.next_real_deadline() {
-            if broker.next_deadline().is_none_or(|next| next > deadline) {
-                return Err(format!(
-                    "next_deadline() = {:?}, but something is due at {deadline}",
-                    broker.next_deadline()
-                ));
-            }
+        if let Some(deadline) = self.next_real_deadline()
+            && broker.next_deadline().is_none_or(|next| next > deadline)
+        {
+            return Err(format!(
+                "next_deadline() = {:?}, but something is due at {deadline}",
+                broker.next_deadline()
+            ));
         }
         let timers = &self.state.timers;
         let expected: Vec<QueueStats> = self
@@ -2130,10 +2130,10 @@ impl Model {
                 options,
                 passive,
             } => {
-                if !name.is_empty() {
-                    if let Some(err) = name_error(name, false) {
-                        return Err(err);
-                    }
+                if !name.is_empty()
+                    && let Some(err) = name_error(name, false)
+                {
+                    return Err(err);
                 }
                 if let Some(existing) = self.exchanges.get(name) {
                     if *passive {
@@ -2278,10 +2278,10 @@ impl Model {
             } => {
                 let (source_exchange, binding) =
                     self.resolve_binding(source, target, routing_key, arguments)?;
-                if let ModelTarget::Exchange(name) = &binding.target {
-                    if name.is_empty() {
-                        return Err(ErrorClass::AccessRefused);
-                    }
+                if let ModelTarget::Exchange(name) = &binding.target
+                    && name.is_empty()
+                {
+                    return Err(ErrorClass::AccessRefused);
                 }
                 if source_exchange.kind == ExchangeKind::Headers
                     && !headers_arguments_valid(arguments)
@@ -2537,10 +2537,9 @@ impl Model {
                     let outstanding = conn.unacked.remove(tag).expect("listed");
                     if let Some(queue_id) =
                         self.settle_one(*connection, outstanding, Settle::Ack, effects)
+                        && !touched.contains(&queue_id)
                     {
-                        if !touched.contains(&queue_id) {
-                            touched.push(queue_id);
-                        }
+                        touched.push(queue_id);
                     }
                 }
                 // Acks dead-letter nothing: the touched queues are dispatched right away.
@@ -2572,16 +2571,16 @@ impl Model {
                         Err(ErrorClass::UnknownDeliveryTag)
                     };
                 };
-                if let Some((until, timeout)) = &mut outstanding.lease {
-                    if now_ms + *timeout > *until {
-                        *until = now_ms + *timeout;
-                        let kind = TimerKind::Lease {
-                            connection: *connection,
-                            tag: delivery_tag.0,
-                        };
-                        self.state.timers.set(*until, kind);
-                        self.event("touch extended a lease");
-                    }
+                if let Some((until, timeout)) = &mut outstanding.lease
+                    && now_ms + *timeout > *until
+                {
+                    *until = now_ms + *timeout;
+                    let kind = TimerKind::Lease {
+                        connection: *connection,
+                        tag: delivery_tag.0,
+                    };
+                    self.state.timers.set(*until, kind);
+                    self.event("touch extended a lease");
                 }
                 Ok(Reply::Done)
             }
@@ -2954,10 +2953,10 @@ impl Model {
         let count = settled.len() as u32;
         let mut touched: Vec<u64> = Vec::new();
         for outstanding in settled {
-            if let Some(queue_id) = self.settle_one(connection, outstanding, how, effects) {
-                if !touched.contains(&queue_id) {
-                    touched.push(queue_id);
-                }
+            if let Some(queue_id) = self.settle_one(connection, outstanding, how, effects)
+                && !touched.contains(&queue_id)
+            {
+                touched.push(queue_id);
             }
         }
         self.to_dispatch.extend(touched);

@@ -307,7 +307,7 @@ mod tests {
                 state ^= state << 13;
                 state ^= state >> 7;
                 state ^= state << 17;
-                blob.push(if state % 3 == 0 {
+                blob.push(if state.is_multiple_of(3) {
                     (state >> 8) as u8 % 3
                 } else {
                     (state >> 16) as u8

@@ -72,11 +72,11 @@ impl<'a> Reader<'a> {
     /// bits beyond the type's width). One-byte varints (lengths, tags, counts) take the fast path.
     #[inline(always)]
     fn varint(&mut self, max_bits: u32) -> Result<u64, Error> {
-        if let Some(&byte) = self.buf.get(self.pos) {
-            if byte < 0x80 {
-                self.pos += 1;
-                return Ok(u64::from(byte));
-            }
+        if let Some(&byte) = self.buf.get(self.pos)
+            && byte < 0x80
+        {
+            self.pos += 1;
+            return Ok(u64::from(byte));
         }
         self.varint_multi_byte(max_bits)
     }

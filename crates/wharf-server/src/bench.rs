@@ -305,10 +305,10 @@ impl TryFrom<BenchArgs> for Settings {
             )));
         }
         let rate = args.rate.or(preset.rate);
-        if let Some(rate) = rate {
-            if !(rate.is_finite() && rate > 0.0) {
-                return Err(usage(format!("--rate must be positive, got {rate}")));
-            }
+        if let Some(rate) = rate
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            return Err(usage(format!("--rate must be positive, got {rate}")));
         }
         // An explicit --count or --duration replaces the preset's choice of either.
         let (count_total, duration) = match (args.count, args.duration) {
@@ -774,10 +774,10 @@ impl Producer {
                     tokio::task::yield_now().await;
                 }
                 self.drain_ready_tickets(&mut tickets, &mut report);
-                if tickets.len() > 2 * settings.confirm_window as usize {
-                    if let Some(entry) = tickets.pop_front() {
-                        self.settle_ticket(entry, &mut report).await;
-                    }
+                if tickets.len() > 2 * settings.confirm_window as usize
+                    && let Some(entry) = tickets.pop_front()
+                {
+                    self.settle_ticket(entry, &mut report).await;
                 }
             } else {
                 let first_intended = intended(seq);
@@ -1087,7 +1087,7 @@ impl ConsumerTask {
             let n_received = report.delivered + report.n_ignored + 1;
             if settings
                 .fault_ignore_every
-                .is_some_and(|every| n_received % every == 0)
+                .is_some_and(|every| n_received.is_multiple_of(every))
             {
                 report.n_ignored += 1;
             } else {
@@ -1099,7 +1099,7 @@ impl ConsumerTask {
                 );
                 if settings
                     .fault_repeat_every
-                    .is_some_and(|every| n_received % every == 0)
+                    .is_some_and(|every| n_received.is_multiple_of(every))
                 {
                     report.record(delivery.body(), false, settings.producers, now_ns);
                 }

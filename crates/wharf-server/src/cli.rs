@@ -774,16 +774,16 @@ async fn consume(args: ConsumeArgs) -> Result<(), Failure> {
         (None, Some(count)) => u32::try_from(count).unwrap_or(u32::MAX).min(PREFETCH_MAX),
         (None, None) => PREFETCH_DEFAULT,
     };
-    if !args.ack {
-        if let Some(count) = args.count.filter(|count| *count > u64::from(prefetch)) {
-            return Err(Failure::new(
-                EXIT_USAGE,
-                format!(
-                    "without --ack at most --prefetch ({prefetch}) messages can be shown, \
+    if !args.ack
+        && let Some(count) = args.count.filter(|count| *count > u64::from(prefetch))
+    {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            format!(
+                "without --ack at most --prefetch ({prefetch}) messages can be shown, \
                      but --count is {count}: raise --prefetch (at most {PREFETCH_MAX}) or use --ack"
-                ),
-            ));
-        }
+            ),
+        ));
     }
     with_client(&args.server, async |client| {
         let options = ConsumeOptions {

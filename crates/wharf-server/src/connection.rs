@@ -534,11 +534,12 @@ struct Confirms {
 
 impl Confirms {
     fn push(&mut self, seq: u64, status: ConfirmStatus) {
-        if let Some(last) = self.ranges.last_mut() {
-            if last.last_seq + 1 == seq && last.status == status {
-                last.last_seq = seq;
-                return;
-            }
+        if let Some(last) = self.ranges.last_mut()
+            && last.last_seq + 1 == seq
+            && last.status == status
+        {
+            last.last_seq = seq;
+            return;
         }
         self.ranges.push(ConfirmRange {
             first_seq: seq,
@@ -629,11 +630,11 @@ fn publish_one(
     confirms: &mut Confirms,
     deferred: &mut Deferred,
 ) {
-    if message.persistent {
-        if let Some(reason) = state.refusing_durable() {
-            confirms.push(seq, refused(ErrorCode::ResourceLimit, reason));
-            return;
-        }
+    if message.persistent
+        && let Some(reason) = state.refusing_durable()
+    {
+        confirms.push(seq, refused(ErrorCode::ResourceLimit, reason));
+        return;
     }
     match state.publish(now, message) {
         Ok(Published::Logged) => deferred.seqs.push(seq),

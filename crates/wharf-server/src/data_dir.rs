@@ -81,12 +81,8 @@ pub fn lock(dir: &Path) -> Result<DirLock, LockError> {
         .truncate(false)
         .open(dir.join(LOCK_FILE))
         .map_err(io)?;
-    // `File::try_lock` is std's `flock(LOCK_EX | LOCK_NB)` (Rust 1.89). The workspace's
-    // `rust-version` still says 1.85, which the pinned 1.95 toolchain never checks (issue #21
-    // makes it state the pinned version).
-    #[allow(clippy::incompatible_msrv)]
-    let locked = file.try_lock();
-    match locked {
+    // `File::try_lock` is std's `flock(LOCK_EX | LOCK_NB)` (Rust 1.89).
+    match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
             let mut text = String::new();

@@ -67,11 +67,11 @@ impl Shared {
     /// before the timer task's planned wake-up (a delayed publish, a lease, a TTL, an unused
     /// queue with `x-expires`), wake it. One atomic load per batch when nothing changed.
     pub fn wake_timer_if_earlier(&self, state: &State) {
-        if let Some(deadline) = state.broker.next_deadline() {
-            if deadline < self.timer_at.load(Ordering::Acquire) {
-                self.timer_at.store(deadline, Ordering::Release);
-                self.timer_wake.notify_one();
-            }
+        if let Some(deadline) = state.broker.next_deadline()
+            && deadline < self.timer_at.load(Ordering::Acquire)
+        {
+            self.timer_at.store(deadline, Ordering::Release);
+            self.timer_wake.notify_one();
         }
     }
 

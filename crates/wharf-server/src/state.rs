@@ -163,19 +163,18 @@ impl State {
     /// was a duplicate that no queue took.
     pub fn publish(&mut self, now_ms: u64, message: Arc<Message>) -> Result<Published, CoreError> {
         // The hot path: no topology to log, so straight to the core.
-        if message.persistent {
-            if let Some(log) = &self.log {
-                if let Some((bytes, limit)) = log.refuses_message(&message) {
-                    debug!(
-                        bytes,
-                        limit, "a persistent message too large to log was refused"
-                    );
-                    return Err(CoreError::LimitExceeded {
-                        what: "bytes in a persistent message as logged",
-                        limit,
-                    });
-                }
-            }
+        if message.persistent
+            && let Some(log) = &self.log
+            && let Some((bytes, limit)) = log.refuses_message(&message)
+        {
+            debug!(
+                bytes,
+                limit, "a persistent message too large to log was refused"
+            );
+            return Err(CoreError::LimitExceeded {
+                what: "bytes in a persistent message as logged",
+                limit,
+            });
         }
         let start = self.effects.len();
         let reply = self

@@ -350,11 +350,11 @@ impl Sink {
                 break;
             }
         }
-        if result.is_ok() {
-            if let Err(reason) = self.out.flush_pending() {
-                warn!("closing connection: {reason}");
-                result = Err(());
-            }
+        if result.is_ok()
+            && let Err(reason) = self.out.flush_pending()
+        {
+            warn!("closing connection: {reason}");
+            result = Err(());
         }
         if result.is_ok()
             && self.out.has_output()
@@ -386,11 +386,11 @@ impl Sink {
                 break;
             }
         }
-        if !self.failed {
-            if let Err(reason) = self.out.flush_pending() {
-                warn!("closing connection: {reason}");
-                self.failed = true;
-            }
+        if !self.failed
+            && let Err(reason) = self.out.flush_pending()
+        {
+            warn!("closing connection: {reason}");
+            self.failed = true;
         }
         let written = !self.failed
             && match self.out.try_write_to(&self.socket) {
@@ -417,14 +417,15 @@ impl Sink {
 /// released the broker lock, for every outbox its batch queued output in without waking the
 /// writer ([`Outbox::push_many_held`], [`Outbox::push_frame_held`]).
 pub(crate) fn flush_or_wake(outbox: &Outbox) {
-    if outbox.queued_bytes() <= INLINE_WRITE_BYTES_MAX && !outbox.is_closing() {
-        if let Ok(mut sink) = outbox.sink.try_lock() {
-            if let Some(sink) = sink.as_mut() {
-                if !sink.failed && !sink.out.has_output() && sink.flush_inline(outbox) {
-                    return;
-                }
-            }
-        }
+    if outbox.queued_bytes() <= INLINE_WRITE_BYTES_MAX
+        && !outbox.is_closing()
+        && let Ok(mut sink) = outbox.sink.try_lock()
+        && let Some(sink) = sink.as_mut()
+        && !sink.failed
+        && !sink.out.has_output()
+        && sink.flush_inline(outbox)
+    {
+        return;
     }
     outbox.wake.notify_one();
 }

@@ -91,7 +91,7 @@ fn open(
     let mut broker = Broker::new(Limits {
         paging_threshold: paging,
         // Bodies are up to 600 bytes: some paging seeds page by bytes too.
-        paging_threshold_bytes: if paging % 2 == 0 { 1_000 } else { 0 },
+        paging_threshold_bytes: if paging.is_multiple_of(2) { 1_000 } else { 0 },
         ..Limits::default()
     });
     let spool_dir = tempfile::tempdir().unwrap();
@@ -270,13 +270,13 @@ impl Run {
         let mut items = Vec::new();
         self.outbox.take_all(&mut items);
         for item in items {
-            if let Out::Deliver(delivery) = item {
-                if delivery.connection == self.connection {
-                    self.outstanding.insert(
-                        delivery.delivery_tag.0,
-                        (id_of(&delivery.message), delivery.queue.to_string()),
-                    );
-                }
+            if let Out::Deliver(delivery) = item
+                && delivery.connection == self.connection
+            {
+                self.outstanding.insert(
+                    delivery.delivery_tag.0,
+                    (id_of(&delivery.message), delivery.queue.to_string()),
+                );
             }
         }
     }

@@ -190,7 +190,7 @@ async fn drain(client: &Client, queue: &str, mut visit: impl FnMut(&[u8], bool))
             Ok(Some(Ok(delivery))) => {
                 visit(delivery.body(), delivery.redelivered());
                 n_delivered += 1;
-                if n_delivered % 256 == 0 {
+                if n_delivered.is_multiple_of(256) {
                     delivery.ack_multiple().await.expect("ack");
                     unacked = None;
                 } else {
@@ -477,14 +477,14 @@ struct OrderCheck {
 
 impl OrderCheck {
     fn see(&mut self, session: &str, priority: u8, message_idx: u64, tally: &Mutex<Tally>) {
-        if let Some(previous) = self.last.insert(priority, message_idx) {
-            if previous >= message_idx {
-                let mut tally = tally.lock().unwrap();
-                if tally.order_breaks.len() < 10 {
-                    tally.order_breaks.push(format!(
-                        "{session}: priority {priority}: {message_idx} after {previous}"
-                    ));
-                }
+        if let Some(previous) = self.last.insert(priority, message_idx)
+            && previous >= message_idx
+        {
+            let mut tally = tally.lock().unwrap();
+            if tally.order_breaks.len() < 10 {
+                tally.order_breaks.push(format!(
+                    "{session}: priority {priority}: {message_idx} after {previous}"
+                ));
             }
         }
     }

@@ -677,6 +677,52 @@ fn fully_released_segments_are_deleted_but_never_the_active_one() {
     assert!(wal.stats().live_records == 0);
 }
 
+/// The broker releases old records once a later record supersedes them (a checkpoint's end).
+/// Under `interval` and `never` that later record can still be unsynced when the release
+/// arrives: the deletion must not become durable before it, or a power cut keeps the deletion
+/// and loses the superseding record (issue #21's CI failure: a checkpoint's end lost, the
+/// segments with the topology it replaced deleted).
+#[test]
+fn a_segment_is_deleted_only_after_what_superseded_it_is_fsynced() {
+    for policy in [
+        SyncPolicy::Never,
+        SyncPolicy::Interval(Duration::from_secs(3600)),
+    ] {
+        for seed in 0..16 {
+            let mem = MemStorage::new(seed);
+            let mut config = test_config(4096);
+            config.sync_policy = policy;
+            config.roll_dead_active_bytes = u64::MAX;
+            config.compact_live_ratio = 0.0;
+            let (wal, _) = open(&mem, config.clone());
+            let mut old = Vec::new();
+            for id in 0..40 {
+                old.extend(wal.append_wait(vec![payload(id, 200)]).unwrap().lsns);
+            }
+            // Sealed segments are fsynced at rollover; the superseding record is not.
+            let superseding = wal.append_wait(vec![payload(1000, 200)]).unwrap().lsns[0];
+            let before = segment_files(&mem).len();
+            for lsn in &old {
+                wal.release(*lsn).unwrap();
+            }
+            wal.quiesce();
+            assert!(segment_files(&mem).len() < before, "nothing was deleted");
+            assert!(
+                wal.durable_lsn() > superseding,
+                "{policy:?} seed {seed}: segments deleted while the record superseding them is unsynced"
+            );
+            mem.crash();
+            let (wal, _) = open(&mem, config);
+            assert!(
+                replay(&wal)
+                    .iter()
+                    .any(|(_, bytes)| payload_id(bytes) == Some(1000)),
+                "{policy:?} seed {seed}: the superseding record was lost with the deleted segments"
+            );
+        }
+    }
+}
+
 #[test]
 fn compaction_moves_live_records_and_reports_the_new_lsns() {
     let mem = MemStorage::new(1);

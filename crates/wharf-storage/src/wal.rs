@@ -1130,13 +1130,11 @@ impl Writer {
             }
             return;
         }
-        if sync_now {
-            if let Err(error) = self.sync_active() {
-                for (submission, _) in batch {
-                    complete(submission.done, Err(error.clone()));
-                }
-                return;
+        if sync_now && let Err(error) = self.sync_active() {
+            for (submission, _) in batch {
+                complete(submission.done, Err(error.clone()));
             }
+            return;
         }
         for (submission, lsns) in batch {
             let coverage = if sync_now {
@@ -1363,6 +1361,13 @@ impl Writer {
     }
 
     fn delete_segment(&mut self, base: u64) -> Result<(), WalError> {
+        // A record is released because a later one supersedes it (an ack, a checkpoint's end).
+        // Under `interval` and `never` that later record may still be unsynced: fsync it first,
+        // or a power cut could keep the deletion and lose what superseded the deleted records
+        // (a whole topology, when the lost record is a checkpoint's end).
+        if self.write_lsn > self.durable_lsn || self.poisoned() {
+            self.sync_active()?;
+        }
         let segment = {
             let mut index = lock(&self.shared.index);
             assert_ne!(base, index.active, "the active segment is never deleted");

@@ -58,15 +58,16 @@ impl Captured {
             }
         }
         for queue in broker.list_queues() {
-            if let Some(options) = broker.queue_options(&queue.name) {
-                if options.durable && !options.exclusive {
-                    ops.push(Op::DeclareQueue {
-                        name: queue.name.clone(),
-                        auto_delete: options.auto_delete,
-                        single_active_consumer: options.single_active_consumer,
-                        arguments: stored_headers(&options.arguments),
-                    });
-                }
+            if let Some(options) = broker.queue_options(&queue.name)
+                && options.durable
+                && !options.exclusive
+            {
+                ops.push(Op::DeclareQueue {
+                    name: queue.name.clone(),
+                    auto_delete: options.auto_delete,
+                    single_active_consumer: options.single_active_consumer,
+                    arguments: stored_headers(&options.arguments),
+                });
             }
         }
         for binding in broker.list_bindings() {

@@ -137,11 +137,11 @@ impl IdRuns {
         }
         let (mut start, mut end) = (start, end);
         // Merge with every run that overlaps or touches [start, end).
-        if let Some((&before, &before_end)) = self.runs.range(..=start).next_back() {
-            if before_end >= start {
-                start = before;
-                end = end.max(before_end);
-            }
+        if let Some((&before, &before_end)) = self.runs.range(..=start).next_back()
+            && before_end >= start
+        {
+            start = before;
+            end = end.max(before_end);
         }
         let touching: Vec<u64> = self.runs.range(start..=end).map(|(&s, _)| s).collect();
         for run_start in touching {
@@ -274,14 +274,14 @@ where
         for (idx, item) in source().enumerate() {
             let (lsn, payload) = item?;
             let kind = head(lsn, &payload)?;
-            if !matches!(kind, Head::Part { .. }) {
-                if let Some((_, first_lsn, _)) = split.take() {
-                    tracing::warn!(
-                        first_lsn,
-                        "recovery: a batch split over several records ends before its last part \
+            if !matches!(kind, Head::Part { .. })
+                && let Some((_, first_lsn, _)) = split.take()
+            {
+                tracing::warn!(
+                    first_lsn,
+                    "recovery: a batch split over several records ends before its last part \
                          (its append failed): it was never confirmed and is skipped"
-                    );
-                }
+                );
             }
             let batch = match kind {
                 Head::Chunk(epoch) if in_checkpoint(idx) && Some(epoch) == checkpoint_epoch => {
@@ -300,10 +300,10 @@ where
                 }
                 Head::Part { more } => {
                     let first = split.get_or_insert_with(|| (idx, lsn, Vec::new())).0;
-                    if in_checkpoint(first) || after(first) {
-                        if let Record::BatchPart { ops, .. } = Record::decode(lsn, &payload)? {
-                            split.as_mut().expect("just set").2.extend(ops);
-                        }
+                    if (in_checkpoint(first) || after(first))
+                        && let Record::BatchPart { ops, .. } = Record::decode(lsn, &payload)?
+                    {
+                        split.as_mut().expect("just set").2.extend(ops);
                     }
                     if more { None } else { split.take() }
                 }

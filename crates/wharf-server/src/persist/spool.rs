@@ -319,10 +319,10 @@ impl Spools {
     /// Spools in `dir`, which is emptied: spool files never outlive the process that wrote
     /// them (recovery rebuilds paged tails from the log).
     pub fn new(dir: PathBuf) -> Self {
-        if dir.exists() {
-            if let Err(err) = std::fs::remove_dir_all(&dir) {
-                warn!(dir = %dir.display(), "cannot clear the spool directory: {err}");
-            }
+        if dir.exists()
+            && let Err(err) = std::fs::remove_dir_all(&dir)
+        {
+            warn!(dir = %dir.display(), "cannot clear the spool directory: {err}");
         }
         Spools {
             dir,
@@ -501,13 +501,13 @@ mod tests {
         PagedEntry {
             seq,
             message: Arc::new(Message {
-                persistent: seq % 2 == 0,
+                persistent: seq.is_multiple_of(2),
                 delay_ms: Some(seq),
                 message_id: Some(format!("id-{seq}")),
                 ..Message::new("q", Bytes::from(body.to_owned()))
             }),
-            durable_id: (seq % 2 == 0).then_some(100 + seq),
-            redelivered: seq % 3 == 0,
+            durable_id: seq.is_multiple_of(2).then_some(100 + seq),
+            redelivered: seq.is_multiple_of(3),
             delivery_count: seq as u32,
             expires_at: Some(1_000 + seq),
             retries: 2,
