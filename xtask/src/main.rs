@@ -1,11 +1,14 @@
 //! `cargo xtask TASK`: every developer and CI task of the Wharf workspace, in Rust so that it
 //! runs the same on any machine with cargo.
 //!
-//! - `test`: the whole suite, exactly what CI runs (`.ci/run`), Python tier included.
+//! - `test`: the whole suite, exactly what CI runs (`.ci/run`): rustfmt, clippy and rustdoc
+//!   with warnings as errors, every Rust test (the tidy test included), doctests, a fuzz smoke
+//!   of every target, and the Python tier.
 //! - `bench [--quick]`: the criterion suite (`--quick`: a short subset with short measurement);
 //!   `bench --plot`: `wharf bench` across message sizes, drawn to `docs/bench-sizes.svg`.
 //! - `fuzz TARGET [--seconds N] [--sanitizer]`: a cargo-fuzz target for N seconds.
-//! - `layers`: checks the crate layering (the sans-IO core pulls in no runtime).
+//! - `tidy`: only the tidy test (`xtask/tests/tidy.rs`: layering, the sans-IO core, limits
+//!   modules, test attributes).
 //! - `python`: only the Python tier of `test` (build the package, pytest, mypy on examples).
 //! - `backlog [--count N] [--in-memory]`: the queues-larger-than-memory benchmark: a release
 //!   server, `wharf bench --backlog` with N persistent 100-byte messages (default 10 M), then
@@ -23,7 +26,7 @@ fn main() -> Result<()> {
         "test" => test(&rest),
         "bench" => bench(&rest),
         "fuzz" => fuzz(&rest),
-        "layers" => layers(),
+        "tidy" => run(cargo().args(["test", "-p", "xtask", "--test", "tidy"])),
         "python" => python_tier(),
         "crash" => crash(&rest),
         "backlog" => backlog(&rest),
@@ -36,14 +39,15 @@ fn main() -> Result<()> {
 }
 
 const HELP: &str = "usage: cargo xtask <task>
-  test                         run every test tier CI runs
+  test [--fuzz-seconds N]      every check CI runs: fmt, clippy, rustdoc, tests, doctests,
+                               N seconds of fuzzing per target (default 10), Python tier
   bench [--quick]              criterion benchmarks (quick: short subset)
   bench --plot [--from DIR] [--out FILE]
                                wharf bench over message sizes against a release server,
                                drawn to docs/bench-sizes.svg (--from: redraw saved JSON)
   fuzz TARGET [--seconds N] [--sanitizer]
                                run a cargo-fuzz target (decode_frame, decode_stream, wal_recover)
-  layers                       check crate layering (wharf-core has no tokio)
+  tidy                         the tidy test: layering, sans-IO core, limits, test attributes
   python                       only the Python tier (bindings/python tests, mypy on examples)
   crash [--rounds N]           kill -9 crash rounds of the real server (default 50; CI runs 10),
                                then N kill -9 rounds with 200+ MB backlogs (tests/scale.rs)
@@ -56,6 +60,16 @@ fn root() -> PathBuf {
         .parent()
         .expect("xtask lives in the workspace")
         .to_owned()
+}
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` when set (relative to the workspace root, as
+/// cargo reads it), else `<root>/target`. The debug `wharf` binary, maturin's build and the
+/// Python venv all go there.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR").filter(|dir| !dir.is_empty()) {
+        Some(dir) => root().join(dir),
+        None => root().join("target"),
+    }
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -82,11 +96,36 @@ fn has_nextest() -> bool {
         .unwrap_or(false)
 }
 
-fn test(_args: &[String]) -> Result<()> {
+/// Seconds each fuzz target runs in `cargo xtask test` unless `--fuzz-seconds` says otherwise:
+/// a smoke (the build and the seed corpus replay are most of it), not a campaign.
+const FUZZ_SMOKE_SECONDS: u64 = 10;
+
+fn test(args: &[String]) -> Result<()> {
+    let mut fuzz_seconds = FUZZ_SMOKE_SECONDS;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--fuzz-seconds" => {
+                fuzz_seconds = args
+                    .next()
+                    .context("--fuzz-seconds needs a value")?
+                    .parse()?
+            }
+            other => bail!("test: unknown argument `{other}`"),
+        }
+    }
     build_tools()?;
-    layers()?;
-    // Release-mode build of the binary is what end-to-end tests exercise when present; the
-    // tests themselves build what they need through cargo's own test harness.
+    // The cheap checks first: a formatting slip fails in seconds, not after the suite.
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // nextest runs the tidy test (xtask/tests/tidy.rs) with the rest.
     if has_nextest() {
         run(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]))?;
     } else {
@@ -94,8 +133,33 @@ fn test(_args: &[String]) -> Result<()> {
     }
     // nextest does not run doctests.
     run(cargo().args(["test", "--workspace", "--doc"]))?;
+    run(cargo()
+        .args(["doc", "--workspace", "--no-deps"])
+        .env("RUSTDOCFLAGS", "-D warnings"))?;
+    if fuzz_seconds > 0 {
+        for target in fuzz_targets()? {
+            fuzz(&[target, "--seconds".to_owned(), fuzz_seconds.to_string()])?;
+        }
+    }
     python_tier()?;
     Ok(())
+}
+
+/// The fuzz targets: every `fuzz/fuzz_targets/*.rs`.
+fn fuzz_targets() -> Result<Vec<String>> {
+    let dir = root().join("fuzz/fuzz_targets");
+    let mut targets = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(target) = name.strip_suffix(".rs") {
+            targets.push(target.to_owned());
+        }
+    }
+    targets.sort();
+    if targets.is_empty() {
+        bail!("no fuzz targets in {}", dir.display());
+    }
+    Ok(targets)
 }
 
 /// The `wharf` binary links jemalloc, whose build (`tikv-jemalloc-sys`) runs `make` besides
@@ -146,7 +210,8 @@ const PYTHON_TOOLS: &[&str] = &["maturin==1.16.0", "pytest==9.0.2", "mypy==1.19.
 /// `WHARF_PYTHON` names another interpreter.
 fn python_tier() -> Result<()> {
     let root = root();
-    let venv = root.join("target").join("python-venv");
+    let target = target_dir();
+    let venv = target.join("python-venv");
     let bin = venv.join(if cfg!(windows) { "Scripts" } else { "bin" });
     let python = bin.join(if cfg!(windows) {
         "python.exe"
@@ -172,7 +237,7 @@ fn python_tier() -> Result<()> {
     run(Command::new(bin.join("maturin"))
         .args(["develop", "--manifest-path", "bindings/python/Cargo.toml"])
         .env("VIRTUAL_ENV", &venv)
-        .env("CARGO_TARGET_DIR", root.join("target")))?;
+        .env("CARGO_TARGET_DIR", &target))?;
     let mut pytest = Command::new(&python);
     pytest
         .args([
@@ -183,7 +248,7 @@ fn python_tier() -> Result<()> {
             "-p",
             "no:cacheprovider",
         ])
-        .env("WHARF_BIN", root.join("target").join("debug").join("wharf"))
+        .env("WHARF_BIN", target.join("debug").join("wharf"))
         .current_dir(&root);
     eprintln!("xtask: running {pytest:?}");
     let status = pytest.status().context("spawning pytest")?;
@@ -198,7 +263,7 @@ fn python_tier() -> Result<()> {
         "mypy",
         "--strict",
         "--cache-dir",
-        "target/mypy-cache",
+        &target.join("mypy-cache").to_string_lossy(),
         "examples/python",
     ]))
 }
@@ -293,46 +358,6 @@ fn fuzz(args: &[String]) -> Result<()> {
     run(&mut cmd)
 }
 
-/// The architecture invariant: `wharf-core` and `wharf-protocol` never depend on an async
-/// runtime or the network stack; `wharf-client` never depends on core or storage.
-fn layers() -> Result<()> {
-    let forbidden: &[(&str, &[&str])] = &[
-        ("wharf-core", &["tokio", "wharf-protocol", "wharf-storage"]),
-        ("wharf-protocol", &["wharf-core", "wharf-storage"]),
-        (
-            "wharf-client",
-            &["wharf-core", "wharf-storage", "wharf-server"],
-        ),
-    ];
-    for (krate, banned) in forbidden {
-        if !root().join("crates").join(krate).exists() {
-            continue;
-        }
-        let out = cargo()
-            .current_dir(root())
-            .args(["tree", "-e", "normal", "--prefix", "none", "-p", krate])
-            .output()
-            .context("running cargo tree")?;
-        if !out.status.success() {
-            bail!(
-                "cargo tree -p {krate} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let tree = String::from_utf8_lossy(&out.stdout);
-        for dep in *banned {
-            if tree
-                .lines()
-                .any(|line| line.split_whitespace().next() == Some(dep))
-            {
-                bail!("layering violated: {krate} depends on {dep}");
-            }
-        }
-    }
-    eprintln!("xtask: layering ok");
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------------
 // `bench --plot`: `wharf bench` over message sizes against a release server, drawn to an SVG.
 
@@ -362,7 +387,7 @@ fn bench_plot(args: &[String]) -> Result<()> {
     let reports_dir = match flag("--from") {
         Some(dir) => dir,
         None => {
-            let dir = root().join("target/bench-plot");
+            let dir = target_dir().join("bench-plot");
             run_sweep(&dir)?;
             dir
         }
@@ -426,13 +451,13 @@ fn backlog(args: &[String]) -> Result<()> {
         }
     }
     run(cargo().args(["build", "--release", "--bin", "wharf"]))?;
-    let dir = root().join("target/backlog");
+    let dir = target_dir().join("backlog");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("wharf.toml");
     let paging = if in_memory { 0 } else { 100_000 };
     std::fs::write(&config, format!("queue_memory_messages = {paging}\n"))?;
-    let wharf = root().join("target/release/wharf");
+    let wharf = target_dir().join("release/wharf");
     let mut server = Command::new(&wharf)
         .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
         .arg(dir.join("data"))
@@ -481,7 +506,7 @@ fn run_sweep(dir: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(dir);
     let data_dir = dir.join("data");
     std::fs::create_dir_all(&data_dir)?;
-    let wharf = root().join("target/release/wharf");
+    let wharf = target_dir().join("release/wharf");
     let mut server = Command::new(&wharf)
         .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
         .arg(&data_dir)

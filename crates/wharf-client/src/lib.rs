@@ -67,6 +67,7 @@ mod confirms;
 mod connection;
 mod consumer;
 mod error;
+pub mod limits;
 mod message;
 mod options;
 mod publisher;

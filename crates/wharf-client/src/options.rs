@@ -4,9 +4,7 @@ use bytes::{BufMut, BytesMut};
 use std::fmt;
 use std::time::Duration;
 
-/// Most deliveries a consumer may hold unsettled (or, auto-ack, receive ahead of the
-/// application): the consumer's buffer is bounded by it, so it bounds client memory.
-pub const PREFETCH_MAX: u32 = 65_536;
+pub use crate::limits::PREFETCH_MAX;
 
 /// How the client authenticates.
 #[derive(Clone, Default, PartialEq, Eq)]

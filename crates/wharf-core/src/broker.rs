@@ -452,9 +452,7 @@ const LAPSED_TAGS_MAX: usize = 65_536;
 /// at once, and other commands get the broker in between.
 const TIMERS_PER_TICK_MAX: usize = 65_536;
 
-/// Distinct queues [`Broker::take_routed`] reports at most (a publish fanning out wider is
-/// watched through its first ones).
-pub const ROUTED_TRACKED_MAX: usize = 64;
+pub use crate::limits::ROUTED_TRACKED_MAX;
 
 /// A queue's backlog and progress, for the server's publisher flow control
 /// ([`Broker::queue_flow`]).

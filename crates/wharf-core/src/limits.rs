@@ -22,6 +22,15 @@ pub const EXCHANGE_HOPS_MAX: usize = 16;
 /// command's work grow combinatorially.
 pub const DEAD_LETTERS_PER_COMMAND_MAX: usize = 10_000;
 
+/// Longest delay, TTL, expiry or window accepted: about 10 years, so that deadlines never
+/// overflow.
+pub const DURATION_MS_MAX: u64 = 10 * 366 * 24 * 3600 * 1000;
+/// Most steps in a retry schedule.
+pub const RETRY_STEPS_MAX: usize = 64;
+/// Distinct queues [`crate::Broker::take_routed`] reports at most (a publish fanning out wider
+/// is watched through its first ones).
+pub const ROUTED_TRACKED_MAX: usize = 64;
+
 /// Ready messages a pageable queue keeps in memory by default in the core: 0, never page (the
 /// server sets its own default, see [`Limits::paging_threshold`]).
 pub const PAGING_THRESHOLD_DEFAULT: usize = 0;

@@ -37,11 +37,7 @@ pub const ARG_DEDUP_WINDOW: &str = "x-dedup-window";
 /// is fsynced, overriding the broker's policy: `"always"` (before the confirm), `"interval=MS"`
 /// (within MS after the confirm) or `"never"` (**unsafe**: at the OS's leisure).
 pub const ARG_SYNC: &str = "x-sync";
-/// Longest delay, TTL, expiry or window accepted: about 10 years, so that deadlines never
-/// overflow.
-pub const DURATION_MS_MAX: u64 = 10 * 366 * 24 * 3600 * 1000;
-/// Most steps in a retry schedule.
-pub const RETRY_STEPS_MAX: usize = 64;
+pub use crate::limits::{DURATION_MS_MAX, RETRY_STEPS_MAX};
 
 /// What a queue at its length limit does with a new message (`x-overflow`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -147,7 +147,8 @@ fn io_detail(err: &io::Error) -> String {
 /// The broker to talk to.
 #[derive(Debug, Args)]
 pub struct ServerArg {
-    /// Broker address: HOST:PORT or wharf://[USER:PASSWORD@]HOST[:PORT].
+    /// Broker address: HOST:PORT, or wharf://USER:PASSWORD@HOST:PORT (credentials and port
+    /// optional).
     #[arg(
         long = "server",
         value_name = "ADDR",

@@ -344,7 +344,7 @@ pub enum Record {
         /// Checkpoint number.
         epoch: u64,
     },
-    /// Part of one batch too large for a single record (see [`OpRecords::batch`]). The parts
+    /// Part of one batch too large for a single record (see [`OpRecords::into_batch`]). The parts
     /// of a batch are appended contiguously; replay applies the batch only once it reads the
     /// part with `more == false`. A batch whose last part never reached the disk was never
     /// confirmed, and is dropped whole: a batch is atomic whatever its size.
@@ -366,7 +366,7 @@ pub(crate) const KIND_PART: u32 = 4;
 
 /// Bytes a record's header takes before its operations: version byte, kind, epoch or `more`
 /// flag, and the operation count (varints of at most 5, 10 and 10 bytes).
-pub const RECORD_PREFIX_BYTES_MAX: usize = 1 + 5 + 10 + 10;
+pub(crate) const RECORD_PREFIX_BYTES_MAX: usize = 1 + 5 + 10 + 10;
 
 /// Postcard's varint (LEB128, 7 bits a byte, least significant first).
 fn push_varint(out: &mut Vec<u8>, mut value: u64) {
@@ -404,7 +404,7 @@ impl postcard::ser_flavors::Flavor for Append<'_> {
 /// Operations encoded one by one, packed into records of bounded size without encoding them
 /// again: a record is its prefix followed by its operations' bytes, exactly what postcard
 /// writes for the `Record` (checked by `packed_records_are_what_postcard_writes`).
-/// `encoded` starts with [`RECORD_PREFIX_BYTES_MAX`] spare bytes, so that a batch that fits in
+/// `encoded` starts with `RECORD_PREFIX_BYTES_MAX` spare bytes, so that a batch that fits in
 /// one record gets its prefix written in front of its operations without copying them.
 #[derive(Debug)]
 pub struct OpRecords {

@@ -4,7 +4,7 @@
 //! reads (read-ahead for free).
 //!
 //! A spool is memory, not durability: the write-ahead log stays the durable truth for logged
-//! messages (checkpoints copy paged messages out of their spools, see [`crate::log`]), so
+//! messages (checkpoints copy paged messages out of their spools, see [`crate::persist::checkpoint`]), so
 //! spool files are never fsynced and are deleted at start. A file is unlinked as soon as its
 //! tail is drained, purged or its queue deleted, so disk use follows the paged messages.
 //!
@@ -274,7 +274,7 @@ impl PageRead {
     }
 }
 
-/// A paged tail's file range as of a checkpoint (read without the lock, see [`crate::log`]).
+/// A paged tail's file range as of a checkpoint (read without the lock, see [`crate::persist::checkpoint`]).
 #[derive(Debug)]
 pub struct SpoolRange {
     /// The queue.
