@@ -142,6 +142,36 @@ async fn send_close(writer: &mut OwnedWriteHalf, code: ErrorCode, reason: String
     let _ = writer.shutdown().await;
 }
 
+/// Why a handshake ended without a connection (logged at debug: a port scanner or a client
+/// of another protocol is not the server's problem).
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    /// Not a Wharf preamble, or an unsupported major version.
+    #[error("preamble: {0}")]
+    Preamble(#[source] wharf_protocol::Error),
+    /// A frame that does not decode, or a `HelloOk` that does not encode.
+    #[error("frame: {0}")]
+    Frame(#[source] wharf_protocol::Error),
+    /// The first frame after the preamble was not `Hello`.
+    #[error("expected Hello, got frame kind {kind}")]
+    NotHello {
+        /// The frame kind received.
+        kind: u32,
+    },
+    /// The server already serves its maximum of connections.
+    #[error("the server has its maximum of {max} connections")]
+    Full {
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The client closed before sending what was expected.
+    #[error("closed before {0}")]
+    Closed(&'static str),
+    /// The socket failed.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// The handshake of docs/protocol.md §1: read the client's preamble (wrong magic: close
 /// without a word, it is not a Wharf client), answer with ours at once, refuse an unsupported
 /// major or a full server with `Close`, then expect `Hello` and answer `HelloOk`.
@@ -150,54 +180,50 @@ async fn handshake(
     reader: &mut OwnedReadHalf,
     writer: &mut OwnedWriteHalf,
     buf: &mut BytesMut,
-) -> Result<Negotiated, String> {
+) -> Result<Negotiated, HandshakeError> {
     let preamble = loop {
         match Preamble::decode(buf) {
             Ok(Some(preamble)) => break preamble,
             Ok(None) => {}
             Err(err) => {
                 let _ = writer.shutdown().await;
-                return Err(err.to_string());
+                return Err(HandshakeError::Preamble(err));
             }
         }
-        if reader.read_buf(buf).await.map_err(|err| err.to_string())? == 0 {
-            return Err("closed before the preamble".to_owned());
+        if reader.read_buf(buf).await? == 0 {
+            return Err(HandshakeError::Closed("the preamble"));
         }
     };
     buf.advance(Preamble::BYTES);
-    writer
-        .write_all(&Preamble::CURRENT.encode())
-        .await
-        .map_err(|err| err.to_string())?;
+    writer.write_all(&Preamble::CURRENT.encode()).await?;
     if let Err(err) = preamble.check_supported() {
         send_close(writer, ErrorCode::UnsupportedVersion, err.to_string()).await;
-        return Err(err.to_string());
+        return Err(HandshakeError::Preamble(err));
     }
     if shared.lock().n_connections() >= shared.config.connections_max {
-        let reason = format!(
-            "the server has its maximum of {} connections",
-            shared.config.connections_max
-        );
-        send_close(writer, ErrorCode::ResourceLimit, reason.clone()).await;
-        return Err(reason);
+        let error = HandshakeError::Full {
+            max: shared.config.connections_max,
+        };
+        send_close(writer, ErrorCode::ResourceLimit, error.to_string()).await;
+        return Err(error);
     }
     let recv_frame_bytes_max = shared.config.frame_bytes_max;
     let hello = loop {
         match decode(buf, recv_frame_bytes_max) {
             Ok(Some(Frame::Hello(hello))) => break hello,
             Ok(Some(other)) => {
-                let reason = format!("expected Hello, got frame kind {}", other.kind());
-                send_close(writer, ErrorCode::ProtocolViolation, reason.clone()).await;
-                return Err(reason);
+                let error = HandshakeError::NotHello { kind: other.kind() };
+                send_close(writer, ErrorCode::ProtocolViolation, error.to_string()).await;
+                return Err(error);
             }
             Ok(None) => {}
             Err(err) => {
                 send_close(writer, err.error_code(), err.to_string()).await;
-                return Err(err.to_string());
+                return Err(HandshakeError::Frame(err));
             }
         }
-        if reader.read_buf(buf).await.map_err(|err| err.to_string())? == 0 {
-            return Err("closed before Hello".to_owned());
+        if reader.read_buf(buf).await? == 0 {
+            return Err(HandshakeError::Closed("Hello"));
         }
     };
     let server_heartbeat_ms = shared.config.heartbeat.as_millis() as u32;
@@ -220,11 +246,8 @@ async fn handshake(
         limits,
     });
     let mut out = BytesMut::new();
-    encode(&hello_ok, send_frame_bytes_max, &mut out).map_err(|err| err.to_string())?;
-    writer
-        .write_all(&out)
-        .await
-        .map_err(|err| err.to_string())?;
+    encode(&hello_ok, send_frame_bytes_max, &mut out).map_err(HandshakeError::Frame)?;
+    writer.write_all(&out).await?;
     debug!(client = %hello.client_name, mechanism = %hello.credentials.mechanism, "handshake done");
     Ok(Negotiated {
         minor: preamble.negotiated_minor(),
@@ -564,9 +587,15 @@ fn durability_of(coverage: SyncCoverage) -> Durability {
     }
 }
 
+/// The error a client sees for a batch the log refused. Only a failure of the log itself is
+/// `Internal`; a refusal of this one batch (disk full, too large, overloaded) says so.
 fn refusal_of(err: &WalError) -> (ErrorCode, String) {
     match err {
         WalError::StorageFull { .. } => (ErrorCode::ResourceLimit, format!("disk full: {err}")),
+        WalError::RecordTooLarge { .. } | WalError::BatchTooLarge { .. } => (
+            ErrorCode::ResourceLimit,
+            format!("too large for the write-ahead log: {err}"),
+        ),
         WalError::Overloaded { .. } => (ErrorCode::Backpressure, format!("log overloaded: {err}")),
         _ => (
             ErrorCode::Internal,
@@ -1262,5 +1291,29 @@ mod tests {
             .map(|range| (range.first_seq, range.last_seq))
             .collect();
         assert_eq!(ranges, vec![(1, 3), (4, 4), (5, 5), (7, 7)]);
+    }
+
+    #[test]
+    fn a_refusal_of_one_batch_is_not_reported_as_an_internal_failure() {
+        let code = |err: WalError| refusal_of(&err).0;
+        assert_eq!(
+            code(WalError::RecordTooLarge { bytes: 9, limit: 8 }),
+            ErrorCode::ResourceLimit
+        );
+        assert_eq!(
+            code(WalError::BatchTooLarge {
+                records: 1,
+                bytes: 9
+            }),
+            ErrorCode::ResourceLimit
+        );
+        assert_eq!(
+            code(WalError::Overloaded {
+                pending_bytes: 9,
+                limit: 8
+            }),
+            ErrorCode::Backpressure
+        );
+        assert_eq!(code(WalError::Closed), ErrorCode::Internal);
     }
 }

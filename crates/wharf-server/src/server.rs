@@ -128,7 +128,8 @@ async fn run_pager(shared: Arc<Shared>) {
                 reads
                     .into_iter()
                     .map(crate::persist::spool::PageRead::run)
-                    .collect::<Result<Vec<_>, String>>()
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|err| err.to_string())
             })
             .await
             .unwrap_or_else(|err| Err(format!("the spool reader failed: {err}")));
@@ -163,7 +164,7 @@ async fn run_pager(shared: Arc<Shared>) {
                     Ok(None) => {}
                     Err(err) => {
                         error!("{err}: stopping");
-                        (shared.fail_stop)(err);
+                        (shared.fail_stop)(err.to_string());
                         return;
                     }
                 }

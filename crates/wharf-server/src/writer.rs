@@ -94,7 +94,7 @@ impl FrameWriter {
     }
 
     /// Encodes one item.
-    fn push(&mut self, item: Out) -> Result<(), String> {
+    fn push(&mut self, item: Out) -> Result<(), OutputError> {
         match item {
             Out::Frame(frame) => self.frame(&frame),
             Out::Deliver(delivery) => self.deliver(delivery),
@@ -193,7 +193,7 @@ impl FrameWriter {
         }
     }
 
-    fn frame(&mut self, frame: &Frame) -> Result<(), String> {
+    fn frame(&mut self, frame: &Frame) -> Result<(), OutputError> {
         self.flush_pending()?;
         match encode(frame, self.send_frame_bytes_max, &mut self.buf) {
             Ok(()) => Ok(()),
@@ -212,14 +212,14 @@ impl FrameWriter {
                         self.send_frame_bytes_max,
                         &mut self.buf,
                     )
-                    .map_err(|err| err.to_string())
+                    .map_err(OutputError::Frame)
                 }
-                _ => Err(err.to_string()),
+                _ => Err(OutputError::Frame(err)),
             },
         }
     }
 
-    fn deliver(&mut self, delivery: wharf_core::Delivery) -> Result<(), String> {
+    fn deliver(&mut self, delivery: wharf_core::Delivery) -> Result<(), OutputError> {
         let body_bytes = delivery.message.body.len() + 64;
         let fits = self.pending.first().is_some_and(|first| {
             first.consumer_tag == delivery.consumer_tag
@@ -235,7 +235,7 @@ impl FrameWriter {
         Ok(())
     }
 
-    fn flush_pending(&mut self) -> Result<(), String> {
+    fn flush_pending(&mut self) -> Result<(), OutputError> {
         let Some(first) = self.pending.first() else {
             return Ok(());
         };
@@ -268,7 +268,7 @@ impl FrameWriter {
             self.send_frame_bytes_max,
             &mut self.buf,
         )
-        .map_err(|err| format!("cannot send a delivery: {err}"));
+        .map_err(OutputError::Delivery);
         drop(refs);
         let mut pending = std::mem::take(&mut self.pending);
         if encoded.is_ok() {
@@ -281,6 +281,21 @@ impl FrameWriter {
         self.pending_bytes = 0;
         encoded.map(|_| ())
     }
+}
+
+/// Why a connection's output stopped: nothing more is written to it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OutputError {
+    /// A frame could not be encoded (over the client's frame limit, and not a response that
+    /// can be replaced by an error response).
+    #[error("cannot send a frame: {0}")]
+    Frame(#[source] wharf_protocol::Error),
+    /// A batch of deliveries could not be encoded.
+    #[error("cannot send a delivery: {0}")]
+    Delivery(#[source] wharf_protocol::Error),
+    /// The socket refused a write.
+    #[error("socket write failed: {0}")]
+    Socket(#[source] io::Error),
 }
 
 /// The writing end of a connection: its socket and encoder, shared (behind the outbox's mutex)
@@ -329,7 +344,7 @@ impl Sink {
     /// Takes everything queued in `outbox` and writes it, with what an inline write left
     /// before it (writer task). `Ok(false)`: there was nothing to write; `Err`: the connection
     /// cannot be written to any more.
-    async fn drain(&mut self, outbox: &Outbox) -> Result<bool, ()> {
+    async fn drain(&mut self, outbox: &Outbox) -> Result<bool, OutputError> {
         outbox.take_all(&mut self.items);
         if self.items.is_empty() && !self.out.has_output() {
             return Ok(false);
@@ -338,29 +353,27 @@ impl Sink {
         let mut result = Ok(true);
         for item in self.items.drain(..) {
             accounted += Outbox::item_bytes(&item);
-            if let Err(reason) = self.out.push(item) {
-                warn!("closing connection: {reason}");
-                result = Err(());
+            if let Err(error) = self.out.push(item) {
+                result = Err(error);
                 break;
             }
             if self.out.queued_bytes() >= WRITE_CHUNK_BYTES
-                && self.out.write_to(&mut self.socket).await.is_err()
+                && let Err(error) = self.out.write_to(&mut self.socket).await
             {
-                result = Err(());
+                result = Err(OutputError::Socket(error));
                 break;
             }
         }
         if result.is_ok()
-            && let Err(reason) = self.out.flush_pending()
+            && let Err(error) = self.out.flush_pending()
         {
-            warn!("closing connection: {reason}");
-            result = Err(());
+            result = Err(error);
         }
         if result.is_ok()
             && self.out.has_output()
-            && self.out.write_to(&mut self.socket).await.is_err()
+            && let Err(error) = self.out.write_to(&mut self.socket).await
         {
-            result = Err(());
+            result = Err(OutputError::Socket(error));
         }
         self.out.reset();
         self.last_write = Instant::now();
@@ -380,16 +393,16 @@ impl Sink {
         let mut accounted = 0;
         for item in self.items.drain(..) {
             accounted += Outbox::item_bytes(&item);
-            if let Err(reason) = self.out.push(item) {
-                warn!("closing connection: {reason}");
+            if let Err(error) = self.out.push(item) {
+                warn!(%error, "closing connection");
                 self.failed = true;
                 break;
             }
         }
         if !self.failed
-            && let Err(reason) = self.out.flush_pending()
+            && let Err(error) = self.out.flush_pending()
         {
-            warn!("closing connection: {reason}");
+            warn!(%error, "closing connection");
             self.failed = true;
         }
         let written = !self.failed
@@ -458,7 +471,14 @@ pub(crate) async fn write_loop(outbox: Arc<Outbox>, heartbeat: Duration) {
             Ok(true) => {}
             Ok(false) if outbox.is_closing() => break,
             Ok(false) => {}
-            Err(()) => {
+            Err(error) => {
+                match &error {
+                    // The peer went away or stopped reading: the reader cleans up.
+                    OutputError::Socket(_) => debug!(%error, "connection output stopped"),
+                    OutputError::Frame(_) | OutputError::Delivery(_) => {
+                        warn!(%error, "closing connection")
+                    }
+                }
                 sink.failed = true;
                 break;
             }

@@ -9,13 +9,33 @@
 //! abandons the checkpoint: no end, nothing released (docs/durability.md).
 
 use super::journal::Log;
+use super::record::RecordError;
 use super::record::{Op, OpRecords, Record, StoredMessage, bind_op, stored_headers};
-use super::spool::{SpoolRange, Spools};
+use super::spool::{SpoolError, SpoolRange, Spools};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tracing::{error, warn};
 use wharf_core::{Broker, Message};
+use wharf_storage::WalError;
+
+/// Why a checkpoint was abandoned (no end record: the previous checkpoint and every record
+/// since are kept).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The log closed before the checkpoint's records were on disk.
+    #[error("the log closed")]
+    Closed,
+    /// The WAL refused or failed a record of the checkpoint.
+    #[error("appending a checkpoint record failed: {0}")]
+    Append(#[source] WalError),
+    /// An operation of the captured state does not fit in a record.
+    #[error("a checkpoint operation does not encode: {0}")]
+    Encode(#[source] RecordError),
+    /// Paged messages could not be read back to be copied (the broker stops).
+    #[error("paged messages cannot be read: {0}")]
+    Spool(#[source] SpoolError),
+}
 
 /// Log bytes appended after which a checkpoint is considered (and the live state is at most
 /// half of them, so a checkpoint never rewrites more than it frees).
@@ -258,7 +278,7 @@ impl Log {
             .spawn(move || {
                 let written = begin_written
                     .recv()
-                    .unwrap_or_else(|_| Err("the log closed".to_owned()))
+                    .unwrap_or(Err(CheckpointError::Closed))
                     .and_then(|()| log.stream_checkpoint(epoch, captured, ranges));
                 if let Err(reason) = written {
                     // No end: replay keeps using the previous checkpoint and every record
@@ -285,7 +305,7 @@ impl Log {
         self: &Arc<Self>,
         record: bytes::Bytes,
         epoch: u64,
-        written: Box<dyn FnOnce(Result<(), String>) + Send>,
+        written: Box<dyn FnOnce(Result<(), CheckpointError>) + Send>,
     ) {
         let log = Arc::downgrade(self);
         let _contiguous = self.append_lock.lock().expect("append lock");
@@ -293,7 +313,7 @@ impl Log {
             vec![record],
             Box::new(move |outcome| {
                 let Some(log) = log.upgrade() else {
-                    written(Err("the log closed".to_owned()));
+                    written(Err(CheckpointError::Closed));
                     return;
                 };
                 match outcome {
@@ -303,7 +323,7 @@ impl Log {
                     }
                     Err(err) => {
                         log.failed(&err);
-                        written(Err(err.to_string()));
+                        written(Err(CheckpointError::Append(err)));
                     }
                 }
             }),
@@ -312,7 +332,11 @@ impl Log {
 
     /// [`Log::append_part`], waiting until the record is on disk (the checkpoint thread: one
     /// chunk at a time, so a large checkpoint never floods the WAL).
-    fn append_part_wait(self: &Arc<Self>, record: bytes::Bytes, epoch: u64) -> Result<(), String> {
+    fn append_part_wait(
+        self: &Arc<Self>,
+        record: bytes::Bytes,
+        epoch: u64,
+    ) -> Result<(), CheckpointError> {
         let (sender, receiver) = std::sync::mpsc::sync_channel(1);
         self.append_part(
             record,
@@ -321,9 +345,7 @@ impl Log {
                 let _ = sender.send(written);
             }),
         );
-        receiver
-            .recv()
-            .unwrap_or_else(|_| Err("the log closed".to_owned()))
+        receiver.recv().unwrap_or(Err(CheckpointError::Closed))
     }
 
     /// The checkpoint thread, once the begin is on disk: the captured state, then the paged
@@ -335,13 +357,13 @@ impl Log {
         epoch: u64,
         captured: Captured,
         ranges: Vec<SpoolRange>,
-    ) -> Result<(), String> {
+    ) -> Result<(), CheckpointError> {
         let now_ms = captured.now_ms();
         let mut pending = OpRecords::default();
-        let append = |op: Op, pending: &mut OpRecords| -> Result<(), String> {
+        let append = |op: Op, pending: &mut OpRecords| -> Result<(), CheckpointError> {
             pending
                 .push(op, self.op_bytes_max())
-                .map_err(|err| err.to_string())?;
+                .map_err(CheckpointError::Encode)?;
             if pending.bytes() >= self.chunk_bytes {
                 for record in std::mem::take(pending).chunks(epoch, self.chunk_bytes) {
                     self.append_part_wait(record, epoch)?;
@@ -353,7 +375,7 @@ impl Log {
             append(op, &mut pending)?;
         }
         for range in &ranges {
-            let mut failed: Result<(), String> = Ok(());
+            let mut failed: Result<(), CheckpointError> = Ok(());
             let copied = range.for_each(|entry| {
                 if failed.is_err() {
                     return;
@@ -377,8 +399,8 @@ impl Log {
                 // Paged messages that cannot be read cannot be delivered either: fail-stop.
                 error!("checkpoint: {err}: stopping");
                 self.poisoned.store(true, Ordering::Release);
-                (self.fail_stop)(err.clone());
-                return Err(err);
+                (self.fail_stop)(err.to_string());
+                return Err(CheckpointError::Spool(err));
             }
             failed?;
         }

@@ -99,9 +99,32 @@ impl Budget {
     }
 }
 
+/// Why paged messages cannot come back: the server stops (fail-stop), since the queue counts
+/// messages it can no longer deliver.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// Reading a spool file failed.
+    #[error("cannot read a spool file: {0}")]
+    Read(#[source] std::io::Error),
+    /// A spool record does not decode.
+    #[error("a spool record does not decode: {0}")]
+    Decode(#[source] postcard::Error),
+    /// A spool's bytes end in the middle of a record.
+    #[error("a spool ends inside a record")]
+    EndsInsideARecord,
+    /// A spool holds fewer messages than its queue counts as paged.
+    #[error("the spool of queue {queue} holds {missing} fewer messages than the queue counts")]
+    Short {
+        /// The queue.
+        queue: Arc<str>,
+        /// Messages missing.
+        missing: u64,
+    },
+}
+
 /// Decodes the records at the start of `bytes` within `budget`; returns them and the bytes
 /// they took. A record cut by the end of `bytes` is left for the next read.
-fn decode(mut bytes: &[u8], budget: &mut Budget) -> Result<(Vec<PagedEntry>, usize), String> {
+fn decode(mut bytes: &[u8], budget: &mut Budget) -> Result<(Vec<PagedEntry>, usize), SpoolError> {
     let start = bytes.len();
     let mut entries = Vec::new();
     while bytes.len() >= 4 {
@@ -109,8 +132,8 @@ fn decode(mut bytes: &[u8], budget: &mut Budget) -> Result<(Vec<PagedEntry>, usi
         if bytes.len() < 4 + len {
             break;
         }
-        let record: SpoolRecord = postcard::from_bytes(&bytes[4..4 + len])
-            .map_err(|err| format!("spool record does not decode: {err}"))?;
+        let record: SpoolRecord =
+            postcard::from_bytes(&bytes[4..4 + len]).map_err(SpoolError::Decode)?;
         if !budget.take(record.message.body_len() as u64) {
             break;
         }
@@ -237,7 +260,7 @@ fn read_range(
     to: u64,
     budget: &mut Budget,
     mut each: impl FnMut(Vec<PagedEntry>),
-) -> Result<(u64, Vec<u8>), String> {
+) -> Result<(u64, Vec<u8>), SpoolError> {
     let mut at = from;
     let mut carry: Vec<u8> = Vec::new();
     while !budget.full && at < to {
@@ -245,7 +268,7 @@ fn read_range(
         let start = carry.len();
         carry.resize(start + n, 0);
         file.read_exact_at(&mut carry[start..], at)
-            .map_err(|err| format!("cannot read a spool file: {err}"))?;
+            .map_err(SpoolError::Read)?;
         at += n as u64;
         let (entries, used) = decode(&carry, budget)?;
         each(entries);
@@ -257,7 +280,7 @@ fn read_range(
 impl PageRead {
     /// Reads up to `max` entries (and the byte budget) from the file (no lock held). An I/O or
     /// decoding error means paged messages cannot come back: the caller stops the server.
-    pub fn run(mut self) -> Result<PageReadDone, String> {
+    pub fn run(mut self) -> Result<PageReadDone, SpoolError> {
         let mut entries = Vec::new();
         let (consumed, _) = read_range(
             &self.file,
@@ -288,7 +311,7 @@ pub struct SpoolRange {
 
 impl SpoolRange {
     /// Calls `each` with every entry of the range, in order, reading block by block.
-    pub fn for_each(&self, mut each: impl FnMut(PagedEntry)) -> Result<(), String> {
+    pub fn for_each(&self, mut each: impl FnMut(PagedEntry)) -> Result<(), SpoolError> {
         let mut unlimited = Budget::new(u64::MAX, u64::MAX);
         let (_, mut carry) =
             read_range(&self.file, self.from, self.to, &mut unlimited, |entries| {
@@ -297,7 +320,7 @@ impl SpoolRange {
         carry.extend_from_slice(&self.tail);
         let (entries, used) = decode(&carry, &mut unlimited)?;
         if used != carry.len() {
-            return Err("a spool ends inside a record".to_owned());
+            return Err(SpoolError::EndsInsideARecord);
         }
         entries.into_iter().for_each(&mut each);
         Ok(())
@@ -430,7 +453,10 @@ impl Spools {
     /// Completes a read under the lock: takes what is still missing from the records held
     /// in memory (a degraded spool), advances the tail, and returns the entries to hand to
     /// the core — `None` if the tail was discarded meanwhile. A drained tail's file goes.
-    pub fn finish_read(&mut self, done: PageReadDone) -> Result<Option<Vec<PagedEntry>>, String> {
+    pub fn finish_read(
+        &mut self,
+        done: PageReadDone,
+    ) -> Result<Option<Vec<PagedEntry>>, SpoolError> {
         let PageReadDone {
             mut read,
             mut entries,
@@ -450,11 +476,10 @@ impl Spools {
             entries.append(&mut more);
         }
         if !read.budget.full && (entries.len() as u64) < read.max {
-            return Err(format!(
-                "the spool of queue {} holds {} fewer messages than the queue counts",
-                read.queue,
-                read.max - entries.len() as u64
-            ));
+            return Err(SpoolError::Short {
+                queue: read.queue.clone(),
+                missing: read.max - entries.len() as u64,
+            });
         }
         if spool.read_at == spool.written && spool.buffer.is_empty() {
             // Drained: the file goes now; a later tail gets a new one.
@@ -626,6 +651,6 @@ mod tests {
         spools.request(queue.clone(), 0, 2, u64::MAX);
         let read = spools.start_reads().pop().unwrap();
         let err = spools.finish_read(read.run().unwrap()).unwrap_err();
-        assert!(err.contains("1 fewer messages"), "{err}");
+        assert!(matches!(err, SpoolError::Short { missing: 1, .. }), "{err}");
     }
 }
