@@ -140,40 +140,75 @@ pub fn message_from_wire(
     if properties.as_bytes().is_empty() {
         return shared;
     }
-    let message = Arc::get_mut(&mut shared).expect("just created, not shared");
+    // Destructured without `..`: a field added to `Message` fails to compile here until this
+    // conversion sets it.
+    let Message {
+        exchange: _,
+        routing_key: _,
+        body: _,
+        message_id,
+        headers,
+        content_type,
+        content_encoding,
+        timestamp_ms,
+        correlation_id,
+        reply_to,
+        priority,
+        expiration_ms,
+        delay_ms,
+        persistent,
+    } = Arc::get_mut(&mut shared).expect("just created, not shared");
     let fields = properties.get();
-    message.message_id = fields.message_id.map(str::to_owned);
-    message.headers = fields
+    *message_id = fields.message_id.map(str::to_owned);
+    *headers = fields
         .headers
         .iter()
         .map(|(key, value)| (key, value_to_core(value)))
         .collect();
-    message.content_type = fields.content_type.map(str::to_owned);
-    message.content_encoding = fields.content_encoding.map(str::to_owned);
-    message.timestamp_ms = (fields.timestamp_ms != 0).then_some(fields.timestamp_ms);
-    message.correlation_id = fields.correlation_id.map(str::to_owned);
-    message.reply_to = fields.reply_to.map(str::to_owned);
-    message.priority = fields.priority;
-    message.expiration_ms = fields.expiration_ms;
-    message.delay_ms = fields.delay_ms;
-    message.persistent = fields.persistent;
+    *content_type = fields.content_type.map(str::to_owned);
+    *content_encoding = fields.content_encoding.map(str::to_owned);
+    *timestamp_ms = (fields.timestamp_ms != 0).then_some(fields.timestamp_ms);
+    *correlation_id = fields.correlation_id.map(str::to_owned);
+    *reply_to = fields.reply_to.map(str::to_owned);
+    *priority = fields.priority;
+    *expiration_ms = fields.expiration_ms;
+    *delay_ms = fields.delay_ms;
+    *persistent = fields.persistent;
     shared
 }
 
 /// The wire properties of a core message (empty, with no allocation, when it has none).
 pub fn properties_to_wire(message: &Message) -> Properties {
-    let headers = headers_to_table(&message.headers);
+    // Exhaustive: a new `Message` field must be placed on the wire or named here as not sent.
+    let Message {
+        // Sent beside the properties, in the delivery itself.
+        exchange: _,
+        routing_key: _,
+        body: _,
+        message_id,
+        headers,
+        content_type,
+        content_encoding,
+        timestamp_ms,
+        correlation_id,
+        reply_to,
+        priority,
+        expiration_ms,
+        delay_ms,
+        persistent,
+    } = message;
+    let headers = headers_to_table(headers);
     let fields = PropertiesRef {
-        priority: message.priority,
-        persistent: message.persistent,
-        timestamp_ms: message.timestamp_ms.unwrap_or(0),
-        expiration_ms: message.expiration_ms,
-        delay_ms: message.delay_ms,
-        message_id: message.message_id.as_deref(),
-        correlation_id: message.correlation_id.as_deref(),
-        reply_to: message.reply_to.as_deref(),
-        content_type: message.content_type.as_deref(),
-        content_encoding: message.content_encoding.as_deref(),
+        priority: *priority,
+        persistent: *persistent,
+        timestamp_ms: timestamp_ms.unwrap_or(0),
+        expiration_ms: *expiration_ms,
+        delay_ms: *delay_ms,
+        message_id: message_id.as_deref(),
+        correlation_id: correlation_id.as_deref(),
+        reply_to: reply_to.as_deref(),
+        content_type: content_type.as_deref(),
+        content_encoding: content_encoding.as_deref(),
         headers: headers.as_table_ref(),
     };
     Properties::try_from(fields).expect("core messages were validated when published")

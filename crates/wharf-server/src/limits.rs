@@ -2,6 +2,11 @@
 
 use std::time::Duration;
 
+/// What a message costs beyond its body in the server's size estimates (log bytes kept alive,
+/// checkpoint sizes, a connection's queued output, delivery batching): its metadata and
+/// bookkeeping, bounded and small next to most bodies.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 64;
+
 /// Open connections: each costs buffers and a task pair; 10 k idle fit in ~200 MB.
 pub const CONNECTIONS_MAX: usize = 20_000;
 /// Ready bytes across all queues before publishers are paused: a broker must not be pushed

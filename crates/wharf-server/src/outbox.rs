@@ -27,7 +27,9 @@ impl Out {
     fn approx_bytes(&self) -> usize {
         match self {
             Out::Frame(_) => 64,
-            Out::Deliver(delivery) => 64 + delivery.message.body.len(),
+            Out::Deliver(delivery) => {
+                crate::limits::MESSAGE_OVERHEAD_BYTES + delivery.message.body.len()
+            }
         }
     }
 }

@@ -220,7 +220,7 @@ impl FrameWriter {
     }
 
     fn deliver(&mut self, delivery: wharf_core::Delivery) -> Result<(), OutputError> {
-        let body_bytes = delivery.message.body.len() + 64;
+        let body_bytes = delivery.message.body.len() + crate::limits::MESSAGE_OVERHEAD_BYTES;
         let fits = self.pending.first().is_some_and(|first| {
             first.consumer_tag == delivery.consumer_tag
                 && self.pending.len() < DELIVERIES_PER_BATCH_MAX

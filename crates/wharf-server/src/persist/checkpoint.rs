@@ -127,7 +127,9 @@ impl Captured {
             + self
                 .messages
                 .iter()
-                .map(|(_, message, _)| message.body.len() as u64 + 64)
+                .map(|(_, message, _)| {
+                    message.body.len() as u64 + crate::limits::MESSAGE_OVERHEAD_BYTES as u64
+                })
                 .sum::<u64>()
     }
 
@@ -196,19 +198,20 @@ impl Log {
                 book.recheck_at = since + self.checkpoint_bytes / 4;
             }
             // An estimate of the live state, O(queues), as `Op::approx_bytes` counts it (body
-            // plus 64 per ready message of durable queues; deliveries outstanding and delayed
-            // messages are not counted, transient messages in durable queues are): when it is
-            // too large, defer without capturing anything.
+            // plus MESSAGE_OVERHEAD_BYTES per ready message of durable queues; deliveries
+            // outstanding and delayed messages are not counted, transient messages in durable
+            // queues are): when it is too large, defer without capturing anything.
             let (n_ready, ready_bytes) = broker.durable_ready_totals();
             let (n_paged, paged_bytes) = broker.paged_totals();
-            let estimate = ready_bytes + 64 * n_ready;
+            let estimate = ready_bytes + crate::limits::MESSAGE_OVERHEAD_BYTES as u64 * n_ready;
             if estimate.saturating_mul(2) > reclaimable {
                 if due {
                     book.next_checkpoint_bytes = since + estimate * 2;
                 }
                 return;
             }
-            let in_memory = (ready_bytes - paged_bytes) + 64 * (n_ready - n_paged);
+            let in_memory = (ready_bytes - paged_bytes)
+                + crate::limits::MESSAGE_OVERHEAD_BYTES as u64 * (n_ready - n_paged);
             if recheck && in_memory > RECHECK_IN_MEMORY_BYTES_MAX {
                 return;
             }
@@ -242,7 +245,9 @@ impl Log {
                 return;
             }
             let captured = Captured::capture(broker);
-            let live_bytes = captured.approx_bytes() + paged_bytes + 64 * n_paged;
+            let live_bytes = captured.approx_bytes()
+                + paged_bytes
+                + crate::limits::MESSAGE_OVERHEAD_BYTES as u64 * n_paged;
             let mut book = self.book.lock().expect("log lock");
             let reclaimable = book.bytes_since_checkpoint + book.last_checkpoint_bytes;
             if !force && book.bytes_since_checkpoint > 0 && live_bytes * 2 > reclaimable {

@@ -113,7 +113,7 @@ pub struct StoredMessage {
 impl StoredMessage {
     /// Bytes it takes in the log, roughly: the body dominates, metadata is bounded.
     pub fn approx_bytes(&self) -> u64 {
-        self.body.len() as u64 + 64
+        self.body.len() as u64 + crate::limits::MESSAGE_OVERHEAD_BYTES as u64
     }
 
     /// Body bytes.
@@ -124,19 +124,38 @@ impl StoredMessage {
 
 impl From<&Message> for StoredMessage {
     fn from(message: &Message) -> Self {
+        // Exhaustive: a new `Message` field must be stored or named here as not stored.
+        let Message {
+            exchange,
+            routing_key,
+            message_id,
+            headers,
+            content_type,
+            content_encoding,
+            timestamp_ms,
+            correlation_id,
+            reply_to,
+            priority,
+            expiration_ms,
+            // Logged in the operation (`Op::EnqueueAt`, the spool record) where it matters.
+            delay_ms: _,
+            // Only persistent messages are logged; spool records carry it themselves.
+            persistent: _,
+            body,
+        } = message;
         StoredMessage {
-            exchange: message.exchange.to_string(),
-            routing_key: message.routing_key.to_string(),
-            message_id: message.message_id.clone(),
-            headers: stored_headers(&message.headers),
-            content_type: message.content_type.clone(),
-            content_encoding: message.content_encoding.clone(),
-            timestamp_ms: message.timestamp_ms,
-            correlation_id: message.correlation_id.clone(),
-            reply_to: message.reply_to.clone(),
-            priority: message.priority,
-            expiration_ms: message.expiration_ms,
-            body: message.body.clone(),
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            message_id: message_id.clone(),
+            headers: stored_headers(headers),
+            content_type: content_type.clone(),
+            content_encoding: content_encoding.clone(),
+            timestamp_ms: *timestamp_ms,
+            correlation_id: correlation_id.clone(),
+            reply_to: reply_to.clone(),
+            priority: *priority,
+            expiration_ms: *expiration_ms,
+            body: body.clone(),
         }
     }
 }
@@ -313,11 +332,12 @@ pub enum Op {
 }
 
 impl Op {
-    /// Body bytes (plus overhead) a message operation keeps alive in the log; 64 for others.
+    /// Body bytes (plus overhead) a message operation keeps alive in the log; the overhead
+    /// alone for others.
     pub fn approx_bytes(&self) -> u64 {
         match self {
             Op::Enqueue { message, .. } | Op::EnqueueAt { message, .. } => message.approx_bytes(),
-            _ => 64,
+            _ => crate::limits::MESSAGE_OVERHEAD_BYTES as u64,
         }
     }
 }
