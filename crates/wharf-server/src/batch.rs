@@ -2,7 +2,7 @@
 //! them (a connection's frames, the timer task, the pager, a connection's open and close, and
 //! the protocol front ends to come). In order:
 //!
-//! 1. [`Shared::batch`]: lock the broker state and hold its output (deliveries and responses
+//! 1. [`Context::batch`]: lock the broker state and hold its output (deliveries and responses
 //!    are queued in outboxes without waking any writer task);
 //! 2. apply commands through the batch (it derefs to [`State`]); `State::apply` stages the
 //!    durable topology changes as log operations, `State::route_effects` sends each effect to
@@ -19,19 +19,18 @@
 //! The log encodes and appends during step 3, under the lock: that is what makes log order
 //! core order. Changing this order changes what a confirm means (docs/durability.md).
 
+use crate::context::Context;
 use crate::limits::READY_BYTES_LOW_WATERMARK_PERCENT;
-use crate::outbox::Outbox;
+use crate::output::{Output, flush_or_wake};
 use crate::persist::journal::Outcome;
-use crate::server::Shared;
 use crate::state::State;
-use crate::writer::flush_or_wake;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, MutexGuard};
 use wharf_storage::Leader;
 
 /// One command batch in progress: the broker lock is held until [`Batch::finish`] (or drop).
 pub(crate) struct Batch<'a> {
-    shared: &'a Shared,
+    shared: &'a Context,
     state: MutexGuard<'a, State>,
     done: Option<Box<dyn FnOnce(Outcome) + Send>>,
     lead: bool,
@@ -41,11 +40,11 @@ pub(crate) struct Batch<'a> {
 /// What a finished batch leaves to do once the broker lock is released.
 #[must_use = "held output must be flushed"]
 pub(crate) struct AfterUnlock {
-    held: Vec<Arc<Outbox>>,
+    held: Vec<Arc<Output>>,
     leader: Option<Leader>,
 }
 
-impl Shared {
+impl Context {
     /// Starts a command batch: locks the broker state and holds its output.
     pub fn batch(&self) -> Batch<'_> {
         let mut state = self.lock();
@@ -131,7 +130,7 @@ impl AfterUnlock {
     /// Writes the held output: the deliveries to every connection first (what someone is
     /// waiting for), then `own`, the caller's outbox (its responses and confirms, pushed held
     /// after the batch). Returns the log leader to commit, if the batch took one.
-    pub fn flush(self, own: Option<&Arc<Outbox>>) -> Option<Leader> {
+    pub fn flush(self, own: Option<&Arc<Output>>) -> Option<Leader> {
         for held in &self.held {
             flush_or_wake(held);
         }
@@ -168,7 +167,7 @@ mod tests {
             ] {
                 assert!(
                     !text.contains(needle),
-                    "{file} calls `{needle}`: go through `Shared::batch` (batch.rs)"
+                    "{file} calls `{needle}`: go through `Context::batch` (batch.rs)"
                 );
             }
         }

@@ -3,16 +3,17 @@
 //! the small outputs of that batch itself, and the connection's writer task (`writer.rs`), which
 //! drains the rest of its outbox into as few socket writes as it can.
 
+use crate::context::{Context, now_ms};
 use crate::convert::{PublishNames, error_code, message_from_wire, table_to_headers};
 use crate::limits::{
     FLOW_DRAIN_HORIZON, FLOW_RESUME_PERCENT, FLOW_SLOW_BACKOFF, FLOW_WINDOW, OUTBOX_BYTES_MAX,
     READ_BUFFER_BYTES, READY_BYTES_LOW_WATERMARK_PERCENT,
 };
 use crate::outbox::Outbox;
+use crate::output::{Output, write_loop};
 use crate::persist::journal::Outcome;
-use crate::server::{Shared, now_ms};
 use crate::state::{Published, State};
-use crate::writer::{Sink, write_loop};
+use crate::writer::Sink;
 use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -57,7 +58,7 @@ enum Exit {
 }
 
 /// Serves one accepted socket until it closes.
-pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr) {
+pub(crate) async fn serve(shared: Arc<Context>, socket: TcpStream, peer: SocketAddr) {
     if let Err(err) = socket.set_nodelay(true) {
         debug!(%peer, "set_nodelay failed: {err}");
     }
@@ -84,7 +85,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAd
             .next_connection
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     );
-    let outbox = Arc::new(Outbox::default());
+    let outbox = Arc::new(Output::default());
     *outbox
         .sink
         .try_lock()
@@ -176,7 +177,7 @@ enum HandshakeError {
 /// without a word, it is not a Wharf client), answer with ours at once, refuse an unsupported
 /// major or a full server with `Close`, then expect `Hello` and answer `HelloOk`.
 async fn handshake(
-    shared: &Shared,
+    shared: &Context,
     reader: &mut OwnedReadHalf,
     writer: &mut OwnedWriteHalf,
     buf: &mut BytesMut,
@@ -286,11 +287,11 @@ struct InFlight {
 const FRAMES_PER_BATCH_MAX: usize = 1024;
 
 async fn read_loop(
-    shared: &Shared,
+    shared: &Context,
     connection: ConnectionId,
     reader: &mut OwnedReadHalf,
     mut buf: BytesMut,
-    outbox: &Arc<Outbox>,
+    outbox: &Arc<Output>,
     negotiated: Negotiated,
 ) -> Exit {
     let mut state = Reader {
@@ -420,7 +421,7 @@ async fn wait_for_outbox_room(outbox: &Outbox) {
 
 /// The memory alarm: while ready bytes across all queues exceed the high watermark, a
 /// connection that publishes is not read (its TCP window fills and its client blocks).
-async fn wait_for_memory(shared: &Shared) {
+async fn wait_for_memory(shared: &Context) {
     let high = shared.config.ready_bytes_high_watermark;
     if shared.lock().broker.ready_bytes_total() <= high {
         return;
@@ -455,7 +456,7 @@ const SLOW_TRACKED_MAX: usize = 16;
 /// store that grows as it would without flow control. Queues without consumers are never a
 /// reason to wait, nor is a queue this connection consumes from itself (its acks and credit
 /// arrive on this socket).
-async fn wait_for_flow(shared: &Shared, reader: &mut Reader) {
+async fn wait_for_flow(shared: &Context, reader: &mut Reader) {
     let (max_messages, max_bytes) = (
         shared.config.flow_ready_messages,
         shared.config.flow_ready_bytes,
@@ -692,10 +693,10 @@ fn commit_log(leader: Leader) {
 /// and the log leader to commit, if the batch's confirms or responses wait for the log and the
 /// client had nothing else waiting on it.
 fn process(
-    shared: &Shared,
+    shared: &Context,
     reader: &mut Reader,
     frames: &mut Vec<Frame>,
-    outbox: &Arc<Outbox>,
+    outbox: &Arc<Output>,
 ) -> (Option<Exit>, Option<Leader>) {
     let now = now_ms();
     let mut confirms = Confirms::default();

@@ -11,10 +11,12 @@
 mod batch;
 pub mod config;
 mod connection;
+mod context;
 pub mod convert;
 pub mod data_dir;
 pub mod limits;
 pub mod outbox;
+pub mod output;
 pub mod persist;
 mod server;
 pub mod state;

@@ -4,10 +4,9 @@
 //! Pushing never blocks and never does I/O, so it is safe under the broker lock. The writer
 //! is woken only on the empty → non-empty transition, so a burst of deliveries costs one
 //! wake-up; a reader's batch queues its output *held* (no wake-up at all) and sends it itself
-//! once it released the lock (`writer::flush_or_wake`).
+//! once it released the lock (`output::flush_or_wake`).
 
 use crate::limits::INLINE_WRITE_BYTES_MAX;
-use crate::writer::Sink;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::sync::Notify;
@@ -46,9 +45,6 @@ pub struct Outbox {
     closing: AtomicBool,
     /// Wakes the reader when the writer task ends (a stored permit if it is not waiting).
     pub(crate) writer_end: Notify,
-    /// The connection's socket writer, shared by its writer task and the readers that write a
-    /// small output inline (`None` until the connection installs it and once it is shut).
-    pub(crate) sink: tokio::sync::Mutex<Option<Sink>>,
 }
 
 impl Outbox {
@@ -91,7 +87,7 @@ impl Outbox {
     }
 
     /// Queues every item of `items` (leaving it empty) without waking the writer: the caller
-    /// must send it with `writer::flush_or_wake` once it has released the broker lock. Output
+    /// must send it with `output::flush_or_wake` once it has released the broker lock. Output
     /// too large to be written inline wakes the writer at once all the same, so that it starts
     /// on a large batch while the reader is still applying the rest.
     pub(crate) fn push_many_held(&self, items: &mut Vec<Out>) {

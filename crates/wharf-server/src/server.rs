@@ -1,13 +1,14 @@
 //! The listener, the accept loop, the timer task and graceful shutdown.
 
 use crate::config::ServerConfig;
+use crate::context::{Context, now_ms};
 use crate::persist::journal::{FailStop, Log, LogConfig};
 use crate::persist::spool::Spools;
 use crate::state::State;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -15,98 +16,10 @@ use tracing::{debug, error, info, warn};
 use wharf_core::{Broker, Command, Limits};
 use wharf_storage::{FileStorage, Storage};
 
-/// Milliseconds since the Unix epoch: the logical time the core is given.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as u64)
-}
-
-/// What every connection shares.
-pub(crate) struct Shared {
-    pub config: ServerConfig,
-    state: Mutex<State>,
-    /// Set when the log failed: the server stops and `run` reports it (fail-stop).
-    pub failure: Arc<Mutex<Option<String>>>,
-    pub next_connection: AtomicU64,
-    pub shutdown: watch::Receiver<bool>,
-    /// Notified when ready bytes fall below the low watermark (see the memory alarm).
-    pub memory_freed: Notify,
-    /// Notified after every batch of commands: publishers paused by flow control look at
-    /// their queue again (see `connection::wait_for_flow`).
-    pub queues_changed: Notify,
-    /// When the timer task will next apply `Command::Tick` (unix ms; `u64::MAX`: no timer).
-    /// Read and written with the state lock held, so it always matches the core's timers as
-    /// of the last command batch.
-    timer_at: AtomicU64,
-    /// Wakes the timer task before `timer_at` (a command created an earlier timer).
-    timer_wake: Notify,
-    /// Wakes the pager task (a queue asked for paged messages).
-    pager_wake: Arc<Notify>,
-    /// Stops the server on a failure it must not survive.
-    fail_stop: FailStop,
-}
-
-impl std::fmt::Debug for Shared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Shared {
-    /// The broker state. Held only while applying commands: never across an `.await`.
-    pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .expect("a panic while holding the broker lock is fatal")
-    }
-
-    /// Call with the state lock held after applying commands: if they created a timer due
-    /// before the timer task's planned wake-up (a delayed publish, a lease, a TTL, an unused
-    /// queue with `x-expires`), wake it. One atomic load per batch when nothing changed.
-    pub fn wake_timer_if_earlier(&self, state: &State) {
-        if let Some(deadline) = state.broker.next_deadline()
-            && deadline < self.timer_at.load(Ordering::Acquire)
-        {
-            self.timer_at.store(deadline, Ordering::Release);
-            self.timer_wake.notify_one();
-        }
-    }
-
-    /// Fires the core's due timers (`Command::Tick` at the current time), routes their effects
-    /// (deliveries of messages that became ready, dead letters, requeued deliveries whose lease
-    /// lapsed, deleted queues) and hands their durable changes to the log, like any command
-    /// batch. Returns the next deadline (unix ms), recorded as the timer task's wake-up.
-    fn fire_timers(&self) -> Option<u64> {
-        let mut batch = self.batch();
-        let now = now_ms();
-        if batch
-            .broker
-            .next_deadline()
-            .is_some_and(|deadline| deadline <= now)
-        {
-            if let Err(err) = batch.apply(now, Command::Tick) {
-                warn!("firing timers failed: {err}");
-            }
-            batch.route_effects();
-        }
-        let next = batch.broker.next_deadline();
-        // Recorded before the batch ends, so that ending it does not wake this task again.
-        self.timer_at
-            .store(next.unwrap_or(u64::MAX), Ordering::Release);
-        if let Some(leader) = batch.finish().flush(None) {
-            leader.commit();
-        }
-        next
-    }
-}
-
 /// The pager task: serves the page-in requests of queues larger than memory. It reads their
 /// spool files without the broker lock (on a blocking thread), then hands the entries to the
 /// core, whose deliveries and further requests follow as for any command.
-async fn run_pager(shared: Arc<Shared>) {
+async fn run_pager(shared: Arc<Context>) {
     let mut stop = shared.shutdown.clone();
     loop {
         tokio::select! {
@@ -180,7 +93,7 @@ async fn run_pager(shared: Arc<Shared>) {
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The housekeeping task: the log's periodic work, see [`crate::persist::journal::Log::housekeeping`].
-async fn run_housekeeping(shared: Arc<Shared>) {
+async fn run_housekeeping(shared: Arc<Context>) {
     let mut stop = shared.shutdown.clone();
     let mut every = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -193,9 +106,9 @@ async fn run_housekeeping(shared: Arc<Shared>) {
 }
 
 /// The timer task: sleeps until the core's earliest timer (or until a command creates an
-/// earlier one, see [`Shared::wake_timer_if_earlier`]), then fires what is due. One task for
+/// earlier one, see [`Context::wake_timer_if_earlier`]), then fires what is due. One task for
 /// every timer of the broker (delays, TTLs, leases, queue expiry): no task per message.
-async fn run_timers(shared: Arc<Shared>) {
+async fn run_timers(shared: Arc<Context>) {
     let mut stop = shared.shutdown.clone();
     loop {
         let next = shared.fire_timers();
@@ -235,7 +148,7 @@ impl ShutdownHandle {
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<Context>,
     shutdown: ShutdownHandle,
     /// Held until `run` has closed the log.
     dir_lock: crate::data_dir::DirLock,
@@ -344,7 +257,7 @@ impl Server {
             started.elapsed().as_millis()
         );
         let pager_wake = spools.wake.clone();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Context {
             config,
             failure,
             pager_wake,

@@ -3,7 +3,8 @@
 //! applied, their effects queued and their log record handed to the WAL writer — never across
 //! I/O.
 
-use crate::outbox::{Out, Outbox};
+use crate::outbox::Out;
+use crate::output::Output;
 use crate::persist::journal::{Log, Outcome};
 use crate::persist::record::{Op, StoredMessage, bind_op, declare_exchange_op, declare_queue_op};
 use crate::persist::spool::Spools;
@@ -31,7 +32,7 @@ pub enum Published {
 pub struct State {
     /// The broker core.
     pub broker: Broker,
-    outboxes: FxHashMap<ConnectionId, Arc<Outbox>>,
+    outboxes: FxHashMap<ConnectionId, Arc<Output>>,
     /// Deliveries being gathered for one outbox, pushed under one lock per burst.
     burst: Vec<Out>,
     effects: Vec<Effect>,
@@ -45,7 +46,7 @@ pub struct State {
     /// Between [`State::hold_output`] and [`State::release_output`]: deliveries are queued
     /// without waking the writers, and their outboxes listed here for the caller to flush.
     holding: bool,
-    held: Vec<Arc<Outbox>>,
+    held: Vec<Arc<Output>>,
 }
 
 impl State {
@@ -79,13 +80,13 @@ impl State {
 
     /// Ends [`State::hold_output`]: appends to `into` every outbox that was given output since
     /// (an outbox may be listed twice), which the caller must flush or wake.
-    pub fn release_output(&mut self, into: &mut Vec<Arc<Outbox>>) {
+    pub fn release_output(&mut self, into: &mut Vec<Arc<Output>>) {
         self.holding = false;
         into.append(&mut self.held);
     }
 
     /// Registers a connection and its outbox with the core.
-    pub fn open(&mut self, now_ms: u64, connection: ConnectionId, outbox: Arc<Outbox>) {
+    pub fn open(&mut self, now_ms: u64, connection: ConnectionId, outbox: Arc<Output>) {
         self.outboxes.insert(connection, outbox);
         self.broker
             .apply(

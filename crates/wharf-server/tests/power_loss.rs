@@ -23,7 +23,8 @@ use wharf_core::{
     BindTarget, Broker, Command, ConnectionId, ConsumerOptions, ConsumerTag, DeliveryTag,
     ExchangeKind, ExchangeOptions, Headers, Limits, Message, QueueOptions,
 };
-use wharf_server::outbox::{Out, Outbox};
+use wharf_server::outbox::Out;
+use wharf_server::output::Output;
 use wharf_server::persist::journal::{Log, LogConfig, Outcome};
 use wharf_server::persist::spool::Spools;
 use wharf_server::state::State;
@@ -51,7 +52,7 @@ struct Run {
     storage: MemStorage,
     state: State,
     truth: Arc<Mutex<Truth>>,
-    outbox: Arc<Outbox>,
+    outbox: Arc<Output>,
     connection: ConnectionId,
     next_connection: u64,
     next_id: u64,
@@ -156,7 +157,7 @@ impl Run {
             storage,
             state,
             truth: Arc::default(),
-            outbox: Arc::new(Outbox::default()),
+            outbox: Arc::new(Output::default()),
             connection: ConnectionId(1),
             next_connection: 2,
             next_id: 1,
@@ -382,7 +383,7 @@ impl Run {
         self.outstanding.clear();
         self.connection = ConnectionId(self.next_connection);
         self.next_connection += 1;
-        self.outbox = Arc::new(Outbox::default());
+        self.outbox = Arc::new(Output::default());
         self.state.open(0, self.connection, self.outbox.clone());
         self.subscribe();
     }

@@ -1,0 +1,102 @@
+//! The server context: the broker state behind its one lock, the configuration, and the
+//! wake-ups shared by the connections and the server's tasks (timers, pager, housekeeping).
+//! The command batch that goes through the lock is in `batch.rs`.
+
+use crate::config::ServerConfig;
+use crate::persist::journal::FailStop;
+use crate::state::State;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::{Notify, watch};
+use tracing::warn;
+use wharf_core::Command;
+
+/// Milliseconds since the Unix epoch: the logical time the core is given.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// What the server's connections and tasks share: the broker state behind its lock, the
+/// configuration, and the wake-ups between them.
+pub(crate) struct Context {
+    pub config: ServerConfig,
+    pub(crate) state: Mutex<State>,
+    /// Set when the log failed: the server stops and `run` reports it (fail-stop).
+    pub failure: Arc<Mutex<Option<String>>>,
+    pub next_connection: AtomicU64,
+    pub shutdown: watch::Receiver<bool>,
+    /// Notified when ready bytes fall below the low watermark (see the memory alarm).
+    pub memory_freed: Notify,
+    /// Notified after every batch of commands: publishers paused by flow control look at
+    /// their queue again (see `connection::wait_for_flow`).
+    pub queues_changed: Notify,
+    /// When the timer task will next apply `Command::Tick` (unix ms; `u64::MAX`: no timer).
+    /// Read and written with the state lock held, so it always matches the core's timers as
+    /// of the last command batch.
+    pub(crate) timer_at: AtomicU64,
+    /// Wakes the timer task before `timer_at` (a command created an earlier timer).
+    pub(crate) timer_wake: Notify,
+    /// Wakes the pager task (a queue asked for paged messages).
+    pub(crate) pager_wake: Arc<Notify>,
+    /// Stops the server on a failure it must not survive.
+    pub(crate) fail_stop: FailStop,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// The broker state. Held only while applying commands: never across an `.await`.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .expect("a panic while holding the broker lock is fatal")
+    }
+
+    /// Call with the state lock held after applying commands: if they created a timer due
+    /// before the timer task's planned wake-up (a delayed publish, a lease, a TTL, an unused
+    /// queue with `x-expires`), wake it. One atomic load per batch when nothing changed.
+    pub fn wake_timer_if_earlier(&self, state: &State) {
+        if let Some(deadline) = state.broker.next_deadline()
+            && deadline < self.timer_at.load(Ordering::Acquire)
+        {
+            self.timer_at.store(deadline, Ordering::Release);
+            self.timer_wake.notify_one();
+        }
+    }
+
+    /// Fires the core's due timers (`Command::Tick` at the current time), routes their effects
+    /// (deliveries of messages that became ready, dead letters, requeued deliveries whose lease
+    /// lapsed, deleted queues) and hands their durable changes to the log, like any command
+    /// batch. Returns the next deadline (unix ms), recorded as the timer task's wake-up.
+    pub(crate) fn fire_timers(&self) -> Option<u64> {
+        let mut batch = self.batch();
+        let now = now_ms();
+        if batch
+            .broker
+            .next_deadline()
+            .is_some_and(|deadline| deadline <= now)
+        {
+            if let Err(err) = batch.apply(now, Command::Tick) {
+                warn!("firing timers failed: {err}");
+            }
+            batch.route_effects();
+        }
+        let next = batch.broker.next_deadline();
+        // Recorded before the batch ends, so that ending it does not wake this task again.
+        self.timer_at
+            .store(next.unwrap_or(u64::MAX), Ordering::Release);
+        if let Some(leader) = batch.finish().flush(None) {
+            leader.commit();
+        }
+        next
+    }
+}
