@@ -48,10 +48,11 @@ pub use limits::Limits;
 pub use message::{HeaderValue, Headers, Message};
 pub use name::{RESERVED_PREFIX, validate_name, validate_routing_key, validate_user_name};
 pub use queue::{
-    ARG_DEAD_LETTER_EXCHANGE, ARG_DEAD_LETTER_ROUTING_KEY, ARG_DEDUP_WINDOW, ARG_DELIVERY_LIMIT,
-    ARG_EXPIRES, ARG_MAX_LENGTH, ARG_MAX_LENGTH_BYTES, ARG_MAX_PRIORITY, ARG_MESSAGE_TTL,
-    ARG_OVERFLOW, ARG_RETRY, ARG_SYNC, ConsumerOptions, DURATION_MS_MAX, DurableSync, Overflow,
-    PagedEntry, QueueFeatures, QueueOptions, QueueStats, QueueSync, RETRY_STEPS_MAX,
+    ARG_ACK_TIMEOUT, ARG_DEAD_LETTER_EXCHANGE, ARG_DEAD_LETTER_ROUTING_KEY, ARG_DEDUP_WINDOW,
+    ARG_DELIVERY_LIMIT, ARG_EXPIRES, ARG_MAX_LENGTH, ARG_MAX_LENGTH_BYTES, ARG_MAX_PRIORITY,
+    ARG_MESSAGE_TTL, ARG_OVERFLOW, ARG_RETRY, ARG_SINGLE_ACTIVE_CONSUMER, ARG_SYNC,
+    ConsumerOptions, DURATION_MS_MAX, DurableSync, Overflow, PagedEntry, QueueFeatures,
+    QueueOptions, QueueStats, QueueSync, RETRY_STEPS_MAX,
 };
 
 /// Deterministic, fast hashing (FxHash): no random keys, so the core stays reproducible, and a

@@ -37,6 +37,13 @@ pub const ARG_DEDUP_WINDOW: &str = "x-dedup-window";
 /// is fsynced, overriding the broker's policy: `"always"` (before the confirm), `"interval=MS"`
 /// (within MS after the confirm) or `"never"` (**unsafe**: at the OS's leisure).
 pub const ARG_SYNC: &str = "x-sync";
+/// Queue argument (bool): only one consumer at a time receives messages; the next takes over
+/// when it leaves (RabbitMQ's name). Read into [`QueueOptions::single_active_consumer`].
+pub const ARG_SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
+/// Consumer argument (integer ms in `1..=DURATION_MS_MAX`, manual-ack consumers only): the
+/// lease of each delivery (RabbitMQ's `x-consumer-timeout` is per queue; this is per consumer).
+/// Read into [`ConsumerOptions::ack_timeout_ms`].
+pub const ARG_ACK_TIMEOUT: &str = "x-ack-timeout";
 pub use crate::limits::{DURATION_MS_MAX, RETRY_STEPS_MAX};
 
 /// What a queue at its length limit does with a new message (`x-overflow`).
@@ -288,6 +295,46 @@ fn sync_argument(arguments: &Headers) -> Result<Option<QueueSync>, CoreError> {
             "{ARG_SYNC} must be \"always\", \"never\" or \"interval=MS\" (MS 1..={DURATION_MS_MAX}), not {value:?}"
         ),
     })
+}
+
+impl QueueOptions {
+    /// Takes [`ARG_SINGLE_ACTIVE_CONSUMER`] out of `arguments` (it is an option of the queue,
+    /// not a feature argument): `false` when absent, an invalid argument unless a bool.
+    pub fn take_single_active_consumer(arguments: &mut Headers) -> Result<bool, CoreError> {
+        match arguments.remove(ARG_SINGLE_ACTIVE_CONSUMER) {
+            None => Ok(false),
+            Some(HeaderValue::Bool(flag)) => Ok(flag),
+            Some(other) => Err(CoreError::InvalidArgument {
+                reason: format!("{ARG_SINGLE_ACTIVE_CONSUMER} must be a bool, not {other:?}"),
+            }),
+        }
+    }
+}
+
+impl ConsumerOptions {
+    /// The lease a consumer's arguments ask for ([`ARG_ACK_TIMEOUT`]): `None` when absent; an
+    /// integer of ms in `1..=DURATION_MS_MAX` for a manual-ack consumer; anything else, or any
+    /// lease on an auto-ack consumer, is an invalid argument.
+    pub fn ack_timeout_of(arguments: &Headers, auto_ack: bool) -> Result<Option<u64>, CoreError> {
+        let Some(value) = arguments.get(ARG_ACK_TIMEOUT) else {
+            return Ok(None);
+        };
+        let invalid = |reason: String| Err(CoreError::InvalidArgument { reason });
+        match value {
+            HeaderValue::Int(timeout_ms) => match u64::try_from(*timeout_ms) {
+                Ok(timeout_ms @ 1..=DURATION_MS_MAX) if !auto_ack => Ok(Some(timeout_ms)),
+                Ok(1..=DURATION_MS_MAX) => invalid(format!(
+                    "{ARG_ACK_TIMEOUT} needs manual acks: auto-ack deliveries have no lease"
+                )),
+                _ => invalid(format!(
+                    "{ARG_ACK_TIMEOUT} must be in 1..={DURATION_MS_MAX} ms, got {timeout_ms}"
+                )),
+            },
+            other => invalid(format!(
+                "{ARG_ACK_TIMEOUT} must be an integer number of ms, got {other:?}"
+            )),
+        }
+    }
 }
 
 impl QueueFeatures {
@@ -1062,6 +1109,59 @@ mod tests {
                     Err(CoreError::InvalidArgument { .. })
                 ),
                 "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn single_active_consumer_and_ack_timeout_arguments_parse_or_are_refused() {
+        let mut arguments = Headers::new()
+            .with(ARG_SINGLE_ACTIVE_CONSUMER, true)
+            .with("x-other", 1i64);
+        assert_eq!(
+            QueueOptions::take_single_active_consumer(&mut arguments),
+            Ok(true)
+        );
+        assert!(
+            arguments.get(ARG_SINGLE_ACTIVE_CONSUMER).is_none(),
+            "taken out"
+        );
+        assert!(arguments.get("x-other").is_some(), "others kept");
+        assert_eq!(
+            QueueOptions::take_single_active_consumer(&mut arguments),
+            Ok(false)
+        );
+        let mut wrong = Headers::new().with(ARG_SINGLE_ACTIVE_CONSUMER, "yes");
+        assert!(matches!(
+            QueueOptions::take_single_active_consumer(&mut wrong),
+            Err(CoreError::InvalidArgument { .. })
+        ));
+
+        let lease = |value: HeaderValue, auto_ack: bool| {
+            ConsumerOptions::ack_timeout_of(&Headers::new().with(ARG_ACK_TIMEOUT, value), auto_ack)
+        };
+        assert_eq!(
+            ConsumerOptions::ack_timeout_of(&Headers::new(), false),
+            Ok(None)
+        );
+        assert_eq!(lease(HeaderValue::Int(1), false), Ok(Some(1)));
+        assert_eq!(
+            lease(HeaderValue::Int(DURATION_MS_MAX as i64), false),
+            Ok(Some(DURATION_MS_MAX))
+        );
+        for (value, auto_ack) in [
+            (HeaderValue::Int(0), false),
+            (HeaderValue::Int(-5), false),
+            (HeaderValue::Int(DURATION_MS_MAX as i64 + 1), false),
+            (HeaderValue::Str("30000".into()), false),
+            (HeaderValue::Int(30_000), true),
+        ] {
+            assert!(
+                matches!(
+                    lease(value.clone(), auto_ack),
+                    Err(CoreError::InvalidArgument { .. })
+                ),
+                "{value:?} auto_ack={auto_ack}"
             );
         }
     }

@@ -28,11 +28,10 @@ use wharf_core::{
     BindTarget, Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag,
     ExchangeOptions, Message, QueueFlow, QueueId, QueueOptions, QueueStats, Reply,
 };
-use wharf_protocol::limits::DURATION_MS_MAX;
 use wharf_protocol::{
     Close, Confirm, ConfirmRange, ConfirmStatus, Destination, Durability, ErrorCode, ExchangeInfo,
     ExchangeKind, Frame, HelloOk, Preamble, QueueInfo, QueueInfoV2, Request, Response,
-    ServerLimits, Table, ValueRef, decode, encode,
+    ServerLimits, decode, encode,
 };
 use wharf_storage::{Leader, SyncCoverage, WalError};
 
@@ -951,33 +950,6 @@ fn queue_info_v2(stats: QueueStats) -> QueueInfoV2 {
     }
 }
 
-/// The consumer argument that gives each delivery of a manual-ack consumer a lease, in ms
-/// (protocol 1.1).
-const ARG_ACK_TIMEOUT: &str = "x-ack-timeout";
-
-/// The lease asked for in a `Subscribe`'s arguments: an integer of ms in
-/// `1..=DURATION_MS_MAX`, for a manual-ack consumer; anything else is an invalid argument.
-fn ack_timeout_of(arguments: &Table, auto_ack: bool) -> Result<Option<u64>, CoreError> {
-    let Some(value) = arguments.get(ARG_ACK_TIMEOUT) else {
-        return Ok(None);
-    };
-    let invalid = |reason: String| Err(CoreError::InvalidArgument { reason });
-    match value {
-        ValueRef::I64(timeout_ms) => match u64::try_from(timeout_ms) {
-            Ok(timeout_ms @ 1..=DURATION_MS_MAX) if !auto_ack => Ok(Some(timeout_ms)),
-            Ok(1..=DURATION_MS_MAX) => invalid(format!(
-                "{ARG_ACK_TIMEOUT} needs manual acks: auto-ack deliveries have no lease"
-            )),
-            _ => invalid(format!(
-                "{ARG_ACK_TIMEOUT} must be in 1..={DURATION_MS_MAX} ms, got {timeout_ms}"
-            )),
-        },
-        other => invalid(format!(
-            "{ARG_ACK_TIMEOUT} must be an integer number of ms, got {other:?}"
-        )),
-    }
-}
-
 fn queue_info(stats: QueueStats) -> QueueInfo {
     QueueInfo {
         name: stats.name,
@@ -997,9 +969,6 @@ fn bind_target(destination: Destination) -> BindTarget {
     }
 }
 
-/// The queue argument that turns on single-active-consumer (as in RabbitMQ).
-const ARG_SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
-
 fn handle_request(
     state: &mut State,
     connection: ConnectionId,
@@ -1016,15 +985,7 @@ fn handle_request(
             arguments,
         } => {
             let mut arguments = table_to_headers(&arguments);
-            let single_active_consumer = match arguments.remove(ARG_SINGLE_ACTIVE_CONSUMER) {
-                None => false,
-                Some(wharf_core::HeaderValue::Bool(flag)) => flag,
-                Some(_) => {
-                    return Err(CoreError::InvalidArgument {
-                        reason: format!("{ARG_SINGLE_ACTIVE_CONSUMER} must be a bool"),
-                    });
-                }
-            };
+            let single_active_consumer = QueueOptions::take_single_active_consumer(&mut arguments)?;
             let options = QueueOptions {
                 durable,
                 exclusive,
@@ -1141,7 +1102,8 @@ fn handle_request(
             initial_credit: _,
             arguments,
         } => {
-            let ack_timeout_ms = ack_timeout_of(&arguments, auto_ack)?;
+            let ack_timeout_ms =
+                ConsumerOptions::ack_timeout_of(&table_to_headers(&arguments), auto_ack)?;
             let options = ConsumerOptions {
                 prefetch,
                 auto_ack,
