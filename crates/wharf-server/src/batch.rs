@@ -148,7 +148,23 @@ mod tests {
     #[test]
     fn only_the_command_batch_commits_staged_operations_or_holds_output() {
         let sources = [
-            ("connection.rs", include_str!("connection.rs")),
+            ("connection/mod.rs", include_str!("connection/mod.rs")),
+            (
+                "connection/confirms.rs",
+                include_str!("connection/confirms.rs"),
+            ),
+            ("connection/flow.rs", include_str!("connection/flow.rs")),
+            ("connection/frames.rs", include_str!("connection/frames.rs")),
+            (
+                "connection/handshake.rs",
+                include_str!("connection/handshake.rs"),
+            ),
+            (
+                "connection/requests.rs",
+                include_str!("connection/requests.rs"),
+            ),
+            ("context.rs", include_str!("context.rs")),
+            ("output.rs", include_str!("output.rs")),
             ("server.rs", include_str!("server.rs")),
             ("writer.rs", include_str!("writer.rs")),
             ("outbox.rs", include_str!("outbox.rs")),

@@ -2,8 +2,11 @@
 
 use bytes::Bytes;
 use std::sync::Arc;
-use wharf_core::{CoreError, HeaderValue, Headers, Message};
-use wharf_protocol::{ErrorCode, Properties, PropertiesRef, Table, Value, ValueRef, WireStr};
+use wharf_core::{BindTarget, CoreError, HeaderValue, Headers, Message, QueueStats};
+use wharf_protocol::{
+    Destination, ErrorCode, ExchangeKind, Properties, PropertiesRef, QueueInfo, QueueInfoV2, Table,
+    Value, ValueRef, WireStr,
+};
 
 // The wire's bound on delays, TTLs and leases is the core's: a client that checks against the
 // protocol's constant is never refused by the core.
@@ -212,6 +215,69 @@ pub fn properties_to_wire(message: &Message) -> Properties {
         headers: headers.as_table_ref(),
     };
     Properties::try_from(fields).expect("core messages were validated when published")
+}
+
+/// A wire exchange kind as the core's.
+pub fn core_kind(kind: ExchangeKind) -> wharf_core::ExchangeKind {
+    match kind {
+        ExchangeKind::Direct => wharf_core::ExchangeKind::Direct,
+        ExchangeKind::Fanout => wharf_core::ExchangeKind::Fanout,
+        ExchangeKind::Topic => wharf_core::ExchangeKind::Topic,
+        ExchangeKind::Headers => wharf_core::ExchangeKind::Headers,
+    }
+}
+
+/// A core exchange kind as the wire's.
+pub fn wire_kind(kind: wharf_core::ExchangeKind) -> ExchangeKind {
+    match kind {
+        wharf_core::ExchangeKind::Direct => ExchangeKind::Direct,
+        wharf_core::ExchangeKind::Fanout => ExchangeKind::Fanout,
+        wharf_core::ExchangeKind::Topic => ExchangeKind::Topic,
+        wharf_core::ExchangeKind::Headers => ExchangeKind::Headers,
+    }
+}
+
+/// A queue's statistics as the wire's `QueueInfoV2` (protocol 1.1).
+pub fn queue_info_v2(stats: QueueStats) -> QueueInfoV2 {
+    QueueInfoV2 {
+        name: stats.name,
+        durable: stats.durable,
+        exclusive: stats.exclusive,
+        auto_delete: stats.auto_delete,
+        ready: stats.ready,
+        unacked: stats.unacked,
+        consumers: stats.consumers,
+        delayed: stats.delayed,
+        ready_bytes: stats.ready_bytes,
+        published: stats.published,
+        delivered: stats.delivered,
+        redelivered: stats.redelivered,
+        acked: stats.acked,
+        dropped: stats.dropped,
+        expired: stats.expired,
+        duplicates: stats.duplicates,
+    }
+}
+
+/// A queue's statistics as the wire's `QueueInfo` (protocol 1.0).
+pub fn queue_info(stats: QueueStats) -> QueueInfo {
+    QueueInfo {
+        name: stats.name,
+        durable: stats.durable,
+        exclusive: stats.exclusive,
+        auto_delete: stats.auto_delete,
+        ready: stats.ready,
+        unacked: stats.unacked,
+        consumers: stats.consumers,
+    }
+}
+
+/// A binding's wire destination as the core's bind target.
+pub fn bind_target(destination: Destination) -> BindTarget {
+    match destination {
+        Destination::Queue(name) => BindTarget::Queue(name),
+        Destination::Exchange(name) => BindTarget::Exchange(name),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,133 @@
+//! The handshake of docs/protocol.md §1: preambles, `Hello` / `HelloOk`, refusals with `Close`.
+
+use super::*;
+
+/// Sends a `Close` frame (after our preamble has been sent) and shuts the socket.
+pub(super) async fn send_close(writer: &mut OwnedWriteHalf, code: ErrorCode, reason: String) {
+    let mut out = BytesMut::new();
+    if encode(
+        &Frame::Close(Close { code, reason }),
+        wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR,
+        &mut out,
+    )
+    .is_ok()
+    {
+        let _ = writer.write_all(&out).await;
+    }
+    let _ = writer.shutdown().await;
+}
+
+/// Why a handshake ended without a connection (logged at debug: a port scanner or a client
+/// of another protocol is not the server's problem).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum HandshakeError {
+    /// Not a Wharf preamble, or an unsupported major version.
+    #[error("preamble: {0}")]
+    Preamble(#[source] wharf_protocol::Error),
+    /// A frame that does not decode, or a `HelloOk` that does not encode.
+    #[error("frame: {0}")]
+    Frame(#[source] wharf_protocol::Error),
+    /// The first frame after the preamble was not `Hello`.
+    #[error("expected Hello, got frame kind {kind}")]
+    NotHello {
+        /// The frame kind received.
+        kind: u32,
+    },
+    /// The server already serves its maximum of connections.
+    #[error("the server has its maximum of {max} connections")]
+    Full {
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The client closed before sending what was expected.
+    #[error("closed before {0}")]
+    Closed(&'static str),
+    /// The socket failed.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The handshake of docs/protocol.md §1: read the client's preamble (wrong magic: close
+/// without a word, it is not a Wharf client), answer with ours at once, refuse an unsupported
+/// major or a full server with `Close`, then expect `Hello` and answer `HelloOk`.
+pub(super) async fn handshake(
+    shared: &Context,
+    reader: &mut OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
+    buf: &mut BytesMut,
+) -> Result<Negotiated, HandshakeError> {
+    let preamble = loop {
+        match Preamble::decode(buf) {
+            Ok(Some(preamble)) => break preamble,
+            Ok(None) => {}
+            Err(err) => {
+                let _ = writer.shutdown().await;
+                return Err(HandshakeError::Preamble(err));
+            }
+        }
+        if reader.read_buf(buf).await? == 0 {
+            return Err(HandshakeError::Closed("the preamble"));
+        }
+    };
+    buf.advance(Preamble::BYTES);
+    writer.write_all(&Preamble::CURRENT.encode()).await?;
+    if let Err(err) = preamble.check_supported() {
+        send_close(writer, ErrorCode::UnsupportedVersion, err.to_string()).await;
+        return Err(HandshakeError::Preamble(err));
+    }
+    if shared.lock().n_connections() >= shared.config.connections_max {
+        let error = HandshakeError::Full {
+            max: shared.config.connections_max,
+        };
+        send_close(writer, ErrorCode::ResourceLimit, error.to_string()).await;
+        return Err(error);
+    }
+    let recv_frame_bytes_max = shared.config.frame_bytes_max;
+    let hello = loop {
+        match decode(buf, recv_frame_bytes_max) {
+            Ok(Some(Frame::Hello(hello))) => break hello,
+            Ok(Some(other)) => {
+                let error = HandshakeError::NotHello { kind: other.kind() };
+                send_close(writer, ErrorCode::ProtocolViolation, error.to_string()).await;
+                return Err(error);
+            }
+            Ok(None) => {}
+            Err(err) => {
+                send_close(writer, err.error_code(), err.to_string()).await;
+                return Err(HandshakeError::Frame(err));
+            }
+        }
+        if reader.read_buf(buf).await? == 0 {
+            return Err(HandshakeError::Closed("Hello"));
+        }
+    };
+    let server_heartbeat_ms = shared.config.heartbeat.as_millis() as u32;
+    let heartbeat_ms = match hello.heartbeat_ms {
+        0 => server_heartbeat_ms,
+        asked => asked.clamp(100, server_heartbeat_ms.max(100)),
+    };
+    let send_frame_bytes_max = hello
+        .frame_bytes_max
+        .max(wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR);
+    let limits = ServerLimits {
+        frame_bytes_max: recv_frame_bytes_max,
+        heartbeat_ms,
+        publishes_in_flight_max: shared.config.publishes_in_flight_max,
+        ..ServerLimits::default()
+    };
+    let hello_ok = Frame::HelloOk(HelloOk {
+        server_version: format!("wharf/{}", env!("CARGO_PKG_VERSION")),
+        protocol_minor: preamble.negotiated_minor(),
+        limits,
+    });
+    let mut out = BytesMut::new();
+    encode(&hello_ok, send_frame_bytes_max, &mut out).map_err(HandshakeError::Frame)?;
+    writer.write_all(&out).await?;
+    debug!(client = %hello.client_name, mechanism = %hello.credentials.mechanism, "handshake done");
+    Ok(Negotiated {
+        minor: preamble.negotiated_minor(),
+        heartbeat: Duration::from_millis(u64::from(heartbeat_ms)),
+        send_frame_bytes_max,
+        recv_frame_bytes_max,
+    })
+}

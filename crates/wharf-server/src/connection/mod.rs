@@ -1,0 +1,291 @@
+//! One client connection: the handshake (`handshake.rs`), a reader loop (here) that applies
+//! what the client sends to the broker, every complete frame in the read buffer as one command
+//! batch (`frames.rs`, requests in `requests.rs`), then writes the small outputs of that batch
+//! itself; backpressure on the reader (`flow.rs`); confirms and the log's completions
+//! (`confirms.rs`). The connection's writer task (`output.rs`) drains the rest of its outbox.
+
+use crate::context::{Context, now_ms};
+use crate::convert::{
+    PublishNames, bind_target, core_kind, error_code, message_from_wire, queue_info, queue_info_v2,
+    table_to_headers, wire_kind,
+};
+use crate::limits::{
+    FLOW_DRAIN_HORIZON, FLOW_RESUME_PERCENT, FLOW_SLOW_BACKOFF, FLOW_WINDOW, OUTBOX_BYTES_MAX,
+    READ_BUFFER_BYTES, READY_BYTES_LOW_WATERMARK_PERCENT,
+};
+use crate::outbox::Outbox;
+use crate::output::{Output, write_loop};
+use crate::persist::journal::Outcome;
+use crate::state::{Published, State};
+use crate::writer::Sink;
+use bytes::{Buf, BytesMut};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+use wharf_core::{
+    Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag, ExchangeOptions,
+    Message, QueueFlow, QueueId, QueueOptions, Reply,
+};
+use wharf_protocol::{
+    Close, Confirm, ConfirmRange, ConfirmStatus, Durability, ErrorCode, ExchangeInfo, Frame,
+    HelloOk, Preamble, Request, Response, ServerLimits, decode, encode,
+};
+use wharf_storage::{Leader, SyncCoverage, WalError};
+
+mod confirms;
+mod flow;
+mod frames;
+mod handshake;
+mod requests;
+
+use confirms::{Confirms, Deferred, refused};
+use flow::{wait_for_flow, wait_for_memory, wait_for_outbox_room};
+use frames::{apply_frames, commit_log};
+use requests::handle_request;
+
+/// What the handshake settled for this connection.
+#[derive(Debug, Clone, Copy)]
+struct Negotiated {
+    /// The protocol minor version both sides speak: a frame of a later minor is a violation.
+    minor: u16,
+    heartbeat: Duration,
+    /// Largest frame we may send (the client's limit).
+    send_frame_bytes_max: u32,
+    /// Largest frame we accept.
+    recv_frame_bytes_max: u32,
+}
+
+/// Why a connection's reader stopped.
+#[derive(Debug)]
+enum Exit {
+    /// The client closed (Close frame or EOF) or the socket failed.
+    Gone,
+    /// We close with this code and reason.
+    Close(ErrorCode, String),
+}
+
+/// Serves one accepted socket until it closes.
+pub(crate) async fn serve(shared: Arc<Context>, socket: TcpStream, peer: SocketAddr) {
+    if let Err(err) = socket.set_nodelay(true) {
+        debug!(%peer, "set_nodelay failed: {err}");
+    }
+    let (mut reader, mut writer) = socket.into_split();
+    let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
+    let negotiated = match tokio::time::timeout(
+        shared.config.handshake_timeout,
+        handshake::handshake(&shared, &mut reader, &mut writer, &mut buf),
+    )
+    .await
+    {
+        Ok(Ok(negotiated)) => negotiated,
+        Ok(Err(reason)) => {
+            debug!(%peer, "handshake refused: {reason}");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "handshake timed out");
+            return;
+        }
+    };
+    let connection = ConnectionId(
+        shared
+            .next_connection
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+    );
+    let outbox = Arc::new(Output::default());
+    *outbox
+        .sink
+        .try_lock()
+        .expect("a new outbox is not shared yet") =
+        Some(Sink::new(writer, negotiated.send_frame_bytes_max));
+    {
+        let mut batch = shared.batch();
+        batch.open(now_ms(), connection, outbox.clone());
+        // Nothing to log or deliver yet; nobody waits on a leader.
+        let _ = batch.finish().flush(None);
+    }
+    debug!(%peer, connection = connection.0, "connection open");
+    let writer_task = tokio::spawn(write_loop(outbox.clone(), negotiated.heartbeat));
+    let exit = read_loop(&shared, connection, &mut reader, buf, &outbox, negotiated).await;
+    {
+        // Leaving requeues its unacked deliveries (to other consumers) and may start timers
+        // (queues now unused, `x-expires`): a command batch like any other.
+        let mut batch = shared.batch();
+        batch.close(now_ms(), connection);
+        if let Some(leader) = batch.finish().flush(None) {
+            leader.commit();
+        }
+    }
+    match &exit {
+        Exit::Gone => debug!(connection = connection.0, "connection closed by peer"),
+        Exit::Close(code, reason) => {
+            info!(connection = connection.0, %code, "closing connection: {reason}");
+            outbox.push_frame(Frame::Close(Close {
+                code: *code,
+                reason: reason.clone(),
+            }));
+        }
+    }
+    outbox.close();
+    if tokio::time::timeout(shared.config.shutdown_timeout, writer_task)
+        .await
+        .is_err()
+    {
+        debug!(connection = connection.0, "writer did not finish in time");
+    }
+}
+
+/// Per-connection reader state.
+struct Reader {
+    connection: ConnectionId,
+    /// The negotiated protocol minor version.
+    minor: u16,
+    /// Sequence number of the last publish read (publishes are numbered 1, 2, 3, ...).
+    publish_seq: u64,
+    names: PublishNames,
+    published: bool,
+    /// Publishes waiting for the log before they are confirmed.
+    in_flight: Arc<InFlight>,
+    /// Queues the last batch's publishes were routed to (publisher flow control).
+    routed: Vec<QueueId>,
+    /// Queues whose consumers drained them too slowly to hold this publisher for, and until
+    /// when they are not looked at again.
+    slow: Vec<(QueueId, Instant)>,
+}
+
+/// Unconfirmed publishes of one connection: the reader stops reading at the limit.
+#[derive(Debug, Default)]
+struct InFlight {
+    count: AtomicU64,
+    confirmed: Notify,
+}
+
+/// Frames decoded per lock acquisition at most: bounds the time the broker lock is held.
+const FRAMES_PER_BATCH_MAX: usize = 1024;
+
+async fn read_loop(
+    shared: &Context,
+    connection: ConnectionId,
+    reader: &mut OwnedReadHalf,
+    mut buf: BytesMut,
+    outbox: &Arc<Output>,
+    negotiated: Negotiated,
+) -> Exit {
+    let mut state = Reader {
+        connection,
+        minor: negotiated.minor,
+        publish_seq: 0,
+        names: PublishNames::default(),
+        published: false,
+        in_flight: Arc::new(InFlight::default()),
+        routed: Vec::new(),
+        slow: Vec::new(),
+    };
+    let in_flight_max = u64::from(shared.config.publishes_in_flight_max);
+    let mut frames: Vec<Frame> = Vec::new();
+    let mut shutdown = shared.shutdown.clone();
+    let dead_after = negotiated.heartbeat * 2;
+    loop {
+        let mut decode_error = None;
+        while frames.len() < FRAMES_PER_BATCH_MAX {
+            match decode(&mut buf, negotiated.recv_frame_bytes_max) {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => break,
+                Err(err) => {
+                    decode_error = Some(Exit::Close(err.error_code(), err.to_string()));
+                    break;
+                }
+            }
+        }
+        if !frames.is_empty() {
+            let (exit, leader) = apply_frames(shared, &mut state, &mut frames, outbox);
+            if let Some(leader) = leader {
+                commit_log(leader);
+            }
+            if let Some(exit) = exit {
+                return exit;
+            }
+        }
+        if let Some(exit) = decode_error {
+            return exit;
+        }
+        if frames.is_empty() && buf.len() >= 4 && !more_complete_frames(&buf) {
+            // Make room for the whole frame being received in one go.
+            let needed = 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            buf.reserve(needed.saturating_sub(buf.len()).max(READ_BUFFER_BYTES));
+        } else if more_complete_frames(&buf) {
+            continue;
+        }
+        // Before reading more: room in the outbox, a free in-flight slot, and (after a batch
+        // that published) the memory alarm and publisher flow control. None of these waits
+        // reads the socket, so a peer that dies meanwhile is noticed through the writer: its
+        // next write (a delivery, a heartbeat) fails and ends the writer task.
+        let ready_to_read = async {
+            wait_for_outbox_room(outbox).await;
+            while state.in_flight.count.load(Ordering::Acquire) >= in_flight_max {
+                let confirmed = state.in_flight.confirmed.notified();
+                if state.in_flight.count.load(Ordering::Acquire) < in_flight_max {
+                    break;
+                }
+                // Confirms notify; the timeout only guards against a missed race.
+                let _ = tokio::time::timeout(Duration::from_millis(100), confirmed).await;
+            }
+            if state.published {
+                state.published = false;
+                wait_for_memory(shared).await;
+                wait_for_flow(shared, &mut state).await;
+            }
+        };
+        tokio::select! {
+            // Usually ready at once: then the writer's end is not even looked at.
+            biased;
+            () = ready_to_read => {}
+            // Nothing queued will drain and nothing more can be answered or delivered: end the
+            // connection so that its deliveries return to their queues.
+            () = outbox.writer_end.notified() => return Exit::Gone,
+        }
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(READ_BUFFER_BYTES);
+        }
+        let read = tokio::select! {
+            read = tokio::time::timeout(dead_after, reader.read_buf(&mut buf)) => read,
+            _ = async { shutdown.wait_for(|stop| *stop).await.is_ok() } => {
+                return Exit::Close(ErrorCode::ConnectionForced, "the server is shutting down".to_owned());
+            }
+            // A failed write ended the writer: whatever the client still sends, nothing can
+            // be answered or delivered, so its deliveries go back to their queues now.
+            _ = outbox.writer_end.notified() => return Exit::Gone,
+        };
+        match read {
+            Err(_) => {
+                return Exit::Close(
+                    ErrorCode::HeartbeatTimeout,
+                    format!(
+                        "nothing received for {} ms (twice the heartbeat interval)",
+                        dead_after.as_millis()
+                    ),
+                );
+            }
+            Ok(Ok(0)) => return Exit::Gone,
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                debug!(connection = connection.0, "read failed: {err}");
+                return Exit::Gone;
+            }
+        }
+    }
+}
+
+fn more_complete_frames(buf: &BytesMut) -> bool {
+    if buf.len() < 4 {
+        return false;
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    buf.len() >= 4 + len
+}

@@ -1,0 +1,221 @@
+//! Requests (declare, bind, subscribe, stats, listings, ...) as core commands, and their
+//! responses.
+
+use super::*;
+
+pub(super) fn handle_request(
+    state: &mut State,
+    connection: ConnectionId,
+    now: u64,
+    request: Request,
+) -> Response {
+    let result: Result<Response, CoreError> = (|| match request {
+        Request::DeclareQueue {
+            name,
+            durable,
+            exclusive,
+            auto_delete,
+            passive,
+            arguments,
+        } => {
+            let mut arguments = table_to_headers(&arguments);
+            let single_active_consumer = QueueOptions::take_single_active_consumer(&mut arguments)?;
+            let options = QueueOptions {
+                durable,
+                exclusive,
+                auto_delete,
+                single_active_consumer,
+                arguments,
+            };
+            match state.apply(
+                now,
+                Command::DeclareQueue {
+                    connection,
+                    name,
+                    options,
+                    passive,
+                },
+            )? {
+                Reply::QueueDeclared {
+                    name,
+                    ready,
+                    consumers,
+                } => Ok(Response::QueueDeclared {
+                    name: name.to_string(),
+                    ready,
+                    consumers,
+                }),
+                other => unreachable!("declare queue replied {other:?}"),
+            }
+        }
+        Request::DeleteQueue {
+            name,
+            if_unused,
+            if_empty,
+        } => {
+            match state.apply(
+                now,
+                Command::DeleteQueue {
+                    connection,
+                    name,
+                    if_unused,
+                    if_empty,
+                },
+            )? {
+                Reply::QueueDeleted { messages } => Ok(Response::Deleted { messages }),
+                other => unreachable!("delete queue replied {other:?}"),
+            }
+        }
+        Request::PurgeQueue { name } => {
+            match state.apply(now, Command::PurgeQueue { connection, name })? {
+                Reply::Purged { messages } => Ok(Response::Purged { messages }),
+                other => unreachable!("purge replied {other:?}"),
+            }
+        }
+        Request::DeclareExchange {
+            name,
+            kind,
+            durable,
+            auto_delete,
+            internal,
+            passive,
+            arguments,
+        } => {
+            let options = ExchangeOptions {
+                durable,
+                auto_delete,
+                internal,
+                arguments: table_to_headers(&arguments),
+            };
+            state.apply(
+                now,
+                Command::DeclareExchange {
+                    name,
+                    kind: core_kind(kind),
+                    options,
+                    passive,
+                },
+            )?;
+            Ok(Response::Done)
+        }
+        Request::DeleteExchange { name, if_unused } => {
+            state.apply(now, Command::DeleteExchange { name, if_unused })?;
+            Ok(Response::Done)
+        }
+        Request::Bind(binding) => {
+            state.apply(
+                now,
+                Command::Bind {
+                    source: binding.source,
+                    target: bind_target(binding.destination),
+                    routing_key: binding.routing_key,
+                    arguments: table_to_headers(&binding.arguments),
+                },
+            )?;
+            Ok(Response::Done)
+        }
+        Request::Unbind(binding) => {
+            state.apply(
+                now,
+                Command::Unbind {
+                    source: binding.source,
+                    target: bind_target(binding.destination),
+                    routing_key: binding.routing_key,
+                    arguments: table_to_headers(&binding.arguments),
+                },
+            )?;
+            Ok(Response::Done)
+        }
+        Request::Subscribe {
+            queue,
+            consumer_tag,
+            prefetch,
+            auto_ack,
+            exclusive,
+            priority,
+            initial_credit: _,
+            arguments,
+        } => {
+            let ack_timeout_ms =
+                ConsumerOptions::ack_timeout_of(&table_to_headers(&arguments), auto_ack)?;
+            let options = ConsumerOptions {
+                prefetch,
+                auto_ack,
+                exclusive,
+                priority,
+                ack_timeout_ms,
+            };
+            state.apply(
+                now,
+                Command::Subscribe {
+                    connection,
+                    queue,
+                    consumer_tag: ConsumerTag(consumer_tag),
+                    options,
+                },
+            )?;
+            Ok(Response::Subscribed { consumer_tag })
+        }
+        Request::Cancel { consumer_tag } => {
+            state.apply(
+                now,
+                Command::Cancel {
+                    connection,
+                    consumer_tag: ConsumerTag(consumer_tag),
+                },
+            )?;
+            Ok(Response::Done)
+        }
+        Request::QueueStats { name } => Ok(Response::Stats(queue_info(
+            state.broker.queue_stats(&name)?,
+        ))),
+        Request::QueueStatsV2 { name } => Ok(Response::StatsV2(queue_info_v2(
+            state.broker.queue_stats(&name)?,
+        ))),
+        Request::ListQueuesV2 => Ok(Response::QueuesV2(
+            state
+                .broker
+                .list_queues()
+                .into_iter()
+                .map(queue_info_v2)
+                .collect(),
+        )),
+        Request::Redrive { queue, max } => {
+            match state.apply(
+                now,
+                Command::Redrive {
+                    connection,
+                    queue,
+                    max,
+                },
+            )? {
+                Reply::Redriven { moved } => Ok(Response::Redriven { moved }),
+                other => unreachable!("redrive replied {other:?}"),
+            }
+        }
+        Request::ListQueues => Ok(Response::Queues(
+            state
+                .broker
+                .list_queues()
+                .into_iter()
+                .map(queue_info)
+                .collect(),
+        )),
+        Request::ListExchanges => Ok(Response::Exchanges(
+            state
+                .broker
+                .list_exchanges()
+                .into_iter()
+                .map(|info| ExchangeInfo {
+                    name: info.name,
+                    kind: wire_kind(info.kind),
+                    durable: info.options.durable,
+                })
+                .collect(),
+        )),
+    })();
+    result.unwrap_or_else(|err| Response::Error {
+        code: error_code(&err),
+        message: err.to_string(),
+    })
+}
