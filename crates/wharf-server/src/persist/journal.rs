@@ -367,13 +367,6 @@ impl Log {
         }
     }
 
-    /// Appends one batch of operations under the broker's sync policy; see
-    /// [`Log::append_ops`].
-    pub fn append(self: &Arc<Self>, ops: Vec<Op>, done: Box<dyn FnOnce(Outcome) + Send>) {
-        let sync = self.default_sync();
-        self.append_ops(ops, sync, done);
-    }
-
     /// Appends one batch of operations, fsynced as `sync` says (the strongest need of the
     /// queues its messages entered, see `x-sync`). Call with the broker lock held, so that
     /// log order is the order in which the core applied the commands. `done` runs once, on the
