@@ -203,8 +203,6 @@ impl Log {
         let wal_config = WalConfig {
             segment_bytes: config.segment_bytes,
             sync_policy: config.sync_policy,
-            // Moving records would change replay order: checkpoints do the compaction.
-            compact_live_ratio: 0.0,
             ..WalConfig::default()
         };
         let record_bytes_max = usize::try_from(wal_config.record_bytes_max())
