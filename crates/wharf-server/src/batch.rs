@@ -2,7 +2,7 @@
 //! them (a connection's frames, the timer task, the pager, a connection's open and close, and
 //! the protocol front ends to come). In order:
 //!
-//! 1. [`Shared::batch`]: lock the broker state and hold its output (deliveries and responses
+//! 1. [`ServerShared::batch`]: lock the broker state and hold its output (deliveries and responses
 //!    are queued in outboxes without waking any writer task);
 //! 2. apply commands through the batch (it derefs to [`State`]); `State::apply` stages the
 //!    durable topology changes as log operations, `State::route_effects` sends each effect to
@@ -22,7 +22,7 @@
 use crate::limits::READY_BYTES_LOW_WATERMARK_PERCENT;
 use crate::outbox::Outbox;
 use crate::persist::journal::Outcome;
-use crate::server::Shared;
+use crate::server::ServerShared;
 use crate::state::State;
 use crate::writer::flush_or_wake;
 use std::ops::{Deref, DerefMut};
@@ -31,7 +31,7 @@ use wharf_storage::Leader;
 
 /// One command batch in progress: the broker lock is held until [`Batch::finish`] (or drop).
 pub(crate) struct Batch<'a> {
-    shared: &'a Shared,
+    shared: &'a ServerShared,
     state: MutexGuard<'a, State>,
     done: Option<Box<dyn FnOnce(Outcome) + Send>>,
     lead: bool,
@@ -45,7 +45,7 @@ pub(crate) struct AfterUnlock {
     leader: Option<Leader>,
 }
 
-impl Shared {
+impl ServerShared {
     /// Starts a command batch: locks the broker state and holds its output.
     pub fn batch(&self) -> Batch<'_> {
         let mut state = self.lock();
@@ -168,7 +168,7 @@ mod tests {
             ] {
                 assert!(
                     !text.contains(needle),
-                    "{file} calls `{needle}`: go through `Shared::batch` (batch.rs)"
+                    "{file} calls `{needle}`: go through `ServerShared::batch` (batch.rs)"
                 );
             }
         }

@@ -10,7 +10,7 @@ use crate::limits::{
 };
 use crate::outbox::Outbox;
 use crate::persist::journal::Outcome;
-use crate::server::{Shared, now_ms};
+use crate::server::{ServerShared, now_ms};
 use crate::state::{Published, State};
 use crate::writer::{Sink, write_loop};
 use bytes::{Buf, BytesMut};
@@ -57,7 +57,7 @@ enum Exit {
 }
 
 /// Serves one accepted socket until it closes.
-pub(crate) async fn serve(shared: Arc<Shared>, socket: TcpStream, peer: SocketAddr) {
+pub(crate) async fn serve(shared: Arc<ServerShared>, socket: TcpStream, peer: SocketAddr) {
     if let Err(err) = socket.set_nodelay(true) {
         debug!(%peer, "set_nodelay failed: {err}");
     }
@@ -146,7 +146,7 @@ async fn send_close(writer: &mut OwnedWriteHalf, code: ErrorCode, reason: String
 /// without a word, it is not a Wharf client), answer with ours at once, refuse an unsupported
 /// major or a full server with `Close`, then expect `Hello` and answer `HelloOk`.
 async fn handshake(
-    shared: &Shared,
+    shared: &ServerShared,
     reader: &mut OwnedReadHalf,
     writer: &mut OwnedWriteHalf,
     buf: &mut BytesMut,
@@ -263,7 +263,7 @@ struct InFlight {
 const FRAMES_PER_BATCH_MAX: usize = 1024;
 
 async fn read_loop(
-    shared: &Shared,
+    shared: &ServerShared,
     connection: ConnectionId,
     reader: &mut OwnedReadHalf,
     mut buf: BytesMut,
@@ -397,7 +397,7 @@ async fn wait_for_outbox_room(outbox: &Outbox) {
 
 /// The memory alarm: while ready bytes across all queues exceed the high watermark, a
 /// connection that publishes is not read (its TCP window fills and its client blocks).
-async fn wait_for_memory(shared: &Shared) {
+async fn wait_for_memory(shared: &ServerShared) {
     let high = shared.config.ready_bytes_high_watermark;
     if shared.lock().broker.ready_bytes_total() <= high {
         return;
@@ -432,7 +432,7 @@ const SLOW_TRACKED_MAX: usize = 16;
 /// store that grows as it would without flow control. Queues without consumers are never a
 /// reason to wait, nor is a queue this connection consumes from itself (its acks and credit
 /// arrive on this socket).
-async fn wait_for_flow(shared: &Shared, reader: &mut Reader) {
+async fn wait_for_flow(shared: &ServerShared, reader: &mut Reader) {
     let (max_messages, max_bytes) = (
         shared.config.flow_ready_messages,
         shared.config.flow_ready_bytes,
@@ -663,7 +663,7 @@ fn commit_log(leader: Leader) {
 /// and the log leader to commit, if the batch's confirms or responses wait for the log and the
 /// client had nothing else waiting on it.
 fn process(
-    shared: &Shared,
+    shared: &ServerShared,
     reader: &mut Reader,
     frames: &mut Vec<Frame>,
     outbox: &Arc<Outbox>,

@@ -23,7 +23,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// What every connection shares.
-pub(crate) struct Shared {
+pub(crate) struct ServerShared {
     pub config: ServerConfig,
     state: Mutex<State>,
     /// Set when the log failed: the server stops and `run` reports it (fail-stop).
@@ -47,15 +47,15 @@ pub(crate) struct Shared {
     fail_stop: FailStop,
 }
 
-impl std::fmt::Debug for Shared {
+impl std::fmt::Debug for ServerShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
+        f.debug_struct("ServerShared")
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
-impl Shared {
+impl ServerShared {
     /// The broker state. Held only while applying commands: never across an `.await`.
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state
@@ -106,7 +106,7 @@ impl Shared {
 /// The pager task: serves the page-in requests of queues larger than memory. It reads their
 /// spool files without the broker lock (on a blocking thread), then hands the entries to the
 /// core, whose deliveries and further requests follow as for any command.
-async fn run_pager(shared: Arc<Shared>) {
+async fn run_pager(shared: Arc<ServerShared>) {
     let mut stop = shared.shutdown.clone();
     loop {
         tokio::select! {
@@ -179,7 +179,7 @@ async fn run_pager(shared: Arc<Shared>) {
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The housekeeping task: the log's periodic work, see [`crate::persist::journal::Log::housekeeping`].
-async fn run_housekeeping(shared: Arc<Shared>) {
+async fn run_housekeeping(shared: Arc<ServerShared>) {
     let mut stop = shared.shutdown.clone();
     let mut every = tokio::time::interval(HOUSEKEEPING_INTERVAL);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -192,9 +192,9 @@ async fn run_housekeeping(shared: Arc<Shared>) {
 }
 
 /// The timer task: sleeps until the core's earliest timer (or until a command creates an
-/// earlier one, see [`Shared::wake_timer_if_earlier`]), then fires what is due. One task for
+/// earlier one, see [`ServerShared::wake_timer_if_earlier`]), then fires what is due. One task for
 /// every timer of the broker (delays, TTLs, leases, queue expiry): no task per message.
-async fn run_timers(shared: Arc<Shared>) {
+async fn run_timers(shared: Arc<ServerShared>) {
     let mut stop = shared.shutdown.clone();
     loop {
         let next = shared.fire_timers();
@@ -234,7 +234,7 @@ impl ShutdownHandle {
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<ServerShared>,
     shutdown: ShutdownHandle,
     /// Held until `run` has closed the log.
     dir_lock: crate::data_dir::DirLock,
@@ -343,7 +343,7 @@ impl Server {
             started.elapsed().as_millis()
         );
         let pager_wake = spools.wake.clone();
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ServerShared {
             config,
             failure,
             pager_wake,
