@@ -2,7 +2,7 @@
 
 use crate::addr::ServerAddr;
 use crate::confirms::Waiter;
-use crate::connection::{self, ConsumerSlot, Shared};
+use crate::connection::{self, ConnectionShared, ConsumerSlot};
 use crate::consumer::{Consumer, ConsumerShared};
 use crate::error::ClientError;
 use crate::message::{IntoValue, Message, build_table};
@@ -40,7 +40,7 @@ pub struct Client {
 
 /// Closes the connection when the last `Client` clone goes away.
 struct ClientInner {
-    shared: Arc<Shared>,
+    shared: Arc<ConnectionShared>,
 }
 
 impl Drop for ClientInner {
@@ -100,7 +100,7 @@ impl Client {
         })
     }
 
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
+    pub(crate) fn shared(&self) -> &Arc<ConnectionShared> {
         &self.inner.shared
     }
 

@@ -11,7 +11,7 @@
 //!   tag to each consumer's channel, `Close` / `CloseOk` to the shutdown path.
 //! - The **lease extender task** sends `Touch` for deliveries of consumers with an ack timeout
 //!   that the application holds and has not settled, at about half the timeout (see
-//!   [`Shared::hold_lease`]).
+//!   [`ConnectionShared::hold_lease`]).
 //! - The shared [`State`] sits behind a `std` mutex that is never held across an `.await`.
 
 use crate::addr::ServerAddr;
@@ -147,7 +147,7 @@ struct Lease {
     touch_at: Instant,
 }
 
-/// How a frame queued by [`Shared::send_settlement`] affects its delivery.
+/// How a frame queued by [`ConnectionShared::send_settlement`] affects its delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Settle {
     /// Settles this delivery (`Ack`, `Nack`, `Reject`, `Defer`).
@@ -186,7 +186,7 @@ impl State {
 }
 
 /// The connection, shared by every handle and both tasks.
-pub(crate) struct Shared {
+pub(crate) struct ConnectionShared {
     commands: mpsc::UnboundedSender<Command>,
     state: Mutex<State>,
     /// The server's limits from `HelloOk`.
@@ -207,10 +207,10 @@ pub(crate) struct Shared {
     /// `true` stops both tasks at once (lost connection, close timeout).
     hard_shutdown: watch::Sender<bool>,
     /// Lets the reader hand deliveries a strong reference (they settle through it).
-    weak_self: Weak<Shared>,
+    weak_self: Weak<ConnectionShared>,
 }
 
-impl Shared {
+impl ConnectionShared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves consistent maps (no invariant spans an
         // unlock), so a poisoned lock is still usable.
@@ -295,9 +295,9 @@ impl Shared {
         self.request_with(request, || {}).await
     }
 
-    /// [`Shared::request`], running `on_queued` under the state lock in the same critical
+    /// [`ConnectionShared::request`], running `on_queued` under the state lock in the same critical
     /// section that queues the frame for the writer (only if it is queued). Anything else
-    /// queued under the lock (settlements, see [`Shared::send_settlement`]) is therefore
+    /// queued under the lock (settlements, see [`ConnectionShared::send_settlement`]) is therefore
     /// either before both or after both in socket order.
     pub(crate) async fn request_with(
         &self,
@@ -308,8 +308,8 @@ impl Shared {
         self.response(correlation_id, receiver).await
     }
 
-    /// The synchronous half of [`Shared::request_with`]: registers the request and queues its
-    /// frame (running `on_queued` under the same lock); returns what to wait on.
+    /// The synchronous half of [`ConnectionShared::request_with`]: registers the request and
+    /// queues its frame (running `on_queued` under the same lock); returns what to wait on.
     pub(crate) fn start_request(
         &self,
         request: Request,
@@ -395,7 +395,7 @@ impl Shared {
     /// `delivery_tag`, unless the connection is over, the delivery's consumer is cancelled, or
     /// `settled` was already set (settlements set it here). The check and the queueing happen
     /// under the state lock, as does a client-side cancel's marking and queueing of `Cancel`
-    /// ([`Shared::request_with`]), so a settlement can never reach the socket after its
+    /// ([`ConnectionShared::request_with`]), so a settlement can never reach the socket after its
     /// consumer's `Cancel`: after `Cancel` the server has requeued the delivery and would close
     /// the connection (`UnknownDeliveryTag`). The lease extender's touches are queued under the
     /// same lock and only for leases still registered, and settling removes the lease first,
@@ -776,7 +776,7 @@ impl Shared {
         Flow::Stop
     }
 
-    fn self_ref(&self) -> Arc<Shared> {
+    fn self_ref(&self) -> Arc<ConnectionShared> {
         self.weak_self
             .upgrade()
             .expect("the reader runs while the connection is referenced")
@@ -794,7 +794,7 @@ enum Flow {
 pub(crate) async fn open(
     addr: ServerAddr,
     options: ClientOptions,
-) -> Result<Arc<Shared>, ClientError> {
+) -> Result<Arc<ConnectionShared>, ClientError> {
     let connect_timeout = options.connect_timeout;
     let (stream, read_buf, hello_ok) =
         match timeout(connect_timeout, handshake(&addr, &options)).await {
@@ -812,7 +812,7 @@ pub(crate) async fn open(
     let (commands, command_receiver) = mpsc::unbounded_channel();
     let (hard_shutdown, _) = watch::channel(false);
     let outbound_bytes_max = options.outbound_bytes_max.clamp(1, Semaphore::MAX_PERMITS);
-    let shared = Arc::new_cyclic(|weak_self| Shared {
+    let shared = Arc::new_cyclic(|weak_self| ConnectionShared {
         commands,
         state: Mutex::new(State {
             terminal: None,
@@ -852,9 +852,9 @@ pub(crate) async fn open(
     Ok(shared)
 }
 
-/// Touches the leases of held deliveries when they are due (see [`Shared::hold_lease`]);
+/// Touches the leases of held deliveries when they are due (see [`ConnectionShared::hold_lease`]);
 /// sleeps while none is due. Ends with the connection.
-async fn run_lease_extender(shared: Arc<Shared>) {
+async fn run_lease_extender(shared: Arc<ConnectionShared>) {
     let mut stop = shared.hard_shutdown.subscribe();
     loop {
         let Ok(wake_at) = shared.touch_due_leases() else {
@@ -1017,7 +1017,7 @@ fn reserve_whole_frame(buf: &mut BytesMut, frame_bytes_max: u32) {
 }
 
 async fn run_reader(
-    shared: Arc<Shared>,
+    shared: Arc<ConnectionShared>,
     mut read: OwnedReadHalf,
     mut buf: BytesMut,
     heartbeat: Option<Duration>,
@@ -1100,7 +1100,7 @@ async fn run_reader(
 }
 
 async fn run_writer(
-    shared: Arc<Shared>,
+    shared: Arc<ConnectionShared>,
     mut write: OwnedWriteHalf,
     mut commands: mpsc::UnboundedReceiver<Command>,
     heartbeat: Option<Duration>,

@@ -1,7 +1,7 @@
 //! Consuming: [`Consumer`] (a stream of [`Delivery`]) and settling deliveries.
 
 use crate::client::Client;
-use crate::connection::{Command, Settle, Shared};
+use crate::connection::{Command, ConnectionShared, Settle};
 use crate::error::ClientError;
 use bytes::Bytes;
 use futures::Stream;
@@ -44,7 +44,7 @@ pub(crate) struct ConsumerShared {
     pub(crate) lease_interval: Option<Duration>,
     /// `ACTIVE` or a [`ConsumerEnd`]. Once ended, no more `Credit` is sent for the consumer
     /// and its deliveries cannot be settled. Transitions happen under the connection's state
-    /// lock, where settlements check it (see `Shared::send_settlement`).
+    /// lock, where settlements check it (see `ConnectionShared::send_settlement`).
     state: AtomicU8,
 }
 
@@ -121,7 +121,7 @@ impl ConsumerShared {
 pub struct Delivery {
     delivery: wharf_protocol::Delivery,
     consumer: Arc<ConsumerShared>,
-    shared: Arc<Shared>,
+    shared: Arc<ConnectionShared>,
     settled: AtomicBool,
     /// When the frame holding it arrived (its lease started a little earlier, on the broker).
     received_at: Instant,
@@ -133,7 +133,7 @@ impl Delivery {
     pub(crate) fn new(
         delivery: wharf_protocol::Delivery,
         consumer: Arc<ConsumerShared>,
-        shared: Arc<Shared>,
+        shared: Arc<ConnectionShared>,
         received_at: Instant,
     ) -> Delivery {
         Delivery {

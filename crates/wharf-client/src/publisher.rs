@@ -2,7 +2,7 @@
 
 use crate::client::Client;
 use crate::confirms::{Outcome, Waiter};
-use crate::connection::Shared;
+use crate::connection::ConnectionShared;
 use crate::error::ClientError;
 use crate::message::Message;
 use bytes::Bytes;
@@ -25,7 +25,7 @@ const BATCH_ENTRY_OVERHEAD_BYTES: usize = 64;
 
 /// Encodes a single `Publish` frame.
 pub(crate) fn encode_publish(
-    shared: &Shared,
+    shared: &ConnectionShared,
     exchange: &str,
     routing_key: &str,
     message: Message,
@@ -372,7 +372,7 @@ fn split_batch<T>(
 #[must_use = "a ticket reports whether the broker took the message"]
 pub struct PublishTicket {
     receiver: oneshot::Receiver<Outcome>,
-    shared: Arc<Shared>,
+    shared: Arc<ConnectionShared>,
 }
 
 impl Future for PublishTicket {

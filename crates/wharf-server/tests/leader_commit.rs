@@ -103,9 +103,6 @@ impl Storage for Recording {
     fn remove(&self, path: &Path) -> io::Result<()> {
         self.inner.remove(path)
     }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.inner.rename(from, to)
-    }
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
         self.inner.list_dir(dir)
     }

@@ -40,7 +40,8 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const SEGMENT_HEADER_LEN: u64 = 32;
 /// Bytes of a record header.
 pub const RECORD_HEADER_LEN: u64 = 32;
-/// `origin_lsn` value of a record that was appended by the owner (not moved by compaction).
+/// `origin_lsn` value of a record that was appended by the owner, not copied by compaction:
+/// every record the WAL writes since compaction was removed (docs/storage.md).
 pub const ORIGIN_NONE: u64 = u64::MAX;
 
 /// Segment header layout:
@@ -99,7 +100,8 @@ pub(crate) struct RecordHeader {
     /// Log end that was fsynced when this record was written. A valid record whose
     /// `durable_lsn` lies past a damaged record proves the damage hit synced data.
     pub durable_lsn: u64,
-    /// LSN this record was copied from by compaction, or [`ORIGIN_NONE`].
+    /// LSN this record was copied from by compaction (only in logs written before compaction
+    /// was removed), or [`ORIGIN_NONE`].
     pub origin_lsn: u64,
 }
 const _: () = assert!(4 + 4 + 8 + 8 + 8 == RECORD_HEADER_LEN as usize);

@@ -28,7 +28,8 @@ pub const SEGMENT_BYTES_MIN: u64 = 4 * 1024;
 pub const SEGMENT_BYTES_MAX: u64 = 1024 * 1024 * 1024;
 
 /// Default segment size: large enough that create + directory fsync on rollover is rare,
-/// small enough that a sparse segment is cheap to compact.
+/// small enough that a few long-lived records pin little dead data (a segment is deleted only
+/// once all its records are released).
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
 /// Chunk size of sequential reads (recovery and [`crate::Wal::records`]): large reads let the

@@ -2,10 +2,10 @@
 //!
 //! The model, per file: the *durable image* (what the disk holds as of the last successful
 //! sync) plus the list of writes and truncations issued since. Per directory: the durable set of
-//! names plus the creations, removals and renames issued since the last directory sync.
+//! names plus the creations and removals issued since the last directory sync.
 //! [`MemStorage::crash`] rebuilds every file from its durable image and gives each unsynced
 //! write a random fate per 512-byte sector (kept or lost, so writes are dropped or torn), and
-//! each unsynced directory operation a random fate (applied or lost; a rename is atomic).
+//! each unsynced directory operation a random fate (applied or lost).
 //! Randomness comes from a seeded SplitMix64, so a seed replays exactly.
 
 use std::collections::{BTreeMap, HashMap};
@@ -78,7 +78,6 @@ enum FileOp {
 enum DirOp {
     Create(PathBuf, u64),
     Remove(PathBuf),
-    Rename(PathBuf, PathBuf),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -196,11 +195,6 @@ impl MemStorage {
                 }
                 DirOp::Remove(path) => {
                     names.remove(&path);
-                }
-                DirOp::Rename(from, to) => {
-                    if let Some(ino) = names.remove(&from) {
-                        names.insert(to, ino);
-                    }
                 }
             }
         }
@@ -429,19 +423,6 @@ impl Storage for MemStorage {
             .remove(path)
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         state.dir_pending.push(DirOp::Remove(path.to_path_buf()));
-        Ok(())
-    }
-
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        let mut state = self.lock();
-        let ino = state
-            .names
-            .remove(from)
-            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-        state.names.insert(to.to_path_buf(), ino);
-        state
-            .dir_pending
-            .push(DirOp::Rename(from.to_path_buf(), to.to_path_buf()));
         Ok(())
     }
 

@@ -158,8 +158,7 @@ pub(crate) fn check_with(input: &[u8], template: WalConfig) -> Result<Case, Stri
     let config = WalConfig {
         segment_bytes: plan.segment_bytes,
         sync_policy: SyncPolicy::Always,
-        // Nothing is released; no GC either way, so the log is exactly what was written.
-        compact_live_ratio: 0.0,
+        // Nothing is released and no GC, so the log is exactly what was written.
         roll_dead_active_bytes: u64::MAX,
         ..template
     };

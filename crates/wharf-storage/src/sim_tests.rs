@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::format::{RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
+use crate::format::{self, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, SegmentHeader};
 use crate::mem::{Fault, MemStorage, SplitMix64};
 use crate::storage::{Storage, StorageFile};
 use crate::wal::{TestHooks, recover, test_config};
-use crate::{Committed, Lsn, Relocation, SyncCoverage, SyncPolicy, Wal, WalConfig, WalError};
+use crate::{Committed, Lsn, SyncCoverage, SyncPolicy, Wal, WalConfig, WalError};
 
 fn slow_tests() -> bool {
     std::env::var_os("WHARF_SLOW_TESTS").is_some_and(|value| value != "0")
@@ -73,7 +73,6 @@ fn power_loss_round(seed: u64, hooks: TestHooks) -> Result<RoundStats, String> {
     let mut rng = SplitMix64::new(seed);
     let mem = MemStorage::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut config = test_config(4096 * (1 + rng.below(4)));
-    config.compact_live_ratio = [0.0, 0.5][rng.below(2) as usize];
     config.hooks = hooks;
     // Always is the policy whose promise is checked; Interval and Never leave long unsynced
     // tails, which is what exercises torn-tail recovery (and must never be refused).
@@ -607,7 +606,7 @@ fn fsync_failure_on_every_kth_sync_poisons_the_wal_for_that_batch_and_all_later(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Segments, GC, compaction.
+// Segments, GC.
 
 fn segment_files(mem: &MemStorage) -> Vec<String> {
     let mut names = mem.list_dir(dir()).unwrap();
@@ -640,7 +639,6 @@ fn fully_released_segments_are_deleted_but_never_the_active_one() {
     let mem = MemStorage::new(1);
     let mut config = test_config(4096);
     config.roll_dead_active_bytes = u64::MAX;
-    config.compact_live_ratio = 0.0;
     let (wal, _) = open(&mem, config);
     let mut lsns = Vec::new();
     for id in 0..60 {
@@ -693,7 +691,6 @@ fn a_segment_is_deleted_only_after_what_superseded_it_is_fsynced() {
             let mut config = test_config(4096);
             config.sync_policy = policy;
             config.roll_dead_active_bytes = u64::MAX;
-            config.compact_live_ratio = 0.0;
             let (wal, _) = open(&mem, config.clone());
             let mut old = Vec::new();
             for id in 0..40 {
@@ -724,62 +721,6 @@ fn a_segment_is_deleted_only_after_what_superseded_it_is_fsynced() {
 }
 
 #[test]
-fn compaction_moves_live_records_and_reports_the_new_lsns() {
-    let mem = MemStorage::new(1);
-    let relocations: Arc<Mutex<Vec<Relocation>>> = Arc::default();
-    let mut config = test_config(4096);
-    config.compact_live_ratio = 0.5;
-    let sink = Arc::clone(&relocations);
-    config.on_relocate = Some(Arc::new(move |moved: &[Relocation]| {
-        sink.lock().unwrap().extend_from_slice(moved)
-    }));
-    let (wal, _) = open(&mem, config.clone());
-    let mut lsns = Vec::new();
-    for id in 0..80 {
-        lsns.extend(wal.append_wait(vec![payload(id, 200)]).unwrap().lsns);
-    }
-    // Keep every 4th record: every sealed segment drops to 25% live and is compacted.
-    let kept: Vec<usize> = (0..80).filter(|id| id % 4 == 0).collect();
-    for (id, lsn) in lsns.iter().enumerate() {
-        if id % 4 != 0 {
-            wal.release(*lsn).unwrap();
-        }
-    }
-    wal.quiesce();
-    let moved = relocations.lock().unwrap().clone();
-    assert!(!moved.is_empty(), "nothing was compacted");
-    for relocation in &moved {
-        assert!(relocation.to > relocation.from);
-    }
-    // Old and new LSNs both read the record.
-    for &id in &kept {
-        assert_eq!(
-            payload_id(&wal.read(lsns[id]).unwrap()),
-            Some(id as u64),
-            "old LSN of {id}"
-        );
-    }
-    for relocation in &moved {
-        assert!(payload_id(&wal.read(relocation.to).unwrap()).is_some());
-    }
-    let disk = wal.stats().disk_bytes;
-    assert!(
-        disk < 80 * 240 / 2,
-        "compaction did not shrink the log: {disk} bytes"
-    );
-    // A reopen yields every kept record exactly once.
-    drop(wal);
-    let (wal, _) = open(&mem, config);
-    let mut ids: Vec<u64> = replay(&wal)
-        .iter()
-        .map(|(_, bytes)| payload_id(bytes).unwrap())
-        .collect();
-    ids.retain(|id| id % 4 == 0);
-    ids.sort_unstable();
-    assert_eq!(ids, kept.iter().map(|&id| id as u64).collect::<Vec<_>>());
-}
-
-#[test]
 fn disk_use_returns_near_zero_after_releasing_everything() {
     let mem = MemStorage::new(1);
     let (wal, _) = open(&mem, test_config(8192));
@@ -807,12 +748,10 @@ fn disk_use_returns_near_zero_after_releasing_everything() {
     assert_eq!(wal.read(committed.lsns[0]).unwrap(), payload(7, 7));
 }
 
-/// Storage wrapper: slow fsyncs, or removals that silently do nothing (a crash before the
-/// removal reached the disk).
+/// Storage wrapper with slow fsyncs.
 struct Wrapped {
     inner: MemStorage,
     sync_delay: Duration,
-    skip_remove: bool,
 }
 
 struct SlowFile {
@@ -857,14 +796,7 @@ impl Storage for Wrapped {
         }))
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
-        if self.skip_remove {
-            Ok(())
-        } else {
-            self.inner.remove(path)
-        }
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.inner.rename(from, to)
+        self.inner.remove(path)
     }
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
         self.inner.list_dir(dir)
@@ -874,45 +806,60 @@ impl Storage for Wrapped {
     }
 }
 
+/// The WAL no longer compacts, but a log written before compaction was removed can hold
+/// compaction copies (records with an origin LSN) next to their originals, if a crash came
+/// between the copy's fsync and the old segment's deletion: recovery must still yield each
+/// record once (the copy) and count the original as superseded and dead.
 #[test]
-fn compaction_interrupted_before_the_old_segment_is_gone_replays_each_record_once() {
+fn compaction_copies_left_by_an_older_version_are_replayed_once() {
     let mem = MemStorage::new(1);
-    let storage = Arc::new(Wrapped {
-        inner: mem.clone(),
-        sync_delay: Duration::ZERO,
-        skip_remove: true,
-    });
-    let mut config = test_config(4096);
-    config.compact_live_ratio = 0.5;
-    config.roll_dead_active_bytes = u64::MAX;
-    let (wal, _) = Wal::open(storage, dir(), config.clone()).unwrap();
+    let (wal, _) = open(&mem, test_config(4096));
     let mut lsns = Vec::new();
-    for id in 0..40 {
+    for id in 0..10 {
         lsns.extend(wal.append_wait(vec![payload(id, 200)]).unwrap().lsns);
     }
-    for (id, lsn) in lsns.iter().enumerate() {
-        if id % 4 != 0 {
-            wal.release(*lsn).unwrap();
-        }
-    }
-    wal.quiesce();
+    let end = wal.stats().end_lsn.0;
     drop(wal);
-    mem.crash();
-    let (wal, report) = open(&mem, config);
-    assert!(report.superseded > 0, "{report:?}");
-    let ids: Vec<u64> = replay(&wal)
+    // What compaction wrote: a new segment with copies of the kept records, fsynced; the old
+    // segment was never deleted.
+    let kept = [0usize, 4, 8];
+    let mut segment = SegmentHeader { base_lsn: end }.encode().to_vec();
+    for &id in &kept {
+        let lsn = end + segment.len() as u64 - SEGMENT_HEADER_LEN;
+        let record = payload(id as u64, 200);
+        format::encode_record(&mut segment, lsn, lsn, lsns[id].0, &record);
+    }
+    let file = mem.create(&dir().join(format!("{end:020}.wal"))).unwrap();
+    file.write_at(0, &segment).unwrap();
+    file.sync().unwrap();
+    mem.sync_dir(dir()).unwrap();
+    let (wal, report) = open(&mem, test_config(4096));
+    assert_eq!(report.superseded, kept.len() as u64, "{report:?}");
+    assert_eq!(
+        report.records,
+        (lsns.len() + kept.len()) as u64,
+        "{report:?}"
+    );
+    let replayed = replay(&wal);
+    let mut ids: Vec<u64> = replayed
         .iter()
         .map(|(_, bytes)| payload_id(bytes).unwrap())
         .collect();
-    let unique: HashSet<u64> = ids.iter().copied().collect();
-    assert_eq!(
-        unique.len(),
-        ids.len(),
-        "a record was replayed twice: {ids:?}"
-    );
-    for id in (0..40).filter(|id| id % 4 == 0) {
-        assert!(unique.contains(&id), "kept record {id} lost");
+    ids.sort_unstable();
+    assert_eq!(ids, (0..10).collect::<Vec<_>>(), "each record once");
+    for &id in &kept {
+        let (copy, _) = replayed
+            .iter()
+            .find(|(_, bytes)| payload_id(bytes) == Some(id as u64))
+            .unwrap();
+        assert!(copy.0 >= end, "record {id} replayed from its original");
+        assert!(matches!(
+            wal.release(lsns[id]),
+            Err(WalError::AlreadyReleased { .. })
+        ));
+        wal.release(*copy).unwrap();
     }
+    assert_eq!(wal.stats().live_records, (lsns.len() - kept.len()) as u64);
 }
 
 #[test]
@@ -921,7 +868,6 @@ fn concurrent_appends_share_fsyncs_through_group_commit() {
     let storage = Arc::new(Wrapped {
         inner: mem.clone(),
         sync_delay: Duration::from_millis(2),
-        skip_remove: false,
     });
     let (wal, _) = Wal::open(storage, dir(), WalConfig::default()).unwrap();
     let wal = Arc::new(wal);
@@ -1145,7 +1091,6 @@ fn appends_beyond_the_pending_bound_are_refused_as_overloaded() {
     let storage = Arc::new(Wrapped {
         inner: mem.clone(),
         sync_delay: Duration::from_millis(50),
-        skip_remove: false,
     });
     let mut config = test_config(1 << 20);
     config.pending_bytes_max = 1000;
@@ -1282,9 +1227,6 @@ impl Storage for Gated {
     fn remove(&self, path: &Path) -> io::Result<()> {
         self.inner.remove(path)
     }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.inner.rename(from, to)
-    }
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {
         self.inner.list_dir(dir)
     }
@@ -1420,7 +1362,6 @@ fn concurrent_leaders_still_share_fsyncs_and_keep_each_threads_order() {
     let storage = Arc::new(Wrapped {
         inner: mem.clone(),
         sync_delay: Duration::from_millis(2),
-        skip_remove: false,
     });
     let (wal, _) = Wal::open(storage, dir(), WalConfig::default()).unwrap();
     let wal = Arc::new(wal);

@@ -1,7 +1,7 @@
 //! The file-system abstraction the log is written against, and its `std::fs` implementation.
 //!
 //! The trait is deliberately small: exactly the operations whose ordering the log's durability
-//! argument depends on (write, fsync, truncate, create/remove/rename, directory fsync). That
+//! argument depends on (write, fsync, truncate, create/remove, directory fsync). That
 //! keeps [`crate::MemStorage`] honest: it can model what survives a power loss for each one.
 
 use std::fs::{self, File, OpenOptions};
@@ -26,7 +26,7 @@ pub trait StorageFile: Send + Sync {
     fn truncate(&self, len: u64) -> io::Result<()>;
 }
 
-/// A directory of files. Creations, removals and renames are durable only after
+/// A directory of files. Creations and removals are durable only after
 /// [`Storage::sync_dir`] on the parent directory.
 pub trait Storage: Send + Sync {
     /// Creates `dir` and its parents if missing.
@@ -37,11 +37,9 @@ pub trait Storage: Send + Sync {
     fn open(&self, path: &Path) -> io::Result<Arc<dyn StorageFile>>;
     /// Removes a file (open handles stay readable).
     fn remove(&self, path: &Path) -> io::Result<()>;
-    /// Atomically renames `from` to `to`, replacing `to`.
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Names of the files in `dir` (not paths), in no particular order.
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>>;
-    /// Makes creations, removals and renames in `dir` durable (fsync of the directory).
+    /// Makes creations and removals in `dir` durable (fsync of the directory).
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
 }
 
@@ -95,10 +93,6 @@ impl Storage for FileStorage {
 
     fn remove(&self, path: &Path) -> io::Result<()> {
         fs::remove_file(path)
-    }
-
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        fs::rename(from, to)
     }
 
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<String>> {

@@ -203,8 +203,6 @@ impl Log {
         let wal_config = WalConfig {
             segment_bytes: config.segment_bytes,
             sync_policy: config.sync_policy,
-            // Moving records would change replay order: checkpoints do the compaction.
-            compact_live_ratio: 0.0,
             ..WalConfig::default()
         };
         let record_bytes_max = usize::try_from(wal_config.record_bytes_max())
@@ -365,13 +363,6 @@ impl Log {
             ),
             SyncPolicy::Never => QueueSync::Never,
         }
-    }
-
-    /// Appends one batch of operations under the broker's sync policy; see
-    /// [`Log::append_ops`].
-    pub fn append(self: &Arc<Self>, ops: Vec<Op>, done: Box<dyn FnOnce(Outcome) + Send>) {
-        let sync = self.default_sync();
-        self.append_ops(ops, sync, done);
     }
 
     /// Appends one batch of operations, fsynced as `sync` says (the strongest need of the

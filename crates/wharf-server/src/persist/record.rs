@@ -12,7 +12,7 @@
 //! written only once the rest is durable; then every record older than the begin is released.
 //! Recovery starts from the last complete checkpoint and replays the batches after its begin.
 //!
-//! WAL compaction is disabled for this log: moving a record would change replay order.
+//! The WAL never moves a record, so replay order is log order (checkpoints reclaim space).
 //! See docs/durability.md for what a confirm promises.
 
 use bytes::Bytes;
