@@ -204,7 +204,7 @@ fn python_tier() -> Result<()> {
 }
 
 /// Real-process crash rounds: `wharf serve` killed with SIGKILL while publishing and consuming,
-/// restarted, and checked for lost confirmed messages (crates/wharf-server/tests/crash.rs).
+/// restarted, and checked for lost confirmed messages (crates/wharf/tests/crash.rs).
 fn crash(args: &[String]) -> Result<()> {
     let mut rounds = 50u64;
     if let Some(idx) = args.iter().position(|arg| arg == "--rounds") {
@@ -213,9 +213,10 @@ fn crash(args: &[String]) -> Result<()> {
             .context("--rounds needs a value")?
             .parse()?;
     }
+    // The tests that run the `wharf` binary live in its crate, `wharf`.
     let server_test = |test: &str, filter: &str, (var, value): (&str, String)| {
         run(cargo()
-            .args(["test", "--release", "-p", "wharf-server", "--test", test])
+            .args(["test", "--release", "-p", "wharf", "--test", test])
             .args(["--", "--nocapture", filter])
             .env(var, value))
     };
@@ -294,7 +295,9 @@ fn fuzz(args: &[String]) -> Result<()> {
 }
 
 /// The architecture invariant: `wharf-core` and `wharf-protocol` never depend on an async
-/// runtime or the network stack; `wharf-client` never depends on core or storage.
+/// runtime or the network stack; `wharf-client` never depends on core or storage; the
+/// `wharf-server` library leaves the client, the CLI's and the load generator's dependencies to
+/// the `wharf` binary crate.
 fn layers() -> Result<()> {
     let forbidden: &[(&str, &[&str])] = &[
         ("wharf-core", &["tokio", "wharf-protocol", "wharf-storage"]),
@@ -302,6 +305,10 @@ fn layers() -> Result<()> {
         (
             "wharf-client",
             &["wharf-core", "wharf-storage", "wharf-server"],
+        ),
+        (
+            "wharf-server",
+            &["wharf-client", "hdrhistogram", "indicatif"],
         ),
     ];
     for (krate, banned) in forbidden {
