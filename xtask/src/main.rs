@@ -269,7 +269,7 @@ fn python_tier() -> Result<()> {
 }
 
 /// Real-process crash rounds: `wharf serve` killed with SIGKILL while publishing and consuming,
-/// restarted, and checked for lost confirmed messages (crates/wharf-server/tests/crash.rs).
+/// restarted, and checked for lost confirmed messages (crates/wharf/tests/crash.rs).
 fn crash(args: &[String]) -> Result<()> {
     let mut rounds = 50u64;
     if let Some(idx) = args.iter().position(|arg| arg == "--rounds") {
@@ -278,9 +278,10 @@ fn crash(args: &[String]) -> Result<()> {
             .context("--rounds needs a value")?
             .parse()?;
     }
+    // The tests that run the `wharf` binary live in its crate, `wharf`.
     let server_test = |test: &str, filter: &str, (var, value): (&str, String)| {
         run(cargo()
-            .args(["test", "--release", "-p", "wharf-server", "--test", test])
+            .args(["test", "--release", "-p", "wharf", "--test", test])
             .args(["--", "--nocapture", filter])
             .env(var, value))
     };

@@ -6,7 +6,8 @@
 //! them under one lock and then writes the small outputs it queued itself, and a writer task,
 //! which drains the connection's [`outbox::Outbox`] of the rest into as few socket writes as
 //! it can, coalescing deliveries into `DeliverBatch` frames.
-//! See docs/ARCHITECTURE.md.
+//! It is a library: the `wharf` binary (crate `wharf`, `crates/wharf`) resolves a
+//! [`ServerConfig`] with [`config::resolve`] and runs a [`Server`]. See docs/ARCHITECTURE.md.
 
 mod batch;
 pub mod config;

@@ -1,5 +1,5 @@
 //! A connection's output: the [`Outbox`] the broker queues into under its lock, and the
-//! socket writer ([`Sink`]) that drains it, behind an async mutex shared by the connection's
+//! socket writer (`Sink`) that drains it, behind an async mutex shared by the connection's
 //! writer task and the readers that write a small output inline. `outbox.rs` is the queue,
 //! `writer.rs` the encoder and socket writes; this module composes them and runs the writer
 //! task, so neither of those two depends on the other's owner.

@@ -486,44 +486,6 @@ async fn many_tasks_share_one_client() {
 }
 
 #[tokio::test]
-async fn a_killed_client_process_gets_its_unacked_messages_redelivered_to_others() {
-    let server = TestServer::start().await;
-    let client = connect(&server).await;
-    client.declare_queue("jobs").await.unwrap();
-    for idx in 0..3 {
-        client
-            .publish("", "jobs", Message::new(format!("job-{idx}")))
-            .await
-            .unwrap();
-    }
-    // Another process takes the messages without acking them and is killed with SIGKILL.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(["consume", "jobs", "--prefetch", "10", "--server"])
-        .arg(server.addr().to_string())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn a consuming client process");
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while client.queue_stats("jobs").await.unwrap().unacked != 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the child never took the messages"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    child.kill().expect("kill -9");
-    child.wait().expect("reaped");
-    // The broker sees the socket close and requeues; another consumer gets them, flagged.
-    let mut consumer = client.consume("jobs", manual(10)).await.unwrap();
-    for idx in 0..3 {
-        let delivery = next(&mut consumer).await;
-        assert_eq!(delivery.body(), format!("job-{idx}").as_bytes());
-        assert!(delivery.redelivered());
-        delivery.ack().await.unwrap();
-    }
-}
-
-#[tokio::test]
 async fn a_peer_gone_silent_has_its_unacked_messages_requeued_and_exclusive_queues_deleted() {
     let server =
         TestServer::start_with(|config| config.heartbeat = Duration::from_millis(200)).await;

@@ -1,9 +1,7 @@
 //! Shared helpers for the server's end-to-end tests: an in-process server on an ephemeral
-//! port with its own temp data dir, a raw protocol peer for bad-input tests, and (in
-//! [`process`]) the real `wharf serve` process for tests that kill it.
+//! port with its own temp data dir, and a raw protocol peer for bad-input tests. The `wharf`
+//! binary's tests (`crates/wharf/tests`) compile this file into their own `common` module.
 #![allow(dead_code)]
-
-pub mod process;
 
 use bytes::BytesMut;
 use std::net::SocketAddr;

@@ -1,5 +1,6 @@
-//! The `wharf` binary: `wharf serve` runs the broker; the other subcommands are its CLI
-//! (`cli.rs`), which talks to a broker through `wharf-client`.
+//! The `wharf` binary: `wharf serve` runs the broker (the `wharf-server` library); `wharf bench`
+//! (`bench/`) load-tests one; the other subcommands are its CLI (`cli.rs`), which talks to a
+//! broker through `wharf-client`.
 
 mod bench;
 mod cli;

@@ -411,7 +411,9 @@ fn parse_header(text: &str) -> Result<(String, String), String> {
     }
 }
 
-fn parse_seconds(text: &str) -> Result<Duration, String> {
+/// Parses a (fractional) number of seconds, for the duration flags of the CLI and of
+/// `wharf bench`.
+pub(crate) fn parse_seconds(text: &str) -> Result<Duration, String> {
     let seconds: f64 = text
         .parse()
         .map_err(|_| format!("expected seconds, got {text:?}"))?;
@@ -436,21 +438,29 @@ pub async fn run(command: Command) -> Result<(), Failure> {
 }
 
 async fn connect(server: &ServerArg) -> Result<Client, Failure> {
+    connect_as(
+        &server.server,
+        concat!("wharf-cli/", env!("CARGO_PKG_VERSION")).to_owned(),
+    )
+    .await
+}
+
+/// Connects to the broker at `server` as `client_name`, for the CLI and for `wharf bench`;
+/// every failure but a usage error (a bad address) exits with [`EXIT_CONNECT`].
+pub(crate) async fn connect_as(server: &str, client_name: String) -> Result<Client, Failure> {
     let options = ClientOptions {
-        client_name: concat!("wharf-cli/", env!("CARGO_PKG_VERSION")).to_owned(),
+        client_name,
         connect_timeout: Duration::from_secs(10),
         ..ClientOptions::default()
     };
-    Client::connect_with(&server.server, options)
-        .await
-        .map_err(|err| {
-            let mut failure = Failure::from(err);
-            if failure.exit_code != EXIT_USAGE {
-                // Whatever broke during the handshake, the command never got a connection.
-                failure.exit_code = EXIT_CONNECT;
-            }
-            failure
-        })
+    Client::connect_with(server, options).await.map_err(|err| {
+        let mut failure = Failure::from(err);
+        if failure.exit_code != EXIT_USAGE {
+            // Whatever broke during the handshake, the command never got a connection.
+            failure.exit_code = EXIT_CONNECT;
+        }
+        failure
+    })
 }
 
 /// Runs `work` on a fresh connection, then closes it (also after an error).
@@ -982,7 +992,8 @@ fn yes_no(flag: bool) -> &'static str {
     if flag { "yes" } else { "no" }
 }
 
-fn kind_name(kind: ExchangeKind) -> &'static str {
+/// The name of an exchange kind, as the flags and listings spell it.
+pub(crate) fn kind_name(kind: ExchangeKind) -> &'static str {
     match kind {
         ExchangeKind::Direct => "direct",
         ExchangeKind::Fanout => "fanout",

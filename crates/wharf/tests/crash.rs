@@ -2,7 +2,7 @@
 //! a consumer acks, `kill -9` the server at a random moment, restart on the same data dir,
 //! repeat; then drain and check: no confirmed message lost, and every repeated delivery of a
 //! message is flagged redelivered. A `kill -9` keeps the page cache, so this tests crash
-//! consistency of the log, not fsync (tests/power_loss.rs does that).
+//! consistency of the log, not fsync (crates/wharf-server/tests/power_loss.rs does that).
 //!
 //! Rounds: `WHARF_CRASH_ROUNDS` (default 10; `cargo xtask crash --rounds N`). Prints the seed;
 //! `WHARF_SEED=n` replays the same kill timings.
