@@ -4,7 +4,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use wharf_storage::SyncPolicy;
+use wharf_storage::{ParseSyncPolicyError, SyncPolicy};
 
 /// The address `wharf serve` listens on by default.
 pub const DEFAULT_BIND: &str = "127.0.0.1:5800";
@@ -62,20 +62,6 @@ pub struct ServerConfig {
     pub flow_ready_messages: u64,
     /// The same limit in body bytes (whichever is reached first). 0: no byte limit.
     pub flow_ready_bytes: u64,
-}
-
-/// Parses a sync policy: `always`, `never` (unsafe) or `interval=MS`.
-pub fn parse_sync_policy(text: &str) -> Result<SyncPolicy, String> {
-    match text {
-        "always" => Ok(SyncPolicy::Always),
-        "never" => Ok(SyncPolicy::Never),
-        other => match other.strip_prefix("interval=").map(str::parse::<u64>) {
-            Some(Ok(ms)) if ms > 0 => Ok(SyncPolicy::Interval(Duration::from_millis(ms))),
-            _ => Err(format!(
-                "sync policy must be always, never or interval=MS, not {other:?}"
-            )),
-        },
-    }
 }
 
 impl Default for ServerConfig {
@@ -243,10 +229,12 @@ pub fn resolve(
         });
     }
     let sync_policy = match overrides.sync.as_deref().or(file.sync.as_deref()) {
-        Some(text) => parse_sync_policy(text).map_err(|reason| ConfigError::Invalid {
-            key: "sync",
-            reason,
-        })?,
+        Some(text) => text
+            .parse()
+            .map_err(|err: ParseSyncPolicyError| ConfigError::Invalid {
+                key: "sync",
+                reason: err.to_string(),
+            })?,
         None => defaults.sync_policy,
     };
     Ok(ServerConfig {

@@ -154,21 +154,6 @@ pub struct Server {
     dir_lock: crate::data_dir::DirLock,
 }
 
-/// A sync policy as the `--sync` flag spells it.
-struct SyncPolicyText(wharf_storage::SyncPolicy);
-
-impl std::fmt::Display for SyncPolicyText {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            wharf_storage::SyncPolicy::Always => f.write_str("always"),
-            wharf_storage::SyncPolicy::Interval(interval) => {
-                write!(f, "interval={}", interval.as_millis())
-            }
-            wharf_storage::SyncPolicy::Never => f.write_str("never"),
-        }
-    }
-}
-
 impl Server {
     /// Binds the listener and prepares the data directory.
     pub async fn bind(config: ServerConfig) -> std::io::Result<Server> {
@@ -192,7 +177,7 @@ impl Server {
         info!(
             version = env!("CARGO_PKG_VERSION"),
             data_dir = %dir_lock.dir().display(),
-            sync = %SyncPolicyText(config.sync_policy),
+            sync = %config.sync_policy,
             "wharf starting: recovering the log"
         );
         let started = std::time::Instant::now();

@@ -54,8 +54,8 @@ pub use format::{
 pub use mem::{Fault, MemStorage, SECTOR_BYTES, SplitMix64};
 pub use storage::{FileStorage, Storage, StorageFile};
 pub use wal::{
-    Committed, Completion, Leader, Records, RecoveryReport, SyncCoverage, SyncPolicy, Truncation,
-    Wal, WalConfig, WalStats,
+    Committed, Completion, Leader, ParseSyncPolicyError, Records, RecoveryReport, SyncCoverage,
+    SyncPolicy, Truncation, Wal, WalConfig, WalStats,
 };
 
 #[cfg(test)]

@@ -1635,3 +1635,31 @@ fn dropping_the_last_handle_inside_a_leaders_completion_does_not_deadlock() {
     let (wal, _) = open(&mem, test_config(1 << 20));
     assert_eq!(replay(&wal).len(), 1);
 }
+
+#[test]
+fn sync_policies_parse_from_and_print_as_their_configuration_form() {
+    for text in ["always", "never", "interval=1", "interval=250"] {
+        let policy: SyncPolicy = text.parse().expect(text);
+        assert_eq!(policy.to_string(), text);
+    }
+    assert_eq!(
+        "interval=250".parse::<SyncPolicy>(),
+        Ok(SyncPolicy::Interval(Duration::from_millis(250)))
+    );
+    for bad in [
+        "",
+        "Always",
+        "interval=0",
+        "interval=",
+        "interval=-5",
+        "interval=1.5",
+        "sometimes",
+    ] {
+        let err = bad.parse::<SyncPolicy>().expect_err(bad);
+        assert_eq!(err.text, bad);
+        assert!(
+            err.to_string().contains("always, never or interval=MS"),
+            "{err}"
+        );
+    }
+}

@@ -59,6 +59,43 @@ pub enum SyncPolicy {
     Never,
 }
 
+/// `always`, `never` or `interval=MS` (MS ≥ 1): the form configuration files and flags use.
+impl std::str::FromStr for SyncPolicy {
+    type Err = ParseSyncPolicyError;
+
+    fn from_str(text: &str) -> Result<SyncPolicy, ParseSyncPolicyError> {
+        match text {
+            "always" => Ok(SyncPolicy::Always),
+            "never" => Ok(SyncPolicy::Never),
+            other => match other.strip_prefix("interval=").map(str::parse::<u64>) {
+                Some(Ok(ms)) if ms > 0 => Ok(SyncPolicy::Interval(Duration::from_millis(ms))),
+                _ => Err(ParseSyncPolicyError {
+                    text: other.to_owned(),
+                }),
+            },
+        }
+    }
+}
+
+/// The form [`SyncPolicy::from_str`](std::str::FromStr) reads.
+impl fmt::Display for SyncPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SyncPolicy::Always => f.write_str("always"),
+            SyncPolicy::Interval(interval) => write!(f, "interval={}", interval.as_millis()),
+            SyncPolicy::Never => f.write_str("never"),
+        }
+    }
+}
+
+/// A sync policy that is not `always`, `never` or `interval=MS` with MS ≥ 1.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("sync policy must be always, never or interval=MS (MS >= 1), not {text:?}")]
+pub struct ParseSyncPolicyError {
+    /// The text given.
+    pub text: String,
+}
+
 /// Which guarantee covered a completed append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncCoverage {
