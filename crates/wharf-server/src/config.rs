@@ -311,6 +311,19 @@ mod tests {
                 ..
             })
         ));
+        let overrides = Overrides {
+            sync: Some("sometimes".to_owned()),
+            ..Overrides::default()
+        };
+        assert!(matches!(
+            resolve(overrides, None),
+            Err(ConfigError::Invalid { key: "sync", reason }) if reason.contains("\"sometimes\"")
+        ));
+        let file: FileConfig = toml::from_str("sync = \"interval=0\"").unwrap();
+        assert!(matches!(
+            resolve(Overrides::default(), Some(file)),
+            Err(ConfigError::Invalid { key: "sync", .. })
+        ));
         let missing = FileConfig::load(Path::new("/nonexistent/wharf.toml")).unwrap_err();
         assert!(matches!(missing, ConfigError::Read { .. }));
     }

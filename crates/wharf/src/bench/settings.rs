@@ -49,7 +49,8 @@ impl Scenario {
 Exits 8 if a message was lost, duplicated without the redelivered flag, or malformed."
 )]
 pub struct BenchArgs {
-    /// A preset from the benchmarks issue; explicit flags override its values.
+    /// A preset scenario of docs/benchmarks.md (listed below); explicit flags override its
+    /// values.
     #[arg(long, value_enum)]
     scenario: Option<Scenario>,
     /// Producer connections [default: 1].
