@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{DEADLINE, Raw, TestServer};
+use common::{DEADLINE, Raw, TestServer, wait_for_stats};
 use std::time::Duration;
 use tokio::time::Instant;
 use wharf_client::{
@@ -42,19 +42,6 @@ async fn next(consumer: &mut Consumer) -> Delivery {
 
 async fn stats(client: &Client, queue: &str) -> QueueInfoV2 {
     client.queue_stats_v2(queue).await.expect("queue stats")
-}
-
-/// Polls `queue`'s counters until `done` holds for them; panics after [`DEADLINE`].
-async fn wait_for_stats(client: &Client, queue: &str, done: impl Fn(&QueueInfoV2) -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let stats = stats(client, queue).await;
-        if done(&stats) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{queue}: still {stats:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 fn death_reason(delivery: &Delivery) -> Option<&str> {

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{DEADLINE, TestServer};
+use common::{DEADLINE, TestServer, wait_for_stats};
 use std::time::Duration;
 use wharf_client::{
     Client, ClientError, ConsumeOptions, Consumer, Delivery, ExchangeKind, HeadersMatch, Message,
@@ -80,28 +80,8 @@ async fn default_exchange_publish_consume_ack_round_trip_with_metadata() {
     );
     assert_eq!(delivery.header("attempt").and_then(|v| v.as_i64()), Some(2));
     delivery.ack().await.unwrap();
-    let stats = wait_stats(&client, "orders", |s| s.unacked == 0).await;
+    let stats = wait_for_stats(&client, "orders", |s| s.unacked == 0).await;
     assert_eq!((stats.ready, stats.unacked, stats.consumers), (0, 0, 1));
-}
-
-async fn wait_stats(
-    client: &Client,
-    queue: &str,
-    done: impl Fn(&wharf_protocol::QueueInfo) -> bool,
-) -> wharf_protocol::QueueInfo {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let stats = client.queue_stats(queue).await.unwrap();
-        if done(&stats) {
-            return stats;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not reached: {stats:?}"
-        );
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 #[tokio::test]
@@ -239,7 +219,7 @@ async fn nack_requeue_redelivers_flagged_and_reject_drops() {
     let second = next(&mut consumer).await;
     assert_eq!(&second.body()[..], b"b");
     second.nack(false).await.unwrap();
-    let stats = wait_stats(&client, "q", |s| s.unacked == 0).await;
+    let stats = wait_for_stats(&client, "q", |s| s.unacked == 0).await;
     assert_eq!(stats.ready, 0, "reject and nack without requeue drop");
 }
 
@@ -257,7 +237,7 @@ async fn cancel_returns_unacked_messages_for_redelivery() {
     let mut consumer = client.consume("q", manual(10)).await.unwrap();
     let _held = next(&mut consumer).await;
     consumer.cancel().await.unwrap();
-    let stats = wait_stats(&client, "q", |s| s.ready == 3).await;
+    let stats = wait_for_stats(&client, "q", |s| s.ready == 3).await;
     assert_eq!((stats.unacked, stats.consumers), (0, 0));
     let mut again = client.consume("q", manual(10)).await.unwrap();
     let redelivered = next(&mut again).await;
@@ -281,7 +261,7 @@ async fn a_dropped_connection_returns_its_unacked_messages_to_other_consumers() 
     for _ in 0..4 {
         next(&mut doomed_consumer).await;
     }
-    wait_stats(&survivor, "q", |s| s.unacked == 4).await;
+    wait_for_stats(&survivor, "q", |s| s.unacked == 4).await;
     doomed.close().await.unwrap();
     drop(doomed_consumer);
     let mut consumer = survivor.consume("q", manual(10)).await.unwrap();
@@ -678,10 +658,10 @@ async fn a_consumer_that_dies_with_a_full_outbox_has_its_deliveries_redelivered(
     // Confirmed, so routed: 72 MiB are queued for the consumer, which reads none of it. A
     // frame makes its reader go round its loop, into the wait for room.
     stuck.send(&Frame::Heartbeat).await;
-    wait_stats(&client, "big", |stats| stats.unacked == n_messages).await;
+    wait_for_stats(&client, "big", |stats| stats.unacked == n_messages).await;
     // Unread data makes the close a reset: the broker's pending write fails.
     drop(stuck);
-    let stats = wait_stats(&client, "big", |stats| stats.consumers == 0).await;
+    let stats = wait_for_stats(&client, "big", |stats| stats.consumers == 0).await;
     assert_eq!(stats.ready, n_messages, "{stats:?}");
     let mut consumer = client.consume("big", manual(100)).await.unwrap();
     for _ in 0..n_messages {
@@ -717,7 +697,7 @@ async fn a_delivery_too_large_for_its_consumer_ends_that_connection_and_is_redel
         .publish("", "wide", Message::new(body.clone()))
         .await
         .expect("confirmed");
-    let stats = wait_stats(&client, "wide", |stats| stats.consumers == 0).await;
+    let stats = wait_for_stats(&client, "wide", |stats| stats.consumers == 0).await;
     assert_eq!(stats.ready, 1, "{stats:?}");
     // The small consumer's socket was shut without a frame it could not take.
     assert_eq!(small.recv().await, None);
@@ -746,7 +726,7 @@ async fn a_publisher_that_dies_while_paused_by_the_memory_alarm_is_cleaned_up() 
         .publish("", "side", Message::new("held"))
         .await
         .unwrap();
-    wait_stats(&client, "side", |stats| stats.unacked == 1).await;
+    wait_for_stats(&client, "side", |stats| stats.unacked == 1).await;
     // Past the watermark with nobody consuming: the alarm is on for good (and this client,
     // which published, is not read any more either: another one watches).
     client
@@ -763,8 +743,8 @@ async fn a_publisher_that_dies_while_paused_by_the_memory_alarm_is_cleaned_up() 
             body: bytes::Bytes::from_static(b"x"),
         }))
         .await;
-    wait_stats(&observer, "fill", |stats| stats.ready == 2).await;
+    wait_for_stats(&observer, "fill", |stats| stats.ready == 2).await;
     drop(dying);
-    let stats = wait_stats(&observer, "side", |stats| stats.consumers == 0).await;
+    let stats = wait_for_stats(&observer, "side", |stats| stats.consumers == 0).await;
     assert_eq!((stats.ready, stats.unacked), (1, 0), "{stats:?}");
 }

@@ -2,8 +2,7 @@
 
 mod common;
 
-use common::{DEADLINE, TestServer};
-use std::time::Duration;
+use common::{DEADLINE, TestServer, wait_for_stats};
 use wharf_client::{Client, ClientError, ConsumeOptions, Consumer, Message, Overflow};
 use wharf_protocol::ErrorCode;
 use wharf_server::{RunningServer, ServerConfig};
@@ -277,22 +276,6 @@ async fn start_in(dir: &std::path::Path) -> RunningServer {
         .expect("server starts")
 }
 
-/// Waits until `queue` has `ready` ready and no unacked messages (settles are fire-and-forget).
-async fn wait_ready(client: &Client, queue: &str, ready: u64) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let stats = client.queue_stats(queue).await.unwrap();
-        if stats.ready == ready && stats.unacked == 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{queue}: {stats:?}, want {ready} ready"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test]
 async fn dropped_and_dead_lettered_persistent_messages_stay_where_they_went_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -324,8 +307,8 @@ async fn dropped_and_dead_lettered_persistent_messages_stay_where_they_went_acro
     delivery.reject().await.unwrap();
     // "c" is delivered next: cancel so it goes back, then wait for the broker to settle.
     consumer.cancel().await.unwrap();
-    wait_ready(&client, "work", 1).await;
-    wait_ready(&client, "dead", 2).await;
+    wait_for_stats(&client, "work", |s| s.ready == 1 && s.unacked == 0).await;
+    wait_for_stats(&client, "dead", |s| s.ready == 2 && s.unacked == 0).await;
     client.close().await.unwrap();
     server.stop().await.unwrap();
 
@@ -357,7 +340,7 @@ async fn dropped_and_dead_lettered_persistent_messages_stay_where_they_went_acro
             .await
             .expect("confirmed");
     }
-    wait_ready(&client, "work", 2).await;
+    wait_for_stats(&client, "work", |s| s.ready == 2 && s.unacked == 0).await;
     assert_eq!(body_of(&mut dead).await, "d");
     client.close().await.unwrap();
     server.stop().await.unwrap();

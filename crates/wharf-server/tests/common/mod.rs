@@ -17,6 +17,28 @@ use wharf_server::{RunningServer, ServerConfig};
 /// Every wait in the tests is bounded by this.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+/// Polls `queue`'s counters until `done` holds for them and returns them; panics after
+/// [`DEADLINE`] with the last counters seen. The one wait-for-a-condition helper of the
+/// end-to-end tests (settles are fire-and-forget, so their effect is observed this way).
+pub async fn wait_for_stats(
+    client: &wharf_client::Client,
+    queue: &str,
+    done: impl Fn(&wharf_protocol::QueueInfoV2) -> bool,
+) -> wharf_protocol::QueueInfoV2 {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let stats = client.queue_stats_v2(queue).await.expect("queue stats");
+        if done(&stats) {
+            return stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue}: condition not reached, still {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 pub struct TestServer {
     pub server: RunningServer,
     pub dir: tempfile::TempDir,
