@@ -17,6 +17,9 @@ use crate::{ConnectionId, ConsumerTag, DeliveryTag, FixedState, QueueId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
+mod invariants;
+pub use invariants::{Invariant, InvariantViolation};
+
 /// The name of the default exchange, which routes to the queue named by the routing key.
 pub const DEFAULT_EXCHANGE: &str = "";
 
@@ -755,12 +758,22 @@ impl Broker {
         effects: &mut Vec<Effect>,
     ) -> Result<Reply, CoreError> {
         self.now_ms = self.now_ms.max(now_ms);
-        let reply = self.apply_command(command, effects)?;
-        if !self.dead_letters.is_empty() {
+        let reply = self.apply_command(command, effects);
+        if reply.is_ok() && !self.dead_letters.is_empty() {
             // Messages found expired while dispatching at the end of the command.
             self.finish_dead_letters_and_dispatch(effects);
         }
-        Ok(reply)
+        // Debug builds check every invariant after every command while the state is small
+        // (at most a few thousand queues, messages, deliveries, timers and bindings in all:
+        // see `invariants::DEBUG_CHECK_ITEMS_MAX`), where the O(state) check costs little. A
+        // panic here is a bug in the core, never a user mistake.
+        #[cfg(debug_assertions)]
+        if self.small_enough_to_check()
+            && let Err(violation) = self.check_invariants()
+        {
+            panic!("wharf-core broke an invariant of its state: {violation}");
+        }
+        reply
     }
 
     /// The earliest time at which [`Command::Tick`] has something to do (unix ms), if any. May
