@@ -1,4 +1,5 @@
-//! The API: what a caller sends ([`Command`]) and gets back ([`Reply`], [`Effect`]), and the summaries the queries return.
+//! The API: what a caller sends ([`Command`]) and gets back ([`Reply`], [`Effect`]), and the
+//! summaries the queries return.
 
 use super::*;
 

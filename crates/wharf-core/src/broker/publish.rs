@@ -1,4 +1,5 @@
-//! Publishing: routing, reject-publish and dedup checks, enqueueing (ready, delayed or paged), drop-head limits.
+//! Publishing: routing, reject-publish and dedup checks, enqueueing (ready, delayed or paged),
+//! drop-head limits.
 
 use super::*;
 
