@@ -177,6 +177,25 @@ impl Exchange {
         self.n_bindings
     }
 
+    /// For a topic exchange, its matcher's cached binding count and the count found in the
+    /// trie (the invariant checks compare them).
+    pub(crate) fn topic_counts(&self) -> Option<(usize, usize)> {
+        match &self.router {
+            Router::Topic(matcher) => Some((matcher.len(), matcher.count_values())),
+            _ => None,
+        }
+    }
+
+    /// Breaks the cached binding counts on purpose (invariant check tests): the exchange's
+    /// own, or its topic matcher's.
+    #[cfg(test)]
+    pub(crate) fn corrupt_counts(&mut self, topic: bool) {
+        match &mut self.router {
+            Router::Topic(matcher) if topic => matcher.corrupt_len(),
+            _ => self.n_bindings += 1,
+        }
+    }
+
     pub(crate) fn has_binding(&self, key: &BindingKey) -> bool {
         self.bindings
             .get(&(key.destination.clone(), key.routing_key.clone()))

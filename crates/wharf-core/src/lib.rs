@@ -40,7 +40,8 @@ pub mod topic;
 
 pub use broker::{
     BUILTIN_EXCHANGES, BindTarget, BindingInfo, Broker, CancelReason, Command, DEFAULT_EXCHANGE,
-    Delivery, Effect, ExchangeInfo, QueueFlow, ROUTED_TRACKED_MAX, Reply,
+    Delivery, Effect, ExchangeInfo, Invariant, InvariantViolation, QueueFlow, ROUTED_TRACKED_MAX,
+    Reply,
 };
 pub use error::{CoreError, EntityKind};
 pub use exchange::{Destination, ExchangeKind, ExchangeOptions};

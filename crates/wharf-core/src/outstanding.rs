@@ -101,6 +101,17 @@ impl<T> Outstanding<T> {
         self.entries.iter().filter_map(|(_, slot)| slot.as_ref())
     }
 
+    /// Every slot (tag, live entry or tombstone) in storage order, for the invariant checks.
+    pub(crate) fn slots_iter(&self) -> impl Iterator<Item = (u64, Option<&T>)> {
+        self.entries.iter().map(|(tag, slot)| (*tag, slot.as_ref()))
+    }
+
+    /// Breaks the cached live count on purpose (invariant check tests).
+    #[cfg(test)]
+    pub(crate) fn corrupt_len(&mut self) {
+        self.live += 1;
+    }
+
     /// Every live entry, in tag order, leaving this empty.
     pub(crate) fn drain(&mut self) -> Vec<(u64, T)> {
         self.live = 0;

@@ -655,11 +655,40 @@ impl Ready {
 
     /// Every ready entry, in delivery order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.levels().flat_map(|(_, level)| level.iter())
+    }
+
+    /// The priority levels in delivery order (highest first, `0` last, always present), for
+    /// the invariant checks.
+    pub(crate) fn levels(&self) -> impl Iterator<Item = (u8, &VecDeque<Entry>)> {
         self.higher
-            .values()
+            .iter()
             .rev()
-            .flat_map(|level| level.iter())
-            .chain(self.base.iter())
+            .map(|(priority, level)| (*priority, level))
+            .chain(std::iter::once((0, &self.base)))
+    }
+
+    /// The expiry index: (expires at, priority, seq) of every ready entry with a TTL.
+    pub(crate) fn expiring(&self) -> &BTreeSet<(u64, u8, u64)> {
+        &self.expiring
+    }
+
+    /// Breaks the cached byte count on purpose (invariant check tests).
+    #[cfg(test)]
+    pub(crate) fn corrupt_bytes(&mut self, delta: u64) {
+        self.bytes += delta;
+    }
+
+    /// Forgets the expiry index on purpose (invariant check tests).
+    #[cfg(test)]
+    pub(crate) fn corrupt_expiring(&mut self) {
+        self.expiring.clear();
+    }
+
+    /// Swaps the first two entries of priority 0 on purpose (invariant check tests).
+    #[cfg(test)]
+    pub(crate) fn corrupt_order(&mut self) {
+        self.base.swap(0, 1);
     }
 }
 

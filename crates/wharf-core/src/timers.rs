@@ -119,7 +119,6 @@ impl Timers {
     }
 
     /// Timers set (stale ones included).
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.heap.len()
     }

@@ -106,6 +106,18 @@ impl<T: PartialEq> TopicMatcher<T> {
         self.n_values == 0
     }
 
+    /// The bindings held, counted in the trie (the invariant checks compare it with
+    /// [`TopicMatcher::len`]); O(trie nodes).
+    pub(crate) fn count_values(&self) -> usize {
+        self.nodes.iter().map(|node| node.values.len()).sum()
+    }
+
+    /// Breaks the cached binding count on purpose (invariant check tests).
+    #[cfg(test)]
+    pub(crate) fn corrupt_len(&mut self) {
+        self.n_values += 1;
+    }
+
     fn alloc(&mut self, parent: u32, edge: Edge) -> u32 {
         let node = Node::new(parent, edge);
         if let Some(idx) = self.free.pop() {

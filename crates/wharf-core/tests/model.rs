@@ -4080,6 +4080,10 @@ impl Harness {
             ));
         }
         self.model.check_broker(&self.broker)?;
+        // The broker's own invariants, recounted from scratch whatever the state's size.
+        self.broker
+            .check_invariants()
+            .map_err(|violation| format!("the broker broke an invariant: {violation}"))?;
         Ok(outcome)
     }
 }

@@ -524,7 +524,8 @@ proptest! {
             }
             Ok(())
         };
-        for op in ops {
+        for (step, op) in ops.into_iter().enumerate() {
+            let described = format!("{op:?}");
             match op {
                 Op::Publish { persistent } => {
                     h.publish("q", &format!("m{next}"), persistent);
@@ -571,6 +572,9 @@ proptest! {
                     h.now += ms;
                     h.ok(Command::Tick);
                 }
+            }
+            if let Err(violation) = h.broker.check_invariants() {
+                panic!("step {step} ({described}): the broker broke an invariant: {violation}");
             }
             let auto = subscribed.unwrap_or(false);
             check(&mut h, &mut outstanding, auto)?;

@@ -1,0 +1,250 @@
+//! Consumers and dispatch: subscribe, cancel, credit, and handing ready messages to consumers.
+
+use super::*;
+
+impl Broker {
+    pub(super) fn subscribe(
+        &mut self,
+        connection: ConnectionId,
+        queue_name: &str,
+        tag: ConsumerTag,
+        options: ConsumerOptions,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
+        let conn = self.connection(connection)?;
+        if conn.consumers.contains_key(&tag) {
+            return Err(CoreError::ConsumerTagInUse { tag: tag.0 });
+        }
+        if options
+            .ack_timeout_ms
+            .is_some_and(|timeout| !(1..=DURATION_MS_MAX).contains(&timeout))
+        {
+            // A zero timeout would lapse every lease as soon as it is granted.
+            return Err(CoreError::InvalidArgument {
+                reason: format!("an ack timeout must be from 1 to {DURATION_MS_MAX} ms"),
+            });
+        }
+        let qid = self.queue_for(connection, queue_name)?;
+        let queue = &self.queues[&qid];
+        if options.exclusive && !queue.consumers.is_empty() {
+            return Err(CoreError::ResourceLocked {
+                name: queue_name.to_owned(),
+                reason: "it already has consumers, so it cannot get an exclusive one",
+            });
+        }
+        if queue
+            .consumers
+            .iter()
+            .any(|consumer| consumer.options.exclusive)
+        {
+            return Err(CoreError::ResourceLocked {
+                name: queue_name.to_owned(),
+                reason: "it has an exclusive consumer",
+            });
+        }
+        if queue.consumers.len() >= self.limits.consumers_per_queue_max {
+            return Err(CoreError::LimitExceeded {
+                what: "consumers per queue",
+                limit: self.limits.consumers_per_queue_max,
+            });
+        }
+        self.connections
+            .get_mut(&connection)
+            .expect("checked")
+            .consumers
+            .insert(tag, qid);
+        let queue = self.queues.get_mut(&qid).expect("checked");
+        queue.last_used_ms = self.now_ms;
+        queue.consumers.push(Consumer {
+            connection,
+            tag,
+            credit: options.prefetch,
+            options,
+            unacked: 0,
+        });
+        self.dispatch(qid, effects);
+        Ok(Reply::Done)
+    }
+
+    pub(super) fn consumer_queue(
+        &self,
+        connection: ConnectionId,
+        tag: ConsumerTag,
+    ) -> Result<QueueId, CoreError> {
+        self.connection(connection)?
+            .consumers
+            .get(&tag)
+            .copied()
+            .ok_or_else(|| CoreError::not_found(EntityKind::Consumer, tag.0.to_string()))
+    }
+
+    pub(super) fn cancel(
+        &mut self,
+        connection: ConnectionId,
+        tag: ConsumerTag,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
+        let qid = self.consumer_queue(connection, tag)?;
+        let conn = self.connections.get_mut(&connection).expect("checked");
+        conn.consumers.remove(&tag);
+        let returned = conn
+            .unacked
+            .remove_where(|unacked| unacked.consumer_tag == tag && unacked.queue == qid);
+        let queue = self
+            .queues
+            .get_mut(&qid)
+            .expect("consumers point at live queues");
+        for (_, unacked) in returned {
+            queue.unacked -= 1;
+            self.ready_bytes_total += requeue_entry(
+                queue,
+                qid,
+                &mut self.timers,
+                unacked.entry,
+                None,
+                &mut self.dead_letters,
+                effects,
+            );
+        }
+        let idx = queue
+            .consumer_idx(connection, tag)
+            .expect("consumer registered on its queue");
+        queue.consumers.remove(idx);
+        queue.cursor = 0;
+        queue.last_used_ms = self.now_ms;
+        let auto_deleted = queue.options.auto_delete && queue.consumers.is_empty();
+        // Messages over their delivery limit were dead-lettered: republish them before anything
+        // is dispatched or deleted.
+        self.republish_dead_letters(effects);
+        if auto_deleted {
+            self.remove_queue(qid, effects);
+        } else {
+            self.dispatch(qid, effects);
+        }
+        self.dispatch_touched(effects);
+        Ok(Reply::Done)
+    }
+
+    pub(super) fn credit(
+        &mut self,
+        connection: ConnectionId,
+        tag: ConsumerTag,
+        credit: u32,
+        effects: &mut Vec<Effect>,
+    ) -> Result<Reply, CoreError> {
+        let qid = self.consumer_queue(connection, tag)?;
+        let queue = self
+            .queues
+            .get_mut(&qid)
+            .expect("consumers point at live queues");
+        let idx = queue
+            .consumer_idx(connection, tag)
+            .expect("consumer registered on its queue");
+        let consumer = &mut queue.consumers[idx];
+        if consumer.options.prefetch > 0 {
+            consumer.credit = consumer
+                .credit
+                .saturating_add(credit)
+                .min(consumer.options.prefetch);
+        }
+        self.dispatch(qid, effects);
+        Ok(Reply::Done)
+    }
+
+    /// Dispatches the queues the command touched (see
+    /// [`Broker::finish_dead_letters_and_dispatch`]).
+    pub(super) fn dispatch_touched(&mut self, effects: &mut Vec<Effect>) {
+        let mut to_dispatch = std::mem::take(&mut self.to_dispatch);
+        for qid in to_dispatch.drain(..) {
+            // A queue deleted earlier in the command is skipped by `dispatch` itself.
+            self.dispatch(qid, effects);
+        }
+        self.to_dispatch = to_dispatch;
+    }
+
+    /// Hands ready messages to consumers with capacity until one side runs out.
+    pub(super) fn dispatch(&mut self, qid: QueueId, effects: &mut Vec<Effect>) {
+        let Broker {
+            queues,
+            connections,
+            ready_bytes_total,
+            timers,
+            dead_letters,
+            now_ms,
+            ..
+        } = self;
+        let now_ms = *now_ms;
+        let Some(queue) = queues.get_mut(&qid) else {
+            // Deleted earlier in the same command (auto-delete, dead-letter cascade).
+            return;
+        };
+        while !queue.ready.is_empty() {
+            let Some(idx) = queue.pick_consumer() else {
+                break;
+            };
+            let mut entry = queue.ready.pop_front().expect("checked non-empty");
+            *ready_bytes_total -= entry.message.size_bytes();
+            if entry.expired(now_ms) {
+                // Never deliver a message past its TTL, even before its timer fires.
+                expire_entry(queue, entry, dead_letters, effects);
+                continue;
+            }
+            entry.delivery_count += 1;
+            let consumer = &mut queue.consumers[idx];
+            let conn = connections
+                .get_mut(&consumer.connection)
+                .expect("consumers belong to live connections");
+            conn.next_delivery_tag += 1;
+            let delivery_tag = conn.next_delivery_tag;
+            queue.stats.delivered += 1;
+            if entry.redelivered {
+                queue.stats.redelivered += 1;
+            }
+            effects.push(Effect::Deliver(Delivery {
+                connection: consumer.connection,
+                consumer_tag: consumer.tag,
+                delivery_tag: DeliveryTag(delivery_tag),
+                queue: queue.name.clone(),
+                message: entry.message.clone(),
+                redelivered: entry.redelivered,
+                delivery_count: entry.delivery_count,
+            }));
+            if consumer.options.auto_ack {
+                if consumer.options.prefetch > 0 {
+                    consumer.credit -= 1;
+                }
+                queue.stats.acked += 1;
+                if let Some(durable_id) = entry.durable_id {
+                    effects.push(Effect::DurableSettled {
+                        durable_id,
+                        queue: queue.name.clone(),
+                    });
+                }
+            } else {
+                consumer.unacked += 1;
+                queue.unacked += 1;
+                let lease = consumer.options.ack_timeout_ms.map(|timeout| {
+                    let until = now_ms.saturating_add(timeout);
+                    timers.push(
+                        until,
+                        TimerKind::Lease {
+                            connection: consumer.connection,
+                            tag: delivery_tag,
+                        },
+                    );
+                    (until, timeout)
+                });
+                conn.unacked.insert(
+                    delivery_tag,
+                    Unacked {
+                        queue: qid,
+                        consumer_tag: consumer.tag,
+                        entry,
+                        lease,
+                    },
+                );
+            }
+        }
+        request_page_in(queue, effects);
+    }
+}

@@ -1,0 +1,104 @@
+//! Read-only views of the state: statistics, listings, flow control.
+
+use super::*;
+
+pub(super) fn exchange_info(exchange: &Exchange) -> ExchangeInfo {
+    ExchangeInfo {
+        name: exchange.name.to_string(),
+        kind: exchange.kind,
+        options: exchange.options.clone(),
+        builtin: exchange.builtin,
+        bindings: exchange.n_bindings(),
+    }
+}
+
+impl Broker {
+    /// Moves the queues that publishes were routed to since the last call into `into`
+    /// (cleared first; distinct, the first [`ROUTED_TRACKED_MAX`] of them). Observation only:
+    /// no state the commands depend on.
+    pub fn take_routed(&mut self, into: &mut Vec<QueueId>) {
+        into.clear();
+        std::mem::swap(&mut self.routed, into);
+    }
+
+    /// What publisher flow control needs to know of a queue, as seen by the publishing
+    /// `connection`, or `None` if the queue is gone.
+    pub fn queue_flow(&self, qid: QueueId, connection: ConnectionId) -> Option<QueueFlow> {
+        let queue = self.queues.get(&qid)?;
+        Some(QueueFlow {
+            ready: queue.ready_total(),
+            ready_bytes: queue.ready.bytes() + queue.paged.bytes,
+            consumers: queue.consumers.len() as u32,
+            own_consumers: queue
+                .consumers
+                .iter()
+                .filter(|consumer| consumer.connection == connection)
+                .count() as u32,
+            delivered: queue.stats.delivered,
+        })
+    }
+
+    /// Statistics of one queue.
+    pub fn queue_stats(&self, name: &str) -> Result<QueueStats, CoreError> {
+        let qid = self
+            .queue_names
+            .get(name)
+            .ok_or_else(|| CoreError::not_found(EntityKind::Queue, name))?;
+        Ok(self.queues[qid].stats())
+    }
+
+    /// Statistics of every queue, sorted by name.
+    pub fn list_queues(&self) -> Vec<QueueStats> {
+        let mut all: Vec<QueueStats> = self.queues.values().map(Queue::stats).collect();
+        all.sort_by(|left, right| left.name.cmp(&right.name));
+        all
+    }
+
+    /// Every exchange, sorted by name.
+    pub fn list_exchanges(&self) -> Vec<ExchangeInfo> {
+        let mut all: Vec<ExchangeInfo> = self.exchanges.values().map(exchange_info).collect();
+        all.sort_by(|left, right| left.name.cmp(&right.name));
+        all
+    }
+
+    /// Every binding, sorted by source, then destination.
+    pub fn list_bindings(&self) -> Vec<BindingInfo> {
+        let mut names: Vec<&Arc<str>> = self.exchanges.keys().collect();
+        names.sort();
+        let mut all = Vec::new();
+        for name in names {
+            for key in self.exchanges[name].bindings() {
+                let target = match &key.destination {
+                    Destination::Queue(qid) => BindTarget::Queue(self.queues[qid].name.to_string()),
+                    Destination::Exchange(exchange) => BindTarget::Exchange(exchange.to_string()),
+                };
+                all.push(BindingInfo {
+                    source: name.to_string(),
+                    target,
+                    routing_key: key.routing_key.to_string(),
+                    arguments: key.arguments,
+                });
+            }
+        }
+        all
+    }
+
+    /// One exchange's summary.
+    pub fn exchange_info(&self, name: &str) -> Option<ExchangeInfo> {
+        self.exchanges.get(name).map(exchange_info)
+    }
+
+    /// Options of a queue (for persisting durable topology).
+    pub fn queue_options(&self, name: &str) -> Option<&QueueOptions> {
+        self.queue_names
+            .get(name)
+            .map(|qid| &self.queues[qid].options)
+    }
+
+    /// Deliveries outstanding (unacked) on a connection.
+    pub fn unacked_count(&self, connection: ConnectionId) -> usize {
+        self.connections
+            .get(&connection)
+            .map_or(0, |conn| conn.unacked.len())
+    }
+}
