@@ -506,7 +506,7 @@ impl ConnectionShared {
 pub(crate) async fn open(
     addr: ServerAddr,
     options: ClientOptions,
-) -> Result<Arc<ConnectionShared>, ClientError> {
+) -> Result<ConnectionHandle, ClientError> {
     let connect_timeout = options.connect_timeout;
     let (stream, read_buf, hello_ok) =
         match timeout(connect_timeout, handshake(&addr, &options)).await {
@@ -561,5 +561,47 @@ pub(crate) async fn open(
     if protocol_minor >= wharf_protocol::MINOR_QUEUE_FEATURES {
         tokio::spawn(run_lease_extender(shared.clone()));
     }
-    Ok(shared)
+    Ok(ConnectionHandle {
+        inner: Arc::new(KeepOpen { shared }),
+    })
+}
+
+/// A handle that keeps the connection open: [`crate::Client`], [`crate::Consumer`] and
+/// [`crate::Publisher`] each hold a clone, and when the last clone goes away the connection
+/// closes (`Close`, then the tasks end within `close_timeout`). Deliveries hold only the
+/// [`ConnectionShared`]: they do not keep the connection open.
+#[derive(Clone)]
+pub(crate) struct ConnectionHandle {
+    inner: Arc<KeepOpen>,
+}
+
+impl ConnectionHandle {
+    /// The connection's shared state.
+    pub(crate) fn shared(&self) -> &Arc<ConnectionShared> {
+        &self.inner.shared
+    }
+}
+
+/// Closes the connection when the last [`ConnectionHandle`] clone goes away.
+struct KeepOpen {
+    shared: Arc<ConnectionShared>,
+}
+
+impl Drop for KeepOpen {
+    fn drop(&mut self) {
+        let Some(ended) = self.shared.begin_close() else {
+            return;
+        };
+        let shared = self.shared.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    if timeout(shared.options.close_timeout, ended).await.is_err() {
+                        shared.fail(ClientError::Closed, true);
+                    }
+                });
+            }
+            Err(_) => shared.fail(ClientError::Closed, true),
+        }
+    }
 }
