@@ -2,7 +2,7 @@
 
 use crate::addr::ServerAddr;
 use crate::confirms::Waiter;
-use crate::connection::{self, ConnectionShared, ConsumerSlot};
+use crate::connection::{self, ConnectionHandle, ConnectionShared, ConsumerSlot};
 use crate::consumer::{Consumer, ConsumerShared};
 use crate::error::ClientError;
 use crate::message::{IntoValue, Message, build_table};
@@ -31,35 +31,11 @@ const ARG_ACK_TIMEOUT: &str = "x-ack-timeout";
 /// number may be in flight at once.
 ///
 /// Dropping the last clone closes the connection (`Close`, then the background tasks end
-/// within `close_timeout`); [`Consumer`]s and [`Publisher`]s hold a clone, so they keep the
-/// connection open. [`Client::close`] closes explicitly and waits for the server's `CloseOk`.
+/// within `close_timeout`); [`Consumer`]s and [`Publisher`]s keep the connection open too.
+/// [`Client::close`] closes explicitly and waits for the server's `CloseOk`.
 #[derive(Clone)]
 pub struct Client {
-    inner: Arc<ClientInner>,
-}
-
-/// Closes the connection when the last `Client` clone goes away.
-struct ClientInner {
-    shared: Arc<ConnectionShared>,
-}
-
-impl Drop for ClientInner {
-    fn drop(&mut self) {
-        let Some(ended) = self.shared.begin_close() else {
-            return;
-        };
-        let shared = self.shared.clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    if timeout(shared.options.close_timeout, ended).await.is_err() {
-                        shared.fail(ClientError::Closed, true);
-                    }
-                });
-            }
-            Err(_) => shared.fail(ClientError::Closed, true),
-        }
-    }
+    connection: ConnectionHandle,
 }
 
 /// The answer to a queue declaration.
@@ -94,14 +70,12 @@ impl Client {
     /// `UnsupportedVersion` or `AccessRefused`) is [`ClientError::ServerClosed`].
     pub async fn connect_with(addr: &str, options: ClientOptions) -> Result<Client, ClientError> {
         let addr: ServerAddr = addr.parse()?;
-        let shared = connection::open(addr, options).await?;
-        Ok(Client {
-            inner: Arc::new(ClientInner { shared }),
-        })
+        let connection = connection::open(addr, options).await?;
+        Ok(Client { connection })
     }
 
-    pub(crate) fn shared(&self) -> &Arc<ConnectionShared> {
-        &self.inner.shared
+    fn shared(&self) -> &Arc<ConnectionShared> {
+        self.connection.shared()
     }
 
     /// The limits the server announced for this connection.
@@ -191,12 +165,15 @@ impl Client {
 
     /// A [`Publisher`] whose window is the server's `publishes_in_flight_max`.
     pub fn publisher(&self) -> Publisher {
-        Publisher::new(self.clone(), self.shared().limits.publishes_in_flight_max)
+        Publisher::new(
+            self.connection.clone(),
+            self.shared().limits.publishes_in_flight_max,
+        )
     }
 
     /// A [`Publisher`] with at most `window` unconfirmed publishes (at least 1).
     pub fn publisher_with_window(&self, window: u32) -> Publisher {
-        Publisher::new(self.clone(), window)
+        Publisher::new(self.connection.clone(), window)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -250,7 +227,7 @@ impl Client {
         };
         match shared.request(request).await {
             Ok(Response::Subscribed { .. }) => Ok(Consumer::new(
-                self.clone(),
+                self.connection.clone(),
                 consumer,
                 receiver,
                 queue.to_owned(),

@@ -1,7 +1,6 @@
 //! Consuming: [`Consumer`] (a stream of [`Delivery`]) and settling deliveries.
 
-use crate::client::Client;
-use crate::connection::{Command, ConnectionShared, Settle};
+use crate::connection::{Command, ConnectionHandle, ConnectionShared, Settle};
 use crate::error::ClientError;
 use bytes::Bytes;
 use futures::Stream;
@@ -391,10 +390,11 @@ impl fmt::Debug for Delivery {
     }
 }
 
-/// A subscription to a queue: a [`Stream`] of deliveries, from [`Client::consume`].
+/// A subscription to a queue: a [`Stream`] of deliveries, from
+/// [`Client::consume`](crate::Client::consume).
 ///
 /// The stream yields deliveries in the order the broker sent them. It ends:
-/// - with `None` after [`Consumer::cancel`] or [`Client::close`];
+/// - with `None` after [`Consumer::cancel`] or [`Client::close`](crate::Client::close);
 /// - with one `Err(ClientError::ConsumerCancelled { .. })` and then `None` when the server
 ///   cancels the consumer (e.g. its queue was deleted), after the deliveries received before;
 /// - with one `Err` carrying the connection error (e.g. `ConnectionLost`) and then `None` when
@@ -407,9 +407,9 @@ impl fmt::Debug for Delivery {
 /// Dropping a `Consumer` cancels it like [`Consumer::cancel`] (the broker requeues its
 /// unsettled deliveries, which can no longer be settled) without waiting for the answer.
 /// A consumer keeps its
-/// connection open (it holds a [`Client`]).
+/// connection open, as a [`Client`](crate::Client) clone does.
 pub struct Consumer {
-    client: Client,
+    connection: ConnectionHandle,
     consumer: Arc<ConsumerShared>,
     receiver: mpsc::UnboundedReceiver<Result<Vec<Delivery>, ClientError>>,
     /// Deliveries received in one batch and not yet taken (taken from the batch in place:
@@ -427,14 +427,14 @@ pub struct Consumer {
 
 impl Consumer {
     pub(crate) fn new(
-        client: Client,
+        connection: ConnectionHandle,
         consumer: Arc<ConsumerShared>,
         receiver: mpsc::UnboundedReceiver<Result<Vec<Delivery>, ClientError>>,
         queue: String,
         prefetch: u32,
     ) -> Consumer {
         Consumer {
-            client,
+            connection,
             consumer,
             receiver,
             buffered: Vec::new().into_iter(),
@@ -472,7 +472,7 @@ impl Consumer {
     pub async fn cancel(mut self) -> Result<(), ClientError> {
         self.cancel_sent = true;
         self.discard_buffered();
-        let shared = self.client.shared().clone();
+        let shared = self.connection.shared().clone();
         let consumer_tag = self.consumer.consumer_tag;
         if self.consumer.is_cancelled() {
             shared.remove_consumer(consumer_tag);
@@ -519,7 +519,7 @@ impl Consumer {
             credit: self.n_taken,
         });
         self.n_taken = 0;
-        let shared = self.client.shared();
+        let shared = self.connection.shared();
         if let Ok(bytes) = shared.encode(&credit) {
             // If the connection is over, the stream ends with its error soon enough.
             let _ = shared.send(Command::Frame(bytes));
@@ -586,7 +586,7 @@ impl Drop for Consumer {
             return;
         }
         self.discard_buffered();
-        let shared = self.client.shared().clone();
+        let shared = self.connection.shared().clone();
         let consumer_tag = self.consumer.consumer_tag;
         // Marked and queued now, under the state lock (no runtime needed): from here on the
         // consumer's deliveries cannot be settled. Nobody waits for the answer; deliveries

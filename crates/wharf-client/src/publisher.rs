@@ -1,8 +1,7 @@
 //! Pipelined publishing: [`Publisher`], [`PublishTicket`] and batches.
 
-use crate::client::Client;
 use crate::confirms::{Outcome, Waiter};
-use crate::connection::ConnectionShared;
+use crate::connection::{ConnectionHandle, ConnectionShared};
 use crate::error::ClientError;
 use crate::message::Message;
 use bytes::Bytes;
@@ -44,7 +43,8 @@ pub(crate) fn encode_publish(
 /// At most `window` publishes from this publisher (and its clones) are unconfirmed at once;
 /// [`Publisher::publish`] waits for room, then returns a [`PublishTicket`] that resolves when
 /// the broker confirms. The connection's own window (`publishes_in_flight_max` from the
-/// server) applies on top. A publisher keeps its connection open (it holds a [`Client`]).
+/// server) applies on top. A publisher keeps its connection open, as a
+/// [`Client`](crate::Client) clone does.
 ///
 /// ```no_run
 /// # async fn example(client: wharf_client::Client) -> Result<(), wharf_client::ClientError> {
@@ -62,16 +62,16 @@ pub(crate) fn encode_publish(
 /// ```
 #[derive(Clone)]
 pub struct Publisher {
-    client: Client,
+    connection: ConnectionHandle,
     window: Arc<Semaphore>,
     window_size: u32,
 }
 
 impl Publisher {
-    pub(crate) fn new(client: Client, window_size: u32) -> Publisher {
+    pub(crate) fn new(connection: ConnectionHandle, window_size: u32) -> Publisher {
         let window_size = window_size.max(1);
         Publisher {
-            client,
+            connection,
             window: Arc::new(Semaphore::new(window_size as usize)),
             window_size,
         }
@@ -96,7 +96,7 @@ impl Publisher {
         routing_key: &str,
         message: Message,
     ) -> Result<PublishTicket, ClientError> {
-        let shared = self.client.shared();
+        let shared = self.connection.shared();
         shared.check_open()?;
         let bytes = encode_publish(shared, exchange, routing_key, message)?;
         let own = self
@@ -158,7 +158,7 @@ impl Publisher {
     /// meanwhile are waited for too). Outcomes are reported by the tickets; this returns the
     /// connection's error if it ended.
     pub async fn wait_confirms(&self) -> Result<(), ClientError> {
-        let shared = self.client.shared();
+        let shared = self.connection.shared();
         let all = self
             .window
             .acquire_many(self.window_size)
@@ -177,7 +177,7 @@ impl Publisher {
         routing_key: &str,
         messages: Vec<(Option<String>, Message)>,
     ) -> Result<Vec<Outcome>, ClientError> {
-        let shared = self.client.shared();
+        let shared = self.connection.shared();
         shared.check_open()?;
         let n_messages = messages.len();
         let mut outcomes: Vec<Option<Outcome>> = (0..n_messages).map(|_| None).collect();

@@ -1,0 +1,173 @@
+//! The handshake: TCP connect, preambles, `Hello` / `HelloOk`.
+
+use super::BUFFER_BYTES;
+use crate::addr::ServerAddr;
+use crate::error::ClientError;
+use crate::options::{ClientOptions, Credentials};
+use bytes::{Buf, BytesMut};
+use std::io;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR;
+use wharf_protocol::{ErrorCode, Frame, Hello, HelloOk, Preamble};
+
+pub(super) async fn handshake(
+    addr: &ServerAddr,
+    options: &ClientOptions,
+) -> Result<(TcpStream, BytesMut, HelloOk), ClientError> {
+    let connect_error = |source: io::Error| ClientError::Connect {
+        addr: addr.to_string(),
+        source: Arc::new(source),
+    };
+    let mut stream = TcpStream::connect((addr.host(), addr.port()))
+        .await
+        .map_err(connect_error)?;
+    // Small frames (acks, credits, requests) must not wait for Nagle; the writer coalesces.
+    stream.set_nodelay(true).map_err(connect_error)?;
+    stream
+        .write_all(&Preamble::CURRENT.encode())
+        .await
+        .map_err(connect_error)?;
+
+    let mut buf = BytesMut::with_capacity(BUFFER_BYTES);
+    let preamble = loop {
+        match Preamble::decode(&buf) {
+            Ok(Some(preamble)) => break preamble,
+            Ok(None) => {}
+            Err(err) => {
+                return Err(ClientError::Handshake {
+                    detail: err.to_string(),
+                });
+            }
+        }
+        if stream.read_buf(&mut buf).await.map_err(connect_error)? == 0 {
+            return Err(ClientError::Handshake {
+                detail: "the server closed the connection before its preamble".into(),
+            });
+        }
+    };
+    buf.advance(Preamble::BYTES);
+    if let Err(err) = preamble.check_supported() {
+        // The server explains with a `Close` (its layout is the same in every version).
+        return Err(
+            match read_frame(&mut stream, &mut buf, options.frame_bytes_max).await {
+                Ok(Some(Frame::Close(close))) => ClientError::ServerClosed {
+                    code: close.code,
+                    reason: close.reason,
+                },
+                _ => ClientError::ServerClosed {
+                    code: ErrorCode::UnsupportedVersion,
+                    reason: err.to_string(),
+                },
+            },
+        );
+    }
+
+    let credentials = match (&options.credentials, addr.user()) {
+        (Credentials::Anonymous, Some((username, password))) => {
+            Credentials::plain(username, password)
+        }
+        (credentials, _) => credentials.clone(),
+    };
+    let hello = Frame::Hello(Hello {
+        client_name: options.client_name.clone(),
+        credentials: credentials.to_wire(),
+        frame_bytes_max: options.frame_bytes_max.max(FRAME_BYTES_MAX_FLOOR),
+        heartbeat_ms: options.heartbeat_ms,
+    });
+    let mut out = BytesMut::new();
+    wharf_protocol::encode(&hello, FRAME_BYTES_MAX_FLOOR, &mut out).map_err(ClientError::encode)?;
+    stream.write_all(&out).await.map_err(connect_error)?;
+
+    match read_frame(
+        &mut stream,
+        &mut buf,
+        options.frame_bytes_max.max(FRAME_BYTES_MAX_FLOOR),
+    )
+    .await?
+    {
+        Some(Frame::HelloOk(hello_ok)) => {
+            let limits = hello_ok.limits;
+            if limits.frame_bytes_max < FRAME_BYTES_MAX_FLOOR
+                || limits.publishes_in_flight_max == 0
+                || limits.batch_messages_max == 0
+            {
+                return Err(ClientError::Handshake {
+                    detail: format!("the server announced unusable limits {limits:?}"),
+                });
+            }
+            Ok((stream, buf, hello_ok))
+        }
+        Some(Frame::Close(close)) => {
+            out.clear();
+            if wharf_protocol::encode(&Frame::CloseOk, FRAME_BYTES_MAX_FLOOR, &mut out).is_ok() {
+                let _ = stream.write_all(&out).await;
+            }
+            Err(ClientError::ServerClosed {
+                code: close.code,
+                reason: close.reason,
+            })
+        }
+        Some(other) => Err(ClientError::Handshake {
+            detail: format!("expected HelloOk, got frame kind {}", other.kind()),
+        }),
+        None => Err(ClientError::Handshake {
+            detail: "the server closed the connection during the handshake".into(),
+        }),
+    }
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream.
+async fn read_frame<R: AsyncRead + Unpin>(
+    read: &mut R,
+    buf: &mut BytesMut,
+    frame_bytes_max: u32,
+) -> Result<Option<Frame>, ClientError> {
+    loop {
+        match wharf_protocol::decode(buf, frame_bytes_max) {
+            Ok(Some(frame)) => return Ok(Some(frame)),
+            Ok(None) => {}
+            Err(err) => return Err(ClientError::Protocol(Arc::new(err))),
+        }
+        let n_read = read
+            .read_buf(buf)
+            .await
+            .map_err(|err| ClientError::ConnectionLost(Arc::new(err)))?;
+        if n_read == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            return Err(ClientError::lost(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection mid-frame",
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn read_frame_reports_clean_eof_and_mid_frame_eof_differently() {
+        let mut buf = BytesMut::new();
+        let mut empty: &[u8] = &[];
+        assert!(
+            read_frame(&mut empty, &mut buf, FRAME_BYTES_MAX_FLOOR)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let mut encoded = BytesMut::new();
+        wharf_protocol::encode(&Frame::Heartbeat, FRAME_BYTES_MAX_FLOOR, &mut encoded).unwrap();
+        let mut partial: &[u8] = &encoded[..encoded.len() - 1];
+        let err = read_frame(&mut partial, &mut buf, FRAME_BYTES_MAX_FLOOR)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::ConnectionLost(ref io) if io.kind() == io::ErrorKind::UnexpectedEof)
+        );
+    }
+}

@@ -1,0 +1,174 @@
+//! The writer task: drains the command channel into one socket write at a time.
+
+use super::{BUFFER_BYTES, Command, ConnectionShared};
+use crate::error::ClientError;
+use bytes::{Buf, Bytes, BytesMut};
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::time::Instant;
+use wharf_protocol::Frame;
+
+/// Most commands drained into one write: bounds the work between two socket writes.
+const COMMANDS_PER_WRITE_MAX: usize = 512;
+/// Encoded frames at least this long are written from their own buffer (a vectored write)
+/// instead of being copied into the write buffer: a publish batch is tens of KiB.
+const WRITE_BY_REFERENCE_BYTES_MIN: usize = 4 * 1024;
+
+/// What one socket write sends: small frames copied together, large ones by reference, in
+/// order.
+#[derive(Default)]
+struct Outgoing {
+    /// Small frames since the last large one.
+    buf: BytesMut,
+    /// Everything before `buf`, in order.
+    chunks: Vec<Bytes>,
+}
+
+impl Outgoing {
+    fn push(&mut self, bytes: Bytes) {
+        if bytes.len() < WRITE_BY_REFERENCE_BYTES_MIN {
+            self.buf.extend_from_slice(&bytes);
+            return;
+        }
+        if !self.buf.is_empty() {
+            self.chunks.push(self.buf.split().freeze());
+        }
+        self.chunks.push(bytes);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty() && self.chunks.is_empty()
+    }
+
+    /// Writes everything, in order, then leaves this empty.
+    async fn write_to(&mut self, write: &mut OwnedWriteHalf) -> io::Result<()> {
+        if self.chunks.is_empty() {
+            write.write_all(&self.buf).await?;
+            self.buf.clear();
+            return Ok(());
+        }
+        if !self.buf.is_empty() {
+            self.chunks.push(self.buf.split().freeze());
+        }
+        let mut first = 0;
+        while first < self.chunks.len() {
+            let slices: Vec<io::IoSlice<'_>> = self.chunks[first..]
+                .iter()
+                .take(IOV_PER_WRITE_MAX)
+                .map(|chunk| io::IoSlice::new(chunk))
+                .collect();
+            let mut written = write.write_vectored(&slices).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while written > 0 {
+                let chunk = &mut self.chunks[first];
+                if written >= chunk.len() {
+                    written -= chunk.len();
+                    first += 1;
+                } else {
+                    chunk.advance(written);
+                    written = 0;
+                }
+            }
+        }
+        self.chunks.clear();
+        Ok(())
+    }
+}
+
+/// Slices per vectored write (Linux accepts 1,024): a batch of 4 KiB bodies is one slice per
+/// body.
+const IOV_PER_WRITE_MAX: usize = 512;
+
+pub(super) async fn run_writer(
+    shared: Arc<ConnectionShared>,
+    mut write: OwnedWriteHalf,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    heartbeat: Option<Duration>,
+) {
+    let mut stop = shared.hard_shutdown.subscribe();
+    let mut batch = Vec::with_capacity(COMMANDS_PER_WRITE_MAX);
+    let mut out = Outgoing {
+        buf: BytesMut::with_capacity(BUFFER_BYTES),
+        chunks: Vec::new(),
+    };
+    let mut written_permits: Vec<OwnedSemaphorePermit> = Vec::new();
+    let heartbeat_bytes = shared
+        .encode(&Frame::Heartbeat)
+        .expect("a heartbeat always encodes");
+    let mut last_write = Instant::now();
+    let mut close_sent = false;
+    let mut shutdown = false;
+    while !shutdown {
+        let heartbeat_at = heartbeat.map(|interval| last_write + interval);
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|stop| *stop) => return,
+            n_received = commands.recv_many(&mut batch, COMMANDS_PER_WRITE_MAX) => {
+                if n_received == 0 {
+                    shutdown = true;
+                }
+            }
+            _ = tokio::time::sleep_until(heartbeat_at.unwrap_or_else(Instant::now)), if heartbeat_at.is_some() => {
+                out.push(heartbeat_bytes.clone());
+            }
+        }
+        {
+            let mut state = shared.lock();
+            for command in batch.drain(..) {
+                if shutdown {
+                    break;
+                }
+                match command {
+                    Command::Frame(bytes) => out.push(bytes),
+                    Command::Publish {
+                        chunks,
+                        n_messages,
+                        waiter,
+                        permits,
+                        outbound,
+                    } => {
+                        // After our `Close`, or once the connection failed, the waiter is
+                        // dropped and reports the terminal error.
+                        if close_sent || state.terminal.is_some() {
+                            continue;
+                        }
+                        // Numbered here, in socket order: nothing else assigns sequence numbers.
+                        state.confirms.register(n_messages, waiter, permits);
+                        chunks.into_iter().for_each(|chunk| out.push(chunk));
+                        written_permits.push(outbound);
+                    }
+                    Command::Close(bytes) => {
+                        close_sent = true;
+                        out.push(bytes);
+                    }
+                    Command::Shutdown => shutdown = true,
+                }
+            }
+            batch.clear();
+        }
+        if out.is_empty() {
+            continue;
+        }
+        let result = tokio::select! {
+            biased;
+            _ = stop.wait_for(|stop| *stop) => return,
+            result = out.write_to(&mut write) => result,
+        };
+        if let Err(err) = result {
+            shared.fail(ClientError::ConnectionLost(Arc::new(err)), true);
+            return;
+        }
+        last_write = Instant::now();
+        written_permits.clear();
+        if out.buf.capacity() > 4 * BUFFER_BYTES || out.buf.capacity() < BUFFER_BYTES / 4 {
+            out.buf = BytesMut::with_capacity(BUFFER_BYTES);
+        }
+    }
+    let _ = write.shutdown().await;
+}
