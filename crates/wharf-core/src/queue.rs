@@ -371,9 +371,15 @@ pub struct QueueOptions {
 /// How a consumer receives messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerOptions {
-    /// For manual-ack consumers, the most unacked deliveries it may hold; for auto-ack
-    /// consumers, the initial and maximal credit. 0 means unlimited.
+    /// For manual-ack consumers, the most unacked deliveries it may hold; in credit mode, also
+    /// the most credit it may hold. 0 means unlimited.
     pub prefetch: u32,
+    /// Credit mode (the protocol's `initial_credit`): `Some(n)` starts the consumer with `n`
+    /// credits (at most `prefetch` when that is set); each delivery uses one, none is sent at
+    /// zero, and [`Command::Credit`](crate::Command::Credit) adds more (again up to
+    /// `prefetch`). `None`: only `prefetch` applies and credit is ignored, so an auto-ack
+    /// consumer is sent whatever is ready.
+    pub initial_credit: Option<u32>,
     /// Deliveries count as acked when sent.
     pub auto_ack: bool,
     /// No other consumer may attach to the queue while this one is attached.
@@ -390,6 +396,7 @@ impl Default for ConsumerOptions {
     fn default() -> Self {
         ConsumerOptions {
             prefetch: 100,
+            initial_credit: None,
             auto_ack: false,
             exclusive: false,
             priority: 0,
@@ -697,7 +704,8 @@ pub(crate) struct Consumer {
     pub connection: ConnectionId,
     pub tag: ConsumerTag,
     pub options: ConsumerOptions,
-    /// Auto-ack consumers: deliveries still allowed before the client grants more.
+    /// Credit mode ([`ConsumerOptions::initial_credit`]): deliveries still allowed before the
+    /// client grants more; 0 otherwise.
     pub credit: u32,
     /// Manual-ack consumers: deliveries not yet acked.
     pub unacked: u32,
@@ -705,13 +713,20 @@ pub(crate) struct Consumer {
 
 impl Consumer {
     pub(crate) fn has_capacity(&self) -> bool {
-        if self.options.prefetch == 0 {
-            return true;
-        }
-        if self.options.auto_ack {
-            self.credit > 0
-        } else {
-            self.unacked < self.options.prefetch
+        let credit = self.options.initial_credit.is_none() || self.credit > 0;
+        let prefetch = self.options.prefetch == 0
+            || self.options.auto_ack
+            || self.unacked < self.options.prefetch;
+        credit && prefetch
+    }
+
+    /// The credit a consumer holds after `granted` more: saturating, and at most its
+    /// prefetch when it has one.
+    pub(crate) fn credit_after(&self, granted: u32) -> u32 {
+        let credit = self.credit.saturating_add(granted);
+        match self.options.prefetch {
+            0 => credit,
+            prefetch => credit.min(prefetch),
         }
     }
 }

@@ -589,11 +589,17 @@ fn purge_drops_ready_messages_but_not_unacked_ones() {
     assert_eq!((stats.ready, stats.unacked), (0, 1));
 }
 
-#[test]
-fn auto_ack_consumer_is_limited_by_credit_until_granted_more() {
+/// A queue "q" holding `messages` messages ("0", "1", ...) and consumer 1 of `C1` on it with
+/// `prefetch`, `initial_credit` and `auto_ack`.
+fn credit_case(
+    messages: usize,
+    prefetch: u32,
+    initial_credit: Option<u32>,
+    auto_ack: bool,
+) -> Harness {
     let mut h = Harness::new();
     h.queue("q");
-    for idx in 0..5 {
+    for idx in 0..messages {
         h.publish("", "q", &idx.to_string());
     }
     h.subscribe_with(
@@ -601,20 +607,58 @@ fn auto_ack_consumer_is_limited_by_credit_until_granted_more() {
         "q",
         1,
         ConsumerOptions {
-            prefetch: 2,
-            auto_ack: true,
+            prefetch,
+            initial_credit,
+            auto_ack,
             ..ConsumerOptions::default()
         },
     );
-    assert_eq!(h.bodies(), vec!["0", "1"]);
+    h
+}
+
+fn grant(h: &mut Harness, credit: u32) {
     h.ok(Command::Credit {
         connection: C1,
         consumer_tag: ConsumerTag(1),
-        credit: 10,
+        credit,
     });
+}
+
+#[test]
+fn auto_ack_consumer_is_limited_by_credit_until_granted_more() {
+    let mut h = credit_case(5, 2, Some(2), true);
+    assert_eq!(h.bodies(), vec!["0", "1"]);
+    grant(&mut h, 10);
     assert_eq!(h.bodies(), vec!["2", "3"], "credit is capped at prefetch");
     let stats = h.broker.queue_stats("q").unwrap();
     assert_eq!((stats.acked, stats.unacked, stats.ready), (4, 0, 1));
+}
+
+/// `initial_credit: None` (docs/protocol.md, "Flow control"): only prefetch applies, so an
+/// auto-ack consumer is sent everything ready and a grant of credit changes nothing.
+#[test]
+fn without_initial_credit_an_auto_ack_consumer_is_not_limited_and_credit_is_ignored() {
+    let mut h = credit_case(5, 2, None, true);
+    assert_eq!(h.bodies(), vec!["0", "1", "2", "3", "4"]);
+    grant(&mut h, 10);
+    h.publish("", "q", "5");
+    assert_eq!(h.bodies(), vec!["5"]);
+}
+
+/// `initial_credit: Some(n)` on a manual-ack consumer: credit and prefetch both apply; a
+/// delivery uses a credit whether or not it is acked.
+#[test]
+fn a_manual_ack_consumer_in_credit_mode_needs_credit_and_room() {
+    let mut h = credit_case(6, 3, Some(1), false);
+    assert_eq!(h.bodies(), vec!["0"], "one credit");
+    grant(&mut h, 5);
+    assert_eq!(
+        h.bodies(),
+        vec!["1", "2"],
+        "credit capped at prefetch 3, prefetch full at 3 unacked"
+    );
+    let stats = h.broker.queue_stats("q").unwrap();
+    assert_eq!((stats.unacked, stats.ready), (3, 3));
 }
 
 #[test]

@@ -295,6 +295,8 @@ enum Op {
         exclusive: bool,
         priority: i32,
         ack_timeout_ms: Option<u64>,
+        /// Credit mode (`ConsumerOptions::initial_credit`).
+        initial_credit: Option<u32>,
     },
     Cancel {
         consumer: ConsumerPick,
@@ -574,9 +576,17 @@ fn subscribe_op() -> impl Strategy<Value = Op> {
         1..=CONSUMER_TAGS_MAX,
         0..=3u32,
         flags,
+        prop_oneof![6 => Just(None), 1 => (0..=4u32).prop_map(Some)],
     )
         .prop_map(
-            |(conn, queue, tag, prefetch, (auto_ack, exclusive, priority, ack_timeout_ms))| {
+            |(
+                conn,
+                queue,
+                tag,
+                prefetch,
+                (auto_ack, exclusive, priority, ack_timeout_ms),
+                initial_credit,
+            )| {
                 Op::Subscribe {
                     conn,
                     queue,
@@ -586,6 +596,7 @@ fn subscribe_op() -> impl Strategy<Value = Op> {
                     exclusive,
                     priority,
                     ack_timeout_ms,
+                    initial_credit,
                 }
             },
         )
@@ -749,11 +760,24 @@ struct ModelConsumer {
 }
 
 impl ModelConsumer {
+    /// Credit mode (`initial_credit: Some`) needs credit; prefetch caps unacked deliveries of
+    /// a manual-ack consumer. Outside credit mode an auto-ack consumer takes everything.
     fn has_capacity(&self) -> bool {
-        match (self.options.prefetch, self.options.auto_ack) {
-            (0, _) => true,
-            (_, true) => self.credit > 0,
+        let credit = self.options.initial_credit.is_none() || self.credit > 0;
+        let prefetch = match (self.options.prefetch, self.options.auto_ack) {
+            (0, _) | (_, true) => true,
             (prefetch, false) => self.unacked < prefetch,
+        };
+        credit && prefetch
+    }
+
+    /// Credit after granting `granted`: saturating, capped at a non-zero prefetch.
+    fn credit_after(&self, granted: u32) -> u32 {
+        let credit = self.credit.saturating_add(granted);
+        if self.options.prefetch > 0 {
+            credit.min(self.options.prefetch)
+        } else {
+            credit
         }
     }
 }
@@ -1748,10 +1772,10 @@ impl Model {
                 .or_default() += 1;
         }
         let consumer = &mut queue.consumers[consumer_idx];
+        if consumer.options.initial_credit.is_some() {
+            consumer.credit -= 1;
+        }
         if consumer.options.auto_ack {
-            if consumer.options.prefetch > 0 {
-                consumer.credit -= 1;
-            }
             queue.acked += 1;
             self.state.ledger.acked += 1;
             if let Some(durable_id) = copy.durable_id {
@@ -2384,13 +2408,15 @@ impl Model {
                     .insert(*consumer_tag, queue_id);
                 let model_queue = self.queues.get_mut(queue).expect("checked");
                 model_queue.last_used_ms = self.now_ms;
-                model_queue.consumers.push(ModelConsumer {
+                let mut consumer = ModelConsumer {
                     connection: *connection,
                     tag: *consumer_tag,
                     options: options.clone(),
-                    credit: options.prefetch,
+                    credit: 0,
                     unacked: 0,
-                });
+                };
+                consumer.credit = consumer.credit_after(options.initial_credit.unwrap_or(0));
+                model_queue.consumers.push(consumer);
                 self.dispatch(queue_id, effects);
                 Ok(Reply::Done)
             }
@@ -2450,11 +2476,8 @@ impl Model {
                         consumer.connection == *connection && consumer.tag == *consumer_tag
                     })
                     .expect("attached");
-                if consumer.options.prefetch > 0 {
-                    consumer.credit = consumer
-                        .credit
-                        .saturating_add(*credit)
-                        .min(consumer.options.prefetch);
+                if consumer.options.initial_credit.is_some() {
+                    consumer.credit = consumer.credit_after(*credit);
                 }
                 self.dispatch(queue_id, effects);
                 Ok(Reply::Done)
@@ -3627,12 +3650,14 @@ impl Harness {
                 exclusive,
                 priority,
                 ack_timeout_ms,
+                initial_credit,
             } => Command::Subscribe {
                 connection: slot(conn),
                 queue: QUEUE_NAMES[*queue].to_owned(),
                 consumer_tag: ConsumerTag(*tag),
                 options: ConsumerOptions {
                     prefetch: *prefetch,
+                    initial_credit: *initial_credit,
                     auto_ack: *auto_ack,
                     exclusive: *exclusive,
                     priority: *priority,
@@ -3831,8 +3856,15 @@ impl Harness {
                         let consumer = queue.consumers.iter().find(|c| {
                             c.connection == delivery.connection && c.tag == delivery.consumer_tag
                         });
-                        if consumer.is_some_and(|c| c.options.auto_ack && c.options.prefetch > 0) {
+                        if consumer.is_some_and(|c| {
+                            c.options.auto_ack && c.options.initial_credit.is_some()
+                        }) {
                             hit("deliver auto-ack with credit".into());
+                        }
+                        if consumer.is_some_and(|c| {
+                            !c.options.auto_ack && c.options.initial_credit.is_some()
+                        }) {
+                            hit("deliver manual-ack in credit mode".into());
                         }
                     }
                 }
@@ -4179,6 +4211,7 @@ fn generated_sequences_reach_the_interesting_interactions() {
         "durable enqueue to several queues",
         "durable settle",
         "deliver auto-ack with credit",
+        "deliver manual-ack in credit mode",
         "deliver single-active with standby",
         "deliver with mixed priorities",
         "consumer cancelled by broker",
@@ -4305,6 +4338,7 @@ fn harness_with_one_delivery() -> (Harness, Vec<Effect>) {
             exclusive: false,
             priority: 0,
             ack_timeout_ms: None,
+            initial_credit: None,
         })
         .unwrap();
     (harness, Vec::new())
@@ -4456,6 +4490,7 @@ fn checker_rejects_a_delivery_out_of_fifo_order() {
         exclusive: false,
         priority: 0,
         ack_timeout_ms: None,
+        initial_credit: None,
     });
     let mut effects = Vec::new();
     let outcome = harness
@@ -4517,6 +4552,7 @@ fn checker_rejects_a_delivery_beyond_prefetch() {
         exclusive: false,
         priority: 0,
         ack_timeout_ms: None,
+        initial_credit: None,
     });
     let mut effects = Vec::new();
     let outcome = harness
@@ -4607,6 +4643,7 @@ fn checker_rejects_arrival_order_when_a_priority_queue_has_a_higher_priority_rea
         exclusive: false,
         priority: 0,
         ack_timeout_ms: None,
+        initial_credit: None,
     });
     let mut effects = Vec::new();
     let outcome = harness
@@ -4683,6 +4720,7 @@ fn subscribe_to_q0(tag: u32, ack_timeout_ms: Option<u64>) -> Op {
         exclusive: false,
         priority: 0,
         ack_timeout_ms,
+        initial_credit: None,
     }
 }
 

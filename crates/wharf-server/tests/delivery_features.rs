@@ -717,3 +717,54 @@ async fn a_1_0_connection_sending_what_1_1_added_is_closed_as_a_violation() {
         wharf_protocol::MINOR_QUEUE_FEATURES
     );
 }
+
+/// `Subscribe.initial_credit` as docs/protocol.md ("Flow control") specifies it, over the raw
+/// protocol: `Some(n)` is credit mode (n deliveries, then one more per credit granted); `None`
+/// is not (an auto-ack consumer gets everything ready; a `Credit` frame is ignored). The
+/// queue's counters are read after the subscribe's response, which follows the dispatch of
+/// the same batch.
+#[tokio::test]
+async fn initial_credit_starts_credit_mode_and_none_means_no_credit_limit() {
+    let server = TestServer::start().await;
+    let client = connect(&server).await;
+    for (queue, initial_credit, ready_after_subscribe) in
+        [("credited", Some(1), 4), ("uncredited", None, 0)]
+    {
+        client.declare_queue(queue).await.unwrap();
+        for idx in 0..5 {
+            client
+                .publish("", queue, Message::new(format!("{idx}")))
+                .await
+                .unwrap();
+        }
+        let mut raw = Raw::open(server.addr()).await;
+        let response = raw
+            .request(Request::Subscribe {
+                queue: queue.into(),
+                consumer_tag: 1,
+                prefetch: 2,
+                auto_ack: true,
+                exclusive: false,
+                priority: 0,
+                initial_credit,
+                arguments: Table::default(),
+            })
+            .await;
+        assert!(
+            matches!(response, Response::Subscribed { .. }),
+            "{response:?}"
+        );
+        let stats = client.queue_stats_v2(queue).await.unwrap();
+        assert_eq!(
+            stats.ready, ready_after_subscribe,
+            "{queue} after subscribing"
+        );
+        raw.send(&Frame::Credit(wharf_protocol::Credit {
+            consumer_tag: 1,
+            credit: 2,
+        }))
+        .await;
+        let expected = if initial_credit.is_some() { 2 } else { 0 };
+        wait_for_stats(&client, queue, |s| s.ready == expected).await;
+    }
+}

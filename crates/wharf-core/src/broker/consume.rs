@@ -55,13 +55,15 @@ impl Broker {
             .insert(tag, qid);
         let queue = self.queues.get_mut(&qid).expect("checked");
         queue.last_used_ms = self.now_ms;
-        queue.consumers.push(Consumer {
+        let mut consumer = Consumer {
             connection,
             tag,
-            credit: options.prefetch,
+            credit: 0,
             options,
             unacked: 0,
-        });
+        };
+        consumer.credit = consumer.credit_after(consumer.options.initial_credit.unwrap_or(0));
+        queue.consumers.push(consumer);
         self.dispatch(qid, effects);
         Ok(Reply::Done)
     }
@@ -141,11 +143,9 @@ impl Broker {
             .consumer_idx(connection, tag)
             .expect("consumer registered on its queue");
         let consumer = &mut queue.consumers[idx];
-        if consumer.options.prefetch > 0 {
-            consumer.credit = consumer
-                .credit
-                .saturating_add(credit)
-                .min(consumer.options.prefetch);
+        // Outside credit mode a grant means nothing (docs/protocol.md, "Flow control").
+        if consumer.options.initial_credit.is_some() {
+            consumer.credit = consumer.credit_after(credit);
         }
         self.dispatch(qid, effects);
         Ok(Reply::Done)
@@ -209,10 +209,10 @@ impl Broker {
                 redelivered: entry.redelivered,
                 delivery_count: entry.delivery_count,
             }));
+            if consumer.options.initial_credit.is_some() {
+                consumer.credit -= 1;
+            }
             if consumer.options.auto_ack {
-                if consumer.options.prefetch > 0 {
-                    consumer.credit -= 1;
-                }
                 queue.stats.acked += 1;
                 if let Some(durable_id) = entry.durable_id {
                     effects.push(Effect::DurableSettled {

@@ -417,7 +417,8 @@ impl Broker {
             )
             .map_err(blame)?;
             let prefetch = consumer.options.prefetch;
-            let within = consumer.credit <= prefetch
+            let within = (prefetch == 0 || consumer.credit <= prefetch)
+                && (consumer.options.initial_credit.is_some() || consumer.credit == 0)
                 && (!consumer.options.auto_ack || consumer.unacked == 0)
                 && (prefetch == 0 || consumer.unacked <= prefetch);
             ensure(within, Invariant::ConsumerCapacity, || {

@@ -133,13 +133,14 @@ pub(super) fn handle_request(
             auto_ack,
             exclusive,
             priority,
-            initial_credit: _,
+            initial_credit,
             arguments,
         } => {
             let ack_timeout_ms =
                 ConsumerOptions::ack_timeout_of(&table_to_headers(&arguments), auto_ack)?;
             let options = ConsumerOptions {
                 prefetch,
+                initial_credit,
                 auto_ack,
                 exclusive,
                 priority,

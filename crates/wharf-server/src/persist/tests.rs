@@ -357,6 +357,7 @@ fn delayed_messages_and_dedup_windows_survive_replay_from_batches_and_from_a_che
                 consumer_tag: wharf_core::ConsumerTag(1),
                 options: wharf_core::ConsumerOptions {
                     auto_ack: true,
+                    initial_credit: Some(100),
                     ..wharf_core::ConsumerOptions::default()
                 },
             },
