@@ -3,19 +3,16 @@
 
 use std::sync::Arc;
 use wharf_core::{
-    BindTarget, Broker, CancelReason, Command, ConnectionId, ConsumerOptions, ConsumerTag,
-    CoreError, Delivery, DeliveryTag, Effect, EntityKind, ExchangeKind, ExchangeOptions, Headers,
-    Limits, Message, QueueOptions, Reply,
+    BindTarget, CancelReason, Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError,
+    Delivery, DeliveryTag, Effect, EntityKind, ExchangeKind, ExchangeOptions, Headers, Limits,
+    Message, QueueOptions, Reply,
 };
 
 const C1: ConnectionId = ConnectionId(1);
 const C2: ConnectionId = ConnectionId(2);
 
-struct Harness {
-    broker: Broker,
-    now: u64,
-    effects: Vec<Effect>,
-}
+mod common;
+use common::{Clock, Harness};
 
 impl Harness {
     fn new() -> Self {
@@ -23,25 +20,7 @@ impl Harness {
     }
 
     fn with_limits(limits: Limits) -> Self {
-        let mut harness = Harness {
-            broker: Broker::new(limits),
-            now: 0,
-            effects: Vec::new(),
-        };
-        harness.ok(Command::OpenConnection { connection: C1 });
-        harness.ok(Command::OpenConnection { connection: C2 });
-        harness
-    }
-
-    fn apply(&mut self, command: Command) -> Result<Reply, CoreError> {
-        self.now += 1;
-        self.broker.apply(self.now, command, &mut self.effects)
-    }
-
-    fn ok(&mut self, command: Command) -> Reply {
-        let debug = format!("{command:?}");
-        self.apply(command)
-            .unwrap_or_else(|err| panic!("{debug} failed: {err}"))
+        Harness::open(limits, 0, Clock::PerCommand, &[C1, C2])
     }
 
     fn err(&mut self, command: Command) -> CoreError {

@@ -3,38 +3,18 @@
 
 use std::sync::Arc;
 use wharf_core::{
-    Broker, Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag, Effect,
-    HeaderValue, Headers, Message, QueueOptions, Reply,
+    Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag, Effect,
+    HeaderValue, Headers, Limits, Message, QueueOptions, Reply,
 };
 
 const C1: ConnectionId = ConnectionId(1);
 
-struct Harness {
-    broker: Broker,
-    now: u64,
-    effects: Vec<Effect>,
-}
+mod common;
+use common::{Clock, Harness};
 
 impl Harness {
     fn new() -> Self {
-        let mut harness = Harness {
-            broker: Broker::default(),
-            now: 0,
-            effects: Vec::new(),
-        };
-        harness.ok(Command::OpenConnection { connection: C1 });
-        harness
-    }
-
-    fn apply(&mut self, command: Command) -> Result<Reply, CoreError> {
-        self.now += 1;
-        self.broker.apply(self.now, command, &mut self.effects)
-    }
-
-    fn ok(&mut self, command: Command) -> Reply {
-        let debug = format!("{command:?}");
-        self.apply(command)
-            .unwrap_or_else(|err| panic!("{debug} failed: {err}"))
+        Harness::open(Limits::default(), 0, Clock::PerCommand, &[C1])
     }
 
     fn declare(

@@ -4,39 +4,19 @@
 
 use std::sync::Arc;
 use wharf_core::{
-    Broker, Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag, Effect,
-    HeaderValue, Headers, Message, QueueOptions, Reply,
+    Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag, Effect,
+    HeaderValue, Headers, Limits, Message, QueueOptions, Reply,
 };
 
 const C1: ConnectionId = ConnectionId(1);
 const C2: ConnectionId = ConnectionId(2);
 
-struct Harness {
-    broker: Broker,
-    now: u64,
-    effects: Vec<Effect>,
-}
+mod common;
+use common::{Clock, Harness};
 
 impl Harness {
     fn new() -> Self {
-        let mut harness = Harness {
-            broker: Broker::default(),
-            now: 1_000,
-            effects: Vec::new(),
-        };
-        harness.ok(Command::OpenConnection { connection: C1 });
-        harness.ok(Command::OpenConnection { connection: C2 });
-        harness
-    }
-
-    fn apply(&mut self, command: Command) -> Result<Reply, CoreError> {
-        self.broker.apply(self.now, command, &mut self.effects)
-    }
-
-    fn ok(&mut self, command: Command) -> Reply {
-        let debug = format!("{command:?}");
-        self.apply(command)
-            .unwrap_or_else(|err| panic!("{debug} failed: {err}"))
+        Harness::open(Limits::default(), 1_000, Clock::Manual, &[C1, C2])
     }
 
     /// Moves the clock to `now` and fires what is due.
