@@ -612,23 +612,31 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
         persistent: args.persistent,
         headers: args.headers.clone(),
     };
+    // Connect before building or reading any body, so a wrong address fails at once and a
+    // body is checked against the server's frame limit before it is allocated.
+    let client = connect(&args.server).await?;
+    let body_bytes_max = body_bytes_max(&client, &args);
     let fixed_body = if let Some(body) = &args.body {
+        check_body_size(body.len() as u64, body_bytes_max)?;
         Some(Bytes::from(body.clone()))
     } else if let Some(path) = &args.file {
+        let len = std::fs::metadata(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        check_body_size(len, body_bytes_max)?;
         let contents =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         Some(Bytes::from(contents))
+    } else if let Some(size) = args.size {
+        check_body_size(size as u64, body_bytes_max)?;
+        Some(Bytes::from(
+            (0..size)
+                .map(|idx| b'a' + (idx % 26) as u8)
+                .collect::<Vec<u8>>(),
+        ))
     } else {
-        args.size.map(|size| {
-            Bytes::from(
-                (0..size)
-                    .map(|idx| b'a' + (idx % 26) as u8)
-                    .collect::<Vec<u8>>(),
-            )
-        })
+        None
     };
-    // Connect before reading stdin, so a wrong address fails at once.
-    let client = connect(&args.server).await?;
     let (chunk_sender, chunks) = mpsc::channel::<Vec<Message>>(CHUNKS_IN_FLIGHT_MAX);
     let producer = match fixed_body {
         Some(body) => {
@@ -663,6 +671,38 @@ async fn publish(args: PublishArgs) -> Result<(), Failure> {
             ),
         )),
     }
+}
+
+/// Bytes a publish frame takes besides the body, at most, for the names and headers given:
+/// the frame's fixed fields and the properties' own encoding fit in the margin.
+const PUBLISH_FRAME_MARGIN_BYTES: u64 = 1024;
+
+/// The largest body the server takes in one publish from this command: its frame limit
+/// less the exchange, routing key, headers and a margin for the rest of the frame.
+fn body_bytes_max(client: &Client, args: &PublishArgs) -> u64 {
+    let headers: usize = args
+        .headers
+        .iter()
+        .map(|(key, value)| key.len() + value.len() + 16)
+        .sum();
+    let named = args.exchange.len() + args.routing_key.len() + headers;
+    u64::from(client.server_limits().frame_bytes_max)
+        .saturating_sub(named as u64 + PUBLISH_FRAME_MARGIN_BYTES)
+}
+
+/// Refuses a body the server could never take, before anything is built or sent.
+fn check_body_size(len: u64, body_bytes_max: u64) -> Result<(), Failure> {
+    if len > body_bytes_max {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            format!(
+                "a body of {len} bytes is too large: the server takes bodies of at most \
+                 {body_bytes_max} bytes in one message (its frame limit less the names, \
+                 headers and framing); nothing was published"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 async fn repeat_chunks(

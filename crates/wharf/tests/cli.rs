@@ -350,6 +350,46 @@ fn publish_size_and_file_bodies_in_large_counts_are_all_confirmed() {
     assert_eq!(broker.queue_counts("bulk"), (20_001, 0));
 }
 
+/// Issue #17: a body the server could never take is refused before anything is built or sent
+/// (usage error, exit 2): before, `--size 18446744073709551615` panicked with a capacity
+/// overflow, a 100 GB size allocated until the machine ran out, and 20 MB printed "published
+/// 1, confirmed 0" for a message never sent.
+#[test]
+fn a_body_larger_than_the_server_takes_is_refused_before_it_is_built() {
+    let broker = Broker::start();
+    broker.wharf(&["declare", "queue", "big"]).success();
+    for size in ["18446744073709551615", "100000000000", "20000000"] {
+        let refused = broker
+            .wharf(&["publish", "--routing-key", "big", "--size", size])
+            .failure(2);
+        assert!(
+            refused.stderr.contains("too large")
+                && refused.stderr.contains("nothing was published"),
+            "{size}: {refused:?}"
+        );
+        assert!(!refused.stderr.contains("panicked"), "{size}: {refused:?}");
+        assert!(refused.stdout.is_empty(), "{size}: {refused:?}");
+    }
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    file.as_file()
+        .set_len(20_000_000)
+        .expect("sparse 20 MB file");
+    broker
+        .wharf(&[
+            "publish",
+            "--routing-key",
+            "big",
+            "--file",
+            file.path().to_str().expect("utf-8 path"),
+        ])
+        .failure(2);
+    // Just under the limit still goes through.
+    broker
+        .wharf(&["publish", "--routing-key", "big", "--size", "16000000"])
+        .success();
+    assert_eq!(broker.queue_counts("big"), (1, 0));
+}
+
 #[test]
 fn consume_json_prints_one_object_per_message_with_metadata() {
     let broker = Broker::start();
