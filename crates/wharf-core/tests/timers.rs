@@ -182,6 +182,27 @@ fn with_dead_letter_queue(harness: &mut Harness, mut arguments: Headers) {
 
 // ----- delayed delivery -----
 
+/// A delay longer than `DURATION_MS_MAX` would hold the message forever: the publish is
+/// refused (issue #17) and nothing changes; the maximum itself is accepted.
+#[test]
+fn a_publish_delayed_past_the_maximum_is_refused_and_changes_nothing() {
+    let mut harness = Harness::new();
+    harness.declare("q", false, Headers::new());
+    for delay_ms in [wharf_core::DURATION_MS_MAX + 1, u64::MAX] {
+        let refused = harness.apply(Command::Publish {
+            message: Arc::new(delayed("q", "forever", delay_ms)),
+        });
+        assert!(
+            matches!(&refused, Err(CoreError::InvalidArgument { reason }) if reason.contains("delay")),
+            "{delay_ms}: {refused:?}"
+        );
+    }
+    let stats = harness.stats("q");
+    assert_eq!((stats.ready, stats.delayed, stats.published), (0, 0, 0));
+    harness.publish(delayed("q", "far", wharf_core::DURATION_MS_MAX));
+    assert_eq!(harness.stats("q").delayed, 1);
+}
+
 #[test]
 fn a_delayed_message_is_held_until_due_then_delivered_in_due_order() {
     let mut harness = Harness::new();

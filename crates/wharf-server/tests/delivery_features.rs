@@ -93,6 +93,38 @@ async fn a_delayed_message_is_held_then_delivered_after_its_delay() {
     .await;
 }
 
+/// A delay past `DURATION_MS_MAX` would hold a message forever: the publish is refused with
+/// `InvalidArgument` (issue #17; before, it was confirmed and held), the connection lives on.
+#[tokio::test]
+async fn a_publish_delayed_past_the_maximum_is_refused_and_the_connection_lives() {
+    let server = TestServer::start().await;
+    let client = connect(&server).await;
+    client.declare_queue("never").await.unwrap();
+    let refused = client
+        .publish(
+            "",
+            "never",
+            Message::new("forever").delay(Duration::from_millis(DURATION_MS_MAX + 1)),
+        )
+        .await;
+    assert!(
+        matches!(
+            &refused,
+            Err(ClientError::PublishRefused {
+                code: ErrorCode::InvalidArgument,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    client
+        .publish("", "never", Message::new("now"))
+        .await
+        .expect("the connection still publishes");
+    let stats = stats(&client, "never").await;
+    assert_eq!((stats.ready, stats.delayed), (1, 0), "{stats:?}");
+}
+
 #[tokio::test]
 async fn a_short_delay_is_not_held_up_by_a_longer_one_published_before() {
     // The timer task sleeps until the 60 s delay; the 200 ms one must wake it.

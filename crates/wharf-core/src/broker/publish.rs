@@ -81,6 +81,14 @@ impl Broker {
     ) -> Result<Reply, CoreError> {
         validate_routing_key(&message.routing_key)?;
         check_header_depth(&message.headers)?;
+        if let Some(delay_ms) = message.delay_ms
+            && delay_ms > DURATION_MS_MAX
+        {
+            // A deadline this far out would be held forever (docs/protocol.md, limits).
+            return Err(CoreError::InvalidArgument {
+                reason: format!("a delay must be at most {DURATION_MS_MAX} ms, got {delay_ms}"),
+            });
+        }
         let mut targets = std::mem::take(&mut self.route_scratch);
         targets.clear();
         let routed = self.route(&message, &mut targets, false);
