@@ -1,670 +1,12 @@
-//! Model-based property test of the broker core, through its public API only.
-//!
-//! Random sequences of commands over a small universe of names (3 queues, 3 user exchanges plus
-//! two built-ins, a reserved and an invalid name, 3 connections, consumer tags 1..=3; default or
-//! tight [`Limits`]) are applied to a real [`Broker`] and to a
-//! reference [`Model`] made of plain vectors and maps. The model predicts everything except the
-//! broker's choice of *which* consumer gets a message: it checks that choice is legal (attached,
-//! with capacity, highest priority among those with capacity, or the active consumer of a
-//! single-active-consumer queue) and then learns from the observed `Effect::Deliver`s.
-//!
-//! After every command the checker verifies:
-//! - the reply (or error class) is the one the model predicts; a failed command changes nothing
-//!   and emits no effects;
-//! - every delivery is the oldest ready copy of its queue (FIFO, requeued copies back at their
-//!   arrival place), flagged `redelivered` exactly when it was delivered before, with
-//!   `delivery_count` one more than last time, and the connection's next delivery tag;
-//! - no copy is lost or duplicated: the model's ledger (ready + outstanding + delayed + settled =
-//!   created) holds and the broker's per-queue counters (`delayed`, `expired` and `duplicates`
-//!   included) and per-connection unacked counts equal the model's;
-//! - routing: each publish lands in exactly the queues a naive router (recursive, cycle-safe)
-//!   finds;
-//! - prefetch and credit are never exceeded, and dispatch is eager (no ready message while a
-//!   consumer of its queue has capacity);
-//! - queue features (queue profiles carry the arguments): priority order (highest first, FIFO
-//!   within a priority), length limits (drop-head before dispatch, reject-publish refusing the
-//!   publish as a whole or, with other targets, via `refused_by`), dead-lettering (reasons
-//!   `rejected`, `maxlen`, `delivery_limit`; death records built independently by the model and
-//!   compared by value; the cycle guard) and the delivery limit, with their log effects;
-//! - time (the clock moves 1 ms per command, and `Advance` ops jump it and `Tick`): delayed
-//!   messages (`delay_ms`, `Defer`, retry schedules) enter the back of their queue only at a
-//!   `Tick` at or after their due time, in due order (ties in the order they were set); TTLs
-//!   (the message's or the queue's `x-message-ttl`, the shorter, counted from when the copy
-//!   became ready; a requeue keeps it) expire ready copies exactly at the `Tick` that reaches
-//!   them, or when dispatch finds them past due (never delivered), dead-lettered with reason
-//!   `expired` and without TTL or delay; leases (`ack_timeout_ms`) lapse back to the queue,
-//!   `Touch` extends them, a late settle of a lapsed tag is `Settled { count: 0 }` once; unused
-//!   queues with `x-expires` are deleted; `x-dedup-window` drops repeated message ids per
-//!   queue; `Redrive` moves dead letters back to where they last died;
-//! - the order of events inside one `Tick` that covers several due times (which copy a
-//!   drop-head limit drops, the order dead letters reach their queue, hence durable ids) is a
-//!   choice of the core's timer scheme, so the model keeps its own timer list with the scheme's
-//!   documented rules (`timers.rs`: fired by due time, then in the order they were set; one TTL
-//!   timer per queue at its earliest expiry, re-armed only for an earlier one, expiring every
-//!   copy due when it fires; stale timers skipped), and its own dispatch order (queues
-//!   dispatched in the order the command touched them; dead letters found by dispatch
-//!   republished before the next round). Independently of the scheme it checks the contract:
-//!   after a `Tick` nothing is left due (no delayed copy, expiry, lease or unused queue), and
-//!   `next_deadline` is never later than the next thing due;
-//! - `list_queues`, `queue_stats`, `list_exchanges`, `list_bindings`, `unacked_count`,
-//!   `ready_bytes_total`, `delayed_total`, `durable_messages` (with the due times of delayed
-//!   copies) and `durable_dedup_entries` agree with the model.
-//!
-//! Not generated: the recovery commands (`Restore`, `RestoreDedup`; see `tests/timers.rs` and
-//! the server's restart tests).
-//!
-//! Each case starts from a generated setup (declares, a few bindings and consumers) so that the
-//! 1..=60 generated steps mostly exercise consuming rather than failing on missing names;
-//! `generated_sequences_reach_the_interesting_interactions` guards that the generator keeps
-//! reaching redeliveries, cascades, limits, the time-driven features and every error class.
-//!
-//! Cases: 1024 by default, `PROPTEST_CASES` overrides. The seed is printed (visible when the test
-//! fails) and `PROPTEST_RNG_SEED=<seed>` replays a run.
+//! The reference model: expected outcomes and the plain-data model of the broker.
 
-use proptest::prelude::*;
-use proptest::sample::Index;
-use proptest::test_runner::{Config as ProptestConfig, RngSeed};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::Arc;
-use wharf_core::topic::topic_matches_naive;
-use wharf_core::{
-    BindTarget, Broker, CancelReason, Command, ConnectionId, ConsumerOptions, ConsumerTag,
-    CoreError, DURATION_MS_MAX, Delivery, DeliveryTag, Effect, EntityKind, ExchangeKind,
-    ExchangeOptions, HeaderValue, Headers, Limits, Message, QueueOptions, QueueStats,
-    RETRY_STEPS_MAX, Reply,
-};
-
-// ----- the universe of names -----
-
-/// `q0..q2` are declared by the test; the last two names are refused (reserved, invalid).
-const QUEUE_NAMES: [&str; 5] = ["q0", "q1", "q2", "wharf.mine", "bad\nname"];
-const N_USER_QUEUES: usize = 3;
-/// `x0..x2` are declared by the test (kinds and options chosen per case), then two built-ins
-/// (the default exchange among them), then two names that are refused (reserved, invalid).
-const EXCHANGE_NAMES: [&str; 7] = [
-    "x0",
-    "x1",
-    "x2",
-    "wharf.topic",
-    "",
-    "wharf.mine",
-    "bad\nname",
-];
-const N_USER_EXCHANGES: usize = 3;
-const DEFAULT_EXCHANGE_IDX: usize = 4;
-const BUILTIN_TOPIC: &str = "wharf.topic";
-const N_CONNECTIONS: usize = 3;
-const CONSUMER_TAGS_MAX: u32 = 3;
-/// Publish keys: words for direct/topic routing and queue names for the default exchange.
-const PUBLISH_KEYS: [&str; 8] = ["a", "b", "a.b", "b.c", "", "q0", "q1", "q2"];
-/// Binding keys: the same words plus topic patterns.
-const BINDING_KEYS: [&str; 9] = ["a", "b", "a.b", "b.c", "", "*", "#", "a.#", "*.c"];
-const N_BINDING_ARGUMENTS: usize = 7;
-const N_MESSAGE_HEADERS: usize = 5;
-/// Message ids: few, so that dedup windows see duplicates.
-const MESSAGE_IDS: [&str; 2] = ["id-a", "id-b"];
-
-fn binding_arguments(choice: usize) -> Headers {
-    match choice {
-        0 => Headers::new(),
-        1 => Headers::new().with("x-match", "any"),
-        2 => Headers::new().with("k", "1"),
-        3 => Headers::new()
-            .with("x-match", "any")
-            .with("k", "1")
-            .with("j", "2"),
-        4 => Headers::new()
-            .with("x-match", "all")
-            .with("k", "1")
-            .with("j", "2"),
-        5 => Headers::new().with("x-match", "some"),
-        6 => Headers::new()
-            .with("x-match", "all-with-x")
-            .with("x-h", "1"),
-        _ => unreachable!("{N_BINDING_ARGUMENTS} binding argument sets"),
-    }
-}
-
-fn message_headers(choice: usize) -> Headers {
-    match choice {
-        0 => Headers::new(),
-        1 => Headers::new().with("k", "1"),
-        2 => Headers::new().with("k", "2").with("j", "2"),
-        3 => Headers::new().with("k", "1").with("j", "2"),
-        4 => Headers::new().with("x-h", "1").with("k", 1i64),
-        _ => unreachable!("{N_MESSAGE_HEADERS} header sets"),
-    }
-}
-
-// ----- generated input -----
-
-/// Kind and options of one user exchange, fixed for a case so that redeclares usually agree.
-#[derive(Debug, Clone)]
-struct ExchangeProfile {
-    kind: ExchangeKind,
-    options: ExchangeOptions,
-}
-
-/// The per-case choices that make names mean something: exchange kinds and queue options.
-#[derive(Debug, Clone)]
-struct Universe {
-    exchanges: [ExchangeProfile; N_USER_EXCHANGES],
-    queues: [QueueOptions; N_USER_QUEUES],
-    /// The broker's limits: the defaults, or tight ones so that every limit is reached.
-    limits: Limits,
-    /// Setup ops run before the generated sequence (declares and a few bindings), so that
-    /// sequences start from a populated topology instead of mostly failing on missing names.
-    setup: Vec<Op>,
-}
-
-/// How a declare departs from the case's profile (to provoke precondition failures).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Variant {
-    AsProfiled,
-    DurabilityFlipped,
-    OtherKind,
-}
-
-/// Which delivery tag an ack, nack or reject names.
-#[derive(Debug, Clone)]
-enum TagPick {
-    /// One of the outstanding deliveries of any connection (per the model); the op's own
-    /// connection is used only when there is none.
-    Outstanding(Index),
-    /// Tag 0: "all outstanding" with `multiple`, unknown without.
-    Zero,
-    /// A tag the connection was never given.
-    Unknown,
-    /// A delivery whose lease lapsed (per the model), if any; else as `Outstanding`.
-    Lapsed(Index),
-    /// The latest outstanding delivery (of any connection): a consumer failing what it just
-    /// got, again and again (retry schedules run out).
-    Newest,
-}
-
-/// The time-related properties of a published message.
-#[derive(Debug, Clone, Copy, Default)]
-struct Timing {
-    delay_ms: Option<u64>,
-    expiration_ms: Option<u64>,
-    /// Index into [`MESSAGE_IDS`].
-    message_id: Option<usize>,
-}
-
-/// Which consumer a cancel or credit names.
-#[derive(Debug, Clone)]
-enum ConsumerPick {
-    /// One of the consumers attached (per the model), if any; else consumer 1 of connection 0.
-    Attached(Index),
-    /// Any connection slot and tag, attached or not.
-    Named { conn: usize, tag: u32 },
-}
-
-#[derive(Debug, Clone)]
-enum Target {
-    Queue(usize),
-    Exchange(usize),
-}
-
-/// One step of a generated sequence; rendered into a [`Command`] against the current model
-/// (connection ids, outstanding tags), so that shrinking keeps sequences meaningful.
-#[derive(Debug, Clone)]
-enum Op {
-    /// Ack the outstanding deliveries with tags `first..=first + span` (reversed: an empty
-    /// range `first + span..=first`).
-    AckRange {
-        conn: usize,
-        pick: TagPick,
-        span: u64,
-        reversed: bool,
-    },
-    /// `count` publishes in a row (long outstanding lists, many ready messages).
-    /// Ack, one by one, every outstanding delivery of the connection with the most of them
-    /// except its oldest (a stuck delivery ahead of many settled ones).
-    AckAllButOldest,
-    PublishMany {
-        exchange: usize,
-        key: usize,
-        count: usize,
-        /// Message ids in turn from [`MESSAGE_IDS`] (1 ms apart: a dedup window's end is met
-        /// exactly).
-        with_ids: bool,
-    },
-    Open {
-        conn: usize,
-    },
-    /// Close the slot's connection and, if `reopen`, open a fresh one in its place.
-    Close {
-        conn: usize,
-        reopen: bool,
-    },
-    DeclareExchange {
-        exchange: usize,
-        variant: Variant,
-        passive: bool,
-    },
-    DeleteExchange {
-        exchange: usize,
-        if_unused: bool,
-    },
-    DeclareQueue {
-        conn: usize,
-        queue: usize,
-        variant: Variant,
-        passive: bool,
-    },
-    DeleteQueue {
-        conn: usize,
-        queue: usize,
-        if_unused: bool,
-        if_empty: bool,
-    },
-    Purge {
-        conn: usize,
-        queue: usize,
-    },
-    Bind {
-        source: usize,
-        target: Target,
-        key: usize,
-        arguments: usize,
-    },
-    Unbind {
-        source: usize,
-        target: Target,
-        key: usize,
-        arguments: usize,
-    },
-    /// Unbind one of the existing bindings (per the model), if any.
-    UnbindExisting {
-        binding: Index,
-    },
-    Publish {
-        exchange: usize,
-        key: usize,
-        headers: usize,
-        padding: usize,
-        timing: Timing,
-    },
-    Subscribe {
-        conn: usize,
-        queue: usize,
-        tag: u32,
-        prefetch: u32,
-        auto_ack: bool,
-        exclusive: bool,
-        priority: i32,
-        ack_timeout_ms: Option<u64>,
-        /// Credit mode (`ConsumerOptions::initial_credit`).
-        initial_credit: Option<u32>,
-    },
-    Cancel {
-        consumer: ConsumerPick,
-    },
-    Credit {
-        consumer: ConsumerPick,
-        credit: u32,
-    },
-    Ack {
-        conn: usize,
-        pick: TagPick,
-        multiple: bool,
-    },
-    Nack {
-        conn: usize,
-        pick: TagPick,
-        multiple: bool,
-        requeue: bool,
-    },
-    Reject {
-        conn: usize,
-        pick: TagPick,
-        requeue: bool,
-    },
-    /// A consumer failing a poison message: `rounds` times, nack (requeue) the newest
-    /// outstanding delivery, then tick at the next deadline if it is near (a retry delay).
-    KeepFailing {
-        rounds: usize,
-    },
-    /// Move the clock `ms` forward (on top of the 1 ms every command takes), then `Tick` if
-    /// `tick` (else the next command finds timers overdue).
-    Advance {
-        ms: u64,
-        tick: bool,
-    },
-    /// Move the clock so that the next command lands on the model's next deadline or dedup
-    /// window end (or 1 ms before it, `early`), and `Tick` there if `tick`: exact boundaries.
-    ToDeadline {
-        early: bool,
-        tick: bool,
-    },
-    Defer {
-        conn: usize,
-        pick: TagPick,
-        delay_ms: u64,
-    },
-    Touch {
-        conn: usize,
-        pick: TagPick,
-    },
-    /// Redrive a queue holding dead letters that can go back (per the model), if any; else
-    /// `queue`.
-    Redrive {
-        conn: usize,
-        queue: usize,
-        dead_letters: Option<Index>,
-        max: u64,
-    },
-}
-
-#[derive(Debug, Clone)]
-struct Case {
-    universe: Universe,
-    ops: Vec<Op>,
-}
-
-fn exchange_profile() -> impl Strategy<Value = ExchangeProfile> {
-    let kind = prop_oneof![
-        Just(ExchangeKind::Direct),
-        Just(ExchangeKind::Fanout),
-        Just(ExchangeKind::Topic),
-        Just(ExchangeKind::Headers)
-    ];
-    (
-        kind,
-        any::<bool>(),
-        prop::bool::weighted(0.25),
-        prop::bool::weighted(0.15),
-    )
-        .prop_map(|(kind, durable, auto_delete, internal)| ExchangeProfile {
-            kind,
-            options: ExchangeOptions {
-                durable,
-                auto_delete,
-                internal,
-                arguments: Headers::new(),
-            },
-        })
-}
-
-fn queue_profile() -> impl Strategy<Value = QueueOptions> {
-    let plain = QueueOptions::default();
-    let with = |options: &QueueOptions, arguments: &[(&str, HeaderValue)]| QueueOptions {
-        arguments: arguments.iter().cloned().collect(),
-        ..options.clone()
-    };
-    let durable = QueueOptions {
-        durable: true,
-        ..plain.clone()
-    };
-    let int = HeaderValue::Int;
-    let text = |value: &str| HeaderValue::Str(value.to_owned());
-    let retry =
-        |steps: &[i64]| HeaderValue::List(steps.iter().copied().map(HeaderValue::Int).collect());
-    prop_oneof![
-        2 => Just(with(&plain, &[("x-max-priority", int(2))])),
-        1 => Just(with(&durable, &[("x-max-priority", int(3)), ("x-max-length", int(2))])),
-        2 => Just(with(&durable, &[("x-max-length", int(2))])),
-        1 => Just(with(&plain, &[("x-max-length-bytes", int(12)), ("x-overflow", text("drop-head"))])),
-        2 => Just(with(&plain, &[("x-max-length", int(2)), ("x-overflow", text("reject-publish"))])),
-        1 => Just(with(&durable, &[("x-max-length-bytes", int(10)), ("x-overflow", text("reject-publish")), ("x-max-priority", int(1))])),
-        1 => Just(with(&plain, &[("x-max-priority", int(0))])),
-        2 => Just(with(&durable, &[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("q1"))])),
-        2 => Just(with(&plain, &[("x-dead-letter-exchange", text("x0")), ("x-max-length", int(1))])),
-        1 => Just(with(&plain, &[("x-dead-letter-exchange", text("wharf.topic")), ("x-max-priority", int(2))])),
-        2 => Just(with(&durable, &[("x-dead-letter-exchange", text("")), ("x-max-length", int(1))])),
-        // Dead letters parked in q2 (redrive brings them back).
-        2 => Just(with(&plain, &[("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("q2")), ("x-max-length", int(1))])),
-        1 => Just(with(&plain, &[("x-dead-letter-exchange", text("nowhere")), ("x-max-length", int(1))])),
-        1 => Just(with(&plain, &[("x-dead-letter-exchange", int(1))])),
-        2 => Just(with(&durable, &[("x-delivery-limit", int(1)), ("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("q2"))])),
-        1 => Just(with(&plain, &[("x-delivery-limit", int(2)), ("x-max-priority", int(3))])),
-        1 => Just(with(&plain, &[("x-delivery-limit", int(0)), ("x-dead-letter-exchange", text("x1"))])),
-        2 => Just(with(&durable, &[("x-message-ttl", int(10)), ("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("q1"))])),
-        1 => Just(with(&plain, &[("x-message-ttl", int(0))])),
-        1 => Just(with(&plain, &[("x-message-ttl", int(25)), ("x-max-length", int(2)), ("x-dead-letter-exchange", text("x0"))])),
-        // With another queue dead-lettering here, the "retry through a TTL queue" loop.
-        1 => Just(with(&plain, &[("x-message-ttl", int(6)), ("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("q0"))])),
-        3 => Just(with(&durable, &[("x-retry", retry(&[0])), ("x-dead-letter-exchange", text("")), ("x-dead-letter-routing-key", text("q2"))])),
-        2 => Just(with(&plain, &[("x-retry", retry(&[0, 4])), ("x-dead-letter-exchange", text("x0")), ("x-max-priority", int(2))])),
-        1 => Just(with(&plain, &[("x-retry", retry(&[3])), ("x-delivery-limit", int(3))])),
-        3 => Just(with(&plain, &[("x-dedup-window", int(40))])),
-        1 => Just(with(&durable, &[("x-dedup-window", int(5)), ("x-max-length", int(2)), ("x-overflow", text("reject-publish"))])),
-        2 => Just(with(&plain, &[("x-expires", int(15))])),
-        1 => Just(with(&durable, &[("x-expires", int(40)), ("x-message-ttl", int(20)), ("x-dead-letter-exchange", text("x0"))])),
-        1 => Just(with(&plain, &[("x-expires", int(0))])),
-        6 => Just(plain.clone()),
-        5 => Just(QueueOptions { durable: true, ..plain.clone() }),
-        1 => Just(QueueOptions { durable: true, single_active_consumer: true, ..plain.clone() }),
-        2 => Just(QueueOptions { auto_delete: true, ..plain.clone() }),
-        1 => Just(QueueOptions { exclusive: true, ..plain.clone() }),
-        2 => Just(QueueOptions { single_active_consumer: true, ..plain.clone() }),
-        1 => Just(QueueOptions { exclusive: true, auto_delete: true, ..plain }),
-    ]
-}
-
-fn variant() -> impl Strategy<Value = Variant> {
-    prop_oneof![10 => Just(Variant::AsProfiled), 1 => Just(Variant::DurabilityFlipped), 1 => Just(Variant::OtherKind)]
-}
-
-fn consumer_pick() -> impl Strategy<Value = ConsumerPick> {
-    prop_oneof![
-        4 => any::<Index>().prop_map(ConsumerPick::Attached),
-        1 => (0..N_CONNECTIONS, 1..=CONSUMER_TAGS_MAX).prop_map(|(conn, tag)| ConsumerPick::Named { conn, tag }),
-    ]
-}
-
-fn tag_pick() -> impl Strategy<Value = TagPick> {
-    prop_oneof![
-        8 => any::<Index>().prop_map(TagPick::Outstanding),
-        1 => Just(TagPick::Zero),
-        1 => Just(TagPick::Unknown),
-        2 => any::<Index>().prop_map(TagPick::Lapsed),
-        2 => Just(TagPick::Newest),
-    ]
-}
-
-fn target() -> impl Strategy<Value = Target> {
-    prop_oneof![4 => queue_idx().prop_map(Target::Queue), 1 => exchange_idx().prop_map(Target::Exchange)]
-}
-
-/// Exchange names: mostly the user exchanges, sometimes a built-in or a refused name.
-fn exchange_idx() -> impl Strategy<Value = usize> {
-    prop_oneof![16 => 0..N_USER_EXCHANGES, 2 => N_USER_EXCHANGES..=DEFAULT_EXCHANGE_IDX, 1 => DEFAULT_EXCHANGE_IDX + 1..EXCHANGE_NAMES.len()]
-}
-
-/// Queue names: mostly the user queues, sometimes a refused name.
-fn queue_idx() -> impl Strategy<Value = usize> {
-    prop_oneof![20 => 0..N_USER_QUEUES, 1 => N_USER_QUEUES..QUEUE_NAMES.len()]
-}
-
-fn limits() -> impl Strategy<Value = Limits> {
-    let tight = Limits {
-        queues_max: 2,
-        exchanges_max: 7,
-        bindings_per_exchange_max: 2,
-        consumers_per_queue_max: 2,
-        // Paging has its own test (tests/paging.rs); the model keeps every message in memory.
-        paging_threshold: 0,
-        paging_threshold_bytes: 0,
-    };
-    prop_oneof![3 => Just(Limits::default()), 1 => Just(tight)]
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    let conn = || 0..N_CONNECTIONS;
-    let queue = queue_idx;
-    prop_oneof![
-        1 => conn().prop_map(|conn| Op::Open { conn }),
-        1 => (conn(), prop::bool::weighted(0.8)).prop_map(|(conn, reopen)| Op::Close { conn, reopen }),
-        2 => (exchange_idx(), variant(), prop::bool::weighted(0.1))
-            .prop_map(|(exchange, variant, passive)| Op::DeclareExchange { exchange, variant, passive }),
-        1 => (exchange_idx(), any::<bool>()).prop_map(|(exchange, if_unused)| Op::DeleteExchange { exchange, if_unused }),
-        3 => (conn(), queue(), variant(), prop::bool::weighted(0.1))
-            .prop_map(|(conn, queue, variant, passive)| Op::DeclareQueue { conn, queue, variant, passive }),
-        1 => (conn(), queue(), any::<bool>(), any::<bool>())
-            .prop_map(|(conn, queue, if_unused, if_empty)| Op::DeleteQueue { conn, queue, if_unused, if_empty }),
-        1 => (conn(), queue()).prop_map(|(conn, queue)| Op::Purge { conn, queue }),
-        4 => bind_op(),
-        1 => (exchange_idx(), target(), 0..BINDING_KEYS.len(), 0..N_BINDING_ARGUMENTS)
-            .prop_map(|(source, target, key, arguments)| Op::Unbind { source, target, key, arguments }),
-        2 => any::<Index>().prop_map(|binding| Op::UnbindExisting { binding }),
-        20 => (publish_route(), 0..N_MESSAGE_HEADERS, 0..3usize, timing())
-            .prop_map(|((exchange, key), headers, padding, timing)| Op::Publish { exchange, key, headers, padding, timing }),
-        6 => subscribe_op(),
-        2 => consumer_pick().prop_map(|consumer| Op::Cancel { consumer }),
-        2 => (consumer_pick(), 1..=2u32).prop_map(|(consumer, credit)| Op::Credit { consumer, credit }),
-        8 => (conn(), tag_pick(), prop::bool::weighted(0.3)).prop_map(|(conn, pick, multiple)| Op::Ack { conn, pick, multiple }),
-        3 => (conn(), tag_pick(), prop::bool::weighted(0.3), prop::bool::weighted(0.7))
-            .prop_map(|(conn, pick, multiple, requeue)| Op::Nack { conn, pick, multiple, requeue }),
-        2 => (conn(), tag_pick(), prop::bool::weighted(0.6)).prop_map(|(conn, pick, requeue)| Op::Reject { conn, pick, requeue }),
-        2 => (conn(), tag_pick(), prop_oneof![4 => 0..=3u64, 1 => 10..=100u64], prop::bool::weighted(0.1))
-            .prop_map(|(conn, pick, span, reversed)| Op::AckRange { conn, pick, span, reversed }),
-        1 => (publish_route(), 10..=80usize, any::<bool>())
-            .prop_map(|((exchange, key), count, with_ids)| Op::PublishMany { exchange, key, count, with_ids }),
-        1 => Just(Op::AckAllButOldest),
-        5 => (prop_oneof![3 => 0..=3u64, 2 => 4..=50u64], prop::bool::weighted(0.8))
-            .prop_map(|(ms, tick)| Op::Advance { ms, tick }),
-        3 => (any::<bool>(), prop::bool::weighted(0.7)).prop_map(|(early, tick)| Op::ToDeadline { early, tick }),
-        2 => (1..=3usize).prop_map(|rounds| Op::KeepFailing { rounds }),
-        2 => (conn(), tag_pick(), prop_oneof![2 => Just(0u64), 8 => 1..=20u64, 1 => Just(DURATION_MS_MAX + 1)])
-            .prop_map(|(conn, pick, delay_ms)| Op::Defer { conn, pick, delay_ms }),
-        3 => (conn(), tag_pick()).prop_map(|(conn, pick)| Op::Touch { conn, pick }),
-        3 => (conn(), queue(), prop::option::weighted(0.7, any::<Index>()), 0..=2u64)
-            .prop_map(|(conn, queue, dead_letters, max)| Op::Redrive { conn, queue, dead_letters, max }),
-    ]
-}
-
-/// Mostly plain messages; some delayed, some with a TTL (0 included), some with a message id
-/// from a small set.
-fn timing() -> impl Strategy<Value = Timing> {
-    let delay = prop_oneof![12 => Just(None), 1 => Just(Some(0)), 3 => (1..=30u64).prop_map(Some)];
-    let expiration =
-        prop_oneof![12 => Just(None), 1 => Just(Some(0)), 3 => (1..=40u64).prop_map(Some)];
-    let message_id = prop_oneof![1 => Just(None), 1 => (0..MESSAGE_IDS.len()).prop_map(Some)];
-    (delay, expiration, message_id).prop_map(|(delay_ms, expiration_ms, message_id)| Timing {
-        delay_ms,
-        expiration_ms,
-        message_id,
-    })
-}
-
-/// Exchange and key of a publish: mostly the default exchange with a queue name, or another
-/// exchange with a word; sometimes the other way round (unroutable).
-fn publish_route() -> impl Strategy<Value = (usize, usize)> {
-    let default_exchange = DEFAULT_EXCHANGE_IDX;
-    let words = 0..5usize;
-    let queue_names = 5..PUBLISH_KEYS.len();
-    prop_oneof![
-        5 => (Just(default_exchange), queue_names.clone()),
-        5 => (exchange_idx(), words.clone()),
-        1 => (Just(default_exchange), words),
-        1 => (exchange_idx(), queue_names),
-    ]
-}
-
-fn subscribe_op() -> impl Strategy<Value = Op> {
-    let flags = (
-        prop::bool::weighted(0.3),
-        prop::bool::weighted(0.04),
-        0..=1i32,
-        prop_oneof![30 => Just(None), 10 => (2..=20u64).prop_map(Some), 1 => Just(Some(0))],
-    );
-    (
-        0..N_CONNECTIONS,
-        queue_idx(),
-        1..=CONSUMER_TAGS_MAX,
-        0..=3u32,
-        flags,
-        prop_oneof![6 => Just(None), 1 => (0..=4u32).prop_map(Some)],
-    )
-        .prop_map(
-            |(
-                conn,
-                queue,
-                tag,
-                prefetch,
-                (auto_ack, exclusive, priority, ack_timeout_ms),
-                initial_credit,
-            )| {
-                Op::Subscribe {
-                    conn,
-                    queue,
-                    tag,
-                    prefetch,
-                    auto_ack,
-                    exclusive,
-                    priority,
-                    ack_timeout_ms,
-                    initial_credit,
-                }
-            },
-        )
-}
-
-fn bind_op() -> impl Strategy<Value = Op> {
-    (
-        exchange_idx(),
-        target(),
-        0..BINDING_KEYS.len(),
-        0..N_BINDING_ARGUMENTS,
-    )
-        .prop_map(|(source, target, key, arguments)| Op::Bind {
-            source,
-            target,
-            key,
-            arguments,
-        })
-}
-
-fn case() -> impl Strategy<Value = Case> {
-    let exchanges = [exchange_profile(), exchange_profile(), exchange_profile()];
-    let queues = [queue_profile(), queue_profile(), queue_profile()];
-    let declaring_conns = [0..N_CONNECTIONS, 0..N_CONNECTIONS, 0..N_CONNECTIONS];
-    let bindings = prop::collection::vec(bind_op(), 0..=6);
-    let consumers = prop::collection::vec(subscribe_op(), 0..=4);
-    (
-        (exchanges, queues, limits()),
-        declaring_conns,
-        bindings,
-        consumers,
-        prop::collection::vec(op(), 1..=60),
-    )
-        .prop_map(
-            |((exchanges, queues, limits), declaring_conns, bindings, consumers, ops)| {
-                let mut setup: Vec<Op> = (0..N_USER_EXCHANGES)
-                    .map(|exchange| Op::DeclareExchange {
-                        exchange,
-                        variant: Variant::AsProfiled,
-                        passive: false,
-                    })
-                    .collect();
-                setup.extend((0..N_USER_QUEUES).map(|queue| Op::DeclareQueue {
-                    conn: declaring_conns[queue],
-                    queue,
-                    variant: Variant::AsProfiled,
-                    passive: false,
-                }));
-                setup.extend(bindings);
-                setup.extend(consumers);
-                Case {
-                    universe: Universe {
-                        exchanges,
-                        queues,
-                        limits,
-                        setup,
-                    },
-                    ops,
-                }
-            },
-        )
-}
+use super::*;
 
 // ----- expected outcomes -----
 
 /// A [`CoreError`] without its context: what the model predicts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum ErrorClass {
+pub(crate) enum ErrorClass {
     NotFound(EntityKind),
     InvalidName,
     ReservedName,
@@ -702,30 +44,30 @@ impl From<&CoreError> for ErrorClass {
 
 /// One copy of a message in one queue (a fanout to two queues makes two copies).
 #[derive(Debug, Clone)]
-struct Copy {
+pub(crate) struct Copy {
     /// Arrival position in its queue: the back of the queue when it became ready from outside
     /// the queue (enqueued, or at the end of a delay); a requeue returns it there.
-    seq: u64,
+    pub(crate) seq: u64,
     /// The message's priority capped at the queue's `x-max-priority` (0 without one).
-    priority: u8,
-    message: Arc<Message>,
-    redelivered: bool,
-    delivery_count: u32,
+    pub(crate) priority: u8,
+    pub(crate) message: Arc<Message>,
+    pub(crate) redelivered: bool,
+    pub(crate) delivery_count: u32,
     /// The log id of a persistent message in a durable queue.
-    durable_id: Option<u64>,
+    pub(crate) durable_id: Option<u64>,
     /// When it expires while ready: the shorter of the message's TTL and the queue's, counted
     /// from when it became ready. A requeue keeps it; the end of a delay sets a fresh one.
-    expires_at: Option<u64>,
+    pub(crate) expires_at: Option<u64>,
     /// Requeues by consumers that followed the queue's retry schedule so far.
-    retries: u32,
+    pub(crate) retries: u32,
     /// Coverage only: it waited for a delay before it became ready.
-    was_delayed: bool,
+    pub(crate) was_delayed: bool,
     /// Coverage only: a lease on it lapsed.
-    lapsed: bool,
+    pub(crate) lapsed: bool,
 }
 
 impl Copy {
-    fn new(queue: &ModelQueue, message: &Arc<Message>, durable_id: Option<u64>) -> Self {
+    pub(crate) fn new(queue: &ModelQueue, message: &Arc<Message>, durable_id: Option<u64>) -> Self {
         Copy {
             seq: 0,
             priority: queue
@@ -745,24 +87,24 @@ impl Copy {
 
     /// Past its TTL: alive through the millisecond its TTL ends (so TTL 0 means "deliver
     /// now or never"), expired from the next.
-    fn expired(&self, now_ms: u64) -> bool {
+    pub(crate) fn expired(&self, now_ms: u64) -> bool {
         self.expires_at.is_some_and(|at| at < now_ms)
     }
 }
 
 #[derive(Debug, Clone)]
-struct ModelConsumer {
-    connection: ConnectionId,
-    tag: ConsumerTag,
-    options: ConsumerOptions,
-    credit: u32,
-    unacked: u32,
+pub(crate) struct ModelConsumer {
+    pub(crate) connection: ConnectionId,
+    pub(crate) tag: ConsumerTag,
+    pub(crate) options: ConsumerOptions,
+    pub(crate) credit: u32,
+    pub(crate) unacked: u32,
 }
 
 impl ModelConsumer {
     /// Credit mode (`initial_credit: Some`) needs credit; prefetch caps unacked deliveries of
     /// a manual-ack consumer. Outside credit mode an auto-ack consumer takes everything.
-    fn has_capacity(&self) -> bool {
+    pub(crate) fn has_capacity(&self) -> bool {
         let credit = self.options.initial_credit.is_none() || self.credit > 0;
         let prefetch = match (self.options.prefetch, self.options.auto_ack) {
             (0, _) | (_, true) => true,
@@ -772,7 +114,7 @@ impl ModelConsumer {
     }
 
     /// Credit after granting `granted`: saturating, capped at a non-zero prefetch.
-    fn credit_after(&self, granted: u32) -> u32 {
+    pub(crate) fn credit_after(&self, granted: u32) -> u32 {
         let credit = self.credit.saturating_add(granted);
         if self.options.prefetch > 0 {
             credit.min(self.options.prefetch)
@@ -783,53 +125,53 @@ impl ModelConsumer {
 }
 
 #[derive(Debug, Clone)]
-struct ModelQueue {
+pub(crate) struct ModelQueue {
     /// Identity for the queue's lifetime (a redeclared queue of the same name is another queue).
-    id: u64,
-    name: String,
-    options: QueueOptions,
-    features: ModelFeatures,
-    owner: Option<ConnectionId>,
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) options: QueueOptions,
+    pub(crate) features: ModelFeatures,
+    pub(crate) owner: Option<ConnectionId>,
     /// Ready copies, sorted by arrival (delivery order is [`ModelQueue::head`]'s business).
-    ready: Vec<Copy>,
-    next_seq: u64,
+    pub(crate) ready: Vec<Copy>,
+    pub(crate) next_seq: u64,
     /// In attach order.
-    consumers: Vec<ModelConsumer>,
-    unacked: u64,
-    published: u64,
-    delivered: u64,
-    redelivered: u64,
-    acked: u64,
-    dropped: u64,
-    expired: u64,
-    duplicates: u64,
+    pub(crate) consumers: Vec<ModelConsumer>,
+    pub(crate) unacked: u64,
+    pub(crate) published: u64,
+    pub(crate) delivered: u64,
+    pub(crate) redelivered: u64,
+    pub(crate) acked: u64,
+    pub(crate) dropped: u64,
+    pub(crate) expired: u64,
+    pub(crate) duplicates: u64,
     /// `x-dedup-window`: message id -> when it is forgotten (remembered while later than now).
-    dedup: BTreeMap<String, u64>,
+    pub(crate) dedup: BTreeMap<String, u64>,
     /// `x-expires`: the last declare (or passive declare), subscribe, cancel, or loss of its
     /// last consumer.
-    last_used_ms: u64,
+    pub(crate) last_used_ms: u64,
     /// Due time of the queue's TTL timer, while one is armed (one per queue: a new one is set
     /// only for an earlier expiry; it disarms when it fires).
-    ttl_armed: Option<u64>,
+    pub(crate) ttl_armed: Option<u64>,
 }
 
 /// Queue arguments as the model reads them; `None` when one is invalid.
 #[derive(Debug, Clone, Default)]
-struct ModelFeatures {
-    max_priority: Option<u8>,
-    max_length: Option<u64>,
-    max_length_bytes: Option<u64>,
-    reject_publish: bool,
-    dead_letter_exchange: Option<String>,
-    dead_letter_routing_key: Option<String>,
-    delivery_limit: Option<u64>,
-    message_ttl: Option<u64>,
-    expires: Option<u64>,
-    retry: Option<Vec<u64>>,
-    dedup_window: Option<u64>,
+pub(crate) struct ModelFeatures {
+    pub(crate) max_priority: Option<u8>,
+    pub(crate) max_length: Option<u64>,
+    pub(crate) max_length_bytes: Option<u64>,
+    pub(crate) reject_publish: bool,
+    pub(crate) dead_letter_exchange: Option<String>,
+    pub(crate) dead_letter_routing_key: Option<String>,
+    pub(crate) delivery_limit: Option<u64>,
+    pub(crate) message_ttl: Option<u64>,
+    pub(crate) expires: Option<u64>,
+    pub(crate) retry: Option<Vec<u64>>,
+    pub(crate) dedup_window: Option<u64>,
 }
 
-fn model_features(arguments: &Headers) -> Option<ModelFeatures> {
+pub(crate) fn model_features(arguments: &Headers) -> Option<ModelFeatures> {
     let count = |key: &str| match arguments.get(key) {
         None => Some(None),
         Some(HeaderValue::Int(value)) if *value >= 0 => Some(Some(*value as u64)),
@@ -892,16 +234,16 @@ fn model_features(arguments: &Headers) -> Option<ModelFeatures> {
 
 /// A copy on its way from a queue to that queue's dead-letter exchange.
 #[derive(Debug, Clone)]
-struct ModelDeadLetter {
-    message: Arc<Message>,
-    queue: String,
-    reason: &'static str,
-    exchange: String,
-    routing_key: Option<String>,
+pub(crate) struct ModelDeadLetter {
+    pub(crate) message: Arc<Message>,
+    pub(crate) queue: String,
+    pub(crate) reason: &'static str,
+    pub(crate) exchange: String,
+    pub(crate) routing_key: Option<String>,
 }
 
 impl ModelDeadLetter {
-    fn of(queue: &ModelQueue, copy: &Copy, reason: &'static str) -> Option<Self> {
+    pub(crate) fn of(queue: &ModelQueue, copy: &Copy, reason: &'static str) -> Option<Self> {
         Some(ModelDeadLetter {
             message: copy.message.clone(),
             queue: queue.name.clone(),
@@ -911,7 +253,7 @@ impl ModelDeadLetter {
         })
     }
 
-    fn is_this_death(&self, record: &HeaderValue) -> bool {
+    pub(crate) fn is_this_death(&self, record: &HeaderValue) -> bool {
         let HeaderValue::Map(record) = record else {
             return false;
         };
@@ -919,7 +261,7 @@ impl ModelDeadLetter {
             && record.get("reason") == Some(&HeaderValue::from(self.reason))
     }
 
-    fn earlier_deaths(&self) -> Vec<HeaderValue> {
+    pub(crate) fn earlier_deaths(&self) -> Vec<HeaderValue> {
         match self.message.headers.get("x-death") {
             Some(HeaderValue::List(records)) => records.clone(),
             _ => Vec::new(),
@@ -929,7 +271,7 @@ impl ModelDeadLetter {
     /// RabbitMQ's death record: a new one in front of `x-death`, or the earlier one for the
     /// same queue and reason counted up and moved to the front; `x-first-death-*` once. The
     /// copy loses its TTL and its delay (as in RabbitMQ: it does not expire again on arrival).
-    fn republished(&self, now_ms: u64) -> Message {
+    pub(crate) fn republished(&self, now_ms: u64) -> Message {
         let original = &self.message;
         let mut deaths = self.earlier_deaths();
         let record = match deaths.iter().position(|record| self.is_this_death(record)) {
@@ -979,7 +321,7 @@ impl ModelDeadLetter {
 
 /// Where a redrive sends a dead letter back: the latest death record of another queue than
 /// `here`, with the exchange and routing key the message had there.
-fn death_origin(message: &Message, here: &str) -> Option<(String, String, String)> {
+pub(crate) fn death_origin(message: &Message, here: &str) -> Option<(String, String, String)> {
     let Some(HeaderValue::List(records)) = message.headers.get("x-death") else {
         return None;
     };
@@ -1006,7 +348,7 @@ fn death_origin(message: &Message, here: &str) -> Option<(String, String, String
 /// Puts a returned copy back (requeue, cancel, disconnect, lapsed lease; `later`: after a
 /// delay, at the back), unless it reached the queue's delivery limit: then it leaves the
 /// queue, dead-lettered (`delivery_limit`) or dropped.
-fn requeue_or_give_up(
+pub(crate) fn requeue_or_give_up(
     queue: &mut ModelQueue,
     mut copy: Copy,
     later: Option<u64>,
@@ -1050,7 +392,7 @@ fn requeue_or_give_up(
 }
 
 impl ModelQueue {
-    fn ready_bytes(&self) -> u64 {
+    pub(crate) fn ready_bytes(&self) -> u64 {
         self.ready
             .iter()
             .map(|copy| copy.message.body.len() as u64)
@@ -1058,7 +400,7 @@ impl ModelQueue {
     }
 
     /// Whether `extra` more ready copies of `extra_bytes` would exceed a length limit.
-    fn over_limit(&self, extra: u64, extra_bytes: u64) -> bool {
+    pub(crate) fn over_limit(&self, extra: u64, extra_bytes: u64) -> bool {
         self.features
             .max_length
             .is_some_and(|max| self.ready.len() as u64 + extra > max)
@@ -1069,25 +411,25 @@ impl ModelQueue {
     }
 
     /// The ready copy delivered next: the highest priority, the oldest among those.
-    fn head(&self) -> Option<usize> {
+    pub(crate) fn head(&self) -> Option<usize> {
         let top = self.ready.iter().map(|copy| copy.priority).max()?;
         self.ready.iter().position(|copy| copy.priority == top)
     }
 
-    fn requeue(&mut self, mut copy: Copy) {
+    pub(crate) fn requeue(&mut self, mut copy: Copy) {
         copy.redelivered = true;
         self.put_back(copy);
     }
 
     /// Back at its arrival position, flags unchanged.
-    fn put_back(&mut self, copy: Copy) {
+    pub(crate) fn put_back(&mut self, copy: Copy) {
         let pos = self.ready.partition_point(|ready| ready.seq < copy.seq);
         self.ready.insert(pos, copy);
     }
 
     /// Makes sure a TTL timer is armed at the earliest ready expiry (a new one only when it
     /// is earlier than the one armed).
-    fn arm_ttl(&mut self, timers: &mut ModelTimers) {
+    pub(crate) fn arm_ttl(&mut self, timers: &mut ModelTimers) {
         let Some(next) = self.ready.iter().filter_map(|copy| copy.expires_at).min() else {
             return;
         };
@@ -1099,7 +441,7 @@ impl ModelQueue {
     }
 
     /// A copy becomes ready at the back of the queue, its TTL counted from `since_ms`.
-    fn make_ready(&mut self, mut copy: Copy, since_ms: u64, timers: &mut ModelTimers) {
+    pub(crate) fn make_ready(&mut self, mut copy: Copy, since_ms: u64, timers: &mut ModelTimers) {
         copy.seq = self.next_seq;
         self.next_seq += 1;
         let ttl = match (copy.message.expiration_ms, self.features.message_ttl) {
@@ -1116,7 +458,11 @@ impl ModelQueue {
 
     /// drop-head: the queue never holds more ready copies than its limits, not even while a
     /// consumer waits (limits are enforced before dispatch). Returns how many were dropped.
-    fn drop_head_over_limit(&mut self, model: &mut ModelState, effects: &mut Vec<Effect>) -> u64 {
+    pub(crate) fn drop_head_over_limit(
+        &mut self,
+        model: &mut ModelState,
+        effects: &mut Vec<Effect>,
+    ) -> u64 {
         let mut n_dropped = 0;
         while !self.features.reject_publish && self.over_limit(0, 0) {
             let dropped = self.ready.remove(self.head().expect("over a limit"));
@@ -1137,7 +483,7 @@ impl ModelQueue {
     }
 
     /// A ready copy past its TTL leaves: dead-lettered (`expired`) or dropped.
-    fn expire(&mut self, copy: Copy, model: &mut ModelState, effects: &mut Vec<Effect>) {
+    pub(crate) fn expire(&mut self, copy: Copy, model: &mut ModelState, effects: &mut Vec<Effect>) {
         self.expired += 1;
         model.ledger.expired += 1;
         model
@@ -1151,7 +497,7 @@ impl ModelQueue {
         }
     }
 
-    fn stats(&self, timers: &ModelTimers) -> QueueStats {
+    pub(crate) fn stats(&self, timers: &ModelTimers) -> QueueStats {
         QueueStats {
             name: self.name.clone(),
             durable: self.options.durable,
@@ -1174,7 +520,7 @@ impl ModelQueue {
     }
 
     /// Whether a ready message must have been handed to someone (dispatch is eager).
-    fn can_dispatch(&self) -> bool {
+    pub(crate) fn can_dispatch(&self) -> bool {
         if self.options.single_active_consumer {
             self.consumers
                 .first()
@@ -1187,7 +533,7 @@ impl ModelQueue {
 
 /// What a timer does when it fires.
 #[derive(Debug, Clone)]
-enum TimerKind {
+pub(crate) enum TimerKind {
     /// A copy waiting for its delay (owned by the timer); it enters the back of its queue.
     Delayed { queue_id: u64, copy: Copy },
     /// The queue's earliest ready expiry when armed: every ready copy expired by now leaves.
@@ -1199,22 +545,22 @@ enum TimerKind {
 }
 
 #[derive(Debug, Clone)]
-struct ModelTimer {
-    due_ms: u64,
+pub(crate) struct ModelTimer {
+    pub(crate) due_ms: u64,
     /// The order it was set in: timers due at the same time fire in that order.
-    order: u64,
-    kind: TimerKind,
+    pub(crate) order: u64,
+    pub(crate) kind: TimerKind,
 }
 
 /// Timers as a plain list, fired by due time then by the order they were set.
 #[derive(Debug, Clone, Default)]
-struct ModelTimers {
-    list: Vec<ModelTimer>,
-    next_order: u64,
+pub(crate) struct ModelTimers {
+    pub(crate) list: Vec<ModelTimer>,
+    pub(crate) next_order: u64,
 }
 
 impl ModelTimers {
-    fn set(&mut self, due_ms: u64, kind: TimerKind) {
+    pub(crate) fn set(&mut self, due_ms: u64, kind: TimerKind) {
         let order = self.next_order;
         self.next_order += 1;
         self.list.push(ModelTimer {
@@ -1225,7 +571,7 @@ impl ModelTimers {
     }
 
     /// Removes and returns the first timer due at `now_ms`.
-    fn pop_due(&mut self, now_ms: u64) -> Option<TimerKind> {
+    pub(crate) fn pop_due(&mut self, now_ms: u64) -> Option<TimerKind> {
         let idx = (0..self.list.len())
             .filter(|idx| self.list[*idx].due_ms <= now_ms)
             .min_by_key(|idx| (self.list[*idx].due_ms, self.list[*idx].order))?;
@@ -1233,7 +579,7 @@ impl ModelTimers {
     }
 
     /// Delayed copies: (due, queue id, copy).
-    fn held(&self) -> impl Iterator<Item = (u64, u64, &Copy)> {
+    pub(crate) fn held(&self) -> impl Iterator<Item = (u64, u64, &Copy)> {
         self.list.iter().filter_map(|timer| match &timer.kind {
             TimerKind::Delayed { queue_id, copy } => Some((timer.due_ms, *queue_id, copy)),
             _ => None,
@@ -1241,7 +587,7 @@ impl ModelTimers {
     }
 
     /// Drops the delayed copies of a deleted queue; returns how many.
-    fn remove_held_of(&mut self, deleted: u64) -> u64 {
+    pub(crate) fn remove_held_of(&mut self, deleted: u64) -> u64 {
         let before = self.list.len();
         self.list.retain(
             |timer| !matches!(&timer.kind, TimerKind::Delayed { queue_id, .. } if *queue_id == deleted),
@@ -1251,107 +597,107 @@ impl ModelTimers {
 }
 
 #[derive(Debug, Clone)]
-struct Outstanding {
-    queue_id: u64,
-    consumer_tag: ConsumerTag,
-    copy: Copy,
+pub(crate) struct Outstanding {
+    pub(crate) queue_id: u64,
+    pub(crate) consumer_tag: ConsumerTag,
+    pub(crate) copy: Copy,
     /// (lapses at, the consumer's ack timeout) for consumers with `ack_timeout_ms`.
-    lease: Option<(u64, u64)>,
+    pub(crate) lease: Option<(u64, u64)>,
     /// Deliveries the model saw before this one (for the generator: the newest delivery).
-    serial: u64,
+    pub(crate) serial: u64,
 }
 
 #[derive(Debug, Clone, Default)]
-struct ModelConnection {
-    last_delivery_tag: u64,
-    unacked: BTreeMap<u64, Outstanding>,
-    consumers: BTreeMap<ConsumerTag, u64>,
+pub(crate) struct ModelConnection {
+    pub(crate) last_delivery_tag: u64,
+    pub(crate) unacked: BTreeMap<u64, Outstanding>,
+    pub(crate) consumers: BTreeMap<ConsumerTag, u64>,
     /// Tags whose lease lapsed and that were not settled since (a late settle is harmless,
     /// once).
-    lapsed: BTreeSet<u64>,
+    pub(crate) lapsed: BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum ModelTarget {
+pub(crate) enum ModelTarget {
     Queue(u64),
     Exchange(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct ModelBinding {
-    target: ModelTarget,
-    routing_key: String,
-    arguments: Headers,
+pub(crate) struct ModelBinding {
+    pub(crate) target: ModelTarget,
+    pub(crate) routing_key: String,
+    pub(crate) arguments: Headers,
 }
 
 #[derive(Debug, Clone)]
-struct ModelExchange {
-    kind: ExchangeKind,
-    options: ExchangeOptions,
-    builtin: bool,
-    bindings: Vec<ModelBinding>,
+pub(crate) struct ModelExchange {
+    pub(crate) kind: ExchangeKind,
+    pub(crate) options: ExchangeOptions,
+    pub(crate) builtin: bool,
+    pub(crate) bindings: Vec<ModelBinding>,
 }
 
 /// Where every copy ever created went;
 /// `created == ready + outstanding + delayed + settled` always.
 #[derive(Debug, Clone, Default)]
-struct Ledger {
-    created: u64,
-    acked: u64,
-    dropped: u64,
-    purged: u64,
-    expired: u64,
-    deleted_with_queue: u64,
+pub(crate) struct Ledger {
+    pub(crate) created: u64,
+    pub(crate) acked: u64,
+    pub(crate) dropped: u64,
+    pub(crate) purged: u64,
+    pub(crate) expired: u64,
+    pub(crate) deleted_with_queue: u64,
 }
 
 /// The broker's deliveries of the command being checked, taken in order by the model's
 /// dispatch (which decides when one is due and checks it is legal).
 #[derive(Debug, Clone, Default)]
-struct Deliveries {
-    pending: VecDeque<Delivery>,
+pub(crate) struct Deliveries {
+    pub(crate) pending: VecDeque<Delivery>,
     /// The first disagreement found while dispatching; dispatch stops there.
-    error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 /// The parts of the model that queue-level helpers update while a queue is borrowed.
 #[derive(Debug, Clone, Default)]
-struct ModelState {
-    ledger: Ledger,
+pub(crate) struct ModelState {
+    pub(crate) ledger: Ledger,
     /// Dead letters of the command being predicted, republished in order (see
     /// [`Model::finish`]).
-    dead_letters: Vec<ModelDeadLetter>,
-    timers: ModelTimers,
+    pub(crate) dead_letters: Vec<ModelDeadLetter>,
+    pub(crate) timers: ModelTimers,
 }
 
 /// The reference model: plain maps and vectors, no cleverness.
 #[derive(Debug, Clone)]
-struct Model {
-    connections: BTreeMap<ConnectionId, ModelConnection>,
-    queues: BTreeMap<String, ModelQueue>,
-    exchanges: BTreeMap<String, ModelExchange>,
-    next_queue_id: u64,
-    state: ModelState,
-    limits: Limits,
+pub(crate) struct Model {
+    pub(crate) connections: BTreeMap<ConnectionId, ModelConnection>,
+    pub(crate) queues: BTreeMap<String, ModelQueue>,
+    pub(crate) exchanges: BTreeMap<String, ModelExchange>,
+    pub(crate) next_queue_id: u64,
+    pub(crate) state: ModelState,
+    pub(crate) limits: Limits,
     /// The next log id for a persistent message reaching a durable queue.
-    next_durable_id: u64,
+    pub(crate) next_durable_id: u64,
     /// Settles the broker must report for auto-ack deliveries absorbed in this step.
-    settled_by_deliveries: Vec<(u64, String)>,
+    pub(crate) settled_by_deliveries: Vec<(u64, String)>,
     /// The logical time of the command being predicted.
-    now_ms: u64,
+    pub(crate) now_ms: u64,
     /// Queues to dispatch, in the order the command touched them.
-    to_dispatch: Vec<u64>,
-    deliveries: Deliveries,
+    pub(crate) to_dispatch: Vec<u64>,
+    pub(crate) deliveries: Deliveries,
     /// Dead letters so far, by reason republished or "cycle" (dropped by the cycle guard), for
     /// the coverage check.
-    dead_letter_counts: BTreeMap<&'static str, u64>,
+    pub(crate) dead_letter_counts: BTreeMap<&'static str, u64>,
     /// Time-driven events so far, for the coverage check.
-    events: BTreeMap<&'static str, u64>,
+    pub(crate) events: BTreeMap<&'static str, u64>,
     /// Deliveries so far.
-    n_deliveries: u64,
+    pub(crate) n_deliveries: u64,
 }
 
 /// Names are 1..=255 bytes without control characters; user-created ones avoid `wharf.`.
-fn name_error(name: &str, user: bool) -> Option<ErrorClass> {
+pub(crate) fn name_error(name: &str, user: bool) -> Option<ErrorClass> {
     if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
         Some(ErrorClass::InvalidName)
     } else if user && name.starts_with("wharf.") {
@@ -1361,7 +707,7 @@ fn name_error(name: &str, user: bool) -> Option<ErrorClass> {
     }
 }
 
-fn headers_arguments_valid(arguments: &Headers) -> bool {
+pub(crate) fn headers_arguments_valid(arguments: &Headers) -> bool {
     match arguments.get("x-match") {
         None => true,
         Some(HeaderValue::Str(mode)) => {
@@ -1373,7 +719,7 @@ fn headers_arguments_valid(arguments: &Headers) -> bool {
 
 /// RabbitMQ's headers matching, spelled out: `x-match` all (default) or any; `x-` keys are
 /// ignored unless the mode ends in `-with-x`; values compare typed.
-fn headers_binding_matches(arguments: &Headers, headers: &Headers) -> bool {
+pub(crate) fn headers_binding_matches(arguments: &Headers, headers: &Headers) -> bool {
     let mode = arguments
         .get("x-match")
         .and_then(HeaderValue::as_str)
@@ -1391,7 +737,11 @@ fn headers_binding_matches(arguments: &Headers, headers: &Headers) -> bool {
     }
 }
 
-fn binding_matches(kind: ExchangeKind, binding: &ModelBinding, message: &Message) -> bool {
+pub(crate) fn binding_matches(
+    kind: ExchangeKind,
+    binding: &ModelBinding,
+    message: &Message,
+) -> bool {
     match kind {
         ExchangeKind::Direct => binding.routing_key == *message.routing_key,
         ExchangeKind::Fanout => true,
@@ -1400,16 +750,16 @@ fn binding_matches(kind: ExchangeKind, binding: &ModelBinding, message: &Message
     }
 }
 
-fn sorted_debug<T: std::fmt::Debug>(items: impl IntoIterator<Item = T>) -> Vec<String> {
+pub(crate) fn sorted_debug<T: std::fmt::Debug>(items: impl IntoIterator<Item = T>) -> Vec<String> {
     let mut all: Vec<String> = items.into_iter().map(|item| format!("{item:?}")).collect();
     all.sort();
     all
 }
 
-type Outcome = Result<Reply, ErrorClass>;
+pub(crate) type Outcome = Result<Reply, ErrorClass>;
 
 impl Model {
-    fn new(limits: Limits) -> Self {
+    pub(crate) fn new(limits: Limits) -> Self {
         let builtins = [
             ("", ExchangeKind::Direct),
             ("wharf.direct", ExchangeKind::Direct),
@@ -1459,7 +809,7 @@ impl Model {
 
     /// Checks one command's observed outcome and effects at `now_ms` against the model's
     /// prediction and moves the model forward. `Err` describes the first disagreement.
-    fn observe(
+    pub(crate) fn observe(
         &mut self,
         now_ms: u64,
         command: &Command,
@@ -1545,12 +895,12 @@ impl Model {
         self.check_invariants()
     }
 
-    fn event(&mut self, what: &'static str) {
+    pub(crate) fn event(&mut self, what: &'static str) {
         *self.events.entry(what).or_default() += 1;
     }
 
     /// Records the first disagreement found while dispatching.
-    fn dispatch_error(&mut self, err: String) {
+    pub(crate) fn dispatch_error(&mut self, err: String) {
         self.deliveries.error.get_or_insert(err);
     }
 
@@ -1558,7 +908,7 @@ impl Model {
     /// expiring the copies past their TTL it meets at the head (never delivered). Which
     /// consumer gets each copy is the broker's choice: the model takes the broker's next
     /// delivery, checks it is legal and the copy it expected, and records it.
-    fn dispatch(&mut self, queue_id: u64, effects: &mut Vec<Effect>) {
+    pub(crate) fn dispatch(&mut self, queue_id: u64, effects: &mut Vec<Effect>) {
         loop {
             if self.deliveries.error.is_some() {
                 return;
@@ -1614,7 +964,7 @@ impl Model {
     }
 
     /// Dispatches the queues the command touched, in that order.
-    fn dispatch_touched(&mut self, effects: &mut Vec<Effect>) {
+    pub(crate) fn dispatch_touched(&mut self, effects: &mut Vec<Effect>) {
         for queue_id in std::mem::take(&mut self.to_dispatch) {
             self.dispatch(queue_id, effects);
         }
@@ -1623,7 +973,7 @@ impl Model {
     /// The end of every command that may dead-letter: the pending dead letters are
     /// republished, then the touched queues dispatched; copies that dispatch finds expired
     /// are dead letters of the next round.
-    fn finish(&mut self, effects: &mut Vec<Effect>) {
+    pub(crate) fn finish(&mut self, effects: &mut Vec<Effect>) {
         loop {
             self.republish_dead_letters(effects);
             self.dispatch_touched(effects);
@@ -1636,7 +986,7 @@ impl Model {
     /// Whether a delivery chosen by the broker is legal in the model's current state: to an
     /// attached consumer with capacity and the right priority, of the copy delivered next,
     /// with the right flags and tag. Returns (consumer index, ready index).
-    fn check_delivery(&self, delivery: &Delivery) -> Result<(usize, usize), String> {
+    pub(crate) fn check_delivery(&self, delivery: &Delivery) -> Result<(usize, usize), String> {
         let conn = self
             .connections
             .get(&delivery.connection)
@@ -1746,7 +1096,7 @@ impl Model {
 
     /// Checks that a delivery chosen by the broker is legal and records it (with a lease
     /// when the consumer has an ack timeout).
-    fn absorb_delivery(&mut self, delivery: &Delivery) -> Result<(), String> {
+    pub(crate) fn absorb_delivery(&mut self, delivery: &Delivery) -> Result<(), String> {
         let (consumer_idx, head_idx) = self.check_delivery(delivery)?;
         let now_ms = self.now_ms;
         let conn = self
@@ -1809,7 +1159,7 @@ impl Model {
     }
 
     /// Invariants of the model state after a command (and its deliveries).
-    fn check_invariants(&self) -> Result<(), String> {
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
         for queue in self.queues.values() {
             if !queue.ready.is_empty() && queue.can_dispatch() {
                 return Err(format!(
@@ -1863,7 +1213,7 @@ impl Model {
 
     /// The earliest time something must happen on its own: a delayed copy is due, a ready
     /// copy expires, a lease lapses, an unused queue expires.
-    fn next_real_deadline(&self) -> Option<u64> {
+    pub(crate) fn next_real_deadline(&self) -> Option<u64> {
         let delayed = self.state.timers.held().map(|(due, _, _)| due);
         let expiries = self
             .queues
@@ -1891,7 +1241,7 @@ impl Model {
     }
 
     /// Compares everything the broker exposes with the model.
-    fn check_broker(&self, broker: &Broker) -> Result<(), String> {
+    pub(crate) fn check_broker(&self, broker: &Broker) -> Result<(), String> {
         // Logged copies by id: (queue, None when ready or outstanding, Some(due) when delayed).
         type Places = Vec<(String, Option<u64>)>;
         let mut durable: BTreeMap<u64, Places> = BTreeMap::new();
@@ -2081,7 +1431,9 @@ impl Model {
     }
 
     /// Every binding as `(source, target, routing key, arguments)`.
-    fn bindings(&self) -> impl Iterator<Item = (String, BindTarget, String, Headers)> + '_ {
+    pub(crate) fn bindings(
+        &self,
+    ) -> impl Iterator<Item = (String, BindTarget, String, Headers)> + '_ {
         self.exchanges.iter().flat_map(move |(source, exchange)| {
             exchange.bindings.iter().map(move |binding| {
                 let target = match &binding.target {
@@ -2105,16 +1457,20 @@ impl Model {
 
     // ----- prediction: the deterministic part of every command -----
 
-    fn queue_by_id(&self, id: u64) -> Option<&ModelQueue> {
+    pub(crate) fn queue_by_id(&self, id: u64) -> Option<&ModelQueue> {
         self.queues.values().find(|queue| queue.id == id)
     }
 
-    fn queue_name_by_id(&self, id: u64) -> Option<String> {
+    pub(crate) fn queue_name_by_id(&self, id: u64) -> Option<String> {
         self.queue_by_id(id).map(|queue| queue.name.clone())
     }
 
     /// The queue `name` as `connection` may use it (exclusive queues belong to their owner).
-    fn queue_for(&self, connection: ConnectionId, name: &str) -> Result<&ModelQueue, ErrorClass> {
+    pub(crate) fn queue_for(
+        &self,
+        connection: ConnectionId,
+        name: &str,
+    ) -> Result<&ModelQueue, ErrorClass> {
         let queue = self
             .queues
             .get(name)
@@ -2125,7 +1481,10 @@ impl Model {
         }
     }
 
-    fn connection(&self, connection: ConnectionId) -> Result<&ModelConnection, ErrorClass> {
+    pub(crate) fn connection(
+        &self,
+        connection: ConnectionId,
+    ) -> Result<&ModelConnection, ErrorClass> {
         self.connections
             .get(&connection)
             .ok_or(ErrorClass::NotFound(EntityKind::Connection))
@@ -2134,7 +1493,7 @@ impl Model {
     /// Predicts the outcome; on success applies the command's state changes, dispatching
     /// where the command dispatches (taking the broker's deliveries, see [`Model::dispatch`]),
     /// and pushes the non-delivery effects it must emit. On error nothing is changed.
-    fn predict(&mut self, command: &Command, effects: &mut Vec<Effect>) -> Outcome {
+    pub(crate) fn predict(&mut self, command: &Command, effects: &mut Vec<Effect>) -> Outcome {
         match command {
             Command::Restore { .. } | Command::RestoreDedup { .. } | Command::PageIn { .. } => {
                 unreachable!("recovery and paging commands are not generated")
@@ -2623,7 +1982,7 @@ impl Model {
     /// the queue of its latest death elsewhere (if that queue exists and is not full with
     /// reject-publish) as a new message with the exchange and routing key it had there and no
     /// death headers; the others stay where they were. Stops after `max` moves (0: no limit).
-    fn redrive(&mut self, queue_id: u64, max: u64, effects: &mut Vec<Effect>) -> u64 {
+    pub(crate) fn redrive(&mut self, queue_id: u64, max: u64, effects: &mut Vec<Effect>) -> u64 {
         let limit = if max == 0 { u64::MAX } else { max };
         let name = self.queue_name_by_id(queue_id).expect("checked");
         let mut kept: Vec<Copy> = Vec::new();
@@ -2692,7 +2051,7 @@ impl Model {
 
     /// `Tick`: fires every timer due now, first due first (ties: first set first), then
     /// republishes the dead letters and dispatches the touched queues.
-    fn tick(&mut self, effects: &mut Vec<Effect>) {
+    pub(crate) fn tick(&mut self, effects: &mut Vec<Effect>) {
         let now_ms = self.now_ms;
         while let Some(timer) = self.state.timers.pop_due(now_ms) {
             match timer {
@@ -2784,7 +2143,7 @@ impl Model {
 
     /// A lease timer fired: the delivery goes back to its queue if it is still outstanding
     /// and its lease was not extended since; its tag is remembered as lapsed.
-    fn lapse(&mut self, connection: ConnectionId, tag: u64, effects: &mut Vec<Effect>) {
+    pub(crate) fn lapse(&mut self, connection: ConnectionId, tag: u64, effects: &mut Vec<Effect>) {
         let now_ms = self.now_ms;
         let Some(conn) = self.connections.get_mut(&connection) else {
             return;
@@ -2820,7 +2179,7 @@ impl Model {
     }
 
     /// The reply to a declare of an existing queue, which counts as a use (`x-expires`).
-    fn declared(&mut self, name: &str) -> Reply {
+    pub(crate) fn declared(&mut self, name: &str) -> Reply {
         let queue = self.queues.get_mut(name).expect("caller checked");
         queue.last_used_ms = self.now_ms;
         Reply::QueueDeclared {
@@ -2830,7 +2189,7 @@ impl Model {
         }
     }
 
-    fn consumer_queue(
+    pub(crate) fn consumer_queue(
         &self,
         connection: ConnectionId,
         tag: ConsumerTag,
@@ -2842,7 +2201,7 @@ impl Model {
             .ok_or(ErrorClass::NotFound(EntityKind::Consumer))
     }
 
-    fn resolve_binding(
+    pub(crate) fn resolve_binding(
         &self,
         source: &str,
         target: &BindTarget,
@@ -2882,12 +2241,12 @@ impl Model {
 
     /// The naive router: every queue reachable through matching bindings, each exchange
     /// visited once.
-    fn route(&self, message: &Message) -> Result<BTreeSet<u64>, ErrorClass> {
+    pub(crate) fn route(&self, message: &Message) -> Result<BTreeSet<u64>, ErrorClass> {
         self.route_from(message, false)
     }
 
     /// [`Model::route`]; dead letters (`dead_letter`) may enter internal exchanges.
-    fn route_from(
+    pub(crate) fn route_from(
         &self,
         message: &Message,
         dead_letter: bool,
@@ -2932,7 +2291,7 @@ impl Model {
         Ok(targets)
     }
 
-    fn settle(
+    pub(crate) fn settle(
         &mut self,
         connection: ConnectionId,
         tag: DeliveryTag,
@@ -2989,7 +2348,7 @@ impl Model {
 
     /// Settles one outstanding delivery; returns its queue, unless that was deleted while the
     /// delivery was outstanding (then the copy went with it and there is nothing to do).
-    fn settle_one(
+    pub(crate) fn settle_one(
         &mut self,
         connection: ConnectionId,
         outstanding: Outstanding,
@@ -3073,7 +2432,11 @@ impl Model {
 
     /// Drops the targets whose dedup window remembers the message's id (counted per queue);
     /// the other targets with a window remember it from now on. Returns how many dropped.
-    fn drop_duplicates(&mut self, message: &Message, targets: &mut BTreeSet<u64>) -> u32 {
+    pub(crate) fn drop_duplicates(
+        &mut self,
+        message: &Message,
+        targets: &mut BTreeSet<u64>,
+    ) -> u32 {
         let Some(id) = &message.message_id else {
             return 0;
         };
@@ -3100,7 +2463,7 @@ impl Model {
     /// A routed message entering its target queues: logged if persistent and a target is
     /// durable; delayed copies wait in timers, the others become ready and each queue is
     /// trimmed to its drop-head limits (dropped copies dead-lettered).
-    fn enqueue(
+    pub(crate) fn enqueue(
         &mut self,
         message: &Arc<Message>,
         targets: &BTreeSet<u64>,
@@ -3160,7 +2523,7 @@ impl Model {
     /// dead-letter more): to their dead-letter exchange (internal ones too) unless it is missing
     /// or the message already died in that queue for that reason (other than `rejected`). Their
     /// targets are dispatched next.
-    fn republish_dead_letters(&mut self, effects: &mut Vec<Effect>) {
+    pub(crate) fn republish_dead_letters(&mut self, effects: &mut Vec<Effect>) {
         let mut n_dead_letters = 0;
         while !self.state.dead_letters.is_empty() {
             let dead = self.state.dead_letters.remove(0);
@@ -3192,7 +2555,7 @@ impl Model {
         }
     }
 
-    fn close_connection(&mut self, connection: ConnectionId, effects: &mut Vec<Effect>) {
+    pub(crate) fn close_connection(&mut self, connection: ConnectionId, effects: &mut Vec<Effect>) {
         let conn = self.connections.remove(&connection).expect("checked");
         // Queues to dispatch (or auto-delete), in the order the connection touched them: its
         // consumers' queues by consumer tag, then the queues of its unacked deliveries.
@@ -3260,7 +2623,7 @@ impl Model {
     /// Deletes a queue: consumers cancelled (and told), bindings to it removed (auto-deleting
     /// sources left without bindings), ready and delayed copies dropped. Outstanding copies
     /// stay with their connections, acknowledgeable and ignored.
-    fn remove_queue(&mut self, name: &str, effects: &mut Vec<Effect>) {
+    pub(crate) fn remove_queue(&mut self, name: &str, effects: &mut Vec<Effect>) {
         let queue = self.queues.remove(name).expect("caller checked");
         for consumer in &queue.consumers {
             if let Some(conn) = self.connections.get_mut(&consumer.connection) {
@@ -3283,7 +2646,7 @@ impl Model {
         });
     }
 
-    fn remove_bindings_to(&mut self, target: &ModelTarget, effects: &mut Vec<Effect>) {
+    pub(crate) fn remove_bindings_to(&mut self, target: &ModelTarget, effects: &mut Vec<Effect>) {
         let doomed: Vec<(String, ModelBinding)> = self
             .exchanges
             .iter()
@@ -3300,7 +2663,12 @@ impl Model {
         }
     }
 
-    fn remove_binding(&mut self, source: &str, binding: &ModelBinding, effects: &mut Vec<Effect>) {
+    pub(crate) fn remove_binding(
+        &mut self,
+        source: &str,
+        binding: &ModelBinding,
+        effects: &mut Vec<Effect>,
+    ) {
         let Some(exchange) = self.exchanges.get_mut(source) else {
             return;
         };
@@ -3317,7 +2685,7 @@ impl Model {
         }
     }
 
-    fn remove_exchange(&mut self, name: &str, effects: &mut Vec<Effect>) {
+    pub(crate) fn remove_exchange(&mut self, name: &str, effects: &mut Vec<Effect>) {
         let Some(exchange) = self.exchanges.remove(name) else {
             return;
         };
@@ -3330,1492 +2698,10 @@ impl Model {
 }
 
 #[derive(Debug, Clone, Copy)]
-enum Settle {
+pub(crate) enum Settle {
     Ack,
     Requeue,
     Drop,
     /// Requeue when due (at once when already due).
     Defer(u64),
-}
-
-// ----- the harness: renders ops, applies them to broker and model -----
-
-struct Harness {
-    broker: Broker,
-    model: Model,
-    universe: Universe,
-    now_ms: u64,
-    /// The connection id each slot currently uses; a closed slot moves to a fresh id (the server
-    /// never reuses connection ids), which is opened by a later `Open`.
-    slots: [ConnectionId; N_CONNECTIONS],
-    next_connection_id: u64,
-    next_message_id: u64,
-    log: Vec<String>,
-    /// How often each interesting situation occurred, to show generation reaches them.
-    coverage: BTreeMap<String, u64>,
-}
-
-impl Harness {
-    fn new(universe: Universe) -> Self {
-        let mut harness = Harness {
-            broker: Broker::new(universe.limits.clone()),
-            model: Model::new(universe.limits.clone()),
-            universe,
-            now_ms: 0,
-            slots: [ConnectionId(1), ConnectionId(2), ConnectionId(3)],
-            next_connection_id: 4,
-            next_message_id: 1,
-            log: Vec::new(),
-            coverage: BTreeMap::new(),
-        };
-        for slot in 0..N_CONNECTIONS {
-            harness
-                .step(&Op::Open { conn: slot })
-                .expect("opening a connection is always accepted");
-        }
-        harness
-    }
-
-    /// A harness with the case's setup applied (checked like any other step).
-    fn with_setup(universe: Universe) -> Result<Self, String> {
-        let mut harness = Harness::new(universe);
-        for op in harness.universe.setup.clone() {
-            harness.step(&op)?;
-        }
-        Ok(harness)
-    }
-
-    fn exchange_declaration(
-        &self,
-        idx: usize,
-        variant: Variant,
-    ) -> (String, ExchangeKind, ExchangeOptions) {
-        let name = EXCHANGE_NAMES[idx];
-        let (kind, mut options) = match self.universe.exchanges.get(idx) {
-            Some(profile) => (profile.kind, profile.options.clone()),
-            None if name == BUILTIN_TOPIC => (
-                ExchangeKind::Topic,
-                ExchangeOptions {
-                    durable: true,
-                    ..ExchangeOptions::default()
-                },
-            ),
-            None => (
-                ExchangeKind::Direct,
-                ExchangeOptions {
-                    durable: true,
-                    ..ExchangeOptions::default()
-                },
-            ),
-        };
-        let kind = match variant {
-            Variant::OtherKind => match kind {
-                ExchangeKind::Direct => ExchangeKind::Topic,
-                ExchangeKind::Topic => ExchangeKind::Fanout,
-                ExchangeKind::Fanout => ExchangeKind::Headers,
-                ExchangeKind::Headers => ExchangeKind::Direct,
-            },
-            _ => kind,
-        };
-        if variant == Variant::DurabilityFlipped {
-            options.durable = !options.durable;
-        }
-        (name.to_owned(), kind, options)
-    }
-
-    fn bind_target(target: &Target) -> BindTarget {
-        match target {
-            Target::Queue(idx) => BindTarget::Queue(QUEUE_NAMES[*idx].to_owned()),
-            Target::Exchange(idx) => BindTarget::Exchange(EXCHANGE_NAMES[*idx].to_owned()),
-        }
-    }
-
-    /// The connection and tag of the consumer a cancel or credit names.
-    fn consumer(&self, pick: &ConsumerPick) -> (ConnectionId, ConsumerTag) {
-        match pick {
-            ConsumerPick::Named { conn, tag } => (self.slots[*conn], ConsumerTag(*tag)),
-            ConsumerPick::Attached(index) => {
-                let all: Vec<(ConnectionId, ConsumerTag)> = self
-                    .model
-                    .connections
-                    .iter()
-                    .flat_map(|(id, conn)| conn.consumers.keys().map(|tag| (*id, *tag)))
-                    .collect();
-                if all.is_empty() {
-                    (self.slots[0], ConsumerTag(1))
-                } else {
-                    all[index.index(all.len())]
-                }
-            }
-        }
-    }
-
-    /// The connection and delivery tag an ack, nack or reject names.
-    fn delivery_tag(&self, conn: usize, pick: &TagPick) -> (ConnectionId, DeliveryTag) {
-        let connection = self.slots[conn];
-        let never_given = DeliveryTag(
-            self.model
-                .connections
-                .get(&connection)
-                .map_or(1, |conn| conn.last_delivery_tag + 1),
-        );
-        if let TagPick::Lapsed(index) = pick {
-            let all: Vec<(ConnectionId, DeliveryTag)> = self
-                .model
-                .connections
-                .iter()
-                .flat_map(|(id, conn)| conn.lapsed.iter().map(|tag| (*id, DeliveryTag(*tag))))
-                .collect();
-            if !all.is_empty() {
-                return all[index.index(all.len())];
-            }
-        }
-        if let TagPick::Newest = pick {
-            // Tags are per connection: the latest delivery is the one the model learnt last.
-            let newest = self
-                .model
-                .connections
-                .iter()
-                .flat_map(|(id, conn)| {
-                    conn.unacked
-                        .iter()
-                        .map(|(tag, out)| (out.serial, *id, *tag))
-                })
-                .max();
-            if let Some((_, connection, tag)) = newest {
-                return (connection, DeliveryTag(tag));
-            }
-        }
-        match pick {
-            TagPick::Zero | TagPick::Newest => (connection, DeliveryTag(0)),
-            TagPick::Unknown => (connection, never_given),
-            TagPick::Outstanding(index) | TagPick::Lapsed(index) => {
-                let all: Vec<(ConnectionId, DeliveryTag)> = self
-                    .model
-                    .connections
-                    .iter()
-                    .flat_map(|(id, conn)| conn.unacked.keys().map(|tag| (*id, DeliveryTag(*tag))))
-                    .collect();
-                if all.is_empty() {
-                    (connection, never_given)
-                } else {
-                    all[index.index(all.len())]
-                }
-            }
-        }
-    }
-
-    fn command(&mut self, op: &Op) -> Command {
-        let slot = |conn: &usize| self.slots[*conn];
-        match op {
-            Op::Open { conn } => Command::OpenConnection {
-                connection: slot(conn),
-            },
-            Op::Close { conn, .. } => Command::CloseConnection {
-                connection: slot(conn),
-            },
-            Op::DeclareExchange {
-                exchange,
-                variant,
-                passive,
-            } => {
-                let (name, kind, options) = self.exchange_declaration(*exchange, *variant);
-                Command::DeclareExchange {
-                    name,
-                    kind,
-                    options,
-                    passive: *passive,
-                }
-            }
-            Op::DeleteExchange {
-                exchange,
-                if_unused,
-            } => Command::DeleteExchange {
-                name: EXCHANGE_NAMES[*exchange].to_owned(),
-                if_unused: *if_unused,
-            },
-            Op::DeclareQueue {
-                conn,
-                queue,
-                variant,
-                passive,
-            } => {
-                let mut options = self
-                    .universe
-                    .queues
-                    .get(*queue)
-                    .cloned()
-                    .unwrap_or_default();
-                match variant {
-                    Variant::AsProfiled => {}
-                    Variant::DurabilityFlipped => options.durable = !options.durable,
-                    Variant::OtherKind => {
-                        options.single_active_consumer = !options.single_active_consumer
-                    }
-                }
-                Command::DeclareQueue {
-                    connection: slot(conn),
-                    name: QUEUE_NAMES[*queue].to_owned(),
-                    options,
-                    passive: *passive,
-                }
-            }
-            Op::DeleteQueue {
-                conn,
-                queue,
-                if_unused,
-                if_empty,
-            } => Command::DeleteQueue {
-                connection: slot(conn),
-                name: QUEUE_NAMES[*queue].to_owned(),
-                if_unused: *if_unused,
-                if_empty: *if_empty,
-            },
-            Op::Purge { conn, queue } => Command::PurgeQueue {
-                connection: slot(conn),
-                name: QUEUE_NAMES[*queue].to_owned(),
-            },
-            Op::Bind {
-                source,
-                target,
-                key,
-                arguments,
-            } => Command::Bind {
-                source: EXCHANGE_NAMES[*source].to_owned(),
-                target: Self::bind_target(target),
-                routing_key: BINDING_KEYS[*key].to_owned(),
-                arguments: binding_arguments(*arguments),
-            },
-            Op::UnbindExisting { binding } => {
-                let all: Vec<(String, BindTarget, String, Headers)> =
-                    self.model.bindings().collect();
-                let (source, target, routing_key, arguments) = if all.is_empty() {
-                    (
-                        "x0".to_owned(),
-                        BindTarget::Queue("q0".to_owned()),
-                        String::new(),
-                        Headers::new(),
-                    )
-                } else {
-                    all[binding.index(all.len())].clone()
-                };
-                Command::Unbind {
-                    source,
-                    target,
-                    routing_key,
-                    arguments,
-                }
-            }
-            Op::Unbind {
-                source,
-                target,
-                key,
-                arguments,
-            } => Command::Unbind {
-                source: EXCHANGE_NAMES[*source].to_owned(),
-                target: Self::bind_target(target),
-                routing_key: BINDING_KEYS[*key].to_owned(),
-                arguments: binding_arguments(*arguments),
-            },
-            Op::Publish {
-                exchange,
-                key,
-                headers,
-                padding,
-                timing,
-            } => {
-                let message_id = self.next_message_id;
-                self.next_message_id += 1;
-                let body = format!("m{message_id}{}", "_".repeat(*padding * 3));
-                let message = Message {
-                    exchange: EXCHANGE_NAMES[*exchange].into(),
-                    headers: message_headers(*headers),
-                    persistent: padding % 2 == 0,
-                    priority: (message_id % 4) as u8,
-                    delay_ms: timing.delay_ms,
-                    expiration_ms: timing.expiration_ms,
-                    message_id: timing.message_id.map(|idx| MESSAGE_IDS[idx].to_owned()),
-                    ..Message::new(PUBLISH_KEYS[*key], body)
-                };
-                Command::Publish {
-                    message: Arc::new(message),
-                }
-            }
-            Op::Subscribe {
-                conn,
-                queue,
-                tag,
-                prefetch,
-                auto_ack,
-                exclusive,
-                priority,
-                ack_timeout_ms,
-                initial_credit,
-            } => Command::Subscribe {
-                connection: slot(conn),
-                queue: QUEUE_NAMES[*queue].to_owned(),
-                consumer_tag: ConsumerTag(*tag),
-                options: ConsumerOptions {
-                    prefetch: *prefetch,
-                    initial_credit: *initial_credit,
-                    auto_ack: *auto_ack,
-                    exclusive: *exclusive,
-                    priority: *priority,
-                    ack_timeout_ms: *ack_timeout_ms,
-                },
-            },
-            Op::Cancel { consumer } => {
-                let (connection, consumer_tag) = self.consumer(consumer);
-                Command::Cancel {
-                    connection,
-                    consumer_tag,
-                }
-            }
-            Op::Credit { consumer, credit } => {
-                let (connection, consumer_tag) = self.consumer(consumer);
-                Command::Credit {
-                    connection,
-                    consumer_tag,
-                    credit: *credit,
-                }
-            }
-            Op::Ack {
-                conn,
-                pick,
-                multiple,
-            } => {
-                let (connection, delivery_tag) = self.delivery_tag(*conn, pick);
-                Command::Ack {
-                    connection,
-                    delivery_tag,
-                    multiple: *multiple,
-                }
-            }
-            Op::Nack {
-                conn,
-                pick,
-                multiple,
-                requeue,
-            } => {
-                let (connection, delivery_tag) = self.delivery_tag(*conn, pick);
-                Command::Nack {
-                    connection,
-                    delivery_tag,
-                    multiple: *multiple,
-                    requeue: *requeue,
-                }
-            }
-            Op::Reject {
-                conn,
-                pick,
-                requeue,
-            } => {
-                let (connection, delivery_tag) = self.delivery_tag(*conn, pick);
-                Command::Reject {
-                    connection,
-                    delivery_tag,
-                    requeue: *requeue,
-                }
-            }
-            Op::AckRange {
-                conn,
-                pick,
-                span,
-                reversed,
-            } => {
-                let (connection, DeliveryTag(tag)) = self.delivery_tag(*conn, pick);
-                let (first, last) = if *reversed {
-                    (tag + span, tag)
-                } else {
-                    (tag, tag + span)
-                };
-                Command::AckRange {
-                    connection,
-                    first: DeliveryTag(first),
-                    last: DeliveryTag(last),
-                }
-            }
-            Op::Defer {
-                conn,
-                pick,
-                delay_ms,
-            } => {
-                let (connection, delivery_tag) = self.delivery_tag(*conn, pick);
-                Command::Defer {
-                    connection,
-                    delivery_tag,
-                    delay_ms: *delay_ms,
-                }
-            }
-            Op::Touch { conn, pick } => {
-                let (connection, delivery_tag) = self.delivery_tag(*conn, pick);
-                Command::Touch {
-                    connection,
-                    delivery_tag,
-                }
-            }
-            Op::Redrive {
-                conn,
-                queue,
-                dead_letters,
-                max,
-            } => {
-                let holding: Vec<&ModelQueue> = self
-                    .model
-                    .queues
-                    .values()
-                    .filter(|queue| {
-                        queue.ready.iter().any(|copy| {
-                            death_origin(&copy.message, &queue.name).is_some_and(
-                                |(origin, _, _)| self.model.queues.contains_key(&origin),
-                            )
-                        })
-                    })
-                    .collect();
-                let (connection, queue) = match dead_letters {
-                    Some(index) if !holding.is_empty() => {
-                        let queue = holding[index.index(holding.len())];
-                        (queue.owner.unwrap_or(slot(conn)), queue.name.clone())
-                    }
-                    _ => (slot(conn), QUEUE_NAMES[*queue].to_owned()),
-                };
-                Command::Redrive {
-                    connection,
-                    queue,
-                    max: *max,
-                }
-            }
-            Op::Advance { .. } | Op::ToDeadline { .. } => Command::Tick,
-            Op::PublishMany { .. } | Op::AckAllButOldest | Op::KeepFailing { .. } => {
-                unreachable!("expanded into several commands by Harness::step")
-            }
-        }
-    }
-
-    /// Everything observable, to show a failed command changed nothing.
-    fn snapshot(&self) -> String {
-        let unacked: Vec<usize> = self
-            .model
-            .connections
-            .keys()
-            .map(|id| self.broker.unacked_count(*id))
-            .collect();
-        format!(
-            "{:?}\n{:?}\n{:?}\n{unacked:?}\n{:?}",
-            self.broker.list_queues(),
-            self.broker.list_exchanges(),
-            self.broker.list_bindings(),
-            (
-                self.broker.delayed_total(),
-                self.broker.durable_messages().len()
-            )
-        )
-    }
-
-    fn record_coverage(
-        &mut self,
-        command: &Command,
-        outcome: &Result<Reply, CoreError>,
-        effects: &[Effect],
-        before: &Model,
-    ) {
-        let mut hit = |what: String| *self.coverage.entry(what).or_default() += 1;
-        let name = format!("{command:?}")
-            .split([' ', '{'])
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        match outcome {
-            Ok(_) => hit(format!("ok {name}")),
-            Err(err) => hit(format!("err {name} {:?}", ErrorClass::from(err))),
-        }
-        for effect in effects {
-            match effect {
-                Effect::Deliver(delivery) => {
-                    hit("deliver".into());
-                    if delivery.redelivered {
-                        hit("redeliver".into());
-                    }
-                    let queue = &before.queues.get(&*delivery.queue);
-                    if let Some(queue) = queue {
-                        if queue.options.single_active_consumer && queue.consumers.len() > 1 {
-                            hit("deliver single-active with standby".into());
-                        }
-                        let priorities: BTreeSet<i32> =
-                            queue.consumers.iter().map(|c| c.options.priority).collect();
-                        if priorities.len() > 1 {
-                            hit("deliver with mixed priorities".into());
-                        }
-                        if queue
-                            .ready
-                            .first()
-                            .is_some_and(|oldest| !Arc::ptr_eq(&oldest.message, &delivery.message))
-                        {
-                            hit("deliver a higher priority ahead of older messages".into());
-                        }
-                        let consumer = queue.consumers.iter().find(|c| {
-                            c.connection == delivery.connection && c.tag == delivery.consumer_tag
-                        });
-                        if consumer.is_some_and(|c| {
-                            c.options.auto_ack && c.options.initial_credit.is_some()
-                        }) {
-                            hit("deliver auto-ack with credit".into());
-                        }
-                        if consumer.is_some_and(|c| {
-                            !c.options.auto_ack && c.options.initial_credit.is_some()
-                        }) {
-                            hit("deliver manual-ack in credit mode".into());
-                        }
-                    }
-                }
-                Effect::ConsumerCancelled { .. } => hit("consumer cancelled by broker".into()),
-                Effect::DurableEnqueued { queues, .. } => {
-                    hit("durable enqueue".into());
-                    if queues.len() > 1 {
-                        hit("durable enqueue to several queues".into());
-                    }
-                }
-                Effect::DurableSettled { .. } => hit("durable settle".into()),
-                Effect::DurableSettledRange { .. }
-                | Effect::PageOut { .. }
-                | Effect::PageIn { .. }
-                | Effect::PagesDropped { .. } => {
-                    unreachable!("the model's brokers never page")
-                }
-                Effect::QueueDeleted { .. } => {
-                    if !matches!(command, Command::DeleteQueue { .. }) {
-                        hit(format!("queue deleted implicitly by {name}"));
-                    }
-                }
-                Effect::ExchangeDeleted { .. } => {
-                    if !matches!(command, Command::DeleteExchange { .. }) {
-                        hit(format!("exchange auto-deleted by {name}"));
-                    }
-                }
-            }
-        }
-        if let (
-            Command::Publish { message },
-            Ok(Reply::Published {
-                routed,
-                refused_by,
-                duplicates,
-            }),
-        ) = (command, outcome)
-        {
-            hit(format!("publish routed to {routed}"));
-            if *duplicates > 0 {
-                hit("publish dropped a duplicate".into());
-            }
-            if refused_by.is_some() {
-                hit("publish refused by one full queue of several".into());
-            }
-            let dropped = |queues: &BTreeMap<String, ModelQueue>| -> u64 {
-                queues.values().map(|queue| queue.dropped).sum()
-            };
-            if dropped(&self.model.queues) > dropped(&before.queues) {
-                hit("drop-head over a length limit".into());
-            }
-            if !message.exchange.is_empty() {
-                let exchange = &before.exchanges[&*message.exchange];
-                if exchange
-                    .bindings
-                    .iter()
-                    .any(|b| matches!(b.target, ModelTarget::Exchange(_)))
-                    && *routed > 0
-                {
-                    hit("publish through exchange-to-exchange binding".into());
-                }
-                hit(format!(
-                    "publish via {:?} routed {}",
-                    exchange.kind,
-                    *routed > 0
-                ));
-            }
-        }
-        if let (
-            Command::Ack { connection, .. }
-            | Command::Nack { connection, .. }
-            | Command::Reject { connection, .. }
-            | Command::AckRange { connection, .. },
-            Ok(Reply::Settled { count }),
-        ) = (command, outcome)
-        {
-            hit(format!("settled {}", (*count).min(2)));
-            if let Some(conn) = before.connections.get(connection) {
-                if conn.unacked.len() > 64 {
-                    hit("settle with more than 64 outstanding".into());
-                }
-                if conn
-                    .unacked
-                    .values()
-                    .any(|out| before.queue_by_id(out.queue_id).is_none())
-                {
-                    hit("settle with a delivery of a deleted queue outstanding".into());
-                }
-            }
-        }
-    }
-
-    fn record_dead_letters(&mut self, before: &Model) {
-        for (reason, count) in &self.model.dead_letter_counts {
-            if before.dead_letter_counts.get(reason) != Some(count) {
-                *self
-                    .coverage
-                    .entry(format!("dead letter {reason}"))
-                    .or_default() += 1;
-            }
-        }
-        for (event, count) in &self.model.events {
-            if before.events.get(event) != Some(count) {
-                *self.coverage.entry((*event).to_owned()).or_default() += 1;
-            }
-        }
-    }
-
-    fn step(&mut self, op: &Op) -> Result<(), String> {
-        if let Op::AckAllButOldest = op {
-            let busiest = self
-                .model
-                .connections
-                .iter()
-                .max_by_key(|(_, conn)| conn.unacked.len());
-            let Some((connection, conn)) = busiest else {
-                return Ok(());
-            };
-            let (connection, tags) = (
-                *connection,
-                conn.unacked.keys().skip(1).copied().collect::<Vec<u64>>(),
-            );
-            for tag in tags {
-                // The model has checked the outcome (each of these acks must succeed).
-                let _settled = self.apply_checked(Command::Ack {
-                    connection,
-                    delivery_tag: DeliveryTag(tag),
-                    multiple: false,
-                })?;
-            }
-            return Ok(());
-        }
-        if let Op::PublishMany {
-            exchange,
-            key,
-            count,
-            with_ids,
-        } = op
-        {
-            for idx in 0..*count {
-                let (exchange, key, headers, padding) =
-                    (*exchange, *key, idx % N_MESSAGE_HEADERS, idx % 3);
-                let timing = Timing {
-                    message_id: with_ids.then_some(idx % MESSAGE_IDS.len()),
-                    ..Timing::default()
-                };
-                self.step(&Op::Publish {
-                    exchange,
-                    key,
-                    headers,
-                    padding,
-                    timing,
-                })?;
-            }
-            return Ok(());
-        }
-        if let Op::Advance { ms, tick } = op {
-            self.now_ms += ms;
-            self.log.push(format!("(clock +{ms} ms)"));
-            if *tick {
-                // The model has checked the outcome (a tick always succeeds).
-                let _done = self.apply_checked(Command::Tick)?;
-            }
-            return Ok(());
-        }
-        if let Op::KeepFailing { rounds } = op {
-            for _ in 0..*rounds {
-                let (connection, delivery_tag) = self.delivery_tag(0, &TagPick::Newest);
-                if delivery_tag.0 == 0 {
-                    break;
-                }
-                let _settled = self.apply_checked(Command::Nack {
-                    connection,
-                    delivery_tag,
-                    multiple: false,
-                    requeue: true,
-                })?;
-                if self
-                    .model
-                    .next_real_deadline()
-                    .is_some_and(|deadline| deadline <= self.now_ms + 10)
-                {
-                    self.step(&Op::ToDeadline {
-                        early: false,
-                        tick: true,
-                    })?;
-                }
-            }
-            return Ok(());
-        }
-        if let Op::ToDeadline { early, tick } = op {
-            let dedup_ends = self.model.queues.values().flat_map(|queue| {
-                queue
-                    .dedup
-                    .values()
-                    .copied()
-                    .filter(|until| *until > self.now_ms)
-            });
-            let next = self
-                .model
-                .next_real_deadline()
-                .into_iter()
-                .chain(dedup_ends)
-                .min();
-            if let Some(moment) = next {
-                let at = moment - u64::from(*early);
-                // The next command takes the clock 1 ms further.
-                self.now_ms = self.now_ms.max(at.saturating_sub(1));
-                self.log.push(format!("(clock to {})", self.now_ms));
-            }
-            if *tick {
-                let _done = self.apply_checked(Command::Tick)?;
-            }
-            return Ok(());
-        }
-        let command = self.command(op);
-        let outcome = self.apply_checked(command)?;
-        if let (true, Op::Close { conn, reopen }) = (outcome.is_ok(), op) {
-            self.slots[*conn] = ConnectionId(self.next_connection_id);
-            self.next_connection_id += 1;
-            if *reopen {
-                self.step(&Op::Open { conn: *conn })?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies one command to the broker and checks it against the model.
-    fn apply_checked(&mut self, command: Command) -> Result<Result<Reply, CoreError>, String> {
-        let before = self.snapshot();
-        self.now_ms += 1;
-        self.log.push(format!("@{} {command:?}", self.now_ms));
-        let mut effects = Vec::new();
-        let outcome = self
-            .broker
-            .apply(self.now_ms, command.clone(), &mut effects);
-        let model_before = self.model.clone();
-        self.model
-            .observe(self.now_ms, &command, &outcome, &effects)?;
-        self.record_coverage(&command, &outcome, &effects, &model_before);
-        self.record_dead_letters(&model_before);
-        if outcome.is_err() && self.snapshot() != before {
-            return Err(format!(
-                "failed command {outcome:?} changed the broker state"
-            ));
-        }
-        self.model.check_broker(&self.broker)?;
-        // The broker's own invariants, recounted from scratch whatever the state's size.
-        self.broker
-            .check_invariants()
-            .map_err(|violation| format!("the broker broke an invariant: {violation}"))?;
-        Ok(outcome)
-    }
-}
-
-fn run_case(case: &Case) -> Result<(), String> {
-    let mut harness = Harness::with_setup(case.universe.clone())?;
-    let n_setup = harness.log.len();
-    for (step, op) in case.ops.iter().enumerate() {
-        if let Err(err) = harness.step(op) {
-            let commands: Vec<String> = harness
-                .log
-                .iter()
-                .enumerate()
-                .map(|(idx, command)| format!("  {:>2}: {command}", idx as i64 - n_setup as i64))
-                .collect();
-            return Err(format!(
-                "step {step} ({op:?}) disagrees with the model:\n{err}\ncommands applied (setup ones numbered negative):\n{}",
-                commands.join("\n")
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Cases per run when `PROPTEST_CASES` is not set: about 2 s at the test profile's opt-level 1.
-const DEFAULT_CASES: u32 = 1024;
-
-/// [`DEFAULT_CASES`] unless `PROPTEST_CASES` says otherwise; a fixed, printed seed (random unless
-/// `PROPTEST_RNG_SEED` is set) so any failure can be replayed; no regression files written.
-fn config() -> ProptestConfig {
-    let defaults = ProptestConfig::default();
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|cases| cases.parse().ok())
-        .unwrap_or(DEFAULT_CASES);
-    let seed = match defaults.rng_seed {
-        RngSeed::Fixed(seed) => seed,
-        RngSeed::Random => {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            (nanos as u64) ^ u64::from(std::process::id()).rotate_left(32)
-        }
-    };
-    eprintln!("model test: {cases} cases; replay with PROPTEST_RNG_SEED={seed}");
-    ProptestConfig {
-        cases,
-        rng_seed: RngSeed::Fixed(seed),
-        failure_persistence: None,
-        ..defaults
-    }
-}
-
-proptest! {
-    #![proptest_config(config())]
-
-    #[test]
-    fn broker_agrees_with_reference_model_on_random_command_sequences(case in case()) {
-        run_case(&case).map_err(TestCaseError::fail)?;
-    }
-}
-
-#[test]
-fn generated_sequences_reach_the_interesting_interactions() {
-    use proptest::strategy::ValueTree;
-    use proptest::test_runner::TestRunner;
-    // A fixed sample, so this guards the generator: if a change to the weights made the
-    // property test vacuous (no redeliveries, no cascades, an error never provoked), it fails.
-    let mut runner = TestRunner::new(ProptestConfig {
-        rng_seed: RngSeed::Fixed(7),
-        ..ProptestConfig::default()
-    });
-    let mut coverage: BTreeMap<String, u64> = BTreeMap::new();
-    for _ in 0..1000 {
-        let case = case().new_tree(&mut runner).expect("generates").current();
-        // Disagreements are the property test's business; here only reach counts.
-        let Ok(mut harness) = Harness::with_setup(case.universe.clone()) else {
-            continue;
-        };
-        for op in &case.ops {
-            if harness.step(op).is_err() {
-                break;
-            }
-        }
-        for (what, count) in harness.coverage {
-            *coverage.entry(what).or_default() += count;
-        }
-    }
-    let required = [
-        "deliver",
-        "redeliver",
-        "durable enqueue",
-        "durable enqueue to several queues",
-        "durable settle",
-        "deliver auto-ack with credit",
-        "deliver manual-ack in credit mode",
-        "deliver single-active with standby",
-        "deliver with mixed priorities",
-        "consumer cancelled by broker",
-        "queue deleted implicitly by Cancel",
-        "queue deleted implicitly by CloseConnection",
-        "exchange auto-deleted by Unbind",
-        "exchange auto-deleted by DeleteQueue",
-        "publish through exchange-to-exchange binding",
-        "publish routed to 2",
-        "publish refused by one full queue of several",
-        "drop-head over a length limit",
-        "deliver a higher priority ahead of older messages",
-        "err Publish QueueFull",
-        "dead letter rejected",
-        "dead letter maxlen",
-        "dead letter delivery_limit",
-        "dead letter cycle",
-        "err DeclareQueue InvalidArgument",
-        "publish via Direct routed true",
-        "publish via Fanout routed true",
-        "publish via Topic routed true",
-        "publish via Headers routed true",
-        "settle with a delivery of a deleted queue outstanding",
-        "settle with more than 64 outstanding",
-        "settled 0",
-        "settled 2",
-        "ok Credit",
-        "ok AckRange",
-        "ok PurgeQueue",
-        "ok DeleteExchange",
-        "err Ack UnknownDeliveryTag",
-        "err AckRange InvalidArgument",
-        "err Bind AccessRefused",
-        "err Bind InvalidArgument",
-        "err Bind LimitExceeded",
-        "err Cancel NotFound(Consumer)",
-        "err DeclareExchange AccessRefused",
-        "err DeclareExchange InvalidName",
-        "err DeclareExchange PreconditionFailed",
-        "err DeclareQueue PreconditionFailed",
-        "err DeclareQueue ReservedName",
-        "err DeclareQueue ResourceLocked",
-        "err DeleteExchange PreconditionFailed",
-        "err DeleteQueue PreconditionFailed",
-        "err Publish AccessRefused",
-        "err Publish NotFound(Exchange)",
-        "err Subscribe ConsumerTagInUse",
-        "err Subscribe LimitExceeded",
-        "err Subscribe NotFound(Connection)",
-        "err Subscribe ResourceLocked",
-        "err Unbind NotFound(Exchange)",
-        // Time-driven features.
-        "a delayed message entered its queue",
-        "deliver a delayed message",
-        "a delayed message entered a full queue",
-        "redrive expired a message",
-        "expired by a tick",
-        "expired in dispatch",
-        "dead letter expired",
-        "lease lapsed",
-        "redeliver after a lapsed lease",
-        "late settle of a lapsed tag",
-        "touch extended a lease",
-        "publish dropped a duplicate",
-        "retry delayed a requeue",
-        "retries exhausted, dead-lettered",
-        "defer held a message",
-        "queue expired",
-        "queue deleted implicitly by Tick",
-        "redrive moved a message",
-        "redrive kept a message",
-        "ok Tick",
-        "ok Defer",
-        "ok Touch",
-        "ok Redrive",
-        "err Defer InvalidArgument",
-        "err Touch UnknownDeliveryTag",
-        "err Redrive NotFound(Queue)",
-    ];
-    let missing: Vec<&str> = required
-        .into_iter()
-        .filter(|what| !coverage.contains_key(*what))
-        .collect();
-    let report: Vec<String> = coverage
-        .iter()
-        .map(|(what, count)| format!("{count:>7} {what}"))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "never reached: {missing:?}\nreached:\n{}",
-        report.join("\n")
-    );
-}
-
-// ----- negative controls: the checker can fail -----
-
-/// A connection with a consumer (prefetch 10) on `q0`, and one message published to it.
-fn harness_with_one_delivery() -> (Harness, Vec<Effect>) {
-    let universe = Universe {
-        exchanges: std::array::from_fn(|_| ExchangeProfile {
-            kind: ExchangeKind::Fanout,
-            options: ExchangeOptions::default(),
-        }),
-        queues: std::array::from_fn(|_| QueueOptions::default()),
-        limits: Limits::default(),
-        setup: Vec::new(),
-    };
-    let mut harness = Harness::new(universe);
-    harness
-        .step(&Op::DeclareQueue {
-            conn: 0,
-            queue: 0,
-            variant: Variant::AsProfiled,
-            passive: false,
-        })
-        .unwrap();
-    harness
-        .step(&Op::Subscribe {
-            conn: 0,
-            queue: 0,
-            tag: 1,
-            prefetch: 10,
-            auto_ack: false,
-            exclusive: false,
-            priority: 0,
-            ack_timeout_ms: None,
-            initial_credit: None,
-        })
-        .unwrap();
-    (harness, Vec::new())
-}
-
-fn publish_to_q0(harness: &mut Harness) -> (Command, Result<Reply, CoreError>, Vec<Effect>) {
-    let command = harness.command(&Op::Publish {
-        exchange: DEFAULT_EXCHANGE_IDX,
-        key: 5,
-        headers: 0,
-        padding: 0,
-        timing: Timing::default(),
-    });
-    let mut effects = Vec::new();
-    harness.now_ms += 1;
-    let outcome = harness
-        .broker
-        .apply(harness.now_ms, command.clone(), &mut effects);
-    (command, outcome, effects)
-}
-
-#[test]
-fn checker_rejects_a_duplicate_delivery_not_flagged_redelivered() {
-    let (mut harness, _) = harness_with_one_delivery();
-    let (command, outcome, mut effects) = publish_to_q0(&mut harness);
-    let Some(Effect::Deliver(delivery)) = effects.first().cloned() else {
-        panic!("one delivery expected: {effects:?}")
-    };
-    let mut duplicate = delivery;
-    duplicate.delivery_tag = DeliveryTag(duplicate.delivery_tag.0 + 1);
-    effects.push(Effect::Deliver(duplicate));
-    let err = harness
-        .model
-        .observe(harness.now_ms, &command, &outcome, &effects)
-        .expect_err("a duplicate delivery must be reported");
-    assert!(err.contains("duplicate"), "{err}");
-}
-
-#[test]
-fn checker_rejects_a_redelivery_without_the_redelivered_flag() {
-    let (mut harness, _) = harness_with_one_delivery();
-    harness
-        .step(&Op::Publish {
-            exchange: DEFAULT_EXCHANGE_IDX,
-            key: 5,
-            headers: 0,
-            padding: 0,
-            timing: Timing::default(),
-        })
-        .unwrap();
-    let command = harness.command(&Op::Nack {
-        conn: 0,
-        pick: TagPick::Zero,
-        multiple: true,
-        requeue: true,
-    });
-    let mut effects = Vec::new();
-    let outcome = harness
-        .broker
-        .apply(harness.now_ms + 1, command.clone(), &mut effects);
-    for effect in &mut effects {
-        if let Effect::Deliver(delivery) = effect {
-            assert!(delivery.redelivered, "the broker flags the redelivery");
-            delivery.redelivered = false;
-        }
-    }
-    let err = harness
-        .model
-        .observe(harness.now_ms + 1, &command, &outcome, &effects)
-        .expect_err("an unflagged redelivery must be reported");
-    assert!(err.contains("redelivered flag"), "{err}");
-}
-
-#[test]
-fn checker_rejects_a_lost_message() {
-    let (mut harness, _) = harness_with_one_delivery();
-    harness
-        .step(&Op::Cancel {
-            consumer: ConsumerPick::Named { conn: 0, tag: 1 },
-        })
-        .unwrap();
-    let (command, outcome, effects) = publish_to_q0(&mut harness);
-    harness
-        .model
-        .observe(harness.now_ms, &command, &outcome, &effects)
-        .unwrap();
-    harness.model.check_broker(&harness.broker).unwrap();
-    // The same history on a broker that lost the message (it never saw the publish).
-    let mut lossy = Broker::default();
-    let mut ignored = Vec::new();
-    for connection in harness.model.connections.keys() {
-        lossy
-            .apply(
-                0,
-                Command::OpenConnection {
-                    connection: *connection,
-                },
-                &mut ignored,
-            )
-            .unwrap();
-    }
-    let options = QueueOptions::default();
-    let declare = Command::DeclareQueue {
-        connection: harness.slots[0],
-        name: "q0".into(),
-        options,
-        passive: false,
-    };
-    lossy.apply(0, declare, &mut ignored).unwrap();
-    let err = harness
-        .model
-        .check_broker(&lossy)
-        .expect_err("a lost message must be reported");
-    assert!(err.contains("list_queues"), "{err}");
-}
-
-#[test]
-fn checker_rejects_a_delivery_out_of_fifo_order() {
-    let (mut harness, _) = harness_with_one_delivery();
-    harness
-        .step(&Op::Cancel {
-            consumer: ConsumerPick::Named { conn: 0, tag: 1 },
-        })
-        .unwrap();
-    harness
-        .step(&Op::Publish {
-            exchange: DEFAULT_EXCHANGE_IDX,
-            key: 5,
-            headers: 0,
-            padding: 0,
-            timing: Timing::default(),
-        })
-        .unwrap();
-    harness
-        .step(&Op::Publish {
-            exchange: DEFAULT_EXCHANGE_IDX,
-            key: 5,
-            headers: 0,
-            padding: 1,
-            timing: Timing::default(),
-        })
-        .unwrap();
-    let command = harness.command(&Op::Subscribe {
-        conn: 0,
-        queue: 0,
-        tag: 2,
-        prefetch: 0,
-        auto_ack: false,
-        exclusive: false,
-        priority: 0,
-        ack_timeout_ms: None,
-        initial_credit: None,
-    });
-    let mut effects = Vec::new();
-    let outcome = harness
-        .broker
-        .apply(harness.now_ms + 1, command.clone(), &mut effects);
-    assert_eq!(effects.len(), 2, "both messages delivered: {effects:?}");
-    let (Effect::Deliver(first), Effect::Deliver(second)) =
-        (effects[0].clone(), effects[1].clone())
-    else {
-        panic!()
-    };
-    effects[0] = Effect::Deliver(Delivery {
-        message: second.message.clone(),
-        ..first.clone()
-    });
-    effects[1] = Effect::Deliver(Delivery {
-        message: first.message,
-        ..second
-    });
-    let err = harness
-        .model
-        .observe(harness.now_ms + 1, &command, &outcome, &effects)
-        .expect_err("out-of-order delivery must be reported");
-    assert!(err.contains("FIFO"), "{err}");
-}
-
-#[test]
-fn checker_rejects_a_delivery_beyond_prefetch() {
-    let (mut harness, _) = harness_with_one_delivery();
-    harness
-        .step(&Op::Cancel {
-            consumer: ConsumerPick::Named { conn: 0, tag: 1 },
-        })
-        .unwrap();
-    harness
-        .step(&Op::Publish {
-            exchange: DEFAULT_EXCHANGE_IDX,
-            key: 5,
-            headers: 0,
-            padding: 0,
-            timing: Timing::default(),
-        })
-        .unwrap();
-    harness
-        .step(&Op::Publish {
-            exchange: DEFAULT_EXCHANGE_IDX,
-            key: 5,
-            headers: 0,
-            padding: 0,
-            timing: Timing::default(),
-        })
-        .unwrap();
-    let command = harness.command(&Op::Subscribe {
-        conn: 0,
-        queue: 0,
-        tag: 2,
-        prefetch: 0,
-        auto_ack: false,
-        exclusive: false,
-        priority: 0,
-        ack_timeout_ms: None,
-        initial_credit: None,
-    });
-    let mut effects = Vec::new();
-    let outcome = harness
-        .broker
-        .apply(harness.now_ms + 1, command.clone(), &mut effects);
-    // Claim the consumer asked for prefetch 1: the broker's second delivery is then illegal.
-    let Command::Subscribe {
-        connection,
-        queue,
-        consumer_tag,
-        options,
-    } = command
-    else {
-        unreachable!()
-    };
-    let claimed = Command::Subscribe {
-        connection,
-        queue,
-        consumer_tag,
-        options: ConsumerOptions {
-            prefetch: 1,
-            ..options
-        },
-    };
-    let err = harness
-        .model
-        .observe(harness.now_ms + 1, &claimed, &outcome, &effects)
-        .expect_err("exceeding prefetch must be reported");
-    assert!(err.contains("without capacity"), "{err}");
-}
-
-#[test]
-fn checker_rejects_a_failed_command_that_should_have_succeeded() {
-    let (mut harness, _) = harness_with_one_delivery();
-    let command = harness.command(&Op::Purge { conn: 0, queue: 0 });
-    let outcome = Err(CoreError::NotFound {
-        kind: EntityKind::Queue,
-        name: "q0".into(),
-    });
-    let err = harness
-        .model
-        .observe(harness.now_ms + 1, &command, &outcome, &[])
-        .expect_err("a wrong error must be reported");
-    assert!(err.contains("expected Ok(Purged"), "{err}");
-}
-
-#[test]
-fn checker_rejects_arrival_order_when_a_priority_queue_has_a_higher_priority_ready() {
-    let universe = Universe {
-        exchanges: std::array::from_fn(|_| ExchangeProfile {
-            kind: ExchangeKind::Fanout,
-            options: ExchangeOptions::default(),
-        }),
-        queues: std::array::from_fn(|_| QueueOptions {
-            arguments: Headers::new().with("x-max-priority", 3i64),
-            ..QueueOptions::default()
-        }),
-        limits: Limits::default(),
-        setup: Vec::new(),
-    };
-    let mut harness = Harness::new(universe);
-    harness
-        .step(&Op::DeclareQueue {
-            conn: 0,
-            queue: 0,
-            variant: Variant::AsProfiled,
-            passive: false,
-        })
-        .unwrap();
-    for padding in 0..2 {
-        // Message ids 1 and 2: priorities 1 and 2.
-        harness
-            .step(&Op::Publish {
-                exchange: DEFAULT_EXCHANGE_IDX,
-                key: 5,
-                headers: 0,
-                padding,
-                timing: Timing::default(),
-            })
-            .unwrap();
-    }
-    let command = harness.command(&Op::Subscribe {
-        conn: 0,
-        queue: 0,
-        tag: 1,
-        prefetch: 0,
-        auto_ack: false,
-        exclusive: false,
-        priority: 0,
-        ack_timeout_ms: None,
-        initial_credit: None,
-    });
-    let mut effects = Vec::new();
-    let outcome = harness
-        .broker
-        .apply(harness.now_ms + 1, command.clone(), &mut effects);
-    let [Effect::Deliver(first), Effect::Deliver(second)] = effects.as_slice() else {
-        panic!("both messages delivered: {effects:?}");
-    };
-    assert_eq!(
-        first.message.priority, 2,
-        "the broker serves priority first"
-    );
-    let arrival_order = vec![
-        Effect::Deliver(Delivery {
-            message: second.message.clone(),
-            ..first.clone()
-        }),
-        Effect::Deliver(Delivery {
-            message: first.message.clone(),
-            ..second.clone()
-        }),
-    ];
-    let err = harness
-        .model
-        .observe(harness.now_ms + 1, &command, &outcome, &arrival_order)
-        .expect_err("arrival order ahead of a higher priority must be reported");
-    assert!(err.contains("highest priority"), "{err}");
-}
-
-/// A plain `q0` without consumers.
-fn harness_with_q0() -> Harness {
-    let (mut harness, _) = harness_with_one_delivery();
-    harness
-        .step(&Op::Cancel {
-            consumer: ConsumerPick::Named { conn: 0, tag: 1 },
-        })
-        .unwrap();
-    harness
-}
-
-fn publish_timed_to_q0(harness: &mut Harness, timing: Timing) {
-    harness
-        .step(&Op::Publish {
-            exchange: DEFAULT_EXCHANGE_IDX,
-            key: 5,
-            headers: 0,
-            padding: 1,
-            timing,
-        })
-        .unwrap();
-}
-
-/// Applies `op` to the broker only, for a test to tamper with what the broker did.
-fn apply_unchecked(
-    harness: &mut Harness,
-    op: &Op,
-) -> (Command, Result<Reply, CoreError>, Vec<Effect>) {
-    let command = harness.command(op);
-    harness.now_ms += 1;
-    let mut effects = Vec::new();
-    let outcome = harness
-        .broker
-        .apply(harness.now_ms, command.clone(), &mut effects);
-    (command, outcome, effects)
-}
-
-fn subscribe_to_q0(tag: u32, ack_timeout_ms: Option<u64>) -> Op {
-    Op::Subscribe {
-        conn: 0,
-        queue: 0,
-        tag,
-        prefetch: 1,
-        auto_ack: false,
-        exclusive: false,
-        priority: 0,
-        ack_timeout_ms,
-        initial_credit: None,
-    }
-}
-
-#[test]
-fn checker_rejects_a_delivery_of_an_expired_message() {
-    let mut harness = harness_with_q0();
-    publish_timed_to_q0(
-        &mut harness,
-        Timing {
-            expiration_ms: Some(5),
-            ..Timing::default()
-        },
-    );
-    // Past its TTL, with no tick since: the consumer that arrives must not get it.
-    harness.now_ms += 10;
-    let (command, outcome, mut effects) = apply_unchecked(&mut harness, &subscribe_to_q0(2, None));
-    assert!(
-        !effects
-            .iter()
-            .any(|effect| matches!(effect, Effect::Deliver(_))),
-        "the broker expires it instead: {effects:?}"
-    );
-    let message = harness.model.queues["q0"].ready[0].message.clone();
-    effects.push(Effect::Deliver(Delivery {
-        connection: harness.slots[0],
-        consumer_tag: ConsumerTag(2),
-        delivery_tag: DeliveryTag(2),
-        queue: "q0".into(),
-        message,
-        redelivered: false,
-        delivery_count: 1,
-    }));
-    let err = harness
-        .model
-        .observe(harness.now_ms, &command, &outcome, &effects)
-        .expect_err("a delivery past the TTL must be reported");
-    assert!(err.contains("past its TTL"), "{err}");
-}
-
-#[test]
-fn checker_rejects_a_delayed_message_delivered_before_due() {
-    let (mut harness, _) = harness_with_one_delivery();
-    let op = Op::Publish {
-        exchange: DEFAULT_EXCHANGE_IDX,
-        key: 5,
-        headers: 0,
-        padding: 1,
-        timing: Timing {
-            delay_ms: Some(20),
-            ..Timing::default()
-        },
-    };
-    let (command, outcome, mut effects) = apply_unchecked(&mut harness, &op);
-    assert!(effects.is_empty(), "held, not delivered: {effects:?}");
-    let Command::Publish { message } = &command else {
-        unreachable!()
-    };
-    effects.push(Effect::Deliver(Delivery {
-        connection: harness.slots[0],
-        consumer_tag: ConsumerTag(1),
-        delivery_tag: DeliveryTag(1),
-        queue: "q0".into(),
-        message: message.clone(),
-        redelivered: false,
-        delivery_count: 1,
-    }));
-    let err = harness
-        .model
-        .observe(harness.now_ms, &command, &outcome, &effects)
-        .expect_err("a delayed message delivered early must be reported");
-    assert!(err.contains("before it was due"), "{err}");
-}
-
-#[test]
-fn checker_rejects_a_lapsed_lease_that_is_not_redelivered() {
-    let mut harness = harness_with_q0();
-    harness.step(&subscribe_to_q0(2, Some(5))).unwrap();
-    publish_timed_to_q0(&mut harness, Timing::default());
-    assert_eq!(
-        harness.model.connections[&harness.slots[0]].unacked.len(),
-        1
-    );
-    harness.now_ms += 10;
-    let (command, outcome, mut effects) =
-        apply_unchecked(&mut harness, &Op::Advance { ms: 0, tick: true });
-    let n_effects = effects.len();
-    effects.retain(|effect| !matches!(effect, Effect::Deliver(_)));
-    assert_eq!(
-        effects.len() + 1,
-        n_effects,
-        "the lapsed delivery is redelivered"
-    );
-    let err = harness
-        .model
-        .observe(harness.now_ms, &command, &outcome, &effects)
-        .expect_err("a lapsed delivery that stays lost must be reported");
-    assert!(err.contains("work conservation"), "{err}");
 }
