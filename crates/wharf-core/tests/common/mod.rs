@@ -1,7 +1,7 @@
 //! The harness the core's behaviour tests share (`broker.rs`, `timers.rs`,
 //! `queue_features.rs`): a broker, its clock and the effects of the commands applied. Each test
 //! file adds the helpers it needs in its own `impl Harness` block. (`paging.rs` simulates the
-//! server's spools and `model.rs` checks a model, so they keep harnesses of their own.)
+//! server's spools and `model/` checks a model, so they keep harnesses of their own.)
 #![allow(dead_code)]
 
 use wharf_core::{Broker, Command, ConnectionId, CoreError, Effect, Limits, Reply};
