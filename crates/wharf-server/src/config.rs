@@ -327,4 +327,50 @@ mod tests {
         let missing = FileConfig::load(Path::new("/nonexistent/wharf.toml")).unwrap_err();
         assert!(matches!(missing, ConfigError::Read { .. }));
     }
+
+    /// docs/wharf.example.toml sets every key (the exhaustive pattern fails to compile when a
+    /// key is added, and `Some` fails the test when the file lacks it) to the value the
+    /// server uses without it, and docs/configuration.md documents each.
+    #[test]
+    fn the_example_config_sets_every_key_to_its_default() {
+        let text = include_str!("../../../docs/wharf.example.toml");
+        let file: FileConfig = toml::from_str(text).expect("the example parses");
+        let FileConfig {
+            bind: Some(_),
+            data_dir: Some(_),
+            log_format: Some(_),
+            heartbeat_ms: Some(_),
+            frame_bytes_max: Some(_),
+            publishes_in_flight_max: Some(_),
+            connections_max: Some(_),
+            ready_bytes_high_watermark: Some(_),
+            sync: Some(_),
+            checkpoint_bytes: Some(_),
+            segment_bytes: Some(_),
+            queue_memory_messages: Some(_),
+            queue_memory_bytes: Some(_),
+            flow_ready_messages: Some(_),
+            flow_ready_bytes: Some(_),
+        } = file.clone()
+        else {
+            panic!("the example leaves a key out: {file:?}");
+        };
+        let resolved = resolve(Overrides::default(), Some(file)).expect("the example resolves");
+        assert_eq!(
+            format!("{resolved:?}"),
+            format!("{:?}", ServerConfig::default()),
+            "the example's values are the defaults"
+        );
+        let reference = include_str!("../../../docs/configuration.md");
+        for key in text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.split_once(" = ").map(|(key, _)| key))
+        {
+            assert!(
+                reference.contains(&format!("`{key}`")),
+                "docs/configuration.md does not document `{key}`"
+            );
+        }
+    }
 }
