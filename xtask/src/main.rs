@@ -10,9 +10,10 @@
 //! - `tidy`: only the tidy test (`xtask/tests/tidy.rs`: layering, the sans-IO core, limits
 //!   modules, test attributes).
 //! - `python`: only the Python tier of `test` (build the package, pytest, mypy on examples).
-//! - `backlog [--count N] [--in-memory]`: the queues-larger-than-memory benchmark: a release
-//!   server, `wharf bench --backlog` with N persistent 100-byte messages (default 10 M), then
-//!   the server's peak RSS (`--in-memory`: with paging off, for comparison).
+//! - `backlog [--count N] [--in-memory] [--max-priority N]`: the queues-larger-than-memory
+//!   benchmark: a release server, `wharf bench --backlog` with N persistent 100-byte messages
+//!   (default 10 M), then the server's peak RSS (`--in-memory`: with paging off, for
+//!   comparison; `--max-priority N`: into a priority queue, priorities 0..=N in turn).
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
@@ -51,7 +52,7 @@ const HELP: &str = "usage: cargo xtask <task>
   python                       only the Python tier (bindings/python tests, mypy on examples)
   crash [--rounds N]           kill -9 crash rounds of the real server (default 50; CI runs 10),
                                then N kill -9 rounds with 200+ MB backlogs (tests/scale.rs)
-  backlog [--count N] [--in-memory]
+  backlog [--count N] [--in-memory] [--max-priority N]
                                N persistent 100-byte messages published, then drained (default
                                10 M): rates and the broker's peak RSS (--in-memory: paging off)";
 
@@ -443,11 +444,19 @@ fn bench_plot(args: &[String]) -> Result<()> {
 fn backlog(args: &[String]) -> Result<()> {
     let mut count = "10000000".to_owned();
     let mut in_memory = false;
+    let mut max_priority: Option<String> = None;
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--count" => count = args.next().context("--count needs a number")?.clone(),
             "--in-memory" => in_memory = true,
+            "--max-priority" => {
+                max_priority = Some(
+                    args.next()
+                        .context("--max-priority needs a number")?
+                        .clone(),
+                )
+            }
             other => bail!("backlog: unknown argument {other}"),
         }
     }
@@ -469,7 +478,8 @@ fn backlog(args: &[String]) -> Result<()> {
         .context("starting wharf serve")?;
     let result = (|| {
         let addr = server_addr(&mut server)?;
-        run(Command::new(&wharf).args([
+        let mut bench = Command::new(&wharf);
+        bench.args([
             "bench",
             "--persistent",
             "--manual-ack",
@@ -481,7 +491,11 @@ fn backlog(args: &[String]) -> Result<()> {
             &count,
             "--server",
             &addr,
-        ]))?;
+        ]);
+        if let Some(max_priority) = &max_priority {
+            bench.args(["--max-priority", max_priority]);
+        }
+        run(&mut bench)?;
         let status = std::fs::read_to_string(format!("/proc/{}/status", server.id()))
             .context("reading the server's /proc status (Linux only)")?;
         for line in status.lines() {

@@ -30,6 +30,7 @@
 mod broker;
 mod error;
 mod exchange;
+mod id_runs;
 pub mod limits;
 mod message;
 mod name;

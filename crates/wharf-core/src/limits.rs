@@ -46,8 +46,8 @@ pub struct Limits {
     pub bindings_per_exchange_max: usize,
     /// See [`CONSUMERS_PER_QUEUE_MAX`].
     pub consumers_per_queue_max: usize,
-    /// Queues larger than memory: a durable queue without priorities or length limits keeps
-    /// at most this many ready messages in memory; later arrivals are *paged* (handed to the
+    /// Queues larger than memory: a durable, non-exclusive queue (of any kind: FIFO, priority,
+    /// length-limited) keeps at most this many ready messages in memory; later arrivals are *paged* (handed to the
     /// server in [`crate::Effect::PageOut`] and counted only) until the queue has drained
     /// them back (see [`crate::Command::PageIn`]). 0: never page.
     pub paging_threshold: usize,

@@ -1,6 +1,7 @@
 //! Queues: ready messages in FIFO order, the consumers attached, and per-queue statistics.
 
 use crate::error::CoreError;
+use crate::id_runs::IdRuns;
 use crate::message::{HeaderValue, Headers, Message};
 use crate::{ConnectionId, ConsumerTag};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -453,63 +454,112 @@ pub struct PagedEntry {
     pub retries: u32,
 }
 
-/// The paged tail of a queue larger than memory: once a pageable queue holds its threshold of
-/// ready messages in memory, every later arrival is paged until the tail has drained back, so
-/// the paged messages are always the newest and FIFO order holds. The core keeps only counts
-/// and the runs of logged ids (a compact index: one run per stretch of consecutive ids).
+/// The paged tails of a queue larger than memory: once a pageable queue holds its threshold of
+/// ready messages in memory, every later arrival is paged, and every later arrival of a
+/// priority level whose tail is not empty is paged too, until that tail has drained back. So
+/// each priority level's paged messages are always its newest, and order within a level holds.
+/// A queue without `x-max-priority` has one level, 0: a plain FIFO tail. The core keeps only
+/// counts and the runs of logged ids of each tail (a compact index: one run per stretch of
+/// consecutive ids).
+///
+/// Delivery order across levels: while the highest level holding paged messages has none in
+/// memory ([`Paged::blocks`]), the queue delivers nothing and asks for that level back, so no
+/// lower priority overtakes a paged higher one.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Paged {
     /// Ready messages kept in memory at most; `None`: this queue never pages.
     pub threshold: Option<usize>,
     /// Body bytes of ready messages kept in memory at most (with `threshold`).
     pub threshold_bytes: u64,
+    /// Paged messages over every tail.
+    pub count: u64,
+    /// Their body bytes.
+    pub bytes: u64,
+    /// The non-empty tails, by priority level.
+    pub tails: BTreeMap<u8, Tail>,
+    /// Bumped when the paged tails are discarded (purge, delete): page-ins of an older epoch
+    /// are stale.
+    pub epoch: u64,
+    /// The level a page-in was requested for and not yet answered (one at a time per queue).
+    pub page_in_pending: Option<u8>,
+}
+
+/// The paged messages of one priority level of a queue, oldest first.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tail {
     pub count: u64,
     pub bytes: u64,
-    /// Ids of the logged paged messages, oldest first, as runs (first id, how many).
-    pub ids: VecDeque<(u64, u64)>,
-    /// Bumped when the paged tail is discarded (purge, delete): page-ins of an older epoch are
-    /// stale.
-    pub epoch: u64,
-    /// A page-in was requested and not yet answered.
-    pub page_in_pending: bool,
+    /// Ids of the logged paged messages, oldest first, as compact runs.
+    pub ids: IdRuns,
 }
 
 impl Paged {
-    /// Whether an arrival must be paged: the tail is not empty (FIFO), or memory is full
-    /// (by count or by bytes).
-    pub(crate) fn takes(&self, in_memory: usize, in_memory_bytes: u64) -> bool {
+    /// Whether an arrival of priority `level` must be paged: that level's tail is not empty
+    /// (order within the level), or memory is full (by count or by bytes).
+    pub(crate) fn takes(&self, level: u8, in_memory: usize, in_memory_bytes: u64) -> bool {
         self.threshold.is_some_and(|threshold| {
-            self.count > 0 || in_memory >= threshold || in_memory_bytes >= self.threshold_bytes
+            self.tails.contains_key(&level)
+                || in_memory >= threshold
+                || in_memory_bytes >= self.threshold_bytes
         })
     }
 
-    pub(crate) fn push_id(&mut self, durable_id: u64) {
-        match self.ids.back_mut() {
-            Some((first, n)) if *first + *n == durable_id => *n += 1,
-            _ => self.ids.push_back((durable_id, 1)),
+    /// The highest priority level holding paged messages.
+    pub(crate) fn top_level(&self) -> Option<u8> {
+        self.tails.last_key_value().map(|(level, _)| *level)
+    }
+
+    /// Whether the next message to deliver is paged: a level holds paged messages and no
+    /// ready message in memory (whose highest level is `top_in_memory`) is of that level or
+    /// higher. The queue then waits for that level's page-in rather than deliver a lower
+    /// priority first.
+    pub(crate) fn blocks(&self, top_in_memory: Option<u8>) -> bool {
+        self.top_level()
+            .is_some_and(|level| top_in_memory.is_none_or(|top| top < level))
+    }
+
+    fn push(&mut self, level: u8, size: u64, durable_id: Option<u64>) {
+        self.count += 1;
+        self.bytes += size;
+        let tail = self.tails.entry(level).or_default();
+        tail.count += 1;
+        tail.bytes += size;
+        if let Some(durable_id) = durable_id {
+            tail.ids.push(durable_id);
         }
     }
 
-    pub(crate) fn pop_id(&mut self, durable_id: u64) {
-        let (first, n) = self
-            .ids
-            .front_mut()
-            .expect("a paged logged message has its id in the runs");
-        assert_eq!(*first, durable_id, "paged messages come back in order");
-        *first += 1;
-        *n -= 1;
-        if *n == 0 {
-            self.ids.pop_front();
+    fn pop(&mut self, level: u8, size: u64, durable_id: Option<u64>) {
+        let mut tail = match self.tails.entry(level) {
+            std::collections::btree_map::Entry::Occupied(tail) => tail,
+            std::collections::btree_map::Entry::Vacant(_) => {
+                panic!("a paged entry comes back to a level that holds paged messages")
+            }
+        };
+        let paged = tail.get_mut();
+        self.count -= 1;
+        self.bytes -= size;
+        paged.count -= 1;
+        paged.bytes -= size;
+        if let Some(durable_id) = durable_id {
+            let first = paged.ids.pop_front();
+            assert_eq!(first, Some(durable_id), "paged messages come back in order");
+        }
+        if paged.count == 0 {
+            tail.remove();
         }
     }
 
-    /// Forgets the whole tail; returns its id runs.
-    pub(crate) fn discard(&mut self) -> VecDeque<(u64, u64)> {
+    /// Forgets every tail; returns their id runs.
+    pub(crate) fn discard(&mut self) -> Vec<(u64, u64)> {
         self.count = 0;
         self.bytes = 0;
         self.epoch += 1;
-        self.page_in_pending = false;
-        std::mem::take(&mut self.ids)
+        self.page_in_pending = None;
+        std::mem::take(&mut self.tails)
+            .into_values()
+            .flat_map(|tail| tail.ids.runs())
+            .collect()
     }
 }
 
@@ -644,6 +694,14 @@ impl Ready {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The highest priority level with a ready entry in memory.
+    pub(crate) fn top_priority(&self) -> Option<u8> {
+        match self.higher.last_key_value() {
+            Some((priority, _)) => Some(*priority),
+            None => (!self.base.is_empty()).then_some(0),
+        }
     }
 
     pub(crate) fn bytes(&self) -> u64 {
@@ -933,11 +991,8 @@ impl Queue {
     /// returned for the server to keep.
     pub(crate) fn page_out(&mut self, mut entry: Entry, now_ms: u64) -> PagedEntry {
         self.stamp(&mut entry, now_ms);
-        self.paged.count += 1;
-        self.paged.bytes += entry.message.size_bytes();
-        if let Some(durable_id) = entry.durable_id {
-            self.paged.push_id(durable_id);
-        }
+        self.paged
+            .push(entry.priority, entry.message.size_bytes(), entry.durable_id);
         PagedEntry {
             seq: entry.seq,
             message: entry.message,
@@ -949,18 +1004,16 @@ impl Queue {
         }
     }
 
-    /// Takes a paged entry back into memory, at the back of the ready messages (it is newer
-    /// than all of them). Returns its size.
-    pub(crate) fn page_in(&mut self, paged: PagedEntry) -> u64 {
+    /// Takes a paged entry of priority `level` back into memory, at the back of its level's
+    /// ready messages (it is newer than all of them). Returns its size.
+    pub(crate) fn page_in(&mut self, level: u8, paged: PagedEntry) -> u64 {
         let size = paged.message.size_bytes();
-        self.paged.count -= 1;
-        self.paged.bytes -= size;
-        if let Some(durable_id) = paged.durable_id {
-            self.paged.pop_id(durable_id);
-        }
+        let priority = self.features.effective_priority(&paged.message);
+        assert_eq!(priority, level, "a paged entry comes back to its own level");
+        self.paged.pop(level, size, paged.durable_id);
         let entry = Entry {
             seq: paged.seq,
-            priority: self.features.effective_priority(&paged.message),
+            priority,
             message: paged.message,
             redelivered: paged.redelivered,
             delivery_count: paged.delivery_count,
@@ -975,6 +1028,11 @@ impl Queue {
     /// Ready messages, paged ones included.
     pub(crate) fn ready_total(&self) -> u64 {
         self.ready.len() as u64 + self.paged.count
+    }
+
+    /// Body bytes of the ready messages, paged ones included.
+    pub(crate) fn ready_bytes(&self) -> u64 {
+        self.ready.bytes() + self.paged.bytes
     }
 
     /// Whether persistent messages in this queue are logged.

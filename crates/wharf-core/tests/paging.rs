@@ -19,10 +19,10 @@ struct Harness {
     broker: Broker,
     now: u64,
     effects: Vec<Effect>,
-    /// Paged entries per (queue, epoch), oldest first.
-    spools: HashMap<(String, u64), VecDeque<PagedEntry>>,
-    /// Page-in requests not yet answered: (queue, epoch, max, max bytes).
-    requests: Vec<(String, u64, u64, u64)>,
+    /// Paged entries per (queue, epoch, level), oldest first.
+    spools: HashMap<(String, u64, u8), VecDeque<PagedEntry>>,
+    /// Page-in requests not yet answered: (queue, epoch, level, max, max bytes).
+    requests: Vec<(String, u64, u8, u64, u64)>,
     /// Logged messages per queue, as the log would replay them.
     live: BTreeMap<String, BTreeSet<u64>>,
     /// Deliveries seen: (body, tag, redelivered).
@@ -71,17 +71,19 @@ impl Harness {
                 Effect::PageOut {
                     queue,
                     epoch,
+                    level,
                     entry,
                 } => {
                     self.page_outs += 1;
                     self.spools
-                        .entry((queue.to_string(), epoch))
+                        .entry((queue.to_string(), epoch, level))
                         .or_default()
                         .push_back(*entry);
                 }
                 Effect::PageIn {
                     queue,
                     epoch,
+                    level,
                     max,
                     max_bytes,
                 } => {
@@ -89,20 +91,21 @@ impl Harness {
                         !self
                             .requests
                             .iter()
-                            .any(|(q, e, _, _)| *q == *queue && *e == epoch),
+                            .any(|(q, e, _, _, _)| *q == *queue && *e == epoch),
                         "one page-in request per queue at a time"
                     );
                     let held = self
                         .spools
-                        .get(&(queue.to_string(), epoch))
+                        .get(&(queue.to_string(), epoch, level))
                         .map_or(0, VecDeque::len);
                     assert!(max >= 1 && max as usize <= held, "asks for what is paged");
                     assert!(max_bytes >= 1);
                     self.requests
-                        .push((queue.to_string(), epoch, max, max_bytes));
+                        .push((queue.to_string(), epoch, level, max, max_bytes));
                 }
                 Effect::PagesDropped { queue, epoch } => {
-                    self.spools.remove(&(queue.to_string(), epoch));
+                    self.spools
+                        .retain(|(q, e, _), _| !(**q == *queue && *e == epoch));
                 }
                 Effect::DurableEnqueued {
                     durable_id, queues, ..
@@ -157,8 +160,11 @@ impl Harness {
     /// Answers every pending page-in request (as the server's pager task does).
     fn serve_page_ins(&mut self) -> usize {
         let mut served = 0;
-        for (queue, epoch, max, max_bytes) in std::mem::take(&mut self.requests) {
-            let spool = self.spools.entry((queue.clone(), epoch)).or_default();
+        for (queue, epoch, level, max, max_bytes) in std::mem::take(&mut self.requests) {
+            let spool = self
+                .spools
+                .entry((queue.clone(), epoch, level))
+                .or_default();
             // As the server: at least one, then while within both budgets.
             let mut entries: Vec<PagedEntry> = Vec::new();
             let mut bytes = 0;
@@ -175,6 +181,7 @@ impl Harness {
             self.ok(Command::PageIn {
                 queue,
                 epoch,
+                level,
                 entries,
             });
         }
@@ -244,7 +251,7 @@ fn a_queue_past_its_threshold_pages_later_arrivals_and_drains_them_back_in_order
         4 * 2,
         "only 4 bodies in memory"
     );
-    let paged: Vec<u64> = h.spools[&("q".to_owned(), 0)]
+    let paged: Vec<u64> = h.spools[&("q".to_owned(), 0, 0)]
         .iter()
         .map(|entry| entry.durable_id.unwrap())
         .collect();
@@ -252,7 +259,7 @@ fn a_queue_past_its_threshold_pages_later_arrivals_and_drains_them_back_in_order
 
     h.subscribe("q", 1, 0, true);
     assert_eq!(h.bodies(), numbered(4), "memory first");
-    assert_eq!(h.requests, vec![("q".to_owned(), 0, 4, u64::MAX)]);
+    assert_eq!(h.requests, vec![("q".to_owned(), 0, 0, 4, u64::MAX)]);
     // Arrivals while the tail is paged join the tail (FIFO).
     h.publish("q", "m10", true);
     assert_eq!(h.stats("q").paged, 7);
@@ -298,14 +305,18 @@ fn purging_a_paged_queue_settles_its_tail_by_id_runs_and_stale_page_ins_are_igno
         name: "q".to_owned(),
     });
     assert_eq!(reply, Reply::Purged { messages: 5 });
-    assert!(!h.spools.contains_key(&("q".to_owned(), 0)), "tail dropped");
+    assert!(
+        !h.spools.contains_key(&("q".to_owned(), 0, 0)),
+        "tail dropped"
+    );
     assert_eq!(
         h.live["q"].iter().copied().collect::<Vec<_>>(),
         vec![3],
         "only the outstanding delivery (q1, id 3) is still logged in q"
     );
     // The answer to the old request arrives late: ignored.
-    h.spools.insert(("q".to_owned(), 0), VecDeque::from(vec![]));
+    h.spools
+        .insert(("q".to_owned(), 0, 0), VecDeque::from(vec![]));
     let stale = PagedEntry {
         seq: 2,
         message: Arc::new(Message::new("q", "ghost")),
@@ -319,6 +330,7 @@ fn purging_a_paged_queue_settles_its_tail_by_id_runs_and_stale_page_ins_are_igno
     h.ok(Command::PageIn {
         queue: "q".to_owned(),
         epoch: 0,
+        level: 0,
         entries: vec![stale],
     });
     assert!(h.bodies().is_empty());
@@ -333,7 +345,7 @@ fn purging_a_paged_queue_settles_its_tail_by_id_runs_and_stale_page_ins_are_igno
     }
     // The cancel put q1 back: q1 and n0 in memory, n1..n3 paged.
     assert_eq!(h.stats("q").paged, 3);
-    assert_eq!(h.spools[&("q".to_owned(), 1)].len(), 3);
+    assert_eq!(h.spools[&("q".to_owned(), 1, 0)].len(), 3);
 }
 
 #[test]
@@ -390,7 +402,7 @@ fn large_messages_page_by_bytes_and_come_back_within_the_byte_budget() {
     assert_eq!(h.broker.ready_bytes_total(), 120);
     h.subscribe("q", 1, 0, true);
     assert_eq!(h.bodies().len(), 3);
-    assert_eq!(h.requests, vec![("q".to_owned(), 0, 7, 100)]);
+    assert_eq!(h.requests, vec![("q".to_owned(), 0, 0, 7, 100)]);
     assert_eq!(h.serve_page_ins(), 2, "two bodies within 100 bytes");
     while h.serve_page_ins() > 0 {}
     let bodies = h.bodies();
@@ -403,41 +415,177 @@ fn large_messages_page_by_bytes_and_come_back_within_the_byte_budget() {
     );
 }
 
+fn arguments(pairs: &[(&str, HeaderValue)]) -> Headers {
+    pairs
+        .iter()
+        .map(|(key, value)| ((*key).to_owned(), value.clone()))
+        .collect()
+}
+
 #[test]
-fn only_durable_fifo_queues_without_length_limits_page() {
+fn every_kind_of_durable_queue_pages_but_transient_ones_do_not() {
     let mut h = Harness::new(1);
     h.declare("transient", false, Headers::new());
-    let prio: Headers = [("x-max-priority".to_owned(), HeaderValue::Int(5))]
-        .into_iter()
-        .collect();
-    h.declare("prio", true, prio);
-    let limited: Headers = [("x-max-length".to_owned(), HeaderValue::Int(100))]
-        .into_iter()
-        .collect();
-    h.declare("limited", true, limited);
-    let ttl: Headers = [("x-message-ttl".to_owned(), HeaderValue::Int(60_000))]
-        .into_iter()
-        .collect();
-    h.declare("ttl", true, ttl);
-    for queue in ["transient", "prio", "limited", "ttl"] {
+    h.declare(
+        "prio",
+        true,
+        arguments(&[("x-max-priority", HeaderValue::Int(5))]),
+    );
+    h.declare(
+        "limited",
+        true,
+        arguments(&[("x-max-length", HeaderValue::Int(100))]),
+    );
+    h.declare(
+        "limited_bytes",
+        true,
+        arguments(&[("x-max-length-bytes", HeaderValue::Int(1_000))]),
+    );
+    h.declare(
+        "ttl",
+        true,
+        arguments(&[("x-message-ttl", HeaderValue::Int(60_000))]),
+    );
+    for queue in ["transient", "prio", "limited", "limited_bytes", "ttl"] {
         for body in numbered(3) {
             h.publish(queue, &body, true);
         }
     }
     assert_eq!(h.stats("transient").paged, 0);
-    assert_eq!(h.stats("prio").paged, 0);
-    assert_eq!(h.stats("limited").paged, 0);
-    assert_eq!(
-        h.stats("ttl").paged,
-        2,
-        "a queue TTL pages: expiry is FIFO too"
-    );
+    for queue in ["prio", "limited", "limited_bytes", "ttl"] {
+        assert_eq!(h.stats(queue).paged, 2, "{queue} pages");
+    }
     // Transient messages in a durable queue page as well (memory, not durability).
     h.declare("durable", true, Headers::new());
     for body in numbered(3) {
         h.publish("durable", &body, false);
     }
     assert_eq!(h.stats("durable").paged, 2);
+}
+
+impl Harness {
+    fn publish_with_priority(&mut self, queue: &str, body: &str, priority: u8) {
+        self.ok(Command::Publish {
+            message: Arc::new(Message {
+                persistent: true,
+                priority,
+                ..Message::new(queue, body.to_owned())
+            }),
+        });
+    }
+}
+
+#[test]
+fn a_paged_priority_queue_keeps_a_tail_per_level_and_never_lets_a_lower_priority_overtake() {
+    let mut h = Harness::new(2);
+    h.declare(
+        "q",
+        true,
+        arguments(&[("x-max-priority", HeaderValue::Int(5))]),
+    );
+    // Memory holds two (a, b); c joins level 0's tail, x and y (priority 5) level 5's.
+    for (body, priority) in [("a", 0), ("b", 0), ("c", 0), ("x", 5), ("y", 5)] {
+        h.publish_with_priority("q", body, priority);
+    }
+    let stats = h.stats("q");
+    assert_eq!((stats.ready, stats.paged), (5, 3));
+    assert_eq!(h.spools[&("q".to_owned(), 0, 0)].len(), 1);
+    assert_eq!(h.spools[&("q".to_owned(), 0, 5)].len(), 2);
+    // The next message to deliver (x) is paged: nothing is delivered until it is back, and
+    // its level is asked for although memory is past half the threshold (one and a half
+    // thresholds: 3 - 2 = 1 entry).
+    h.subscribe("q", 1, 0, true);
+    assert!(h.bodies().is_empty(), "a and b must not overtake x and y");
+    let asked = |h: &Harness| -> Vec<(String, u64, u8, u64)> {
+        h.requests
+            .iter()
+            .map(|(queue, epoch, level, max, _)| (queue.clone(), *epoch, *level, *max))
+            .collect()
+    };
+    assert_eq!(asked(&h), vec![("q".to_owned(), 0, 5, 1)]);
+    h.serve_page_ins();
+    // x came back and went; y is next and paged: its level is asked for again.
+    assert_eq!(h.bodies(), vec!["x"]);
+    assert_eq!(asked(&h), vec![("q".to_owned(), 0, 5, 1)]);
+    h.serve_page_ins();
+    // y, then memory (a, b), then level 0's tail (c).
+    assert_eq!(h.bodies(), vec!["y", "a", "b"]);
+    while h.serve_page_ins() > 0 {}
+    assert_eq!(h.bodies(), vec!["c"]);
+    let stats = h.stats("q");
+    assert_eq!((stats.ready, stats.paged, stats.acked), (0, 0, 5));
+    assert!(h.live["q"].is_empty(), "every logged message settled");
+    assert!(h.spools.values().all(VecDeque::is_empty));
+}
+
+#[test]
+fn a_drop_head_limit_counts_paged_messages_and_drops_a_paged_head_when_it_comes_back() {
+    let mut h = Harness::new(2);
+    h.declare(
+        "q",
+        true,
+        arguments(&[("x-max-length", HeaderValue::Int(3))]),
+    );
+    // a, b in memory; c paged; d paged and a dropped (4 > 3); e paged and b dropped.
+    for body in ["a", "b", "c", "d", "e"] {
+        h.publish("q", body, true);
+    }
+    let stats = h.stats("q");
+    assert_eq!((stats.ready, stats.paged, stats.dropped), (3, 3, 2));
+    // Memory is empty, so the head (c) is paged and a page-in is pending: f leaves the
+    // queue one over its limit until c is back.
+    h.publish("q", "f", true);
+    let stats = h.stats("q");
+    assert_eq!((stats.ready, stats.paged, stats.dropped), (4, 4, 2));
+    // The request went out when memory fell to b alone (half the threshold): one entry.
+    assert_eq!(h.requests.len(), 1);
+    assert_eq!(h.requests[0].3, 1);
+    h.serve_page_ins();
+    let stats = h.stats("q");
+    assert_eq!(
+        (stats.ready, stats.paged, stats.dropped),
+        (3, 3, 3),
+        "c dropped as it came back"
+    );
+    assert_eq!(h.requests.len(), 1, "memory is empty: d is asked for");
+    h.subscribe("q", 1, 0, true);
+    while h.serve_page_ins() > 0 {}
+    assert_eq!(h.bodies(), vec!["d", "e", "f"]);
+    assert!(
+        h.live["q"].is_empty(),
+        "dropped and delivered messages settled"
+    );
+}
+
+#[test]
+fn a_reject_publish_limit_counts_paged_messages() {
+    let mut h = Harness::new(1);
+    h.declare(
+        "q",
+        true,
+        arguments(&[
+            ("x-max-length", HeaderValue::Int(3)),
+            ("x-overflow", HeaderValue::Str("reject-publish".into())),
+        ]),
+    );
+    for body in ["a", "b", "c"] {
+        h.publish("q", body, true);
+    }
+    assert_eq!(h.stats("q").paged, 2);
+    let err = h
+        .broker
+        .apply(
+            100,
+            Command::Publish {
+                message: Arc::new(Message::new("q", "d")),
+            },
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, wharf_core::CoreError::QueueFull { .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -449,7 +597,7 @@ fn a_paged_message_keeps_its_ttl_and_expires_when_it_comes_back() {
     h.declare("q", true, ttl);
     h.publish("q", "a", true);
     h.publish("q", "b", true);
-    let expires = h.spools[&("q".to_owned(), 0)][0].expires_at.unwrap();
+    let expires = h.spools[&("q".to_owned(), 0, 0)][0].expires_at.unwrap();
     // Both expire: "a" from memory, which asks for "b".
     h.now += 100;
     h.ok(Command::Tick);
@@ -467,7 +615,7 @@ fn a_paged_message_keeps_its_ttl_and_expires_when_it_comes_back() {
 /// One step of the random workload.
 #[derive(Debug, Clone)]
 enum Op {
-    Publish { persistent: bool },
+    Publish { persistent: bool, priority: u8 },
     Subscribe { prefetch: u32, auto_ack: bool },
     Cancel,
     Ack,
@@ -479,7 +627,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => any::<bool>().prop_map(|persistent| Op::Publish { persistent }),
+        6 => (any::<bool>(), 0u8..5).prop_map(|(persistent, priority)| Op::Publish { persistent, priority }),
         1 => (0u32..4, any::<bool>()).prop_map(|(prefetch, auto_ack)| Op::Subscribe { prefetch, auto_ack }),
         1 => Just(Op::Cancel),
         3 => Just(Op::Ack),
@@ -493,18 +641,26 @@ fn op() -> impl Strategy<Value = Op> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
-    /// Whatever the threshold, interleaving and pager timing: first deliveries come in publish
-    /// order, nothing is delivered twice without the redelivered flag, nothing is lost (a final
-    /// drain delivers everything not purged), and the log's view of live messages matches the
-    /// queue's content at every step.
+    /// Whatever the threshold, priorities, interleaving and pager timing: every delivery is
+    /// exactly the message an in-memory queue would deliver next (highest priority first, by
+    /// arrival within a priority, requeues back at their place), nothing is delivered twice
+    /// without the redelivered flag, nothing is lost (a final drain delivers everything not
+    /// purged), memory stays within its bound, and the log's view of live messages matches
+    /// the queue's content at every step.
     #[test]
     fn paging_keeps_order_and_loses_nothing(
         threshold in 1usize..6,
         threshold_bytes in prop_oneof![Just(0u64), 1u64..24],
+        max_priority in prop_oneof![Just(0u8), 1u8..4],
         ops in prop::collection::vec(op(), 1..120),
     ) {
         let mut h = Harness::with_bytes(threshold, threshold_bytes);
-        h.declare("q", true, Headers::new());
+        let arguments = if max_priority > 0 {
+            [("x-max-priority".to_owned(), HeaderValue::Int(i64::from(max_priority)))].into_iter().collect()
+        } else {
+            Headers::new()
+        };
+        h.declare("q", true, arguments);
         let mut next = 0usize;
         let mut purged: BTreeSet<String> = BTreeSet::new();
         let mut subscribed: Option<bool> = None;
@@ -512,14 +668,30 @@ proptest! {
         let mut requeued = 0u64;
         let mut first_seen: Vec<usize> = Vec::new();
         let mut seen: BTreeSet<String> = BTreeSet::new();
-        let mut check = |h: &mut Harness, outstanding: &mut VecDeque<DeliveryTag>, auto: bool| {
+        // The reference: ready messages as an in-memory priority queue orders them, by
+        // (higher priority first, arrival), and what each outstanding tag holds.
+        type Key = (std::cmp::Reverse<u8>, usize);
+        let mut reference: BTreeSet<Key> = BTreeSet::new();
+        let mut held: HashMap<DeliveryTag, Key> = HashMap::new();
+        let mut priorities: Vec<u8> = Vec::new();
+        let mut check = |h: &mut Harness,
+                         outstanding: &mut VecDeque<DeliveryTag>,
+                         reference: &mut BTreeSet<Key>,
+                         held: &mut HashMap<DeliveryTag, Key>,
+                         priorities: &[u8],
+                         auto: bool| {
             for (body, tag, redelivered) in h.deliveries.drain(..) {
+                let idx: usize = body[1..].parse().unwrap();
+                let key = (std::cmp::Reverse(priorities[idx].min(max_priority)), idx);
+                prop_assert_eq!(reference.first(), Some(&key), "{} delivered out of order", body);
+                reference.remove(&key);
                 if !redelivered {
                     prop_assert!(seen.insert(body.clone()), "{body} delivered twice unflagged");
-                    first_seen.push(body[1..].parse().unwrap());
+                    first_seen.push(idx);
                 }
                 if !auto {
                     outstanding.push_back(tag);
+                    held.insert(tag, key);
                 }
             }
             Ok(())
@@ -527,8 +699,16 @@ proptest! {
         for (step, op) in ops.into_iter().enumerate() {
             let described = format!("{op:?}");
             match op {
-                Op::Publish { persistent } => {
-                    h.publish("q", &format!("m{next}"), persistent);
+                Op::Publish { persistent, priority } => {
+                    priorities.push(priority);
+                    reference.insert((std::cmp::Reverse(priority.min(max_priority)), next));
+                    h.ok(Command::Publish {
+                        message: Arc::new(Message {
+                            persistent,
+                            priority,
+                            ..Message::new("q", format!("m{next}"))
+                        }),
+                    });
                     next += 1;
                 }
                 Op::Subscribe { prefetch, auto_ack } => {
@@ -543,6 +723,7 @@ proptest! {
                         h.ok(Command::Cancel { connection: C1, consumer_tag: ConsumerTag(1) });
                         requeued += outstanding.len() as u64;
                         outstanding.clear();
+                        reference.extend(held.drain().map(|(_, key)| key));
                     }
                 }
                 Op::Ack | Op::Requeue => {
@@ -554,6 +735,10 @@ proptest! {
                         };
                         // A cancelled consumer's deliveries stay outstanding until settled.
                         requeued += u64::from(matches!(op, Op::Requeue));
+                        let key = held.remove(&tag).expect("outstanding tags are held");
+                        if matches!(op, Op::Requeue) {
+                            reference.insert(key);
+                        }
                         h.ok(command);
                     }
                 }
@@ -564,6 +749,8 @@ proptest! {
                         unreachable!()
                     };
                     prop_assert_eq!(messages, before);
+                    prop_assert_eq!(messages, reference.len() as u64);
+                    reference.clear();
                     // Purged messages are the ones never delivered that are not outstanding:
                     // tracked below by the final drain.
                     purged.insert(format!("purge@{next}"));
@@ -577,13 +764,21 @@ proptest! {
                 panic!("step {step} ({described}): the broker broke an invariant: {violation}");
             }
             let auto = subscribed.unwrap_or(false);
-            check(&mut h, &mut outstanding, auto)?;
+            check(&mut h, &mut outstanding, &mut reference, &mut held, &priorities, auto)?;
             let stats = h.stats("q");
-            // Memory holds the threshold, plus what consumers gave back (requeues go to the head).
-            prop_assert!(stats.ready - stats.paged <= threshold as u64 + requeued);
+            prop_assert_eq!(stats.ready, reference.len() as u64);
+            // Memory holds the threshold, plus what consumers gave back (requeues go to the
+            // head); with priorities, up to one and a half thresholds when a paged level is
+            // next, plus one entry per level.
+            let levels = u64::from(max_priority) + 1;
+            let slack = if max_priority > 0 { threshold as u64 / 2 + levels } else { 0 };
+            prop_assert!(stats.ready - stats.paged <= threshold as u64 + slack + requeued);
             if threshold_bytes > 0 {
                 // Bodies are at most 5 bytes ("m9999"): one arrival past the byte limit.
-                prop_assert!(h.broker.ready_bytes_total() < threshold_bytes + 5 * (1 + requeued));
+                let slack = if max_priority > 0 { threshold_bytes / 2 + 5 * levels } else { 0 };
+                prop_assert!(
+                    h.broker.ready_bytes_total() < threshold_bytes + slack + 5 * (1 + requeued)
+                );
             }
             // The log's view: every logged message still in the queue, and nothing else.
             let live = h.live.get("q").map_or(0, BTreeSet::len) as u64;
@@ -600,15 +795,19 @@ proptest! {
                 break;
             }
         }
-        check(&mut h, &mut outstanding, true)?;
+        reference.extend(held.drain().map(|(_, key)| key));
+        check(&mut h, &mut outstanding, &mut reference, &mut held, &priorities, true)?;
         let stats = h.stats("q");
         prop_assert_eq!((stats.ready, stats.paged, stats.unacked), (0, 0, 0));
+        prop_assert!(reference.is_empty());
         prop_assert!(h.live.get("q").is_none_or(BTreeSet::is_empty), "log says {:?}", h.live);
         prop_assert!(h.spools.values().all(VecDeque::is_empty));
-        // First deliveries in publish order (FIFO), whatever was paged.
-        let mut sorted = first_seen.clone();
-        sorted.sort_unstable();
-        prop_assert_eq!(&first_seen, &sorted);
+        // Without priorities: first deliveries in publish order (FIFO), whatever was paged.
+        if max_priority == 0 {
+            let mut sorted = first_seen.clone();
+            sorted.sort_unstable();
+            prop_assert_eq!(&first_seen, &sorted);
+        }
         // Nothing lost: without a purge, every message was delivered.
         if purged.is_empty() {
             prop_assert_eq!(first_seen.len(), next);

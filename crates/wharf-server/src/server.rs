@@ -56,7 +56,7 @@ async fn run_pager(shared: Arc<Context>) {
             };
             let mut state = shared.batch();
             for read in done {
-                let (queue, epoch) = (read.queue().to_string(), read.epoch());
+                let (queue, epoch, level) = (read.queue().to_string(), read.epoch(), read.level());
                 let finished = state
                     .spools()
                     .expect("reads come from spools")
@@ -68,6 +68,7 @@ async fn run_pager(shared: Arc<Context>) {
                             Command::PageIn {
                                 queue,
                                 epoch,
+                                level,
                                 entries,
                             },
                         ) {

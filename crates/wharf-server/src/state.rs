@@ -346,22 +346,24 @@ impl State {
                 Effect::PageOut {
                     queue,
                     epoch,
+                    level,
                     entry,
                 } => self
                     .spools
                     .as_mut()
                     .expect("a paging broker has spools")
-                    .push(&queue, epoch, &entry),
+                    .push(&queue, epoch, level, &entry),
                 Effect::PageIn {
                     queue,
                     epoch,
+                    level,
                     max,
                     max_bytes,
                 } => self
                     .spools
                     .as_mut()
                     .expect("a paging broker has spools")
-                    .request(queue, epoch, max, max_bytes),
+                    .request(queue, epoch, level, max, max_bytes),
                 Effect::PagesDropped { queue, epoch } => {
                     if let Some(spools) = self.spools.as_mut() {
                         spools.drop_tail(&queue, epoch);

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use wharf_core::{
     BindTarget, Broker, Command, ConnectionId, ConsumerOptions, ConsumerTag, DeliveryTag,
-    ExchangeKind, ExchangeOptions, Headers, Limits, Message, QueueOptions,
+    ExchangeKind, ExchangeOptions, HeaderValue, Headers, Limits, Message, QueueOptions,
 };
 use wharf_server::outbox::Out;
 use wharf_server::output::Output;
@@ -174,10 +174,17 @@ impl Run {
             ..QueueOptions::default()
         };
         for name in DURABLE_QUEUES {
+            // q1 orders by priority: with paging, each of its levels has a tail of its own.
+            let mut options = durable.clone();
+            if name == "q1" {
+                options.arguments = [("x-max-priority".to_owned(), HeaderValue::Int(3))]
+                    .into_iter()
+                    .collect();
+            }
             run.apply(Command::DeclareQueue {
                 connection: run.connection,
                 name: name.into(),
-                options: durable.clone(),
+                options,
                 passive: false,
             });
         }
@@ -298,6 +305,7 @@ impl Run {
             let message = Message {
                 exchange: exchange.into(),
                 persistent,
+                priority: self.rng.below(4) as u8,
                 ..Message::new(key, body)
             };
             let queues: Vec<String> = if exchange == "fan" {
@@ -396,7 +404,7 @@ impl Run {
         };
         for read in reads {
             let done = read.run().expect("spools read back");
-            let (queue, epoch) = (done.queue().to_string(), done.epoch());
+            let (queue, epoch, level) = (done.queue().to_string(), done.epoch(), done.level());
             let entries = self
                 .state
                 .spools()
@@ -407,6 +415,7 @@ impl Run {
                 self.apply(Command::PageIn {
                     queue,
                     epoch,
+                    level,
                     entries,
                 });
             }

@@ -1083,8 +1083,8 @@ fn log_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// A durable priority queue holding 80 MB (it never pages before issue #16's fix, so every
-/// checkpoint holds it whole) while `WHARF_SCALE_CHURN_MB` (default 400) churn through another
+/// A durable priority queue holding 80 MB (before issue #16's fix it never paged, so every
+/// checkpoint held it whole; it now pages past 64 MiB like any durable queue) while `WHARF_SCALE_CHURN_MB` (default 400) churn through another
 /// durable queue: checkpoints must complete (a log file written before the churn is deleted)
 /// and, once the churn stops, the log settles within the bound its checkpoint rule implies
 /// (below).

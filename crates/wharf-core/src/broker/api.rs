@@ -229,14 +229,16 @@ pub enum Command {
         /// Most messages to move (0: all).
         max: u64,
     },
-    /// The server's answer to [`Effect::PageIn`]: the oldest paged messages of `queue`, in
-    /// order, as they were paged out. Ignored when stale (the tail was discarded since: purge,
-    /// delete) or unasked.
+    /// The server's answer to [`Effect::PageIn`]: the oldest paged messages of `queue`'s tail
+    /// `level`, in order, as they were paged out. Ignored when stale (the tails were discarded
+    /// since: purge, delete) or unasked.
     PageIn {
         /// The queue.
         queue: String,
-        /// The tail's epoch, from the effect.
+        /// The tails' epoch, from the effect.
         epoch: u64,
+        /// The tail's priority level, from the effect.
+        level: u8,
         /// The oldest paged entries, at most the number asked for.
         entries: Vec<PagedEntry>,
     },
@@ -387,25 +389,30 @@ pub enum Effect {
         /// The queue they left.
         queue: Arc<str>,
     },
-    /// A ready message joins the paged tail of a queue larger than memory: the server keeps it
-    /// (in order, per queue and epoch) until the core asks for it back with
-    /// [`Effect::PageIn`]. Logged messages are still logged as usual.
+    /// A ready message joins a paged tail of a queue larger than memory: the server keeps it
+    /// (in order, per queue, priority level and epoch) until the core asks for it back with
+    /// [`Effect::PageIn`]. Logged messages are still logged as usual. A queue has one tail per
+    /// priority level holding paged messages (level 0 only without `x-max-priority`).
     PageOut {
         /// The queue.
         queue: Arc<str>,
-        /// The tail's epoch (see [`Effect::PagesDropped`]).
+        /// The tails' epoch (see [`Effect::PagesDropped`]).
         epoch: u64,
+        /// The tail: the message's priority level in the queue.
+        level: u8,
         /// The message and its queue state.
         entry: Box<PagedEntry>,
     },
-    /// The queue wants up to `max` of its oldest paged messages back, and no more body bytes
-    /// than `max_bytes` past the first: answer with [`Command::PageIn`] (at least one entry).
-    /// At most one request per queue is outstanding.
+    /// The queue wants up to `max` of the oldest paged messages of its tail `level` back, and
+    /// no more body bytes than `max_bytes` past the first: answer with [`Command::PageIn`] (at
+    /// least one entry). At most one request per queue is outstanding.
     PageIn {
         /// The queue.
         queue: Arc<str>,
-        /// The tail's epoch.
+        /// The tails' epoch.
         epoch: u64,
+        /// The tail's priority level.
+        level: u8,
         /// Most entries wanted (at least 1, never more than are paged).
         max: u64,
         /// Body bytes wanted at most (the first entry is taken whatever its size).

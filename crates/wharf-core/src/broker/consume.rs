@@ -178,7 +178,8 @@ impl Broker {
             // Deleted earlier in the same command (auto-delete, dead-letter cascade).
             return;
         };
-        while !queue.ready.is_empty() {
+        // A paged higher priority waits for its page-in: no lower one overtakes it.
+        while !queue.ready.is_empty() && !queue.paged.blocks(queue.ready.top_priority()) {
             let Some(idx) = queue.pick_consumer() else {
                 break;
             };

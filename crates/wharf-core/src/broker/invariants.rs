@@ -16,6 +16,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 /// Debug builds check the invariants after a command only while the state holds at most this
 /// many items (queues, ready messages, outstanding deliveries, timers, bindings): the check is
 /// O(state), so this keeps it to a few microseconds per command.
+#[cfg(debug_assertions)]
 pub(super) const DEBUG_CHECK_ITEMS_MAX: usize = 4_096;
 
 /// An invariant of the broker state (see `docs/ARCHITECTURE.md`, wharf-core).
@@ -56,10 +57,11 @@ pub enum Invariant {
     QueueIds,
     /// A delayed message's timer belongs to a live queue.
     DelayedOwner,
-    /// A queue's paged tail is consistent: counted only in pageable queues, its id runs
-    /// ordered and within its count.
+    /// A queue's paged tails are consistent: counted only in pageable queues, one per
+    /// priority level in use, their id runs ordered and within their counts.
     PagedTail,
-    /// At most one page-in per queue is outstanding, and only while something is paged.
+    /// At most one page-in per queue is outstanding, only for a level holding paged messages,
+    /// and one is when the next message to deliver is paged and a consumer could take it.
     PageIn,
     /// A queue with ready messages that expire has a TTL timer at or before the first expiry.
     TtlTimer,
@@ -229,6 +231,7 @@ impl Broker {
 
     /// Whether the state is small enough for debug builds to check it after a command
     /// (see [`DEBUG_CHECK_ITEMS_MAX`]); O(queues + connections + exchanges).
+    #[cfg(debug_assertions)]
     pub(super) fn small_enough_to_check(&self) -> bool {
         let ready: usize = self.queues.values().map(|queue| queue.ready.len()).sum();
         let outstanding: usize = self
@@ -440,13 +443,27 @@ impl Broker {
                 .iter()
                 .any(|consumer| consumer.has_capacity())
         };
+        // The next message to deliver may be paged: it waits for its page-in, which must be
+        // on its way, or the queue would never deliver again.
+        let blocked = queue.paged.blocks(queue.ready.top_priority());
         ensure(
-            queue.ready.is_empty() || !can_take,
+            queue.ready.is_empty() || !can_take || blocked,
             Invariant::EagerDispatch,
             || {
                 format!(
                     "{} ready messages and a consumer with capacity",
                     queue.ready.len()
+                )
+            },
+        )?;
+        ensure(
+            !blocked || !can_take || queue.paged.page_in_pending.is_some(),
+            Invariant::PageIn,
+            || {
+                format!(
+                    "the next message is paged (level {:?}), a consumer has capacity and no \
+                     page-in is pending",
+                    queue.paged.top_level()
                 )
             },
         )
@@ -671,9 +688,10 @@ fn check_one_place(
     let ready_ids = queue.ready.iter().filter_map(|entry| entry.durable_id);
     let paged_ids = queue
         .paged
-        .ids
-        .iter()
-        .flat_map(|&(first, n)| first..first.saturating_add(n));
+        .tails
+        .values()
+        .flat_map(|tail| tail.ids.runs())
+        .flat_map(|(first, n)| first..first.saturating_add(n));
     for id in ready_ids.chain(held.iter().copied()).chain(paged_ids) {
         ensure(ids.insert(id), Invariant::OnePlace, || {
             format!("log id {id} is in two places (ready, outstanding, delayed or paged)")
@@ -682,44 +700,65 @@ fn check_one_place(
     Ok(())
 }
 
-/// The paged tail: only pageable queues page; an empty tail has no bytes or ids; id runs are
-/// non-empty, increasing, disjoint and cover at most the paged messages; a page-in is
-/// pending only while something is paged.
+/// The paged tails: only pageable queues page; only levels the queue orders by have tails;
+/// every tail holds messages, the totals are the tails' sums, id runs are non-empty,
+/// increasing, disjoint and cover at most the tail's messages; a page-in is pending only for
+/// a level that holds paged messages.
 fn check_paged(queue: &Queue) -> Result<(), InvariantViolation> {
     let paged = &queue.paged;
     ensure(
-        paged.threshold.is_some() || (paged.count == 0 && !paged.page_in_pending),
+        paged.threshold.is_some() || (paged.count == 0 && paged.page_in_pending.is_none()),
         Invariant::PagedTail,
         || format!("{} paged in a queue that does not page", paged.count),
     )?;
+    let (mut count, mut bytes) = (0u64, 0u64);
+    for (&level, tail) in &paged.tails {
+        ensure(
+            level <= queue.features.max_priority.unwrap_or(0),
+            Invariant::PagedTail,
+            || format!("a tail at level {level} beyond the queue's priorities"),
+        )?;
+        ensure(tail.count > 0, Invariant::PagedTail, || {
+            format!(
+                "an empty tail at level {level} with {} bytes and {} ids",
+                tail.bytes,
+                tail.ids.len()
+            )
+        })?;
+        count += tail.count;
+        bytes += tail.bytes;
+        let mut end: Option<u64> = None;
+        let mut n_ids = 0u64;
+        let runs = tail.ids.runs();
+        for &(first, n) in &runs {
+            ensure(
+                n > 0 && end.is_none_or(|end| end < first),
+                Invariant::PagedTail,
+                || format!("id runs {runs:?} out of order, overlapping or empty"),
+            )?;
+            end = Some(first + n - 1);
+            n_ids += n;
+        }
+        ensure(n_ids <= tail.count, Invariant::PagedTail, || {
+            format!(
+                "{n_ids} paged ids for {} paged messages at level {level}",
+                tail.count
+            )
+        })?;
+    }
+    counter(Invariant::PagedTail, "paged.count", paged.count, count)?;
+    counter(Invariant::PagedTail, "paged.bytes", paged.bytes, bytes)?;
     ensure(
-        paged.count > 0 || (paged.bytes == 0 && paged.ids.is_empty()),
-        Invariant::PagedTail,
+        paged
+            .page_in_pending
+            .is_none_or(|level| paged.tails.contains_key(&level)),
+        Invariant::PageIn,
         || {
             format!(
-                "an empty tail with {} bytes and ids {:?}",
-                paged.bytes, paged.ids
+                "a page-in pending for level {:?}, which holds nothing paged",
+                paged.page_in_pending
             )
         },
-    )?;
-    let mut end: Option<u64> = None;
-    let mut n_ids = 0u64;
-    for &(first, n) in &paged.ids {
-        ensure(
-            n > 0 && end.is_none_or(|end| end < first),
-            Invariant::PagedTail,
-            || format!("id runs {:?} out of order, overlapping or empty", paged.ids),
-        )?;
-        end = Some(first + n - 1);
-        n_ids += n;
-    }
-    ensure(n_ids <= paged.count, Invariant::PagedTail, || {
-        format!("{n_ids} paged ids for {} paged messages", paged.count)
-    })?;
-    ensure(
-        !paged.page_in_pending || paged.count > 0,
-        Invariant::PageIn,
-        || "a page-in pending with nothing paged".to_owned(),
     )
 }
 
@@ -943,7 +982,7 @@ mod tests {
         broken_queue("work", Invariant::PagedTail, |queue| queue.paged.count = 1);
         broken_queue("paged", Invariant::PageIn, |queue| {
             queue.paged.discard();
-            queue.paged.page_in_pending = true;
+            queue.paged.page_in_pending = Some(0);
         });
         broken_queue("work", Invariant::OnePlace, |queue| {
             let mut copy = queue.ready.iter().next().cloned().unwrap();

@@ -360,8 +360,9 @@ impl Broker {
             Command::PageIn {
                 queue,
                 epoch,
+                level,
                 entries,
-            } => Ok(self.page_in(&queue, epoch, entries, effects)),
+            } => Ok(self.page_in(&queue, epoch, level, entries, effects)),
             Command::Defer {
                 connection,
                 delivery_tag,

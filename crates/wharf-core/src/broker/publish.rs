@@ -4,7 +4,10 @@
 use super::*;
 
 /// Enforces a drop-head length limit after an enqueue: drops ready messages from the head
-/// (the next to be delivered) until the queue fits. Returns the bytes dropped.
+/// (the next to be delivered) until the queue fits, paged messages counted. Returns the bytes
+/// dropped. When the head is paged ([`Paged::blocks`](crate::queue::Paged::blocks): the next
+/// message to deliver is not in memory), the queue stays over its limit until the page-in the
+/// dispatch asks for brings the head back, which drops it then (`Broker::page_in`).
 pub(super) fn drop_head_over_limit(
     queue: &mut Queue,
     dead_letters: &mut VecDeque<DeadLetter>,
@@ -14,7 +17,8 @@ pub(super) fn drop_head_over_limit(
     while queue.features.overflow == Overflow::DropHead
         && queue
             .features
-            .over_limit(queue.ready.len() as u64, queue.ready.bytes())
+            .over_limit(queue.ready_total(), queue.ready_bytes())
+        && !queue.paged.blocks(queue.ready.top_priority())
     {
         let entry = queue
             .ready
@@ -57,11 +61,16 @@ pub(super) fn make_ready(
     since_ms: u64,
     effects: &mut Vec<Effect>,
 ) -> u64 {
-    if queue.paged.takes(queue.ready.len(), queue.ready.bytes()) {
+    let level = entry.priority;
+    if queue
+        .paged
+        .takes(level, queue.ready.len(), queue.ready.bytes())
+    {
         let paged = queue.page_out(entry, since_ms);
         effects.push(Effect::PageOut {
             queue: queue.name.clone(),
             epoch: queue.paged.epoch,
+            level,
             entry: Box::new(paged),
         });
         return 0;
@@ -186,7 +195,7 @@ impl Broker {
             let fits = !queue.features.overflow.rejects()
                 || !queue
                     .features
-                    .over_limit(queue.ready.len() as u64 + 1, queue.ready.bytes() + size);
+                    .over_limit(queue.ready_total() + 1, queue.ready_bytes() + size);
             if !fits && refused_by.is_none() {
                 refused_by = Some(queue.name.clone());
             }

@@ -45,8 +45,8 @@ impl Broker {
                     queue.stats.delayed -= 1;
                     if queue.features.overflow.rejects()
                         && queue.features.over_limit(
-                            queue.ready.len() as u64 + 1,
-                            queue.ready.bytes() + entry.message.size_bytes(),
+                            queue.ready_total() + 1,
+                            queue.ready_bytes() + entry.message.size_bytes(),
                         )
                     {
                         // A full reject-publish queue cannot refuse a message that was

@@ -360,12 +360,10 @@ impl Broker {
                 TimerKind::QueueExpiry { queue: qid },
             );
         }
-        let pageable = self.limits.paging_threshold > 0
-            && options.durable
-            && !options.exclusive
-            && features.max_priority.is_none()
-            && features.max_length.is_none()
-            && features.max_length_bytes.is_none();
+        // Every kind of durable queue pages (priority and length-limited ones too), so memory
+        // and checkpoints stay bounded whatever the backlog; exclusive queues die with their
+        // connection and stay in memory.
+        let pageable = self.limits.paging_threshold > 0 && options.durable && !options.exclusive;
         let mut queue = Queue::new(name.clone(), options, features, owner);
         queue.last_used_ms = self.now_ms;
         if pageable {

@@ -259,14 +259,16 @@ impl Log {
             Effect::PageOut {
                 queue,
                 epoch,
+                level,
                 entry,
-            } => spools.push(&queue, epoch, &entry),
+            } => spools.push(&queue, epoch, level, &entry),
             Effect::PageIn {
                 queue,
                 epoch,
+                level,
                 max,
                 max_bytes,
-            } => spools.request(queue, epoch, max, max_bytes),
+            } => spools.request(queue, epoch, level, max, max_bytes),
             _ => {}
         })?;
         let lsns = lsns.into_inner();

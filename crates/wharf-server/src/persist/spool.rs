@@ -1,6 +1,6 @@
 //! Spool files: where the paged tails of queues larger than memory live (see
-//! [`wharf_core::Limits::paging_threshold`]). One append-only file per queue and tail epoch in
-//! `DATA_DIR/spool/`, written in large sequential writes and read back in order with large
+//! [`wharf_core::Limits::paging_threshold`]). One append-only file per queue, priority level
+//! (a queue without `x-max-priority` has one, level 0) and tail epoch in `DATA_DIR/spool/`, written in large sequential writes and read back in order with large
 //! reads (read-ahead for free).
 //!
 //! A spool is memory, not durability: the write-ahead log stays the durable truth for logged
@@ -221,8 +221,10 @@ thread_local! {
 pub struct PageRead {
     /// The queue.
     pub queue: Arc<str>,
-    /// Its tail's epoch.
+    /// Its tails' epoch.
     pub epoch: u64,
+    /// The tail's priority level.
+    pub level: u8,
     /// Entries wanted.
     pub max: u64,
     budget: Budget,
@@ -248,6 +250,11 @@ impl PageReadDone {
     /// Its tail's epoch.
     pub fn epoch(&self) -> u64 {
         self.read.epoch
+    }
+
+    /// The tail's priority level.
+    pub fn level(&self) -> u8 {
+        self.read.level
     }
 }
 
@@ -332,8 +339,8 @@ impl SpoolRange {
 pub struct Spools {
     dir: PathBuf,
     next_file: u64,
-    spools: FxHashMap<Arc<str>, Spool>,
-    requests: Vec<(Arc<str>, u64, u64, u64)>,
+    spools: FxHashMap<(Arc<str>, u8), Spool>,
+    requests: Vec<(Arc<str>, u64, u8, u64, u64)>,
     /// Wakes the pager task when a request arrives.
     pub wake: Arc<Notify>,
 }
@@ -356,21 +363,22 @@ impl Spools {
         }
     }
 
-    /// Keeps a paged entry at the end of its queue's tail (called under the broker lock, for
-    /// each [`wharf_core::Effect::PageOut`], in order).
-    pub fn push(&mut self, queue: &Arc<str>, epoch: u64, entry: &PagedEntry) {
+    /// Keeps a paged entry at the end of its queue's tail `level` (called under the broker
+    /// lock, for each [`wharf_core::Effect::PageOut`], in order).
+    pub fn push(&mut self, queue: &Arc<str>, epoch: u64, level: u8, entry: &PagedEntry) {
+        let key = (queue.clone(), level);
         let stale = self
             .spools
-            .get(queue)
+            .get(&key)
             .is_some_and(|spool| spool.epoch != epoch);
         if stale {
-            self.spools.remove(queue);
+            self.spools.remove(&key);
         }
-        if !self.spools.contains_key(queue) {
+        if !self.spools.contains_key(&key) {
             let spool = self.create(epoch);
-            self.spools.insert(queue.clone(), spool);
+            self.spools.insert(key.clone(), spool);
         }
-        let spool = self.spools.get_mut(queue).expect("inserted above");
+        let spool = self.spools.get_mut(&key).expect("inserted above");
         encode(entry, &mut spool.buffer);
         if spool.buffer.len() >= WRITE_BUFFER_BYTES {
             spool.flush();
@@ -407,20 +415,16 @@ impl Spools {
         }
     }
 
-    /// Forgets a discarded tail ([`wharf_core::Effect::PagesDropped`]) and its file.
+    /// Forgets a queue's discarded tails ([`wharf_core::Effect::PagesDropped`]), every level,
+    /// and their files.
     pub fn drop_tail(&mut self, queue: &str, epoch: u64) {
-        if self
-            .spools
-            .get(queue)
-            .is_some_and(|spool| spool.epoch == epoch)
-        {
-            self.spools.remove(queue);
-        }
+        self.spools
+            .retain(|(name, _), spool| !(**name == *queue && spool.epoch == epoch));
     }
 
     /// Records a page-in request ([`wharf_core::Effect::PageIn`]) and wakes the pager.
-    pub fn request(&mut self, queue: Arc<str>, epoch: u64, max: u64, max_bytes: u64) {
-        self.requests.push((queue, epoch, max, max_bytes));
+    pub fn request(&mut self, queue: Arc<str>, epoch: u64, level: u8, max: u64, max_bytes: u64) {
+        self.requests.push((queue, epoch, level, max, max_bytes));
         self.wake.notify_one();
     }
 
@@ -428,8 +432,8 @@ impl Spools {
     /// records first, so the file holds everything the core counts as paged).
     pub fn start_reads(&mut self) -> Vec<PageRead> {
         let mut reads = Vec::new();
-        for (queue, epoch, max, max_bytes) in std::mem::take(&mut self.requests) {
-            let Some(spool) = self.spools.get_mut(&queue) else {
+        for (queue, epoch, level, max, max_bytes) in std::mem::take(&mut self.requests) {
+            let Some(spool) = self.spools.get_mut(&(queue.clone(), level)) else {
                 continue;
             };
             if spool.epoch != epoch {
@@ -440,6 +444,7 @@ impl Spools {
             reads.push(PageRead {
                 queue,
                 epoch,
+                level,
                 max,
                 budget: Budget::new(max, max_bytes),
                 file: spool.file.clone(),
@@ -462,7 +467,8 @@ impl Spools {
             mut entries,
             consumed,
         } = done;
-        let Some(spool) = self.spools.get_mut(&read.queue) else {
+        let key = (read.queue.clone(), read.level);
+        let Some(spool) = self.spools.get_mut(&key) else {
             return Ok(None);
         };
         if spool.epoch != read.epoch || !spool.reading {
@@ -483,7 +489,7 @@ impl Spools {
         }
         if spool.read_at == spool.written && spool.buffer.is_empty() {
             // Drained: the file goes now; a later tail gets a new one.
-            self.spools.remove(&read.queue);
+            self.spools.remove(&key);
         }
         Ok(Some(entries))
     }
@@ -491,16 +497,14 @@ impl Spools {
     /// The file ranges (and in-memory records) of every tail, for a checkpoint to copy
     /// without the lock. Their files stay readable even if the tails are discarded meanwhile.
     pub fn ranges(&mut self) -> Vec<SpoolRange> {
-        let mut queues: Vec<&Arc<str>> = self.spools.keys().collect();
-        queues.sort();
-        let queues: Vec<Arc<str>> = queues.into_iter().cloned().collect();
-        queues
-            .into_iter()
-            .map(|queue| {
-                let spool = self.spools.get_mut(&queue).expect("listed above");
+        let mut keys: Vec<(Arc<str>, u8)> = self.spools.keys().cloned().collect();
+        keys.sort();
+        keys.into_iter()
+            .map(|key| {
+                let spool = self.spools.get_mut(&key).expect("listed above");
                 spool.flush();
                 SpoolRange {
-                    queue,
+                    queue: key.0,
                     file: spool.file.clone(),
                     from: spool.read_at,
                     to: spool.written,
@@ -540,7 +544,7 @@ mod tests {
     }
 
     fn drain(spools: &mut Spools, queue: &Arc<str>, epoch: u64, max: u64) -> Vec<PagedEntry> {
-        spools.request(queue.clone(), epoch, max, u64::MAX);
+        spools.request(queue.clone(), epoch, 0, max, u64::MAX);
         let mut out = Vec::new();
         for read in spools.start_reads() {
             let done = read.run().unwrap();
@@ -558,7 +562,7 @@ mod tests {
         let body = "x".repeat(300_000);
         let pushed: Vec<PagedEntry> = (0..40).map(|seq| entry(seq, &body)).collect();
         for paged in &pushed {
-            spools.push(&queue, 0, paged);
+            spools.push(&queue, 0, 0, paged);
         }
         assert_eq!(
             std::fs::read_dir(dir.path().join("spool")).unwrap().count(),
@@ -580,11 +584,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut spools = Spools::new(dir.path().to_path_buf());
         let queue: Arc<str> = "q".into();
-        spools.push(&queue, 0, &entry(0, "a"));
-        spools.request(queue.clone(), 0, 1, u64::MAX);
+        spools.push(&queue, 0, 0, &entry(0, "a"));
+        spools.request(queue.clone(), 0, 0, 1, u64::MAX);
         let reads = spools.start_reads();
         spools.drop_tail(&queue, 0);
-        spools.push(&queue, 1, &entry(5, "b"));
+        spools.push(&queue, 1, 0, &entry(5, "b"));
         for read in reads {
             let done = read.run().unwrap();
             assert_eq!(
@@ -605,11 +609,11 @@ mod tests {
         let pushed: Vec<PagedEntry> = (0..10).map(|seq| entry(seq, &body)).collect();
         // The first records reach the file, then the disk fails.
         for paged in &pushed[..3] {
-            spools.push(&queue, 0, paged);
+            spools.push(&queue, 0, 0, paged);
         }
         FAIL_WRITES.with(|fail| fail.set(true));
         for paged in &pushed[3..] {
-            spools.push(&queue, 0, paged);
+            spools.push(&queue, 0, 0, paged);
         }
         let ranges = spools.ranges();
         let mut copied = Vec::new();
@@ -629,10 +633,10 @@ mod tests {
         let queue: Arc<str> = "q".into();
         let pushed: Vec<PagedEntry> = (0..6).map(|seq| entry(seq, &"z".repeat(1_000))).collect();
         for paged in &pushed {
-            spools.push(&queue, 0, paged);
+            spools.push(&queue, 0, 0, paged);
         }
         let mut page = |max: u64, max_bytes: u64| {
-            spools.request(queue.clone(), 0, max, max_bytes);
+            spools.request(queue.clone(), 0, 0, max, max_bytes);
             let read = spools.start_reads().pop().unwrap();
             spools.finish_read(read.run().unwrap()).unwrap().unwrap()
         };
@@ -647,8 +651,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut spools = Spools::new(dir.path().to_path_buf());
         let queue: Arc<str> = "q".into();
-        spools.push(&queue, 0, &entry(0, "a"));
-        spools.request(queue.clone(), 0, 2, u64::MAX);
+        spools.push(&queue, 0, 0, &entry(0, "a"));
+        spools.request(queue.clone(), 0, 0, 2, u64::MAX);
         let read = spools.start_reads().pop().unwrap();
         let err = spools.finish_read(read.run().unwrap()).unwrap_err();
         assert!(matches!(err, SpoolError::Short { missing: 1, .. }), "{err}");

@@ -162,11 +162,14 @@ async fn declare(settings: &Settings, client: &Client) -> Result<Topology, Failu
         .durable(settings.persistent)
         .await?;
     for (queue_idx, queue) in (0..).zip(&topology.queues) {
-        client
+        let mut declare = client
             .declare_queue(queue)
             .durable(settings.persistent)
-            .auto_delete(!settings.persistent)
-            .await?;
+            .auto_delete(!settings.persistent);
+        if let Some(max_priority) = settings.max_priority {
+            declare = declare.max_priority(max_priority);
+        }
+        declare.await?;
         let mut bind = client.bind_queue(
             queue,
             &topology.exchange,

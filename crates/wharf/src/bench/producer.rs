@@ -122,8 +122,11 @@ impl Producer {
         self.start_ns + (seq as f64 * interval_ns + phase) as u64
     }
 
-    fn message(&self, body: Bytes, queue_idx: u32) -> Message {
-        let message = Message::new(body).persistent(self.settings.persistent);
+    fn message(&self, body: Bytes, queue_idx: u32, seq: u64) -> Message {
+        let mut message = Message::new(body).persistent(self.settings.persistent);
+        if let Some(max_priority) = self.settings.max_priority {
+            message = message.priority((seq % (u64::from(max_priority) + 1)) as u8);
+        }
         if self.settings.kind == ExchangeKind::Headers {
             message.header(HEADERS_KEY, i64::from(queue_idx))
         } else {
@@ -190,7 +193,11 @@ impl Producer {
             if settings.batch == 1 {
                 let body = bodies.next(intended(seq), self.idx, seq);
                 match publisher
-                    .publish(&self.exchange, routing_key, self.message(body, queue_idx))
+                    .publish(
+                        &self.exchange,
+                        routing_key,
+                        self.message(body, queue_idx, seq),
+                    )
                     .await
                 {
                     Ok(ticket) => tickets.push_back((seq, queue_idx, intended(seq), ticket)),
@@ -217,7 +224,7 @@ impl Producer {
                 let messages: Vec<Message> = (seq..seq + n_send)
                     .map(|msg_seq| {
                         let body = bodies.next(intended(msg_seq), self.idx, msg_seq);
-                        self.message(body, queue_idx)
+                        self.message(body, queue_idx, msg_seq)
                     })
                     .collect();
                 let first_seq = seq;

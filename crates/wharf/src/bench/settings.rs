@@ -115,6 +115,10 @@ pub struct BenchArgs {
     /// consumers attach.
     #[arg(long, conflicts_with = "rate")]
     backlog: bool,
+    /// Declare the queues with `x-max-priority` N and publish each producer's message i with
+    /// priority i mod (N + 1): a priority-queue workload.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..))]
+    max_priority: Option<u8>,
     /// Print the results as one JSON object on stdout (instead of the table).
     #[arg(long)]
     json: bool,
@@ -155,6 +159,7 @@ pub(super) struct Settings {
     pub(super) threads: u32,
     pub(super) drain_timeout: Duration,
     pub(super) backlog: bool,
+    pub(super) max_priority: Option<u8>,
     pub(super) json: bool,
     pub(super) quiet: bool,
     pub(super) fault_ignore_every: Option<u64>,
@@ -345,6 +350,7 @@ impl TryFrom<BenchArgs> for Settings {
             threads: args.threads.unwrap_or(2),
             drain_timeout: args.drain_timeout,
             backlog: args.backlog,
+            max_priority: args.max_priority,
             json: args.json,
             quiet: args.quiet,
             fault_ignore_every: args.fault_ignore_every,
@@ -416,6 +422,11 @@ impl Settings {
         }
         if self.backlog {
             text.push_str(", published as a backlog, then drained");
+        }
+        if let Some(max_priority) = self.max_priority {
+            text.push_str(&format!(
+                ", priority queues (x-max-priority {max_priority})"
+            ));
         }
         text
     }
