@@ -8,7 +8,7 @@
 //!   `bench --plot`: `wharf bench` across message sizes, drawn to `docs/bench-sizes.svg`.
 //! - `fuzz TARGET [--seconds N] [--sanitizer]`: a cargo-fuzz target for N seconds.
 //! - `tidy`: only the tidy test (`xtask/tests/tidy.rs`: layering, the sans-IO core, limits
-//!   modules, test attributes).
+//!   modules, module cycles, test attributes).
 //! - `python`: only the Python tier of `test` (build the package, pytest, mypy on examples).
 //! - `backlog [--count N] [--in-memory] [--max-priority N]`: the queues-larger-than-memory
 //!   benchmark: a release server, `wharf bench --backlog` with N persistent 100-byte messages
@@ -48,7 +48,8 @@ const HELP: &str = "usage: cargo xtask <task>
                                drawn to docs/bench-sizes.svg (--from: redraw saved JSON)
   fuzz TARGET [--seconds N] [--sanitizer]
                                run a cargo-fuzz target (decode_frame, decode_stream, wal_recover)
-  tidy                         the tidy test: layering, sans-IO core, limits, test attributes
+  tidy                         the tidy test: layering, sans-IO core, limits, module cycles,
+                               test attributes
   python                       only the Python tier (bindings/python tests, mypy on examples)
   crash [--rounds N]           kill -9 crash rounds of the real server (default 50; CI runs 10),
                                then N kill -9 rounds with 200+ MB backlogs (tests/scale.rs)

@@ -2,8 +2,8 @@
 
 use crate::addr::ServerAddr;
 use crate::confirms::Waiter;
-use crate::connection::{self, ConnectionHandle, ConnectionShared, ConsumerSlot};
-use crate::consumer::{Consumer, ConsumerShared};
+use crate::connection::{self, ConnectionHandle, ConnectionShared, ConsumerShared, ConsumerSlot};
+use crate::consumer::Consumer;
 use crate::error::ClientError;
 use crate::message::{IntoValue, Message, build_table};
 use crate::options::{ClientOptions, ConsumeOptions, PREFETCH_MAX};

@@ -1,13 +1,19 @@
 //! Consuming: [`Consumer`] (a stream of [`Delivery`]) and settling deliveries.
+//!
+//! Built on the connection (`connection/`), which knows nothing of these types: its reader
+//! hands a consumer the wire deliveries of each frame, and the stream wraps each one in a
+//! [`Delivery`] when the application takes it.
 
-use crate::connection::{Command, ConnectionHandle, ConnectionShared, Settle};
+use crate::connection::{
+    Command, ConnectionHandle, ConnectionShared, ConsumerEnd, ConsumerShared, ReceivedBatch, Settle,
+};
 use crate::error::ClientError;
 use bytes::Bytes;
 use futures::Stream;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -17,75 +23,6 @@ use wharf_protocol::{
     Ack, Credit, Defer, Frame, MINOR_QUEUE_FEATURES, Nack, Properties, Reject, Request, TableRef,
     Touch, ValueRef,
 };
-
-/// Why a consumer ended; the first reason recorded wins.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub(crate) enum ConsumerEnd {
-    /// The application cancelled or dropped it (recorded when its `Cancel` is queued).
-    ByClient = 1,
-    /// The server sent `ConsumerCancelled` (its queue was deleted).
-    ByServer = 2,
-    /// The connection ended.
-    ConnectionEnded = 3,
-}
-
-/// `ConsumerShared::state` while the consumer is active.
-const ACTIVE: u8 = 0;
-
-/// What deliveries and the writer know about a consumer.
-#[derive(Debug)]
-pub(crate) struct ConsumerShared {
-    pub(crate) consumer_tag: u32,
-    pub(crate) auto_ack: bool,
-    /// With an ack timeout: how often the lease of a held delivery is extended (half the
-    /// timeout).
-    pub(crate) lease_interval: Option<Duration>,
-    /// `ACTIVE` or a [`ConsumerEnd`]. Once ended, no more `Credit` is sent for the consumer
-    /// and its deliveries cannot be settled. Transitions happen under the connection's state
-    /// lock, where settlements check it (see `ConnectionShared::send_settlement`).
-    state: AtomicU8,
-}
-
-impl ConsumerShared {
-    pub(crate) fn new(
-        consumer_tag: u32,
-        auto_ack: bool,
-        ack_timeout: Option<Duration>,
-    ) -> ConsumerShared {
-        ConsumerShared {
-            consumer_tag,
-            auto_ack,
-            lease_interval: ack_timeout.map(|timeout| (timeout / 2).max(Duration::from_millis(1))),
-            state: AtomicU8::new(ACTIVE),
-        }
-    }
-
-    /// Records why the consumer ended, unless it already ended.
-    pub(crate) fn mark_ended(&self, end: ConsumerEnd) {
-        let _ = self
-            .state
-            .compare_exchange(ACTIVE, end as u8, Ordering::AcqRel, Ordering::Acquire);
-    }
-
-    pub(crate) fn is_cancelled(&self) -> bool {
-        self.state.load(Ordering::Acquire) != ACTIVE
-    }
-
-    /// Why a delivery of this consumer can no longer be settled; `None` while it is active.
-    pub(crate) fn not_settleable_reason(&self) -> Option<&'static str> {
-        match self.state.load(Ordering::Acquire) {
-            ACTIVE => None,
-            x if x == ConsumerEnd::ByClient as u8 => {
-                Some("its consumer was cancelled, so the broker requeued it")
-            }
-            x if x == ConsumerEnd::ByServer as u8 => {
-                Some("the server cancelled its consumer (its queue was deleted)")
-            }
-            _ => Some("its connection ended, so the broker requeued it"),
-        }
-    }
-}
 
 /// One message delivered to a [`Consumer`].
 ///
@@ -129,7 +66,7 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    pub(crate) fn new(
+    fn new(
         delivery: wharf_protocol::Delivery,
         consumer: Arc<ConsumerShared>,
         shared: Arc<ConnectionShared>,
@@ -411,10 +348,12 @@ impl fmt::Debug for Delivery {
 pub struct Consumer {
     connection: ConnectionHandle,
     consumer: Arc<ConsumerShared>,
-    receiver: mpsc::UnboundedReceiver<Result<Vec<Delivery>, ClientError>>,
+    receiver: mpsc::UnboundedReceiver<Result<ReceivedBatch, ClientError>>,
     /// Deliveries received in one batch and not yet taken (taken from the batch in place:
-    /// no copy into another buffer).
-    buffered: std::vec::IntoIter<Delivery>,
+    /// no copy into another buffer), as they came off the wire.
+    buffered: std::vec::IntoIter<wharf_protocol::Delivery>,
+    /// When the batch in `buffered` arrived.
+    buffered_received_at: Instant,
     queue: String,
     prefetch: u32,
     /// Auto-ack: deliveries taken since the last `Credit`.
@@ -429,7 +368,7 @@ impl Consumer {
     pub(crate) fn new(
         connection: ConnectionHandle,
         consumer: Arc<ConsumerShared>,
-        receiver: mpsc::UnboundedReceiver<Result<Vec<Delivery>, ClientError>>,
+        receiver: mpsc::UnboundedReceiver<Result<ReceivedBatch, ClientError>>,
         queue: String,
         prefetch: u32,
     ) -> Consumer {
@@ -438,6 +377,7 @@ impl Consumer {
             consumer,
             receiver,
             buffered: Vec::new().into_iter(),
+            buffered_received_at: Instant::now(),
             queue,
             prefetch,
             n_taken: 0,
@@ -505,6 +445,20 @@ impl Consumer {
         while self.receiver.try_recv().is_ok() {}
     }
 
+    /// The application takes `delivery` from the stream: wrapped in a [`Delivery`] (settled
+    /// through the connection's shared state), counted for credit, its lease held.
+    fn hand_out(&mut self, delivery: wharf_protocol::Delivery) -> Delivery {
+        let delivery = Delivery::new(
+            delivery,
+            self.consumer.clone(),
+            self.connection.shared().clone(),
+            self.buffered_received_at,
+        );
+        self.took_one();
+        delivery.hold_lease();
+        delivery
+    }
+
     /// Auto-ack: one more delivery taken; grant credit back in batches of half the window.
     fn took_one(&mut self) {
         if !self.consumer.auto_ack {
@@ -536,19 +490,14 @@ impl Stream for Consumer {
             return Poll::Ready(None);
         }
         if let Some(delivery) = this.buffered.next() {
-            this.took_one();
-            delivery.hold_lease();
-            return Poll::Ready(Some(Ok(delivery)));
+            return Poll::Ready(Some(Ok(this.hand_out(delivery))));
         }
         match this.receiver.poll_recv(cx) {
             Poll::Ready(Some(Ok(batch))) => {
-                this.buffered = batch.into_iter();
+                this.buffered = batch.deliveries.into_iter();
+                this.buffered_received_at = batch.received_at;
                 match this.buffered.next() {
-                    Some(delivery) => {
-                        this.took_one();
-                        delivery.hold_lease();
-                        Poll::Ready(Some(Ok(delivery)))
-                    }
+                    Some(delivery) => Poll::Ready(Some(Ok(this.hand_out(delivery)))),
                     None => {
                         // An empty frame's worth: nothing to hand out yet.
                         cx.waker().wake_by_ref();

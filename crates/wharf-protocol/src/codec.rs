@@ -13,8 +13,7 @@ use crate::properties::Properties;
 use crate::wire::{self, Reader, check_name, check_reason};
 use crate::wire_str::WireStr;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use serde::de::{Deserialize, DeserializeOwned, Deserializer, SeqAccess, Visitor};
-use std::marker::PhantomData;
+use serde::de::DeserializeOwned;
 
 /// Smallest encoding of one batch entry: a publish entry is two `None` overrides, an empty
 /// properties blob and a body length (4 bytes); a delivery entry is larger. Bounds the capacity
@@ -153,30 +152,6 @@ fn from_postcard<T: DeserializeOwned>(body: &[u8], frame: &'static str) -> Resul
         });
     }
     Ok(value)
-}
-
-/// Deserializes a `Vec` without trusting the claimed length for preallocation: memory grows
-/// only with elements actually present in the frame.
-pub(crate) fn bounded_vec<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    struct VecVisitor<T>(PhantomData<T>);
-    impl<'de, T: Deserialize<'de>> Visitor<'de> for VecVisitor<T> {
-        type Value = Vec<T>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a sequence")
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
-            let mut items = Vec::new();
-            while let Some(item) = seq.next_element()? {
-                items.push(item);
-            }
-            Ok(items)
-        }
-    }
-    deserializer.deserialize_seq(VecVisitor(PhantomData))
 }
 
 #[inline]

@@ -515,9 +515,9 @@ pub enum Response {
     /// Tag 3: answer to `QueueStats`.
     Stats(QueueInfo),
     /// Tag 4: answer to `ListQueues`.
-    Queues(#[serde(deserialize_with = "crate::codec::bounded_vec")] Vec<QueueInfo>),
+    Queues(#[serde(deserialize_with = "crate::bounded_vec::deserialize")] Vec<QueueInfo>),
     /// Tag 5: answer to `ListExchanges`.
-    Exchanges(#[serde(deserialize_with = "crate::codec::bounded_vec")] Vec<ExchangeInfo>),
+    Exchanges(#[serde(deserialize_with = "crate::bounded_vec::deserialize")] Vec<ExchangeInfo>),
     /// Tag 6: answer to `Subscribe`; deliveries may follow.
     Subscribed {
         /// The consumer's tag.
@@ -541,7 +541,7 @@ pub enum Response {
     /// Tag 10 (protocol 1.1): answer to `QueueStatsV2`.
     StatsV2(QueueInfoV2),
     /// Tag 11 (protocol 1.1): answer to `ListQueuesV2`.
-    QueuesV2(#[serde(deserialize_with = "crate::codec::bounded_vec")] Vec<QueueInfoV2>),
+    QueuesV2(#[serde(deserialize_with = "crate::bounded_vec::deserialize")] Vec<QueueInfoV2>),
 }
 
 impl Response {
@@ -657,7 +657,7 @@ pub struct ConfirmRange {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Confirm {
     /// The ranges.
-    #[serde(deserialize_with = "crate::codec::bounded_vec")]
+    #[serde(deserialize_with = "crate::bounded_vec::deserialize")]
     pub ranges: Vec<ConfirmRange>,
 }
 
@@ -743,7 +743,7 @@ pub struct TagRange {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AckRanges {
     /// The ranges; every tag in them must be outstanding.
-    #[serde(deserialize_with = "crate::codec::bounded_vec")]
+    #[serde(deserialize_with = "crate::bounded_vec::deserialize")]
     pub ranges: Vec<TagRange>,
 }
 

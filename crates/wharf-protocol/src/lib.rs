@@ -23,6 +23,7 @@
 //! assert!(buf.is_empty());
 //! ```
 
+mod bounded_vec;
 mod code;
 mod codec;
 mod error;

@@ -1,8 +1,7 @@
 //! Leases: the deliveries the application holds unsettled, kept alive by the lease extender
 //! task.
 
-use super::{Command, ConnectionShared};
-use crate::consumer::ConsumerShared;
+use super::{Command, ConnectionShared, ConsumerShared};
 use std::sync::Arc;
 use tokio::time::Instant;
 use wharf_protocol::{Frame, Touch};

@@ -17,16 +17,20 @@
 //! This module holds the shared state ([`ConnectionShared`]: requests, publishes, settlements,
 //! consumers' registration, closing and failing) and [`open`], which ties the parts together;
 //! `handshake` opens the socket, `reader` and `writer` are the two tasks, `leases` is the lease
-//! extender and the leases it keeps alive.
+//! extender and the leases it keeps alive, `subscription` is a consumer as the connection sees
+//! it. The connection knows nothing of the public `Consumer` and `Delivery` (`consumer.rs`):
+//! the reader hands each consumer the wire deliveries, which its stream wraps.
 
 mod handshake;
 mod leases;
 mod reader;
+mod subscription;
 mod writer;
+
+pub(crate) use subscription::{ConsumerEnd, ConsumerShared, ConsumerSlot, ReceivedBatch};
 
 use crate::addr::ServerAddr;
 use crate::confirms::{Completed, ConfirmTracker, Permits, Waiter};
-use crate::consumer::{ConsumerEnd, ConsumerShared, Delivery};
 use crate::error::ClientError;
 use crate::options::ClientOptions;
 use bytes::{Bytes, BytesMut};
@@ -36,7 +40,7 @@ use reader::run_reader;
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout};
@@ -66,14 +70,6 @@ pub(crate) enum Command {
     Close(Bytes),
     /// Write what precedes, then shut the socket's write side and stop.
     Shutdown,
-}
-
-/// A consumer as the reader sees it.
-pub(crate) struct ConsumerSlot {
-    /// Deliveries go to the consumer a frame's worth at a time (one channel operation per
-    /// frame, not per message).
-    pub(crate) sender: mpsc::UnboundedSender<Result<Vec<Delivery>, ClientError>>,
-    pub(crate) consumer: Arc<ConsumerShared>,
 }
 
 /// How a frame queued by [`ConnectionShared::send_settlement`] affects its delivery.
@@ -135,8 +131,6 @@ pub(crate) struct ConnectionShared {
     outbound_bytes: Arc<Semaphore>,
     /// `true` stops both tasks at once (lost connection, close timeout).
     hard_shutdown: watch::Sender<bool>,
-    /// Lets the reader hand deliveries a strong reference (they settle through it).
-    weak_self: Weak<ConnectionShared>,
 }
 
 impl ConnectionShared {
@@ -524,7 +518,7 @@ pub(crate) async fn open(
     let (commands, command_receiver) = mpsc::unbounded_channel();
     let (hard_shutdown, _) = watch::channel(false);
     let outbound_bytes_max = options.outbound_bytes_max.clamp(1, Semaphore::MAX_PERMITS);
-    let shared = Arc::new_cyclic(|weak_self| ConnectionShared {
+    let shared = Arc::new(ConnectionShared {
         commands,
         state: Mutex::new(State {
             terminal: None,
@@ -546,7 +540,6 @@ pub(crate) async fn open(
         publish_window: Arc::new(Semaphore::new(limits.publishes_in_flight_max as usize)),
         outbound_bytes: Arc::new(Semaphore::new(outbound_bytes_max)),
         hard_shutdown,
-        weak_self: weak_self.clone(),
     });
     let heartbeat =
         (limits.heartbeat_ms > 0).then(|| Duration::from_millis(u64::from(limits.heartbeat_ms)));

@@ -1,8 +1,7 @@
 //! The reader task: decodes the server's frames and dispatches them.
 
-use super::{BUFFER_BYTES, Command, ConnectionShared};
+use super::{BUFFER_BYTES, Command, ConnectionShared, ConsumerEnd, ReceivedBatch};
 use crate::confirms::Completed;
-use crate::consumer::{ConsumerEnd, Delivery};
 use crate::error::ClientError;
 use bytes::BytesMut;
 use std::io;
@@ -45,12 +44,8 @@ impl ConnectionShared {
                     return self.violation("Confirm", detail);
                 }
             }
-            Frame::Deliver(deliver) => {
-                self.route(deliver.consumer_tag, std::iter::once(deliver.delivery))
-            }
-            Frame::DeliverBatch(batch) => {
-                self.route(batch.consumer_tag, batch.deliveries.into_iter())
-            }
+            Frame::Deliver(deliver) => self.route(deliver.consumer_tag, vec![deliver.delivery]),
+            Frame::DeliverBatch(batch) => self.route(batch.consumer_tag, batch.deliveries),
             Frame::Heartbeat => {}
             Frame::ConsumerCancelled(cancelled) => {
                 let slot = {
@@ -100,8 +95,9 @@ impl ConnectionShared {
         Flow::Continue
     }
 
-    /// Hands deliveries to their consumer.
-    fn route(&self, consumer_tag: u32, deliveries: impl Iterator<Item = wharf_protocol::Delivery>) {
+    /// Hands a frame's deliveries to their consumer, as received: its stream wraps each one
+    /// in a `Delivery` when the application takes it.
+    fn route(&self, consumer_tag: u32, deliveries: Vec<wharf_protocol::Delivery>) {
         let state = self.lock();
         let Some(slot) = state.consumers.get(&consumer_tag) else {
             tracing::debug!(
@@ -110,13 +106,10 @@ impl ConnectionShared {
             );
             return;
         };
-        let shared = self.self_ref();
-        let received_at = Instant::now();
-        let batch: Vec<Delivery> = deliveries
-            .map(|delivery| {
-                Delivery::new(delivery, slot.consumer.clone(), shared.clone(), received_at)
-            })
-            .collect();
+        let batch = ReceivedBatch {
+            deliveries,
+            received_at: Instant::now(),
+        };
         // Unbounded, yet bounded by the consumer's prefetch / credit window: the server never
         // sends more than the window, so the reader never waits on a slow consumer. If the
         // consumer was dropped, its `Cancel` is in flight and the server requeues these
@@ -139,12 +132,6 @@ impl ConnectionShared {
             false,
         );
         Flow::Stop
-    }
-
-    fn self_ref(&self) -> Arc<ConnectionShared> {
-        self.weak_self
-            .upgrade()
-            .expect("the reader runs while the connection is referenced")
     }
 }
 
