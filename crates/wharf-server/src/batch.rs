@@ -8,21 +8,25 @@
 //!    durable topology changes as log operations, `State::route_effects` sends each effect to
 //!    its outbox and stages the durable message changes;
 //! 3. [`Batch::finish`]: route what is left; announce the log leader if asked (before the
-//!    append, so the append wakes nobody); hand the staged operations to the log as one batch
-//!    (log order is core order; the completion set with [`Batch::on_durable`] runs once it is
-//!    on disk: the confirms); wake the timer task if a command made an earlier deadline; let
-//!    publishers paused on memory or flow control look again; unlock;
-//! 4. [`AfterUnlock::flush`]: write the held output (small outputs inline, else wake writer
-//!    tasks) and hand back the leader, whose commit (write, fsync, completions) runs without
-//!    the lock.
+//!    append, so the append wakes nobody); stage the operations for the log as one batch,
+//!    which takes its place in the log now (log order is core order; the completion set with
+//!    [`Batch::on_durable`] runs once it is on disk: the confirms); wake the timer task if a
+//!    command made an earlier deadline; let publishers paused on memory or flow control look
+//!    again; unlock;
+//! 4. [`AfterUnlock::flush`]: encode the staged batch and append it once the batches staged
+//!    before it have (`PendingAppend::run`); write the held output (small outputs inline, else
+//!    wake writer tasks) and hand back the leader, whose commit (write, fsync, completions)
+//!    runs without the lock.
 //!
-//! The log encodes and appends during step 3, under the lock: that is what makes log order
-//! core order. Changing this order changes what a confirm means (docs/durability.md).
+//! The batch's place in the log is taken in step 3, under the lock: that is what makes log
+//! order core order. Its operations hold messages by `Arc` (no copy) until step 4 encodes
+//! them, without the lock. Changing this order changes what a confirm means
+//! (docs/durability.md).
 
 use crate::context::Context;
 use crate::limits::READY_BYTES_LOW_WATERMARK_PERCENT;
 use crate::output::{Output, flush_or_wake};
-use crate::persist::journal::Outcome;
+use crate::persist::journal::{Outcome, PendingAppend};
 use crate::state::State;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, MutexGuard};
@@ -42,6 +46,8 @@ pub(crate) struct Batch<'a> {
 pub(crate) struct AfterUnlock {
     held: Vec<Arc<Output>>,
     leader: Option<Leader>,
+    /// The staged log batch, appended first thing after unlocking.
+    pending: Option<PendingAppend>,
 }
 
 impl Context {
@@ -86,7 +92,7 @@ impl Batch<'_> {
             (Some(_), true) => state.log().map(|log| log.lead()),
             _ => None,
         };
-        state.commit(self.done.take());
+        let pending = state.commit(self.done.take());
         let high = self.shared.config.ready_bytes_high_watermark;
         if state.broker.ready_bytes_total() <= high / 100 * READY_BYTES_LOW_WATERMARK_PERCENT {
             self.shared.memory_freed.notify_waiters();
@@ -95,7 +101,11 @@ impl Batch<'_> {
         self.shared.wake_timer_if_earlier(state);
         let mut held = Vec::new();
         state.release_output(&mut held);
-        AfterUnlock { held, leader }
+        AfterUnlock {
+            held,
+            leader,
+            pending,
+        }
     }
 }
 
@@ -127,10 +137,17 @@ impl DerefMut for Batch<'_> {
 }
 
 impl AfterUnlock {
-    /// Writes the held output: the deliveries to every connection first (what someone is
+    /// Appends the staged log batch (encoded now, without the lock, in its place in the log),
+    /// then writes the held output: the deliveries to every connection first (what someone is
     /// waiting for), then `own`, the caller's outbox (its responses and confirms, pushed held
     /// after the batch). Returns the log leader to commit, if the batch took one.
-    pub fn flush(self, own: Option<&Arc<Output>>) -> Option<Leader> {
+    ///
+    /// Between [`Batch::finish`] and this, the caller must not take the broker lock: a batch
+    /// staged later may be waiting, under that lock, for this one's append.
+    pub fn flush(mut self, own: Option<&Arc<Output>>) -> Option<Leader> {
+        if let Some(pending) = self.pending.take() {
+            pending.run();
+        }
         for held in &self.held {
             flush_or_wake(held);
         }

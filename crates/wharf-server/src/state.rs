@@ -5,7 +5,7 @@
 
 use crate::outbox::Out;
 use crate::output::Output;
-use crate::persist::journal::{Log, Outcome};
+use crate::persist::journal::{Log, Outcome, PendingAppend};
 use crate::persist::record::{Op, StoredMessage, bind_op, declare_exchange_op, declare_queue_op};
 use crate::persist::spool::Spools;
 use rustc_hash::FxHashMap;
@@ -234,23 +234,29 @@ impl State {
         self.log_ops.len()
     }
 
-    /// Hands the queued durable operations to the log as one record (call with the lock held:
-    /// log order is then core order). `done` runs when the record is on disk (or failed); with
-    /// nothing to log it runs at once with the strongest outcome.
-    pub fn commit(&mut self, done: Option<Box<dyn FnOnce(Outcome) + Send>>) {
+    /// Stages the queued durable operations for the log as one batch (call with the lock held:
+    /// log order is then core order) and returns it, to be encoded and appended with
+    /// [`PendingAppend::run`] once the lock is released. `done` runs when the batch is on disk
+    /// (or failed); with nothing to log it runs at once with the strongest outcome, and nothing
+    /// is returned.
+    #[must_use = "a staged batch is appended when run (or dropped)"]
+    pub fn commit(
+        &mut self,
+        done: Option<Box<dyn FnOnce(Outcome) + Send>>,
+    ) -> Option<PendingAppend> {
         let mut need = std::mem::take(&mut self.log_sync);
         let Some(log) = self.log.clone() else {
             self.log_ops.clear();
             if let Some(done) = done {
                 done(Ok(wharf_storage::SyncCoverage::Unsynced));
             }
-            return;
+            return None;
         };
         if self.log_ops.is_empty() {
             if let Some(done) = done {
                 done(Ok(wharf_storage::SyncCoverage::Fsynced));
             }
-            return;
+            return None;
         }
         // The strongest need of the queues its messages entered; the broker's policy for
         // anything else someone may wait for (topology changes).
@@ -264,12 +270,13 @@ impl State {
             need.add(None);
         }
         let sync = need.resolve(log.default_sync());
-        log.append_ops(
+        let pending = log.stage(
             std::mem::take(&mut self.log_ops),
             sync,
             done.unwrap_or_else(|| Box::new(|_| {})),
         );
         log.maybe_checkpoint(&self.broker, self.spools.as_mut());
+        Some(pending)
     }
 
     /// Sends every pending effect to the outbox of the connection it concerns, and queues the

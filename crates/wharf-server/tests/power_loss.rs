@@ -16,7 +16,7 @@
 //! Seeds: `WHARF_POWER_SEEDS` (default 60; 600 with `WHARF_SLOW_TESTS=1`); `WHARF_SEED=n`
 //! replays one. Every failure prints its seed.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use wharf_core::{
@@ -25,7 +25,7 @@ use wharf_core::{
 };
 use wharf_server::outbox::Out;
 use wharf_server::output::Output;
-use wharf_server::persist::journal::{Log, LogConfig, Outcome};
+use wharf_server::persist::journal::{Log, LogConfig, Outcome, PendingAppend};
 use wharf_server::persist::spool::Spools;
 use wharf_server::state::State;
 use wharf_storage::{Leader, MemStorage, SplitMix64, SyncCoverage, SyncPolicy};
@@ -62,6 +62,8 @@ struct Run {
     policy: SyncPolicy,
     /// Log leaders announced and not yet run (a connection's commit task not yet polled).
     leaders: Vec<Leader>,
+    /// Batches staged and not yet appended (see `Run::stage`), oldest first.
+    pending: VecDeque<PendingAppend>,
     /// Ready messages per queue in memory before paging (0: never).
     paging: usize,
     /// Spool directories of the brokers opened.
@@ -165,6 +167,7 @@ impl Run {
             count_unsynced_as_confirmed,
             policy,
             leaders: Vec::new(),
+            pending: VecDeque::new(),
             paging,
             _spool_dirs: vec![spool_dir],
         };
@@ -213,9 +216,11 @@ impl Run {
         }
         // A client's declare is answered only once it is on disk: wait, as a client would.
         let (sender, receiver) = std::sync::mpsc::channel();
-        run.state.commit(Some(Box::new(move |outcome| {
+        if let Some(pending) = run.state.commit(Some(Box::new(move |outcome| {
             sender.send(outcome.is_ok()).unwrap()
-        })));
+        }))) {
+            pending.run();
+        }
         assert!(receiver.recv().unwrap(), "seed {seed}: topology logged");
         run.subscribe();
         run
@@ -230,7 +235,31 @@ impl Run {
     }
 
     fn commit_plain(&mut self) {
-        self.state.commit(None);
+        let pending = self.state.commit(None);
+        self.stage(pending);
+    }
+
+    /// Appends a staged batch as the command batch does after unlocking: mostly at once, a
+    /// third of the time a few steps later (in staging order), so checkpoints begun meanwhile
+    /// wait for the batches staged before them, and cuts land with batches staged but not
+    /// yet appended.
+    fn stage(&mut self, pending: Option<PendingAppend>) {
+        let Some(pending) = pending else {
+            return;
+        };
+        if self.rng.below(3) == 0 {
+            self.pending.push_back(pending);
+        } else {
+            self.run_pending();
+            pending.run();
+        }
+    }
+
+    /// Appends the staged batches not yet appended, oldest first.
+    fn run_pending(&mut self) {
+        for pending in self.pending.drain(..) {
+            pending.run();
+        }
     }
 
     /// Hands a batch whose outcome someone waits for to the log as a connection does: mostly
@@ -240,18 +269,27 @@ impl Run {
     fn commit_awaited(&mut self, done: Box<dyn FnOnce(Outcome) + Send>) {
         let lead = self.rng.below(4);
         let leader = (lead != 0).then(|| self.state.log().unwrap().lead());
-        self.state.commit(Some(done));
+        let pending = self.state.commit(Some(done));
         if let Some(leader) = leader {
             if lead == 1 {
+                self.stage(pending);
                 self.leaders.push(leader);
             } else {
+                // As a connection does: its append, then its commit.
+                self.run_pending();
+                if let Some(pending) = pending {
+                    pending.run();
+                }
                 leader.commit();
             }
+        } else {
+            self.stage(pending);
         }
     }
 
-    /// Runs the announced leaders (oldest first).
+    /// Runs the announced leaders (oldest first), after the appends they lead.
     fn run_leaders(&mut self) {
+        self.run_pending();
         for leader in self.leaders.drain(..) {
             leader.commit();
         }
@@ -425,6 +463,9 @@ impl Run {
     }
 
     fn step(&mut self) {
+        if self.rng.below(3) == 0 {
+            self.run_pending();
+        }
         if self.paging > 0 && self.rng.below(4) == 0 {
             self.page_in();
         }
@@ -633,6 +674,7 @@ fn recovery_restores_topology_and_messages_flagged_redelivered() {
     for _ in 0..20 {
         run.publish(true, 1);
     }
+    run.run_pending();
     run.state.log().unwrap().close();
     let (state, restored, _spools) = open(&run.storage, SyncPolicy::Always, 0);
     assert!(restored >= 20, "restored {restored}");

@@ -265,22 +265,28 @@ impl Log {
         };
         let (epoch, captured) = epoch;
         let ranges = spools.map(Spools::ranges).unwrap_or_default();
-        // The begin now, under the broker lock: every batch appended after it follows the
-        // state captured here (log order is core order), and replay applies those batches
-        // after the checkpoint's chunks. The chunks themselves are encoded and appended by a
-        // thread, one at a time, without the broker lock.
-        let (begun, begin_written) = std::sync::mpsc::sync_channel(1);
-        self.append_part(
-            Record::CheckpointBegin { epoch }.encode(),
-            epoch,
-            Box::new(move |written| {
-                let _ = begun.send(written);
-            }),
-        );
+        // The begin's place in the log is taken now, under the broker lock: every batch staged
+        // before it precedes it in the log, and every batch staged after it follows it and the
+        // state captured here (log order is core order); replay applies those batches after
+        // the checkpoint's chunks. The thread appends the begin when its turn comes (after the
+        // batches before it, which their own threads append once they release the lock), then
+        // encodes and appends the chunks, one at a time, without the broker lock.
+        let mut begin_ticket = self.ticket();
         let log = self.clone();
         let copier = std::thread::Builder::new()
             .name("wharf-checkpoint".to_owned())
             .spawn(move || {
+                let (begun, begin_written) = std::sync::mpsc::sync_channel(1);
+                {
+                    let _turn = begin_ticket.wait();
+                    log.append_part(
+                        Record::CheckpointBegin { epoch }.encode(),
+                        epoch,
+                        Box::new(move |written| {
+                            let _ = begun.send(written);
+                        }),
+                    );
+                }
                 let written = begin_written
                     .recv()
                     .unwrap_or(Err(CheckpointError::Closed))

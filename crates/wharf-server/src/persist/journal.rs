@@ -1,5 +1,6 @@
-//! The broker's write-ahead log at run time: appends batches of durable operations (always
-//! under the broker lock, so log order is core order), tracks which records each checkpoint
+//! The broker's write-ahead log at run time: appends batches of durable operations (staged
+//! under the broker lock, which fixes their place: log order is core order; encoded and
+//! written after it), tracks which records each checkpoint
 //! supersedes, writes checkpoints, releases superseded records, and classifies failures:
 //! a failed fsync is fail-stop; a full disk refuses durable publishes for a while.
 
@@ -12,7 +13,7 @@ use crate::persist::spool::Spools;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{error, warn};
 use wharf_core::{Broker, Command, Effect, QueueSync};
@@ -113,6 +114,114 @@ fn weakest(left: SyncCoverage, right: SyncCoverage) -> SyncCoverage {
     }
 }
 
+/// Log order is core order: a batch takes a ticket under the broker lock (its place in the
+/// log) and appends, after encoding without the lock, only when every earlier ticket has
+/// appended (or given up its place). The checkpoint's begin takes a ticket the same way.
+#[derive(Debug, Default)]
+pub(super) struct Turnstile {
+    /// The next ticket to issue.
+    issued: AtomicU64,
+    /// The ticket whose turn it is.
+    turn: Mutex<u64>,
+    turned: Condvar,
+}
+
+/// A place in the log (see [`Turnstile`]). Waited for with [`Ticket::wait`]; a ticket dropped
+/// unused gives up its place, so later ones never wait forever.
+#[derive(Debug)]
+pub(super) struct Ticket {
+    turnstile: Arc<Turnstile>,
+    number: u64,
+    used: bool,
+}
+
+/// The turn of a [`Ticket`]: held while appending; the next ticket's turn comes when it drops.
+pub(super) struct Turn<'a> {
+    turnstile: &'a Turnstile,
+    turn: Option<std::sync::MutexGuard<'a, u64>>,
+}
+
+impl Turnstile {
+    /// The next place.
+    pub(super) fn ticket(self: &Arc<Self>) -> Ticket {
+        Ticket {
+            turnstile: self.clone(),
+            number: self.issued.fetch_add(1, Ordering::AcqRel),
+            used: false,
+        }
+    }
+}
+
+impl Ticket {
+    /// Waits until every earlier ticket has appended or given up its place.
+    pub(super) fn wait(&mut self) -> Turn<'_> {
+        self.used = true;
+        let mut turn = self.turnstile.turn.lock().expect("turnstile lock");
+        while *turn != self.number {
+            turn = self.turnstile.turned.wait(turn).expect("turnstile lock");
+        }
+        Turn {
+            turnstile: &self.turnstile,
+            turn: Some(turn),
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.used {
+            drop(self.wait());
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut turn = self.turn.take().expect("a turn ends once");
+        *turn += 1;
+        drop(turn);
+        self.turnstile.turned.notify_all();
+    }
+}
+
+/// A batch of operations staged for the log under the broker lock, with its place in the log
+/// ([`Log::stage`]); [`PendingAppend::run`] encodes and appends it after the lock is
+/// released. Dropped without running, it runs then: a staged batch is never lost, and its
+/// place never blocks later batches.
+pub struct PendingAppend {
+    log: Arc<Log>,
+    ticket: Option<Ticket>,
+    ops: Vec<Op>,
+    sync: SyncPolicy,
+    epoch: u64,
+    done: Option<Box<dyn FnOnce(Outcome) + Send>>,
+}
+
+impl PendingAppend {
+    /// Encodes the batch and appends it once every batch staged before it has appended.
+    /// Call without the broker lock (holding it is correct, but serializes the encoding).
+    pub fn run(mut self) {
+        let log = self.log.clone();
+        log.append_staged(&mut self);
+    }
+}
+
+impl Drop for PendingAppend {
+    fn drop(&mut self) {
+        let log = self.log.clone();
+        log.append_staged(self);
+    }
+}
+
+impl std::fmt::Debug for PendingAppend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAppend")
+            .field("ops", &self.ops.len())
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
 /// The log.
 pub struct Log {
     pub(super) wal: Arc<Wal>,
@@ -132,6 +241,8 @@ pub struct Log {
     /// parts of a batch split over several submissions are contiguous in the log (replay
     /// needs them so) even while the checkpoint thread appends.
     pub(super) append_lock: Mutex<()>,
+    /// Log order (see [`Turnstile`]).
+    pub(super) turnstile: Arc<Turnstile>,
     /// Checkpoints written since start (for tests and metrics).
     pub checkpoints: Arc<AtomicU64>,
     /// Paged messages copied from spools into checkpoints since start (for tests and metrics).
@@ -294,6 +405,7 @@ impl Log {
                 .checkpoint_chunk_bytes
                 .clamp(1, record_bytes_max - RECORD_PREFIX_BYTES_MAX),
             append_lock: Mutex::new(()),
+            turnstile: Arc::default(),
             checkpoints: Arc::new(AtomicU64::new(0)),
             copier: Mutex::new(None),
             paged_copied: Arc::new(AtomicU64::new(0)),
@@ -367,30 +479,58 @@ impl Log {
         }
     }
 
-    /// Appends one batch of operations, fsynced as `sync` says (the strongest need of the
-    /// queues its messages entered, see `x-sync`). Call with the broker lock held, so that
-    /// log order is the order in which the core applied the commands. `done` runs once, on the
-    /// committing thread (the WAL's writer thread, or a leader's, see [`Log::lead`]), when
-    /// every record of the batch is on disk or the append failed.
+    /// Stages one batch of operations for the log, fsynced as `sync` says (the strongest
+    /// need of the queues its messages entered, see `x-sync`). Call with the broker lock held:
+    /// the batch takes its place in the log now (a [`Ticket`]), so that log order is the order
+    /// in which the core applied the commands, but nothing is encoded or written until
+    /// [`PendingAppend::run`], which the command batch calls after releasing the lock. `done`
+    /// runs once, on the committing thread (the WAL's writer thread, or a leader's, see
+    /// [`Log::lead`]), when every record of the batch is on disk or the append failed.
     ///
     /// A batch is one record when it fits (the usual case). A larger one is split at operation
     /// boundaries into `BatchPart` records, appended contiguously in as many WAL submissions
     /// as the segment size needs; replay applies it only once its last part is read, so a
     /// batch is atomic whatever its size.
-    pub fn append_ops(
+    pub fn stage(
         self: &Arc<Self>,
         ops: Vec<Op>,
         sync: QueueSync,
         done: Box<dyn FnOnce(Outcome) + Send>,
-    ) {
+    ) -> PendingAppend {
         let sync = match sync {
             QueueSync::Always => SyncPolicy::Always,
             QueueSync::Interval(ms) => SyncPolicy::Interval(Duration::from_millis(ms)),
             QueueSync::Never => SyncPolicy::Never,
         };
+        // The epoch now: a checkpoint begun after this batch (a later ticket) supersedes it.
+        let epoch = self.book.lock().expect("log lock").epoch;
+        PendingAppend {
+            log: self.clone(),
+            ticket: Some(self.ticket()),
+            ops,
+            sync,
+            epoch,
+            done: Some(done),
+        }
+    }
+
+    /// A place in the log, in the order tickets are taken (under the broker lock).
+    pub(super) fn ticket(&self) -> Ticket {
+        self.turnstile.ticket()
+    }
+
+    /// Encodes and appends a staged batch once its turn comes (see [`PendingAppend::run`]).
+    fn append_staged(self: &Arc<Self>, pending: &mut PendingAppend) {
+        let (Some(ticket), Some(done)) = (pending.ticket.take(), pending.done.take()) else {
+            return;
+        };
+        let ops = std::mem::take(&mut pending.ops);
+        // Encoded without the broker lock, before waiting for the turn: batches encode in
+        // parallel and append in ticket order.
         let records = match OpRecords::encode(ops, self.op_bytes_max()) {
             Ok(encoded) => encoded.into_batch(self.record_bytes_max),
             Err(err) => {
+                drop(ticket);
                 warn!("log append refused: {err}");
                 let (bytes, limit) = match err {
                     crate::persist::record::RecordError::OpTooLarge { bytes, limit } => {
@@ -403,13 +543,16 @@ impl Log {
             }
         };
         let n_bytes: u64 = records.iter().map(|record| record.len() as u64).sum();
-        let (epoch, to_release) = {
+        let to_release = {
             let mut book = self.book.lock().expect("log lock");
             book.bytes_since_checkpoint += n_bytes;
-            (book.epoch, std::mem::take(&mut book.to_release))
+            std::mem::take(&mut book.to_release)
         };
         self.release_all(to_release);
         let mut submissions = self.submissions(records);
+        let (sync, epoch) = (pending.sync, pending.epoch);
+        let mut ticket = ticket;
+        let _turn = ticket.wait();
         let _contiguous = self.append_lock.lock().expect("append lock");
         if submissions.len() == 1 {
             let records = submissions.pop().expect("one");

@@ -865,3 +865,37 @@ fn a_log_written_by_format_version_1_still_replays() {
     assert_eq!(message.message_id.as_deref(), Some("id"));
     assert_eq!(message.headers.len(), 7);
 }
+
+/// The turnstile that keeps log order core order: tickets append in the order they were
+/// taken, whatever order their threads get there in, and a ticket given up unused (a batch
+/// whose encoding failed, a panic) passes its turn instead of blocking every later batch.
+#[test]
+fn tickets_take_their_turns_in_order_and_an_unused_ticket_passes_its_turn() {
+    use super::journal::Turnstile;
+    use std::sync::Mutex;
+    let turnstile = Arc::new(Turnstile::default());
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let tickets: Vec<_> = (0..6).map(|_| turnstile.ticket()).collect();
+    let mut threads = Vec::new();
+    // Later tickets reach their turn first: each thread starts before the ones before it.
+    for (idx, mut ticket) in tickets.into_iter().enumerate().rev() {
+        let order = order.clone();
+        threads.push(std::thread::spawn(move || {
+            if idx == 2 {
+                // Given up unused: its turn passes.
+                drop(ticket);
+                return;
+            }
+            let _turn = ticket.wait();
+            order.lock().unwrap().push(idx);
+        }));
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), vec![0, 1, 3, 4, 5]);
+    // And later tickets keep working.
+    let mut next = turnstile.ticket();
+    drop(next.wait());
+}
