@@ -16,9 +16,11 @@ use tracing::{debug, error, info, warn};
 use wharf_core::{Broker, Command, Limits};
 use wharf_storage::{FileStorage, Storage};
 
-/// The pager task: serves the page-in requests of queues larger than memory. It reads their
-/// spool files without the broker lock (on a blocking thread), then hands the entries to the
-/// core, whose deliveries and further requests follow as for any command.
+/// The pager task: writes the spools of queues larger than memory and serves their page-in
+/// requests. It writes sealed chunks of paged records and reads spool files without the
+/// broker lock (on a blocking thread; writes first, so a read never overlaps a write of its
+/// spool), then hands the entries read to the core, whose deliveries and further requests
+/// follow as for any command.
 async fn run_pager(shared: Arc<Context>) {
     let mut stop = shared.shutdown.clone();
     loop {
@@ -30,11 +32,40 @@ async fn run_pager(shared: Arc<Context>) {
             _ = shared.pager_wake.notified() => {}
         }
         loop {
+            let writes = match shared.lock().spools() {
+                Some(spools) => spools.take_writes(),
+                None => Vec::new(),
+            };
+            let wrote = !writes.is_empty();
+            if wrote {
+                let written = tokio::task::spawn_blocking(move || {
+                    writes
+                        .into_iter()
+                        .map(crate::persist::spool::SpoolWrite::run)
+                        .collect::<Vec<_>>()
+                })
+                .await;
+                match written {
+                    Ok(written) => {
+                        if let Some(spools) = shared.lock().spools() {
+                            spools.finish_writes(written);
+                        }
+                    }
+                    Err(err) => {
+                        error!("the spool writer failed: {err}; stopping");
+                        (shared.fail_stop)(format!("the spool writer failed: {err}"));
+                        return;
+                    }
+                }
+            }
             let reads = match shared.lock().spools() {
                 Some(spools) => spools.start_reads(),
                 None => Vec::new(),
             };
             if reads.is_empty() {
+                if wrote {
+                    continue;
+                }
                 break;
             }
             let done = tokio::task::spawn_blocking(move || {

@@ -434,8 +434,20 @@ impl Run {
         self.subscribe();
     }
 
-    /// Serves the pending page-in requests, as the server's pager task does.
+    /// Serves the pending page-in requests, as the server's pager task does: mostly after
+    /// writing the sealed spool chunks, sometimes before (what is not yet written is read
+    /// from memory).
     fn page_in(&mut self) {
+        if self.rng.below(4) != 0
+            && let Some(spools) = self.state.spools()
+        {
+            let written = spools
+                .take_writes()
+                .into_iter()
+                .map(wharf_server::persist::spool::SpoolWrite::run)
+                .collect();
+            spools.finish_writes(written);
+        }
         let reads = match self.state.spools() {
             Some(spools) => spools.start_reads(),
             None => return,

@@ -13,9 +13,10 @@
 //! fatal: the messages would be lost, so the server stops (fail-stop, as for the log).
 
 use crate::persist::record::StoredMessage;
-use bytes::{Buf, BufMut};
+use bytes::{Buf, BufMut, Bytes};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -156,9 +157,15 @@ fn decode(mut bytes: &[u8], budget: &mut Budget) -> Result<(Vec<PagedEntry>, usi
     Ok((entries, start - bytes.len()))
 }
 
-/// The paged tail of one queue.
+/// The paged tail of one queue and priority level.
+///
+/// Its records, oldest first: the file from `read_at` to `written`, then `sealed` (chunks
+/// handed to the pager task for writing, in order), then `buffer`. Records never straddle a
+/// chunk: `buffer` is sealed right after a record once it holds [`WRITE_BUFFER_BYTES`].
 #[derive(Debug)]
 struct Spool {
+    /// Tells this spool from an earlier one of the same key (a write completing late).
+    id: u64,
     epoch: u64,
     path: PathBuf,
     file: Arc<File>,
@@ -166,9 +173,12 @@ struct Spool {
     written: u64,
     /// Bytes of the file already paged back in.
     read_at: u64,
-    /// Encoded records not yet written (they follow the file's content).
+    /// Sealed chunks of records not yet written; the first `writing` are being written.
+    sealed: VecDeque<Bytes>,
+    writing: usize,
+    /// Encoded records not yet sealed.
     buffer: Vec<u8>,
-    /// Writing failed: records stay in `buffer` from now on.
+    /// Writing failed: records stay in memory from now on.
     degraded: bool,
     /// A page-in is being read.
     reading: bool,
@@ -182,31 +192,74 @@ impl Drop for Spool {
 }
 
 impl Spool {
-    /// Writes the buffered records (unless degraded). On failure the records stay buffered.
-    fn flush(&mut self) {
-        if self.buffer.is_empty() || self.degraded {
-            return;
+    /// Seals the buffered records into a chunk for the pager task to write.
+    fn seal(&mut self) {
+        if !self.buffer.is_empty() {
+            let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(WRITE_BUFFER_BYTES));
+            self.sealed.push_back(Bytes::from(chunk));
         }
-        #[cfg(test)]
-        let result = if FAIL_WRITES.with(|fail| fail.get()) {
-            Err(std::io::Error::other("injected write failure"))
-        } else {
-            self.file.write_all_at(&self.buffer, self.written)
-        };
-        #[cfg(not(test))]
-        let result = self.file.write_all_at(&self.buffer, self.written);
-        match result {
-            Ok(()) => {
-                self.written += self.buffer.len() as u64;
-                self.buffer.clear();
+    }
+
+    /// Whether nothing of the tail is left.
+    fn drained(&self) -> bool {
+        self.read_at == self.written && self.sealed.is_empty() && self.buffer.is_empty()
+    }
+
+    /// Records held in memory (not in the file), oldest first, as one buffer.
+    fn in_memory(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(
+            self.sealed.iter().map(Bytes::len).sum::<usize>() + self.buffer.len(),
+        );
+        for chunk in &self.sealed {
+            bytes.extend_from_slice(chunk);
+        }
+        bytes.extend_from_slice(&self.buffer);
+        bytes
+    }
+}
+
+/// Sealed chunks of one spool to write at the end of its file, taken by
+/// [`Spools::take_writes`] under the broker lock and run by the pager task without it.
+#[derive(Debug)]
+pub struct SpoolWrite {
+    key: (Arc<str>, u8),
+    id: u64,
+    file: Arc<File>,
+    path: PathBuf,
+    at: u64,
+    chunks: Vec<Bytes>,
+}
+
+/// A finished [`SpoolWrite`], to hand back with [`Spools::finish_writes`].
+#[derive(Debug)]
+pub struct SpoolWritten {
+    write: SpoolWrite,
+    result: std::io::Result<()>,
+}
+
+impl SpoolWrite {
+    /// Writes the chunks (blocking; call without the broker lock).
+    pub fn run(self) -> SpoolWritten {
+        let mut at = self.at;
+        let mut result = Ok(());
+        for chunk in &self.chunks {
+            #[cfg(test)]
+            let wrote = if FAIL_WRITES.with(|fail| fail.get()) {
+                Err(std::io::Error::other("injected write failure"))
+            } else {
+                self.file.write_all_at(chunk, at)
+            };
+            #[cfg(not(test))]
+            let wrote = self.file.write_all_at(chunk, at);
+            if let Err(err) = wrote {
+                result = Err(err);
+                break;
             }
-            Err(err) => {
-                warn!(
-                    path = %self.path.display(),
-                    "cannot write a spool file ({err}): its paged messages stay in memory"
-                );
-                self.degraded = true;
-            }
+            at += chunk.len() as u64;
+        }
+        SpoolWritten {
+            write: self,
+            result,
         }
     }
 }
@@ -381,7 +434,11 @@ impl Spools {
         let spool = self.spools.get_mut(&key).expect("inserted above");
         encode(entry, &mut spool.buffer);
         if spool.buffer.len() >= WRITE_BUFFER_BYTES {
-            spool.flush();
+            // Written by the pager task, without the broker lock.
+            spool.seal();
+            if !spool.degraded {
+                self.wake.notify_one();
+            }
         }
     }
 
@@ -404,11 +461,14 @@ impl Spools {
             }
         };
         Spool {
+            id: self.next_file,
             epoch,
             path,
             file: Arc::new(file),
             written: 0,
             read_at: 0,
+            sealed: VecDeque::new(),
+            writing: 0,
             buffer: Vec::new(),
             degraded,
             reading: false,
@@ -428,8 +488,59 @@ impl Spools {
         self.wake.notify_one();
     }
 
-    /// Takes the pending requests as reads of the file part of each tail (flushing buffered
-    /// records first, so the file holds everything the core counts as paged).
+    /// Takes the sealed chunks of every spool not being written and not degraded, to write
+    /// at the end of their files without the lock ([`SpoolWrite::run`]), in order.
+    pub fn take_writes(&mut self) -> Vec<SpoolWrite> {
+        let mut writes = Vec::new();
+        for (key, spool) in &mut self.spools {
+            if spool.degraded || spool.writing > 0 || spool.sealed.is_empty() {
+                continue;
+            }
+            spool.writing = spool.sealed.len();
+            writes.push(SpoolWrite {
+                key: key.clone(),
+                id: spool.id,
+                file: spool.file.clone(),
+                path: spool.path.clone(),
+                at: spool.written,
+                chunks: spool.sealed.iter().cloned().collect(),
+            });
+        }
+        writes
+    }
+
+    /// Records finished writes: their chunks now live in the file. A spool whose write
+    /// failed keeps its records in memory from then on (a warning says so; nothing is lost);
+    /// one discarded meanwhile is ignored.
+    pub fn finish_writes(&mut self, written: Vec<SpoolWritten>) {
+        for SpoolWritten { write, result } in written {
+            let Some(spool) = self.spools.get_mut(&write.key) else {
+                continue;
+            };
+            if spool.id != write.id {
+                continue;
+            }
+            spool.writing = 0;
+            match result {
+                Ok(()) => {
+                    for chunk in spool.sealed.drain(..write.chunks.len()) {
+                        spool.written += chunk.len() as u64;
+                    }
+                }
+                Err(err) => {
+                    warn!(
+                        path = %write.path.display(),
+                        "cannot write a spool file ({err}): its paged messages stay in memory"
+                    );
+                    spool.degraded = true;
+                }
+            }
+        }
+    }
+
+    /// Takes the pending requests as reads of the file part of each tail. Call once no write
+    /// is in flight (the pager task finishes its writes first); what is not yet in the file
+    /// is taken from memory by [`Spools::finish_read`].
     pub fn start_reads(&mut self) -> Vec<PageRead> {
         let mut reads = Vec::new();
         for (queue, epoch, level, max, max_bytes) in std::mem::take(&mut self.requests) {
@@ -439,7 +550,7 @@ impl Spools {
             if spool.epoch != epoch {
                 continue;
             }
-            spool.flush();
+            debug_assert_eq!(spool.writing, 0, "reads start once writes finished");
             spool.reading = true;
             reads.push(PageRead {
                 queue,
@@ -456,7 +567,8 @@ impl Spools {
     }
 
     /// Completes a read under the lock: takes what is still missing from the records held
-    /// in memory (a degraded spool), advances the tail, and returns the entries to hand to
+    /// in memory (sealed chunks not yet written, the buffer, everything of a degraded
+    /// spool), advances the tail, and returns the entries to hand to
     /// the core — `None` if the tail was discarded meanwhile. A drained tail's file goes.
     pub fn finish_read(
         &mut self,
@@ -477,9 +589,25 @@ impl Spools {
         spool.reading = false;
         spool.read_at += consumed;
         if !read.budget.full && spool.read_at == spool.written {
-            let (mut more, used) = decode(&spool.buffer, &mut read.budget)?;
-            spool.buffer.drain(..used);
-            entries.append(&mut more);
+            // The file is drained: the rest is in memory (no write is in flight now).
+            while !read.budget.full
+                && let Some(chunk) = spool.sealed.front_mut()
+            {
+                let (mut more, used) = decode(chunk, &mut read.budget)?;
+                entries.append(&mut more);
+                if used == chunk.len() {
+                    spool.sealed.pop_front();
+                } else if read.budget.full {
+                    chunk.advance(used);
+                } else {
+                    return Err(SpoolError::EndsInsideARecord);
+                }
+            }
+            if !read.budget.full && spool.sealed.is_empty() {
+                let (mut more, used) = decode(&spool.buffer, &mut read.budget)?;
+                spool.buffer.drain(..used);
+                entries.append(&mut more);
+            }
         }
         if !read.budget.full && (entries.len() as u64) < read.max {
             return Err(SpoolError::Short {
@@ -487,7 +615,7 @@ impl Spools {
                 missing: read.max - entries.len() as u64,
             });
         }
-        if spool.read_at == spool.written && spool.buffer.is_empty() {
+        if spool.drained() {
             // Drained: the file goes now; a later tail gets a new one.
             self.spools.remove(&key);
         }
@@ -501,14 +629,13 @@ impl Spools {
         keys.sort();
         keys.into_iter()
             .map(|key| {
-                let spool = self.spools.get_mut(&key).expect("listed above");
-                spool.flush();
+                let spool = &self.spools[&key];
                 SpoolRange {
                     queue: key.0,
                     file: spool.file.clone(),
                     from: spool.read_at,
                     to: spool.written,
-                    tail: spool.buffer.clone(),
+                    tail: spool.in_memory(),
                 }
             })
             .filter(|range| range.from < range.to || !range.tail.is_empty())
@@ -543,7 +670,18 @@ mod tests {
         }
     }
 
+    /// Runs the pending writes, as the pager task does before reading.
+    fn write(spools: &mut Spools) {
+        let written = spools
+            .take_writes()
+            .into_iter()
+            .map(SpoolWrite::run)
+            .collect();
+        spools.finish_writes(written);
+    }
+
     fn drain(spools: &mut Spools, queue: &Arc<str>, epoch: u64, max: u64) -> Vec<PagedEntry> {
+        write(spools);
         spools.request(queue.clone(), epoch, 0, max, u64::MAX);
         let mut out = Vec::new();
         for read in spools.start_reads() {
@@ -577,6 +715,82 @@ mod tests {
             std::fs::read_dir(dir.path().join("spool")).unwrap().count(),
             0
         );
+    }
+
+    /// Page-outs never write under the broker lock: `push` seals full buffers for the pager
+    /// task, which writes them later. Reads, checkpoints and late writes see every record
+    /// exactly once, in order, wherever it is (file, sealed chunk, chunk being written,
+    /// buffer).
+    #[test]
+    fn pushes_never_write_and_every_record_is_seen_once_wherever_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spools = Spools::new(dir.path().to_path_buf());
+        let queue: Arc<str> = "q".into();
+        let body = "w".repeat(200_000);
+        let pushed: Vec<PagedEntry> = (0..30).map(|seq| entry(seq, &body)).collect();
+        let file_len = |spools: &Spools| {
+            spools.spools[&(queue.clone(), 0)]
+                .file
+                .metadata()
+                .unwrap()
+                .len()
+        };
+        for paged in &pushed[..12] {
+            spools.push(&queue, 0, 0, paged);
+        }
+        assert_eq!(file_len(&spools), 0, "6 MB pushed, nothing written by push");
+        // A write in flight (taken, not finished) while more records arrive.
+        let writes = spools.take_writes();
+        assert_eq!(writes.len(), 1);
+        for paged in &pushed[12..20] {
+            spools.push(&queue, 0, 0, paged);
+        }
+        assert!(
+            spools.take_writes().is_empty(),
+            "one write per spool at a time"
+        );
+        // A checkpoint now sees the file part (empty) and everything in memory.
+        let mut copied = Vec::new();
+        for range in spools.ranges() {
+            range.for_each(|paged| copied.push(paged)).unwrap();
+        }
+        assert_eq!(copied, pushed[..20].to_vec());
+        let written: Vec<SpoolWritten> = writes.into_iter().map(SpoolWrite::run).collect();
+        spools.finish_writes(written);
+        assert!(file_len(&spools) > 0);
+        for paged in &pushed[20..] {
+            spools.push(&queue, 0, 0, paged);
+        }
+        // Read back without writing the rest: the file first, then memory.
+        let mut back = Vec::new();
+        for max in [3, 9, 11, 7] {
+            spools.request(queue.clone(), 0, 0, max, u64::MAX);
+            for read in spools.start_reads() {
+                let done = read.run().unwrap();
+                back.extend(spools.finish_read(done).unwrap().unwrap());
+            }
+        }
+        assert_eq!(back, pushed);
+        assert_eq!(spools.n_files(), 0, "drained");
+    }
+
+    /// A write that completes after its tail was discarded and a new tail of the same queue
+    /// started does not count for the new one.
+    #[test]
+    fn a_late_write_of_a_discarded_tail_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spools = Spools::new(dir.path().to_path_buf());
+        let queue: Arc<str> = "q".into();
+        let body = "v".repeat(600_000);
+        for seq in 0..2 {
+            spools.push(&queue, 0, 0, &entry(seq, &body));
+        }
+        let writes = spools.take_writes();
+        spools.drop_tail(&queue, 0);
+        spools.push(&queue, 1, 0, &entry(7, "new"));
+        let written: Vec<SpoolWritten> = writes.into_iter().map(SpoolWrite::run).collect();
+        spools.finish_writes(written);
+        assert_eq!(drain(&mut spools, &queue, 1, 1), vec![entry(7, "new")]);
     }
 
     #[test]
