@@ -20,6 +20,11 @@ pub const QUEUE_MEMORY_MESSAGES: usize = 100_000;
 /// paged: large messages page early (1,600 of 40 KiB), so a backlog of them cannot fill memory
 /// either.
 pub const QUEUE_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
+/// Paged records sealed for the pager task to write and not yet being written, across every
+/// spool: past this the page-out writes them itself, under the broker lock (as before the
+/// pager wrote them), so a pager falling behind a fast publisher cannot grow memory (a 10 M
+/// priority-queue backlog peaked 40–80 MB higher without this bound).
+pub const SPOOL_UNWRITTEN_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// Publisher flow control: a publisher is paused while a queue it publishes to holds more
 /// ready messages than this and its consumers keep up with it (they drain it, only more slowly
 /// than it is filled). A short backlog keeps the entries and bodies in cache and the broker's memory

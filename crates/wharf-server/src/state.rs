@@ -6,7 +6,7 @@
 use crate::outbox::Out;
 use crate::output::Output;
 use crate::persist::journal::{Log, Outcome, PendingAppend};
-use crate::persist::record::{Op, StoredMessage, bind_op, declare_exchange_op, declare_queue_op};
+use crate::persist::record::{Op, StagedOp, bind_op, declare_exchange_op, declare_queue_op};
 use crate::persist::spool::Spools;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
@@ -37,7 +37,7 @@ pub struct State {
     burst: Vec<Out>,
     effects: Vec<Effect>,
     /// Durable changes applied but not yet handed to the log.
-    log_ops: Vec<Op>,
+    log_ops: Vec<StagedOp>,
     log: Option<Arc<Log>>,
     /// The paged tails of queues larger than memory (present when the broker pages).
     spools: Option<Spools>,
@@ -152,10 +152,11 @@ impl State {
         };
         let reply = self.broker.apply(now_ms, command, &mut self.effects)?;
         if let Some(op) = op {
-            self.log_ops.push(op);
+            self.log_ops.push(op.into());
         }
         if let (Some(options), Reply::QueueDeclared { name, .. }) = (declared_queue, &reply) {
-            self.log_ops.extend(declare_queue_op(name, &options));
+            self.log_ops
+                .extend(declare_queue_op(name, &options).map(StagedOp::from));
         }
         Ok(reply)
     }
@@ -260,13 +261,7 @@ impl State {
         }
         // The strongest need of the queues its messages entered; the broker's policy for
         // anything else someone may wait for (topology changes).
-        if self.log_ops.iter().any(|op| {
-            !matches!(
-                op,
-                Op::EnqueueAt { .. } | Op::Settle { .. } | Op::SettleRange { .. }
-            )
-        }) || need == DurableSync::default()
-        {
+        if self.log_ops.iter().any(|op| !op.is_message_op()) || need == DurableSync::default() {
             need.add(None);
         }
         let sync = need.resolve(log.default_sync());
@@ -325,29 +320,26 @@ impl State {
                     sync,
                 } => {
                     self.log_sync.merge(sync);
-                    self.log_ops.push(Op::EnqueueAt {
+                    // Staged as the core's shared message and names: encoded after the lock.
+                    self.log_ops.push(StagedOp::EnqueueAt {
                         durable_id,
-                        queues: queues.iter().map(|queue| queue.to_string()).collect(),
-                        message: StoredMessage::from(&*message),
-                        delay_ms: message.delay_ms,
+                        queues,
+                        message,
                         ready_at_ms,
                     });
                 }
                 Effect::DurableSettled { durable_id, queue } => {
-                    self.log_ops.push(Op::Settle {
-                        durable_id,
-                        queue: queue.to_string(),
-                    });
+                    self.log_ops.push(StagedOp::Settle { durable_id, queue });
                 }
                 Effect::DurableSettledRange {
                     first,
                     count,
                     queue,
                 } => {
-                    self.log_ops.push(Op::SettleRange {
+                    self.log_ops.push(StagedOp::SettleRange {
                         first,
                         count,
-                        queue: queue.to_string(),
+                        queue,
                     });
                 }
                 Effect::PageOut {
@@ -379,17 +371,23 @@ impl State {
                 Effect::QueueDeleted { name, durable } => {
                     debug!(queue = %name, durable, "queue deleted");
                     if durable {
-                        self.log_ops.push(Op::DeleteQueue {
-                            name: name.to_string(),
-                        });
+                        self.log_ops.push(
+                            Op::DeleteQueue {
+                                name: name.to_string(),
+                            }
+                            .into(),
+                        );
                     }
                 }
                 Effect::ExchangeDeleted { name, durable } => {
                     debug!(exchange = %name, durable, "exchange deleted");
                     if durable {
-                        self.log_ops.push(Op::DeleteExchange {
-                            name: name.to_string(),
-                        });
+                        self.log_ops.push(
+                            Op::DeleteExchange {
+                                name: name.to_string(),
+                            }
+                            .into(),
+                        );
                     }
                 }
             }

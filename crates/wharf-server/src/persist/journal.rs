@@ -7,7 +7,7 @@
 use super::checkpoint::{CHECKPOINT_BYTES_DEFAULT, CHECKPOINT_CHUNK_BYTES_DEFAULT};
 use super::replay::{Recovered, replay};
 use crate::persist::record::{
-    Op, OpRecords, RECORD_PREFIX_BYTES_MAX, SYSTEM_CONNECTION, StoredMessage,
+    OpRecords, RECORD_PREFIX_BYTES_MAX, SYSTEM_CONNECTION, StagedOp, StoredMessage,
 };
 use crate::persist::spool::Spools;
 use std::collections::BTreeMap;
@@ -191,7 +191,7 @@ impl Drop for Turn<'_> {
 pub struct PendingAppend {
     log: Arc<Log>,
     ticket: Option<Ticket>,
-    ops: Vec<Op>,
+    ops: Vec<StagedOp>,
     sync: SyncPolicy,
     epoch: u64,
     done: Option<Box<dyn FnOnce(Outcome) + Send>>,
@@ -493,7 +493,7 @@ impl Log {
     /// batch is atomic whatever its size.
     pub fn stage(
         self: &Arc<Self>,
-        ops: Vec<Op>,
+        ops: Vec<StagedOp>,
         sync: QueueSync,
         done: Box<dyn FnOnce(Outcome) + Send>,
     ) -> PendingAppend {
@@ -527,21 +527,22 @@ impl Log {
         let ops = std::mem::take(&mut pending.ops);
         // Encoded without the broker lock, before waiting for the turn: batches encode in
         // parallel and append in ticket order.
-        let records = match OpRecords::encode(ops, self.op_bytes_max()) {
-            Ok(encoded) => encoded.into_batch(self.record_bytes_max),
-            Err(err) => {
-                drop(ticket);
-                warn!("log append refused: {err}");
-                let (bytes, limit) = match err {
-                    crate::persist::record::RecordError::OpTooLarge { bytes, limit } => {
-                        (bytes, limit)
-                    }
-                    _ => (0, self.record_bytes_max as u64),
-                };
-                done(Err(WalError::RecordTooLarge { bytes, limit }));
-                return;
-            }
-        };
+        let records =
+            match OpRecords::encode(ops.into_iter().map(StagedOp::into_op), self.op_bytes_max()) {
+                Ok(encoded) => encoded.into_batch(self.record_bytes_max),
+                Err(err) => {
+                    drop(ticket);
+                    warn!("log append refused: {err}");
+                    let (bytes, limit) = match err {
+                        crate::persist::record::RecordError::OpTooLarge { bytes, limit } => {
+                            (bytes, limit)
+                        }
+                        _ => (0, self.record_bytes_max as u64),
+                    };
+                    done(Err(WalError::RecordTooLarge { bytes, limit }));
+                    return;
+                }
+            };
         let n_bytes: u64 = records.iter().map(|record| record.len() as u64).sum();
         let to_release = {
             let mut book = self.book.lock().expect("log lock");

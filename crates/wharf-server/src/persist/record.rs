@@ -7,7 +7,8 @@
 //! order. One command batch is one `Batch` record, or several `BatchPart` records when it is
 //! larger than a record may be ([`OpRecords`]; replay applies it only whole). To keep the log
 //! from growing forever, the broker periodically writes a **checkpoint**: the whole live
-//! durable state as `CheckpointBegin` (appended under the broker lock), `CheckpointChunk`s of
+//! durable state as `CheckpointBegin` (its place in the log taken under the broker lock),
+//! `CheckpointChunk`s of
 //! bounded size (appended by a thread; batches may land between them) and `CheckpointEnd`,
 //! written only once the rest is durable; then every record older than the begin is released.
 //! Recovery starts from the last complete checkpoint and replays the batches after its begin.
@@ -17,6 +18,7 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use wharf_core::{
     BindTarget, Broker, ConnectionId, ExchangeKind, ExchangeOptions, HeaderValue, Headers, Message,
     QueueOptions,
@@ -213,6 +215,94 @@ impl From<StoredKind> for ExchangeKind {
             StoredKind::Topic => ExchangeKind::Topic,
             StoredKind::Headers => ExchangeKind::Headers,
         }
+    }
+}
+
+/// An operation as the command batch stages it under the broker lock. The message operations,
+/// one or more per message, hold the core's shared message and queue names (reference counts,
+/// no copy); each becomes an [`Op`] when its batch is encoded, after the lock is released
+/// ([`StagedOp::into_op`]).
+#[derive(Debug)]
+pub enum StagedOp {
+    /// See [`Op::EnqueueAt`].
+    EnqueueAt {
+        /// The message's id in the log.
+        durable_id: u64,
+        /// The durable queues it entered.
+        queues: Vec<Arc<str>>,
+        /// The message, shared with the queues.
+        message: Arc<Message>,
+        /// When it is ready in those queues (unix ms).
+        ready_at_ms: u64,
+    },
+    /// See [`Op::Settle`].
+    Settle {
+        /// The message's id in the log.
+        durable_id: u64,
+        /// The queue it left.
+        queue: Arc<str>,
+    },
+    /// See [`Op::SettleRange`].
+    SettleRange {
+        /// The first id of the run.
+        first: u64,
+        /// How many consecutive ids.
+        count: u64,
+        /// The queue they left.
+        queue: Arc<str>,
+    },
+    /// Any other operation (topology: rare), built under the lock.
+    Other(Box<Op>),
+}
+
+impl StagedOp {
+    /// The operation to encode (its message's strings and headers copied now; the body is
+    /// shared and copied once, into the record).
+    pub fn into_op(self) -> Op {
+        match self {
+            StagedOp::EnqueueAt {
+                durable_id,
+                queues,
+                message,
+                ready_at_ms,
+            } => Op::EnqueueAt {
+                durable_id,
+                queues: queues.iter().map(|queue| queue.to_string()).collect(),
+                message: StoredMessage::from(&*message),
+                delay_ms: message.delay_ms,
+                ready_at_ms,
+            },
+            StagedOp::Settle { durable_id, queue } => Op::Settle {
+                durable_id,
+                queue: queue.to_string(),
+            },
+            StagedOp::SettleRange {
+                first,
+                count,
+                queue,
+            } => Op::SettleRange {
+                first,
+                count,
+                queue: queue.to_string(),
+            },
+            StagedOp::Other(op) => *op,
+        }
+    }
+
+    /// Whether it only records a message entering or leaving queues (synced as those
+    /// queues' `x-sync` says), not a topology change (synced as the broker's policy).
+    pub fn is_message_op(&self) -> bool {
+        !matches!(
+            self,
+            StagedOp::Other(op)
+                if !matches!(**op, Op::EnqueueAt { .. } | Op::Settle { .. } | Op::SettleRange { .. })
+        )
+    }
+}
+
+impl From<Op> for StagedOp {
+    fn from(op: Op) -> StagedOp {
+        StagedOp::Other(Box::new(op))
     }
 }
 

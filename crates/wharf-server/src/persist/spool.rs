@@ -3,6 +3,10 @@
 //! (a queue without `x-max-priority` has one, level 0) and tail epoch in `DATA_DIR/spool/`, written in large sequential writes and read back in order with large
 //! reads (read-ahead for free).
 //!
+//! Page-outs only encode records into a buffer under the broker lock; full buffers are sealed
+//! and written by the pager task without the lock ([`Spools::take_writes`]), unless it falls
+//! behind by more than [`SPOOL_UNWRITTEN_BYTES_MAX`]: then the page-out writes them itself.
+//!
 //! A spool is memory, not durability: the write-ahead log stays the durable truth for logged
 //! messages (checkpoints copy paged messages out of their spools, see [`crate::persist::checkpoint`]), so
 //! spool files are never fsynced and are deleted at start. A file is unlinked as soon as its
@@ -12,6 +16,7 @@
 //! rather than losing a message; a warning says so). A spool that cannot be read back is
 //! fatal: the messages would be lost, so the server stops (fail-stop, as for the log).
 
+use crate::limits::SPOOL_UNWRITTEN_BYTES_MAX;
 use crate::persist::record::StoredMessage;
 use bytes::{Buf, BufMut, Bytes};
 use rustc_hash::FxHashMap;
@@ -439,7 +444,30 @@ impl Spools {
             if !spool.degraded {
                 self.wake.notify_one();
             }
+            self.write_if_behind();
         }
+    }
+
+    /// If the pager task has fallen behind (more than [`SPOOL_UNWRITTEN_BYTES_MAX`] sealed and
+    /// not being written), writes what it can itself, under the broker lock: memory stays
+    /// bounded whatever the publish rate. Spools the pager is writing are left to it (their
+    /// chunks must be written in order).
+    fn write_if_behind(&mut self) {
+        let waiting: usize = self
+            .spools
+            .values()
+            .filter(|spool| spool.writing == 0 && !spool.degraded)
+            .flat_map(|spool| spool.sealed.iter().map(Bytes::len))
+            .sum();
+        if waiting <= SPOOL_UNWRITTEN_BYTES_MAX {
+            return;
+        }
+        let written = self
+            .take_writes()
+            .into_iter()
+            .map(SpoolWrite::run)
+            .collect();
+        self.finish_writes(written);
     }
 
     fn create(&mut self, epoch: u64) -> Spool {
@@ -772,6 +800,41 @@ mod tests {
         }
         assert_eq!(back, pushed);
         assert_eq!(spools.n_files(), 0, "drained");
+    }
+
+    /// With no pager running at all, what waits unwritten in memory stays within
+    /// `SPOOL_UNWRITTEN_BYTES_MAX` (plus the chunk just sealed): the page-out writes the rest.
+    #[test]
+    fn unwritten_records_stay_bounded_when_the_pager_falls_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spools = Spools::new(dir.path().to_path_buf());
+        let body = "u".repeat(100_000);
+        let mut pushed: Vec<(Arc<str>, PagedEntry)> = Vec::new();
+        for seq in 0..400 {
+            // Three spools: one page-out writes the others' chunks too.
+            let queue: Arc<str> = ["a", "b", "c"][seq as usize % 3].into();
+            let paged = entry(seq, &body);
+            spools.push(&queue, 0, 0, &paged);
+            pushed.push((queue, paged));
+            let unwritten: usize = spools
+                .spools
+                .values()
+                .flat_map(|spool| spool.sealed.iter().map(Bytes::len))
+                .sum();
+            assert!(unwritten <= SPOOL_UNWRITTEN_BYTES_MAX + WRITE_BUFFER_BYTES + 200_000);
+        }
+        let written: u64 = spools.spools.values().map(|spool| spool.written).sum();
+        assert!(written > 30_000_000, "40 MB pushed, {written} written");
+        for queue in ["a", "b", "c"] {
+            let queue: Arc<str> = queue.into();
+            let expected: Vec<PagedEntry> = pushed
+                .iter()
+                .filter(|(q, _)| *q == queue)
+                .map(|(_, paged)| paged.clone())
+                .collect();
+            let n = expected.len() as u64;
+            assert_eq!(drain(&mut spools, &queue, 0, n), expected);
+        }
     }
 
     /// A write that completes after its tail was discarded and a new tail of the same queue
