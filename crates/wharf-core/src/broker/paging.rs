@@ -7,8 +7,9 @@ use super::*;
 /// - once the ready messages in memory fell to half the threshold (so that they come back
 ///   before memory runs dry), up to the threshold;
 /// - or when that level's next message is the next to deliver ([`Paged::blocks`]: only lower
-///   priorities are in memory), up to one and a half thresholds in memory, and at least one.
-///   Memory thus stays within 1.5 thresholds (plus requeues and one entry per level).
+///   priorities are in memory), up to an eighth of the threshold past it in memory, and at
+///   least one. Memory thus stays within 1.125 thresholds (plus requeues and one entry per
+///   level): small page-ins rather than many held messages.
 pub(super) fn request_page_in(queue: &mut Queue, effects: &mut Vec<Effect>) {
     let Some(threshold) = queue.paged.threshold else {
         return;
@@ -30,10 +31,10 @@ pub(super) fn request_page_in(queue: &mut Queue, effects: &mut Vec<Effect>) {
     } else if queue.paged.blocks(queue.ready.top_priority()) {
         (
             threshold
-                .saturating_add(threshold / 2)
+                .saturating_add(threshold / 8)
                 .saturating_sub(in_memory),
             bytes_limit
-                .saturating_add(bytes_limit / 2)
+                .saturating_add(bytes_limit / 8)
                 .saturating_sub(in_memory_bytes),
         )
     } else {

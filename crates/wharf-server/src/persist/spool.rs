@@ -32,6 +32,9 @@ use wharf_core::{Message, PagedEntry};
 
 /// Buffered records are written once the buffer holds this much.
 const WRITE_BUFFER_BYTES: usize = 1024 * 1024;
+/// What a spool record holds besides its body, at most in the usual case (names, ids,
+/// properties, a few headers): sizes a buffer so that records rarely outgrow it.
+const RECORD_METADATA_ESTIMATE_BYTES: usize = 4 * 1024;
 /// Bytes read per `pread` when paging in.
 const READ_BLOCK_BYTES: usize = 4 * 1024 * 1024;
 
@@ -166,7 +169,7 @@ fn decode(mut bytes: &[u8], budget: &mut Budget) -> Result<(Vec<PagedEntry>, usi
 ///
 /// Its records, oldest first: the file from `read_at` to `written`, then `sealed` (chunks
 /// handed to the pager task for writing, in order), then `buffer`. Records never straddle a
-/// chunk: `buffer` is sealed right after a record once it holds [`WRITE_BUFFER_BYTES`].
+/// chunk: `buffer` (about [`WRITE_BUFFER_BYTES`]) is sealed before a record that would not fit.
 #[derive(Debug)]
 struct Spool {
     /// Tells this spool from an earlier one of the same key (a write completing late).
@@ -200,7 +203,7 @@ impl Spool {
     /// Seals the buffered records into a chunk for the pager task to write.
     fn seal(&mut self) {
         if !self.buffer.is_empty() {
-            let chunk = std::mem::replace(&mut self.buffer, Vec::with_capacity(WRITE_BUFFER_BYTES));
+            let chunk = std::mem::take(&mut self.buffer);
             self.sealed.push_back(Bytes::from(chunk));
         }
     }
@@ -437,10 +440,24 @@ impl Spools {
             self.spools.insert(key.clone(), spool);
         }
         let spool = self.spools.get_mut(&key).expect("inserted above");
-        encode(entry, &mut spool.buffer);
-        if spool.buffer.len() >= WRITE_BUFFER_BYTES {
-            // Written by the pager task, without the broker lock.
+        // Buffers are allocated once at their final size and sealed before a record would
+        // outgrow them: no reallocation (a copy under the lock), chunks hold no slack, and a
+        // written chunk's memory is reused by the next buffer.
+        let estimate = entry.message.body.len() + RECORD_METADATA_ESTIMATE_BYTES;
+        let sealed = if !spool.buffer.is_empty()
+            && spool.buffer.len() + estimate > spool.buffer.capacity()
+        {
             spool.seal();
+            true
+        } else {
+            false
+        };
+        if spool.buffer.is_empty() {
+            spool.buffer.reserve_exact(WRITE_BUFFER_BYTES.max(estimate));
+        }
+        encode(entry, &mut spool.buffer);
+        if sealed {
+            // Written by the pager task, without the broker lock.
             if !spool.degraded {
                 self.wake.notify_one();
             }
