@@ -43,6 +43,20 @@ async fn a_length_prefix_over_the_frame_limit_closes_with_frame_too_large() {
     server_still_serves(server.addr(), "after-large").await;
 }
 
+/// Before the handshake, a frame may claim at most 64 KiB (a `Hello` is a control frame):
+/// a peer that has not said who it is cannot make the broker expect 16 MiB.
+#[tokio::test]
+async fn a_hello_larger_than_a_control_frame_closes_with_frame_too_large() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::connect(server.addr()).await;
+    raw.send_bytes(&Preamble::CURRENT.encode()).await;
+    raw.send_bytes(&(64u32 * 1024 + 1).to_be_bytes()).await;
+    raw.read_preamble().await.expect("preamble");
+    let close = raw.expect_close().await;
+    assert_eq!(close.code, ErrorCode::FrameTooLarge);
+    server_still_serves(server.addr(), "after-large-hello").await;
+}
+
 #[tokio::test]
 async fn an_unknown_frame_kind_closes_with_protocol_violation() {
     let server = TestServer::start().await;

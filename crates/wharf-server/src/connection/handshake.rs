@@ -83,8 +83,12 @@ pub(super) async fn handshake(
         return Err(error);
     }
     let recv_frame_bytes_max = shared.config.frame_bytes_max;
+    // Before the handshake a peer is nobody: its `Hello`, a control frame, must fit in the
+    // floor every control frame fits in (64 KiB), not in the frame limit it has yet to agree
+    // on (16 MiB by default).
+    let hello_bytes_max = recv_frame_bytes_max.min(wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR);
     let hello = loop {
-        match decode(buf, recv_frame_bytes_max) {
+        match decode(buf, hello_bytes_max) {
             Ok(Some(Frame::Hello(hello))) => break hello,
             Ok(Some(other)) => {
                 let error = HandshakeError::NotHello { kind: other.kind() };

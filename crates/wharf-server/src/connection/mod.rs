@@ -32,6 +32,7 @@ use wharf_core::{
     Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag, ExchangeOptions,
     Message, QueueFlow, QueueId, QueueOptions, Reply,
 };
+use wharf_protocol::limits::READ_RESERVE_BYTES_MAX;
 use wharf_protocol::{
     Close, Confirm, ConfirmRange, ConfirmStatus, Durability, ErrorCode, ExchangeInfo, Frame,
     HelloOk, Preamble, Request, Response, ServerLimits, decode, encode,
@@ -216,9 +217,7 @@ async fn read_loop(
             return exit;
         }
         if frames.is_empty() && buf.len() >= 4 && !more_complete_frames(&buf) {
-            // Make room for the whole frame being received in one go.
-            let needed = 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-            buf.reserve(needed.saturating_sub(buf.len()).max(READ_BUFFER_BYTES));
+            reserve_for_partial_frame(&mut buf);
         } else if more_complete_frames(&buf) {
             continue;
         }
@@ -282,10 +281,48 @@ async fn read_loop(
     }
 }
 
+/// Makes room for more of the partial frame at the front of `buf`: what is missing, but at
+/// most `READ_RESERVE_BYTES_MAX` (64 KiB) past what was received, so memory follows the bytes
+/// a peer sends, not the length it claims (a 16 MiB claim costs nothing until the bytes come;
+/// docs/protocol.md). The buffer still grows geometrically as a large frame arrives.
+fn reserve_for_partial_frame(buf: &mut BytesMut) {
+    let needed = 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let missing = needed.saturating_sub(buf.len());
+    buf.reserve(missing.min(READ_RESERVE_BYTES_MAX).max(READ_BUFFER_BYTES));
+}
+
 fn more_complete_frames(buf: &BytesMut) -> bool {
     if buf.len() < 4 {
         return false;
     }
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     buf.len() >= 4 + len
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer claiming a 16 MiB frame and sending 10 bytes of it gets room for 64 KiB more,
+    /// not 16 MiB (500 such peers took 11.7 GB of address space before, issue #17); a frame
+    /// that keeps arriving still gets room as it comes.
+    #[test]
+    fn a_claimed_frame_size_reserves_at_most_64_kib_at_a_time() {
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&(16u32 * 1024 * 1024).to_be_bytes());
+        buf.extend_from_slice(&[0; 10]);
+        reserve_for_partial_frame(&mut buf);
+        assert!(
+            buf.capacity() <= buf.len() + 2 * READ_RESERVE_BYTES_MAX,
+            "capacity {} for {} bytes received",
+            buf.capacity(),
+            buf.len()
+        );
+        assert!(buf.capacity() - buf.len() >= READ_BUFFER_BYTES);
+        // A small frame gets exactly what it misses (at least the read buffer's size).
+        let mut small = BytesMut::new();
+        small.extend_from_slice(&100u32.to_be_bytes());
+        reserve_for_partial_frame(&mut small);
+        assert!(small.capacity() >= 104);
+    }
 }
