@@ -288,7 +288,7 @@ async fn read_loop(
 fn reserve_for_partial_frame(buf: &mut BytesMut) {
     let needed = 4 + u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     let missing = needed.saturating_sub(buf.len());
-    buf.reserve(missing.min(READ_RESERVE_BYTES_MAX).max(READ_BUFFER_BYTES));
+    buf.reserve(missing.clamp(READ_BUFFER_BYTES, READ_RESERVE_BYTES_MAX));
 }
 
 fn more_complete_frames(buf: &BytesMut) -> bool {
