@@ -33,6 +33,20 @@ fn spool_files(dir: &Path) -> usize {
     std::fs::read_dir(dir.join("spool")).map_or(0, |entries| entries.count())
 }
 
+/// Waits (within the deadline) until `n` spool files exist: the pager task creates a tail's
+/// file shortly after the tail starts.
+async fn wait_for_spool_files(dir: &Path, n: usize) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while spool_files(dir) != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} spool files, expected {n}",
+            spool_files(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Waits (within the deadline) until every spool file is gone: drained tails delete theirs.
 async fn wait_until_no_spool_files(dir: &Path) {
     let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -89,11 +103,8 @@ async fn a_queue_larger_than_memory_delivers_everything_in_order_and_gives_its_d
     publish(&client, "big", 0..3_000).await;
     publish(&client, "small", 0..THRESHOLD).await;
     assert_eq!(client.queue_stats("big").await.unwrap().ready, 3_000);
-    assert_eq!(
-        spool_files(dir.path()),
-        1,
-        "only the queue past its threshold pages"
-    );
+    // Only the queue past its threshold pages.
+    wait_for_spool_files(dir.path(), 1).await;
     let mut consumer = client.consume("big", manual(100)).await.unwrap();
     // Arrivals while draining join the paged tail, after everything before them.
     let (first, ()) = tokio::join!(
@@ -139,11 +150,8 @@ async fn paged_messages_survive_a_restart_and_a_purged_tail_does_not_come_back()
         0,
         "the purge was logged"
     );
-    assert_eq!(
-        spool_files(dir.path()),
-        1,
-        "recovery pages the restored tail again"
-    );
+    // Recovery pages the restored tail again.
+    wait_for_spool_files(dir.path(), 1).await;
     let mut consumer = client.consume("keep", manual(64)).await.unwrap();
     assert_eq!(
         drain(&mut consumer, 1_000).await,
@@ -241,7 +249,7 @@ async fn large_messages_page_by_bytes() {
         outcome.expect("confirmed");
     }
     // 200 × 4 KB is 800 KB: far under the message threshold, over the byte threshold.
-    assert_eq!(spool_files(dir.path()), 1);
+    wait_for_spool_files(dir.path(), 1).await;
     let mut consumer = client.consume("big", manual(8)).await.unwrap();
     assert_eq!(
         drain(&mut consumer, 200).await,
@@ -305,22 +313,16 @@ async fn priority_and_length_limited_queues_page_and_keep_their_order_across_a_r
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(
-        spool_files(dir.path()),
-        LEVELS as usize + 1,
-        "one spool per priority level, and one for the limited queue"
-    );
+    // One spool per priority level, and one for the limited queue.
+    wait_for_spool_files(dir.path(), LEVELS as usize + 1).await;
     client.close().await.unwrap();
     server.stop().await.unwrap();
 
     let server = start(dir.path(), None).await;
     let client = connect(&server).await;
     assert_eq!(client.queue_stats("prio").await.unwrap().ready, N as u64);
-    assert_eq!(
-        spool_files(dir.path()),
-        LEVELS as usize + 1,
-        "recovery pages the restored tails again"
-    );
+    // Recovery pages the restored tails again.
+    wait_for_spool_files(dir.path(), LEVELS as usize + 1).await;
     let mut expected: Vec<usize> = (0..N).collect();
     expected.sort_by_key(|idx| (std::cmp::Reverse(priority(*idx)), *idx));
     let mut consumer = client.consume("prio", manual(64)).await.unwrap();

@@ -481,7 +481,7 @@ impl Log {
 
     /// Stages one batch of operations for the log, fsynced as `sync` says (the strongest
     /// need of the queues its messages entered, see `x-sync`). Call with the broker lock held:
-    /// the batch takes its place in the log now (a [`Ticket`]), so that log order is the order
+    /// the batch takes its place in the log now (a ticket), so that log order is the order
     /// in which the core applied the commands, but nothing is encoded or written until
     /// [`PendingAppend::run`], which the command batch calls after releasing the lock. `done`
     /// runs once, on the committing thread (the WAL's writer thread, or a leader's, see

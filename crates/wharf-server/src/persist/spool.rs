@@ -176,14 +176,17 @@ struct Spool {
     id: u64,
     epoch: u64,
     path: PathBuf,
-    file: Arc<File>,
+    /// The file, once the pager task has created it (`None` before: nothing is in a file).
+    file: Option<Arc<File>>,
     /// Bytes written to the file.
     written: u64,
     /// Bytes of the file already paged back in.
     read_at: u64,
-    /// Sealed chunks of records not yet written; the first `writing` are being written.
+    /// Sealed chunks of records not yet written.
     sealed: VecDeque<Bytes>,
-    writing: usize,
+    /// A write (of the first this-many sealed chunks, creating the file if needed) is in
+    /// flight.
+    writing: Option<usize>,
     /// Encoded records not yet sealed.
     buffer: Vec<u8>,
     /// Writing failed: records stay in memory from now on.
@@ -195,7 +198,10 @@ struct Spool {
 impl Drop for Spool {
     fn drop(&mut self) {
         // Readers holding the file (a page-in, a checkpoint) keep its data until they finish.
-        let _ = std::fs::remove_file(&self.path);
+        // A file still being created is removed when its write finishes (`finish_writes`).
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -226,13 +232,14 @@ impl Spool {
     }
 }
 
-/// Sealed chunks of one spool to write at the end of its file, taken by
-/// [`Spools::take_writes`] under the broker lock and run by the pager task without it.
+/// Sealed chunks of one spool to write at the end of its file (creating the file first if
+/// it does not exist yet), taken by [`Spools::take_writes`] under the broker lock and run by
+/// the pager task without it.
 #[derive(Debug)]
 pub struct SpoolWrite {
     key: (Arc<str>, u8),
     id: u64,
-    file: Arc<File>,
+    file: Option<Arc<File>>,
     path: PathBuf,
     at: u64,
     chunks: Vec<Bytes>,
@@ -242,12 +249,47 @@ pub struct SpoolWrite {
 #[derive(Debug)]
 pub struct SpoolWritten {
     write: SpoolWrite,
+    /// The file it created, if it had to.
+    created: Option<Arc<File>>,
     result: std::io::Result<()>,
 }
 
+fn create_file(path: &std::path::Path) -> std::io::Result<File> {
+    #[cfg(test)]
+    if FAIL_WRITES.with(|fail| fail.get()) {
+        return Err(std::io::Error::other("injected create failure"));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+}
+
 impl SpoolWrite {
-    /// Writes the chunks (blocking; call without the broker lock).
+    /// Creates the file if needed and writes the chunks (blocking; call without the broker
+    /// lock).
     pub fn run(self) -> SpoolWritten {
+        let (file, created) = match &self.file {
+            Some(file) => (file.clone(), None),
+            None => match create_file(&self.path) {
+                Ok(file) => {
+                    let file = Arc::new(file);
+                    (file.clone(), Some(file))
+                }
+                Err(err) => {
+                    return SpoolWritten {
+                        write: self,
+                        created: None,
+                        result: Err(err),
+                    };
+                }
+            },
+        };
         let mut at = self.at;
         let mut result = Ok(());
         for chunk in &self.chunks {
@@ -255,10 +297,10 @@ impl SpoolWrite {
             let wrote = if FAIL_WRITES.with(|fail| fail.get()) {
                 Err(std::io::Error::other("injected write failure"))
             } else {
-                self.file.write_all_at(chunk, at)
+                file.write_all_at(chunk, at)
             };
             #[cfg(not(test))]
-            let wrote = self.file.write_all_at(chunk, at);
+            let wrote = file.write_all_at(chunk, at);
             if let Err(err) = wrote {
                 result = Err(err);
                 break;
@@ -267,6 +309,7 @@ impl SpoolWrite {
         }
         SpoolWritten {
             write: self,
+            created,
             result,
         }
     }
@@ -289,7 +332,8 @@ pub struct PageRead {
     /// Entries wanted.
     pub max: u64,
     budget: Budget,
-    file: Arc<File>,
+    /// `None` when nothing of the tail is in a file (then `from == to`).
+    file: Option<Arc<File>>,
     from: u64,
     to: u64,
 }
@@ -323,7 +367,7 @@ impl PageReadDone {
 /// entries to `each`; returns the bytes of whole records taken and what is left over (a record
 /// cut by `to`, or refused by the budget).
 fn read_range(
-    file: &File,
+    file: Option<&File>,
     from: u64,
     to: u64,
     budget: &mut Budget,
@@ -335,7 +379,8 @@ fn read_range(
         let n = READ_BLOCK_BYTES.min((to - at) as usize);
         let start = carry.len();
         carry.resize(start + n, 0);
-        file.read_exact_at(&mut carry[start..], at)
+        file.expect("a tail with bytes in a file has its file")
+            .read_exact_at(&mut carry[start..], at)
             .map_err(SpoolError::Read)?;
         at += n as u64;
         let (entries, used) = decode(&carry, budget)?;
@@ -351,7 +396,7 @@ impl PageRead {
     pub fn run(mut self) -> Result<PageReadDone, SpoolError> {
         let mut entries = Vec::new();
         let (consumed, _) = read_range(
-            &self.file,
+            self.file.as_deref(),
             self.from,
             self.to,
             &mut self.budget,
@@ -370,7 +415,7 @@ impl PageRead {
 pub struct SpoolRange {
     /// The queue.
     pub queue: Arc<str>,
-    file: Arc<File>,
+    file: Option<Arc<File>>,
     from: u64,
     to: u64,
     /// Records that could not be written, in memory (after the file's).
@@ -381,10 +426,13 @@ impl SpoolRange {
     /// Calls `each` with every entry of the range, in order, reading block by block.
     pub fn for_each(&self, mut each: impl FnMut(PagedEntry)) -> Result<(), SpoolError> {
         let mut unlimited = Budget::new(u64::MAX, u64::MAX);
-        let (_, mut carry) =
-            read_range(&self.file, self.from, self.to, &mut unlimited, |entries| {
-                entries.into_iter().for_each(&mut each)
-            })?;
+        let (_, mut carry) = read_range(
+            self.file.as_deref(),
+            self.from,
+            self.to,
+            &mut unlimited,
+            |entries| entries.into_iter().for_each(&mut each),
+        )?;
         carry.extend_from_slice(&self.tail);
         let (entries, used) = decode(&carry, &mut unlimited)?;
         if used != carry.len() {
@@ -473,7 +521,7 @@ impl Spools {
         let waiting: usize = self
             .spools
             .values()
-            .filter(|spool| spool.writing == 0 && !spool.degraded)
+            .filter(|spool| spool.writing.is_none() && !spool.degraded)
             .flat_map(|spool| spool.sealed.iter().map(Bytes::len))
             .sum();
         if waiting <= SPOOL_UNWRITTEN_BYTES_MAX {
@@ -487,35 +535,22 @@ impl Spools {
         self.finish_writes(written);
     }
 
+    /// A new tail's spool. Its file is created by the pager task, without the lock, with its
+    /// first write (the pager is woken for it now).
     fn create(&mut self, epoch: u64) -> Spool {
         self.next_file += 1;
-        let path = self.dir.join(format!("{:08}.spool", self.next_file));
-        let opened = std::fs::create_dir_all(&self.dir).and_then(|()| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-        });
-        let (file, degraded) = match opened {
-            Ok(file) => (file, false),
-            Err(err) => {
-                warn!(path = %path.display(), "cannot create a spool file ({err}): paged messages stay in memory");
-                (File::open("/dev/null").expect("/dev/null opens"), true)
-            }
-        };
+        self.wake.notify_one();
         Spool {
             id: self.next_file,
             epoch,
-            path,
-            file: Arc::new(file),
+            path: self.dir.join(format!("{:08}.spool", self.next_file)),
+            file: None,
             written: 0,
             read_at: 0,
             sealed: VecDeque::new(),
-            writing: 0,
+            writing: None,
             buffer: Vec::new(),
-            degraded,
+            degraded: false,
             reading: false,
         }
     }
@@ -534,14 +569,18 @@ impl Spools {
     }
 
     /// Takes the sealed chunks of every spool not being written and not degraded, to write
-    /// at the end of their files without the lock ([`SpoolWrite::run`]), in order.
+    /// at the end of their files without the lock ([`SpoolWrite::run`]), in order; and the
+    /// spools whose file is still to be created.
     pub fn take_writes(&mut self) -> Vec<SpoolWrite> {
         let mut writes = Vec::new();
         for (key, spool) in &mut self.spools {
-            if spool.degraded || spool.writing > 0 || spool.sealed.is_empty() {
+            if spool.degraded
+                || spool.writing.is_some()
+                || (spool.sealed.is_empty() && spool.file.is_some())
+            {
                 continue;
             }
-            spool.writing = spool.sealed.len();
+            spool.writing = Some(spool.sealed.len());
             writes.push(SpoolWrite {
                 key: key.clone(),
                 id: spool.id,
@@ -558,14 +597,27 @@ impl Spools {
     /// failed keeps its records in memory from then on (a warning says so; nothing is lost);
     /// one discarded meanwhile is ignored.
     pub fn finish_writes(&mut self, written: Vec<SpoolWritten>) {
-        for SpoolWritten { write, result } in written {
-            let Some(spool) = self.spools.get_mut(&write.key) else {
+        for SpoolWritten {
+            write,
+            created,
+            result,
+        } in written
+        {
+            let spool = self
+                .spools
+                .get_mut(&write.key)
+                .filter(|spool| spool.id == write.id);
+            let Some(spool) = spool else {
+                // Discarded meanwhile: a file this write created goes too.
+                if created.is_some() {
+                    let _ = std::fs::remove_file(&write.path);
+                }
                 continue;
             };
-            if spool.id != write.id {
-                continue;
+            spool.writing = None;
+            if created.is_some() {
+                spool.file = created;
             }
-            spool.writing = 0;
             match result {
                 Ok(()) => {
                     for chunk in spool.sealed.drain(..write.chunks.len()) {
@@ -595,7 +647,7 @@ impl Spools {
             if spool.epoch != epoch {
                 continue;
             }
-            debug_assert_eq!(spool.writing, 0, "reads start once writes finished");
+            debug_assert!(spool.writing.is_none(), "reads start once writes finished");
             spool.reading = true;
             reads.push(PageRead {
                 queue,
@@ -776,9 +828,8 @@ mod tests {
         let file_len = |spools: &Spools| {
             spools.spools[&(queue.clone(), 0)]
                 .file
-                .metadata()
-                .unwrap()
-                .len()
+                .as_ref()
+                .map_or(0, |file| file.metadata().unwrap().len())
         };
         for paged in &pushed[..12] {
             spools.push(&queue, 0, 0, paged);
@@ -854,6 +905,37 @@ mod tests {
         }
     }
 
+    /// A tail's file is created by the pager task's first write, not under the lock by the
+    /// page-out; a file created for a tail discarded meanwhile is removed; a file that cannot
+    /// be created leaves the records in memory.
+    #[test]
+    fn spool_files_are_created_by_the_pager_and_never_outlive_their_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spools = Spools::new(dir.path().join("spool"));
+        let files =
+            || std::fs::read_dir(dir.path().join("spool")).map_or(0, |entries| entries.count());
+        let queue: Arc<str> = "q".into();
+        spools.push(&queue, 0, 0, &entry(0, "a"));
+        assert_eq!(files(), 0, "push creates no file");
+        write(&mut spools);
+        assert_eq!(files(), 1, "the pager's write created it");
+        // Discarded while its file is being created: the file goes when the write finishes.
+        spools.push(&queue, 0, 1, &entry(1, "b"));
+        let writes = spools.take_writes();
+        spools.drop_tail(&queue, 0);
+        let written: Vec<SpoolWritten> = writes.into_iter().map(SpoolWrite::run).collect();
+        assert_eq!(files(), 1, "created, its tail gone");
+        spools.finish_writes(written);
+        assert_eq!(files(), 0);
+        // A file that cannot be created: degraded, records served from memory.
+        spools.push(&queue, 1, 0, &entry(2, "c"));
+        FAIL_WRITES.with(|fail| fail.set(true));
+        write(&mut spools);
+        FAIL_WRITES.with(|fail| fail.set(false));
+        assert!(spools.spools[&(queue.clone(), 0)].degraded);
+        assert_eq!(drain(&mut spools, &queue, 1, 1), vec![entry(2, "c")]);
+    }
+
     /// A write that completes after its tail was discarded and a new tail of the same queue
     /// started does not count for the new one.
     #[test]
@@ -905,6 +987,8 @@ mod tests {
         for paged in &pushed[..3] {
             spools.push(&queue, 0, 0, paged);
         }
+        write(&mut spools);
+        assert!(spools.spools[&(queue.clone(), 0)].written > 0);
         FAIL_WRITES.with(|fail| fail.set(true));
         for paged in &pushed[3..] {
             spools.push(&queue, 0, 0, paged);
