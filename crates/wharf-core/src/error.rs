@@ -48,11 +48,14 @@ pub enum CoreError {
         /// Why it is refused.
         reason: &'static str,
     },
-    /// Names beginning with `wharf.` belong to the broker.
-    #[error("name '{name}' is reserved: the `wharf.` prefix belongs to the broker")]
+    /// Names beginning with `wharf.` belong to the broker; `amq.` is kept for RabbitMQ's
+    /// built-in names (docs/protocol.md).
+    #[error("name '{name}' is reserved: the `{prefix}` prefix belongs to the broker")]
     ReservedName {
         /// The offending name.
         name: String,
+        /// The reserved prefix it starts with.
+        prefix: &'static str,
     },
     /// The entity exists but not in the state or shape the command requires
     /// (redeclare with other properties, delete if-unused while in use, ...).

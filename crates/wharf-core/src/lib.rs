@@ -48,7 +48,9 @@ pub use error::{CoreError, EntityKind};
 pub use exchange::{Destination, ExchangeKind, ExchangeOptions};
 pub use limits::Limits;
 pub use message::{HeaderValue, Headers, Message};
-pub use name::{RESERVED_PREFIX, validate_name, validate_routing_key, validate_user_name};
+pub use name::{
+    AMQ_PREFIX, RESERVED_PREFIX, validate_name, validate_routing_key, validate_user_name,
+};
 pub use queue::{
     ARG_ACK_TIMEOUT, ARG_DEAD_LETTER_EXCHANGE, ARG_DEAD_LETTER_ROUTING_KEY, ARG_DEDUP_WINDOW,
     ARG_DELIVERY_LIMIT, ARG_EXPIRES, ARG_MAX_LENGTH, ARG_MAX_LENGTH_BYTES, ARG_MAX_PRIORITY,

@@ -5,6 +5,10 @@ use crate::limits::{NAME_BYTES_MAX, ROUTING_KEY_BYTES_MAX};
 
 /// Names beginning with this prefix belong to the broker (built-in exchanges, generated queues).
 pub const RESERVED_PREFIX: &str = "wharf.";
+/// RabbitMQ's reserved prefix (its built-in exchanges, server-named queues): refused to
+/// clients' declares by the protocol front ends, and not by the core, so that logs written
+/// before the refusal (which may hold such names) still replay.
+pub const AMQ_PREFIX: &str = "amq.";
 
 fn shown(name: &str) -> String {
     let mut end = name.len().min(300);
@@ -43,6 +47,7 @@ pub fn validate_user_name(name: &str) -> Result<(), CoreError> {
     if name.starts_with(RESERVED_PREFIX) {
         return Err(CoreError::ReservedName {
             name: name.to_owned(),
+            prefix: RESERVED_PREFIX,
         });
     }
     Ok(())

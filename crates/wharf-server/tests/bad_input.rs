@@ -175,6 +175,61 @@ async fn requests_with_bad_names_get_typed_errors_and_the_connection_stays_usabl
     );
 }
 
+/// `amq.` names are reserved (docs/protocol.md, as in RabbitMQ): a declare that would create a
+/// queue or an exchange named so is refused with `InvalidName` naming the prefix; a passive
+/// declare only looks (and finds nothing); the connection stays usable.
+#[tokio::test]
+async fn declaring_an_amq_name_is_refused_and_a_passive_declare_only_looks() {
+    let server = TestServer::start().await;
+    let mut raw = Raw::open(server.addr()).await;
+    let queue = |name: &str, passive: bool| Request::DeclareQueue {
+        name: name.into(),
+        durable: false,
+        exclusive: false,
+        auto_delete: false,
+        passive,
+        arguments: Default::default(),
+    };
+    let exchange = |name: &str, passive: bool| Request::DeclareExchange {
+        name: name.into(),
+        kind: wharf_protocol::ExchangeKind::Direct,
+        durable: false,
+        auto_delete: false,
+        internal: false,
+        passive,
+        arguments: Default::default(),
+    };
+    for request in [queue("amq.mine", false), exchange("amq.direct2", false)] {
+        match raw.request(request).await {
+            Response::Error {
+                code: ErrorCode::InvalidName,
+                message,
+            } => assert!(message.contains("`amq.`"), "{message}"),
+            other => panic!("expected InvalidName, got {other:?}"),
+        }
+    }
+    for request in [queue("amq.mine", true), exchange("amq.direct2", true)] {
+        let response = raw.request(request).await;
+        assert!(
+            matches!(
+                response,
+                Response::Error {
+                    code: ErrorCode::NotFound,
+                    ..
+                }
+            ),
+            "{response:?}"
+        );
+    }
+    // Other names, including ones merely containing `amq.`, are fine.
+    let response = raw.request(queue("my.amq.queue", false)).await;
+    assert!(
+        matches!(response, Response::QueueDeclared { .. }),
+        "{response:?}"
+    );
+    server_still_serves(server.addr(), "after-amq").await;
+}
+
 #[tokio::test]
 async fn acking_an_unknown_delivery_tag_closes_that_connection_only() {
     let server = TestServer::start().await;

@@ -3,6 +3,19 @@
 
 use super::*;
 
+/// A client may not create queues or exchanges named `amq.*` (docs/protocol.md, as RabbitMQ
+/// refuses them); a passive declare only looks, so it may name one. Checked here rather than in
+/// the core, whose replay must still accept such names logged before this check existed.
+fn refuse_amq_prefix(name: &str, passive: bool) -> Result<(), CoreError> {
+    if !passive && name.starts_with(wharf_core::AMQ_PREFIX) {
+        return Err(CoreError::ReservedName {
+            name: name.to_owned(),
+            prefix: wharf_core::AMQ_PREFIX,
+        });
+    }
+    Ok(())
+}
+
 pub(super) fn handle_request(
     state: &mut State,
     connection: ConnectionId,
@@ -18,6 +31,7 @@ pub(super) fn handle_request(
             passive,
             arguments,
         } => {
+            refuse_amq_prefix(&name, passive)?;
             let mut arguments = table_to_headers(&arguments);
             let single_active_consumer = QueueOptions::take_single_active_consumer(&mut arguments)?;
             let options = QueueOptions {
@@ -81,6 +95,7 @@ pub(super) fn handle_request(
             passive,
             arguments,
         } => {
+            refuse_amq_prefix(&name, passive)?;
             let options = ExchangeOptions {
                 durable,
                 auto_delete,

@@ -899,3 +899,19 @@ fn tickets_take_their_turns_in_order_and_an_unused_ticket_passes_its_turn() {
     let mut next = turnstile.ticket();
     drop(next.wait());
 }
+
+/// Clients may no longer declare `amq.*` names (the protocol front end refuses them), but a
+/// log written before that refusal may hold such a queue: it still replays, with its messages.
+#[test]
+fn a_logged_amq_queue_from_before_the_refusal_still_replays() {
+    let (broker, recovered) = replay_encoded(vec![
+        Record::Batch(vec![
+            declare_op("amq.legacy"),
+            enqueue(1, &["amq.legacy"], "kept"),
+        ])
+        .encode(),
+    ])
+    .expect("replays");
+    assert_eq!(recovered.messages, 1);
+    assert_eq!(broker.queue_stats("amq.legacy").unwrap().ready, 1);
+}
