@@ -877,7 +877,8 @@ fn tickets_take_their_turns_in_order_and_an_unused_ticket_passes_its_turn() {
     let order = Arc::new(Mutex::new(Vec::new()));
     let tickets: Vec<_> = (0..6).map(|_| turnstile.ticket()).collect();
     let mut threads = Vec::new();
-    // Later tickets reach their turn first: each thread starts before the ones before it.
+    // Threads start in reverse ticket order, so later tickets usually wait first; whatever
+    // order they arrive in, the turns come in ticket order.
     for (idx, mut ticket) in tickets.into_iter().enumerate().rev() {
         let order = order.clone();
         threads.push(std::thread::spawn(move || {
@@ -889,7 +890,6 @@ fn tickets_take_their_turns_in_order_and_an_unused_ticket_passes_its_turn() {
             let _turn = ticket.wait();
             order.lock().unwrap().push(idx);
         }));
-        std::thread::sleep(std::time::Duration::from_millis(2));
     }
     for thread in threads {
         thread.join().unwrap();
