@@ -13,6 +13,9 @@ pub const EXCHANGES_MAX: usize = 10_000;
 pub const BINDINGS_PER_EXCHANGE_MAX: usize = 100_000;
 /// Consumers per queue: dispatch scans consumers when choosing the next one.
 pub const CONSUMERS_PER_QUEUE_MAX: usize = 10_000;
+/// Consumers per connection: each holds a slot in the connection's consumer map and is
+/// cancelled one by one when the connection closes, so one client cannot take them all.
+pub const CONSUMERS_PER_CONNECTION_MAX: usize = 10_000;
 /// Nesting depth of header values (lists and maps): bounds recursion when comparing.
 pub const HEADER_DEPTH_MAX: usize = 16;
 /// Hops through exchange-to-exchange bindings: bounds routing work per message.
@@ -46,6 +49,8 @@ pub struct Limits {
     pub bindings_per_exchange_max: usize,
     /// See [`CONSUMERS_PER_QUEUE_MAX`].
     pub consumers_per_queue_max: usize,
+    /// See [`CONSUMERS_PER_CONNECTION_MAX`].
+    pub consumers_per_connection_max: usize,
     /// Queues larger than memory: a durable, non-exclusive queue (of any kind: FIFO, priority,
     /// length-limited) keeps at most this many ready messages in memory; later arrivals are *paged* (handed to the
     /// server in [`crate::Effect::PageOut`] and counted only) until the queue has drained
@@ -63,6 +68,7 @@ impl Default for Limits {
             exchanges_max: EXCHANGES_MAX,
             bindings_per_exchange_max: BINDINGS_PER_EXCHANGE_MAX,
             consumers_per_queue_max: CONSUMERS_PER_QUEUE_MAX,
+            consumers_per_connection_max: CONSUMERS_PER_CONNECTION_MAX,
             paging_threshold: PAGING_THRESHOLD_DEFAULT,
             paging_threshold_bytes: 0,
         }

@@ -12,6 +12,26 @@ use std::collections::VecDeque;
 pub(crate) struct Outstanding<T> {
     entries: VecDeque<(u64, Option<T>)>,
     live: usize,
+    /// What the live entries weigh (their message bytes, for the server's memory budget).
+    bytes: u64,
+}
+
+/// What an entry weighs in bytes (its message's body and overhead).
+pub(crate) trait Weighed {
+    fn weight(&self) -> u64;
+}
+
+impl Weighed for u64 {
+    fn weight(&self) -> u64 {
+        *self
+    }
+}
+
+#[cfg(test)]
+impl Weighed for () {
+    fn weight(&self) -> u64 {
+        0
+    }
 }
 
 impl<T> Default for Outstanding<T> {
@@ -19,6 +39,7 @@ impl<T> Default for Outstanding<T> {
         Outstanding {
             entries: VecDeque::new(),
             live: 0,
+            bytes: 0,
         }
     }
 }
@@ -26,15 +47,21 @@ impl<T> Default for Outstanding<T> {
 /// Compaction happens only past this many entries, so small deques never pay for it.
 const COMPACT_MIN_ENTRIES: usize = 64;
 
-impl<T> Outstanding<T> {
+impl<T: Weighed> Outstanding<T> {
     pub(crate) fn len(&self) -> usize {
         self.live
+    }
+
+    /// What the live entries weigh.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     pub(crate) fn insert(&mut self, tag: u64, value: T) {
         if let Some((last, _)) = self.entries.back() {
             assert!(*last < tag, "delivery tags increase");
         }
+        self.bytes += value.weight();
         self.entries.push_back((tag, Some(value)));
         self.live += 1;
     }
@@ -63,6 +90,7 @@ impl<T> Outstanding<T> {
         let idx = self.position(tag)?;
         let value = self.entries[idx].1.take()?;
         self.live -= 1;
+        self.bytes -= value.weight();
         self.tidy();
         Some(value)
     }
@@ -79,6 +107,7 @@ impl<T> Outstanding<T> {
             }
         }
         self.live -= out.len();
+        self.bytes -= out.iter().map(|(_, value)| value.weight()).sum::<u64>();
         self.tidy();
         out
     }
@@ -92,6 +121,7 @@ impl<T> Outstanding<T> {
             }
         }
         self.live -= out.len();
+        self.bytes -= out.iter().map(|(_, value)| value.weight()).sum::<u64>();
         self.tidy();
         out
     }
@@ -115,6 +145,7 @@ impl<T> Outstanding<T> {
     /// Every live entry, in tag order, leaving this empty.
     pub(crate) fn drain(&mut self) -> Vec<(u64, T)> {
         self.live = 0;
+        self.bytes = 0;
         self.entries
             .drain(..)
             .filter_map(|(tag, slot)| slot.map(|value| (tag, value)))
@@ -146,6 +177,23 @@ impl<T> Outstanding<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_live_entries_weight_follows_every_way_they_leave() {
+        let mut outstanding: Outstanding<u64> = Outstanding::default();
+        for tag in 1..=10 {
+            outstanding.insert(tag, 100 * tag);
+        }
+        assert_eq!(outstanding.bytes(), 5_500);
+        outstanding.remove(1);
+        assert_eq!(outstanding.bytes(), 5_400);
+        outstanding.remove_range(2, 3);
+        assert_eq!(outstanding.bytes(), 4_900);
+        outstanding.remove_where(|weight| *weight == 1_000);
+        assert_eq!(outstanding.bytes(), 3_900);
+        outstanding.drain();
+        assert_eq!(outstanding.bytes(), 0);
+    }
 
     #[test]
     fn in_order_settles_pop_from_the_front_and_ranges_skip_settled_tags() {

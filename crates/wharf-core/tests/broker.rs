@@ -1165,6 +1165,7 @@ fn limits_are_enforced_with_a_typed_error() {
     let mut h = Harness::with_limits(Limits {
         queues_max: 2,
         consumers_per_queue_max: 1,
+        consumers_per_connection_max: 1,
         bindings_per_exchange_max: 1,
         ..Limits::default()
     });
@@ -1199,6 +1200,20 @@ fn limits_are_enforced_with_a_typed_error() {
             }
         ),
         "{err}"
+    );
+    // C1 already has its one consumer (on "a"): a second one, on another queue, is refused.
+    let err = h.err(Command::Subscribe {
+        connection: C1,
+        queue: "b".into(),
+        consumer_tag: ConsumerTag(2),
+        options: ConsumerOptions::default(),
+    });
+    assert_eq!(
+        err,
+        CoreError::LimitExceeded {
+            what: "consumers per connection",
+            limit: 1
+        }
     );
     h.bind("wharf.direct", "a", "k");
     let err = h.err(Command::Bind {

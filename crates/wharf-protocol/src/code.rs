@@ -62,13 +62,20 @@ pub enum ErrorCode {
     /// An `arguments` table holds a key with a wrong type or value (e.g. `x-match: "maybe"`).
     /// Connection stays open.
     InvalidArgument = 17,
+    /// The client did not take what the server sent it: its socket accepted nothing for
+    /// `slow_consumer_timeout_ms` while output waited (a stopped or stuck consumer). Its
+    /// unacknowledged deliveries return to their queues. Connection closes.
+    SlowConsumer = 18,
+    /// A frame that had begun did not arrive whole within `frame_timeout_ms` (a peer trickling
+    /// bytes to pin a large read buffer). Connection closes.
+    FrameTimeout = 19,
     /// A code unknown to this build (from a newer peer), carrying its raw value.
     Unknown(u16) = u16::MAX,
 }
 
 impl ErrorCode {
     /// Every code this build knows, in numeric order (for docs, tests and tooling).
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::Normal,
         ErrorCode::NotFound,
         ErrorCode::PreconditionFailed,
@@ -87,6 +94,8 @@ impl ErrorCode {
         ErrorCode::ConnectionForced,
         ErrorCode::NotImplemented,
         ErrorCode::InvalidArgument,
+        ErrorCode::SlowConsumer,
+        ErrorCode::FrameTimeout,
     ];
 
     /// The number on the wire.
@@ -116,6 +125,8 @@ impl ErrorCode {
             | ErrorCode::UnknownDeliveryTag
             | ErrorCode::HeartbeatTimeout
             | ErrorCode::ConnectionForced
+            | ErrorCode::SlowConsumer
+            | ErrorCode::FrameTimeout
             // An unknown code is treated by the frame that carried it; alone, assume the worst.
             | ErrorCode::Unknown(_) => true,
         }
@@ -147,6 +158,8 @@ impl ErrorCode {
             ErrorCode::ConnectionForced => "connection_forced",
             ErrorCode::NotImplemented => "not_implemented",
             ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::FrameTimeout => "frame_timeout",
             ErrorCode::Unknown(_) => "unknown",
         }
     }
@@ -173,6 +186,8 @@ impl From<ErrorCode> for u16 {
             ErrorCode::ConnectionForced => 15,
             ErrorCode::NotImplemented => 16,
             ErrorCode::InvalidArgument => 17,
+            ErrorCode::SlowConsumer => 18,
+            ErrorCode::FrameTimeout => 19,
             ErrorCode::Unknown(raw) => raw,
         }
     }

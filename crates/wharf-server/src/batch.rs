@@ -93,7 +93,7 @@ impl Batch<'_> {
             _ => None,
         };
         let pending = state.commit(self.done.take());
-        let high = self.shared.config.ready_bytes_high_watermark;
+        let high = self.shared.memory_high;
         if state.broker.ready_bytes_total() <= high / 100 * READY_BYTES_LOW_WATERMARK_PERCENT {
             self.shared.memory_freed.notify_waiters();
         }

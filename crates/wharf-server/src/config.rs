@@ -37,12 +37,35 @@ pub struct ServerConfig {
     pub frame_bytes_max: u32,
     /// Unconfirmed publishes a connection may have before the server stops reading it.
     pub publishes_in_flight_max: u32,
-    /// Open connections at most; more are refused with `ResourceLimit`.
+    /// Open connections at most; more are refused with `ResourceLimit`. Sockets still in the
+    /// handshake count too, and the open-file limit lowers it further (see
+    /// [`crate::resources::FdLimit::sockets`]).
     pub connections_max: usize,
-    /// Ready message bytes across all queues above which publishers are paused (memory alarm).
-    pub ready_bytes_high_watermark: u64,
+    /// Consumers one connection may hold at most.
+    pub consumers_per_connection_max: usize,
+    /// Queues the broker holds at most.
+    pub queues_max: usize,
+    /// Exchanges the broker holds at most (the built-in ones included).
+    pub exchanges_max: usize,
+    /// The memory alarm, in bytes: publishers are paused while the broker's resident memory
+    /// (or the ready message bytes of its queues) exceed it. 0: use
+    /// [`ServerConfig::memory_high_watermark_fraction`] of the machine's memory.
+    pub memory_high_watermark_bytes: u64,
+    /// The memory alarm as a fraction of the machine's (or the cgroup's) memory, used when
+    /// [`ServerConfig::memory_high_watermark_bytes`] is 0 (RabbitMQ's default: 0.4).
+    pub memory_high_watermark_fraction: f64,
+    /// Persistent publishes are refused while the data directory's file system has less free
+    /// space than this many bytes (RabbitMQ's default: 50 MB) ...
+    pub disk_free_limit_bytes: u64,
+    /// ... or than this fraction of its size, whichever is more (0: only the bytes).
+    pub disk_free_limit_fraction: f64,
     /// How long a client may take to send its preamble and `Hello`.
     pub handshake_timeout: Duration,
+    /// How long a frame that has begun may take to arrive whole (time spent reading only).
+    pub frame_timeout: Duration,
+    /// A connection whose socket accepts nothing for this long while output waits for it is
+    /// closed as a slow consumer (`SlowConsumer`) and its unacked deliveries are requeued.
+    pub slow_consumer_timeout: Duration,
     /// How long graceful shutdown waits for connections to flush.
     pub shutdown_timeout: Duration,
     /// When the write-ahead log is fsynced relative to confirms.
@@ -74,8 +97,16 @@ impl Default for ServerConfig {
             frame_bytes_max: wharf_protocol::limits::FRAME_BYTES_MAX,
             publishes_in_flight_max: wharf_protocol::limits::PUBLISHES_IN_FLIGHT_MAX,
             connections_max: crate::limits::CONNECTIONS_MAX,
-            ready_bytes_high_watermark: crate::limits::READY_BYTES_HIGH_WATERMARK,
+            consumers_per_connection_max: wharf_core::limits::CONSUMERS_PER_CONNECTION_MAX,
+            queues_max: wharf_core::limits::QUEUES_MAX,
+            exchanges_max: wharf_core::limits::EXCHANGES_MAX,
+            memory_high_watermark_bytes: 0,
+            memory_high_watermark_fraction: crate::limits::MEMORY_HIGH_WATERMARK_FRACTION,
+            disk_free_limit_bytes: crate::limits::DISK_FREE_LIMIT_BYTES,
+            disk_free_limit_fraction: 0.0,
             handshake_timeout: crate::limits::HANDSHAKE_TIMEOUT,
+            frame_timeout: crate::limits::FRAME_TIMEOUT,
+            slow_consumer_timeout: crate::limits::SLOW_CONSUMER_TIMEOUT,
             shutdown_timeout: crate::limits::SHUTDOWN_TIMEOUT,
             sync_policy: SyncPolicy::Always,
             checkpoint_bytes: crate::persist::checkpoint::CHECKPOINT_BYTES_DEFAULT,
@@ -118,8 +149,26 @@ pub struct FileConfig {
     pub publishes_in_flight_max: Option<u32>,
     /// See [`ServerConfig::connections_max`].
     pub connections_max: Option<usize>,
-    /// See [`ServerConfig::ready_bytes_high_watermark`].
-    pub ready_bytes_high_watermark: Option<u64>,
+    /// See [`ServerConfig::consumers_per_connection_max`].
+    pub consumers_per_connection_max: Option<usize>,
+    /// See [`ServerConfig::queues_max`].
+    pub queues_max: Option<usize>,
+    /// See [`ServerConfig::exchanges_max`].
+    pub exchanges_max: Option<usize>,
+    /// See [`ServerConfig::memory_high_watermark_bytes`].
+    pub memory_high_watermark_bytes: Option<u64>,
+    /// See [`ServerConfig::memory_high_watermark_fraction`].
+    pub memory_high_watermark_fraction: Option<f64>,
+    /// See [`ServerConfig::disk_free_limit_bytes`].
+    pub disk_free_limit_bytes: Option<u64>,
+    /// See [`ServerConfig::disk_free_limit_fraction`].
+    pub disk_free_limit_fraction: Option<f64>,
+    /// Milliseconds; see [`ServerConfig::handshake_timeout`].
+    pub handshake_timeout_ms: Option<u64>,
+    /// Milliseconds; see [`ServerConfig::frame_timeout`].
+    pub frame_timeout_ms: Option<u64>,
+    /// Milliseconds; see [`ServerConfig::slow_consumer_timeout`].
+    pub slow_consumer_timeout_ms: Option<u64>,
     /// `always`, `never` or `interval=MS`; see [`ServerConfig::sync_policy`].
     pub sync: Option<String>,
     /// See [`ServerConfig::checkpoint_bytes`].
@@ -263,12 +312,107 @@ pub fn resolve(
         heartbeat: Duration::from_millis(heartbeat_ms),
         frame_bytes_max,
         publishes_in_flight_max,
-        connections_max: file.connections_max.unwrap_or(defaults.connections_max),
-        ready_bytes_high_watermark: file
-            .ready_bytes_high_watermark
-            .unwrap_or(defaults.ready_bytes_high_watermark),
+        connections_max: positive(
+            "connections_max",
+            file.connections_max,
+            defaults.connections_max,
+        )?,
+        consumers_per_connection_max: positive(
+            "consumers_per_connection_max",
+            file.consumers_per_connection_max,
+            defaults.consumers_per_connection_max,
+        )?,
+        queues_max: positive("queues_max", file.queues_max, defaults.queues_max)?,
+        exchanges_max: positive("exchanges_max", file.exchanges_max, defaults.exchanges_max)?,
+        memory_high_watermark_bytes: file
+            .memory_high_watermark_bytes
+            .unwrap_or(defaults.memory_high_watermark_bytes),
+        memory_high_watermark_fraction: fraction(
+            "memory_high_watermark_fraction",
+            file.memory_high_watermark_fraction,
+            defaults.memory_high_watermark_fraction,
+        )?,
+        disk_free_limit_bytes: file
+            .disk_free_limit_bytes
+            .unwrap_or(defaults.disk_free_limit_bytes),
+        disk_free_limit_fraction: fraction(
+            "disk_free_limit_fraction",
+            file.disk_free_limit_fraction,
+            defaults.disk_free_limit_fraction,
+        )?,
+        handshake_timeout: millis(
+            "handshake_timeout_ms",
+            file.handshake_timeout_ms,
+            defaults.handshake_timeout,
+        )?,
+        frame_timeout: millis(
+            "frame_timeout_ms",
+            file.frame_timeout_ms,
+            defaults.frame_timeout,
+        )?,
+        slow_consumer_timeout: millis(
+            "slow_consumer_timeout_ms",
+            file.slow_consumer_timeout_ms,
+            defaults.slow_consumer_timeout,
+        )?,
         ..defaults
     })
+}
+
+/// A count that must be at least 1.
+fn positive(key: &'static str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match value {
+        Some(0) => Err(ConfigError::Invalid {
+            key,
+            reason: "must be at least 1".to_owned(),
+        }),
+        value => Ok(value.unwrap_or(default)),
+    }
+}
+
+/// A fraction from 0 to 1 (of memory or of a disk).
+fn fraction(key: &'static str, value: Option<f64>, default: f64) -> Result<f64, ConfigError> {
+    match value {
+        Some(value) if !(0.0..=1.0).contains(&value) => Err(ConfigError::Invalid {
+            key,
+            reason: format!("must be from 0 to 1, not {value}"),
+        }),
+        value => Ok(value.unwrap_or(default)),
+    }
+}
+
+/// A timeout in milliseconds: from 100 ms to one day.
+fn millis(
+    key: &'static str,
+    value: Option<u64>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        Some(ms) if !(100..=86_400_000).contains(&ms) => Err(ConfigError::Invalid {
+            key,
+            reason: format!("must be from 100 to 86400000 ms, not {ms}"),
+        }),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+        None => Ok(default),
+    }
+}
+
+impl ServerConfig {
+    /// The memory alarm's threshold in bytes: the absolute setting, or the fraction of
+    /// `total_memory` (the machine's, see [`crate::resources::total_memory`]; 4 GiB if unknown).
+    pub fn memory_high_watermark(&self, total_memory: Option<u64>) -> u64 {
+        if self.memory_high_watermark_bytes > 0 {
+            return self.memory_high_watermark_bytes;
+        }
+        let total = total_memory.unwrap_or(4 << 30);
+        (total as f64 * self.memory_high_watermark_fraction) as u64
+    }
+
+    /// The free space below which persistent publishes are refused, for a disk of `total` bytes.
+    pub fn disk_free_limit(&self, total: u64) -> u64 {
+        self.disk_free_limit_bytes
+            .max((total as f64 * self.disk_free_limit_fraction) as u64)
+    }
 }
 
 #[cfg(test)]
@@ -343,7 +487,16 @@ mod tests {
             frame_bytes_max: Some(_),
             publishes_in_flight_max: Some(_),
             connections_max: Some(_),
-            ready_bytes_high_watermark: Some(_),
+            consumers_per_connection_max: Some(_),
+            queues_max: Some(_),
+            exchanges_max: Some(_),
+            memory_high_watermark_bytes: Some(_),
+            memory_high_watermark_fraction: Some(_),
+            disk_free_limit_bytes: Some(_),
+            disk_free_limit_fraction: Some(_),
+            handshake_timeout_ms: Some(_),
+            frame_timeout_ms: Some(_),
+            slow_consumer_timeout_ms: Some(_),
             sync: Some(_),
             checkpoint_bytes: Some(_),
             segment_bytes: Some(_),

@@ -5,7 +5,7 @@
 use crate::config::ServerConfig;
 use crate::persist::journal::FailStop;
 use crate::state::State;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, watch};
@@ -43,6 +43,22 @@ pub(crate) struct Context {
     pub(crate) pager_wake: Arc<Notify>,
     /// Stops the server on a failure it must not survive.
     pub(crate) fail_stop: FailStop,
+    /// Accepted sockets not yet closed, handshaking ones included.
+    pub(crate) sockets: AtomicUsize,
+    /// Sockets accepted at most: `connections_max`, lowered to what the open-file limit
+    /// leaves once the log's and spools' reserve is kept back.
+    pub(crate) sockets_max: usize,
+    /// Refusals being sent to sockets over `sockets_max` (bounded: past it they are dropped).
+    pub(crate) refusing: AtomicUsize,
+    /// The memory alarm's threshold in bytes (absolute, or the fraction of the machine's).
+    pub(crate) memory_high: u64,
+    /// Set by the resource monitor while the message bytes the broker holds (ready, unacked,
+    /// queued in outboxes) are over `memory_high`, until they fall below the low watermark.
+    pub(crate) memory_alarm: AtomicBool,
+    /// Bytes queued in every connection's outbox.
+    pub(crate) outbox_bytes: Arc<AtomicUsize>,
+    /// Bytes of delivered, unsettled messages, as of the resource monitor's last look.
+    pub(crate) unacked_bytes: AtomicU64,
 }
 
 impl std::fmt::Debug for Context {
@@ -54,6 +70,20 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
+    /// Message bytes held besides the ready ones: unacked (as of the resource monitor's last
+    /// look) and queued for sockets (now).
+    pub fn held_bytes(&self) -> u64 {
+        self.unacked_bytes.load(Ordering::Relaxed)
+            + self.outbox_bytes.load(Ordering::Relaxed) as u64
+    }
+
+    /// Whether the memory alarm is on: the message bytes held (ready, unacked, queued for
+    /// sockets) over the high watermark.
+    pub fn memory_pressed(&self, ready_bytes: u64) -> bool {
+        self.memory_alarm.load(Ordering::Acquire)
+            || ready_bytes + self.held_bytes() > self.memory_high
+    }
+
     /// The broker state. Held only while applying commands: never across an `.await`.
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod outbox;
 pub mod output;
 pub mod persist;
+pub mod resources;
 mod server;
 pub mod state;
 mod writer;

@@ -9,9 +9,25 @@ pub const MESSAGE_OVERHEAD_BYTES: usize = 64;
 
 /// Open connections: each costs buffers and a task pair; 10 k idle fit in ~200 MB.
 pub const CONNECTIONS_MAX: usize = 20_000;
-/// Ready bytes across all queues before publishers are paused: a broker must not be pushed
-/// into swap or the OOM killer by producers outrunning consumers.
-pub const READY_BYTES_HIGH_WATERMARK: u64 = 2 * 1024 * 1024 * 1024;
+/// The memory alarm's default threshold, as a fraction of the machine's memory (RabbitMQ's
+/// `vm_memory_high_watermark.relative`): a broker must not be pushed into swap or the OOM
+/// killer by producers outrunning consumers, and the rest is the page cache's and the
+/// allocator's slack.
+pub const MEMORY_HIGH_WATERMARK_FRACTION: f64 = 0.4;
+/// Free disk space below which persistent publishes are refused (RabbitMQ's default
+/// `disk_free_limit`): the log must never meet a full disk, which would stop the broker.
+pub const DISK_FREE_LIMIT_BYTES: u64 = 50_000_000;
+/// How often the resource monitor reads the broker's resident memory and the disk's free
+/// space: a publisher at 500 MB/s writes 50 MB between two looks.
+pub const RESOURCE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// A frame that has begun must arrive whole within this much reading time: a peer trickling a
+/// byte every few seconds would otherwise pin a partial frame's buffer forever. 16 MiB (the
+/// largest frame) at 2 Mbit/s takes about 67 s.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(120);
+/// A connection whose socket takes nothing for this long while output waits is closed as a
+/// slow consumer (NATS closes at its 10 s write deadline; a stopped process never recovers,
+/// and a long GC pause or a paused container should not lose its connection).
+pub const SLOW_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Ready messages a durable queue keeps in memory before later arrivals are paged to its spool
 /// file: about 30 MB of 100-byte messages with their bookkeeping, so a backlog of tens of
 /// millions stays within a few hundred MB, while ordinary queues never touch a spool.

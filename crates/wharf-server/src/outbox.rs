@@ -7,8 +7,8 @@
 //! once it released the lock (`output::flush_or_wake`).
 
 use crate::limits::INLINE_WRITE_BYTES_MAX;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use wharf_protocol::Frame;
 
@@ -45,9 +45,28 @@ pub struct Outbox {
     closing: AtomicBool,
     /// Wakes the reader when the writer task ends (a stored permit if it is not waiting).
     pub(crate) writer_end: Notify,
+    /// Why the writer ended, if the client is to blame for it (a slow consumer).
+    writer_failure: Mutex<Option<String>>,
+    /// The bytes queued in every outbox of the server (the memory budget counts them).
+    total: Arc<AtomicUsize>,
+}
+
+impl Drop for Outbox {
+    /// What was never written leaves the server's total with the outbox.
+    fn drop(&mut self) {
+        self.total
+            .fetch_sub(*self.bytes.get_mut(), Ordering::Relaxed);
+    }
 }
 
 impl Outbox {
+    /// An outbox whose queued bytes also count in `total` (the server's, across outboxes).
+    pub fn counted(total: Arc<AtomicUsize>) -> Self {
+        let mut outbox = Outbox::default();
+        outbox.total = total;
+        outbox
+    }
+
     /// Appends to the queue under its lock, counting the bytes *before* the items can be taken:
     /// a taker on another thread (a writer, or a reader flushing inline) subtracts what it took
     /// once written, so counting after the items became visible could subtract first and leak
@@ -57,6 +76,7 @@ impl Outbox {
         let mut queued = self.items.lock().expect("outbox lock poisoned");
         let was_empty = queued.is_empty();
         let queued_bytes = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.total.fetch_add(bytes, Ordering::Relaxed);
         append(&mut queued);
         (was_empty, queued_bytes)
     }
@@ -113,10 +133,9 @@ impl Outbox {
 
     /// Records that `bytes` of taken items were written.
     pub fn written(&self, bytes: usize) {
-        self.bytes.fetch_sub(
-            bytes.min(self.bytes.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
+        let bytes = bytes.min(self.bytes.load(Ordering::Relaxed));
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.total.fetch_sub(bytes, Ordering::Relaxed);
         self.drained.notify_waiters();
     }
 
@@ -135,6 +154,20 @@ impl Outbox {
     /// the reader, which must not wait any more for a peer that cannot be written to.
     pub(crate) fn end_writer(&self) {
         self.writer_end.notify_one();
+    }
+
+    /// Records that the writer stopped because of the client (its reader closes the
+    /// connection with `SlowConsumer` and this reason).
+    pub(crate) fn writer_failed(&self, reason: String) {
+        *self.writer_failure.lock().expect("outbox lock poisoned") = Some(reason);
+    }
+
+    /// Why the writer stopped, if the client is to blame.
+    pub(crate) fn writer_failure(&self) -> Option<String> {
+        self.writer_failure
+            .lock()
+            .expect("outbox lock poisoned")
+            .clone()
     }
 
     /// Whether [`Outbox::close`] was called.

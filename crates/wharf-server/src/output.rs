@@ -22,6 +22,16 @@ pub struct Output {
     pub(crate) sink: tokio::sync::Mutex<Option<Sink>>,
 }
 
+impl Output {
+    /// An output whose queued bytes also count in `total` (see [`Outbox::counted`]).
+    pub fn counted(total: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        Output {
+            outbox: Outbox::counted(total),
+            sink: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
 impl std::ops::Deref for Output {
     type Target = Outbox;
 
@@ -80,6 +90,10 @@ pub(crate) async fn write_loop(outbox: Arc<Output>, heartbeat: Duration) {
                 match &error {
                     // The peer went away or stopped reading: the reader cleans up.
                     OutputError::Socket(_) => debug!(%error, "connection output stopped"),
+                    OutputError::SlowConsumer(_) => {
+                        warn!(%error, "closing connection");
+                        outbox.writer_failed(error.to_string());
+                    }
                     OutputError::Frame(_) | OutputError::Delivery(_) => {
                         warn!(%error, "closing connection")
                     }
@@ -124,8 +138,11 @@ mod tests {
         let (server, _) = accepted.expect("accept");
         let (_, write_half) = server.into_split();
         let outbox = Arc::new(Output::default());
-        *outbox.sink.try_lock().expect("not shared yet") =
-            Some(Sink::new(write_half, FRAME_BYTES_MAX));
+        *outbox.sink.try_lock().expect("not shared yet") = Some(Sink::new(
+            write_half,
+            FRAME_BYTES_MAX,
+            Duration::from_secs(30),
+        ));
         (outbox, client.expect("connect"))
     }
 

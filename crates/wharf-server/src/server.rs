@@ -137,6 +137,74 @@ async fn run_housekeeping(shared: Arc<Context>) {
     }
 }
 
+/// The resource monitor: every `RESOURCE_CHECK_INTERVAL`, adds up the message bytes the
+/// broker holds, ready, unacked and queued for sockets (the memory alarm: on over the high
+/// watermark, off below `READY_BYTES_LOW_WATERMARK_PERCENT` of it) and the data directory's free disk space (`disk_free_limit`: persistent publishes
+/// are refused below it, and accepted again once space returns).
+async fn run_resources(shared: Arc<Context>) {
+    use crate::limits::{READY_BYTES_LOW_WATERMARK_PERCENT, RESOURCE_CHECK_INTERVAL};
+    use std::sync::atomic::Ordering;
+    let mut stop = shared.shutdown.clone();
+    let mut every = tokio::time::interval(RESOURCE_CHECK_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut disk_error_logged = false;
+    loop {
+        tokio::select! {
+            _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => return,
+            _ = every.tick() => {}
+        }
+        let (ready, unacked) = {
+            let state = shared.lock();
+            (
+                state.broker.ready_bytes_total(),
+                state.broker.unacked_bytes_total(),
+            )
+        };
+        shared.unacked_bytes.store(unacked, Ordering::Relaxed);
+        let held = ready + shared.held_bytes();
+        let high = shared.memory_high;
+        let on = shared.memory_alarm.load(Ordering::Acquire);
+        if !on && held > high {
+            warn!(
+                held,
+                high,
+                "memory alarm: messages held are over the high watermark; pausing the \
+                 publishers of growing queues"
+            );
+            shared.memory_alarm.store(true, Ordering::Release);
+        } else if on && held <= high / 100 * READY_BYTES_LOW_WATERMARK_PERCENT {
+            info!(held, "memory alarm cleared");
+            shared.memory_alarm.store(false, Ordering::Release);
+            shared.memory_freed.notify_waiters();
+        }
+        let dir = shared.config.data_dir.clone();
+        let space = tokio::task::spawn_blocking(move || crate::resources::disk_space(&dir)).await;
+        match space {
+            Ok(Ok(space)) => {
+                disk_error_logged = false;
+                let limit = shared.config.disk_free_limit(space.total);
+                let low = space.free < limit;
+                if let Some(log) = shared.lock().log() {
+                    match log.set_disk_alarm(low) {
+                        Some(true) => warn!(
+                            free = space.free,
+                            limit,
+                            "disk alarm: free space is below disk_free_limit; refusing persistent publishes"
+                        ),
+                        Some(false) => info!(free = space.free, limit, "disk alarm cleared"),
+                        None => {}
+                    }
+                }
+            }
+            Ok(Err(err)) if !disk_error_logged => {
+                disk_error_logged = true;
+                warn!("cannot read the data directory's free space: {err}");
+            }
+            _ => {}
+        }
+    }
+}
+
 /// The timer task: sleeps until the core's earliest timer (or until a command creates an
 /// earlier one, see [`Context::wake_timer_if_earlier`]), then fires what is due. One task for
 /// every timer of the broker (delays, TTLs, leases, queue expiry): no task per message.
@@ -230,6 +298,9 @@ impl Server {
             ..LogConfig::default()
         };
         let mut broker = Broker::new(Limits {
+            queues_max: config.queues_max,
+            exchanges_max: config.exchanges_max,
+            consumers_per_connection_max: config.consumers_per_connection_max,
             paging_threshold: config.queue_memory_messages,
             paging_threshold_bytes: config.queue_memory_bytes,
             ..Limits::default()
@@ -274,7 +345,21 @@ impl Server {
             started.elapsed().as_millis()
         );
         let pager_wake = spools.wake.clone();
+        let fds = crate::resources::raise_fd_limit();
+        let sockets_max = config.connections_max.min(fds.sockets());
+        let memory_high = config.memory_high_watermark(crate::resources::total_memory());
+        info!(
+            open_files = fds.soft,
+            sockets_max, memory_high, "limits in force"
+        );
         let shared = Arc::new(Context {
+            sockets: std::sync::atomic::AtomicUsize::new(0),
+            sockets_max,
+            refusing: std::sync::atomic::AtomicUsize::new(0),
+            memory_high,
+            memory_alarm: std::sync::atomic::AtomicBool::new(false),
+            outbox_bytes: Arc::default(),
+            unacked_bytes: AtomicU64::new(0),
             config,
             failure,
             pager_wake,
@@ -320,14 +405,13 @@ impl Server {
         let timers = tokio::spawn(run_timers(shared.clone()));
         let pager = tokio::spawn(run_pager(shared.clone()));
         let housekeeping = tokio::spawn(run_housekeeping(shared.clone()));
+        let resources = tokio::spawn(run_resources(shared.clone()));
         info!(addr = %listener.local_addr()?, "wharf is listening");
         loop {
             while connections.try_join_next().is_some() {}
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((socket, peer)) => {
-                        connections.spawn(crate::connection::serve(shared.clone(), socket, peer));
-                    }
+                    Ok((socket, peer)) => accept(&shared, &mut connections, socket, peer),
                     Err(err) => {
                         // Out of file descriptors and the like: keep serving existing clients.
                         warn!("accept failed: {err}");
@@ -362,6 +446,9 @@ impl Server {
         if let Err(err) = housekeeping.await {
             warn!("the housekeeping task failed: {err}");
         }
+        if let Err(err) = resources.await {
+            warn!("the resource monitor failed: {err}");
+        }
         let log = shared.lock().log().cloned();
         if let Some(log) = log {
             log.close();
@@ -376,6 +463,59 @@ impl Server {
         info!("shutdown complete");
         Ok(())
     }
+}
+
+/// Refusals sent at once at most to sockets over the cap; further sockets are closed without
+/// a word (each refusal holds its descriptor for up to `REFUSAL_TIMEOUT`).
+const REFUSING_MAX: usize = 16;
+/// How long a refusal may take to send.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Serves an accepted socket, or refuses it when the broker already holds its maximum of
+/// sockets (`ResourceLimit` in a `Close` after the server's preamble, without reading; closed
+/// at once if many refusals are under way): the descriptors kept for the log and the spools
+/// are never handed to clients.
+fn accept(
+    shared: &Arc<Context>,
+    connections: &mut JoinSet<()>,
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    use std::sync::atomic::Ordering;
+    /// Uncounts a socket when its task ends (or is aborted).
+    struct Counted(
+        Arc<Context>,
+        fn(&Context) -> &std::sync::atomic::AtomicUsize,
+    );
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            (self.1)(&self.0).fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    if shared.sockets.load(Ordering::Acquire) < shared.sockets_max {
+        shared.sockets.fetch_add(1, Ordering::AcqRel);
+        let counted = Counted(shared.clone(), |context| &context.sockets);
+        let context = shared.clone();
+        connections.spawn(async move {
+            let _counted = counted;
+            crate::connection::serve(context, socket, peer).await;
+        });
+        return;
+    }
+    if shared.refusing.fetch_add(1, Ordering::AcqRel) >= REFUSING_MAX {
+        shared.refusing.fetch_sub(1, Ordering::AcqRel);
+        debug!(%peer, "over the socket limit: closed");
+        return;
+    }
+    let counted = Counted(shared.clone(), |context| &context.refusing);
+    let max = shared.sockets_max;
+    debug!(%peer, max, "over the socket limit: refused");
+    connections.spawn(async move {
+        let _counted = counted;
+        let reason = format!("the server has its maximum of {max} connections");
+        let _ =
+            tokio::time::timeout(REFUSAL_TIMEOUT, crate::connection::refuse(socket, reason)).await;
+    });
 }
 
 /// A server running on a background task (for tests and embedding).

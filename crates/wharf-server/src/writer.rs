@@ -15,7 +15,7 @@ use crate::limits::{READ_BUFFER_BYTES, WRITE_CHUNK_BYTES};
 use crate::outbox::{Out, Outbox};
 use bytes::{Buf, Bytes, BytesMut};
 use std::io;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tracing::{debug, warn};
@@ -134,16 +134,29 @@ impl FrameWriter {
         self.chunks.drain(..n_done);
     }
 
-    /// Writes everything queued, in order, and leaves the writer empty.
-    async fn write_to(&mut self, writer: &mut OwnedWriteHalf) -> io::Result<()> {
+    /// Writes everything queued, in order, and leaves the writer empty. A socket that takes
+    /// nothing for `stall` fails the write with `TimedOut` (a slow consumer).
+    async fn write_to(&mut self, writer: &mut OwnedWriteHalf, stall: Duration) -> io::Result<()> {
+        let stalled = || io::Error::new(io::ErrorKind::TimedOut, "the socket took nothing");
         if self.chunks.is_empty() {
-            writer.write_all(&self.buf).await?;
+            let mut at = 0;
+            while at < self.buf.len() {
+                let written = tokio::time::timeout(stall, writer.write(&self.buf[at..]))
+                    .await
+                    .map_err(|_| stalled())??;
+                if written == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                at += written;
+            }
             self.buf.clear();
             return Ok(());
         }
         self.seal();
         while !self.chunks.is_empty() {
-            let written = writer.write_vectored(&self.slices()).await?;
+            let written = tokio::time::timeout(stall, writer.write_vectored(&self.slices()))
+                .await
+                .map_err(|_| stalled())??;
             if written == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -296,6 +309,18 @@ pub(crate) enum OutputError {
     /// The socket refused a write.
     #[error("socket write failed: {0}")]
     Socket(#[source] io::Error),
+    /// The socket took nothing for the slow-consumer timeout while output waited.
+    #[error("slow consumer: the socket took nothing for {} ms while output waited", .0.as_millis())]
+    SlowConsumer(Duration),
+}
+
+/// A failed socket write as an [`OutputError`]: one that timed out is a slow consumer.
+fn socket_error(error: io::Error, stall_timeout: Duration) -> OutputError {
+    if error.kind() == io::ErrorKind::TimedOut {
+        OutputError::SlowConsumer(stall_timeout)
+    } else {
+        OutputError::Socket(error)
+    }
 }
 
 /// The writing end of a connection: its socket and encoder, shared (behind the outbox's mutex)
@@ -306,6 +331,8 @@ pub(crate) struct Sink {
     /// Items taken from the outbox, being encoded (kept for its allocation).
     items: Vec<Out>,
     pub(crate) last_write: Instant,
+    /// How long a write may make no progress before the client is a slow consumer.
+    stall_timeout: Duration,
     /// A write or an encoding failed: nothing more is written and the writer task ends (the
     /// reader notices the broken socket, or the client's silence, and cleans up).
     pub(crate) failed: bool,
@@ -323,7 +350,13 @@ impl std::fmt::Debug for Sink {
 impl Sink {
     /// A sink writing to `socket` frames of at most `send_frame_bytes_max` bytes (the client's
     /// limit).
-    pub(crate) fn new(socket: OwnedWriteHalf, send_frame_bytes_max: u32) -> Self {
+    /// A socket that takes nothing for `stall_timeout` while output waits fails the writer
+    /// ([`OutputError::SlowConsumer`]).
+    pub(crate) fn new(
+        socket: OwnedWriteHalf,
+        send_frame_bytes_max: u32,
+        stall_timeout: Duration,
+    ) -> Self {
         Sink {
             socket,
             out: FrameWriter {
@@ -337,6 +370,7 @@ impl Sink {
             },
             items: Vec::new(),
             last_write: Instant::now(),
+            stall_timeout,
             failed: false,
         }
     }
@@ -358,9 +392,12 @@ impl Sink {
                 break;
             }
             if self.out.queued_bytes() >= WRITE_CHUNK_BYTES
-                && let Err(error) = self.out.write_to(&mut self.socket).await
+                && let Err(error) = self
+                    .out
+                    .write_to(&mut self.socket, self.stall_timeout)
+                    .await
             {
-                result = Err(OutputError::Socket(error));
+                result = Err(socket_error(error, self.stall_timeout));
                 break;
             }
         }
@@ -371,9 +408,12 @@ impl Sink {
         }
         if result.is_ok()
             && self.out.has_output()
-            && let Err(error) = self.out.write_to(&mut self.socket).await
+            && let Err(error) = self
+                .out
+                .write_to(&mut self.socket, self.stall_timeout)
+                .await
         {
-            result = Err(OutputError::Socket(error));
+            result = Err(socket_error(error, self.stall_timeout));
         }
         self.out.reset();
         self.last_write = Instant::now();

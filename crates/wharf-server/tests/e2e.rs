@@ -513,7 +513,7 @@ async fn a_peer_gone_silent_has_its_unacked_messages_requeued_and_exclusive_queu
 async fn a_publisher_outrunning_its_consumers_is_paused_at_the_memory_watermark() {
     const WATERMARK: u64 = 256 * 1024;
     let server =
-        TestServer::start_with(|config| config.ready_bytes_high_watermark = WATERMARK).await;
+        TestServer::start_with(|config| config.memory_high_watermark_bytes = WATERMARK).await;
     let client = connect(&server).await;
     client.declare_queue("flood").await.unwrap();
     // 4 MiB offered, 16 times the watermark, with nobody consuming.
@@ -713,7 +713,7 @@ async fn a_publisher_that_dies_while_paused_by_the_memory_alarm_is_cleaned_up() 
     // the broker learns it from its writer (a heartbeat it cannot send) and ends the
     // connection: the delivery the publisher held as a consumer returns to its queue.
     let server = TestServer::start_with(|config| {
-        config.ready_bytes_high_watermark = 64 * 1024;
+        config.memory_high_watermark_bytes = 64 * 1024;
         config.heartbeat = Duration::from_millis(100);
     })
     .await;

@@ -15,6 +15,12 @@ impl Broker {
         if conn.consumers.contains_key(&tag) {
             return Err(CoreError::ConsumerTagInUse { tag: tag.0 });
         }
+        if conn.consumers.len() >= self.limits.consumers_per_connection_max {
+            return Err(CoreError::LimitExceeded {
+                what: "consumers per connection",
+                limit: self.limits.consumers_per_connection_max,
+            });
+        }
         if options
             .ack_timeout_ms
             .is_some_and(|timeout| !(1..=DURATION_MS_MAX).contains(&timeout))

@@ -78,6 +78,12 @@ struct Connection {
     lapsed: BTreeSet<u64>,
 }
 
+impl crate::outstanding::Weighed for Unacked {
+    fn weight(&self) -> u64 {
+        self.entry.message.size_bytes()
+    }
+}
+
 impl Connection {
     fn lapse(&mut self, tag: u64) {
         self.lapsed.insert(tag);
@@ -171,6 +177,15 @@ impl Broker {
     /// Body bytes of ready messages in memory across all queues (paged ones are not).
     pub fn ready_bytes_total(&self) -> u64 {
         self.ready_bytes_total
+    }
+
+    /// Bytes of the messages delivered and not yet settled, across all connections (for the
+    /// server's memory budget; O(connections)).
+    pub fn unacked_bytes_total(&self) -> u64 {
+        self.connections
+            .values()
+            .map(|connection| connection.unacked.bytes())
+            .sum()
     }
 
     /// Ready messages and their body bytes across durable queues (whose persistent messages

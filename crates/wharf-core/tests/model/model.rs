@@ -1738,6 +1738,11 @@ impl Model {
                 {
                     return Err(ErrorClass::ConsumerTagInUse);
                 }
+                if self.connection(*connection)?.consumers.len()
+                    >= self.limits.consumers_per_connection_max
+                {
+                    return Err(ErrorClass::LimitExceeded);
+                }
                 // A lease of 0 ms would lapse as soon as it is granted.
                 if options
                     .ack_timeout_ms

@@ -412,6 +412,7 @@ pub(crate) fn limits() -> impl Strategy<Value = Limits> {
         exchanges_max: 7,
         bindings_per_exchange_max: 2,
         consumers_per_queue_max: 2,
+        consumers_per_connection_max: 2,
         // Paging has its own test (tests/paging.rs); the model keeps every message in memory.
         paging_threshold: 0,
         paging_threshold_bytes: 0,

@@ -15,21 +15,47 @@ pub(super) async fn wait_for_outbox_room(outbox: &Outbox) {
     }
 }
 
-/// The memory alarm: while ready bytes across all queues exceed the high watermark, a
-/// connection that publishes is not read (its TCP window fills and its client blocks).
-pub(super) async fn wait_for_memory(shared: &Context) {
-    let high = shared.config.ready_bytes_high_watermark;
-    if shared.lock().broker.ready_bytes_total() <= high {
-        return;
+/// The memory alarm: while the broker's resident memory (or the ready bytes of its queues)
+/// is over the high watermark, a connection whose last batch published to a *growing* queue
+/// (one whose backlog is over the flow limits, or holds 1% of the watermark) is not read (its TCP window fills and its
+/// client blocks) until memory is below the low watermark. Publishers to queues that keep up
+/// go on. When the memory is not in queues at all (less than a tenth of the watermark is
+/// ready messages: it is in outboxes, unacked deliveries or buffers), every publisher waits.
+pub(super) async fn wait_for_memory(shared: &Context, reader: &Reader) {
+    let high = shared.memory_high;
+    {
+        let state = shared.lock();
+        let ready_bytes = state.broker.ready_bytes_total();
+        if !shared.memory_pressed(ready_bytes) {
+            return;
+        }
+        let (max_messages, max_bytes) = (
+            shared.config.flow_ready_messages.max(1),
+            shared.config.flow_ready_bytes.max(1),
+        );
+        let in_queues = ready_bytes >= high / 10;
+        let grows = |qid: &QueueId| {
+            state
+                .broker
+                .queue_flow(*qid, reader.connection)
+                .is_some_and(|flow| {
+                    flow.ready_bytes >= high / 100
+                        || over_flow_limit(&flow, max_messages, max_bytes, 100)
+                })
+        };
+        if in_queues && !reader.routed.iter().any(grows) {
+            return;
+        }
     }
     let low = high / 100 * READY_BYTES_LOW_WATERMARK_PERCENT;
-    warn!(
-        high,
-        "memory alarm: ready messages exceed the high watermark; pausing publishers"
+    debug!(
+        connection = reader.connection.0,
+        high, "memory alarm: pausing a publisher"
     );
     loop {
         let freed = shared.memory_freed.notified();
-        if shared.lock().broker.ready_bytes_total() <= low {
+        let ready_bytes = shared.lock().broker.ready_bytes_total();
+        if ready_bytes <= low && !shared.memory_alarm.load(Ordering::Acquire) {
             return;
         }
         let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;

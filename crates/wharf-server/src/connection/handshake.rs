@@ -17,6 +17,20 @@ pub(super) async fn send_close(writer: &mut OwnedWriteHalf, code: ErrorCode, rea
     let _ = writer.shutdown().await;
 }
 
+/// Refuses a socket the server cannot take (over the connection cap) without reading from it:
+/// its preamble, then `Close` with `ResourceLimit`, so that a client reports why.
+/// What the client sent meanwhile is read and dropped until it closes (the caller bounds the
+/// time): closing with unread input would reset the connection, and the client could lose
+/// the `Close` before reading it.
+pub(crate) async fn refuse(socket: TcpStream, reason: String) {
+    let (mut reader, mut writer) = socket.into_split();
+    if writer.write_all(&Preamble::CURRENT.encode()).await.is_ok() {
+        send_close(&mut writer, ErrorCode::ResourceLimit, reason).await;
+    }
+    let mut sink = [0u8; 1024];
+    while matches!(reader.read(&mut sink).await, Ok(read) if read > 0) {}
+}
+
 /// Why a handshake ended without a connection (logged at debug: a port scanner or a client
 /// of another protocol is not the server's problem).
 #[derive(Debug, thiserror::Error)]

@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use wharf_core::{
     Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag, ExchangeOptions,
     Message, QueueFlow, QueueId, QueueOptions, Reply,
@@ -48,6 +48,7 @@ mod requests;
 use confirms::{Confirms, Deferred, refused};
 use flow::{wait_for_flow, wait_for_memory, wait_for_outbox_room};
 use frames::{apply_frames, commit_log};
+pub(crate) use handshake::refuse;
 use requests::handle_request;
 
 /// What the handshake settled for this connection.
@@ -99,12 +100,15 @@ pub(crate) async fn serve(shared: Arc<Context>, socket: TcpStream, peer: SocketA
             .next_connection
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     );
-    let outbox = Arc::new(Output::default());
+    let outbox = Arc::new(Output::counted(shared.outbox_bytes.clone()));
     *outbox
         .sink
         .try_lock()
-        .expect("a new outbox is not shared yet") =
-        Some(Sink::new(writer, negotiated.send_frame_bytes_max));
+        .expect("a new outbox is not shared yet") = Some(Sink::new(
+        writer,
+        negotiated.send_frame_bytes_max,
+        shared.config.slow_consumer_timeout,
+    ));
     {
         let mut batch = shared.batch();
         batch.open(now_ms(), connection, outbox.clone());
@@ -192,11 +196,17 @@ async fn read_loop(
     let mut frames: Vec<Frame> = Vec::new();
     let mut shutdown = shared.shutdown.clone();
     let dead_after = negotiated.heartbeat * 2;
+    // Reading time spent on the frame at the front of the buffer, while it is incomplete.
+    let mut frame_reading = Duration::ZERO;
     loop {
         let mut decode_error = None;
         while frames.len() < FRAMES_PER_BATCH_MAX {
             match decode(&mut buf, negotiated.recv_frame_bytes_max) {
-                Ok(Some(frame)) => frames.push(frame),
+                Ok(Some(frame)) => {
+                    // The frame at the front is a new one: its reading time starts afresh.
+                    frame_reading = Duration::ZERO;
+                    frames.push(frame);
+                }
                 Ok(None) => break,
                 Err(err) => {
                     decode_error = Some(Exit::Close(err.error_code(), err.to_string()));
@@ -237,7 +247,7 @@ async fn read_loop(
             }
             if state.published {
                 state.published = false;
-                wait_for_memory(shared).await;
+                wait_for_memory(shared, &state).await;
                 wait_for_flow(shared, &mut state).await;
             }
         };
@@ -247,21 +257,45 @@ async fn read_loop(
             () = ready_to_read => {}
             // Nothing queued will drain and nothing more can be answered or delivered: end the
             // connection so that its deliveries return to their queues.
-            () = outbox.writer_end.notified() => return Exit::Gone,
+            () = outbox.writer_end.notified() => return writer_ended(outbox),
         }
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(READ_BUFFER_BYTES);
         }
+        // A frame that has begun must arrive whole within `frame_timeout` of reading time
+        // (time paused by backpressure above does not count): a peer trickling bytes cannot
+        // pin its partial frame's buffer for ever by staying just inside the heartbeat.
+        let partial = !buf.is_empty();
+        let frame_left = shared.config.frame_timeout.saturating_sub(frame_reading);
+        let wait = if partial {
+            dead_after.min(frame_left)
+        } else {
+            dead_after
+        };
+        let started = Instant::now();
         let read = tokio::select! {
-            read = tokio::time::timeout(dead_after, reader.read_buf(&mut buf)) => read,
+            read = tokio::time::timeout(wait, reader.read_buf(&mut buf)) => read,
             _ = async { shutdown.wait_for(|stop| *stop).await.is_ok() } => {
                 return Exit::Close(ErrorCode::ConnectionForced, "the server is shutting down".to_owned());
             }
             // A failed write ended the writer: whatever the client still sends, nothing can
             // be answered or delivered, so its deliveries go back to their queues now.
-            _ = outbox.writer_end.notified() => return Exit::Gone,
+            _ = outbox.writer_end.notified() => return writer_ended(outbox),
         };
+        if partial {
+            frame_reading += started.elapsed();
+        }
         match read {
+            Err(_) if partial && frame_reading >= shared.config.frame_timeout => {
+                return Exit::Close(
+                    ErrorCode::FrameTimeout,
+                    format!(
+                        "a frame begun was not complete after {} ms of reading ({} bytes of it arrived)",
+                        shared.config.frame_timeout.as_millis(),
+                        buf.len()
+                    ),
+                );
+            }
             Err(_) => {
                 return Exit::Close(
                     ErrorCode::HeartbeatTimeout,
@@ -278,6 +312,15 @@ async fn read_loop(
                 return Exit::Gone;
             }
         }
+    }
+}
+
+/// Why the connection ends now that its writer has: the client's fault (a slow consumer,
+/// told with `SlowConsumer` if it ever reads again) or the socket's (gone).
+fn writer_ended(outbox: &Output) -> Exit {
+    match outbox.writer_failure() {
+        Some(reason) => Exit::Close(ErrorCode::SlowConsumer, reason),
+        None => Exit::Gone,
     }
 }
 

@@ -227,6 +227,8 @@ pub struct Log {
     pub(super) wal: Arc<Wal>,
     pub(super) book: Arc<Mutex<Book>>,
     pub(super) disk_full_since: Mutex<Option<Instant>>,
+    /// Free space is below `disk_free_limit` (set by the server's resource monitor).
+    disk_alarm: std::sync::atomic::AtomicBool,
     pub(super) poisoned: AtomicBool,
     pub(super) fail_stop: FailStop,
     pub(super) checkpoint_bytes: u64,
@@ -395,6 +397,7 @@ impl Log {
             wal: Arc::new(wal),
             book: Arc::new(Mutex::new(book)),
             disk_full_since: Mutex::new(None),
+            disk_alarm: std::sync::atomic::AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
             fail_stop,
             checkpoint_bytes: config.checkpoint_bytes,
@@ -424,6 +427,9 @@ impl Log {
         if self.poisoned.load(Ordering::Acquire) {
             return Some("the write-ahead log failed; the broker is stopping");
         }
+        if self.disk_alarm.load(Ordering::Acquire) {
+            return Some("free disk space is below disk_free_limit");
+        }
         let mut since = self.disk_full_since.lock().expect("log lock");
         match *since {
             Some(at) if at.elapsed() < DISK_FULL_BACKOFF => Some("the disk is full"),
@@ -433,6 +439,12 @@ impl Log {
             }
             None => None,
         }
+    }
+
+    /// Records whether free disk space is below `disk_free_limit` (durable publishes are
+    /// refused while it is). Returns the new state if it changed.
+    pub fn set_disk_alarm(&self, low: bool) -> Option<bool> {
+        (self.disk_alarm.swap(low, Ordering::AcqRel) != low).then_some(low)
     }
 
     pub(super) fn failed(&self, err: &WalError) {

@@ -70,7 +70,32 @@ pub fn spawn_with(dir: &Path, args: &[&OsStr], startup: Duration) -> Broker {
 
 /// Starts `wharf serve --bind 127.0.0.1:0 --data-dir DIR ARGS` without waiting for anything.
 pub fn start(dir: &Path, args: &[&OsStr]) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wharf"))
+    start_wrapped(&[], dir, args)
+}
+
+/// Like [`spawn_with`], run by `wrapper` (`prlimit --nofile=...`, `unshare ...`): the command
+/// is `WRAPPER... wharf serve --bind 127.0.0.1:0 --data-dir DIR ARGS`, and the wrapper must
+/// exec it in its own process (the child's pid is the broker's).
+pub fn spawn_wrapped(wrapper: &[&OsStr], dir: &Path, args: &[&OsStr]) -> Broker {
+    let mut process = start_wrapped(wrapper, dir, args);
+    match process.wait_start(DEADLINE) {
+        Start::Listening(addr) => process.into_broker(addr),
+        other => panic!(
+            "wharf serve on {} did not start listening: {other:?}\n{}",
+            dir.display(),
+            process.log_tail(40)
+        ),
+    }
+}
+
+fn start_wrapped(wrapper: &[&OsStr], dir: &Path, args: &[&OsStr]) -> Process {
+    let binary = OsStr::new(env!("CARGO_BIN_EXE_wharf"));
+    let (program, before) = match wrapper.split_first() {
+        Some((program, rest)) => (*program, [rest, &[binary]].concat()),
+        None => (binary, Vec::new()),
+    };
+    let mut child = Command::new(program)
+        .args(before)
         .args(["serve", "--bind", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
         .args(args)

@@ -1,0 +1,219 @@
+//! Hostile clients against the real `wharf serve` process (issue #17), for the cases that need
+//! a process of their own: a lowered open-file limit (`prlimit`) and a small disk (a tmpfs
+//! mounted in a private mount namespace by `unshare -rm`, as an unprivileged user may). The
+//! in-process cases are in `crates/wharf-server/tests/hostile.rs`.
+
+mod common;
+
+use common::DEADLINE;
+use common::process::{self, Broker};
+use std::ffi::OsStr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use wharf_client::{Client, ClientError, ErrorCode, Message};
+
+/// The broker's resident memory, from /proc.
+fn rss_bytes(broker: &Broker) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", broker.child.id()))
+        .expect("the broker's /proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .expect("VmRSS");
+    kib * 1024
+}
+
+fn assert_running(broker: &mut Broker) {
+    if let Some(status) = broker.child.try_wait().expect("try_wait") {
+        panic!("the broker exited: {status}\n{}", broker.log_tail(40));
+    }
+}
+
+/// A client of `broker`, which has declared the durable queue `queue`.
+async fn connect_with_durable_queue(broker: &Broker, queue: &str) -> Client {
+    let client = Client::connect(&broker.addr.to_string())
+        .await
+        .expect("connect");
+    client.declare_queue(queue).durable(true).await.unwrap();
+    client
+}
+
+fn write_config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("wharf.toml");
+    std::fs::write(&path, text).expect("write the config");
+    path
+}
+
+/// With the broker's open-file limit at 256, 400 sockets that never send a byte used to take
+/// every descriptor: the log's next segment could not be created and the broker exited. Now
+/// the sockets over the cap (256 less the 128 kept for the log) are refused, and a bystander
+/// keeps publishing persistent messages across many segment rotations, all confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptors_exhausted_by_silent_sockets_never_stop_the_log() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(dir.path(), "segment_bytes = 1048576\n");
+    let data = dir.path().join("data");
+    let mut broker = process::spawn_wrapped(
+        &[
+            OsStr::new("prlimit"),
+            OsStr::new("--nofile=256:256"),
+            OsStr::new("--"),
+        ],
+        &data,
+        &[OsStr::new("--config"), config.as_os_str()],
+    );
+    let client = connect_with_durable_queue(&broker, "kept").await;
+    let mut silent = Vec::new();
+    for _ in 0..400 {
+        match tokio::net::TcpStream::connect(broker.addr).await {
+            Ok(socket) => silent.push(socket),
+            // The listen backlog is full: what the broker would not take.
+            Err(_) => break,
+        }
+    }
+    // 8 MiB of persistent messages through 1 MiB segments while the sockets are held.
+    let publisher = client.publisher_with_window(64);
+    for chunk in 0..32u64 {
+        let batch = (0..64)
+            .map(|idx| Message::new(vec![(chunk * 64 + idx) as u8; 4096]).persistent(true))
+            .collect();
+        let outcomes = tokio::time::timeout(DEADLINE, publisher.publish_batch("", "kept", batch))
+            .await
+            .expect("confirmed within the deadline")
+            .unwrap();
+        assert!(
+            outcomes.iter().all(Result::is_ok),
+            "{:?}\n{}",
+            outcomes.iter().find(|outcome| outcome.is_err()),
+            broker.log_tail(20)
+        );
+        assert_running(&mut broker);
+    }
+    assert_eq!(client.queue_stats("kept").await.unwrap().ready, 32 * 64);
+    // The sockets over the cap were refused (a preamble and `Close`) or closed: they do not
+    // wait for the handshake deadline holding a descriptor each.
+    let n_silent = silent.len();
+    let mut reads = tokio::task::JoinSet::new();
+    for mut socket in silent.drain(..) {
+        reads.spawn(async move {
+            let mut buf = [0u8; 64];
+            let answered = tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::io::AsyncReadExt::read(&mut socket, &mut buf),
+            )
+            .await
+            .is_ok();
+            (answered, socket)
+        });
+    }
+    let mut n_answered = 0;
+    while let Some(read) = reads.join_next().await {
+        let (answered, socket) = read.expect("read task");
+        n_answered += usize::from(answered);
+        silent.push(socket);
+    }
+    assert!(
+        n_answered + 128 >= n_silent,
+        "{n_answered} of {n_silent} sockets over a cap of 128 were refused"
+    );
+    let rss = rss_bytes(&broker);
+    assert!(rss < 256 * 1024 * 1024, "RSS {rss}");
+    drop(silent);
+    // Room returns: a new client connects.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match Client::connect(&broker.addr.to_string()).await {
+            Ok(_) => break,
+            Err(err) => assert!(Instant::now() < deadline, "still refused: {err}"),
+        }
+    }
+    assert_running(&mut broker);
+    broker.terminate(DEADLINE);
+}
+
+/// On a 96 MB disk with `disk_free_limit_bytes` at 48 MB (a 40 MB file already on it),
+/// persistent publishes are refused with `ResourceLimit` before the disk fills, transient ones
+/// go on, and once space returns (the file is deleted) persistent publishes are confirmed
+/// again. Before, the disk filled to 0 bytes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_publishes_are_refused_below_disk_free_limit_and_resume() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(
+        dir.path(),
+        "segment_bytes = 4194304\ndisk_free_limit_bytes = 48000000\n",
+    );
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // $6 is the data dir in `WRAPPER... wharf serve --bind ADDR --data-dir DIR ...`.
+    let script = "mount -t tmpfs -o size=96m tmpfs \"$6\" \
+                  && dd if=/dev/zero of=\"$6/filler\" bs=1M count=40 2>/dev/null \
+                  && exec \"$@\"";
+    let mut broker = process::spawn_wrapped(
+        &[
+            OsStr::new("unshare"),
+            OsStr::new("-rm"),
+            OsStr::new("sh"),
+            OsStr::new("-c"),
+            OsStr::new(script),
+            OsStr::new("sh"),
+        ],
+        &data,
+        &[OsStr::new("--config"), config.as_os_str()],
+    );
+    let client = connect_with_durable_queue(&broker, "kept").await;
+    client.declare_queue("fleeting").await.unwrap();
+    let publisher = client.publisher_with_window(64);
+    let body = |idx: u64| Message::new(vec![idx as u8; 16 * 1024]).persistent(true);
+    // At most the 56 MB that were free: refused well before.
+    let mut refused = None;
+    'publishing: for chunk in 0..56u64 {
+        let batch = (0..64).map(|idx| body(chunk * 64 + idx)).collect();
+        let outcomes = publisher.publish_batch("", "kept", batch).await.unwrap();
+        for outcome in outcomes {
+            if let Err(err) = outcome {
+                refused = Some(err);
+                break 'publishing;
+            }
+        }
+    }
+    let refused = refused.expect("a persistent publish was refused before the disk filled");
+    assert!(
+        matches!(&refused, ClientError::PublishRefused { code: ErrorCode::ResourceLimit, reason } if reason.contains("disk_free_limit")),
+        "{refused:?}"
+    );
+    assert!(
+        broker
+            .log_lines()
+            .iter()
+            .any(|line| line.contains("disk alarm")),
+        "{}",
+        broker.log_tail(20)
+    );
+    // Transient messages to a transient queue are not refused.
+    client
+        .publish("", "fleeting", Message::new("light"))
+        .await
+        .expect("a transient publish goes on");
+    assert_running(&mut broker);
+    // Space returns: persistent publishes are confirmed again.
+    std::fs::remove_file(format!(
+        "/proc/{}/root{}/filler",
+        broker.child.id(),
+        data.display()
+    ))
+    .expect("delete the filler inside the broker's mount namespace");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match client.publish("", "kept", body(0)).await {
+            Ok(_) => break,
+            Err(err) => {
+                assert!(Instant::now() < deadline, "still refused: {err}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert_running(&mut broker);
+    broker.terminate(DEADLINE);
+}
