@@ -838,6 +838,9 @@ pub(crate) struct Queue {
     pub owner: Option<ConnectionId>,
     pub ready: Ready,
     pub unacked: u64,
+    /// Body bytes of the unacked deliveries (the server's memory alarm: a queue whose
+    /// deliveries pile up unacked grows too).
+    pub unacked_bytes: u64,
     pub consumers: Vec<Consumer>,
     /// Round-robin position among consumers.
     pub cursor: usize,
@@ -936,6 +939,7 @@ impl Queue {
             owner,
             ready: Ready::default(),
             unacked: 0,
+            unacked_bytes: 0,
             consumers: Vec::new(),
             cursor: 0,
             next_seq: 0,

@@ -59,6 +59,8 @@ pub(crate) struct Context {
     pub(crate) outbox_bytes: Arc<AtomicUsize>,
     /// Bytes of delivered, unsettled messages, as of the resource monitor's last look.
     pub(crate) unacked_bytes: AtomicU64,
+    /// Capacity of every connection's read buffer (frames on their way in).
+    pub(crate) read_buffer_bytes: AtomicUsize,
 }
 
 impl std::fmt::Debug for Context {
@@ -71,10 +73,11 @@ impl std::fmt::Debug for Context {
 
 impl Context {
     /// Message bytes held besides the ready ones: unacked (as of the resource monitor's last
-    /// look) and queued for sockets (now).
+    /// look), queued for sockets and in read buffers (now).
     pub fn held_bytes(&self) -> u64 {
         self.unacked_bytes.load(Ordering::Relaxed)
             + self.outbox_bytes.load(Ordering::Relaxed) as u64
+            + self.read_buffer_bytes.load(Ordering::Relaxed) as u64
     }
 
     /// Whether the memory alarm is on: the message bytes held (ready, unacked, queued for

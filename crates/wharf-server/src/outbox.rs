@@ -49,6 +49,11 @@ pub struct Outbox {
     writer_failure: Mutex<Option<String>>,
     /// The bytes queued in every outbox of the server (the memory budget counts them).
     total: Arc<AtomicUsize>,
+    /// Deliveries the writer could not encode within the client's frame limit, for the
+    /// reader to hand back to the broker (their consumer is cancelled, the messages requeued).
+    undeliverable: Mutex<Vec<wharf_core::Delivery>>,
+    /// Wakes the reader when deliveries are set aside.
+    pub(crate) set_aside_wake: Notify,
 }
 
 impl Drop for Outbox {
@@ -154,6 +159,24 @@ impl Outbox {
     /// the reader, which must not wait any more for a peer that cannot be written to.
     pub(crate) fn end_writer(&self) {
         self.writer_end.notify_one();
+    }
+
+    /// Sets aside deliveries the client cannot take (empties `deliveries`) and wakes the
+    /// reader to deal with them.
+    pub(crate) fn set_aside(&self, deliveries: &mut Vec<wharf_core::Delivery>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        self.undeliverable
+            .lock()
+            .expect("outbox lock poisoned")
+            .append(deliveries);
+        self.set_aside_wake.notify_one();
+    }
+
+    /// The deliveries set aside since the last call.
+    pub(crate) fn take_set_aside(&self) -> Vec<wharf_core::Delivery> {
+        std::mem::take(&mut *self.undeliverable.lock().expect("outbox lock poisoned"))
     }
 
     /// Records that the writer stopped because of the client (its reader closes the

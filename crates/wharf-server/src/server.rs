@@ -360,6 +360,7 @@ impl Server {
             memory_alarm: std::sync::atomic::AtomicBool::new(false),
             outbox_bytes: Arc::default(),
             unacked_bytes: AtomicU64::new(0),
+            read_buffer_bytes: std::sync::atomic::AtomicUsize::new(0),
             config,
             failure,
             pager_wake,

@@ -66,6 +66,9 @@ pub(crate) struct FrameWriter {
     pending: Vec<wharf_core::Delivery>,
     pending_bytes: usize,
     properties: Vec<Properties>,
+    /// Deliveries that cannot be encoded within the client's frame limit, set aside for the
+    /// reader to requeue (see [`Outbox::set_aside`]).
+    undeliverable: Vec<wharf_core::Delivery>,
 }
 
 impl FrameWriter {
@@ -248,7 +251,25 @@ impl FrameWriter {
         Ok(())
     }
 
+    /// Encodes the pending deliveries as one `DeliverBatch`; if that frame would exceed the
+    /// client's limit, as one frame each, and sets aside those that do not fit alone (a
+    /// message larger than the client's frame limit).
     fn flush_pending(&mut self) -> Result<(), OutputError> {
+        if self.encode_pending().is_ok() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        for delivery in pending {
+            self.pending.push(delivery);
+            if self.encode_pending().is_err() {
+                self.undeliverable.append(&mut self.pending);
+            }
+        }
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    fn encode_pending(&mut self) -> Result<(), OutputError> {
         let Some(first) = self.pending.first() else {
             return Ok(());
         };
@@ -283,16 +304,18 @@ impl FrameWriter {
         )
         .map_err(OutputError::Delivery);
         drop(refs);
+        if encoded.is_err() {
+            // Left pending for the caller to split.
+            return encoded.map(|_| ());
+        }
         let mut pending = std::mem::take(&mut self.pending);
-        if encoded.is_ok() {
-            for delivery in &pending {
-                self.push_body(&delivery.message.body);
-            }
+        for delivery in &pending {
+            self.push_body(&delivery.message.body);
         }
         pending.clear();
         self.pending = pending;
         self.pending_bytes = 0;
-        encoded.map(|_| ())
+        Ok(())
     }
 }
 
@@ -367,6 +390,7 @@ impl Sink {
                 pending: Vec::new(),
                 pending_bytes: 0,
                 properties: Vec::new(),
+                undeliverable: Vec::new(),
             },
             items: Vec::new(),
             last_write: Instant::now(),
@@ -417,6 +441,7 @@ impl Sink {
         }
         self.out.reset();
         self.last_write = Instant::now();
+        outbox.set_aside(&mut self.out.undeliverable);
         outbox.written(accounted);
         result
     }
@@ -460,6 +485,7 @@ impl Sink {
         }
         // What is left over (the socket's buffer was full) is at most about
         // INLINE_WRITE_BYTES_MAX, and the writer task writes it next.
+        outbox.set_aside(&mut self.out.undeliverable);
         outbox.written(accounted);
         written
     }

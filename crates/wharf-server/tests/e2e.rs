@@ -673,10 +673,11 @@ async fn a_consumer_that_dies_with_a_full_outbox_has_its_deliveries_redelivered(
 }
 
 #[tokio::test]
-async fn a_delivery_too_large_for_its_consumer_ends_that_connection_and_is_redelivered() {
+async fn a_delivery_too_large_for_its_consumer_cancels_that_consumer_and_is_redelivered() {
     // The consumer accepts frames of 64 KiB at most; a 100 KiB message cannot be sent to it.
-    // Its writer gives up (and shuts the socket); the reader must end the connection at once,
-    // even though this client neither sends nor closes, so the message returns to its queue.
+    // Its consumer is cancelled with `FrameTooLarge` saying so, the connection goes on, and
+    // the message waits in its queue for a consumer that can take it. Before (issue #17), the
+    // connection was shut without a word and the message circled back to the same client.
     let server = TestServer::start().await;
     let client = connect(&server).await;
     client.declare_queue("wide").await.unwrap();
@@ -692,18 +693,48 @@ async fn a_delivery_too_large_for_its_consumer_ends_that_connection_and_is_redel
     small.read_preamble().await.expect("server preamble");
     assert!(matches!(small.recv().await, Some(Frame::HelloOk(_))));
     small.subscribe("wide", 10).await;
+    client
+        .publish("", "wide", Message::new("small enough"))
+        .await
+        .expect("confirmed");
     let body = vec![1u8; 100 * 1024];
     client
         .publish("", "wide", Message::new(body.clone()))
         .await
         .expect("confirmed");
+    // The small message arrives; then the consumer is cancelled.
+    let first_tag = match small.recv_significant().await {
+        Some(Frame::DeliverBatch(batch)) => batch.deliveries[0].delivery_tag,
+        Some(Frame::Deliver(deliver)) => deliver.delivery.delivery_tag,
+        other => panic!("expected the small delivery, got {other:?}"),
+    };
+    let Some(Frame::ConsumerCancelled(cancelled)) = small.recv_significant().await else {
+        panic!("expected ConsumerCancelled");
+    };
+    assert_eq!(cancelled.code, ErrorCode::FrameTooLarge, "{cancelled:?}");
+    assert!(cancelled.reason.contains("102400"), "{cancelled:?}");
     let stats = wait_for_stats(&client, "wide", |stats| stats.consumers == 0).await;
-    assert_eq!(stats.ready, 1, "{stats:?}");
-    // The small consumer's socket was shut without a frame it could not take.
-    assert_eq!(small.recv().await, None);
+    assert_eq!((stats.ready, stats.unacked), (2, 0), "{stats:?}");
+    // Acking what it received before the cancel is harmless: the connection goes on.
+    small
+        .send(&Frame::Ack(wharf_protocol::Ack {
+            delivery_tag: first_tag,
+            multiple: false,
+        }))
+        .await;
+    common::server_still_serves(server.addr(), "after-cancel").await;
+    let response = small
+        .request(wharf_protocol::Request::QueueStats {
+            name: "wide".into(),
+        })
+        .await;
+    assert!(
+        matches!(response, wharf_protocol::Response::Stats(_)),
+        "{response:?}"
+    );
     let mut consumer = client.consume("wide", manual(10)).await.unwrap();
+    assert_eq!(body_of(&mut consumer).await, "small enough");
     let delivery = next(&mut consumer).await;
-    assert!(delivery.redelivered());
     assert_eq!(delivery.body().len(), body.len());
 }
 

@@ -217,3 +217,106 @@ async fn persistent_publishes_are_refused_below_disk_free_limit_and_resume() {
     assert_running(&mut broker);
     broker.terminate(DEADLINE);
 }
+
+/// A consumer with no prefetch limit that stops reading while a publisher floods its queue
+/// with 64 KiB messages, next to 100 peers that each claim a 16 MiB frame and send 256 KiB of
+/// it: with a 64 MiB memory budget, the broker's RSS stays within the budget plus 96 MiB of
+/// slack (its own base, allocator slack, and messages counted twice: unacked and queued for
+/// their socket), the stuck consumer is reaped, and a bystander keeps its round trips. Before
+/// (issue #17), 400 MB published to a stopped consumer took the broker to 674–821 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_within_the_budget_with_a_stopped_consumer_and_claimed_frames() {
+    const BUDGET: u64 = 64 * 1024 * 1024;
+    const SLACK: u64 = 96 * 1024 * 1024;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(
+        dir.path(),
+        &format!("memory_high_watermark_bytes = {BUDGET}\nslow_consumer_timeout_ms = 2000\n"),
+    );
+    let mut broker = process::spawn_with(
+        &dir.path().join("data"),
+        &[OsStr::new("--config"), config.as_os_str()],
+        DEADLINE,
+    );
+    let addr = broker.addr.to_string();
+    let bystander = Client::connect(&addr).await.expect("connect");
+    bystander.declare_queue("bystander").await.unwrap();
+    let mut deliveries = bystander
+        .consume(
+            "bystander",
+            wharf_client::ConsumeOptions {
+                prefetch: 16,
+                auto_ack: true,
+                ..wharf_client::ConsumeOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let flooder = Client::connect(&addr).await.expect("connect");
+    flooder.declare_queue("stuck").await.unwrap();
+    let mut stuck = common::Raw::open(broker.addr).await;
+    stuck.subscribe("stuck", 0).await;
+    let mut claims = Vec::new();
+    for _ in 0..100 {
+        let mut claim = common::Raw::open(broker.addr).await;
+        claim.send_bytes(&(16u32 << 20).to_be_bytes()).await;
+        claim.send_bytes(&vec![0u8; 256 * 1024]).await;
+        claims.push(claim);
+    }
+    // 400 MB offered; the flooder is paused long before.
+    let flooding = tokio::spawn(async move {
+        let publisher = flooder.publisher_with_window(64);
+        for chunk in 0..100u64 {
+            let batch = (0..64)
+                .map(|idx| Message::new(vec![(chunk + idx) as u8; 64 * 1024]))
+                .collect();
+            if publisher.publish_batch("", "stuck", batch).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut latencies = Vec::new();
+    let mut rss_max = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let round_trip = Instant::now();
+        tokio::time::timeout(
+            DEADLINE,
+            bystander.publish("", "bystander", Message::new("still here")),
+        )
+        .await
+        .expect("the bystander's publish is confirmed within the deadline")
+        .expect("confirmed");
+        tokio::time::timeout(DEADLINE, deliveries.next())
+            .await
+            .expect("the bystander's delivery within the deadline")
+            .expect("open")
+            .expect("ok");
+        latencies.push(round_trip.elapsed());
+        rss_max = rss_max.max(rss_bytes(&broker));
+        assert_running(&mut broker);
+    }
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    println!(
+        "RSS max {:.1} MiB, bystander p99 {p99:?} over {} round trips",
+        rss_max as f64 / 1048576.0,
+        latencies.len()
+    );
+    assert!(
+        rss_max < BUDGET + SLACK,
+        "RSS {rss_max} over the budget {BUDGET} + {SLACK}"
+    );
+    assert!(p99 < Duration::from_millis(250), "bystander p99 {p99:?}");
+    assert!(!flooding.is_finished(), "the flooder was paused");
+    let observer = Client::connect(&addr).await.expect("connect");
+    let stats = observer.queue_stats_v2("stuck").await.unwrap();
+    assert_eq!(
+        (stats.consumers, stats.unacked),
+        (0, 0),
+        "the stopped consumer was reaped: {stats:?}"
+    );
+    flooding.abort();
+    drop((stuck, claims));
+    broker.terminate(DEADLINE);
+}

@@ -126,7 +126,8 @@ pub enum Command {
         /// Prefetch, ack mode, exclusivity, priority.
         options: ConsumerOptions,
     },
-    /// Detach a consumer; its unacked messages are requeued.
+    /// Detach a consumer; its unacked messages are requeued (settling one of them later is a
+    /// harmless no-op, as for a lapsed lease).
     Cancel {
         /// The connection.
         connection: ConnectionId,
@@ -443,6 +444,8 @@ pub struct QueueFlow {
     pub own_consumers: u32,
     /// Deliveries made so far: it advances while consumers are taking messages.
     pub delivered: u64,
+    /// Body bytes delivered and not yet settled.
+    pub unacked_bytes: u64,
 }
 
 /// Summary of an exchange, for listings.

@@ -98,12 +98,18 @@ impl Broker {
         let returned = conn
             .unacked
             .remove_where(|unacked| unacked.consumer_tag == tag && unacked.queue == qid);
+        // The client may still be working on them: a late settle is a harmless no-op, as for
+        // a lapsed lease, not an unknown tag that would close its connection.
+        for (delivery_tag, _) in &returned {
+            conn.lapse(*delivery_tag);
+        }
         let queue = self
             .queues
             .get_mut(&qid)
             .expect("consumers point at live queues");
         for (_, unacked) in returned {
             queue.unacked -= 1;
+            queue.unacked_bytes -= unacked.entry.message.size_bytes();
             self.ready_bytes_total += requeue_entry(
                 queue,
                 qid,
@@ -230,6 +236,7 @@ impl Broker {
             } else {
                 consumer.unacked += 1;
                 queue.unacked += 1;
+                queue.unacked_bytes += entry.message.size_bytes();
                 let lease = consumer.options.ack_timeout_ms.map(|timeout| {
                     let until = now_ms.saturating_add(timeout);
                     timers.push(

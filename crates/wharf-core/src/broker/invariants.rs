@@ -35,7 +35,8 @@ pub enum Invariant {
     ReadyOrder,
     /// A queue's expiry index holds exactly its ready messages with a TTL.
     ExpiryIndex,
-    /// A queue's `unacked` is the number of deliveries outstanding from it.
+    /// A queue's `unacked` is the number of deliveries outstanding from it, and its
+    /// `unacked_bytes` their body bytes.
     QueueUnacked,
     /// A queue's `delayed` is the number of its messages held by timers.
     QueueDelayed,
@@ -150,6 +151,7 @@ fn ensure(
 struct Index {
     /// Outstanding deliveries per queue.
     unacked: HashMap<QueueId, u64>,
+    unacked_bytes: HashMap<QueueId, u64>,
     /// Outstanding deliveries per (queue, connection, consumer).
     consumer_unacked: HashMap<(QueueId, ConnectionId, ConsumerTag), u64>,
     /// Arrival positions of outstanding deliveries per queue.
@@ -255,6 +257,7 @@ impl Broker {
             for unacked in conn.unacked.values() {
                 let qid = unacked.queue;
                 *index.unacked.entry(qid).or_default() += 1;
+                *index.unacked_bytes.entry(qid).or_default() += unacked.entry.message.size_bytes();
                 *index
                     .consumer_unacked
                     .entry((qid, connection, unacked.consumer_tag))
@@ -341,6 +344,12 @@ impl Broker {
             "unacked",
             queue.unacked,
             index.unacked.get(&qid).copied().unwrap_or(0),
+        )?;
+        counter(
+            Invariant::QueueUnacked,
+            "unacked_bytes",
+            queue.unacked_bytes,
+            index.unacked_bytes.get(&qid).copied().unwrap_or(0),
         )?;
         counter(
             Invariant::QueueDelayed,
@@ -966,6 +975,9 @@ mod tests {
             queue.ready.corrupt_expiring()
         });
         broken_queue("work", Invariant::QueueUnacked, |queue| queue.unacked += 1);
+        broken_queue("work", Invariant::QueueUnacked, |queue| {
+            queue.unacked_bytes += 1
+        });
         broken_queue("work", Invariant::QueueDelayed, |queue| {
             queue.stats.delayed -= 1
         });

@@ -445,6 +445,7 @@ impl Broker {
         for (_, unacked) in conn.unacked.drain() {
             if let Some(queue) = self.queues.get_mut(&unacked.queue) {
                 queue.unacked -= 1;
+                queue.unacked_bytes -= unacked.entry.message.size_bytes();
                 self.ready_bytes_total += requeue_entry(
                     queue,
                     unacked.queue,

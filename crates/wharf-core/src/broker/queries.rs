@@ -35,6 +35,7 @@ impl Broker {
                 .filter(|consumer| consumer.connection == connection)
                 .count() as u32,
             delivered: queue.stats.delivered,
+            unacked_bytes: queue.unacked_bytes,
         })
     }
 

@@ -148,6 +148,7 @@ impl Broker {
             return false;
         };
         queue.unacked -= 1;
+        queue.unacked_bytes -= unacked.entry.message.size_bytes();
         if let Some(idx) = queue.consumer_idx(connection, unacked.consumer_tag) {
             queue.consumers[idx].unacked -= 1;
         }

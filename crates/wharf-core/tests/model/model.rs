@@ -1805,6 +1805,7 @@ impl Model {
                 let queue = self.queues.get_mut(&name).expect("live");
                 for tag in returned {
                     let outstanding = conn.unacked.remove(&tag).expect("collected");
+                    conn.lapsed.insert(tag);
                     queue.unacked -= 1;
                     requeue_or_give_up(queue, outstanding.copy, None, &mut self.state, effects);
                 }

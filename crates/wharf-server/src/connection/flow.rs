@@ -15,12 +15,16 @@ pub(super) async fn wait_for_outbox_room(outbox: &Outbox) {
     }
 }
 
-/// The memory alarm: while the broker's resident memory (or the ready bytes of its queues)
-/// is over the high watermark, a connection whose last batch published to a *growing* queue
-/// (one whose backlog is over the flow limits, or holds 1% of the watermark) is not read (its TCP window fills and its
-/// client blocks) until memory is below the low watermark. Publishers to queues that keep up
-/// go on. When the memory is not in queues at all (less than a tenth of the watermark is
-/// ready messages: it is in outboxes, unacked deliveries or buffers), every publisher waits.
+/// The memory alarm: while the message bytes the broker holds (ready, unacked, queued for
+/// sockets, in read buffers) are over the high watermark, a connection whose last batch
+/// published to a *growing* queue (one whose backlog is over the flow limits, or whose ready
+/// and unacked messages hold 1% of the watermark) is not read (its TCP window fills and its
+/// client blocks) until they are below the low watermark. Publishers to queues that keep up
+/// go on. When the memory is in outboxes rather than queues (ready and unacked messages are
+/// under a tenth of the watermark, outboxes over it: consumers with no prefetch limit that do
+/// not read), every publisher waits, as no queue tells which one feeds them; memory in read
+/// buffers (frames on their way in) pauses nobody but the publishers of growing queues: only
+/// `frame_timeout` frees it.
 pub(super) async fn wait_for_memory(shared: &Context, reader: &Reader) {
     let high = shared.memory_high;
     {
@@ -33,17 +37,19 @@ pub(super) async fn wait_for_memory(shared: &Context, reader: &Reader) {
             shared.config.flow_ready_messages.max(1),
             shared.config.flow_ready_bytes.max(1),
         );
-        let in_queues = ready_bytes >= high / 10;
+        let in_queues = ready_bytes + shared.unacked_bytes.load(Ordering::Relaxed) >= high / 10;
+        let in_outboxes =
+            !in_queues && shared.outbox_bytes.load(Ordering::Relaxed) as u64 >= high / 10;
         let grows = |qid: &QueueId| {
             state
                 .broker
                 .queue_flow(*qid, reader.connection)
                 .is_some_and(|flow| {
-                    flow.ready_bytes >= high / 100
+                    flow.ready_bytes + flow.unacked_bytes >= high / 100
                         || over_flow_limit(&flow, max_messages, max_bytes, 100)
                 })
         };
-        if in_queues && !reader.routed.iter().any(grows) {
+        if !in_outboxes && !reader.routed.iter().any(grows) {
             return;
         }
     }
@@ -189,6 +195,7 @@ mod tests {
             consumers: 2,
             own_consumers: 0,
             delivered: 7,
+            unacked_bytes: 0,
         };
         assert!(holds_publisher(&flow, 4_096, 0), "over the count limit");
         assert!(holds_publisher(&flow, 0, 400_000), "over the byte limit");
@@ -217,6 +224,7 @@ mod tests {
             consumers: 1,
             own_consumers: 0,
             delivered: 0,
+            unacked_bytes: 0,
         };
         // Resume levels: 2,048 messages (not reached: no excess by count), 1 MiB by bytes.
         assert_eq!(flow_excess(flow, 4_096, 0), 0);

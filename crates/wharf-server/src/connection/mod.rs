@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use wharf_core::{
     Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag, ExchangeOptions,
     Message, QueueFlow, QueueId, QueueOptions, Reply,
@@ -194,6 +194,10 @@ async fn read_loop(
     };
     let in_flight_max = u64::from(shared.config.publishes_in_flight_max);
     let mut frames: Vec<Frame> = Vec::new();
+    let mut counted = CountedBuffer {
+        total: &shared.read_buffer_bytes,
+        bytes: 0,
+    };
     let mut shutdown = shared.shutdown.clone();
     let dead_after = negotiated.heartbeat * 2;
     // Reading time spent on the frame at the front of the buffer, while it is incomplete.
@@ -272,6 +276,7 @@ async fn read_loop(
         } else {
             dead_after
         };
+        counted.update(buf.len());
         let started = Instant::now();
         let read = tokio::select! {
             read = tokio::time::timeout(wait, reader.read_buf(&mut buf)) => read,
@@ -281,6 +286,12 @@ async fn read_loop(
             // A failed write ended the writer: whatever the client still sends, nothing can
             // be answered or delivered, so its deliveries go back to their queues now.
             _ = outbox.writer_end.notified() => return writer_ended(outbox),
+            // The writer set aside deliveries the client cannot take (reading is cancel-safe:
+            // what arrived is in `buf`).
+            () = outbox.set_aside_wake.notified() => {
+                cancel_undeliverable(shared, connection, outbox, negotiated.send_frame_bytes_max);
+                continue;
+            }
         };
         if partial {
             frame_reading += started.elapsed();
@@ -312,6 +323,93 @@ async fn read_loop(
                 return Exit::Gone;
             }
         }
+    }
+}
+
+/// Deliveries the writer could not encode within the client's frame limit (a message larger
+/// than the limit the client asked for): their consumers are cancelled, with a
+/// `ConsumerCancelled` saying why (`FrameTooLarge`), which returns their unacked messages to
+/// the queue for consumers that can take them; a late settle of those is harmless. An
+/// auto-ack delivery counts as settled when it is sent, so such a message is gone
+/// (at-most-once). Before, the connection was closed without a word and the message went back
+/// to the same client for ever.
+fn cancel_undeliverable(
+    shared: &Context,
+    connection: ConnectionId,
+    outbox: &Output,
+    frame_bytes_max: u32,
+) {
+    let set_aside = outbox.take_set_aside();
+    if set_aside.is_empty() {
+        return;
+    }
+    let mut cancelled: Vec<(ConsumerTag, usize)> = Vec::new();
+    for delivery in &set_aside {
+        if !cancelled
+            .iter()
+            .any(|(tag, _)| *tag == delivery.consumer_tag)
+        {
+            cancelled.push((delivery.consumer_tag, delivery.message.body.len()));
+        }
+    }
+    let mut batch = shared.batch();
+    for (consumer_tag, body_bytes) in cancelled {
+        warn!(
+            connection = connection.0,
+            consumer = consumer_tag.0,
+            body_bytes,
+            frame_bytes_max,
+            "a delivery does not fit the client's frame limit: cancelling its consumer"
+        );
+        let result = batch.apply(
+            now_ms(),
+            Command::Cancel {
+                connection,
+                consumer_tag,
+            },
+        );
+        // Already gone (the client cancelled it meanwhile): nothing to tell.
+        if result.is_ok() {
+            outbox.push_frame(Frame::ConsumerCancelled(
+                wharf_protocol::ConsumerCancelled {
+                    consumer_tag: consumer_tag.0,
+                    code: ErrorCode::FrameTooLarge,
+                    reason: format!(
+                        "a message of {body_bytes} bytes does not fit your frame limit of \
+                     {frame_bytes_max} bytes; it stays in its queue for other consumers"
+                    ),
+                },
+            ));
+        }
+    }
+    if let Some(leader) = batch.finish().flush(None) {
+        leader.commit();
+    }
+}
+
+/// A connection's read buffer as counted in the server's memory budget: the bytes of frames
+/// on their way in (a peer holding a large partial frame), not the buffer's idle capacity
+/// (which would keep the alarm on after a large batch). Updated before each read, uncounted
+/// when the connection ends.
+struct CountedBuffer<'a> {
+    total: &'a std::sync::atomic::AtomicUsize,
+    bytes: usize,
+}
+
+impl CountedBuffer<'_> {
+    fn update(&mut self, bytes: usize) {
+        if bytes > self.bytes {
+            self.total.fetch_add(bytes - self.bytes, Ordering::Relaxed);
+        } else {
+            self.total.fetch_sub(self.bytes - bytes, Ordering::Relaxed);
+        }
+        self.bytes = bytes;
+    }
+}
+
+impl Drop for CountedBuffer<'_> {
+    fn drop(&mut self) {
+        self.update(0);
     }
 }
 
