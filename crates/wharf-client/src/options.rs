@@ -10,8 +10,12 @@ pub use crate::limits::PREFETCH_MAX;
 #[derive(Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Credentials {
-    /// No credentials (`ANONYMOUS` mechanism).
+    /// The URL's `user:password@` as `PLAIN` if it has one, otherwise `guest` / `guest`
+    /// (what RabbitMQ's clients send by default; the broker accepts `guest` from loopback
+    /// only).
     #[default]
+    Default,
+    /// No credentials (`ANONYMOUS` mechanism; the broker refuses it unless `allow_anonymous`).
     Anonymous,
     /// User name and password (`PLAIN` mechanism).
     Plain {
@@ -31,8 +35,20 @@ impl Credentials {
         }
     }
 
+    /// What is sent to a server at `addr`: [`Credentials::Default`] resolved.
+    pub(crate) fn resolve(&self, addr: &crate::ServerAddr) -> Credentials {
+        match (self, addr.user()) {
+            (Credentials::Default, Some((username, password))) => {
+                Credentials::plain(username, password)
+            }
+            (Credentials::Default, None) => Credentials::plain("guest", "guest"),
+            (credentials, _) => credentials.clone(),
+        }
+    }
+
     pub(crate) fn to_wire(&self) -> wharf_protocol::Credentials {
         match self {
+            Credentials::Default => Credentials::plain("guest", "guest").to_wire(),
             Credentials::Anonymous => wharf_protocol::Credentials {
                 mechanism: "ANONYMOUS".to_owned(),
                 data: Default::default(),
@@ -56,6 +72,7 @@ impl Credentials {
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Credentials::Default => f.write_str("Default"),
             Credentials::Anonymous => f.write_str("Anonymous"),
             Credentials::Plain { username, .. } => f
                 .debug_struct("Plain")
@@ -72,7 +89,7 @@ impl fmt::Debug for Credentials {
 pub struct ClientOptions {
     /// Name shown in the server's logs and management (default `wharf-client/<version>`).
     pub client_name: String,
-    /// Credentials. `Anonymous` with a URL carrying `user:password@` uses those as `PLAIN`.
+    /// Credentials (default: the URL's `user:password@`, otherwise `guest` / `guest`).
     pub credentials: Credentials,
     /// Heartbeat interval to ask for in ms; 0 = accept the server's. The server's answer is
     /// used: a heartbeat is sent after that long without writing, and the connection is lost
@@ -96,7 +113,7 @@ impl Default for ClientOptions {
     fn default() -> ClientOptions {
         ClientOptions {
             client_name: concat!("wharf-client/", env!("CARGO_PKG_VERSION")).to_owned(),
-            credentials: Credentials::Anonymous,
+            credentials: Credentials::Default,
             heartbeat_ms: 0,
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
@@ -173,5 +190,28 @@ mod tests {
         assert_eq!(&wire.data[..], b"\0alice\0s3cret");
         assert!(!format!("{credentials:?}").contains("s3cret"));
         assert_eq!(Credentials::Anonymous.to_wire().mechanism, "ANONYMOUS");
+    }
+
+    #[test]
+    fn default_credentials_are_the_urls_or_guest() {
+        let with_user: crate::ServerAddr = "wharf://alice:s3cret@example.org".parse().unwrap();
+        let without: crate::ServerAddr = "wharf://example.org".parse().unwrap();
+        assert_eq!(
+            Credentials::Default.resolve(&with_user),
+            Credentials::plain("alice", "s3cret")
+        );
+        assert_eq!(
+            Credentials::Default.resolve(&without),
+            Credentials::plain("guest", "guest")
+        );
+        // Explicit credentials win over the URL's.
+        assert_eq!(
+            Credentials::Anonymous.resolve(&with_user),
+            Credentials::Anonymous
+        );
+        assert_eq!(
+            Credentials::plain("bob", "pw").resolve(&with_user),
+            Credentials::plain("bob", "pw")
+        );
     }
 }

@@ -22,6 +22,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// A password in the configuration: never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// Everything the server needs to run, fully resolved.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -61,6 +72,17 @@ pub struct ServerConfig {
     pub disk_free_limit_fraction: f64,
     /// How long a client may take to send its preamble and `Hello`.
     pub handshake_timeout: Duration,
+    /// The user created at the first start (when the data directory has no users file).
+    pub default_user: String,
+    /// Its password.
+    pub default_pass: Secret,
+    /// Whether clients may log in with SASL `ANONYMOUS` (no user).
+    pub allow_anonymous: bool,
+    /// Users that may only log in from a loopback address (RabbitMQ's `loopback_users`).
+    pub loopback_users: Vec<String>,
+    /// How long after its `Hello` a refused login is answered (whatever the reason, so the
+    /// timing does not tell an unknown user from a wrong password, and guessing is slow).
+    pub auth_failure_delay: Duration,
     /// How long a frame that has begun may take to arrive whole (time spent reading only).
     pub frame_timeout: Duration,
     /// A connection whose socket accepts nothing for this long while output waits for it is
@@ -105,6 +127,11 @@ impl Default for ServerConfig {
             disk_free_limit_bytes: crate::limits::DISK_FREE_LIMIT_BYTES,
             disk_free_limit_fraction: 0.0,
             handshake_timeout: crate::limits::HANDSHAKE_TIMEOUT,
+            default_user: "guest".to_owned(),
+            default_pass: Secret("guest".to_owned()),
+            allow_anonymous: false,
+            loopback_users: vec!["guest".to_owned()],
+            auth_failure_delay: crate::limits::AUTH_FAILURE_DELAY,
             frame_timeout: crate::limits::FRAME_TIMEOUT,
             slow_consumer_timeout: crate::limits::SLOW_CONSUMER_TIMEOUT,
             shutdown_timeout: crate::limits::SHUTDOWN_TIMEOUT,
@@ -165,6 +192,16 @@ pub struct FileConfig {
     pub disk_free_limit_fraction: Option<f64>,
     /// Milliseconds; see [`ServerConfig::handshake_timeout`].
     pub handshake_timeout_ms: Option<u64>,
+    /// See [`ServerConfig::default_user`].
+    pub default_user: Option<String>,
+    /// See [`ServerConfig::default_pass`].
+    pub default_pass: Option<Secret>,
+    /// See [`ServerConfig::allow_anonymous`].
+    pub allow_anonymous: Option<bool>,
+    /// See [`ServerConfig::loopback_users`].
+    pub loopback_users: Option<Vec<String>>,
+    /// Milliseconds; see [`ServerConfig::auth_failure_delay`].
+    pub auth_failure_delay_ms: Option<u64>,
     /// Milliseconds; see [`ServerConfig::frame_timeout`].
     pub frame_timeout_ms: Option<u64>,
     /// Milliseconds; see [`ServerConfig::slow_consumer_timeout`].
@@ -240,6 +277,10 @@ pub struct Overrides {
     pub log_format: Option<LogFormat>,
     /// `--sync` / `WHARF_SYNC`.
     pub sync: Option<String>,
+    /// `--default-user` / `WHARF_DEFAULT_USER`.
+    pub default_user: Option<String>,
+    /// `--default-pass` / `WHARF_DEFAULT_PASS`.
+    pub default_pass: Option<String>,
 }
 
 /// Resolves the final configuration: overrides > file > defaults.
@@ -355,6 +396,27 @@ pub fn resolve(
             file.slow_consumer_timeout_ms,
             defaults.slow_consumer_timeout,
         )?,
+        default_user: overrides
+            .default_user
+            .or(file.default_user)
+            .unwrap_or(defaults.default_user),
+        default_pass: overrides
+            .default_pass
+            .map(Secret)
+            .or(file.default_pass)
+            .unwrap_or(defaults.default_pass),
+        allow_anonymous: file.allow_anonymous.unwrap_or(defaults.allow_anonymous),
+        loopback_users: file.loopback_users.unwrap_or(defaults.loopback_users),
+        auth_failure_delay: match file.auth_failure_delay_ms {
+            Some(ms) if ms > 10_000 => {
+                return Err(ConfigError::Invalid {
+                    key: "auth_failure_delay_ms",
+                    reason: format!("must be at most 10000 ms, not {ms}"),
+                });
+            }
+            Some(ms) => Duration::from_millis(ms),
+            None => defaults.auth_failure_delay,
+        },
         ..defaults
     })
 }
@@ -497,6 +559,11 @@ mod tests {
             handshake_timeout_ms: Some(_),
             frame_timeout_ms: Some(_),
             slow_consumer_timeout_ms: Some(_),
+            default_user: Some(_),
+            default_pass: Some(_),
+            allow_anonymous: Some(_),
+            loopback_users: Some(_),
+            auth_failure_delay_ms: Some(_),
             sync: Some(_),
             checkpoint_bytes: Some(_),
             segment_bytes: Some(_),

@@ -23,6 +23,8 @@ pub(crate) fn now_ms() -> u64 {
 /// configuration, and the wake-ups between them.
 pub(crate) struct Context {
     pub config: ServerConfig,
+    /// The broker's users (logins are checked against them).
+    pub(crate) users: Arc<crate::auth::Users>,
     pub(crate) state: Mutex<State>,
     /// Set when the log failed: the server stops and `run` reports it (fail-stop).
     pub failure: Arc<Mutex<Option<String>>>,
@@ -55,11 +57,12 @@ pub(crate) struct Context {
     /// Set by the resource monitor while the message bytes the broker holds (ready, unacked,
     /// queued in outboxes) are over `memory_high`, until they fall below the low watermark.
     pub(crate) memory_alarm: AtomicBool,
-    /// Bytes queued in every connection's outbox.
-    pub(crate) outbox_bytes: Arc<AtomicUsize>,
+    /// Bytes queued in every connection's outbox, as of the resource monitor's last look.
+    pub(crate) outbox_bytes: AtomicUsize,
     /// Bytes of delivered, unsettled messages, as of the resource monitor's last look.
     pub(crate) unacked_bytes: AtomicU64,
-    /// Capacity of every connection's read buffer (frames on their way in).
+    /// Bytes of frames on their way in, in every connection's read buffer, as of the
+    /// resource monitor's last look.
     pub(crate) read_buffer_bytes: AtomicUsize,
 }
 
@@ -72,8 +75,9 @@ impl std::fmt::Debug for Context {
 }
 
 impl Context {
-    /// Message bytes held besides the ready ones: unacked (as of the resource monitor's last
-    /// look), queued for sockets and in read buffers (now).
+    /// Message bytes held besides the ready ones, as of the resource monitor's last look
+    /// (every 100 ms: no counter shared by every connection on the hot path): unacked, queued
+    /// for sockets and in read buffers.
     pub fn held_bytes(&self) -> u64 {
         self.unacked_bytes.load(Ordering::Relaxed)
             + self.outbox_bytes.load(Ordering::Relaxed) as u64

@@ -70,6 +70,9 @@ pub const READY_BYTES_LOW_WATERMARK_PERCENT: u64 = 80;
 pub const OUTBOX_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Time for a new connection to complete the handshake; idle sockets do not pin resources.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A refused login is answered this long after its `Hello` (a constant: the timing tells
+/// nothing, and a password guesser gets two tries a second per connection).
+pub const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(500);
 /// Time graceful shutdown waits for connections to flush their `Close`.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Initial read buffer: small so that idle connections stay cheap; it grows with traffic.

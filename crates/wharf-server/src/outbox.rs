@@ -7,8 +7,8 @@
 //! once it released the lock (`output::flush_or_wake`).
 
 use crate::limits::INLINE_WRITE_BYTES_MAX;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use wharf_protocol::Frame;
 
@@ -47,8 +47,9 @@ pub struct Outbox {
     pub(crate) writer_end: Notify,
     /// Why the writer ended, if the client is to blame for it (a slow consumer).
     writer_failure: Mutex<Option<String>>,
-    /// The bytes queued in every outbox of the server (the memory budget counts them).
-    total: Arc<AtomicUsize>,
+    /// Bytes of a frame on its way in, in the connection's read buffer (set by its reader;
+    /// the memory budget counts them).
+    read_bytes: AtomicUsize,
     /// Deliveries the writer could not encode within the client's frame limit, for the
     /// reader to hand back to the broker (their consumer is cancelled, the messages requeued).
     undeliverable: Mutex<Vec<wharf_core::Delivery>>,
@@ -56,20 +57,15 @@ pub struct Outbox {
     pub(crate) set_aside_wake: Notify,
 }
 
-impl Drop for Outbox {
-    /// What was never written leaves the server's total with the outbox.
-    fn drop(&mut self) {
-        self.total
-            .fetch_sub(*self.bytes.get_mut(), Ordering::Relaxed);
-    }
-}
-
 impl Outbox {
-    /// An outbox whose queued bytes also count in `total` (the server's, across outboxes).
-    pub fn counted(total: Arc<AtomicUsize>) -> Self {
-        let mut outbox = Outbox::default();
-        outbox.total = total;
-        outbox
+    /// Records the bytes in the connection's read buffer (its reader, before each read).
+    pub(crate) fn set_read_bytes(&self, bytes: usize) {
+        self.read_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The bytes in the connection's read buffer, as last recorded.
+    pub(crate) fn read_bytes(&self) -> usize {
+        self.read_bytes.load(Ordering::Relaxed)
     }
 
     /// Appends to the queue under its lock, counting the bytes *before* the items can be taken:
@@ -81,7 +77,6 @@ impl Outbox {
         let mut queued = self.items.lock().expect("outbox lock poisoned");
         let was_empty = queued.is_empty();
         let queued_bytes = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        self.total.fetch_add(bytes, Ordering::Relaxed);
         append(&mut queued);
         (was_empty, queued_bytes)
     }
@@ -138,9 +133,10 @@ impl Outbox {
 
     /// Records that `bytes` of taken items were written.
     pub fn written(&self, bytes: usize) {
-        let bytes = bytes.min(self.bytes.load(Ordering::Relaxed));
-        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
-        self.total.fetch_sub(bytes, Ordering::Relaxed);
+        self.bytes.fetch_sub(
+            bytes.min(self.bytes.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
         self.drained.notify_waiters();
     }
 

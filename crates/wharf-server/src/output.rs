@@ -22,16 +22,6 @@ pub struct Output {
     pub(crate) sink: tokio::sync::Mutex<Option<Sink>>,
 }
 
-impl Output {
-    /// An output whose queued bytes also count in `total` (see [`Outbox::counted`]).
-    pub fn counted(total: Arc<std::sync::atomic::AtomicUsize>) -> Self {
-        Output {
-            outbox: Outbox::counted(total),
-            sink: tokio::sync::Mutex::new(None),
-        }
-    }
-}
-
 impl std::ops::Deref for Output {
     type Target = Outbox;
 

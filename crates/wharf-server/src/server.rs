@@ -153,14 +153,19 @@ async fn run_resources(shared: Arc<Context>) {
             _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => return,
             _ = every.tick() => {}
         }
-        let (ready, unacked) = {
+        let (ready, unacked, (outboxes, read_buffers)) = {
             let state = shared.lock();
             (
                 state.broker.ready_bytes_total(),
                 state.broker.unacked_bytes_total(),
+                state.held_by_connections(),
             )
         };
         shared.unacked_bytes.store(unacked, Ordering::Relaxed);
+        shared.outbox_bytes.store(outboxes, Ordering::Relaxed);
+        shared
+            .read_buffer_bytes
+            .store(read_buffers, Ordering::Relaxed);
         let held = ready + shared.held_bytes();
         let high = shared.memory_high;
         let on = shared.memory_alarm.load(Ordering::Acquire);
@@ -274,6 +279,10 @@ impl Server {
                 format!("cannot listen on {}: {err}", config.bind),
             )
         })?;
+        let users =
+            crate::auth::Users::open(dir_lock.dir(), &config.default_user, &config.default_pass.0)
+                .map_err(|err| std::io::Error::other(format!("cannot open the users: {err}")))?;
+        warn_if_exposed(&config, &users);
         info!(
             version = env!("CARGO_PKG_VERSION"),
             data_dir = %dir_lock.dir().display(),
@@ -353,12 +362,13 @@ impl Server {
             sockets_max, memory_high, "limits in force"
         );
         let shared = Arc::new(Context {
+            users: Arc::new(users),
             sockets: std::sync::atomic::AtomicUsize::new(0),
             sockets_max,
             refusing: std::sync::atomic::AtomicUsize::new(0),
             memory_high,
             memory_alarm: std::sync::atomic::AtomicBool::new(false),
-            outbox_bytes: Arc::default(),
+            outbox_bytes: std::sync::atomic::AtomicUsize::new(0),
             unacked_bytes: AtomicU64::new(0),
             read_buffer_bytes: std::sync::atomic::AtomicUsize::new(0),
             config,
@@ -463,6 +473,28 @@ impl Server {
         }
         info!("shutdown complete");
         Ok(())
+    }
+}
+
+/// Warns when the broker listens beyond loopback while the only user is the default one with
+/// its default password (RabbitMQ refuses `guest` from afar for this reason; so does Wharf,
+/// through `loopback_users`, but a renamed default user with a known password is not).
+fn warn_if_exposed(config: &ServerConfig, users: &crate::auth::Users) {
+    let users = users.list();
+    if !config.bind.ip().is_loopback()
+        && users.len() == 1
+        && users[0].0 == config.default_user
+        && config.default_pass.0 == "guest"
+    {
+        warn!(
+            bind = %config.bind,
+            user = %config.default_user,
+            "listening beyond loopback with only the default user and password: add users \
+             (wharf user add) or set --default-pass"
+        );
+    }
+    if config.allow_anonymous && !config.bind.ip().is_loopback() {
+        warn!(bind = %config.bind, "anonymous logins are enabled beyond loopback");
     }
 }
 

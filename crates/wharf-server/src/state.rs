@@ -117,6 +117,16 @@ impl State {
         self.outboxes.len()
     }
 
+    /// Bytes queued in the connections' outboxes and in their read buffers (frames on their
+    /// way in), summed over every connection (O(connections): the resource monitor's).
+    pub fn held_by_connections(&self) -> (usize, usize) {
+        self.outboxes
+            .values()
+            .fold((0, 0), |(queued, read), output| {
+                (queued + output.queued_bytes(), read + output.read_bytes())
+            })
+    }
+
     /// Applies a command; effects are held until [`State::route_effects`], so the caller can
     /// queue its own reply first (a `Subscribed` response before the first delivery). Durable
     /// topology changes are queued for the log.

@@ -81,6 +81,11 @@ impl From<ClientError> for Failure {
             | ClientError::InvalidArgument { .. }
             | ClientError::Encode(_) => EXIT_USAGE,
             ClientError::Connect { .. } | ClientError::Handshake { .. } => EXIT_CONNECT,
+            // A refused login: the broker is there, this client may not use it.
+            ClientError::ServerClosed {
+                code: ErrorCode::AccessRefused,
+                ..
+            } => EXIT_CONNECT,
             ClientError::PublishRefused { .. }
             | ClientError::Backpressure { .. }
             | ClientError::Duplicate => EXIT_REFUSED,

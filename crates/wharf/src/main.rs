@@ -4,6 +4,7 @@
 
 mod bench;
 mod cli;
+mod users;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -35,6 +36,8 @@ enum Cmd {
     Serve(ServeArgs),
     /// Load-test a broker end to end: rates, latency percentiles, loss and duplicate check.
     Bench(bench::BenchArgs),
+    /// Manage the broker's users in its data directory (the broker must be stopped).
+    User(users::UserArgs),
     #[command(flatten)]
     Client(cli::Command),
 }
@@ -57,6 +60,12 @@ struct ServeArgs {
     /// [default: always].
     #[arg(long, env = "WHARF_SYNC")]
     sync: Option<String>,
+    /// The user created at the first start [default: guest].
+    #[arg(long, env = "WHARF_DEFAULT_USER")]
+    default_user: Option<String>,
+    /// Its password [default: guest].
+    #[arg(long, env = "WHARF_DEFAULT_PASS", hide_env_values = true)]
+    default_pass: Option<String>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -80,6 +89,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         data_dir: args.data_dir,
         log_format: args.log_format,
         sync: args.sync,
+        default_user: args.default_user,
+        default_pass: args.default_pass,
     };
     let config = resolve(overrides, file)?;
     init_logging(config.log_format);
@@ -146,6 +157,13 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Bench(args) => bench::main(args),
+        Cmd::User(args) => match users::main(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Client(command) => {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

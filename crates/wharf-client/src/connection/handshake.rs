@@ -3,7 +3,7 @@
 use super::BUFFER_BYTES;
 use crate::addr::ServerAddr;
 use crate::error::ClientError;
-use crate::options::{ClientOptions, Credentials};
+use crate::options::ClientOptions;
 use bytes::{Buf, BytesMut};
 use std::io;
 use std::sync::Arc;
@@ -64,12 +64,7 @@ pub(super) async fn handshake(
         );
     }
 
-    let credentials = match (&options.credentials, addr.user()) {
-        (Credentials::Anonymous, Some((username, password))) => {
-            Credentials::plain(username, password)
-        }
-        (credentials, _) => credentials.clone(),
-    };
+    let credentials = options.credentials.resolve(addr);
     let hello = Frame::Hello(Hello {
         client_name: options.client_name.clone(),
         credentials: credentials.to_wire(),

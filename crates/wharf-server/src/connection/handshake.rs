@@ -31,6 +31,46 @@ pub(crate) async fn refuse(socket: TcpStream, reason: String) {
     while matches!(reader.read(&mut sink).await, Ok(read) if read > 0) {}
 }
 
+/// Checks a `Hello`'s credentials (the KDF runs on a blocking thread). A refusal is logged
+/// with the peer's address and the user name (never the password), and returned no sooner
+/// than `auth_failure_delay` after the `Hello` arrived, whatever the reason.
+async fn login(
+    shared: &Context,
+    peer: SocketAddr,
+    hello: &wharf_protocol::Hello,
+) -> Result<crate::auth::Principal, crate::auth::Refusal> {
+    let arrived = tokio::time::Instant::now();
+    let users = shared.users.clone();
+    let mechanism = hello.credentials.mechanism.clone();
+    let data = hello.credentials.data.clone();
+    let (allow_anonymous, loopback_users) = (
+        shared.config.allow_anonymous,
+        shared.config.loopback_users.clone(),
+    );
+    let checked = tokio::task::spawn_blocking(move || {
+        crate::auth::authenticate(
+            &users,
+            &mechanism,
+            &data,
+            peer.ip(),
+            allow_anonymous,
+            &loopback_users,
+        )
+    })
+    .await
+    .unwrap_or(Err(crate::auth::Refusal::WrongPassword));
+    if let Err(refusal) = &checked {
+        warn!(
+            %peer,
+            user = crate::auth::plain_user(&hello.credentials.data).unwrap_or("-"),
+            mechanism = %hello.credentials.mechanism,
+            "login refused: {refusal}"
+        );
+        tokio::time::sleep_until(arrived + shared.config.auth_failure_delay).await;
+    }
+    checked
+}
+
 /// Why a handshake ended without a connection (logged at debug: a port scanner or a client
 /// of another protocol is not the server's problem).
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +93,9 @@ pub(super) enum HandshakeError {
         /// The configured maximum.
         max: usize,
     },
+    /// The credentials were refused (`AccessRefused` sent after the constant delay).
+    #[error("login refused: {0}")]
+    Refused(crate::auth::Refusal),
     /// The client closed before sending what was expected.
     #[error("closed before {0}")]
     Closed(&'static str),
@@ -66,6 +109,7 @@ pub(super) enum HandshakeError {
 /// major or a full server with `Close`, then expect `Hello` and answer `HelloOk`.
 pub(super) async fn handshake(
     shared: &Context,
+    peer: SocketAddr,
     reader: &mut OwnedReadHalf,
     writer: &mut OwnedWriteHalf,
     buf: &mut BytesMut,
@@ -119,6 +163,13 @@ pub(super) async fn handshake(
             return Err(HandshakeError::Closed("Hello"));
         }
     };
+    let principal = match login(shared, peer, &hello).await {
+        Ok(principal) => principal,
+        Err(refusal) => {
+            send_close(writer, ErrorCode::AccessRefused, refusal.client_reason()).await;
+            return Err(HandshakeError::Refused(refusal));
+        }
+    };
     let server_heartbeat_ms = shared.config.heartbeat.as_millis() as u32;
     let heartbeat_ms = match hello.heartbeat_ms {
         0 => server_heartbeat_ms,
@@ -141,8 +192,9 @@ pub(super) async fn handshake(
     let mut out = BytesMut::new();
     encode(&hello_ok, send_frame_bytes_max, &mut out).map_err(HandshakeError::Frame)?;
     writer.write_all(&out).await?;
-    debug!(client = %hello.client_name, mechanism = %hello.credentials.mechanism, "handshake done");
+    debug!(client = %hello.client_name, mechanism = %hello.credentials.mechanism, user = %principal, "handshake done");
     Ok(Negotiated {
+        principal,
         minor: preamble.negotiated_minor(),
         heartbeat: Duration::from_millis(u64::from(heartbeat_ms)),
         send_frame_bytes_max,

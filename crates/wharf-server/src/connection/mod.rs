@@ -52,8 +52,10 @@ pub(crate) use handshake::refuse;
 use requests::handle_request;
 
 /// What the handshake settled for this connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Negotiated {
+    /// Who logged in.
+    principal: crate::auth::Principal,
     /// The protocol minor version both sides speak: a frame of a later minor is a violation.
     minor: u16,
     heartbeat: Duration,
@@ -81,7 +83,7 @@ pub(crate) async fn serve(shared: Arc<Context>, socket: TcpStream, peer: SocketA
     let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
     let negotiated = match tokio::time::timeout(
         shared.config.handshake_timeout,
-        handshake::handshake(&shared, &mut reader, &mut writer, &mut buf),
+        handshake::handshake(&shared, peer, &mut reader, &mut writer, &mut buf),
     )
     .await
     {
@@ -100,7 +102,7 @@ pub(crate) async fn serve(shared: Arc<Context>, socket: TcpStream, peer: SocketA
             .next_connection
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
     );
-    let outbox = Arc::new(Output::counted(shared.outbox_bytes.clone()));
+    let outbox = Arc::new(Output::default());
     *outbox
         .sink
         .try_lock()
@@ -115,7 +117,7 @@ pub(crate) async fn serve(shared: Arc<Context>, socket: TcpStream, peer: SocketA
         // Nothing to log or deliver yet; nobody waits on a leader.
         let _ = batch.finish().flush(None);
     }
-    debug!(%peer, connection = connection.0, "connection open");
+    debug!(%peer, connection = connection.0, user = %negotiated.principal, "connection open");
     let writer_task = tokio::spawn(write_loop(outbox.clone(), negotiated.heartbeat));
     let exit = read_loop(&shared, connection, &mut reader, buf, &outbox, negotiated).await;
     {
@@ -194,10 +196,6 @@ async fn read_loop(
     };
     let in_flight_max = u64::from(shared.config.publishes_in_flight_max);
     let mut frames: Vec<Frame> = Vec::new();
-    let mut counted = CountedBuffer {
-        total: &shared.read_buffer_bytes,
-        bytes: 0,
-    };
     let mut shutdown = shared.shutdown.clone();
     let dead_after = negotiated.heartbeat * 2;
     // Reading time spent on the frame at the front of the buffer, while it is incomplete.
@@ -276,7 +274,8 @@ async fn read_loop(
         } else {
             dead_after
         };
-        counted.update(buf.len());
+        // The memory budget counts a frame on its way in (see `State::held_by_connections`).
+        outbox.set_read_bytes(buf.len());
         let started = Instant::now();
         let read = tokio::select! {
             read = tokio::time::timeout(wait, reader.read_buf(&mut buf)) => read,
@@ -384,32 +383,6 @@ fn cancel_undeliverable(
     }
     if let Some(leader) = batch.finish().flush(None) {
         leader.commit();
-    }
-}
-
-/// A connection's read buffer as counted in the server's memory budget: the bytes of frames
-/// on their way in (a peer holding a large partial frame), not the buffer's idle capacity
-/// (which would keep the alarm on after a large batch). Updated before each read, uncounted
-/// when the connection ends.
-struct CountedBuffer<'a> {
-    total: &'a std::sync::atomic::AtomicUsize,
-    bytes: usize,
-}
-
-impl CountedBuffer<'_> {
-    fn update(&mut self, bytes: usize) {
-        if bytes > self.bytes {
-            self.total.fetch_add(bytes - self.bytes, Ordering::Relaxed);
-        } else {
-            self.total.fetch_sub(self.bytes - bytes, Ordering::Relaxed);
-        }
-        self.bytes = bytes;
-    }
-}
-
-impl Drop for CountedBuffer<'_> {
-    fn drop(&mut self) {
-        self.update(0);
     }
 }
 

@@ -100,8 +100,8 @@ impl Raw {
         Frame::Hello(Hello {
             client_name: "raw-test".into(),
             credentials: Credentials {
-                mechanism: "ANONYMOUS".into(),
-                data: Default::default(),
+                mechanism: "PLAIN".into(),
+                data: bytes::Bytes::from_static(b"\0guest\0guest"),
             },
             frame_bytes_max: FRAME_BYTES_MAX,
             heartbeat_ms: 0,

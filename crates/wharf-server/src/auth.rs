@@ -1,0 +1,587 @@
+//! Users and authentication (issue #18): the users of a broker, their passwords hashed with
+//! argon2id, stored durably in `DATA_DIR/users.json`, and the check of a client's `Hello`
+//! credentials (SASL `PLAIN`; `ANONYMOUS` only when enabled).
+//!
+//! The file is replaced atomically (written to a temporary file, fsynced, renamed over the
+//! old one, and the directory fsynced) before a change is reported done, so a user added is
+//! there after a crash, and a torn write never leaves a broker without users. A first start
+//! (no file) creates the default user (`guest`/`guest` unless `--default-user` /
+//! `--default-pass` say otherwise) with the `administrator` tag, as RabbitMQ does; `guest`
+//! may only connect from a loopback address (`loopback_users`).
+//!
+//! Verifying an argon2id hash takes tens of milliseconds of CPU on purpose. A successful
+//! verification is remembered as a keyed 128-bit digest of the password (keys drawn at
+//! random per process), so a client reconnecting with the same password is not charged the
+//! KDF again; a changed password or user drops the entry.
+
+use argon2::Argon2;
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// The file holding the users, in the data directory.
+pub const USERS_FILE: &str = "users.json";
+/// Longest user name (bytes), as RabbitMQ's short strings.
+pub const USER_NAME_BYTES_MAX: usize = 255;
+/// Longest password (bytes): bounds the KDF's input.
+pub const PASSWORD_BYTES_MAX: usize = 1024;
+/// Users at most: each is a line in a file rewritten on every change.
+pub const USERS_MAX: usize = 10_000;
+
+/// A user's tags, as RabbitMQ's (they grant access to the coming HTTP API and administration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tag {
+    /// Everything, users and permissions included.
+    Administrator,
+    /// Read-only access to every object and statistic.
+    Monitoring,
+    /// Access to the management interface for the user's own objects.
+    Management,
+    /// Policies and parameters of the user's virtual hosts.
+    Policymaker,
+}
+
+impl std::str::FromStr for Tag {
+    type Err = AuthError;
+
+    fn from_str(text: &str) -> Result<Tag, AuthError> {
+        match text {
+            "administrator" => Ok(Tag::Administrator),
+            "monitoring" => Ok(Tag::Monitoring),
+            "management" => Ok(Tag::Management),
+            "policymaker" => Ok(Tag::Policymaker),
+            other => Err(AuthError::Invalid(format!(
+                "unknown tag {other:?} (administrator, monitoring, management, policymaker)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Tag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tag::Administrator => "administrator",
+            Tag::Monitoring => "monitoring",
+            Tag::Management => "management",
+            Tag::Policymaker => "policymaker",
+        })
+    }
+}
+
+/// One user as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// Its argon2id hash in PHC string form (`$argon2id$v=19$m=...,t=...,p=...$salt$hash`).
+    pub password_hash: String,
+    /// Its tags.
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+}
+
+/// The file's contents.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersFile {
+    /// Format version (1).
+    version: u32,
+    users: BTreeMap<String, User>,
+}
+
+/// What can go wrong with users.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// The users file cannot be read, parsed or written.
+    #[error("users file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A name, password or tag is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The user does not exist.
+    #[error("no user {0:?}")]
+    NoSuchUser(String),
+    /// The user exists already.
+    #[error("user {0:?} exists already")]
+    UserExists(String),
+    /// Too many users.
+    #[error("the broker has its maximum of {USERS_MAX} users")]
+    TooMany,
+}
+
+/// Why a login was refused (logged for the operator; the client is told only that it was).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// A mechanism the server does not offer.
+    #[error("mechanism {0:?} is not supported (PLAIN, and ANONYMOUS when enabled)")]
+    Mechanism(String),
+    /// `ANONYMOUS` while `allow_anonymous` is off.
+    #[error("anonymous logins are not enabled")]
+    AnonymousDisabled,
+    /// `PLAIN` data that is not `[authzid] NUL user NUL password`.
+    #[error("malformed PLAIN credentials")]
+    Malformed,
+    /// No such user.
+    #[error("unknown user")]
+    UnknownUser,
+    /// The password does not match.
+    #[error("wrong password")]
+    WrongPassword,
+    /// A loopback-only user from another address.
+    #[error("user may only connect from a loopback address")]
+    NotLoopback,
+}
+
+impl Refusal {
+    /// What the client is told: nothing that says whether the user exists.
+    pub fn client_reason(&self) -> String {
+        match self {
+            Refusal::Mechanism(_) | Refusal::AnonymousDisabled | Refusal::Malformed => {
+                self.to_string()
+            }
+            Refusal::UnknownUser | Refusal::WrongPassword | Refusal::NotLoopback => {
+                "login refused: check the user name and password".to_owned()
+            }
+        }
+    }
+}
+
+/// Who a connection is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A user that logged in.
+    User(String),
+    /// `ANONYMOUS`, when enabled.
+    Anonymous,
+}
+
+impl std::fmt::Display for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Principal::User(name) => f.write_str(name),
+            Principal::Anonymous => f.write_str("(anonymous)"),
+        }
+    }
+}
+
+/// The broker's users: the file, its contents, and the cache of verified passwords.
+pub struct Users {
+    path: PathBuf,
+    users: Mutex<BTreeMap<String, User>>,
+    /// User → (its hash when verified, keyed digest of the password that matched it).
+    verified: Mutex<HashMap<String, (String, u128)>>,
+    keys: (RandomState, RandomState),
+}
+
+impl std::fmt::Debug for Users {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Users")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_name(name: &str) -> Result<(), AuthError> {
+    if name.is_empty() || name.len() > USER_NAME_BYTES_MAX || name.chars().any(char::is_control) {
+        return Err(AuthError::Invalid(format!(
+            "a user name is 1 to {USER_NAME_BYTES_MAX} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Hashes a password with argon2id and a fresh random salt (blocking: tens of ms).
+pub fn hash_password(password: &str) -> Result<String, AuthError> {
+    if password.is_empty() || password.len() > PASSWORD_BYTES_MAX {
+        return Err(AuthError::Invalid(format!(
+            "a password is 1 to {PASSWORD_BYTES_MAX} bytes"
+        )));
+    }
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|err| AuthError::Invalid(format!("cannot hash the password: {err}")))
+}
+
+impl Users {
+    /// Opens the users of the data directory `dir`; if it has none yet (a first start),
+    /// creates `default_user` with `default_pass` and the administrator tag.
+    pub fn open(dir: &Path, default_user: &str, default_pass: &str) -> Result<Users, AuthError> {
+        let created = !dir.join(USERS_FILE).exists();
+        let users = Users::open_file(dir)?;
+        if created {
+            check_name(default_user)?;
+            users.add(default_user, default_pass, &[Tag::Administrator])?;
+            tracing::info!(user = default_user, "created the default user");
+        }
+        Ok(users)
+    }
+
+    fn open_file(dir: &Path) -> Result<Users, AuthError> {
+        let path = dir.join(USERS_FILE);
+        let file_error = |reason: String| AuthError::File {
+            path: path.clone(),
+            reason,
+        };
+        let users = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let file: UsersFile = serde_json::from_slice(&bytes)
+                    .map_err(|err| file_error(format!("not a users file: {err}")))?;
+                if file.version != 1 {
+                    return Err(file_error(format!("unknown version {}", file.version)));
+                }
+                file.users
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(err) => return Err(file_error(err.to_string())),
+        };
+        Ok(Users {
+            path,
+            users: Mutex::new(users),
+            verified: Mutex::default(),
+            keys: (RandomState::new(), RandomState::new()),
+        })
+    }
+
+    /// Opens the users of `dir` without creating a default user when it has none (the
+    /// `wharf user` command, where the operator chooses the users).
+    pub fn open_empty(dir: &Path) -> Result<Users, AuthError> {
+        let users = Users::open_file(dir)?;
+        Ok(users)
+    }
+
+    fn digest(&self, password: &str) -> u128 {
+        let half = |state: &RandomState| {
+            let mut hasher = state.build_hasher();
+            hasher.write(password.as_bytes());
+            hasher.finish()
+        };
+        (u128::from(half(&self.keys.0)) << 64) | u128::from(half(&self.keys.1))
+    }
+
+    /// Checks a user's password (blocking: runs the KDF unless this password was verified
+    /// for this user before).
+    pub fn verify(&self, name: &str, password: &str) -> Result<(), Refusal> {
+        let hash = {
+            let users = self.users.lock().expect("users lock");
+            match users.get(name) {
+                Some(user) => user.password_hash.clone(),
+                None => {
+                    drop(users);
+                    // As long as a wrong password takes: the timing says nothing either.
+                    let _ = Argon2::default().verify_password(
+                        password.as_bytes(),
+                        &PasswordHash::new(DUMMY_HASH).expect("a valid PHC string"),
+                    );
+                    return Err(Refusal::UnknownUser);
+                }
+            }
+        };
+        let digest = self.digest(password);
+        if self
+            .verified
+            .lock()
+            .expect("verified lock")
+            .get(name)
+            .is_some_and(|(verified_hash, verified)| *verified_hash == hash && *verified == digest)
+        {
+            return Ok(());
+        }
+        let parsed = PasswordHash::new(&hash).map_err(|_| Refusal::WrongPassword)?;
+        Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .map_err(|_| Refusal::WrongPassword)?;
+        self.verified
+            .lock()
+            .expect("verified lock")
+            .insert(name.to_owned(), (hash, digest));
+        Ok(())
+    }
+
+    /// Adds a user (blocking: hashes the password, rewrites the file).
+    pub fn add(&self, name: &str, password: &str, tags: &[Tag]) -> Result<(), AuthError> {
+        check_name(name)?;
+        let password_hash = hash_password(password)?;
+        let mut users = self.users.lock().expect("users lock");
+        if users.contains_key(name) {
+            return Err(AuthError::UserExists(name.to_owned()));
+        }
+        if users.len() >= USERS_MAX {
+            return Err(AuthError::TooMany);
+        }
+        let mut next = users.clone();
+        let mut tags = tags.to_vec();
+        tags.sort();
+        tags.dedup();
+        next.insert(
+            name.to_owned(),
+            User {
+                password_hash,
+                tags,
+            },
+        );
+        self.store(&next)?;
+        *users = next;
+        Ok(())
+    }
+
+    /// Deletes a user (its connections stay open until they close).
+    pub fn delete(&self, name: &str) -> Result<(), AuthError> {
+        let mut users = self.users.lock().expect("users lock");
+        if !users.contains_key(name) {
+            return Err(AuthError::NoSuchUser(name.to_owned()));
+        }
+        let mut next = users.clone();
+        next.remove(name);
+        self.store(&next)?;
+        *users = next;
+        self.verified.lock().expect("verified lock").remove(name);
+        Ok(())
+    }
+
+    /// Sets a user's password.
+    pub fn set_password(&self, name: &str, password: &str) -> Result<(), AuthError> {
+        let password_hash = hash_password(password)?;
+        let mut users = self.users.lock().expect("users lock");
+        let mut next = users.clone();
+        next.get_mut(name)
+            .ok_or_else(|| AuthError::NoSuchUser(name.to_owned()))?
+            .password_hash = password_hash;
+        self.store(&next)?;
+        *users = next;
+        self.verified.lock().expect("verified lock").remove(name);
+        Ok(())
+    }
+
+    /// Every user and its tags, by name.
+    pub fn list(&self) -> Vec<(String, Vec<Tag>)> {
+        self.users
+            .lock()
+            .expect("users lock")
+            .iter()
+            .map(|(name, user)| (name.clone(), user.tags.clone()))
+            .collect()
+    }
+
+    /// Replaces the file with `users`: a temporary file written and fsynced, renamed over
+    /// the old one, the directory fsynced. A failure leaves the old file whole.
+    fn store(&self, users: &BTreeMap<String, User>) -> Result<(), AuthError> {
+        let file_error = |reason: String| AuthError::File {
+            path: self.path.clone(),
+            reason,
+        };
+        let file = UsersFile {
+            version: 1,
+            users: users.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&file).expect("users serialize");
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let tmp = self.path.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut out = std::fs::File::create(&tmp)?;
+            out.write_all(&bytes)?;
+            out.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(|err| file_error(err.to_string()))
+    }
+}
+
+/// A valid argon2id hash of a password nobody has, verified against for unknown users.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0zZ8GmZ8x6d7aK8ZfGkS2l2gC6i0v6z6lQy3Lw5Zt1M";
+
+/// The user name of `PLAIN` credentials, for logs (never the password).
+pub fn plain_user(data: &[u8]) -> Option<&str> {
+    let user = data.split(|byte| *byte == 0).nth(1)?;
+    std::str::from_utf8(user).ok()
+}
+
+/// The client's credentials, as the `Hello` carries them, checked (blocking: may run the
+/// KDF). `loopback_users` may only log in from a loopback address.
+pub fn authenticate(
+    users: &Users,
+    mechanism: &str,
+    data: &[u8],
+    peer: IpAddr,
+    allow_anonymous: bool,
+    loopback_users: &[String],
+) -> Result<Principal, Refusal> {
+    match mechanism {
+        "ANONYMOUS" if allow_anonymous => Ok(Principal::Anonymous),
+        "ANONYMOUS" => Err(Refusal::AnonymousDisabled),
+        "PLAIN" => {
+            // RFC 4616: [authzid] NUL authcid NUL passwd.
+            let mut parts = data.split(|byte| *byte == 0);
+            let (Some(_authzid), Some(user), Some(password), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(Refusal::Malformed);
+            };
+            let (Ok(user), Ok(password)) =
+                (std::str::from_utf8(user), std::str::from_utf8(password))
+            else {
+                return Err(Refusal::Malformed);
+            };
+            users.verify(user, password)?;
+            if loopback_users.iter().any(|name| name == user) && !peer.is_loopback() {
+                return Err(Refusal::NotLoopback);
+            }
+            Ok(Principal::User(user.to_owned()))
+        }
+        other => Err(Refusal::Mechanism(other.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(user: &str, password: &str) -> Vec<u8> {
+        format!("\0{user}\0{password}").into_bytes()
+    }
+
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    const REMOTE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 3));
+
+    #[test]
+    fn the_dummy_hash_is_a_valid_argon2id_hash() {
+        let hash = PasswordHash::new(DUMMY_HASH).expect("parses");
+        assert_eq!(hash.algorithm.as_str(), "argon2id");
+    }
+
+    #[test]
+    fn a_first_start_creates_the_default_user_and_users_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let users = Users::open(dir.path(), "guest", "guest").unwrap();
+        assert_eq!(
+            users.list(),
+            vec![("guest".to_owned(), vec![Tag::Administrator])]
+        );
+        users.add("alice", "s3cret", &[Tag::Monitoring]).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(USERS_FILE)).unwrap();
+        assert!(!text.contains("s3cret"), "the password is never stored");
+        assert!(text.contains("$argon2id$"), "{text}");
+        drop(users);
+        // Reopened: no default user is added again (even with other defaults).
+        let users = Users::open(dir.path(), "admin", "other").unwrap();
+        assert_eq!(users.list().len(), 2);
+        users.verify("alice", "s3cret").unwrap();
+        // Deleting the default user does not bring it back at the next start.
+        users.delete("guest").unwrap();
+        drop(users);
+        let users = Users::open(dir.path(), "guest", "guest").unwrap();
+        assert_eq!(
+            users.list(),
+            vec![("alice".to_owned(), vec![Tag::Monitoring])]
+        );
+    }
+
+    #[test]
+    fn plain_logins_are_checked_and_refusals_are_typed() {
+        let dir = tempfile::tempdir().unwrap();
+        let users = Users::open(dir.path(), "guest", "guest").unwrap();
+        users.add("alice", "s3cret", &[]).unwrap();
+        let guest_only_local = ["guest".to_owned()];
+        let login = |mechanism: &str, data: &[u8], peer: IpAddr, anonymous: bool| {
+            authenticate(&users, mechanism, data, peer, anonymous, &guest_only_local)
+        };
+        assert_eq!(
+            login("PLAIN", &plain("alice", "s3cret"), REMOTE, false),
+            Ok(Principal::User("alice".to_owned()))
+        );
+        // Twice: the second time from the cache, same answer.
+        assert!(login("PLAIN", &plain("alice", "s3cret"), REMOTE, false).is_ok());
+        assert_eq!(
+            login("PLAIN", &plain("alice", "wrong"), REMOTE, false),
+            Err(Refusal::WrongPassword)
+        );
+        assert_eq!(
+            login("PLAIN", &plain("mallory", "s3cret"), REMOTE, false),
+            Err(Refusal::UnknownUser)
+        );
+        assert_eq!(
+            Refusal::UnknownUser.client_reason(),
+            Refusal::WrongPassword.client_reason(),
+            "the client cannot tell an unknown user from a wrong password"
+        );
+        assert_eq!(
+            login("PLAIN", &plain("guest", "guest"), REMOTE, false),
+            Err(Refusal::NotLoopback)
+        );
+        assert!(login("PLAIN", &plain("guest", "guest"), LOCAL, false).is_ok());
+        assert_eq!(
+            login("PLAIN", b"no-nuls", LOCAL, false),
+            Err(Refusal::Malformed)
+        );
+        assert_eq!(
+            login("ANONYMOUS", b"", LOCAL, false),
+            Err(Refusal::AnonymousDisabled)
+        );
+        assert_eq!(
+            login("ANONYMOUS", b"", LOCAL, true),
+            Ok(Principal::Anonymous)
+        );
+        assert_eq!(
+            login("SCRAM-SHA-1", b"", LOCAL, true),
+            Err(Refusal::Mechanism("SCRAM-SHA-1".to_owned()))
+        );
+        // A changed password takes effect at once, the cached one no longer works.
+        users.set_password("alice", "n3w").unwrap();
+        assert_eq!(
+            login("PLAIN", &plain("alice", "s3cret"), REMOTE, false),
+            Err(Refusal::WrongPassword)
+        );
+        assert!(login("PLAIN", &plain("alice", "n3w"), REMOTE, false).is_ok());
+    }
+
+    #[test]
+    fn bad_names_passwords_and_duplicates_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let users = Users::open(dir.path(), "guest", "guest").unwrap();
+        assert!(matches!(
+            users.add("", "x", &[]),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            users.add("a\nb", "x", &[]),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            users.add("bob", "", &[]),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            users.add("guest", "x", &[]),
+            Err(AuthError::UserExists(_))
+        ));
+        assert!(matches!(
+            users.delete("nobody"),
+            Err(AuthError::NoSuchUser(_))
+        ));
+        assert!(matches!(
+            users.set_password("nobody", "x"),
+            Err(AuthError::NoSuchUser(_))
+        ));
+        assert!("wizard".parse::<Tag>().is_err());
+        // A damaged file stops the broker rather than letting everyone in.
+        std::fs::write(dir.path().join(USERS_FILE), b"{not json").unwrap();
+        assert!(matches!(
+            Users::open(dir.path(), "guest", "guest"),
+            Err(AuthError::File { .. })
+        ));
+    }
+}

@@ -1,0 +1,162 @@
+//! Users of the real `wharf serve` process (issue #18): `guest` refused from a non-loopback
+//! address (a private network namespace made by `unshare -rn`, where an address of our own
+//! can be put on an interface), and users added with `wharf user` that survive restarts and
+//! `kill -9`. Logins themselves are tested in `crates/wharf-server/tests/auth.rs`.
+
+mod common;
+
+use common::DEADLINE;
+use common::process;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::{Command, Output};
+use wharf_client::{Client, ClientError, ErrorCode};
+
+fn wharf(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .expect("run wharf")
+}
+
+async fn login(
+    addr: std::net::SocketAddr,
+    user: &str,
+    password: &str,
+) -> Result<Client, ClientError> {
+    Client::connect(&format!("wharf://{user}:{password}@{addr}")).await
+}
+
+fn assert_refused(result: Result<Client, ClientError>) {
+    match result {
+        Err(ClientError::ServerClosed {
+            code: ErrorCode::AccessRefused,
+            ..
+        }) => {}
+        Err(other) => panic!("expected AccessRefused, got {other:?}"),
+        Ok(_) => panic!("expected AccessRefused, the login was accepted"),
+    }
+}
+
+/// In a network namespace of its own (so a fixed port and an address of our own are fine),
+/// the broker listens on every address; `guest` logs in through 127.0.0.1 and is refused
+/// through 10.77.0.1, which is not a loopback address, while another user is accepted there.
+#[test]
+fn guest_is_refused_from_a_non_loopback_address() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let added = wharf(&["user", "add", "alice", "--password", "s3cret"], &data);
+    assert!(added.status.success(), "{added:?}");
+    // alice alone would leave no guest: add it as a first start would.
+    let added = wharf(&["user", "add", "guest", "--password", "guest"], &data);
+    assert!(added.status.success(), "{added:?}");
+    let script = r#"
+        set -u
+        ip link set lo up && ip addr add 10.77.0.1/32 dev lo || exit 90
+        "$WHARF" serve --bind 0.0.0.0:5800 --data-dir "$DATA" >/dev/null 2>"$DATA/../broker.log" &
+        broker=$!
+        trap 'kill $broker 2>/dev/null' EXIT
+        up=0
+        for _ in $(seq 200); do
+          if (exec 3<>/dev/tcp/127.0.0.1/5800) 2>/dev/null; then up=1; break; fi
+          kill -0 $broker || break
+          sleep 0.05
+        done
+        [ $up = 1 ] || { cat "$DATA/../broker.log"; exit 91; }
+        "$WHARF" queues --server wharf://guest:guest@127.0.0.1:5800 >/dev/null; echo "guest-loopback=$?"
+        "$WHARF" queues --server wharf://guest:guest@10.77.0.1:5800 >/dev/null 2>"$DATA/../remote.err"; echo "guest-remote=$?"
+        "$WHARF" queues --server wharf://alice:s3cret@10.77.0.1:5800 >/dev/null; echo "alice-remote=$?"
+        cat "$DATA/../remote.err"
+        kill $broker; wait $broker
+        grep -c "login refused" "$DATA/../broker.log" | sed 's/^/refusals-logged=/'
+    "#;
+    // Bounded: whatever goes wrong inside, the namespace and its broker are gone in 60 s.
+    let output = Command::new("timeout")
+        .args(["60", "unshare", "-rn", "bash", "-c", script])
+        .env("WHARF", env!("CARGO_BIN_EXE_wharf"))
+        .env("DATA", &data)
+        .output()
+        .expect("run unshare");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("guest-loopback=0"), "{stdout}\n{stderr}");
+    // EXIT_CONNECT: the broker is there, this login is not accepted.
+    assert!(stdout.contains("guest-remote=3"), "{stdout}\n{stderr}");
+    assert!(stdout.contains("login refused"), "{stdout}");
+    assert!(stdout.contains("alice-remote=0"), "{stdout}\n{stderr}");
+    assert!(stdout.contains("refusals-logged=1"), "{stdout}");
+}
+
+/// Users added with `wharf user` while the broker is stopped are there after a restart and a
+/// `kill -9`; a directory that starts with chosen users gets no `guest`; `wharf user` refuses
+/// to touch the users of a running broker; a changed password and a deleted user take effect
+/// at the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_survive_restarts_and_kill_9_and_are_changed_while_stopped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let added = wharf(
+        &[
+            "user",
+            "add",
+            "alice",
+            "--password",
+            "s3cret",
+            "--tags",
+            "administrator",
+        ],
+        &data,
+    );
+    assert!(added.status.success(), "{added:?}");
+    let broker = process::spawn(&data);
+    login(broker.addr, "alice", "s3cret").await.expect("alice");
+    assert_refused(login(broker.addr, "guest", "guest").await);
+    let busy = wharf(&["user", "add", "bob", "--password", "pw"], &data);
+    assert!(!busy.status.success(), "{busy:?}");
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("must be stopped"),
+        "{busy:?}"
+    );
+    broker.kill();
+    let broker = process::spawn(&data);
+    login(broker.addr, "alice", "s3cret")
+        .await
+        .expect("alice after kill -9");
+    broker.terminate(DEADLINE);
+    let changed = wharf(&["user", "passwd", "alice", "--password", "n3w"], &data);
+    assert!(changed.status.success(), "{changed:?}");
+    let added = wharf(
+        &[
+            "user",
+            "add",
+            "bob",
+            "--password",
+            "pw",
+            "--tags",
+            "monitoring",
+        ],
+        &data,
+    );
+    assert!(added.status.success(), "{added:?}");
+    let listed = wharf(&["user", "list"], &data);
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "alice\t[administrator]\nbob\t[monitoring]\n"
+    );
+    let deleted = wharf(&["user", "delete", "bob"], &data);
+    assert!(deleted.status.success(), "{deleted:?}");
+    let broker = process::spawn_with(
+        &data,
+        &[OsStr::new("--default-pass"), OsStr::new("x")],
+        DEADLINE,
+    );
+    assert_refused(login(broker.addr, "alice", "s3cret").await);
+    login(broker.addr, "alice", "n3w")
+        .await
+        .expect("the new password");
+    assert_refused(login(broker.addr, "bob", "pw").await);
+    broker.terminate(DEADLINE);
+}
