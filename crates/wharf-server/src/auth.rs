@@ -27,12 +27,7 @@ use std::sync::Mutex;
 
 /// The file holding the users, in the data directory.
 pub const USERS_FILE: &str = "users.json";
-/// Longest user name (bytes), as RabbitMQ's short strings.
-pub const USER_NAME_BYTES_MAX: usize = 255;
-/// Longest password (bytes): bounds the KDF's input.
-pub const PASSWORD_BYTES_MAX: usize = 1024;
-/// Users at most: each is a line in a file rewritten on every change.
-pub const USERS_MAX: usize = 10_000;
+use crate::limits::{PASSWORD_BYTES_MAX, USER_NAME_BYTES_MAX, USERS_MAX};
 
 /// A user's tags, as RabbitMQ's (they grant access to the coming HTTP API and administration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub connections_max: usize,
     /// Consumers one connection may hold at most.
     pub consumers_per_connection_max: usize,
+    /// Connections one user may hold at once (0: no limit beyond `connections_max`).
+    pub connections_per_user_max: usize,
     /// Queues the broker holds at most.
     pub queues_max: usize,
     /// Exchanges the broker holds at most (the built-in ones included).
@@ -120,6 +122,7 @@ impl Default for ServerConfig {
             publishes_in_flight_max: wharf_protocol::limits::PUBLISHES_IN_FLIGHT_MAX,
             connections_max: crate::limits::CONNECTIONS_MAX,
             consumers_per_connection_max: wharf_core::limits::CONSUMERS_PER_CONNECTION_MAX,
+            connections_per_user_max: 0,
             queues_max: wharf_core::limits::QUEUES_MAX,
             exchanges_max: wharf_core::limits::EXCHANGES_MAX,
             memory_high_watermark_bytes: 0,
@@ -178,6 +181,8 @@ pub struct FileConfig {
     pub connections_max: Option<usize>,
     /// See [`ServerConfig::consumers_per_connection_max`].
     pub consumers_per_connection_max: Option<usize>,
+    /// See [`ServerConfig::connections_per_user_max`].
+    pub connections_per_user_max: Option<usize>,
     /// See [`ServerConfig::queues_max`].
     pub queues_max: Option<usize>,
     /// See [`ServerConfig::exchanges_max`].
@@ -358,6 +363,9 @@ pub fn resolve(
             file.connections_max,
             defaults.connections_max,
         )?,
+        connections_per_user_max: file
+            .connections_per_user_max
+            .unwrap_or(defaults.connections_per_user_max),
         consumers_per_connection_max: positive(
             "consumers_per_connection_max",
             file.consumers_per_connection_max,
@@ -550,6 +558,7 @@ mod tests {
             publishes_in_flight_max: Some(_),
             connections_max: Some(_),
             consumers_per_connection_max: Some(_),
+            connections_per_user_max: Some(_),
             queues_max: Some(_),
             exchanges_max: Some(_),
             memory_high_watermark_bytes: Some(_),

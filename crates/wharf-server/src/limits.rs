@@ -70,6 +70,12 @@ pub const READY_BYTES_LOW_WATERMARK_PERCENT: u64 = 80;
 pub const OUTBOX_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Time for a new connection to complete the handshake; idle sockets do not pin resources.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest user name (bytes), as RabbitMQ's short strings.
+pub const USER_NAME_BYTES_MAX: usize = 255;
+/// Longest password (bytes): bounds the KDF's input.
+pub const PASSWORD_BYTES_MAX: usize = 1024;
+/// Users at most: each is an entry of a file rewritten on every change.
+pub const USERS_MAX: usize = 10_000;
 /// A refused login is answered this long after its `Hello` (a constant: the timing tells
 /// nothing, and a password guesser gets two tries a second per connection).
 pub const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(500);

@@ -363,6 +363,7 @@ impl Server {
         );
         let shared = Arc::new(Context {
             users: Arc::new(users),
+            user_connections: Mutex::default(),
             sockets: std::sync::atomic::AtomicUsize::new(0),
             sockets_max,
             refusing: std::sync::atomic::AtomicUsize::new(0),

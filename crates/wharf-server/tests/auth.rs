@@ -129,3 +129,44 @@ async fn anonymous_logins_are_accepted_when_enabled() {
         .expect("anonymous enabled");
     client.declare_queue("anon").await.unwrap();
 }
+
+/// `connections_per_user_max`: a user's next connection over it gets `ResourceLimit`, other
+/// users are not affected, and a closed connection gives its place back.
+#[tokio::test]
+async fn a_user_holds_at_most_its_connections_quota() {
+    let server = server(|config| config.connections_per_user_max = 2).await;
+    let first = login(&server, Credentials::plain("alice", "s3cret"))
+        .await
+        .unwrap();
+    let _second = login(&server, Credentials::plain("alice", "s3cret"))
+        .await
+        .unwrap();
+    let third = login(&server, Credentials::plain("alice", "s3cret"))
+        .await
+        .expect_err("over the quota");
+    assert!(
+        matches!(
+            &third,
+            ClientError::ServerClosed {
+                code: ErrorCode::ResourceLimit,
+                reason,
+            } if reason.contains("alice")
+        ),
+        "{third:?}"
+    );
+    let _guest = Client::connect(&server.addr().to_string())
+        .await
+        .expect("another user is not affected");
+    first.close().await.unwrap();
+    let deadline = Instant::now() + common::DEADLINE;
+    while login(&server, Credentials::plain("alice", "s3cret"))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's place never returned"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

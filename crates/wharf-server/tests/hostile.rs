@@ -89,6 +89,10 @@ impl Bystander {
     fn assert_p99(&mut self) {
         self.latencies.sort();
         let p99 = self.latencies[self.latencies.len() * 99 / 100];
+        println!(
+            "bystander p99 {p99:?} over {} round trips",
+            self.latencies.len()
+        );
         assert!(
             p99 < BYSTANDER_P99_BOUND,
             "bystander p99 {p99:?} over {} round trips",

@@ -119,6 +119,10 @@ async fn descriptors_exhausted_by_silent_sockets_never_stop_the_log() {
         "{n_answered} of {n_silent} sockets over a cap of 128 were refused"
     );
     let rss = rss_bytes(&broker);
+    println!(
+        "RSS {:.1} MiB with {n_silent} silent sockets, {n_answered} refused",
+        rss as f64 / 1048576.0
+    );
     assert!(rss < 256 * 1024 * 1024, "RSS {rss}");
     drop(silent);
     // Room returns: a new client connects.

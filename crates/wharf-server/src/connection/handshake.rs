@@ -31,6 +31,64 @@ pub(crate) async fn refuse(socket: TcpStream, reason: String) {
     while matches!(reader.read(&mut sink).await, Ok(read) if read > 0) {}
 }
 
+/// One of a user's connections, counted against `connections_per_user_max` while it lives.
+pub(super) struct UserSlot {
+    counts: Option<(Arc<Context>, String)>,
+}
+
+impl std::fmt::Debug for UserSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UserSlot")
+    }
+}
+
+impl UserSlot {
+    fn take(
+        shared: &Arc<Context>,
+        principal: &crate::auth::Principal,
+    ) -> Result<UserSlot, HandshakeError> {
+        let max = shared.config.connections_per_user_max;
+        let crate::auth::Principal::User(user) = principal else {
+            return Ok(UserSlot { counts: None });
+        };
+        if max == 0 {
+            return Ok(UserSlot { counts: None });
+        }
+        let mut counts = shared
+            .user_connections
+            .lock()
+            .expect("user connections lock");
+        let count = counts.entry(user.clone()).or_default();
+        if *count >= max {
+            return Err(HandshakeError::UserFull {
+                user: user.clone(),
+                max,
+            });
+        }
+        *count += 1;
+        Ok(UserSlot {
+            counts: Some((shared.clone(), user.clone())),
+        })
+    }
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        if let Some((shared, user)) = self.counts.take() {
+            let mut counts = shared
+                .user_connections
+                .lock()
+                .expect("user connections lock");
+            if let Some(count) = counts.get_mut(&user) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(&user);
+                }
+            }
+        }
+    }
+}
+
 /// Checks a `Hello`'s credentials (the KDF runs on a blocking thread). A refusal is logged
 /// with the peer's address and the user name (never the password), and returned no sooner
 /// than `auth_failure_delay` after the `Hello` arrived, whatever the reason.
@@ -93,6 +151,14 @@ pub(super) enum HandshakeError {
         /// The configured maximum.
         max: usize,
     },
+    /// The user already holds its maximum of connections.
+    #[error("user {user} has its maximum of {max} connections")]
+    UserFull {
+        /// The user.
+        user: String,
+        /// `connections_per_user_max`.
+        max: usize,
+    },
     /// The credentials were refused (`AccessRefused` sent after the constant delay).
     #[error("login refused: {0}")]
     Refused(crate::auth::Refusal),
@@ -108,7 +174,7 @@ pub(super) enum HandshakeError {
 /// without a word, it is not a Wharf client), answer with ours at once, refuse an unsupported
 /// major or a full server with `Close`, then expect `Hello` and answer `HelloOk`.
 pub(super) async fn handshake(
-    shared: &Context,
+    shared: &Arc<Context>,
     peer: SocketAddr,
     reader: &mut OwnedReadHalf,
     writer: &mut OwnedWriteHalf,
@@ -170,6 +236,13 @@ pub(super) async fn handshake(
             return Err(HandshakeError::Refused(refusal));
         }
     };
+    let user_slot = match UserSlot::take(shared, &principal) {
+        Ok(slot) => slot,
+        Err(error) => {
+            send_close(writer, ErrorCode::ResourceLimit, error.to_string()).await;
+            return Err(error);
+        }
+    };
     let server_heartbeat_ms = shared.config.heartbeat.as_millis() as u32;
     let heartbeat_ms = match hello.heartbeat_ms {
         0 => server_heartbeat_ms,
@@ -195,6 +268,7 @@ pub(super) async fn handshake(
     debug!(client = %hello.client_name, mechanism = %hello.credentials.mechanism, user = %principal, "handshake done");
     Ok(Negotiated {
         principal,
+        _user_slot: user_slot,
         minor: preamble.negotiated_minor(),
         heartbeat: Duration::from_millis(u64::from(heartbeat_ms)),
         send_frame_bytes_max,

@@ -52,10 +52,12 @@ pub(crate) use handshake::refuse;
 use requests::handle_request;
 
 /// What the handshake settled for this connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Negotiated {
     /// Who logged in.
     principal: crate::auth::Principal,
+    /// Its place in the user's connection count, given back when the connection ends.
+    _user_slot: handshake::UserSlot,
     /// The protocol minor version both sides speak: a frame of a later minor is a violation.
     minor: u16,
     heartbeat: Duration,
