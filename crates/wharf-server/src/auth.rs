@@ -401,8 +401,13 @@ const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$
 
 /// The user name of `PLAIN` credentials, for logs (never the password).
 pub fn plain_user(data: &[u8]) -> Option<&str> {
-    let user = data.split(|byte| *byte == 0).nth(1)?;
-    std::str::from_utf8(user).ok()
+    // Only well-formed data (three fields): in malformed data the second field may well be
+    // the password.
+    let fields: Vec<&[u8]> = data.split(|byte| *byte == 0).collect();
+    match fields[..] {
+        [_, user, _] => std::str::from_utf8(user).ok(),
+        _ => None,
+    }
 }
 
 /// The client's credentials, as the `Hello` carries them, checked (blocking: may run the
@@ -431,8 +436,13 @@ pub fn authenticate(
             else {
                 return Err(Refusal::Malformed);
             };
+            if password.len() > PASSWORD_BYTES_MAX {
+                return Err(Refusal::WrongPassword);
+            }
             users.verify(user, password)?;
-            if loopback_users.iter().any(|name| name == user) && !peer.is_loopback() {
+            // An IPv4 peer of a dual-stack listener shows as ::ffff:a.b.c.d.
+            if loopback_users.iter().any(|name| name == user) && !peer.to_canonical().is_loopback()
+            {
                 return Err(Refusal::NotLoopback);
             }
             Ok(Principal::User(user.to_owned()))
@@ -518,6 +528,14 @@ mod tests {
             Err(Refusal::NotLoopback)
         );
         assert!(login("PLAIN", &plain("guest", "guest"), LOCAL, false).is_ok());
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert!(login("PLAIN", &plain("guest", "guest"), mapped, false).is_ok());
+        assert_eq!(plain_user(b"\0alice\0pw"), Some("alice"));
+        assert_eq!(
+            plain_user(b"alice\0pw"),
+            None,
+            "malformed: never log a field"
+        );
         assert_eq!(
             login("PLAIN", b"no-nuls", LOCAL, false),
             Err(Refusal::Malformed)

@@ -94,7 +94,12 @@ impl Batch<'_> {
         };
         let pending = state.commit(self.done.take());
         let high = self.shared.memory_high;
-        if state.broker.ready_bytes_total() <= high / 100 * READY_BYTES_LOW_WATERMARK_PERCENT {
+        if state.broker.ready_bytes_total() <= high / 100 * READY_BYTES_LOW_WATERMARK_PERCENT
+            && !self
+                .shared
+                .memory_alarm
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
             self.shared.memory_freed.notify_waiters();
         }
         self.shared.queues_changed.notify_waiters();

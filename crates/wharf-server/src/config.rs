@@ -60,8 +60,8 @@ pub struct ServerConfig {
     pub queues_max: usize,
     /// Exchanges the broker holds at most (the built-in ones included).
     pub exchanges_max: usize,
-    /// The memory alarm, in bytes: publishers are paused while the broker's resident memory
-    /// (or the ready message bytes of its queues) exceed it. 0: use
+    /// The memory alarm, in bytes: publishers of growing queues are paused while the message
+    /// bytes the broker holds (ready, unacked, queued for sockets, in read buffers) exceed it. 0: use
     /// [`ServerConfig::memory_high_watermark_fraction`] of the machine's memory.
     pub memory_high_watermark_bytes: u64,
     /// The memory alarm as a fraction of the machine's (or the cgroup's) memory, used when
@@ -376,11 +376,20 @@ pub fn resolve(
         memory_high_watermark_bytes: file
             .memory_high_watermark_bytes
             .unwrap_or(defaults.memory_high_watermark_bytes),
-        memory_high_watermark_fraction: fraction(
-            "memory_high_watermark_fraction",
-            file.memory_high_watermark_fraction,
-            defaults.memory_high_watermark_fraction,
-        )?,
+        memory_high_watermark_fraction: match file.memory_high_watermark_fraction {
+            // 0 would pause every publisher for good.
+            Some(fraction) if fraction <= 0.0 => {
+                return Err(ConfigError::Invalid {
+                    key: "memory_high_watermark_fraction",
+                    reason: format!("must be above 0 and at most 1, not {fraction}"),
+                });
+            }
+            value => fraction(
+                "memory_high_watermark_fraction",
+                value,
+                defaults.memory_high_watermark_fraction,
+            )?,
+        },
         disk_free_limit_bytes: file
             .disk_free_limit_bytes
             .unwrap_or(defaults.disk_free_limit_bytes),

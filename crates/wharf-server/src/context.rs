@@ -25,6 +25,8 @@ pub(crate) struct Context {
     pub config: ServerConfig,
     /// The broker's users (logins are checked against them).
     pub(crate) users: Arc<crate::auth::Users>,
+    /// Password checks running at once (`KDF_CONCURRENCY_MAX`).
+    pub(crate) kdf: Arc<tokio::sync::Semaphore>,
     /// Open connections per user (`connections_per_user_max`).
     pub(crate) user_connections: Mutex<std::collections::HashMap<String, usize>>,
     pub(crate) state: Mutex<State>,

@@ -76,6 +76,11 @@ pub const USER_NAME_BYTES_MAX: usize = 255;
 pub const PASSWORD_BYTES_MAX: usize = 1024;
 /// Users at most: each is an entry of a file rewritten on every change.
 pub const USERS_MAX: usize = 10_000;
+/// Password checks running at once at most (each runs argon2id: tens of ms of CPU and
+/// 19 MiB): a flood of `Hello`s queues for these instead of filling the blocking pool that
+/// spool writes and page-ins need. Waiting logins stay bounded by the socket cap and the
+/// handshake deadline.
+pub const KDF_CONCURRENCY_MAX: usize = 4;
 /// A refused login is answered this long after its `Hello` (a constant: the timing tells
 /// nothing, and a password guesser gets two tries a second per connection).
 pub const AUTH_FAILURE_DELAY: Duration = Duration::from_millis(500);

@@ -364,6 +364,9 @@ impl Server {
         let shared = Arc::new(Context {
             users: Arc::new(users),
             user_connections: Mutex::default(),
+            kdf: Arc::new(tokio::sync::Semaphore::new(
+                crate::limits::KDF_CONCURRENCY_MAX,
+            )),
             sockets: std::sync::atomic::AtomicUsize::new(0),
             sockets_max,
             refusing: std::sync::atomic::AtomicUsize::new(0),

@@ -105,7 +105,16 @@ async fn login(
         shared.config.allow_anonymous,
         shared.config.loopback_users.clone(),
     );
+    // Bounded: a permit per check, held by the blocking job until it ends (a handshake that
+    // times out meanwhile does not free it early).
+    let permit = shared
+        .kdf
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the KDF semaphore is never closed");
     let checked = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         crate::auth::authenticate(
             &users,
             &mechanism,

@@ -230,6 +230,10 @@ async fn read_loop(
         if let Some(exit) = decode_error {
             return exit;
         }
+        // What is left is a frame on its way in: counted from now, not as it was before the
+        // read that completed the frames just applied (a paused reader would otherwise hold
+        // a stale count, and the memory alarm with it).
+        outbox.set_read_bytes(buf.len());
         if frames.is_empty() && buf.len() >= 4 && !more_complete_frames(&buf) {
             reserve_for_partial_frame(&mut buf);
         } else if more_complete_frames(&buf) {
@@ -377,7 +381,9 @@ fn cancel_undeliverable(
                     code: ErrorCode::FrameTooLarge,
                     reason: format!(
                         "a message of {body_bytes} bytes does not fit your frame limit of \
-                     {frame_bytes_max} bytes; it stays in its queue for other consumers"
+                     {frame_bytes_max} bytes; unacknowledged deliveries go back to their \
+                     queue for other consumers (an auto-ack delivery was settled when sent \
+                     and is gone)"
                     ),
                 },
             ));
