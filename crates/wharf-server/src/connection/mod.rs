@@ -259,13 +259,23 @@ async fn read_loop(
                 wait_for_flow(shared, &mut state).await;
             }
         };
-        tokio::select! {
-            // Usually ready at once: then the writer's end is not even looked at.
-            biased;
-            () = ready_to_read => {}
-            // Nothing queued will drain and nothing more can be answered or delivered: end the
-            // connection so that its deliveries return to their queues.
-            () = outbox.writer_end.notified() => return writer_ended(outbox),
+        tokio::pin!(ready_to_read);
+        loop {
+            tokio::select! {
+                // Usually ready at once: then the writer's end is not even looked at.
+                biased;
+                () = &mut ready_to_read => break,
+                // Nothing queued will drain and nothing more can be answered or delivered: end
+                // the connection so that its deliveries return to their queues.
+                () = outbox.writer_end.notified() => return writer_ended(outbox),
+                // Deliveries the client cannot take are dealt with while it waits too.
+                () = outbox.set_aside_wake.notified() => cancel_undeliverable(
+                    shared,
+                    connection,
+                    outbox,
+                    negotiated.send_frame_bytes_max,
+                ),
+            }
         }
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(READ_BUFFER_BYTES);
