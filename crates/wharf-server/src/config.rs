@@ -516,6 +516,70 @@ mod tests {
     }
 
     #[test]
+    fn the_resource_and_login_keys_refuse_values_out_of_range() {
+        let invalid = |text: &str| match resolve(
+            Overrides::default(),
+            Some(toml::from_str::<FileConfig>(text).expect("parses")),
+        ) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("{text}: expected Invalid, got {other:?}"),
+        };
+        assert_eq!(invalid("connections_max = 0"), "connections_max");
+        assert_eq!(
+            invalid("consumers_per_connection_max = 0"),
+            "consumers_per_connection_max"
+        );
+        assert_eq!(invalid("queues_max = 0"), "queues_max");
+        assert_eq!(invalid("exchanges_max = 0"), "exchanges_max");
+        assert_eq!(
+            invalid("memory_high_watermark_fraction = 0.0"),
+            "memory_high_watermark_fraction"
+        );
+        assert_eq!(
+            invalid("memory_high_watermark_fraction = 1.5"),
+            "memory_high_watermark_fraction"
+        );
+        assert_eq!(
+            invalid("disk_free_limit_fraction = -0.1"),
+            "disk_free_limit_fraction"
+        );
+        assert_eq!(invalid("frame_timeout_ms = 5"), "frame_timeout_ms");
+        assert_eq!(
+            invalid("slow_consumer_timeout_ms = 100000000"),
+            "slow_consumer_timeout_ms"
+        );
+        assert_eq!(invalid("handshake_timeout_ms = 0"), "handshake_timeout_ms");
+        assert_eq!(
+            invalid("auth_failure_delay_ms = 60000"),
+            "auth_failure_delay_ms"
+        );
+        // In range: taken as given, and the derived limits follow.
+        let file: FileConfig = toml::from_str(
+            "memory_high_watermark_fraction = 0.5\ndisk_free_limit_fraction = 0.1\n\
+             slow_consumer_timeout_ms = 2000\ndefault_pass = \"s3cret\"\n",
+        )
+        .unwrap();
+        let config = resolve(Overrides::default(), Some(file)).unwrap();
+        assert_eq!(config.memory_high_watermark(Some(1_000)), 500);
+        assert_eq!(config.disk_free_limit(1_000_000_000), 100_000_000);
+        assert_eq!(
+            config.disk_free_limit(100_000_000),
+            50_000_000,
+            "the bytes floor"
+        );
+        assert_eq!(config.slow_consumer_timeout, Duration::from_secs(2));
+        assert!(
+            !format!("{config:?}").contains("s3cret"),
+            "a password is never shown"
+        );
+        let absolute = ServerConfig {
+            memory_high_watermark_bytes: 123,
+            ..ServerConfig::default()
+        };
+        assert_eq!(absolute.memory_high_watermark(Some(1 << 40)), 123);
+    }
+
+    #[test]
     fn unknown_keys_and_out_of_range_values_are_errors() {
         assert!(toml::from_str::<FileConfig>("bnd = \"x\"").is_err());
         let file: FileConfig = toml::from_str("heartbeat_ms = 5").unwrap();
