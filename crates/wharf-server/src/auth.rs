@@ -9,6 +9,12 @@
 //! `--default-pass` say otherwise) with the `administrator` tag, as RabbitMQ does; `guest`
 //! may only connect from a loopback address (`loopback_users`).
 //!
+//! Permissions (what a user may do in a virtual host) are kept with the users, in the same
+//! file and under the same lock, with RabbitMQ's model: three regular expressions over
+//! resource names (configure, write, read) per user per virtual host, and topic permissions
+//! (write, read) over routing keys per topic exchange. `access.rs` checks them. Every change
+//! bumps a generation number, by which connections know to forget what they checked.
+//!
 //! Verifying an argon2id hash takes tens of milliseconds of CPU on purpose. A successful
 //! verification is remembered as a keyed 128-bit digest of the password (keys drawn at
 //! random per process), so a client reconnecting with the same password is not charged the
@@ -24,10 +30,92 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The file holding the users, in the data directory.
 pub const USERS_FILE: &str = "users.json";
-use crate::limits::{PASSWORD_BYTES_MAX, USER_NAME_BYTES_MAX, USERS_MAX};
+use crate::limits::{
+    PASSWORD_BYTES_MAX, PERMISSION_PATTERN_BYTES_MAX, PERMISSION_REGEX_BYTES_MAX,
+    TOPIC_PERMISSIONS_MAX, USER_NAME_BYTES_MAX, USERS_MAX,
+};
+
+/// The virtual host every broker has (and, until more can be made, the only one).
+pub const DEFAULT_VHOST: &str = "/";
+
+/// The version of the users file this build writes. Version 1 (no permissions) is read and
+/// upgraded: its users had every right, so each is given full permissions on `/`.
+const USERS_FILE_VERSION: u32 = 2;
+
+/// A user's permissions in one virtual host, as RabbitMQ's: regular expressions over the
+/// names of exchanges and queues, matched unanchored (write `^...$` to anchor). The empty
+/// pattern matches nothing, as RabbitMQ's. The default exchange is named `amq.default` here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Permission {
+    /// Declare and delete resources (and declare a queue with a dead-letter exchange).
+    pub configure: String,
+    /// Publish to an exchange; bind a queue or exchange as a binding's destination.
+    pub write: String,
+    /// Consume from, purge or redrive a queue; bind from an exchange as a binding's source.
+    pub read: String,
+}
+
+impl Permission {
+    /// Every right on every resource (`.*` three times): the default user's on `/`.
+    pub fn full() -> Permission {
+        Permission {
+            configure: ".*".to_owned(),
+            write: ".*".to_owned(),
+            read: ".*".to_owned(),
+        }
+    }
+
+    fn check(&self) -> Result<(), AuthError> {
+        for pattern in [&self.configure, &self.write, &self.read] {
+            compile_pattern(pattern)?;
+        }
+        Ok(())
+    }
+}
+
+/// A user's topic permissions on one topic exchange of a virtual host, as RabbitMQ's: regular
+/// expressions over routing keys. `write` is checked on every publish to the exchange,
+/// `read` on every binding from it. `{username}` and `{vhost}` in a pattern stand for the
+/// user's name and the virtual host (regex-escaped).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicPermission {
+    /// Routing keys the user may publish with.
+    pub write: String,
+    /// Binding keys the user may bind queues with.
+    pub read: String,
+}
+
+/// Compiles a permission pattern: bounded in length and in compiled size; the empty pattern
+/// matches nothing.
+pub fn compile_pattern(pattern: &str) -> Result<regex::Regex, AuthError> {
+    if pattern.len() > PERMISSION_PATTERN_BYTES_MAX {
+        return Err(AuthError::Invalid(format!(
+            "a permission pattern is at most {PERMISSION_PATTERN_BYTES_MAX} bytes"
+        )));
+    }
+    let pattern = if pattern.is_empty() { "^$" } else { pattern };
+    regex::RegexBuilder::new(pattern)
+        .size_limit(PERMISSION_REGEX_BYTES_MAX)
+        .build()
+        .map_err(|err| AuthError::Invalid(format!("bad permission pattern {pattern:?}: {err}")))
+}
+
+/// A topic permission pattern with `{username}` and `{vhost}` replaced, compiled.
+pub fn compile_topic_pattern(
+    pattern: &str,
+    user: &str,
+    vhost: &str,
+) -> Result<regex::Regex, AuthError> {
+    compile_pattern(
+        &pattern
+            .replace("{username}", &regex::escape(user))
+            .replace("{vhost}", &regex::escape(vhost)),
+    )
+}
 
 /// A user's tags, as RabbitMQ's (they grant access to the coming HTTP API and administration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -78,6 +166,21 @@ pub struct User {
     /// Its tags.
     #[serde(default)]
     pub tags: Vec<Tag>,
+    /// Its permissions, by virtual host (none: it may not connect to that virtual host).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub permissions: BTreeMap<String, Permission>,
+    /// Its topic permissions, by virtual host and exchange.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub topic_permissions: BTreeMap<String, BTreeMap<String, TopicPermission>>,
+}
+
+/// What a user may do in one virtual host, as of one generation of the users file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grants {
+    /// The user's permissions there.
+    pub permission: Permission,
+    /// Its topic permissions there, by exchange.
+    pub topics: BTreeMap<String, TopicPermission>,
 }
 
 /// The file's contents.
@@ -113,6 +216,9 @@ pub enum AuthError {
     /// Too many users.
     #[error("the broker has its maximum of {USERS_MAX} users")]
     TooMany,
+    /// The virtual host does not exist.
+    #[error("no virtual host {0:?} (this broker has only \"/\")")]
+    NoSuchVhost(String),
 }
 
 /// Why a login was refused (logged for the operator; the client is told only that it was).
@@ -178,6 +284,9 @@ pub struct Users {
     /// User → (its hash when verified, keyed digest of the password that matched it).
     verified: Mutex<HashMap<String, (String, u128)>>,
     keys: (RandomState, RandomState),
+    /// Bumped (with the lock held) by every change: connections compare it with the one their
+    /// cached permission answers came from.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Users {
@@ -219,7 +328,22 @@ impl Users {
         let users = Users::open_file(dir)?;
         if created {
             check_name(default_user)?;
-            users.add(default_user, default_pass, &[Tag::Administrator])?;
+            let password_hash = hash_password(default_pass)?;
+            users.update(|all| {
+                all.insert(
+                    default_user.to_owned(),
+                    User {
+                        password_hash,
+                        tags: vec![Tag::Administrator],
+                        permissions: BTreeMap::from([(
+                            DEFAULT_VHOST.to_owned(),
+                            Permission::full(),
+                        )]),
+                        topic_permissions: BTreeMap::new(),
+                    },
+                );
+                Ok(())
+            })?;
             tracing::info!(user = default_user, "created the default user");
         }
         Ok(users)
@@ -231,24 +355,41 @@ impl Users {
             path: path.clone(),
             reason,
         };
-        let users = match std::fs::read(&path) {
+        let (users, upgrade) = match std::fs::read(&path) {
             Ok(bytes) => {
                 let file: UsersFile = serde_json::from_slice(&bytes)
                     .map_err(|err| file_error(format!("not a users file: {err}")))?;
-                if file.version != 1 {
-                    return Err(file_error(format!("unknown version {}", file.version)));
+                match file.version {
+                    1 => {
+                        // Before permissions, every user could do everything on `/`.
+                        let mut users = file.users;
+                        for user in users.values_mut() {
+                            user.permissions
+                                .insert(DEFAULT_VHOST.to_owned(), Permission::full());
+                        }
+                        (users, true)
+                    }
+                    USERS_FILE_VERSION => (file.users, false),
+                    other => return Err(file_error(format!("unknown version {other}"))),
                 }
-                file.users
             }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => (BTreeMap::new(), false),
             Err(err) => return Err(file_error(err.to_string())),
         };
-        Ok(Users {
+        let users = Users {
             path,
             users: Mutex::new(users),
             verified: Mutex::default(),
             keys: (RandomState::new(), RandomState::new()),
-        })
+            generation: AtomicU64::new(0),
+        };
+        if upgrade {
+            users.update(|_| Ok(()))?;
+            tracing::info!(
+                "upgraded the users file to version {USERS_FILE_VERSION}: existing users keep full permissions on /"
+            );
+        }
+        Ok(users)
     }
 
     /// Opens the users of `dir` without creating a default user when it has none (the
@@ -306,43 +447,57 @@ impl Users {
         Ok(())
     }
 
-    /// Adds a user (blocking: hashes the password, rewrites the file).
-    pub fn add(&self, name: &str, password: &str, tags: &[Tag]) -> Result<(), AuthError> {
-        check_name(name)?;
-        let password_hash = hash_password(password)?;
+    /// Applies `change` to a copy of the users, stores the copy, and only then makes it the
+    /// users (a failed store changes nothing); bumps the generation.
+    fn update(
+        &self,
+        change: impl FnOnce(&mut BTreeMap<String, User>) -> Result<(), AuthError>,
+    ) -> Result<(), AuthError> {
         let mut users = self.users.lock().expect("users lock");
-        if users.contains_key(name) {
-            return Err(AuthError::UserExists(name.to_owned()));
-        }
-        if users.len() >= USERS_MAX {
-            return Err(AuthError::TooMany);
-        }
         let mut next = users.clone();
-        let mut tags = tags.to_vec();
-        tags.sort();
-        tags.dedup();
-        next.insert(
-            name.to_owned(),
-            User {
-                password_hash,
-                tags,
-            },
-        );
+        change(&mut next)?;
         self.store(&next)?;
         *users = next;
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
-    /// Deletes a user (its connections stay open until they close).
+    /// Adds a user, without permissions (blocking: hashes the password, rewrites the file).
+    pub fn add(&self, name: &str, password: &str, tags: &[Tag]) -> Result<(), AuthError> {
+        check_name(name)?;
+        let password_hash = hash_password(password)?;
+        let mut tags = tags.to_vec();
+        tags.sort();
+        tags.dedup();
+        self.update(|users| {
+            if users.contains_key(name) {
+                return Err(AuthError::UserExists(name.to_owned()));
+            }
+            if users.len() >= USERS_MAX {
+                return Err(AuthError::TooMany);
+            }
+            users.insert(
+                name.to_owned(),
+                User {
+                    password_hash,
+                    tags,
+                    permissions: BTreeMap::new(),
+                    topic_permissions: BTreeMap::new(),
+                },
+            );
+            Ok(())
+        })
+    }
+
+    /// Deletes a user and its permissions (its connections stay open until they close, with
+    /// no permission left: what they ask next is refused).
     pub fn delete(&self, name: &str) -> Result<(), AuthError> {
-        let mut users = self.users.lock().expect("users lock");
-        if !users.contains_key(name) {
-            return Err(AuthError::NoSuchUser(name.to_owned()));
-        }
-        let mut next = users.clone();
-        next.remove(name);
-        self.store(&next)?;
-        *users = next;
+        self.update(|users| {
+            users
+                .remove(name)
+                .map(drop)
+                .ok_or_else(|| AuthError::NoSuchUser(name.to_owned()))
+        })?;
         self.verified.lock().expect("verified lock").remove(name);
         Ok(())
     }
@@ -350,15 +505,185 @@ impl Users {
     /// Sets a user's password.
     pub fn set_password(&self, name: &str, password: &str) -> Result<(), AuthError> {
         let password_hash = hash_password(password)?;
-        let mut users = self.users.lock().expect("users lock");
-        let mut next = users.clone();
-        next.get_mut(name)
-            .ok_or_else(|| AuthError::NoSuchUser(name.to_owned()))?
-            .password_hash = password_hash;
-        self.store(&next)?;
-        *users = next;
+        self.update(|users| {
+            users
+                .get_mut(name)
+                .ok_or_else(|| AuthError::NoSuchUser(name.to_owned()))?
+                .password_hash = password_hash;
+            Ok(())
+        })?;
         self.verified.lock().expect("verified lock").remove(name);
         Ok(())
+    }
+
+    /// Sets a user's tags.
+    pub fn set_tags(&self, name: &str, tags: &[Tag]) -> Result<(), AuthError> {
+        let mut tags = tags.to_vec();
+        tags.sort();
+        tags.dedup();
+        self.update(|users| {
+            users
+                .get_mut(name)
+                .ok_or_else(|| AuthError::NoSuchUser(name.to_owned()))?
+                .tags = tags;
+            Ok(())
+        })
+    }
+
+    /// A user's tags (`None`: no such user).
+    pub fn tags(&self, name: &str) -> Option<Vec<Tag>> {
+        let users = self.users.lock().expect("users lock");
+        users.get(name).map(|user| user.tags.clone())
+    }
+
+    /// Sets a user's permissions in a virtual host (replacing any).
+    pub fn set_permissions(
+        &self,
+        name: &str,
+        vhost: &str,
+        permission: Permission,
+    ) -> Result<(), AuthError> {
+        check_vhost(vhost)?;
+        permission.check()?;
+        self.update(|users| {
+            users
+                .get_mut(name)
+                .ok_or_else(|| AuthError::NoSuchUser(name.to_owned()))?
+                .permissions
+                .insert(vhost.to_owned(), permission);
+            Ok(())
+        })
+    }
+
+    /// Removes a user's permissions in a virtual host (and its topic permissions there): it
+    /// may no longer connect to it. Clearing what is not set is no error.
+    pub fn clear_permissions(&self, name: &str, vhost: &str) -> Result<(), AuthError> {
+        check_vhost(vhost)?;
+        self.update(|users| {
+            let user = users
+                .get_mut(name)
+                .ok_or_else(|| AuthError::NoSuchUser(name.to_owned()))?;
+            user.permissions.remove(vhost);
+            user.topic_permissions.remove(vhost);
+            Ok(())
+        })
+    }
+
+    /// Sets a user's topic permissions on an exchange of a virtual host (replacing any).
+    pub fn set_topic_permissions(
+        &self,
+        name: &str,
+        vhost: &str,
+        exchange: &str,
+        permission: TopicPermission,
+    ) -> Result<(), AuthError> {
+        check_vhost(vhost)?;
+        compile_topic_pattern(&permission.write, name, vhost)?;
+        compile_topic_pattern(&permission.read, name, vhost)?;
+        self.update(|users| {
+            let topics = users
+                .get_mut(name)
+                .ok_or_else(|| AuthError::NoSuchUser(name.to_owned()))?
+                .topic_permissions
+                .entry(vhost.to_owned())
+                .or_default();
+            if !topics.contains_key(exchange) && topics.len() >= TOPIC_PERMISSIONS_MAX {
+                return Err(AuthError::Invalid(format!(
+                    "a user has topic permissions on at most {TOPIC_PERMISSIONS_MAX} exchanges per virtual host"
+                )));
+            }
+            topics.insert(exchange.to_owned(), permission);
+            Ok(())
+        })
+    }
+
+    /// Removes a user's topic permissions on one exchange (`Some`) or all (`None`) of a
+    /// virtual host.
+    pub fn clear_topic_permissions(
+        &self,
+        name: &str,
+        vhost: &str,
+        exchange: Option<&str>,
+    ) -> Result<(), AuthError> {
+        check_vhost(vhost)?;
+        self.update(|users| {
+            let user = users
+                .get_mut(name)
+                .ok_or_else(|| AuthError::NoSuchUser(name.to_owned()))?;
+            match exchange {
+                Some(exchange) => {
+                    if let Some(topics) = user.topic_permissions.get_mut(vhost) {
+                        topics.remove(exchange);
+                        if topics.is_empty() {
+                            user.topic_permissions.remove(vhost);
+                        }
+                    }
+                }
+                None => {
+                    user.topic_permissions.remove(vhost);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Every user's permissions: (user, virtual host, permission), by user.
+    pub fn permissions(&self) -> Vec<(String, String, Permission)> {
+        let users = self.users.lock().expect("users lock");
+        users
+            .iter()
+            .flat_map(|(name, user)| {
+                user.permissions
+                    .iter()
+                    .map(|(vhost, permission)| (name.clone(), vhost.clone(), permission.clone()))
+            })
+            .collect()
+    }
+
+    /// Every user's topic permissions: (user, virtual host, exchange, permission).
+    pub fn topic_permissions(&self) -> Vec<(String, String, String, TopicPermission)> {
+        let users = self.users.lock().expect("users lock");
+        users
+            .iter()
+            .flat_map(|(name, user)| {
+                user.topic_permissions
+                    .iter()
+                    .flat_map(move |(vhost, topics)| {
+                        topics.iter().map(move |(exchange, permission)| {
+                            (
+                                name.clone(),
+                                vhost.clone(),
+                                exchange.clone(),
+                                permission.clone(),
+                            )
+                        })
+                    })
+            })
+            .collect()
+    }
+
+    /// The generation of the users and their permissions (changes with every change).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// What `name` may do in `vhost` (`None`: nothing, it may not even connect), and the
+    /// generation this answer belongs to.
+    pub fn grants(&self, name: &str, vhost: &str) -> (u64, Option<Grants>) {
+        let users = self.users.lock().expect("users lock");
+        let generation = self.generation.load(Ordering::Acquire);
+        let grants = users.get(name).and_then(|user| {
+            let permission = user.permissions.get(vhost)?.clone();
+            Some(Grants {
+                permission,
+                topics: user
+                    .topic_permissions
+                    .get(vhost)
+                    .cloned()
+                    .unwrap_or_default(),
+            })
+        });
+        (generation, grants)
     }
 
     /// Every user and its tags, by name.
@@ -379,7 +704,7 @@ impl Users {
             reason,
         };
         let file = UsersFile {
-            version: 1,
+            version: USERS_FILE_VERSION,
             users: users.clone(),
         };
         let bytes = serde_json::to_vec_pretty(&file).expect("users serialize");
@@ -393,6 +718,15 @@ impl Users {
             std::fs::File::open(dir)?.sync_all()
         };
         write().map_err(|err| file_error(err.to_string()))
+    }
+}
+
+/// Refuses a virtual host that does not exist (only `/`, until they can be made).
+fn check_vhost(vhost: &str) -> Result<(), AuthError> {
+    if vhost == DEFAULT_VHOST {
+        Ok(())
+    } else {
+        Err(AuthError::NoSuchVhost(vhost.to_owned()))
     }
 }
 
@@ -411,16 +745,25 @@ pub fn plain_user(data: &[u8]) -> Option<&str> {
 }
 
 /// The client's credentials, as the `Hello` carries them, checked (blocking: may run the
-/// KDF). `loopback_users` may only log in from a loopback address.
+/// KDF). `loopback_users` may only log in from a loopback address; an `ANONYMOUS` login,
+/// which acts as `anonymous_user`, too if that user is one of them.
 pub fn authenticate(
     users: &Users,
     mechanism: &str,
     data: &[u8],
     peer: IpAddr,
     allow_anonymous: bool,
+    anonymous_user: &str,
     loopback_users: &[String],
 ) -> Result<Principal, Refusal> {
+    let loopback_only = |user: &str| {
+        // An IPv4 peer of a dual-stack listener shows as ::ffff:a.b.c.d.
+        loopback_users.iter().any(|name| name == user) && !peer.to_canonical().is_loopback()
+    };
     match mechanism {
+        "ANONYMOUS" if allow_anonymous && loopback_only(anonymous_user) => {
+            Err(Refusal::NotLoopback)
+        }
         "ANONYMOUS" if allow_anonymous => Ok(Principal::Anonymous),
         "ANONYMOUS" => Err(Refusal::AnonymousDisabled),
         "PLAIN" => {
@@ -440,9 +783,7 @@ pub fn authenticate(
                 return Err(Refusal::WrongPassword);
             }
             users.verify(user, password)?;
-            // An IPv4 peer of a dual-stack listener shows as ::ffff:a.b.c.d.
-            if loopback_users.iter().any(|name| name == user) && !peer.to_canonical().is_loopback()
-            {
+            if loopback_only(user) {
                 return Err(Refusal::NotLoopback);
             }
             Ok(Principal::User(user.to_owned()))
@@ -502,7 +843,15 @@ mod tests {
         users.add("alice", "s3cret", &[]).unwrap();
         let guest_only_local = ["guest".to_owned()];
         let login = |mechanism: &str, data: &[u8], peer: IpAddr, anonymous: bool| {
-            authenticate(&users, mechanism, data, peer, anonymous, &guest_only_local)
+            authenticate(
+                &users,
+                mechanism,
+                data,
+                peer,
+                anonymous,
+                "guest",
+                &guest_only_local,
+            )
         };
         assert_eq!(
             login("PLAIN", &plain("alice", "s3cret"), REMOTE, false),
@@ -549,6 +898,11 @@ mod tests {
             Ok(Principal::Anonymous)
         );
         assert_eq!(
+            login("ANONYMOUS", b"", REMOTE, true),
+            Err(Refusal::NotLoopback),
+            "anonymous acts as guest, and guest is loopback-only"
+        );
+        assert_eq!(
             login("SCRAM-SHA-1", b"", LOCAL, true),
             Err(Refusal::Mechanism("SCRAM-SHA-1".to_owned()))
         );
@@ -559,6 +913,101 @@ mod tests {
             Err(Refusal::WrongPassword)
         );
         assert!(login("PLAIN", &plain("alice", "n3w"), REMOTE, false).is_ok());
+    }
+
+    #[test]
+    fn a_version_1_file_is_upgraded_with_full_permissions_on_the_default_vhost() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = hash_password("pw").unwrap();
+        std::fs::write(
+            dir.path().join(USERS_FILE),
+            format!(r#"{{"version":1,"users":{{"old":{{"password_hash":"{hash}","tags":[]}}}}}}"#),
+        )
+        .unwrap();
+        let users = Users::open(dir.path(), "guest", "guest").unwrap();
+        assert_eq!(
+            users.permissions(),
+            vec![("old".to_owned(), "/".to_owned(), Permission::full())]
+        );
+        let text = std::fs::read_to_string(dir.path().join(USERS_FILE)).unwrap();
+        assert!(text.contains("\"version\": 2"), "stored upgraded: {text}");
+        users.verify("old", "pw").unwrap();
+    }
+
+    #[test]
+    fn permissions_are_validated_and_bump_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let users = Users::open(dir.path(), "guest", "guest").unwrap();
+        users.add("alice", "pw", &[]).unwrap();
+        assert_eq!(users.grants("alice", DEFAULT_VHOST).1, None);
+        let before = users.generation();
+        let bad = |pattern: &str| Permission {
+            configure: pattern.to_owned(),
+            write: String::new(),
+            read: String::new(),
+        };
+        assert!(matches!(
+            users.set_permissions("alice", DEFAULT_VHOST, bad("(")),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(
+            matches!(
+                users.set_permissions("alice", DEFAULT_VHOST, bad("a{1000}{1000}")),
+                Err(AuthError::Invalid(_))
+            ),
+            "a pattern over the compiled-size limit"
+        );
+        assert!(matches!(
+            users.set_permissions(
+                "alice",
+                DEFAULT_VHOST,
+                bad(&"a".repeat(PERMISSION_PATTERN_BYTES_MAX + 1))
+            ),
+            Err(AuthError::Invalid(_))
+        ));
+        assert!(matches!(
+            users.set_permissions("alice", "/other", Permission::full()),
+            Err(AuthError::NoSuchVhost(_))
+        ));
+        assert!(matches!(
+            users.set_permissions("nobody", DEFAULT_VHOST, Permission::full()),
+            Err(AuthError::NoSuchUser(_))
+        ));
+        assert_eq!(users.generation(), before, "refused changes change nothing");
+        users
+            .set_permissions("alice", DEFAULT_VHOST, Permission::full())
+            .unwrap();
+        assert!(users.generation() > before);
+        assert!(users.grants("alice", DEFAULT_VHOST).1.is_some());
+        for n in 0..TOPIC_PERMISSIONS_MAX {
+            users
+                .set_topic_permissions(
+                    "alice",
+                    DEFAULT_VHOST,
+                    &format!("x{n}"),
+                    TopicPermission {
+                        write: ".*".to_owned(),
+                        read: ".*".to_owned(),
+                    },
+                )
+                .unwrap();
+        }
+        assert!(matches!(
+            users.set_topic_permissions(
+                "alice",
+                DEFAULT_VHOST,
+                "one-more",
+                TopicPermission {
+                    write: ".*".to_owned(),
+                    read: ".*".to_owned(),
+                }
+            ),
+            Err(AuthError::Invalid(_))
+        ));
+        users
+            .clear_topic_permissions("alice", DEFAULT_VHOST, None)
+            .unwrap();
+        assert!(users.topic_permissions().is_empty());
     }
 
     #[test]

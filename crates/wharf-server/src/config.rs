@@ -80,6 +80,9 @@ pub struct ServerConfig {
     pub default_pass: Secret,
     /// Whether clients may log in with SASL `ANONYMOUS` (no user).
     pub allow_anonymous: bool,
+    /// The user whose permissions an `ANONYMOUS` login has (RabbitMQ 4's
+    /// `anonymous_login_user`); it is subject to `loopback_users` like a login by name.
+    pub anonymous_login_user: String,
     /// Users that may only log in from a loopback address (RabbitMQ's `loopback_users`).
     pub loopback_users: Vec<String>,
     /// How long after its `Hello` a refused login is answered (whatever the reason, so the
@@ -133,6 +136,7 @@ impl Default for ServerConfig {
             default_user: "guest".to_owned(),
             default_pass: Secret("guest".to_owned()),
             allow_anonymous: false,
+            anonymous_login_user: "guest".to_owned(),
             loopback_users: vec!["guest".to_owned()],
             auth_failure_delay: crate::limits::AUTH_FAILURE_DELAY,
             frame_timeout: crate::limits::FRAME_TIMEOUT,
@@ -203,6 +207,8 @@ pub struct FileConfig {
     pub default_pass: Option<Secret>,
     /// See [`ServerConfig::allow_anonymous`].
     pub allow_anonymous: Option<bool>,
+    /// See [`ServerConfig::anonymous_login_user`].
+    pub anonymous_login_user: Option<String>,
     /// See [`ServerConfig::loopback_users`].
     pub loopback_users: Option<Vec<String>>,
     /// Milliseconds; see [`ServerConfig::auth_failure_delay`].
@@ -423,6 +429,9 @@ pub fn resolve(
             .or(file.default_pass)
             .unwrap_or(defaults.default_pass),
         allow_anonymous: file.allow_anonymous.unwrap_or(defaults.allow_anonymous),
+        anonymous_login_user: file
+            .anonymous_login_user
+            .unwrap_or(defaults.anonymous_login_user),
         loopback_users: file.loopback_users.unwrap_or(defaults.loopback_users),
         auth_failure_delay: match file.auth_failure_delay_ms {
             Some(ms) if ms > 10_000 => {
@@ -644,6 +653,7 @@ mod tests {
             default_user: Some(_),
             default_pass: Some(_),
             allow_anonymous: Some(_),
+            anonymous_login_user: Some(_),
             loopback_users: Some(_),
             auth_failure_delay_ms: Some(_),
             sync: Some(_),

@@ -9,6 +9,7 @@
 //! It is a library: the `wharf` binary (crate `wharf`, `crates/wharf`) resolves a
 //! [`ServerConfig`] with [`config::resolve`] and runs a [`Server`]. See docs/ARCHITECTURE.md.
 
+pub mod access;
 pub mod auth;
 mod batch;
 pub mod config;

@@ -76,6 +76,16 @@ pub const USER_NAME_BYTES_MAX: usize = 255;
 pub const PASSWORD_BYTES_MAX: usize = 1024;
 /// Users at most: each is an entry of a file rewritten on every change.
 pub const USERS_MAX: usize = 10_000;
+/// Longest permission pattern (bytes): a regular expression compiled per connection.
+pub const PERMISSION_PATTERN_BYTES_MAX: usize = 1024;
+/// Memory one compiled permission pattern may take (the regex crate's size limit): a pattern
+/// such as `a{1000}{1000}` is refused when set instead of costing every connection megabytes.
+pub const PERMISSION_REGEX_BYTES_MAX: usize = 256 * 1024;
+/// Topic-permission exchanges per user per virtual host at most.
+pub const TOPIC_PERMISSIONS_MAX: usize = 1024;
+/// Permission answers a connection remembers (per resource and kind of access); past it the
+/// cache starts afresh, so a client naming ever new resources costs bounded memory.
+pub const ACCESS_CACHE_ENTRIES_MAX: usize = 4096;
 /// Password checks running at once at most (each runs argon2id: tens of ms of CPU and
 /// 19 MiB): a flood of `Hello`s queues for these instead of filling the blocking pool that
 /// spool writes and page-ins need. Waiting logins stay bounded by the socket cap and the

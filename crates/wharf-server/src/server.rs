@@ -564,6 +564,10 @@ pub struct RunningServer {
     pub shutdown: ShutdownHandle,
     /// Completes when it has stopped.
     pub task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// Its users and their permissions: a change made here (an embedding program's
+    /// administration) applies to new logins at once and to open connections from their
+    /// next operation.
+    pub users: Arc<crate::auth::Users>,
 }
 
 impl RunningServer {
@@ -584,11 +588,13 @@ impl RunningServer {
     fn spawn(server: Server) -> std::io::Result<RunningServer> {
         let addr = server.local_addr()?;
         let shutdown = server.shutdown_handle();
+        let users = server.shared.users.clone();
         let task = tokio::spawn(server.run());
         Ok(RunningServer {
             addr,
             shutdown,
             task,
+            users,
         })
     }
 

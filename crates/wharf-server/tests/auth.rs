@@ -10,7 +10,7 @@ use common::{Raw, TestServer, server_still_serves};
 use std::time::{Duration, Instant};
 use wharf_client::{Client, ClientError, ClientOptions, Credentials};
 use wharf_protocol::{ErrorCode, Frame, Hello, Preamble};
-use wharf_server::auth::{Tag, Users};
+use wharf_server::auth::{DEFAULT_VHOST, Permission, Tag, Users};
 
 const DELAY: Duration = Duration::from_millis(300);
 
@@ -21,6 +21,9 @@ async fn server(tweak: impl FnOnce(&mut wharf_server::ServerConfig)) -> TestServ
         users
             .add("alice", "s3cret", &[Tag::Monitoring])
             .expect("add alice");
+        users
+            .set_permissions("alice", DEFAULT_VHOST, Permission::full())
+            .expect("alice's permissions");
         config.auth_failure_delay = DELAY;
         tweak(config);
     })

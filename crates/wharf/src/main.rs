@@ -38,6 +38,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Manage the broker's users in its data directory (the broker must be stopped).
     User(users::UserArgs),
+    /// Manage users' permissions in the broker's data directory (the broker must be stopped).
+    Permissions(users::PermissionArgs),
     #[command(flatten)]
     Client(cli::Command),
 }
@@ -158,6 +160,13 @@ fn main() -> ExitCode {
         }
         Cmd::Bench(args) => bench::main(args),
         Cmd::User(args) => match users::main(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Permissions(args) => match users::permissions_main(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("error: {err:#}");

@@ -52,6 +52,10 @@ fn guest_is_refused_from_a_non_loopback_address() {
     // alice alone would leave no guest: add it as a first start would.
     let added = wharf(&["user", "add", "guest", "--password", "guest"], &data);
     assert!(added.status.success(), "{added:?}");
+    for user in ["alice", "guest"] {
+        let set = wharf(&["permissions", "set", user, ".*", ".*", ".*"], &data);
+        assert!(set.status.success(), "{set:?}");
+    }
     let script = r#"
         set -u
         ip link set lo up && ip addr add 10.77.0.1/32 dev lo || exit 90
@@ -111,8 +115,66 @@ async fn users_survive_restarts_and_kill_9_and_are_changed_while_stopped() {
         &data,
     );
     assert!(added.status.success(), "{added:?}");
+    // A new user has no permissions: it cannot connect until it is given some.
     let broker = process::spawn(&data);
-    login(broker.addr, "alice", "s3cret").await.expect("alice");
+    assert_refused(login(broker.addr, "alice", "s3cret").await);
+    broker.terminate(DEADLINE);
+    let set = wharf(
+        &[
+            "permissions",
+            "set",
+            "alice",
+            "^alice-",
+            "^(amq\\.default|alice-.*)$",
+            ".*",
+        ],
+        &data,
+    );
+    assert!(set.status.success(), "{set:?}");
+    let bad = wharf(&["permissions", "set", "alice", "(", ".*", ".*"], &data);
+    assert!(!bad.status.success(), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("bad permission pattern"),
+        "{bad:?}"
+    );
+    let other_vhost = wharf(
+        &[
+            "permissions",
+            "set",
+            "-p",
+            "/other",
+            "alice",
+            ".*",
+            ".*",
+            ".*",
+        ],
+        &data,
+    );
+    assert!(
+        String::from_utf8_lossy(&other_vhost.stderr).contains("no virtual host \"/other\""),
+        "{other_vhost:?}"
+    );
+    let topic = wharf(
+        &[
+            "permissions",
+            "set-topic",
+            "alice",
+            "events",
+            "^alice\\.",
+            "^alice\\.",
+        ],
+        &data,
+    );
+    assert!(topic.status.success(), "{topic:?}");
+    let broker = process::spawn(&data);
+    let alice = login(broker.addr, "alice", "s3cret").await.expect("alice");
+    alice.declare_queue("alice-q").await.expect("own queue");
+    let refused = alice.declare_queue("bob-q").await.expect_err("not hers");
+    assert_eq!(
+        refused.code(),
+        Some(ErrorCode::AccessRefused),
+        "{refused:?}"
+    );
     assert_refused(login(broker.addr, "guest", "guest").await);
     let busy = wharf(&["user", "add", "bob", "--password", "pw"], &data);
     assert!(!busy.status.success(), "{busy:?}");
@@ -122,10 +184,28 @@ async fn users_survive_restarts_and_kill_9_and_are_changed_while_stopped() {
     );
     broker.kill();
     let broker = process::spawn(&data);
-    login(broker.addr, "alice", "s3cret")
+    let alice = login(broker.addr, "alice", "s3cret")
         .await
         .expect("alice after kill -9");
+    // Her permissions survived too: still her queues only.
+    alice.declare_queue("alice-q2").await.expect("own queue");
+    let refused = alice.declare_queue("bob-q").await.expect_err("not hers");
+    assert_eq!(
+        refused.code(),
+        Some(ErrorCode::AccessRefused),
+        "{refused:?}"
+    );
     broker.terminate(DEADLINE);
+    let listed = wharf(&["permissions", "list"], &data);
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "user\tconfigure\twrite\tread\nalice\t^alice-\t^(amq\\.default|alice-.*)$\t.*\n"
+    );
+    let listed = wharf(&["permissions", "list-topic"], &data);
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "user\texchange\twrite\tread\nalice\tevents\t^alice\\.\t^alice\\.\n"
+    );
     let changed = wharf(&["user", "passwd", "alice", "--password", "n3w"], &data);
     assert!(changed.status.success(), "{changed:?}");
     let added = wharf(
@@ -146,6 +226,8 @@ async fn users_survive_restarts_and_kill_9_and_are_changed_while_stopped() {
         String::from_utf8_lossy(&listed.stdout),
         "alice\t[administrator]\nbob\t[monitoring]\n"
     );
+    let set = wharf(&["permissions", "set", "bob", ".*", ".*", ".*"], &data);
+    assert!(set.status.success(), "{set:?}");
     let deleted = wharf(&["user", "delete", "bob"], &data);
     assert!(deleted.status.success(), "{deleted:?}");
     let broker = process::spawn_with(

@@ -84,6 +84,24 @@ impl Broker {
         all
     }
 
+    /// The name the next declare of a queue with an empty name gets (`wharf.gen-N`), for the
+    /// server's permission check, which must see the name before the queue exists.
+    pub fn next_generated_queue_name(&self) -> String {
+        self.generated_queue_name().0
+    }
+
+    /// The name a declare with an empty name would give its queue now, and the counter after it.
+    pub(crate) fn generated_queue_name(&self) -> (String, u64) {
+        let mut next = self.next_generated_name;
+        loop {
+            let candidate = format!("wharf.gen-{next}");
+            next += 1;
+            if !self.queue_names.contains_key(candidate.as_str()) {
+                return (candidate, next);
+            }
+        }
+    }
+
     /// One exchange's summary.
     pub fn exchange_info(&self, name: &str) -> Option<ExchangeInfo> {
         self.exchanges.get(name).map(exchange_info)

@@ -331,13 +331,9 @@ impl Broker {
             });
         }
         let name: Arc<str> = if generated {
-            loop {
-                let candidate = format!("wharf.gen-{}", self.next_generated_name);
-                self.next_generated_name += 1;
-                if !self.queue_names.contains_key(candidate.as_str()) {
-                    break candidate.into();
-                }
-            }
+            let (candidate, next) = self.generated_queue_name();
+            self.next_generated_name = next;
+            candidate.into()
         } else {
             name.into()
         };

@@ -3,15 +3,33 @@
 
 use super::*;
 
+/// Whether the connection's user may publish to the message's exchange (write), and with its
+/// routing key if the user has topic permissions on that topic exchange.
+fn may_publish(state: &State, access: &mut Access, message: &Message) -> Result<(), CoreError> {
+    access.check(Resource::Exchange, Right::Write, &message.exchange)?;
+    check_topic(
+        state,
+        access,
+        &message.exchange,
+        Right::Write,
+        &message.routing_key,
+    )
+}
+
 /// Publishes one message: confirmed now (transient), deferred to the log (durable) or refused.
 pub(super) fn publish_one(
     state: &mut State,
+    access: &mut Access,
     now: u64,
     message: Arc<Message>,
     seq: u64,
     confirms: &mut Confirms,
     deferred: &mut Deferred,
 ) {
+    if let Err(err) = may_publish(state, access, &message) {
+        confirms.push(seq, refused(ErrorCode::AccessRefused, err.to_string()));
+        return;
+    }
     if message.persistent
         && let Some(reason) = state.refusing_durable()
     {
@@ -90,6 +108,7 @@ pub(super) fn apply_frames(
                     );
                     publish_one(
                         &mut state,
+                        &mut reader.access,
                         now,
                         message,
                         reader.publish_seq,
@@ -112,6 +131,7 @@ pub(super) fn apply_frames(
                         );
                         publish_one(
                             &mut state,
+                            &mut reader.access,
                             now,
                             message,
                             reader.publish_seq,
@@ -189,7 +209,8 @@ pub(super) fn apply_frames(
                     request,
                 } => {
                     let logged_before = state.pending_log_ops();
-                    let response = handle_request(&mut state, connection, now, request);
+                    let response =
+                        handle_request(&mut state, &mut reader.access, connection, now, request);
                     if matches!(response, Response::Subscribed { .. }) {
                         // The answer precedes the consumer's first delivery (it logs nothing).
                         outbox.push_frame_held(Frame::Response {

@@ -101,8 +101,9 @@ async fn login(
     let users = shared.users.clone();
     let mechanism = hello.credentials.mechanism.clone();
     let data = hello.credentials.data.clone();
-    let (allow_anonymous, loopback_users) = (
+    let (allow_anonymous, anonymous_user, loopback_users) = (
         shared.config.allow_anonymous,
+        shared.config.anonymous_login_user.clone(),
         shared.config.loopback_users.clone(),
     );
     // Bounded: a permit per check, held by the blocking job until it ends (a handshake that
@@ -121,6 +122,7 @@ async fn login(
             &data,
             peer.ip(),
             allow_anonymous,
+            &anonymous_user,
             &loopback_users,
         )
     })
@@ -171,6 +173,14 @@ pub(super) enum HandshakeError {
     /// The credentials were refused (`AccessRefused` sent after the constant delay).
     #[error("login refused: {0}")]
     Refused(crate::auth::Refusal),
+    /// The user has no permissions in the virtual host.
+    #[error("access to vhost '{vhost}' refused for user '{user}'")]
+    NoVhostAccess {
+        /// The user.
+        user: String,
+        /// The virtual host.
+        vhost: &'static str,
+    },
     /// The client closed before sending what was expected.
     #[error("closed before {0}")]
     Closed(&'static str),
@@ -245,6 +255,20 @@ pub(super) async fn handshake(
             return Err(HandshakeError::Refused(refusal));
         }
     };
+    let user = match &principal {
+        crate::auth::Principal::User(name) => name.as_str(),
+        crate::auth::Principal::Anonymous => shared.config.anonymous_login_user.as_str(),
+    };
+    let mut access = Access::new(shared.users.clone(), user, crate::auth::DEFAULT_VHOST);
+    if !access.may_connect() {
+        let error = HandshakeError::NoVhostAccess {
+            user: user.to_owned(),
+            vhost: crate::auth::DEFAULT_VHOST,
+        };
+        warn!(%peer, user, "login refused: {error}");
+        send_close(writer, ErrorCode::AccessRefused, error.to_string()).await;
+        return Err(error);
+    }
     let user_slot = match UserSlot::take(shared, &principal) {
         Ok(slot) => slot,
         Err(error) => {
@@ -277,6 +301,7 @@ pub(super) async fn handshake(
     debug!(client = %hello.client_name, mechanism = %hello.credentials.mechanism, user = %principal, "handshake done");
     Ok(Negotiated {
         principal,
+        access,
         _user_slot: user_slot,
         minor: preamble.negotiated_minor(),
         heartbeat: Duration::from_millis(u64::from(heartbeat_ms)),

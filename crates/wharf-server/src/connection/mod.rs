@@ -4,6 +4,7 @@
 //! itself; backpressure on the reader (`flow.rs`); confirms and the log's completions
 //! (`confirms.rs`). The connection's writer task (`output.rs`) drains the rest of its outbox.
 
+use crate::access::{Access, Resource, Right};
 use crate::context::{Context, now_ms};
 use crate::convert::{
     PublishNames, bind_target, core_kind, error_code, message_from_wire, queue_info, queue_info_v2,
@@ -56,6 +57,8 @@ use requests::handle_request;
 struct Negotiated {
     /// Who logged in.
     principal: crate::auth::Principal,
+    /// What it may do.
+    access: Access,
     /// Its place in the user's connection count, given back when the connection ends.
     _user_slot: handshake::UserSlot,
     /// The protocol minor version both sides speak: a frame of a later minor is a violation.
@@ -65,6 +68,27 @@ struct Negotiated {
     send_frame_bytes_max: u32,
     /// Largest frame we accept.
     recv_frame_bytes_max: u32,
+}
+
+/// Checks a routing key (publish: `Write`) or binding key (bind: `Read`) against the user's
+/// topic permissions on `exchange`, if it has some there and the exchange is a topic exchange
+/// (the exchange's kind is looked up only then).
+fn check_topic(
+    state: &State,
+    access: &mut Access,
+    exchange: &str,
+    right: Right,
+    key: &str,
+) -> Result<(), CoreError> {
+    if access.has_topic_permissions(exchange)
+        && state
+            .broker
+            .exchange_info(exchange)
+            .is_some_and(|info| info.kind == wharf_core::ExchangeKind::Topic)
+    {
+        access.check_topic(exchange, right, key)?;
+    }
+    Ok(())
 }
 
 /// Why a connection's reader stopped.
@@ -166,6 +190,8 @@ struct Reader {
     /// Queues whose consumers drained them too slowly to hold this publisher for, and until
     /// when they are not looked at again.
     slow: Vec<(QueueId, Instant)>,
+    /// Its user's permissions.
+    access: Access,
 }
 
 /// Unconfirmed publishes of one connection: the reader stops reading at the limit.
@@ -195,6 +221,7 @@ async fn read_loop(
         in_flight: Arc::new(InFlight::default()),
         routed: Vec::new(),
         slow: Vec::new(),
+        access: negotiated.access,
     };
     let in_flight_max = u64::from(shared.config.publishes_in_flight_max);
     let mut frames: Vec<Frame> = Vec::new();

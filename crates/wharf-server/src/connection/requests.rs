@@ -16,8 +16,63 @@ fn refuse_amq_prefix(name: &str, passive: bool) -> Result<(), CoreError> {
     Ok(())
 }
 
+/// Checks the rights a binding needs, as RabbitMQ's table: write on its destination, read on
+/// its source exchange, and the binding key against topic permissions on a topic source.
+fn may_bind(
+    state: &State,
+    access: &mut Access,
+    binding: &wharf_protocol::Binding,
+) -> Result<(), CoreError> {
+    match &binding.destination {
+        wharf_protocol::Destination::Queue(queue) => {
+            access.check(Resource::Queue, Right::Write, queue)?
+        }
+        wharf_protocol::Destination::Exchange(exchange) => {
+            access.check(Resource::Exchange, Right::Write, exchange)?
+        }
+    }
+    access.check(Resource::Exchange, Right::Read, &binding.source)?;
+    check_topic(
+        state,
+        access,
+        &binding.source,
+        Right::Read,
+        &binding.routing_key,
+    )
+}
+
+/// Checks what declaring a queue needs: configure on it (on the name the server will give it,
+/// if it has none), and with a dead-letter exchange, write on that exchange and read on the
+/// queue, as RabbitMQ's table.
+fn may_declare_queue(
+    state: &State,
+    access: &mut Access,
+    name: &str,
+    arguments: &wharf_core::Headers,
+) -> Result<(), CoreError> {
+    let generated;
+    let name = if name.is_empty() {
+        generated = state.broker.next_generated_queue_name();
+        generated.as_str()
+    } else {
+        name
+    };
+    access.check(Resource::Queue, Right::Configure, name)?;
+    if let Some(wharf_core::HeaderValue::Str(exchange)) =
+        arguments.get(wharf_core::ARG_DEAD_LETTER_EXCHANGE)
+    {
+        access.check(Resource::Exchange, Right::Write, exchange)?;
+        access.check(Resource::Queue, Right::Read, name)?;
+    }
+    Ok(())
+}
+
+/// Applies a request, once the connection's user is found to have the rights it needs
+/// (docs/security.md has the table). A passive declare, statistics and listings need only
+/// access to the virtual host, as a passive declare in RabbitMQ.
 pub(super) fn handle_request(
     state: &mut State,
+    access: &mut Access,
     connection: ConnectionId,
     now: u64,
     request: Request,
@@ -33,6 +88,9 @@ pub(super) fn handle_request(
         } => {
             refuse_amq_prefix(&name, passive)?;
             let mut arguments = table_to_headers(&arguments);
+            if !passive {
+                may_declare_queue(state, access, &name, &arguments)?;
+            }
             let single_active_consumer = QueueOptions::take_single_active_consumer(&mut arguments)?;
             let options = QueueOptions {
                 durable,
@@ -67,6 +125,7 @@ pub(super) fn handle_request(
             if_unused,
             if_empty,
         } => {
+            access.check(Resource::Queue, Right::Configure, &name)?;
             match state.apply(
                 now,
                 Command::DeleteQueue {
@@ -81,6 +140,7 @@ pub(super) fn handle_request(
             }
         }
         Request::PurgeQueue { name } => {
+            access.check(Resource::Queue, Right::Read, &name)?;
             match state.apply(now, Command::PurgeQueue { connection, name })? {
                 Reply::Purged { messages } => Ok(Response::Purged { messages }),
                 other => unreachable!("purge replied {other:?}"),
@@ -96,6 +156,9 @@ pub(super) fn handle_request(
             arguments,
         } => {
             refuse_amq_prefix(&name, passive)?;
+            if !passive {
+                access.check(Resource::Exchange, Right::Configure, &name)?;
+            }
             let options = ExchangeOptions {
                 durable,
                 auto_delete,
@@ -114,10 +177,12 @@ pub(super) fn handle_request(
             Ok(Response::Done)
         }
         Request::DeleteExchange { name, if_unused } => {
+            access.check(Resource::Exchange, Right::Configure, &name)?;
             state.apply(now, Command::DeleteExchange { name, if_unused })?;
             Ok(Response::Done)
         }
         Request::Bind(binding) => {
+            may_bind(state, access, &binding)?;
             state.apply(
                 now,
                 Command::Bind {
@@ -130,6 +195,7 @@ pub(super) fn handle_request(
             Ok(Response::Done)
         }
         Request::Unbind(binding) => {
+            may_bind(state, access, &binding)?;
             state.apply(
                 now,
                 Command::Unbind {
@@ -151,6 +217,7 @@ pub(super) fn handle_request(
             initial_credit,
             arguments,
         } => {
+            access.check(Resource::Queue, Right::Read, &queue)?;
             let ack_timeout_ms =
                 ConsumerOptions::ack_timeout_of(&table_to_headers(&arguments), auto_ack)?;
             let options = ConsumerOptions {
@@ -197,6 +264,11 @@ pub(super) fn handle_request(
                 .collect(),
         )),
         Request::Redrive { queue, max } => {
+            // Takes messages from the queue (read) and republishes them where they died: an
+            // operator's act on the queue (configure), as the messages' targets are only
+            // known to the core.
+            access.check(Resource::Queue, Right::Read, &queue)?;
+            access.check(Resource::Queue, Right::Configure, &queue)?;
             match state.apply(
                 now,
                 Command::Redrive {
