@@ -1,4 +1,5 @@
-//! Server addresses: `wharf://[user:password@]host[:port][/]` or plain `host[:port]`.
+//! Server addresses: `wharf://[user:password@]host[:port][/]`, `wharfs://...` (TLS) or plain
+//! `host[:port]`.
 
 use crate::error::ClientError;
 use std::fmt;
@@ -7,8 +8,14 @@ use std::str::FromStr;
 /// The port a Wharf server listens on when an address names none.
 pub const DEFAULT_PORT: u16 = 5800;
 
+/// The port a Wharf server's TLS listener listens on when a `wharfs://` address names none.
+pub const DEFAULT_TLS_PORT: u16 = 5801;
+
 /// URL scheme of Wharf addresses.
 pub const SCHEME: &str = "wharf://";
+
+/// URL scheme of Wharf addresses reached over TLS.
+pub const TLS_SCHEME: &str = "wharfs://";
 
 /// A parsed server address.
 ///
@@ -26,6 +33,7 @@ pub struct ServerAddr {
     host: String,
     port: u16,
     user: Option<(String, String)>,
+    tls: bool,
 }
 
 impl ServerAddr {
@@ -37,6 +45,11 @@ impl ServerAddr {
     /// TCP port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Whether the address is reached over TLS (`wharfs://`).
+    pub fn tls(&self) -> bool {
+        self.tls
     }
 
     /// User name and password from the URL's user-info part, if any (used as `PLAIN`
@@ -67,6 +80,7 @@ impl fmt::Debug for ServerAddr {
             .field("host", &self.host)
             .field("port", &self.port)
             .field("user", &user)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -79,10 +93,11 @@ impl FromStr for ServerAddr {
             addr: text.to_owned(),
             reason,
         };
-        let rest = match text.split_once("://") {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("wharf") => rest,
-            Some(_) => return Err(invalid("the only scheme is wharf://")),
-            None => text,
+        let (rest, tls) = match text.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("wharf") => (rest, false),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("wharfs") => (rest, true),
+            Some(_) => return Err(invalid("the schemes are wharf:// and wharfs:// (TLS)")),
+            None => (text, false),
         };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.contains(['/', '?', '#']) {
@@ -123,6 +138,7 @@ impl FromStr for ServerAddr {
             return Err(invalid("empty host"));
         }
         let port = match port {
+            None if tls => DEFAULT_TLS_PORT,
             None => DEFAULT_PORT,
             Some(port) => port
                 .parse::<u16>()
@@ -132,6 +148,7 @@ impl FromStr for ServerAddr {
             host: host.to_owned(),
             port,
             user,
+            tls,
         })
     }
 }
@@ -158,6 +175,14 @@ mod tests {
         assert_eq!((v6.host(), v6.port()), ("::1", 7000));
         assert_eq!(v6.to_string(), "[::1]:7000");
         assert_eq!(parse("[::1]").unwrap().port(), DEFAULT_PORT);
+        assert!(!parse("wharf://h").unwrap().tls());
+        let tls = parse("wharfs://alice:pw@broker.internal").unwrap();
+        assert!(tls.tls());
+        assert_eq!(
+            (tls.host(), tls.port()),
+            ("broker.internal", DEFAULT_TLS_PORT)
+        );
+        assert_eq!(parse("WHARFS://h:7001").unwrap().port(), 7001);
     }
 
     #[test]

@@ -38,6 +38,14 @@ pub enum ClientError {
         #[source]
         source: Arc<io::Error>,
     },
+    /// TLS could not be set up: a CA, certificate or key file that cannot be used, or a TLS
+    /// handshake that failed (an untrusted, expired or misnamed server certificate; a broker
+    /// that wants a client certificate). Nothing was sent in the clear.
+    #[error("TLS: {reason}")]
+    Tls {
+        /// Why (rustls's explanation, e.g. "invalid peer certificate: Expired").
+        reason: String,
+    },
     /// The server did not speak the handshake as expected (bad preamble, unexpected frame).
     #[error("handshake failed: {detail}")]
     Handshake {
@@ -170,6 +178,7 @@ impl ClientError {
                 | ClientError::Protocol(_)
                 | ClientError::Closed
                 | ClientError::Connect { .. }
+                | ClientError::Tls { .. }
                 | ClientError::Handshake { .. }
         )
     }

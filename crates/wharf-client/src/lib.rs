@@ -71,8 +71,9 @@ pub mod limits;
 mod message;
 mod options;
 mod publisher;
+mod tls;
 
-pub use addr::{DEFAULT_PORT, SCHEME, ServerAddr};
+pub use addr::{DEFAULT_PORT, DEFAULT_TLS_PORT, SCHEME, ServerAddr, TLS_SCHEME};
 pub use client::{
     Bind, Client, DeclareExchange, DeclareQueue, DeclaredQueue, DeleteExchange, DeleteQueue,
     HeadersMatch, Overflow,
@@ -82,6 +83,7 @@ pub use error::ClientError;
 pub use message::{IntoValue, Message};
 pub use options::{ClientOptions, ConsumeOptions, Credentials, PREFETCH_MAX};
 pub use publisher::{PublishTicket, Publisher};
+pub use tls::TlsOptions;
 
 /// The protocol crate, for types not re-exported here.
 pub use wharf_protocol;

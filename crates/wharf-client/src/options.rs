@@ -17,6 +17,9 @@ pub enum Credentials {
     Default,
     /// No credentials (`ANONYMOUS` mechanism; the broker refuses it unless `allow_anonymous`).
     Anonymous,
+    /// The identity of the client certificate presented over TLS (`EXTERNAL` mechanism; the
+    /// broker takes the certificate's common name as the user).
+    External,
     /// User name and password (`PLAIN` mechanism).
     Plain {
         /// User name.
@@ -53,6 +56,10 @@ impl Credentials {
                 mechanism: "ANONYMOUS".to_owned(),
                 data: Default::default(),
             },
+            Credentials::External => wharf_protocol::Credentials {
+                mechanism: "EXTERNAL".to_owned(),
+                data: Default::default(),
+            },
             Credentials::Plain { username, password } => {
                 let mut data = BytesMut::with_capacity(2 + username.len() + password.len());
                 data.put_u8(0);
@@ -74,6 +81,7 @@ impl fmt::Debug for Credentials {
         match self {
             Credentials::Default => f.write_str("Default"),
             Credentials::Anonymous => f.write_str("Anonymous"),
+            Credentials::External => f.write_str("External"),
             Credentials::Plain { username, .. } => f
                 .debug_struct("Plain")
                 .field("username", username)
@@ -107,6 +115,10 @@ pub struct ClientOptions {
     /// Most encoded publish bytes queued for the socket and not yet written: publishers wait
     /// beyond it, so a slow network cannot make the client buffer without bound.
     pub outbound_bytes_max: usize,
+    /// TLS settings for `wharfs://` addresses (`None`: the system's trusted roots, no client
+    /// certificate). Given for a `wharf://` address, the connection is refused: TLS is
+    /// chosen by the scheme, never silently dropped.
+    pub tls: Option<crate::TlsOptions>,
 }
 
 impl Default for ClientOptions {
@@ -120,6 +132,7 @@ impl Default for ClientOptions {
             close_timeout: Duration::from_secs(5),
             frame_bytes_max: wharf_protocol::limits::FRAME_BYTES_MAX,
             outbound_bytes_max: 64 * 1024 * 1024,
+            tls: None,
         }
     }
 }

@@ -226,7 +226,7 @@ pub enum AuthError {
 #[non_exhaustive]
 pub enum Refusal {
     /// A mechanism the server does not offer.
-    #[error("mechanism {0:?} is not supported (PLAIN, and ANONYMOUS when enabled)")]
+    #[error("mechanism {0:?} is not supported (PLAIN; EXTERNAL over TLS; ANONYMOUS when enabled)")]
     Mechanism(String),
     /// `ANONYMOUS` while `allow_anonymous` is off.
     #[error("anonymous logins are not enabled")]
@@ -243,15 +243,19 @@ pub enum Refusal {
     /// A loopback-only user from another address.
     #[error("user may only connect from a loopback address")]
     NotLoopback,
+    /// `EXTERNAL` without a verified client certificate.
+    #[error("EXTERNAL needs a client certificate verified by the TLS listener")]
+    NoCertificate,
 }
 
 impl Refusal {
     /// What the client is told: nothing that says whether the user exists.
     pub fn client_reason(&self) -> String {
         match self {
-            Refusal::Mechanism(_) | Refusal::AnonymousDisabled | Refusal::Malformed => {
-                self.to_string()
-            }
+            Refusal::Mechanism(_)
+            | Refusal::AnonymousDisabled
+            | Refusal::Malformed
+            | Refusal::NoCertificate => self.to_string(),
             Refusal::UnknownUser | Refusal::WrongPassword | Refusal::NotLoopback => {
                 "login refused: check the user name and password".to_owned()
             }
@@ -686,6 +690,11 @@ impl Users {
         (generation, grants)
     }
 
+    /// Whether a user exists.
+    pub fn exists(&self, name: &str) -> bool {
+        self.users.lock().expect("users lock").contains_key(name)
+    }
+
     /// Every user and its tags, by name.
     pub fn list(&self) -> Vec<(String, Vec<Tag>)> {
         self.users
@@ -744,18 +753,34 @@ pub fn plain_user(data: &[u8]) -> Option<&str> {
     }
 }
 
+/// The broker's rules for logins (from its configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct LoginRules<'a> {
+    /// Whether `ANONYMOUS` is accepted.
+    pub allow_anonymous: bool,
+    /// The user an `ANONYMOUS` login acts as.
+    pub anonymous_user: &'a str,
+    /// Users that may only log in from a loopback address.
+    pub loopback_users: &'a [String],
+}
+
 /// The client's credentials, as the `Hello` carries them, checked (blocking: may run the
 /// KDF). `loopback_users` may only log in from a loopback address; an `ANONYMOUS` login,
-/// which acts as `anonymous_user`, too if that user is one of them.
+/// which acts as `anonymous_user`, too if that user is one of them. `certificate_user` is the
+/// common name of the client certificate TLS verified, the user of `EXTERNAL`.
 pub fn authenticate(
     users: &Users,
+    rules: LoginRules<'_>,
     mechanism: &str,
     data: &[u8],
     peer: IpAddr,
-    allow_anonymous: bool,
-    anonymous_user: &str,
-    loopback_users: &[String],
+    certificate_user: Option<&str>,
 ) -> Result<Principal, Refusal> {
+    let LoginRules {
+        allow_anonymous,
+        anonymous_user,
+        loopback_users,
+    } = rules;
     let loopback_only = |user: &str| {
         // An IPv4 peer of a dual-stack listener shows as ::ffff:a.b.c.d.
         loopback_users.iter().any(|name| name == user) && !peer.to_canonical().is_loopback()
@@ -766,6 +791,23 @@ pub fn authenticate(
         }
         "ANONYMOUS" if allow_anonymous => Ok(Principal::Anonymous),
         "ANONYMOUS" => Err(Refusal::AnonymousDisabled),
+        // RFC 4422 EXTERNAL: the user is the one the TLS layer verified (its certificate's
+        // common name); the optional authorization identity, if given, must be that user.
+        "EXTERNAL" => {
+            let Some(user) = certificate_user else {
+                return Err(Refusal::NoCertificate);
+            };
+            if !data.is_empty() && data != user.as_bytes() {
+                return Err(Refusal::Malformed);
+            }
+            if !users.exists(user) {
+                return Err(Refusal::UnknownUser);
+            }
+            if loopback_only(user) {
+                return Err(Refusal::NotLoopback);
+            }
+            Ok(Principal::User(user.to_owned()))
+        }
         "PLAIN" => {
             // RFC 4616: [authzid] NUL authcid NUL passwd.
             let mut parts = data.split(|byte| *byte == 0);
@@ -843,15 +885,12 @@ mod tests {
         users.add("alice", "s3cret", &[]).unwrap();
         let guest_only_local = ["guest".to_owned()];
         let login = |mechanism: &str, data: &[u8], peer: IpAddr, anonymous: bool| {
-            authenticate(
-                &users,
-                mechanism,
-                data,
-                peer,
-                anonymous,
-                "guest",
-                &guest_only_local,
-            )
+            let rules = LoginRules {
+                allow_anonymous: anonymous,
+                anonymous_user: "guest",
+                loopback_users: &guest_only_local,
+            };
+            authenticate(&users, rules, mechanism, data, peer, None)
         };
         assert_eq!(
             login("PLAIN", &plain("alice", "s3cret"), REMOTE, false),
@@ -905,6 +944,37 @@ mod tests {
         assert_eq!(
             login("SCRAM-SHA-1", b"", LOCAL, true),
             Err(Refusal::Mechanism("SCRAM-SHA-1".to_owned()))
+        );
+        // EXTERNAL: the user the TLS layer verified, if the broker has it.
+        let external = |certificate: Option<&str>, data: &[u8], peer: IpAddr| {
+            let rules = LoginRules {
+                allow_anonymous: false,
+                anonymous_user: "guest",
+                loopback_users: &guest_only_local,
+            };
+            authenticate(&users, rules, "EXTERNAL", data, peer, certificate)
+        };
+        assert_eq!(
+            external(Some("alice"), b"", REMOTE),
+            Ok(Principal::User("alice".to_owned()))
+        );
+        assert_eq!(
+            external(Some("alice"), b"alice", REMOTE),
+            Ok(Principal::User("alice".to_owned()))
+        );
+        assert_eq!(
+            external(Some("alice"), b"bob", REMOTE),
+            Err(Refusal::Malformed),
+            "an authorization identity other than the certificate's"
+        );
+        assert_eq!(external(None, b"", LOCAL), Err(Refusal::NoCertificate));
+        assert_eq!(
+            external(Some("mallory"), b"", LOCAL),
+            Err(Refusal::UnknownUser)
+        );
+        assert_eq!(
+            external(Some("guest"), b"", REMOTE),
+            Err(Refusal::NotLoopback)
         );
         // A changed password takes effect at once, the cached one no longer works.
         users.set_password("alice", "n3w").unwrap();

@@ -8,6 +8,8 @@ use wharf_storage::{ParseSyncPolicyError, SyncPolicy};
 
 /// The address `wharf serve` listens on by default.
 pub const DEFAULT_BIND: &str = "127.0.0.1:5800";
+/// The address the TLS listener listens on by default (when a certificate is configured).
+pub const DEFAULT_TLS_BIND: &str = "127.0.0.1:5801";
 /// Where durable state lives by default.
 pub const DEFAULT_DATA_DIR: &str = "./wharf-data";
 
@@ -38,6 +40,19 @@ impl std::fmt::Debug for Secret {
 pub struct ServerConfig {
     /// Listen address (port 0 picks an ephemeral port).
     pub bind: SocketAddr,
+    /// Whether the plaintext listener (on `bind`) runs; off, only TLS clients are served.
+    pub plaintext: bool,
+    /// The TLS listener's address (used when `tls_cert` is set).
+    pub tls_bind: SocketAddr,
+    /// The server's certificate chain (PEM); with `tls_key`, turns the TLS listener on.
+    pub tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) client certificates are verified against; set, a client may log
+    /// in with SASL `EXTERNAL` as its certificate's common name.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Whether a TLS client must present a certificate `tls_client_ca` verifies.
+    pub tls_require_client_cert: bool,
     /// Directory for durable state.
     pub data_dir: PathBuf,
     /// Log format.
@@ -118,6 +133,12 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             bind: DEFAULT_BIND.parse().expect("valid default address"),
+            plaintext: true,
+            tls_bind: DEFAULT_TLS_BIND.parse().expect("valid default address"),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_require_client_cert: false,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             log_format: LogFormat::Text,
             heartbeat: Duration::from_millis(u64::from(wharf_protocol::limits::HEARTBEAT_MS)),
@@ -158,6 +179,7 @@ impl ServerConfig {
     pub fn ephemeral(data_dir: impl Into<PathBuf>) -> Self {
         ServerConfig {
             bind: "127.0.0.1:0".parse().expect("valid address"),
+            tls_bind: "127.0.0.1:0".parse().expect("valid address"),
             data_dir: data_dir.into(),
             ..ServerConfig::default()
         }
@@ -171,6 +193,18 @@ impl ServerConfig {
 pub struct FileConfig {
     /// See [`ServerConfig::bind`].
     pub bind: Option<SocketAddr>,
+    /// See [`ServerConfig::plaintext`].
+    pub plaintext: Option<bool>,
+    /// See [`ServerConfig::tls_bind`].
+    pub tls_bind: Option<SocketAddr>,
+    /// See [`ServerConfig::tls_cert`].
+    pub tls_cert: Option<PathBuf>,
+    /// See [`ServerConfig::tls_key`].
+    pub tls_key: Option<PathBuf>,
+    /// See [`ServerConfig::tls_client_ca`].
+    pub tls_client_ca: Option<PathBuf>,
+    /// See [`ServerConfig::tls_require_client_cert`].
+    pub tls_require_client_cert: Option<bool>,
     /// See [`ServerConfig::data_dir`].
     pub data_dir: Option<PathBuf>,
     /// See [`ServerConfig::log_format`].
@@ -292,6 +326,18 @@ pub struct Overrides {
     pub default_user: Option<String>,
     /// `--default-pass` / `WHARF_DEFAULT_PASS`.
     pub default_pass: Option<String>,
+    /// `--tls-bind` / `WHARF_TLS_BIND`.
+    pub tls_bind: Option<SocketAddr>,
+    /// `--tls-cert` / `WHARF_TLS_CERT`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key` / `WHARF_TLS_KEY`.
+    pub tls_key: Option<PathBuf>,
+    /// `--tls-client-ca` / `WHARF_TLS_CLIENT_CA`.
+    pub tls_client_ca: Option<PathBuf>,
+    /// `--tls-require-client-cert` (true when given).
+    pub tls_require_client_cert: Option<bool>,
+    /// `--no-plaintext` (false when given).
+    pub plaintext: Option<bool>,
 }
 
 /// Resolves the final configuration: overrides > file > defaults.
@@ -338,6 +384,42 @@ pub fn resolve(
             })?,
         None => defaults.sync_policy,
     };
+    let tls_cert = overrides.tls_cert.or(file.tls_cert);
+    let tls_key = overrides.tls_key.or(file.tls_key);
+    let tls_client_ca = overrides.tls_client_ca.or(file.tls_client_ca);
+    let tls_require_client_cert = overrides
+        .tls_require_client_cert
+        .or(file.tls_require_client_cert)
+        .unwrap_or(defaults.tls_require_client_cert);
+    let plaintext = overrides
+        .plaintext
+        .or(file.plaintext)
+        .unwrap_or(defaults.plaintext);
+    if tls_cert.is_some() != tls_key.is_some() {
+        return Err(ConfigError::Invalid {
+            key: "tls_cert",
+            reason: "tls_cert and tls_key go together".to_owned(),
+        });
+    }
+    if !plaintext && tls_cert.is_none() {
+        return Err(ConfigError::Invalid {
+            key: "plaintext",
+            reason: "with the plaintext listener off, tls_cert and tls_key are needed".to_owned(),
+        });
+    }
+    if tls_require_client_cert && tls_client_ca.is_none() {
+        return Err(ConfigError::Invalid {
+            key: "tls_require_client_cert",
+            reason: "needs tls_client_ca (the CA client certificates are verified against)"
+                .to_owned(),
+        });
+    }
+    if tls_client_ca.is_some() && tls_cert.is_none() {
+        return Err(ConfigError::Invalid {
+            key: "tls_client_ca",
+            reason: "client certificates need the TLS listener (tls_cert and tls_key)".to_owned(),
+        });
+    }
     Ok(ServerConfig {
         sync_policy,
         checkpoint_bytes: file.checkpoint_bytes.unwrap_or(defaults.checkpoint_bytes),
@@ -353,6 +435,15 @@ pub fn resolve(
             .unwrap_or(defaults.flow_ready_messages),
         flow_ready_bytes: file.flow_ready_bytes.unwrap_or(defaults.flow_ready_bytes),
         bind: overrides.bind.or(file.bind).unwrap_or(defaults.bind),
+        plaintext,
+        tls_bind: overrides
+            .tls_bind
+            .or(file.tls_bind)
+            .unwrap_or(defaults.tls_bind),
+        tls_cert,
+        tls_key,
+        tls_client_ca,
+        tls_require_client_cert,
         data_dir: overrides
             .data_dir
             .or(file.data_dir)
@@ -508,6 +599,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tls_settings_that_cannot_work_are_refused() {
+        let invalid =
+            |text: &str| match resolve(Overrides::default(), Some(toml::from_str(text).unwrap())) {
+                Err(ConfigError::Invalid { key, .. }) => key,
+                other => panic!("{text}: {other:?}"),
+            };
+        assert_eq!(invalid("tls_cert = \"c.pem\""), "tls_cert");
+        assert_eq!(invalid("tls_key = \"k.pem\""), "tls_cert");
+        assert_eq!(invalid("plaintext = false"), "plaintext");
+        assert_eq!(
+            invalid("tls_cert = \"c\"\ntls_key = \"k\"\ntls_require_client_cert = true"),
+            "tls_require_client_cert"
+        );
+        assert_eq!(invalid("tls_client_ca = \"ca\""), "tls_client_ca");
+        let overrides = Overrides {
+            tls_cert: Some("c.pem".into()),
+            tls_key: Some("k.pem".into()),
+            plaintext: Some(false),
+            ..Overrides::default()
+        };
+        let config = resolve(overrides, None).unwrap();
+        assert!(!config.plaintext);
+        assert_eq!(config.tls_bind.port(), 5801);
+    }
+
+    #[test]
     fn flags_beat_file_and_file_beats_defaults() {
         let file: FileConfig = toml::from_str(
             "bind = \"127.0.0.1:7000\"\ndata_dir = \"/tmp/x\"\nheartbeat_ms = 500\n",
@@ -633,6 +750,12 @@ mod tests {
         let file: FileConfig = toml::from_str(text).expect("the example parses");
         let FileConfig {
             bind: Some(_),
+            plaintext: Some(_),
+            tls_bind: Some(_),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_require_client_cert: Some(_),
             data_dir: Some(_),
             log_format: Some(_),
             heartbeat_ms: Some(_),

@@ -17,6 +17,7 @@ mod connection;
 mod context;
 pub mod convert;
 pub mod data_dir;
+pub mod dev_ca;
 pub mod limits;
 pub mod outbox;
 pub mod output;
@@ -24,6 +25,7 @@ pub mod persist;
 pub mod resources;
 mod server;
 pub mod state;
+pub mod transport;
 mod writer;
 
 pub use config::{LogFormat, ServerConfig};

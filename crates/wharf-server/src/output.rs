@@ -126,7 +126,7 @@ mod tests {
         client.set_recv_buffer_size(4096).expect("receive buffer");
         let (client, accepted) = tokio::join!(client.connect(address), listener.accept());
         let (server, _) = accepted.expect("accept");
-        let (_, write_half) = server.into_split();
+        let (_, write_half) = crate::transport::Stream::Plain(server).split();
         let outbox = Arc::new(Output::default());
         *outbox.sink.try_lock().expect("not shared yet") = Some(Sink::new(
             write_half,

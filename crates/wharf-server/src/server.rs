@@ -5,6 +5,7 @@ use crate::context::{Context, now_ms};
 use crate::persist::journal::{FailStop, Log, LogConfig};
 use crate::persist::spool::Spools;
 use crate::state::State;
+use crate::transport::Stream;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -250,13 +251,24 @@ impl ShutdownHandle {
 }
 
 /// A bound server, ready to run.
-#[derive(Debug)]
 pub struct Server {
-    listener: TcpListener,
+    /// The plaintext listener (`None` when `plaintext` is off).
+    listener: Option<TcpListener>,
+    /// The TLS listener and its settings (`None` without `tls_cert`).
+    tls: Option<(TcpListener, tokio_rustls::TlsAcceptor)>,
     shared: Arc<Context>,
     shutdown: ShutdownHandle,
     /// Held until `run` has closed the log.
     dir_lock: crate::data_dir::DirLock,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("listener", &self.listener)
+            .field("tls", &self.tls.as_ref().map(|(listener, _)| listener))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Server {
@@ -273,12 +285,33 @@ impl Server {
         // Before anything in the directory is opened: a second broker stops here.
         let dir_lock = crate::data_dir::lock(&config.data_dir)?;
         // Before the log is opened too: a broker that cannot listen touches nothing.
-        let listener = TcpListener::bind(config.bind).await.map_err(|err| {
-            std::io::Error::new(
-                err.kind(),
-                format!("cannot listen on {}: {err}", config.bind),
-            )
-        })?;
+        let listen = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|err| {
+                std::io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}"))
+            })
+        };
+        let listener = match config.plaintext {
+            true => Some(listen(config.bind).await?),
+            false => None,
+        };
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => {
+                let settings = crate::transport::server_config(
+                    cert,
+                    key,
+                    config.tls_client_ca.as_deref(),
+                    config.tls_require_client_cert,
+                )
+                .map_err(|err| {
+                    std::io::Error::other(format!("cannot use the TLS settings: {err}"))
+                })?;
+                Some((
+                    listen(config.tls_bind).await?,
+                    tokio_rustls::TlsAcceptor::from(settings),
+                ))
+            }
+            _ => None,
+        };
         let users =
             crate::auth::Users::open(dir_lock.dir(), &config.default_user, &config.default_pass.0)
                 .map_err(|err| std::io::Error::other(format!("cannot open the users: {err}")))?;
@@ -389,15 +422,28 @@ impl Server {
         });
         Ok(Server {
             listener,
+            tls,
             shared,
             shutdown: ShutdownHandle { sender },
             dir_lock,
         })
     }
 
-    /// The address actually bound (useful with port 0).
+    /// The address actually bound (useful with port 0): the plaintext listener's, or the TLS
+    /// listener's when plaintext is off.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match (&self.listener, &self.tls) {
+            (Some(listener), _) => listener.local_addr(),
+            (None, Some((listener, _))) => listener.local_addr(),
+            (None, None) => unreachable!("the configuration has a listener"),
+        }
+    }
+
+    /// The TLS listener's address, if it runs.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     /// A handle that stops the server.
@@ -409,6 +455,7 @@ impl Server {
     pub async fn run(self) -> std::io::Result<()> {
         let Server {
             listener,
+            tls,
             shared,
             shutdown: _keep_sender,
             dir_lock,
@@ -421,14 +468,29 @@ impl Server {
         let pager = tokio::spawn(run_pager(shared.clone()));
         let housekeeping = tokio::spawn(run_housekeeping(shared.clone()));
         let resources = tokio::spawn(run_resources(shared.clone()));
-        info!(addr = %listener.local_addr()?, "wharf is listening");
+        if let Some(listener) = &listener {
+            info!(addr = %listener.local_addr()?, "wharf is listening");
+        }
+        if let Some((listener, _)) = &tls {
+            info!(addr = %listener.local_addr()?, "wharf is listening (TLS)");
+        }
         loop {
             while connections.try_join_next().is_some() {}
             tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((socket, peer)) => accept(&shared, &mut connections, socket, peer),
+                accepted = accept_on(listener.as_ref()) => match accepted {
+                    Ok((socket, peer)) => accept(&shared, &mut connections, Incoming::Plain(socket), peer),
                     Err(err) => {
                         // Out of file descriptors and the like: keep serving existing clients.
+                        warn!("accept failed: {err}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                accepted = accept_on(tls.as_ref().map(|(listener, _)| listener)) => match accepted {
+                    Ok((socket, peer)) => {
+                        let acceptor = tls.as_ref().expect("accepted on the TLS listener").1.clone();
+                        accept(&shared, &mut connections, Incoming::Tls(socket, acceptor), peer);
+                    }
+                    Err(err) => {
                         warn!("accept failed: {err}");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
@@ -441,6 +503,7 @@ impl Server {
             "shutting down: closing connections"
         );
         drop(listener);
+        drop(tls);
         let deadline = shared.config.shutdown_timeout + Duration::from_secs(1);
         if tokio::time::timeout(deadline, async {
             while connections.join_next().await.is_some() {}
@@ -508,6 +571,67 @@ const REFUSING_MAX: usize = 16;
 /// How long a refusal may take to send.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Accepts on `listener`; never completes without one.
+async fn accept_on(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// An accepted socket, of the plaintext or the TLS listener.
+enum Incoming {
+    Plain(tokio::net::TcpStream),
+    /// TLS: the handshake is still to be done.
+    Tls(tokio::net::TcpStream, tokio_rustls::TlsAcceptor),
+}
+
+impl Incoming {
+    /// The connection's stream: for TLS, once the TLS handshake succeeded within `within`.
+    async fn stream(self, peer: SocketAddr, within: Duration) -> Option<Stream> {
+        match self {
+            Incoming::Plain(socket) => Some(Stream::Plain(socket)),
+            Incoming::Tls(socket, acceptor) => {
+                // A TLS client speaks first with a handshake record (0x16). A Wharf client
+                // that forgot TLS sends our preamble instead: it is told in plaintext, in a
+                // `Close` it can show, rather than left with a dropped connection.
+                let mut first = [0u8; 1];
+                if let Ok(Ok(1)) = tokio::time::timeout(within, socket.peek(&mut first)).await
+                    && first[0] == wharf_protocol::Preamble::CURRENT.encode()[0]
+                {
+                    info!(%peer, "plaintext client on the TLS port: refused");
+                    let reason = "this port speaks TLS: connect with wharfs://".to_owned();
+                    let _ = tokio::time::timeout(
+                        REFUSAL_TIMEOUT,
+                        crate::connection::refuse(
+                            Stream::Plain(socket),
+                            wharf_protocol::ErrorCode::ProtocolViolation,
+                            reason,
+                        ),
+                    )
+                    .await;
+                    return None;
+                }
+                match tokio::time::timeout(within, acceptor.accept(socket)).await {
+                    Ok(Ok(stream)) => Some(Stream::Tls(Box::new(stream))),
+                    Ok(Err(err)) => {
+                        // An untrusted or missing client certificate, plaintext on the TLS
+                        // port, a scanner: the client learns it from its TLS stack.
+                        info!(%peer, "TLS handshake failed: {err}");
+                        None
+                    }
+                    Err(_) => {
+                        debug!(%peer, "TLS handshake timed out");
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Serves an accepted socket, or refuses it when the broker already holds its maximum of
 /// sockets (`ResourceLimit` in a `Close` after the server's preamble, without reading; closed
 /// at once if many refusals are under way): the descriptors kept for the log and the spools
@@ -515,7 +639,7 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 fn accept(
     shared: &Arc<Context>,
     connections: &mut JoinSet<()>,
-    socket: tokio::net::TcpStream,
+    socket: Incoming,
     peer: SocketAddr,
 ) {
     use std::sync::atomic::Ordering;
@@ -535,7 +659,10 @@ fn accept(
         let context = shared.clone();
         connections.spawn(async move {
             let _counted = counted;
-            crate::connection::serve(context, socket, peer).await;
+            let within = context.config.handshake_timeout;
+            if let Some(stream) = socket.stream(peer, within).await {
+                crate::connection::serve(context, stream, peer).await;
+            }
         });
         return;
     }
@@ -550,16 +677,23 @@ fn accept(
     connections.spawn(async move {
         let _counted = counted;
         let reason = format!("the server has its maximum of {max} connections");
-        let _ =
-            tokio::time::timeout(REFUSAL_TIMEOUT, crate::connection::refuse(socket, reason)).await;
+        let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async move {
+            if let Some(stream) = socket.stream(peer, REFUSAL_TIMEOUT).await {
+                crate::connection::refuse(stream, wharf_protocol::ErrorCode::ResourceLimit, reason)
+                    .await;
+            }
+        })
+        .await;
     });
 }
 
 /// A server running on a background task (for tests and embedding).
 #[derive(Debug)]
 pub struct RunningServer {
-    /// Where it listens.
+    /// Where it listens (the plaintext listener, or the TLS one when plaintext is off).
     pub addr: SocketAddr,
+    /// Where its TLS listener listens, if it runs.
+    pub tls_addr: Option<SocketAddr>,
     /// Stops it.
     pub shutdown: ShutdownHandle,
     /// Completes when it has stopped.
@@ -587,11 +721,13 @@ impl RunningServer {
 
     fn spawn(server: Server) -> std::io::Result<RunningServer> {
         let addr = server.local_addr()?;
+        let tls_addr = server.tls_local_addr();
         let shutdown = server.shutdown_handle();
         let users = server.shared.users.clone();
         let task = tokio::spawn(server.run());
         Ok(RunningServer {
             addr,
+            tls_addr,
             shutdown,
             task,
             users,

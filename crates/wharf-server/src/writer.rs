@@ -13,11 +13,11 @@
 
 use crate::limits::{READ_BUFFER_BYTES, WRITE_CHUNK_BYTES};
 use crate::outbox::{Out, Outbox};
+use crate::transport::WriteHalf;
 use bytes::{Buf, Bytes, BytesMut};
 use std::io;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tracing::{debug, warn};
 use wharf_core::Message;
 use wharf_protocol::limits::VECTORED_COPY_BYTES_MAX;
@@ -139,7 +139,7 @@ impl FrameWriter {
 
     /// Writes everything queued, in order, and leaves the writer empty. A socket that takes
     /// nothing for `stall` fails the write with `TimedOut` (a slow consumer).
-    async fn write_to(&mut self, writer: &mut OwnedWriteHalf, stall: Duration) -> io::Result<()> {
+    async fn write_to(&mut self, writer: &mut WriteHalf, stall: Duration) -> io::Result<()> {
         let stalled = || io::Error::new(io::ErrorKind::TimedOut, "the socket took nothing");
         if self.chunks.is_empty() {
             let mut at = 0;
@@ -153,25 +153,28 @@ impl FrameWriter {
                 at += written;
             }
             self.buf.clear();
-            return Ok(());
-        }
-        self.seal();
-        while !self.chunks.is_empty() {
-            let written = tokio::time::timeout(stall, writer.write_vectored(&self.slices()))
-                .await
-                .map_err(|_| stalled())??;
-            if written == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
+        } else {
+            self.seal();
+            while !self.chunks.is_empty() {
+                let written = tokio::time::timeout(stall, writer.write_vectored(&self.slices()))
+                    .await
+                    .map_err(|_| stalled())??;
+                if written == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                self.consume(written);
             }
-            self.consume(written);
         }
-        Ok(())
+        // TLS holds what it encrypted until flushed (plain TCP: nothing to do).
+        tokio::time::timeout(stall, writer.flush())
+            .await
+            .map_err(|_| stalled())?
     }
 
     /// Writes what the socket takes without waiting: `Ok(true)` once everything queued is
     /// written, `Ok(false)` if the socket's buffer filled first (the rest stays queued, in
     /// order, for [`FrameWriter::write_to`]).
-    fn try_write_to(&mut self, writer: &OwnedWriteHalf) -> io::Result<bool> {
+    fn try_write_to(&mut self, writer: &WriteHalf) -> io::Result<bool> {
         while self.chunks.is_empty() && !self.buf.is_empty() {
             match writer.try_write(&self.buf) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -349,7 +352,7 @@ fn socket_error(error: io::Error, stall_timeout: Duration) -> OutputError {
 /// The writing end of a connection: its socket and encoder, shared (behind the outbox's mutex)
 /// by the writer task and the readers that flush small outputs inline.
 pub(crate) struct Sink {
-    pub(crate) socket: OwnedWriteHalf,
+    pub(crate) socket: WriteHalf,
     pub(crate) out: FrameWriter,
     /// Items taken from the outbox, being encoded (kept for its allocation).
     items: Vec<Out>,
@@ -376,7 +379,7 @@ impl Sink {
     /// A socket that takes nothing for `stall_timeout` while output waits fails the writer
     /// ([`OutputError::SlowConsumer`]).
     pub(crate) fn new(
-        socket: OwnedWriteHalf,
+        socket: WriteHalf,
         send_frame_bytes_max: u32,
         stall_timeout: Duration,
     ) -> Self {

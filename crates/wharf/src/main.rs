@@ -68,6 +68,24 @@ struct ServeArgs {
     /// Its password [default: guest].
     #[arg(long, env = "WHARF_DEFAULT_PASS", hide_env_values = true)]
     default_pass: Option<String>,
+    /// The TLS listener's address [default: 127.0.0.1:5801].
+    #[arg(long, env = "WHARF_TLS_BIND")]
+    tls_bind: Option<SocketAddr>,
+    /// The server's certificate chain (PEM); with --tls-key, turns the TLS listener on.
+    #[arg(long, env = "WHARF_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM).
+    #[arg(long, env = "WHARF_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates are verified against (mutual TLS, SASL EXTERNAL).
+    #[arg(long, env = "WHARF_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
+    /// TLS clients must present a certificate --tls-client-ca verifies.
+    #[arg(long)]
+    tls_require_client_cert: bool,
+    /// Do not listen in plaintext (TLS clients only).
+    #[arg(long)]
+    no_plaintext: bool,
 }
 
 fn init_logging(format: LogFormat) {
@@ -93,6 +111,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         sync: args.sync,
         default_user: args.default_user,
         default_pass: args.default_pass,
+        tls_bind: args.tls_bind,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        tls_client_ca: args.tls_client_ca,
+        tls_require_client_cert: args.tls_require_client_cert.then_some(true),
+        plaintext: args.no_plaintext.then_some(false),
     };
     let config = resolve(overrides, file)?;
     init_logging(config.log_format);

@@ -1,4 +1,4 @@
-//! The handshake: TCP connect, preambles, `Hello` / `HelloOk`.
+//! The handshake: TCP connect, TLS for `wharfs://`, preambles, `Hello` / `HelloOk`.
 
 use super::BUFFER_BYTES;
 use crate::addr::ServerAddr;
@@ -7,24 +7,95 @@ use crate::options::ClientOptions;
 use bytes::{Buf, BytesMut};
 use std::io;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// The byte stream a connection runs over.
+pub(crate) enum Transport {
+    /// Plain TCP (`wharf://`).
+    Plain(TcpStream),
+    /// TLS over TCP (`wharfs://`), its handshake done.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// The reading half of a [`Transport`].
+pub(crate) type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+/// The writing half of a [`Transport`].
+pub(crate) type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+impl Transport {
+    /// Its halves: a plain socket's own (no lock between them), or the TLS session's shared.
+    pub(crate) fn split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Transport::Plain(socket) => {
+                let (read, write) = socket.into_split();
+                (Box::new(read), Box::new(write))
+            }
+            Transport::Tls(stream) => {
+                let (read, write) = tokio::io::split(stream);
+                (Box::new(read), Box::new(write))
+            }
+        }
+    }
+}
 use wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR;
 use wharf_protocol::{ErrorCode, Frame, Hello, HelloOk, Preamble};
 
 pub(super) async fn handshake(
     addr: &ServerAddr,
     options: &ClientOptions,
-) -> Result<(TcpStream, BytesMut, HelloOk), ClientError> {
+) -> Result<(Transport, BytesMut, HelloOk), ClientError> {
     let connect_error = |source: io::Error| ClientError::Connect {
         addr: addr.to_string(),
         source: Arc::new(source),
     };
-    let mut stream = TcpStream::connect((addr.host(), addr.port()))
+    if !addr.tls() && options.tls.is_some() {
+        return Err(ClientError::Tls {
+            reason: format!("TLS options were given for {addr}, a wharf:// address: use wharfs://"),
+        });
+    }
+    // The TLS settings are checked before anything is sent.
+    let tls = match addr.tls() {
+        true => {
+            let tls = options.tls.clone().unwrap_or_default();
+            Some((tls.client_config()?, tls.server_name(addr.host())?))
+        }
+        false => None,
+    };
+    let socket = TcpStream::connect((addr.host(), addr.port()))
         .await
         .map_err(connect_error)?;
     // Small frames (acks, credits, requests) must not wait for Nagle; the writer coalesces.
-    stream.set_nodelay(true).map_err(connect_error)?;
+    socket.set_nodelay(true).map_err(connect_error)?;
+    match tls {
+        None => {
+            let mut socket = socket;
+            let (buf, hello_ok) = exchange(&mut socket, addr, options).await?;
+            Ok((Transport::Plain(socket), buf, hello_ok))
+        }
+        Some((config, server_name)) => {
+            let mut stream = tokio_rustls::TlsConnector::from(config)
+                .connect(server_name, socket)
+                .await
+                .map_err(|err| ClientError::Tls {
+                    reason: format!("handshake with {addr} failed: {err}"),
+                })?;
+            let (buf, hello_ok) = exchange(&mut stream, addr, options).await?;
+            Ok((Transport::Tls(Box::new(stream)), buf, hello_ok))
+        }
+    }
+}
+
+/// Preambles, `Hello` and `HelloOk` over `stream`.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    addr: &ServerAddr,
+    options: &ClientOptions,
+) -> Result<(BytesMut, HelloOk), ClientError> {
+    let connect_error = |source: io::Error| ClientError::Connect {
+        addr: addr.to_string(),
+        source: Arc::new(source),
+    };
     stream
         .write_all(&Preamble::CURRENT.encode())
         .await
@@ -51,7 +122,7 @@ pub(super) async fn handshake(
     if let Err(err) = preamble.check_supported() {
         // The server explains with a `Close` (its layout is the same in every version).
         return Err(
-            match read_frame(&mut stream, &mut buf, options.frame_bytes_max).await {
+            match read_frame(stream, &mut buf, options.frame_bytes_max).await {
                 Ok(Some(Frame::Close(close))) => ClientError::ServerClosed {
                     code: close.code,
                     reason: close.reason,
@@ -76,7 +147,7 @@ pub(super) async fn handshake(
     stream.write_all(&out).await.map_err(connect_error)?;
 
     match read_frame(
-        &mut stream,
+        stream,
         &mut buf,
         options.frame_bytes_max.max(FRAME_BYTES_MAX_FLOOR),
     )
@@ -92,7 +163,7 @@ pub(super) async fn handshake(
                     detail: format!("the server announced unusable limits {limits:?}"),
                 });
             }
-            Ok((stream, buf, hello_ok))
+            Ok((buf, hello_ok))
         }
         Some(Frame::Close(close)) => {
             out.clear();

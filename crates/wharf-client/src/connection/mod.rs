@@ -543,7 +543,7 @@ pub(crate) async fn open(
     });
     let heartbeat =
         (limits.heartbeat_ms > 0).then(|| Duration::from_millis(u64::from(limits.heartbeat_ms)));
-    let (read_half, write_half) = stream.into_split();
+    let (read_half, write_half) = stream.split();
     tokio::spawn(run_writer(
         shared.clone(),
         write_half,

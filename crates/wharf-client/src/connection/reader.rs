@@ -1,5 +1,6 @@
 //! The reader task: decodes the server's frames and dispatches them.
 
+use super::handshake::ReadHalf;
 use super::{BUFFER_BYTES, Command, ConnectionShared, ConsumerEnd, ReceivedBatch};
 use crate::confirms::Completed;
 use crate::error::ClientError;
@@ -8,7 +9,6 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::{Instant, timeout};
 use wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR;
 use wharf_protocol::{Close, ErrorCode, Frame};
@@ -157,7 +157,7 @@ fn reserve_whole_frame(buf: &mut BytesMut, frame_bytes_max: u32) {
 
 pub(super) async fn run_reader(
     shared: Arc<ConnectionShared>,
-    mut read: OwnedReadHalf,
+    mut read: ReadHalf,
     mut buf: BytesMut,
     heartbeat: Option<Duration>,
 ) {

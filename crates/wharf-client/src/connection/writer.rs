@@ -1,5 +1,6 @@
 //! The writer task: drains the command channel into one socket write at a time.
 
+use super::handshake::WriteHalf;
 use super::{BUFFER_BYTES, Command, ConnectionShared};
 use crate::error::ClientError;
 use bytes::{Buf, Bytes, BytesMut};
@@ -7,7 +8,6 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 use wharf_protocol::Frame;
@@ -45,11 +45,12 @@ impl Outgoing {
     }
 
     /// Writes everything, in order, then leaves this empty.
-    async fn write_to(&mut self, write: &mut OwnedWriteHalf) -> io::Result<()> {
+    async fn write_to(&mut self, write: &mut WriteHalf) -> io::Result<()> {
         if self.chunks.is_empty() {
             write.write_all(&self.buf).await?;
             self.buf.clear();
-            return Ok(());
+            // TLS holds what it encrypted until flushed (plain TCP: nothing to do).
+            return write.flush().await;
         }
         if !self.buf.is_empty() {
             self.chunks.push(self.buf.split().freeze());
@@ -77,7 +78,7 @@ impl Outgoing {
             }
         }
         self.chunks.clear();
-        Ok(())
+        write.flush().await
     }
 }
 
@@ -87,7 +88,7 @@ const IOV_PER_WRITE_MAX: usize = 512;
 
 pub(super) async fn run_writer(
     shared: Arc<ConnectionShared>,
-    mut write: OwnedWriteHalf,
+    mut write: WriteHalf,
     mut commands: mpsc::UnboundedReceiver<Command>,
     heartbeat: Option<Duration>,
 ) {

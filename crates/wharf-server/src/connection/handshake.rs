@@ -3,7 +3,7 @@
 use super::*;
 
 /// Sends a `Close` frame (after our preamble has been sent) and shuts the socket.
-pub(super) async fn send_close(writer: &mut OwnedWriteHalf, code: ErrorCode, reason: String) {
+pub(super) async fn send_close(writer: &mut WriteHalf, code: ErrorCode, reason: String) {
     let mut out = BytesMut::new();
     if encode(
         &Frame::Close(Close { code, reason }),
@@ -22,10 +22,10 @@ pub(super) async fn send_close(writer: &mut OwnedWriteHalf, code: ErrorCode, rea
 /// What the client sent meanwhile is read and dropped until it closes (the caller bounds the
 /// time): closing with unread input would reset the connection, and the client could lose
 /// the `Close` before reading it.
-pub(crate) async fn refuse(socket: TcpStream, reason: String) {
-    let (mut reader, mut writer) = socket.into_split();
+pub(crate) async fn refuse(socket: Stream, code: ErrorCode, reason: String) {
+    let (mut reader, mut writer) = socket.split();
     if writer.write_all(&Preamble::CURRENT.encode()).await.is_ok() {
-        send_close(&mut writer, ErrorCode::ResourceLimit, reason).await;
+        send_close(&mut writer, code, reason).await;
     }
     let mut sink = [0u8; 1024];
     while matches!(reader.read(&mut sink).await, Ok(read) if read > 0) {}
@@ -95,6 +95,7 @@ impl Drop for UserSlot {
 async fn login(
     shared: &Context,
     peer: SocketAddr,
+    certificate_user: Option<String>,
     hello: &wharf_protocol::Hello,
 ) -> Result<crate::auth::Principal, crate::auth::Refusal> {
     let arrived = tokio::time::Instant::now();
@@ -116,14 +117,18 @@ async fn login(
         .expect("the KDF semaphore is never closed");
     let checked = tokio::task::spawn_blocking(move || {
         let _permit = permit;
+        let rules = crate::auth::LoginRules {
+            allow_anonymous,
+            anonymous_user: &anonymous_user,
+            loopback_users: &loopback_users,
+        };
         crate::auth::authenticate(
             &users,
+            rules,
             &mechanism,
             &data,
             peer.ip(),
-            allow_anonymous,
-            &anonymous_user,
-            &loopback_users,
+            certificate_user.as_deref(),
         )
     })
     .await
@@ -195,8 +200,9 @@ pub(super) enum HandshakeError {
 pub(super) async fn handshake(
     shared: &Arc<Context>,
     peer: SocketAddr,
-    reader: &mut OwnedReadHalf,
-    writer: &mut OwnedWriteHalf,
+    certificate_user: Option<String>,
+    reader: &mut ReadHalf,
+    writer: &mut WriteHalf,
     buf: &mut BytesMut,
 ) -> Result<Negotiated, HandshakeError> {
     let preamble = loop {
@@ -248,7 +254,7 @@ pub(super) async fn handshake(
             return Err(HandshakeError::Closed("Hello"));
         }
     };
-    let principal = match login(shared, peer, &hello).await {
+    let principal = match login(shared, peer, certificate_user, &hello).await {
         Ok(principal) => principal,
         Err(refusal) => {
             send_close(writer, ErrorCode::AccessRefused, refusal.client_reason()).await;

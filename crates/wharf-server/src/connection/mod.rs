@@ -18,6 +18,7 @@ use crate::outbox::Outbox;
 use crate::output::{Output, write_loop};
 use crate::persist::journal::Outcome;
 use crate::state::{Published, State};
+use crate::transport::{ReadHalf, Stream, WriteHalf};
 use crate::writer::Sink;
 use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
@@ -25,8 +26,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 use wharf_core::{
@@ -101,15 +100,23 @@ enum Exit {
 }
 
 /// Serves one accepted socket until it closes.
-pub(crate) async fn serve(shared: Arc<Context>, socket: TcpStream, peer: SocketAddr) {
-    if let Err(err) = socket.set_nodelay(true) {
+pub(crate) async fn serve(shared: Arc<Context>, socket: Stream, peer: SocketAddr) {
+    if let Err(err) = socket.set_nodelay() {
         debug!(%peer, "set_nodelay failed: {err}");
     }
-    let (mut reader, mut writer) = socket.into_split();
+    let certificate_user = socket.peer_common_name();
+    let (mut reader, mut writer) = socket.split();
     let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
     let negotiated = match tokio::time::timeout(
         shared.config.handshake_timeout,
-        handshake::handshake(&shared, peer, &mut reader, &mut writer, &mut buf),
+        handshake::handshake(
+            &shared,
+            peer,
+            certificate_user,
+            &mut reader,
+            &mut writer,
+            &mut buf,
+        ),
     )
     .await
     {
@@ -207,7 +214,7 @@ const FRAMES_PER_BATCH_MAX: usize = 1024;
 async fn read_loop(
     shared: &Context,
     connection: ConnectionId,
-    reader: &mut OwnedReadHalf,
+    reader: &mut ReadHalf,
     mut buf: BytesMut,
     outbox: &Arc<Output>,
     negotiated: Negotiated,
