@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use wharf_client::wharf_protocol::MINOR_QUEUE_FEATURES;
 use wharf_client::{
-    Client, ClientOptions, ConsumeOptions, DeclareQueue, ExchangeKind, Message, Overflow, Value,
+    Client, ClientOptions, ConsumeOptions, Credentials, TlsOptions, DeclareQueue, ExchangeKind, Message, Overflow, Value,
 };
 
 /// A connection to a Wharf broker (native core; use `wharf.connect` or `wharf.aio.connect`).
@@ -218,10 +218,14 @@ impl Core {
 
 #[pymethods]
 impl Core {
-    /// Connects to `url` (`wharf://[user:password@]host[:port]` or `host[:port]`).
+    /// Connects to `url` (`wharf://[user:password@]host[:port]`, `wharfs://...` for TLS, or
+    /// `host[:port]`). `ca`, `cert`, `key` and `server_name` are the TLS settings of a
+    /// `wharfs://` URL; `external` logs in as the client certificate's subject.
     #[staticmethod]
     #[pyo3(signature = (url, *, client_name = None, heartbeat = None, connect_timeout = 10.0,
-        request_timeout = 30.0, done = None))]
+        request_timeout = 30.0, ca = None, cert = None, key = None, server_name = None,
+        external = false, done = None))]
+    #[allow(clippy::too_many_arguments)]
     fn connect(
         py: Python<'_>,
         url: String,
@@ -229,6 +233,11 @@ impl Core {
         heartbeat: Option<f64>,
         connect_timeout: f64,
         request_timeout: f64,
+        ca: Option<std::path::PathBuf>,
+        cert: Option<std::path::PathBuf>,
+        key: Option<std::path::PathBuf>,
+        server_name: Option<String>,
+        external: bool,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let handle = runtime()?;
@@ -239,6 +248,17 @@ impl Core {
         };
         if let Some(client_name) = client_name {
             options.client_name = client_name;
+        }
+        if ca.is_some() || cert.is_some() || key.is_some() || server_name.is_some() {
+            options.tls = Some(TlsOptions {
+                ca_file: ca,
+                cert_file: cert,
+                key_file: key,
+                server_name,
+            });
+        }
+        if external {
+            options.credentials = Credentials::External;
         }
         if let Some(heartbeat) = convert::optional_seconds("heartbeat", heartbeat)? {
             options.heartbeat_ms = u32::try_from(heartbeat.as_millis())

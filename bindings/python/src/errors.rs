@@ -32,7 +32,9 @@ fn classify(err: &ClientError) -> (&'static str, Option<u16>) {
         ClientError::InvalidAddress { .. }
         | ClientError::Encode(_)
         | ClientError::InvalidArgument { .. } => "InvalidArgument",
-        ClientError::Connect { .. } | ClientError::Handshake { .. } => "ConnectError",
+        ClientError::Connect { .. } | ClientError::Tls { .. } | ClientError::Handshake { .. } => {
+            "ConnectError"
+        }
         ClientError::Server { code, .. } => class_for_code(*code),
         ClientError::ServerClosed { code, .. } => match code {
             ErrorCode::AccessRefused => "AccessRefused",

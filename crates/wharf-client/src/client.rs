@@ -50,7 +50,7 @@ pub struct DeclaredQueue {
     pub consumers: u32,
 }
 
-fn unexpected(response: &Response) -> ClientError {
+pub(crate) fn unexpected(response: &Response) -> ClientError {
     tracing::warn!(?response, "unexpected response variant");
     ClientError::Protocol(Arc::new(wharf_protocol::Error::Malformed {
         frame: "Response",
@@ -74,7 +74,7 @@ impl Client {
         Ok(Client { connection })
     }
 
-    fn shared(&self) -> &Arc<ConnectionShared> {
+    pub(crate) fn shared(&self) -> &Arc<ConnectionShared> {
         self.connection.shared()
     }
 

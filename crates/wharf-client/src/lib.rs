@@ -62,6 +62,7 @@
 //! ```
 
 mod addr;
+mod admin;
 mod client;
 mod confirms;
 mod connection;
@@ -88,6 +89,6 @@ pub use tls::TlsOptions;
 /// The protocol crate, for types not re-exported here.
 pub use wharf_protocol;
 pub use wharf_protocol::{
-    Durability, ErrorCode, ExchangeInfo, ExchangeKind, Properties, QueueInfo, QueueInfoV2,
-    ServerLimits, Table, TableRef, Value, ValueRef,
+    Durability, ErrorCode, ExchangeInfo, ExchangeKind, PermissionInfo, Properties, QueueInfo,
+    QueueInfoV2, ServerLimits, Table, TableRef, TopicPermissionInfo, UserInfo, Value, ValueRef,
 };

@@ -10,7 +10,7 @@ use crate::limits::{
     VECTORED_COPY_BYTES_MAX,
 };
 use crate::properties::Properties;
-use crate::wire::{self, Reader, check_name, check_reason};
+use crate::wire::{self, Reader, check_admin_text, check_name, check_reason, check_tags};
 use crate::wire_str::WireStr;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
@@ -373,8 +373,60 @@ fn check_request(request: &Request) -> Result<(), Error> {
         Request::Cancel { .. }
         | Request::ListQueues
         | Request::ListExchanges
-        | Request::ListQueuesV2 => Ok(()),
+        | Request::ListQueuesV2
+        | Request::ListUsers => Ok(()),
+        Request::AddUser {
+            name,
+            password,
+            tags,
+        } => {
+            check_name(name)?;
+            check_admin_text(password)?;
+            check_tags(tags)
+        }
+        Request::DeleteUser { name }
+        | Request::ListPermissions { vhost: name }
+        | Request::ListTopicPermissions { vhost: name } => check_name(name),
+        Request::ChangePassword { name, password } => {
+            check_name(name)?;
+            check_admin_text(password)
+        }
+        Request::SetUserTags { name, tags } => {
+            check_name(name)?;
+            check_tags(tags)
+        }
+        Request::SetPermissions(permission) => check_permission(permission),
+        Request::ClearPermissions { user, vhost } => {
+            check_name(user)?;
+            check_name(vhost)
+        }
+        Request::SetTopicPermissions(permission) => check_topic_permission(permission),
+        Request::ClearTopicPermissions {
+            user,
+            vhost,
+            exchange,
+        } => {
+            check_name(user)?;
+            check_name(vhost)?;
+            exchange.as_deref().map_or(Ok(()), check_name)
+        }
     }
+}
+
+fn check_permission(permission: &PermissionInfo) -> Result<(), Error> {
+    check_name(&permission.user)?;
+    check_name(&permission.vhost)?;
+    check_admin_text(&permission.configure)?;
+    check_admin_text(&permission.write)?;
+    check_admin_text(&permission.read)
+}
+
+fn check_topic_permission(permission: &TopicPermissionInfo) -> Result<(), Error> {
+    check_name(&permission.user)?;
+    check_name(&permission.vhost)?;
+    check_name(&permission.exchange)?;
+    check_admin_text(&permission.write)?;
+    check_admin_text(&permission.read)
 }
 
 fn check_response(response: &Response) -> Result<(), Error> {
@@ -393,6 +445,14 @@ fn check_response(response: &Response) -> Result<(), Error> {
         | Response::Subscribed { .. }
         | Response::Redriven { .. }
         | Response::Done => Ok(()),
+        Response::Users(users) => users.iter().try_for_each(|user| {
+            check_name(&user.name)?;
+            check_tags(&user.tags)
+        }),
+        Response::Permissions(permissions) => permissions.iter().try_for_each(check_permission),
+        Response::TopicPermissions(permissions) => {
+            permissions.iter().try_for_each(check_topic_permission)
+        }
     }
 }
 

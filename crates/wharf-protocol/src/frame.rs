@@ -120,6 +120,12 @@ pub const MINOR_QUEUE_FEATURES: u16 = 1;
 
 const _: () = assert!(MINOR_QUEUE_FEATURES <= crate::limits::PROTOCOL_MINOR);
 
+/// The protocol minor version that introduced online administration: the requests on users
+/// and permissions (tags 15 to 25) and their responses (tags 12 to 14).
+pub const MINOR_ADMIN: u16 = 2;
+
+const _: () = assert!(MINOR_ADMIN <= crate::limits::PROTOCOL_MINOR);
+
 impl Frame {
     /// The frame's kind number on the wire (see [`kind`]).
     pub fn kind(&self) -> u32 {
@@ -392,6 +398,66 @@ pub enum Request {
     },
     /// Tag 14 (protocol 1.1): every queue visible to this connection, with the 1.1 counters.
     ListQueuesV2,
+    /// Tag 15 (protocol 1.2, administrators): add a user, without permissions.
+    AddUser {
+        /// User name.
+        name: String,
+        /// Its password (sent as given: use TLS beyond loopback).
+        password: String,
+        /// Its tags (`administrator`, `monitoring`, `management`, `policymaker`).
+        tags: Vec<String>,
+    },
+    /// Tag 16 (protocol 1.2, administrators): delete a user and its permissions.
+    DeleteUser {
+        /// User name.
+        name: String,
+    },
+    /// Tag 17 (protocol 1.2, administrators): set a user's password.
+    ChangePassword {
+        /// User name.
+        name: String,
+        /// The new password.
+        password: String,
+    },
+    /// Tag 18 (protocol 1.2, administrators): set a user's tags (replacing them).
+    SetUserTags {
+        /// User name.
+        name: String,
+        /// The tags.
+        tags: Vec<String>,
+    },
+    /// Tag 19 (protocol 1.2, administrators): every user and its tags.
+    ListUsers,
+    /// Tag 20 (protocol 1.2, administrators): set a user's permissions in a virtual host.
+    SetPermissions(PermissionInfo),
+    /// Tag 21 (protocol 1.2, administrators): remove a user's permissions in a virtual host.
+    ClearPermissions {
+        /// User name.
+        user: String,
+        /// Virtual host.
+        vhost: String,
+    },
+    /// Tag 22 (protocol 1.2, administrators): the permissions in a virtual host.
+    ListPermissions {
+        /// Virtual host.
+        vhost: String,
+    },
+    /// Tag 23 (protocol 1.2, administrators): set a user's topic permissions on an exchange.
+    SetTopicPermissions(TopicPermissionInfo),
+    /// Tag 24 (protocol 1.2, administrators): remove a user's topic permissions.
+    ClearTopicPermissions {
+        /// User name.
+        user: String,
+        /// Virtual host.
+        vhost: String,
+        /// One exchange's; `None`: all of them in the virtual host.
+        exchange: Option<String>,
+    },
+    /// Tag 25 (protocol 1.2, administrators): the topic permissions in a virtual host.
+    ListTopicPermissions {
+        /// Virtual host.
+        vhost: String,
+    },
 }
 
 impl Request {
@@ -401,9 +467,68 @@ impl Request {
             Request::Redrive { .. } | Request::QueueStatsV2 { .. } | Request::ListQueuesV2 => {
                 MINOR_QUEUE_FEATURES
             }
+            request if request.is_admin() => MINOR_ADMIN,
             _ => 0,
         }
     }
+
+    /// Whether this is an administration request (users and permissions), which needs the
+    /// `administrator` tag.
+    pub fn is_admin(&self) -> bool {
+        matches!(
+            self,
+            Request::AddUser { .. }
+                | Request::DeleteUser { .. }
+                | Request::ChangePassword { .. }
+                | Request::SetUserTags { .. }
+                | Request::ListUsers
+                | Request::SetPermissions(_)
+                | Request::ClearPermissions { .. }
+                | Request::ListPermissions { .. }
+                | Request::SetTopicPermissions(_)
+                | Request::ClearTopicPermissions { .. }
+                | Request::ListTopicPermissions { .. }
+        )
+    }
+}
+
+/// A user and its tags.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// User name.
+    pub name: String,
+    /// Its tags.
+    pub tags: Vec<String>,
+}
+
+/// A user's permissions in a virtual host: RabbitMQ's three regular expressions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PermissionInfo {
+    /// User name.
+    pub user: String,
+    /// Virtual host.
+    pub vhost: String,
+    /// Resources it may declare and delete.
+    pub configure: String,
+    /// Resources it may publish to (exchanges) and bind into.
+    pub write: String,
+    /// Resources it may consume from, purge, and bind from.
+    pub read: String,
+}
+
+/// A user's topic permissions on a topic exchange of a virtual host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicPermissionInfo {
+    /// User name.
+    pub user: String,
+    /// Virtual host.
+    pub vhost: String,
+    /// The topic exchange.
+    pub exchange: String,
+    /// Routing keys it may publish with.
+    pub write: String,
+    /// Binding keys it may bind with.
+    pub read: String,
 }
 
 /// A queue's description and counters.
@@ -542,6 +667,14 @@ pub enum Response {
     StatsV2(QueueInfoV2),
     /// Tag 11 (protocol 1.1): answer to `ListQueuesV2`.
     QueuesV2(#[serde(deserialize_with = "crate::bounded_vec::deserialize")] Vec<QueueInfoV2>),
+    /// Tag 12 (protocol 1.2): answer to `ListUsers`.
+    Users(#[serde(deserialize_with = "crate::bounded_vec::deserialize")] Vec<UserInfo>),
+    /// Tag 13 (protocol 1.2): answer to `ListPermissions`.
+    Permissions(#[serde(deserialize_with = "crate::bounded_vec::deserialize")] Vec<PermissionInfo>),
+    /// Tag 14 (protocol 1.2): answer to `ListTopicPermissions`.
+    TopicPermissions(
+        #[serde(deserialize_with = "crate::bounded_vec::deserialize")] Vec<TopicPermissionInfo>,
+    ),
 }
 
 impl Response {
@@ -550,6 +683,9 @@ impl Response {
         match self {
             Response::Redriven { .. } | Response::StatsV2(_) | Response::QueuesV2(_) => {
                 MINOR_QUEUE_FEATURES
+            }
+            Response::Users(_) | Response::Permissions(_) | Response::TopicPermissions(_) => {
+                MINOR_ADMIN
             }
             _ => 0,
         }

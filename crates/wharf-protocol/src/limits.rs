@@ -8,7 +8,13 @@ pub const PROTOCOL_MAJOR: u16 = 1;
 
 /// Minor protocol version this build speaks; minors only add (see docs/protocol.md).
 /// 1.1 added delayed delivery, `Defer`, `Touch` (leases), `Redrive` and the V2 queue counters.
-pub const PROTOCOL_MINOR: u16 = 1;
+pub const PROTOCOL_MINOR: u16 = 2;
+
+/// Longest password or permission pattern in an administration request (bytes, *decode*).
+pub const ADMIN_TEXT_BYTES_MAX: usize = 1024;
+
+/// Most tags in an administration request (*decode*); each is a name.
+pub const TAGS_MAX: usize = 16;
 
 /// Bytes of the length prefix before every frame: a big-endian `u32`.
 pub const FRAME_PREFIX_BYTES: usize = 4;
@@ -59,3 +65,6 @@ pub const VECTORED_COPY_BYTES_MAX: usize = 512;
 const _: () = assert!(FRAME_BYTES_MAX_FLOOR <= FRAME_BYTES_MAX);
 const _: () = assert!(NAME_BYTES_MAX < FRAME_BYTES_MAX_FLOOR as usize);
 const _: () = assert!(REASON_BYTES_MAX < FRAME_BYTES_MAX_FLOOR as usize);
+const _: () = assert!(
+    NAME_BYTES_MAX * (3 + TAGS_MAX) + ADMIN_TEXT_BYTES_MAX * 3 < FRAME_BYTES_MAX_FLOOR as usize
+);

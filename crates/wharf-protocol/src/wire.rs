@@ -188,6 +188,30 @@ fn check_name_len(len: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// A password or permission pattern of an administration request.
+pub(crate) fn check_admin_text(text: &str) -> Result<(), Error> {
+    if text.len() > crate::limits::ADMIN_TEXT_BYTES_MAX {
+        return Err(Error::LimitExceeded {
+            what: "password or pattern bytes",
+            len: text.len() as u64,
+            max: crate::limits::ADMIN_TEXT_BYTES_MAX as u64,
+        });
+    }
+    Ok(())
+}
+
+/// The tags of an administration request.
+pub(crate) fn check_tags(tags: &[String]) -> Result<(), Error> {
+    if tags.len() > crate::limits::TAGS_MAX {
+        return Err(Error::LimitExceeded {
+            what: "tags",
+            len: tags.len() as u64,
+            max: crate::limits::TAGS_MAX as u64,
+        });
+    }
+    tags.iter().try_for_each(|tag| check_name(tag))
+}
+
 pub(crate) fn check_reason(reason: &str) -> Result<(), Error> {
     if reason.len() > crate::limits::REASON_BYTES_MAX {
         return Err(Error::LimitExceeded {

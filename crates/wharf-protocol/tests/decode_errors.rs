@@ -556,6 +556,71 @@ fn only_the_queue_feature_additions_need_protocol_1_1() {
 }
 
 #[test]
+fn administration_needs_protocol_1_2_and_its_texts_are_bounded() {
+    let add = Request::AddUser {
+        name: "alice".into(),
+        password: "pw".into(),
+        tags: vec![],
+    };
+    assert!(add.is_admin());
+    assert_eq!(add.minor_required(), MINOR_ADMIN);
+    assert!(!Request::ListQueues.is_admin());
+    assert_eq!(Response::Users(Vec::new()).minor_required(), MINOR_ADMIN);
+    let too_long = "p".repeat(limits::ADMIN_TEXT_BYTES_MAX + 1);
+    let too_many_tags = vec!["t".to_owned(); limits::TAGS_MAX + 1];
+    for request in [
+        Request::AddUser {
+            name: "alice".into(),
+            password: too_long.clone(),
+            tags: vec![],
+        },
+        Request::AddUser {
+            name: "alice".into(),
+            password: "pw".into(),
+            tags: too_many_tags.clone(),
+        },
+        Request::ChangePassword {
+            name: "alice".into(),
+            password: too_long.clone(),
+        },
+        Request::SetPermissions(PermissionInfo {
+            user: "alice".into(),
+            vhost: "/".into(),
+            configure: too_long.clone(),
+            write: String::new(),
+            read: String::new(),
+        }),
+        Request::SetUserTags {
+            name: "x".repeat(NAME_BYTES_MAX + 1),
+            tags: vec![],
+        },
+    ] {
+        let frame = Frame::Request {
+            correlation_id: 1,
+            request,
+        };
+        assert!(
+            matches!(
+                encode(&frame, FRAME_BYTES_MAX, &mut BytesMut::new()),
+                Err(Error::LimitExceeded { .. })
+            ),
+            "{frame:?}"
+        );
+    }
+    // Hand-made Request { 1, ChangePassword { "a", 1025 bytes } } is refused by the decoder.
+    let mut body = vec![kind::REQUEST as u8, 1, 17, 1, b'a', 0x81, 0x08];
+    body.extend(too_long.as_bytes());
+    let mut buf = raw_frame(&body);
+    assert!(matches!(
+        decode(&mut buf, FRAME_BYTES_MAX),
+        Err(Error::LimitExceeded {
+            what: "password or pattern bytes",
+            ..
+        })
+    ));
+}
+
+#[test]
 fn queue_info_v2_starts_with_the_bytes_of_queue_info() {
     // 1.1 appends counters after QueueInfo's fields, so a reader can share the prefix code.
     let v2 = QueueInfoV2 {

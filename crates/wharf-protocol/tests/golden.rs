@@ -185,6 +185,40 @@ fn vectors() -> Vec<(&'static str, Frame)> {
         ),
         ("touch", Frame::Touch(Touch { delivery_tag: 42 })),
         (
+            "request_add_user",
+            Frame::Request {
+                correlation_id: 10,
+                request: Request::AddUser {
+                    name: "alice".into(),
+                    password: "s3cret".into(),
+                    tags: vec!["monitoring".into()],
+                },
+            },
+        ),
+        (
+            "request_set_permissions",
+            Frame::Request {
+                correlation_id: 11,
+                request: Request::SetPermissions(PermissionInfo {
+                    user: "alice".into(),
+                    vhost: "/".into(),
+                    configure: "^alice-".into(),
+                    write: ".*".into(),
+                    read: "".into(),
+                }),
+            },
+        ),
+        (
+            "response_users",
+            Frame::Response {
+                correlation_id: 12,
+                response: Response::Users(vec![UserInfo {
+                    name: "guest".into(),
+                    tags: vec!["administrator".into()],
+                }]),
+            },
+        ),
+        (
             "request_redrive",
             Frame::Request {
                 correlation_id: 8,
@@ -320,7 +354,7 @@ fn preamble_vector_is_whrf_then_versions() {
         Preamble { major: 1, minor: 0 }.encode(),
         *b"WHRF\x00\x01\x00\x00"
     );
-    assert_eq!(Preamble::CURRENT.encode(), *b"WHRF\x00\x01\x00\x01");
+    assert_eq!(Preamble::CURRENT.encode(), *b"WHRF\x00\x01\x00\x02");
 }
 
 #[test]

@@ -219,6 +219,61 @@ fn request() -> impl Strategy<Value = Request> {
         (name(), any::<u64>()).prop_map(|(queue, max)| Request::Redrive { queue, max }),
         name().prop_map(|name| Request::QueueStatsV2 { name }),
         Just(Request::ListQueuesV2),
+        admin_request(),
+    ]
+}
+
+fn tags() -> impl Strategy<Value = Vec<String>> {
+    proptest::collection::vec(name(), 0..4)
+}
+
+fn permission_info() -> impl Strategy<Value = PermissionInfo> {
+    (name(), name(), reason(), reason(), reason()).prop_map(
+        |(user, vhost, configure, write, read)| PermissionInfo {
+            user,
+            vhost,
+            configure,
+            write,
+            read,
+        },
+    )
+}
+
+fn topic_permission_info() -> impl Strategy<Value = TopicPermissionInfo> {
+    (name(), name(), name(), reason(), reason()).prop_map(|(user, vhost, exchange, write, read)| {
+        TopicPermissionInfo {
+            user,
+            vhost,
+            exchange,
+            write,
+            read,
+        }
+    })
+}
+
+fn admin_request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        (name(), reason(), tags()).prop_map(|(name, password, tags)| Request::AddUser {
+            name,
+            password,
+            tags
+        }),
+        name().prop_map(|name| Request::DeleteUser { name }),
+        (name(), reason()).prop_map(|(name, password)| Request::ChangePassword { name, password }),
+        (name(), tags()).prop_map(|(name, tags)| Request::SetUserTags { name, tags }),
+        Just(Request::ListUsers),
+        permission_info().prop_map(Request::SetPermissions),
+        (name(), name()).prop_map(|(user, vhost)| Request::ClearPermissions { user, vhost }),
+        name().prop_map(|vhost| Request::ListPermissions { vhost }),
+        topic_permission_info().prop_map(Request::SetTopicPermissions),
+        (name(), name(), proptest::option::of(name())).prop_map(|(user, vhost, exchange)| {
+            Request::ClearTopicPermissions {
+                user,
+                vhost,
+                exchange,
+            }
+        }),
+        name().prop_map(|vhost| Request::ListTopicPermissions { vhost }),
     ]
 }
 
@@ -298,6 +353,14 @@ fn response() -> impl Strategy<Value = Response> {
         any::<u64>().prop_map(|moved| Response::Redriven { moved }),
         queue_info_v2().prop_map(Response::StatsV2),
         proptest::collection::vec(queue_info_v2(), 0..4).prop_map(Response::QueuesV2),
+        proptest::collection::vec(
+            (name(), tags()).prop_map(|(name, tags)| UserInfo { name, tags }),
+            0..4
+        )
+        .prop_map(Response::Users),
+        proptest::collection::vec(permission_info(), 0..4).prop_map(Response::Permissions),
+        proptest::collection::vec(topic_permission_info(), 0..4)
+            .prop_map(Response::TopicPermissions),
     ]
 }
 

@@ -666,6 +666,38 @@ impl Users {
             .collect()
     }
 
+    /// The permissions in `vhost`, by user, as the protocol lists them.
+    pub fn permissions_in(&self, vhost: &str) -> Vec<wharf_protocol::PermissionInfo> {
+        self.permissions()
+            .into_iter()
+            .filter(|(_, on, _)| on == vhost)
+            .map(|(user, vhost, permission)| wharf_protocol::PermissionInfo {
+                user,
+                vhost,
+                configure: permission.configure,
+                write: permission.write,
+                read: permission.read,
+            })
+            .collect()
+    }
+
+    /// The topic permissions in `vhost`, by user and exchange, as the protocol lists them.
+    pub fn topic_permissions_in(&self, vhost: &str) -> Vec<wharf_protocol::TopicPermissionInfo> {
+        self.topic_permissions()
+            .into_iter()
+            .filter(|(_, on, _, _)| on == vhost)
+            .map(
+                |(user, vhost, exchange, permission)| wharf_protocol::TopicPermissionInfo {
+                    user,
+                    vhost,
+                    exchange,
+                    write: permission.write,
+                    read: permission.read,
+                },
+            )
+            .collect()
+    }
+
     /// The generation of the users and their permissions (changes with every change).
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)

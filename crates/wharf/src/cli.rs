@@ -16,8 +16,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use wharf_client::{
-    Client, ClientError, ClientOptions, ConsumeOptions, Delivery, ErrorCode, ExchangeKind,
-    HeadersMatch, Message, PREFETCH_MAX, Publisher, QueueInfo, ValueRef,
+    Client, ClientError, ClientOptions, ConsumeOptions, Credentials, Delivery, ErrorCode,
+    ExchangeKind, HeadersMatch, Message, PREFETCH_MAX, Publisher, QueueInfo, TlsOptions, ValueRef,
 };
 
 /// Success.
@@ -80,7 +80,9 @@ impl From<ClientError> for Failure {
             ClientError::InvalidAddress { .. }
             | ClientError::InvalidArgument { .. }
             | ClientError::Encode(_) => EXIT_USAGE,
-            ClientError::Connect { .. } | ClientError::Handshake { .. } => EXIT_CONNECT,
+            ClientError::Connect { .. }
+            | ClientError::Tls { .. }
+            | ClientError::Handshake { .. } => EXIT_CONNECT,
             // A refused login: the broker is there, this client may not use it.
             ClientError::ServerClosed {
                 code: ErrorCode::AccessRefused,
@@ -150,17 +152,66 @@ fn io_detail(err: &io::Error) -> String {
 }
 
 /// The broker to talk to.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ServerArg {
-    /// Broker address: HOST:PORT, or wharf://USER:PASSWORD@HOST:PORT (credentials and port
-    /// optional).
+    /// Broker address: HOST:PORT, wharf://USER:PASSWORD@HOST:PORT, or wharfs://... for TLS
+    /// (credentials and port optional; wharfs:// defaults to port 5801).
     #[arg(
         long = "server",
         value_name = "ADDR",
         env = "WHARF_SERVER",
-        default_value = "127.0.0.1:5800"
+        default_value = "127.0.0.1:5800",
+        global = true
     )]
     pub(crate) server: String,
+    /// TLS: CA certificates (PEM) the broker's certificate must chain to [default: the
+    /// system's trusted roots].
+    #[arg(long, value_name = "FILE", env = "WHARF_CA", global = true)]
+    pub(crate) ca: Option<std::path::PathBuf>,
+    /// TLS: a client certificate (PEM) to present, with --key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "WHARF_CERT",
+        requires = "key",
+        global = true
+    )]
+    pub(crate) cert: Option<std::path::PathBuf>,
+    /// TLS: the client certificate's private key (PEM).
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "WHARF_KEY",
+        requires = "cert",
+        global = true
+    )]
+    pub(crate) key: Option<std::path::PathBuf>,
+    /// Log in as the client certificate's subject (SASL EXTERNAL) instead of a password.
+    #[arg(long, requires = "cert", global = true)]
+    pub(crate) external: bool,
+}
+
+impl ServerArg {
+    /// The client options these arguments ask for (TLS settings only with one given: a
+    /// wharfs:// address alone uses the system's roots).
+    fn options(&self, client_name: String) -> ClientOptions {
+        let tls = (self.ca.is_some() || self.cert.is_some()).then(|| TlsOptions {
+            ca_file: self.ca.clone(),
+            cert_file: self.cert.clone(),
+            key_file: self.key.clone(),
+            server_name: None,
+        });
+        ClientOptions {
+            client_name,
+            connect_timeout: Duration::from_secs(10),
+            tls,
+            credentials: match self.external {
+                true => Credentials::External,
+                false => Credentials::Default,
+            },
+            ..ClientOptions::default()
+        }
+    }
 }
 
 /// The client subcommands.
@@ -444,7 +495,7 @@ pub async fn run(command: Command) -> Result<(), Failure> {
 
 async fn connect(server: &ServerArg) -> Result<Client, Failure> {
     connect_as(
-        &server.server,
+        server,
         concat!("wharf-cli/", env!("CARGO_PKG_VERSION")).to_owned(),
     )
     .await
@@ -452,20 +503,18 @@ async fn connect(server: &ServerArg) -> Result<Client, Failure> {
 
 /// Connects to the broker at `server` as `client_name`, for the CLI and for `wharf bench`;
 /// every failure but a usage error (a bad address) exits with [`EXIT_CONNECT`].
-pub(crate) async fn connect_as(server: &str, client_name: String) -> Result<Client, Failure> {
-    let options = ClientOptions {
-        client_name,
-        connect_timeout: Duration::from_secs(10),
-        ..ClientOptions::default()
-    };
-    Client::connect_with(server, options).await.map_err(|err| {
-        let mut failure = Failure::from(err);
-        if failure.exit_code != EXIT_USAGE {
-            // Whatever broke during the handshake, the command never got a connection.
-            failure.exit_code = EXIT_CONNECT;
-        }
-        failure
-    })
+pub(crate) async fn connect_as(server: &ServerArg, client_name: String) -> Result<Client, Failure> {
+    let options = server.options(client_name);
+    Client::connect_with(&server.server, options)
+        .await
+        .map_err(|err| {
+            let mut failure = Failure::from(err);
+            if failure.exit_code != EXIT_USAGE {
+                // Whatever broke during the handshake, the command never got a connection.
+                failure.exit_code = EXIT_CONNECT;
+            }
+            failure
+        })
 }
 
 /// Runs `work` on a fresh connection, then closes it (also after an error).

@@ -4,6 +4,7 @@
 
 mod bench;
 mod cli;
+mod tls_gen;
 mod users;
 
 use anyhow::{Context, Result};
@@ -36,10 +37,14 @@ enum Cmd {
     Serve(ServeArgs),
     /// Load-test a broker end to end: rates, latency percentiles, loss and duplicate check.
     Bench(bench::BenchArgs),
-    /// Manage the broker's users in its data directory (the broker must be stopped).
+    /// Manage the broker's users: over the protocol as an administrator, or with --data-dir in
+    /// a stopped broker's directory.
     User(users::UserArgs),
-    /// Manage users' permissions in the broker's data directory (the broker must be stopped).
+    /// Manage users' permissions: over the protocol as an administrator, or with --data-dir in
+    /// a stopped broker's directory.
     Permissions(users::PermissionArgs),
+    /// TLS helpers: a self-made CA and certificates for development.
+    Tls(tls_gen::TlsArgs),
     #[command(flatten)]
     Client(cli::Command),
 }
@@ -86,6 +91,17 @@ struct ServeArgs {
     /// Do not listen in plaintext (TLS clients only).
     #[arg(long)]
     no_plaintext: bool,
+}
+
+/// The exit status of an offline command: its error, if any, on stderr.
+fn exit_code(result: Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -183,20 +199,9 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Bench(args) => bench::main(args),
-        Cmd::User(args) => match users::main(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("error: {err:#}");
-                ExitCode::FAILURE
-            }
-        },
-        Cmd::Permissions(args) => match users::permissions_main(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("error: {err:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Cmd::User(args) => exit_code(users::main(args)),
+        Cmd::Permissions(args) => exit_code(users::permissions_main(args)),
+        Cmd::Tls(args) => exit_code(tls_gen::main(args)),
         Cmd::Client(command) => {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -1,25 +1,34 @@
 //! `wharf user add|delete|passwd|tags|list` and `wharf permissions set|clear|list|set-topic|
-//! clear-topic|list-topic`: the broker's users and their permissions, edited in its data
-//! directory while the broker is stopped (the directory's lock keeps a running broker and
-//! this command apart). Online administration over the protocol is not built yet (issue #18).
+//! clear-topic|list-topic`: the broker's users and their permissions.
+//!
+//! By default they ask a running broker over the protocol (`--server`, as the other client
+//! commands), as a user with the `administrator` tag. With `--data-dir` they edit a stopped
+//! broker's data directory instead (its lock keeps a running broker and the command apart):
+//! the way to set up users before a first start, or to recover a broker whose administrators
+//! are lost.
 
-use anyhow::{Context, Result, bail};
+use crate::cli::{ServerArg, connect_as};
+use anyhow::{Context, Result, anyhow, bail};
 use std::path::PathBuf;
+use wharf_client::{Client, PermissionInfo, TopicPermissionInfo};
 use wharf_server::auth::{DEFAULT_VHOST, Permission, Tag, TopicPermission, Users};
 
 /// `wharf user ...`.
 #[derive(Debug, clap::Args)]
 pub struct UserArgs {
-    /// The broker's data directory (the broker must be stopped).
-    #[arg(long, global = true, env = "WHARF_DATA_DIR", default_value = wharf_server::config::DEFAULT_DATA_DIR)]
-    data_dir: PathBuf,
+    /// Edit the users in this data directory of a stopped broker, instead of asking the
+    /// running broker at --server.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    server: ServerArg,
     #[command(subcommand)]
     action: UserAction,
 }
 
 #[derive(Debug, clap::Subcommand)]
 enum UserAction {
-    /// Add a user.
+    /// Add a user (without permissions: give it some with `wharf permissions set`).
     Add {
         /// User name.
         name: String,
@@ -30,7 +39,7 @@ enum UserAction {
         #[arg(long, value_delimiter = ',')]
         tags: Vec<String>,
     },
-    /// Delete a user.
+    /// Delete a user and its permissions.
     Delete {
         /// User name.
         name: String,
@@ -57,12 +66,15 @@ enum UserAction {
 /// `wharf permissions ...`.
 #[derive(Debug, clap::Args)]
 pub struct PermissionArgs {
-    /// The broker's data directory (the broker must be stopped).
-    #[arg(long, global = true, env = "WHARF_DATA_DIR", default_value = wharf_server::config::DEFAULT_DATA_DIR)]
-    data_dir: PathBuf,
+    /// Edit the permissions in this data directory of a stopped broker, instead of asking the
+    /// running broker at --server.
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
     /// The virtual host.
     #[arg(short = 'p', long, global = true, default_value = DEFAULT_VHOST)]
     vhost: String,
+    #[command(flatten)]
+    server: ServerArg,
     #[command(subcommand)]
     action: PermissionAction,
 }
@@ -111,17 +123,138 @@ enum PermissionAction {
     ListTopic,
 }
 
+/// Where the users are changed: a stopped broker's directory, or a running broker.
+enum Store {
+    /// The users, and the directory's lock, held until the command ends.
+    Offline(Users, #[allow(dead_code)] wharf_server::data_dir::DirLock),
+    Online(Client, tokio::runtime::Runtime),
+}
+
+impl Store {
+    /// Online without `data_dir`; offline with it (a directory with no users yet only for
+    /// adding users, when `may_create`).
+    fn open(data_dir: Option<PathBuf>, server: &ServerArg, may_create: bool) -> Result<Store> {
+        let Some(data_dir) = data_dir else {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            let client = runtime
+                .block_on(connect_as(
+                    server,
+                    concat!("wharf-cli/", env!("CARGO_PKG_VERSION")).to_owned(),
+                ))
+                .map_err(|failure| anyhow!(failure.message))?;
+            return Ok(Store::Online(client, runtime));
+        };
+        let lock = wharf_server::data_dir::lock(&data_dir)
+            .with_context(|| "the broker must be stopped to change its users offline")?;
+        // The default user is created only when a broker starts on a new directory; here an
+        // absent file stays absent until a user is added (then it has exactly those users).
+        let fresh = !lock.dir().join(wharf_server::auth::USERS_FILE).exists();
+        if fresh && !may_create {
+            bail!(
+                "{} has no users yet: a broker's first start creates the default user",
+                lock.dir().display()
+            );
+        }
+        let users = match fresh {
+            true => Users::open_empty(lock.dir())?,
+            false => Users::open(lock.dir(), "guest", "guest")?,
+        };
+        Ok(Store::Offline(users, lock))
+    }
+
+    /// Runs `offline` on the directory's users or `online` with the broker.
+    fn run<T>(
+        &self,
+        offline: impl FnOnce(&Users) -> Result<T>,
+        online: impl AsyncFnOnce(&Client) -> Result<T, wharf_client::ClientError>,
+    ) -> Result<T> {
+        match self {
+            Store::Offline(users, _) => offline(users),
+            Store::Online(client, runtime) => Ok(runtime.block_on(online(client))?),
+        }
+    }
+}
+
+fn parse_tags(tags: &[String]) -> Result<Vec<Tag>> {
+    Ok(tags
+        .iter()
+        .map(|tag| tag.parse::<Tag>())
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Runs `wharf user ...`.
+pub fn main(args: UserArgs) -> Result<()> {
+    let may_create = matches!(args.action, UserAction::Add { .. });
+    let store = Store::open(args.data_dir, &args.server, may_create)?;
+    match args.action {
+        UserAction::Add {
+            name,
+            password,
+            tags,
+        } => {
+            let parsed = parse_tags(&tags)?;
+            let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+            store.run(
+                |users| Ok(users.add(&name, &password, &parsed)?),
+                async |client| client.add_user(&name, &password, &tags).await,
+            )?;
+            println!("added user {name}");
+        }
+        UserAction::Delete { name } => {
+            store.run(
+                |users| Ok(users.delete(&name)?),
+                async |client| client.delete_user(&name).await,
+            )?;
+            println!("deleted user {name}");
+        }
+        UserAction::Passwd { name, password } => {
+            store.run(
+                |users| Ok(users.set_password(&name, &password)?),
+                async |client| client.change_password(&name, &password).await,
+            )?;
+            println!("changed the password of {name}");
+        }
+        UserAction::Tags { name, tags } => {
+            let parsed = parse_tags(&tags)?;
+            let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+            store.run(
+                |users| Ok(users.set_tags(&name, &parsed)?),
+                async |client| client.set_user_tags(&name, &tags).await,
+            )?;
+            println!("set the tags of {name}");
+        }
+        UserAction::List => {
+            let listed = store.run(
+                |users| {
+                    Ok(users
+                        .list()
+                        .into_iter()
+                        .map(|(name, tags)| (name, tags.iter().map(Tag::to_string).collect()))
+                        .collect::<Vec<(String, Vec<String>)>>())
+                },
+                async |client| {
+                    Ok(client
+                        .list_users()
+                        .await?
+                        .into_iter()
+                        .map(|user| (user.name, user.tags))
+                        .collect())
+                },
+            )?;
+            for (name, tags) in listed {
+                println!("{name}\t[{}]", tags.join(","));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs `wharf permissions ...`.
 pub fn permissions_main(args: PermissionArgs) -> Result<()> {
-    let lock = wharf_server::data_dir::lock(&args.data_dir)
-        .with_context(|| "the broker must be stopped to change its permissions")?;
-    if !lock.dir().join(wharf_server::auth::USERS_FILE).exists() {
-        bail!(
-            "{} has no users yet: a broker's first start creates the default user",
-            lock.dir().display()
-        );
-    }
-    let users = open(&lock, false)?;
+    let store = Store::open(args.data_dir, &args.server, false)?;
     let vhost = args.vhost;
     match args.action {
         PermissionAction::Set {
@@ -130,28 +263,41 @@ pub fn permissions_main(args: PermissionArgs) -> Result<()> {
             write,
             read,
         } => {
+            let info = PermissionInfo {
+                user: user.clone(),
+                vhost: vhost.clone(),
+                configure: configure.clone(),
+                write: write.clone(),
+                read: read.clone(),
+            };
             let permission = Permission {
                 configure,
                 write,
                 read,
             };
-            users.set_permissions(&user, &vhost, permission)?;
+            store.run(
+                |users| Ok(users.set_permissions(&user, &vhost, permission)?),
+                async |client| client.set_permissions(info).await,
+            )?;
             println!("set the permissions of {user} in vhost {vhost}");
         }
         PermissionAction::Clear { user } => {
-            users.clear_permissions(&user, &vhost)?;
+            store.run(
+                |users| Ok(users.clear_permissions(&user, &vhost)?),
+                async |client| client.clear_permissions(&user, &vhost).await,
+            )?;
             println!("cleared the permissions of {user} in vhost {vhost}");
         }
         PermissionAction::List => {
+            let listed = store.run(
+                |users| Ok(users.permissions_in(&vhost)),
+                async |client| client.list_permissions(&vhost).await,
+            )?;
             println!("user\tconfigure\twrite\tread");
-            for (user, _, permission) in users
-                .permissions()
-                .into_iter()
-                .filter(|(_, on, _)| *on == vhost)
-            {
+            for info in listed {
                 println!(
-                    "{user}\t{}\t{}\t{}",
-                    permission.configure, permission.write, permission.read
+                    "{}\t{}\t{}\t{}",
+                    info.user, info.configure, info.write, info.read
                 );
             }
         }
@@ -161,93 +307,46 @@ pub fn permissions_main(args: PermissionArgs) -> Result<()> {
             write,
             read,
         } => {
-            users.set_topic_permissions(
-                &user,
-                &vhost,
-                &exchange,
-                TopicPermission { write, read },
+            let info = TopicPermissionInfo {
+                user: user.clone(),
+                vhost: vhost.clone(),
+                exchange: exchange.clone(),
+                write: write.clone(),
+                read: read.clone(),
+            };
+            store.run(
+                |users| {
+                    let permission = TopicPermission { write, read };
+                    Ok(users.set_topic_permissions(&user, &vhost, &exchange, permission)?)
+                },
+                async |client| client.set_topic_permissions(info).await,
             )?;
             println!("set the topic permissions of {user} on {exchange} in vhost {vhost}");
         }
         PermissionAction::ClearTopic { user, exchange } => {
-            users.clear_topic_permissions(&user, &vhost, exchange.as_deref())?;
+            store.run(
+                |users| Ok(users.clear_topic_permissions(&user, &vhost, exchange.as_deref())?),
+                async |client| {
+                    client
+                        .clear_topic_permissions(&user, &vhost, exchange.as_deref())
+                        .await
+                },
+            )?;
             println!("cleared topic permissions of {user} in vhost {vhost}");
         }
         PermissionAction::ListTopic => {
+            let listed = store.run(
+                |users| Ok(users.topic_permissions_in(&vhost)),
+                async |client| client.list_topic_permissions(&vhost).await,
+            )?;
             println!("user\texchange\twrite\tread");
-            for (user, _, exchange, permission) in users
-                .topic_permissions()
-                .into_iter()
-                .filter(|(_, on, _, _)| *on == vhost)
-            {
+            for info in listed {
                 println!(
-                    "{user}\t{exchange}\t{}\t{}",
-                    permission.write, permission.read
+                    "{}\t{}\t{}\t{}",
+                    info.user, info.exchange, info.write, info.read
                 );
             }
         }
     }
     Ok(())
-}
-
-/// Runs `wharf user ...`.
-pub fn main(args: UserArgs) -> Result<()> {
-    let lock = wharf_server::data_dir::lock(&args.data_dir)
-        .with_context(|| "the broker must be stopped to change its users")?;
-    // The default user is created only when a broker starts on a new directory; here an
-    // absent file stays absent until a change is made.
-    let fresh = !lock.dir().join(wharf_server::auth::USERS_FILE).exists();
-    if fresh && !matches!(args.action, UserAction::Add { .. }) {
-        bail!(
-            "{} has no users yet: a broker's first start creates the default user",
-            lock.dir().display()
-        );
-    }
-    let users = open(&lock, fresh)?;
-    match args.action {
-        UserAction::Add {
-            name,
-            password,
-            tags,
-        } => {
-            let tags = tags
-                .iter()
-                .map(|tag| tag.parse::<Tag>())
-                .collect::<Result<Vec<_>, _>>()?;
-            users.add(&name, &password, &tags)?;
-            println!("added user {name}");
-        }
-        UserAction::Delete { name } => {
-            users.delete(&name)?;
-            println!("deleted user {name}");
-        }
-        UserAction::Passwd { name, password } => {
-            users.set_password(&name, &password)?;
-            println!("changed the password of {name}");
-        }
-        UserAction::Tags { name, tags } => {
-            let tags = tags
-                .iter()
-                .map(|tag| tag.parse::<Tag>())
-                .collect::<Result<Vec<_>, _>>()?;
-            users.set_tags(&name, &tags)?;
-            println!("set the tags of {name}");
-        }
-        UserAction::List => {
-            for (name, tags) in users.list() {
-                let tags: Vec<String> = tags.iter().map(Tag::to_string).collect();
-                println!("{name}\t[{}]", tags.join(","));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The directory's users; on a directory with none yet, the users file starts empty (no
-/// default user: the operator is choosing the users).
-fn open(lock: &wharf_server::data_dir::DirLock, fresh: bool) -> Result<Users> {
-    if fresh {
-        return Ok(Users::open_empty(lock.dir())?);
-    }
-    Ok(Users::open(lock.dir(), "guest", "guest")?)
 }

@@ -242,3 +242,70 @@ async fn users_survive_restarts_and_kill_9_and_are_changed_while_stopped() {
     assert_refused(login(broker.addr, "bob", "pw").await);
     broker.terminate(DEADLINE);
 }
+
+/// `wharf user` and `wharf permissions` without `--data-dir` administer a running broker over
+/// the protocol, as an administrator; the changes are durable at once (they survive `kill
+/// -9`), and a user without the administrator tag is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_and_permissions_are_administered_online_and_survive_kill_9() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let broker = process::spawn(&data);
+    let admin = format!("wharf://guest:guest@{}", broker.addr);
+    let online = |args: &[&str], server: &str| {
+        Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .args(args)
+            .args(["--server", server])
+            .output()
+            .expect("run wharf")
+    };
+    for args in [
+        &[
+            "user",
+            "add",
+            "bob",
+            "--password",
+            "pw",
+            "--tags",
+            "monitoring",
+        ][..],
+        &["permissions", "set", "bob", "^bob-", ".*", ".*"][..],
+    ] {
+        let done = online(args, &admin);
+        assert!(done.status.success(), "{done:?}");
+    }
+    let listed = online(&["user", "list"], &admin);
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "bob\t[monitoring]\nguest\t[administrator]\n"
+    );
+    let bob = login(broker.addr, "bob", "pw").await.expect("bob");
+    bob.declare_queue("bob-q").await.expect("his queue");
+    let refused = bob.declare_queue("q").await.expect_err("not his");
+    assert_eq!(refused.code(), Some(ErrorCode::AccessRefused));
+    // bob is no administrator.
+    let denied = online(
+        &["user", "add", "eve", "--password", "pw"],
+        &format!("wharf://bob:pw@{}", broker.addr),
+    );
+    assert!(!denied.status.success(), "{denied:?}");
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("administrator tag"),
+        "{denied:?}"
+    );
+    broker.kill();
+    let broker = process::spawn(&data);
+    let bob = login(broker.addr, "bob", "pw")
+        .await
+        .expect("bob after kill -9");
+    bob.declare_queue("bob-q2")
+        .await
+        .expect("his permissions too");
+    let admin = format!("wharf://guest:guest@{}", broker.addr);
+    let listed = online(&["permissions", "list"], &admin);
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "user\tconfigure\twrite\tread\nbob\t^bob-\t.*\t.*\nguest\t.*\t.*\t.*\n"
+    );
+    broker.terminate(DEADLINE);
+}

@@ -188,10 +188,7 @@ async fn persistent_publishes_are_refused_below_disk_free_limit_and_resume() {
         "{refused:?}"
     );
     assert!(
-        broker
-            .log_lines()
-            .iter()
-            .any(|line| line.contains("disk alarm")),
+        broker.wait_for_log("disk alarm", DEADLINE),
         "{}",
         broker.log_tail(20)
     );

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from types import TracebackType
-from typing import Optional, cast
+from typing import Optional, Union, cast
 
 from wharf import _wharf
 from wharf._types import (
@@ -34,14 +35,25 @@ def connect(
     heartbeat: Optional[float] = None,
     connect_timeout: float = 10.0,
     request_timeout: float = 30.0,
+    ca: Union[str, "os.PathLike[str]", None] = None,
+    cert: Union[str, "os.PathLike[str]", None] = None,
+    key: Union[str, "os.PathLike[str]", None] = None,
+    server_name: Optional[str] = None,
+    external: bool = False,
 ) -> Connection:
     """Connects to a Wharf broker and returns a :class:`Connection`.
 
     ``url`` is ``wharf://[user:password@]host[:port]`` (or ``host[:port]``; port 5800 by
     default). ``heartbeat`` (seconds) asks for a heartbeat interval (``None``: the broker's);
     heartbeats are sent by a background thread, so a slow handler never loses the connection.
-    ``request_timeout`` bounds every request and confirm wait. Raises :class:`ConnectError`,
-    :class:`AccessRefused` or :class:`Timeout`.
+    ``request_timeout`` bounds every request and confirm wait.
+
+    TLS: ``wharfs://host[:port]`` (port 5801 by default) connects over TLS, verifying the
+    broker's certificate against ``ca`` (a PEM file; default: the system's trusted roots)
+    and the URL's host (or ``server_name``). ``cert`` and ``key`` (PEM files) present a
+    client certificate; with ``external=True`` the login is the certificate's subject (SASL
+    EXTERNAL) instead of a password. Raises :class:`ConnectError` (an untrusted or expired
+    certificate among others), :class:`AccessRefused` or :class:`Timeout`.
     """
     core = _wharf.Core.connect(
         url,
@@ -49,6 +61,11 @@ def connect(
         heartbeat=heartbeat,
         connect_timeout=connect_timeout,
         request_timeout=request_timeout,
+        ca=ca,
+        cert=cert,
+        key=key,
+        server_name=server_name,
+        external=external,
     )
     return Connection(cast(_wharf.Core, core))
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Optional, final
 
+import os
 from collections.abc import Sequence
 
 from wharf._types import Body, Durability, Headers, HeaderValue, Seconds
@@ -201,6 +202,11 @@ class Core:
         heartbeat: float | None = None,
         connect_timeout: float = 10.0,
         request_timeout: float = 30.0,
+        ca: str | os.PathLike[str] | None = None,
+        cert: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
+        server_name: str | None = None,
+        external: bool = False,
         done: _Done | None = None,
     ) -> Any: ...
     @property

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Optional, cast
+from typing import Any, Optional, Union, cast
 
 from wharf import _wharf
 from wharf._connection import DEFAULT_URL
@@ -138,6 +139,11 @@ def connect(
     heartbeat: Optional[float] = None,
     connect_timeout: float = 10.0,
     request_timeout: float = 30.0,
+    ca: Union[str, "os.PathLike[str]", None] = None,
+    cert: Union[str, "os.PathLike[str]", None] = None,
+    key: Union[str, "os.PathLike[str]", None] = None,
+    server_name: Optional[str] = None,
+    external: bool = False,
 ) -> _Connecting:
     """Connects to a Wharf broker: ``conn = await connect(url)`` or
     ``async with connect(url) as conn:``. Arguments as in :func:`wharf.connect`."""
@@ -149,6 +155,11 @@ def connect(
             heartbeat=heartbeat,
             connect_timeout=connect_timeout,
             request_timeout=request_timeout,
+            ca=ca,
+            cert=cert,
+            key=key,
+            server_name=server_name,
+            external=external,
             done=done,
         )
 

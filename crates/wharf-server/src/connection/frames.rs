@@ -207,6 +207,15 @@ pub(super) fn apply_frames(
                 Frame::Request {
                     correlation_id,
                     request,
+                } if request.is_admin() => {
+                    let user = reader.access.user().to_owned();
+                    reader
+                        .admin
+                        .submit(shared, &user, outbox, correlation_id, request);
+                }
+                Frame::Request {
+                    correlation_id,
+                    request,
                 } => {
                     let logged_before = state.pending_log_ops();
                     let response =

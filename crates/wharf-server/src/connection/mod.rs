@@ -39,6 +39,7 @@ use wharf_protocol::{
 };
 use wharf_storage::{Leader, SyncCoverage, WalError};
 
+mod admin;
 mod confirms;
 mod flow;
 mod frames;
@@ -199,6 +200,8 @@ struct Reader {
     slow: Vec<(QueueId, Instant)>,
     /// Its user's permissions.
     access: Access,
+    /// Its administration requests' task.
+    admin: admin::Admin,
 }
 
 /// Unconfirmed publishes of one connection: the reader stops reading at the limit.
@@ -229,6 +232,7 @@ async fn read_loop(
         routed: Vec::new(),
         slow: Vec::new(),
         access: negotiated.access,
+        admin: admin::Admin::default(),
     };
     let in_flight_max = u64::from(shared.config.publishes_in_flight_max);
     let mut frames: Vec<Frame> = Vec::new();

@@ -301,6 +301,7 @@ pub(super) fn handle_request(
                 })
                 .collect(),
         )),
+        other => unreachable!("administration requests go to admin.rs: {other:?}"),
     })();
     result.unwrap_or_else(|err| Response::Error {
         code: error_code(&err),

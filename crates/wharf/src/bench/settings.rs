@@ -164,7 +164,7 @@ pub(super) struct Settings {
     pub(super) quiet: bool,
     pub(super) fault_ignore_every: Option<u64>,
     pub(super) fault_repeat_every: Option<u64>,
-    pub(super) server: String,
+    pub(super) server: crate::cli::ServerArg,
 }
 
 /// Values a scenario sets (`None`: the general default).
@@ -355,7 +355,7 @@ impl TryFrom<BenchArgs> for Settings {
             quiet: args.quiet,
             fault_ignore_every: args.fault_ignore_every,
             fault_repeat_every: args.fault_repeat_every,
-            server: args.server.server,
+            server: args.server,
         })
     }
 }

@@ -257,6 +257,21 @@ impl Broker {
         log_tail(&self.log, n_lines)
     }
 
+    /// Whether a line of its stderr contains `needle` within `within` (lines are read by a
+    /// thread of their own: one the broker just wrote may not be there yet).
+    pub fn wait_for_log(&self, needle: &str, within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if self.log_lines().iter().any(|line| line.contains(needle)) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Lines of its stderr read but not kept (past [`LOG_LINES_MAX`]).
     pub fn n_log_lines_dropped(&self) -> u64 {
         self.log.lock().unwrap().n_dropped
