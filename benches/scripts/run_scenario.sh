@@ -6,6 +6,8 @@
 #     benches/scripts/run_scenario.sh $b $(basename $b) s3; done; done
 #
 # usage: run_scenario.sh WHARF_BINARY LABEL SCENARIO [more `wharf bench` flags]
+# With TLS=1 in the environment, the bench connects over TLS (certificates from `wharf tls
+# gen`, the broker's TLS listener only): compare with the same run without it.
 # Prints: scenario, label, exit code, delivered msgs/s, lost, publish → deliver p50 / p99 /
 # p99.9 / max (µs), the broker's peak RSS (VmHWM), CPU time and context switches (all its
 # threads) during the run. The bench's JSON report is written to a file and read after the
@@ -17,7 +19,13 @@ shift 3
 work=$(mktemp -d)
 trap 'kill "$broker" 2>/dev/null || true; rm -rf "$work"' EXIT
 port=$((10000 + RANDOM % 20000))  # below the ephemeral range: no collision with a client's port
-"$wharf" serve --bind "127.0.0.1:$port" --data-dir "$work/data" >"$work/broker.log" 2>&1 &
+listen=(--bind "127.0.0.1:$port") server="127.0.0.1:$port" tls=()
+if [ "${TLS:-0}" = 1 ]; then
+  "$wharf" tls gen --dir "$work/certs" >/dev/null
+  listen=(--no-plaintext --tls-bind "127.0.0.1:$port" --tls-cert "$work/certs/server.pem" --tls-key "$work/certs/server.key")
+  server="wharfs://127.0.0.1:$port" tls=(--ca "$work/certs/ca.pem")
+fi
+"$wharf" serve "${listen[@]}" --data-dir "$work/data" >"$work/broker.log" 2>&1 &
 broker=$!
 for _ in $(seq 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
@@ -28,7 +36,7 @@ switches() { cat /proc/"$broker"/task/*/status | awk '/ctxt_switches/ { n += $2 
 cpu_ticks() { awk '{ print $14 + $15 }' /proc/"$broker"/stat; }
 switches_before=$(switches) ticks_before=$(cpu_ticks)
 code=0
-"$wharf" bench --server "127.0.0.1:$port" --scenario "$scenario" --quiet --json "$@" \
+"$wharf" bench --server "$server" "${tls[@]}" --scenario "$scenario" --quiet --json "$@" \
   >"$work/report.json" 2>"$work/bench.err" || code=$?
 switches_after=$(switches) ticks_after=$(cpu_ticks)
 peak_kib=$(awk '/VmHWM/ { print $2 }' /proc/"$broker"/status)

@@ -13,7 +13,8 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 use wharf_client::wharf_protocol::MINOR_QUEUE_FEATURES;
 use wharf_client::{
-    Client, ClientOptions, ConsumeOptions, Credentials, TlsOptions, DeclareQueue, ExchangeKind, Message, Overflow, Value,
+    Client, ClientOptions, ConsumeOptions, Credentials, DeclareQueue, ExchangeKind, Message,
+    Overflow, PermissionInfo, TlsOptions, TopicPermissionInfo, Value,
 };
 
 /// A connection to a Wharf broker (native core; use `wharf.connect` or `wharf.aio.connect`).
@@ -435,6 +436,193 @@ impl Core {
                 let queues = client.list_queues().await?;
                 Ok(queues.into_iter().map(convert::widen).collect())
             }
+        })
+    }
+
+    /// Adds a user (administrators only), without permissions.
+    #[pyo3(signature = (name, password, *, tags = Vec::new(), done = None))]
+    fn add_user(
+        &self,
+        py: Python<'_>,
+        name: String,
+        password: String,
+        tags: Vec<String>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let client = self.client();
+        run(py, &self.handle, done, async move {
+            let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+            client.add_user(&name, &password, &tags).await
+        })
+    }
+
+    /// Deletes a user and its permissions (administrators only).
+    #[pyo3(signature = (name, *, done = None))]
+    fn delete_user(
+        &self,
+        py: Python<'_>,
+        name: String,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let client = self.client();
+        run(py, &self.handle, done, async move {
+            client.delete_user(&name).await
+        })
+    }
+
+    /// Sets a user's password (administrators only).
+    #[pyo3(signature = (name, password, *, done = None))]
+    fn change_password(
+        &self,
+        py: Python<'_>,
+        name: String,
+        password: String,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let client = self.client();
+        run(py, &self.handle, done, async move {
+            client.change_password(&name, &password).await
+        })
+    }
+
+    /// Sets a user's tags (administrators only).
+    #[pyo3(signature = (name, tags, *, done = None))]
+    fn set_user_tags(
+        &self,
+        py: Python<'_>,
+        name: String,
+        tags: Vec<String>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let client = self.client();
+        run(py, &self.handle, done, async move {
+            let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+            client.set_user_tags(&name, &tags).await
+        })
+    }
+
+    /// Every user and its tags, as dicts (administrators only).
+    #[pyo3(signature = (*, done = None))]
+    fn list_users(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let client = self.client();
+        run(
+            py,
+            &self.handle,
+            done,
+            async move { client.list_users().await },
+        )
+    }
+
+    /// Sets a user's permissions in a virtual host (administrators only).
+    #[pyo3(signature = (user, configure, write, read, *, vhost = "/".to_owned(), done = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn set_permissions(
+        &self,
+        py: Python<'_>,
+        user: String,
+        configure: String,
+        write: String,
+        read: String,
+        vhost: String,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let client = self.client();
+        let permission = PermissionInfo {
+            user,
+            vhost,
+            configure,
+            write,
+            read,
+        };
+        run(py, &self.handle, done, async move {
+            client.set_permissions(permission).await
+        })
+    }
+
+    /// Removes a user's permissions in a virtual host (administrators only).
+    #[pyo3(signature = (user, *, vhost = "/".to_owned(), done = None))]
+    fn clear_permissions(
+        &self,
+        py: Python<'_>,
+        user: String,
+        vhost: String,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let client = self.client();
+        run(py, &self.handle, done, async move {
+            client.clear_permissions(&user, &vhost).await
+        })
+    }
+
+    /// The permissions in a virtual host, as dicts (administrators only).
+    #[pyo3(signature = (*, vhost = "/".to_owned(), done = None))]
+    fn list_permissions(
+        &self,
+        py: Python<'_>,
+        vhost: String,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let client = self.client();
+        run(py, &self.handle, done, async move {
+            client.list_permissions(&vhost).await
+        })
+    }
+
+    /// Sets a user's topic permissions on a topic exchange (administrators only).
+    #[pyo3(signature = (user, exchange, write, read, *, vhost = "/".to_owned(), done = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn set_topic_permissions(
+        &self,
+        py: Python<'_>,
+        user: String,
+        exchange: String,
+        write: String,
+        read: String,
+        vhost: String,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let client = self.client();
+        let permission = TopicPermissionInfo {
+            user,
+            vhost,
+            exchange,
+            write,
+            read,
+        };
+        run(py, &self.handle, done, async move {
+            client.set_topic_permissions(permission).await
+        })
+    }
+
+    /// Removes a user's topic permissions on one exchange or all (administrators only).
+    #[pyo3(signature = (user, *, exchange = None, vhost = "/".to_owned(), done = None))]
+    fn clear_topic_permissions(
+        &self,
+        py: Python<'_>,
+        user: String,
+        exchange: Option<String>,
+        vhost: String,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let client = self.client();
+        run(py, &self.handle, done, async move {
+            client
+                .clear_topic_permissions(&user, &vhost, exchange.as_deref())
+                .await
+        })
+    }
+
+    /// The topic permissions in a virtual host, as dicts (administrators only).
+    #[pyo3(signature = (*, vhost = "/".to_owned(), done = None))]
+    fn list_topic_permissions(
+        &self,
+        py: Python<'_>,
+        vhost: String,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let client = self.client();
+        run(py, &self.handle, done, async move {
+            client.list_topic_permissions(&vhost).await
         })
     }
 

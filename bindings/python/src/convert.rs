@@ -380,3 +380,51 @@ impl ToPy for Vec<Result<Durability, ClientError>> {
         Ok(list.into_any().unbind())
     }
 }
+
+/// A list of dicts, one per item, with the fields `fields` gives.
+fn dict_list<T>(
+    py: Python<'_>,
+    items: Vec<T>,
+    fields: impl Fn(&Bound<'_, PyDict>, T) -> PyResult<()>,
+) -> PyResult<Py<PyAny>> {
+    let list = PyList::empty(py);
+    for item in items {
+        let dict = PyDict::new(py);
+        fields(&dict, item)?;
+        list.append(dict)?;
+    }
+    Ok(list.into_any().unbind())
+}
+
+impl ToPy for Vec<wharf_client::UserInfo> {
+    fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        dict_list(py, self, |dict, user| {
+            dict.set_item("name", user.name)?;
+            dict.set_item("tags", user.tags)
+        })
+    }
+}
+
+impl ToPy for Vec<wharf_client::PermissionInfo> {
+    fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        dict_list(py, self, |dict, permission| {
+            dict.set_item("user", permission.user)?;
+            dict.set_item("vhost", permission.vhost)?;
+            dict.set_item("configure", permission.configure)?;
+            dict.set_item("write", permission.write)?;
+            dict.set_item("read", permission.read)
+        })
+    }
+}
+
+impl ToPy for Vec<wharf_client::TopicPermissionInfo> {
+    fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        dict_list(py, self, |dict, permission| {
+            dict.set_item("user", permission.user)?;
+            dict.set_item("vhost", permission.vhost)?;
+            dict.set_item("exchange", permission.exchange)?;
+            dict.set_item("write", permission.write)?;
+            dict.set_item("read", permission.read)
+        })
+    }
+}

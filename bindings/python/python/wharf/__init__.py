@@ -30,9 +30,12 @@ from wharf._types import (
     Headers,
     HeaderValue,
     Overflow,
+    PermissionInfo,
     QueueDeclared,
     QueueStats,
     Seconds,
+    TopicPermissionInfo,
+    UserInfo,
 )
 from wharf._wharf import Batches, Consumer, Message, OutgoingMessage, ProcessGuard, Publisher
 from wharf.errors import (
@@ -71,6 +74,9 @@ __all__ = [
     "Publisher",
     "QueueDeclared",
     "QueueStats",
+    "UserInfo",
+    "PermissionInfo",
+    "TopicPermissionInfo",
     "Body",
     "Durability",
     "ExchangeKind",

@@ -14,9 +14,12 @@ from wharf._types import (
     ExchangeKind,
     Headers,
     Overflow,
+    PermissionInfo,
     QueueDeclared,
     QueueStats,
     Seconds,
+    TopicPermissionInfo,
+    UserInfo,
     _arguments,
 )
 from wharf._wharf import Consumer, OutgoingMessage, Publisher
@@ -221,6 +224,59 @@ class Connection:
     def list_queues(self) -> list[QueueStats]:
         """Every queue visible to this connection."""
         return [QueueStats._from_dict(stats) for stats in self._core.list_queues()]
+
+    # Administration (administrators only; protocol 1.2): users and permissions.
+
+    def add_user(self, name: str, password: str, *, tags: Sequence[str] = ()) -> None:
+        """Adds a user with ``tags`` (``administrator``, ``monitoring``, ``management``,
+        ``policymaker``), without permissions: give it some with :meth:`set_permissions`.
+        Needs the ``administrator`` tag (:class:`AccessRefused` otherwise); raises
+        :class:`PreconditionFailed` if the user exists."""
+        self._core.add_user(name, password, tags=list(tags))
+
+    def delete_user(self, name: str) -> None:
+        """Deletes a user and its permissions (:class:`NotFound` if there is none)."""
+        self._core.delete_user(name)
+
+    def change_password(self, name: str, password: str) -> None:
+        """Sets a user's password."""
+        self._core.change_password(name, password)
+
+    def set_user_tags(self, name: str, tags: Sequence[str]) -> None:
+        """Sets a user's tags, replacing them."""
+        self._core.set_user_tags(name, list(tags))
+
+    def list_users(self) -> list[UserInfo]:
+        """Every user and its tags."""
+        return cast("list[UserInfo]", self._core.list_users())
+
+    def set_permissions(self, user: str, configure: str, write: str, read: str, *, vhost: str = "/") -> None:
+        """Sets a user's permissions in ``vhost``: RabbitMQ's regular expressions over resource
+        names (``".*"`` everything, ``""`` nothing). :class:`InvalidArgument` for a pattern that
+        does not compile."""
+        self._core.set_permissions(user, configure, write, read, vhost=vhost)
+
+    def clear_permissions(self, user: str, *, vhost: str = "/") -> None:
+        """Removes a user's permissions (and topic permissions) in ``vhost``."""
+        self._core.clear_permissions(user, vhost=vhost)
+
+    def list_permissions(self, *, vhost: str = "/") -> list[PermissionInfo]:
+        """The permissions in ``vhost``."""
+        return cast("list[PermissionInfo]", self._core.list_permissions(vhost=vhost))
+
+    def set_topic_permissions(self, user: str, exchange: str, write: str, read: str, *, vhost: str = "/") -> None:
+        """Sets a user's topic permissions on the topic exchange ``exchange``: regular
+        expressions over the routing keys it may publish with (``write``) and bind with
+        (``read``); ``{username}`` and ``{vhost}`` expand."""
+        self._core.set_topic_permissions(user, exchange, write, read, vhost=vhost)
+
+    def clear_topic_permissions(self, user: str, *, exchange: Optional[str] = None, vhost: str = "/") -> None:
+        """Removes a user's topic permissions on ``exchange`` (``None``: on every exchange)."""
+        self._core.clear_topic_permissions(user, exchange=exchange, vhost=vhost)
+
+    def list_topic_permissions(self, *, vhost: str = "/") -> list[TopicPermissionInfo]:
+        """The topic permissions in ``vhost``."""
+        return cast("list[TopicPermissionInfo]", self._core.list_topic_permissions(vhost=vhost))
 
     def redrive(self, queue: str, *, max_messages: Optional[int] = None) -> int:
         """Moves dead-lettered messages of the dead-letter queue ``queue`` back to the queue

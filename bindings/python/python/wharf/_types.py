@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Dict, List, Literal, Mapping, NamedTuple, Union
+from typing import Any, Dict, List, Literal, Mapping, NamedTuple, TypedDict, Union
 
 __all__ = [
     "Body",
@@ -16,6 +16,9 @@ __all__ = [
     "Seconds",
     "QueueDeclared",
     "QueueStats",
+    "UserInfo",
+    "PermissionInfo",
+    "TopicPermissionInfo",
 ]
 
 #: A message body: bytes-like, or ``str`` (sent as UTF-8).
@@ -45,6 +48,35 @@ Overflow = Literal["drop-head", "reject-publish", "reject-publish-dlx"]
 #: counts in milliseconds (finer parts are dropped); negative durations raise
 #: :class:`~wharf.InvalidArgument`.
 Seconds = Union[float, timedelta]
+
+
+class UserInfo(TypedDict):
+    """A user and its tags (:meth:`wharf.Connection.list_users`)."""
+
+    name: str
+    tags: List[str]
+
+
+class PermissionInfo(TypedDict):
+    """A user's permissions in a virtual host (:meth:`wharf.Connection.list_permissions`):
+    RabbitMQ's three regular expressions over resource names."""
+
+    user: str
+    vhost: str
+    configure: str
+    write: str
+    read: str
+
+
+class TopicPermissionInfo(TypedDict):
+    """A user's topic permissions on a topic exchange: regular expressions over routing
+    keys (:meth:`wharf.Connection.list_topic_permissions`)."""
+
+    user: str
+    vhost: str
+    exchange: str
+    write: str
+    read: str
 
 
 class QueueDeclared(NamedTuple):

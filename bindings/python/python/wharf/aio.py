@@ -38,9 +38,12 @@ from wharf._types import (
     ExchangeKind,
     Headers,
     Overflow,
+    PermissionInfo,
     QueueDeclared,
     QueueStats,
     Seconds,
+    TopicPermissionInfo,
+    UserInfo,
     _arguments,
 )
 from wharf._wharf import Message, OutgoingMessage
@@ -290,6 +293,65 @@ class Connection:
         """Every queue visible to this connection."""
         queues = await _call(lambda done: self._core.list_queues(done=done))
         return [QueueStats._from_dict(stats) for stats in queues]
+
+    # Administration (administrators only; protocol 1.2): see :class:`wharf.Connection`.
+
+    async def add_user(self, name: str, password: str, *, tags: Sequence[str] = ()) -> None:
+        """Adds a user. See :meth:`wharf.Connection.add_user`."""
+        await _call(lambda done: self._core.add_user(name, password, tags=list(tags), done=done))
+
+    async def delete_user(self, name: str) -> None:
+        """Deletes a user and its permissions."""
+        await _call(lambda done: self._core.delete_user(name, done=done))
+
+    async def change_password(self, name: str, password: str) -> None:
+        """Sets a user's password."""
+        await _call(lambda done: self._core.change_password(name, password, done=done))
+
+    async def set_user_tags(self, name: str, tags: Sequence[str]) -> None:
+        """Sets a user's tags, replacing them."""
+        await _call(lambda done: self._core.set_user_tags(name, list(tags), done=done))
+
+    async def list_users(self) -> list[UserInfo]:
+        """Every user and its tags."""
+        return cast("list[UserInfo]", await _call(lambda done: self._core.list_users(done=done)))
+
+    async def set_permissions(self, user: str, configure: str, write: str, read: str, *, vhost: str = "/") -> None:
+        """Sets a user's permissions. See :meth:`wharf.Connection.set_permissions`."""
+        await _call(lambda done: self._core.set_permissions(user, configure, write, read, vhost=vhost, done=done))
+
+    async def clear_permissions(self, user: str, *, vhost: str = "/") -> None:
+        """Removes a user's permissions in ``vhost``."""
+        await _call(lambda done: self._core.clear_permissions(user, vhost=vhost, done=done))
+
+    async def list_permissions(self, *, vhost: str = "/") -> list[PermissionInfo]:
+        """The permissions in ``vhost``."""
+        return cast(
+            "list[PermissionInfo]", await _call(lambda done: self._core.list_permissions(vhost=vhost, done=done))
+        )
+
+    async def set_topic_permissions(
+        self, user: str, exchange: str, write: str, read: str, *, vhost: str = "/"
+    ) -> None:
+        """Sets a user's topic permissions. See :meth:`wharf.Connection.set_topic_permissions`."""
+        await _call(
+            lambda done: self._core.set_topic_permissions(user, exchange, write, read, vhost=vhost, done=done)
+        )
+
+    async def clear_topic_permissions(
+        self, user: str, *, exchange: Optional[str] = None, vhost: str = "/"
+    ) -> None:
+        """Removes a user's topic permissions on ``exchange`` (``None``: all)."""
+        await _call(
+            lambda done: self._core.clear_topic_permissions(user, exchange=exchange, vhost=vhost, done=done)
+        )
+
+    async def list_topic_permissions(self, *, vhost: str = "/") -> list[TopicPermissionInfo]:
+        """The topic permissions in ``vhost``."""
+        return cast(
+            "list[TopicPermissionInfo]",
+            await _call(lambda done: self._core.list_topic_permissions(vhost=vhost, done=done)),
+        )
 
     async def redrive(self, queue: str, *, max_messages: Optional[int] = None) -> int:
         """Moves dead-lettered messages back to the queues they died in; returns how many.
