@@ -33,7 +33,7 @@ impl Client {
     ) -> Result<(), ClientError> {
         let request = Request::AddUser {
             name: name.to_owned(),
-            password: password.to_owned(),
+            password: password.into(),
             tags: tags.iter().map(|tag| (*tag).to_owned()).collect(),
         };
         self.administer("add_user", request).await
@@ -51,7 +51,7 @@ impl Client {
     pub async fn change_password(&self, name: &str, password: &str) -> Result<(), ClientError> {
         let request = Request::ChangePassword {
             name: name.to_owned(),
-            password: password.to_owned(),
+            password: password.into(),
         };
         self.administer("change_password", request).await
     }

@@ -791,12 +791,14 @@ fn redrive_moves_dead_letters_back_to_where_they_died() {
         connection: C1,
         queue: "dead".into(),
         max: 2,
+        into: None,
     });
     assert_eq!(reply, Reply::Redriven { moved: 2 });
     let reply = harness.ok(Command::Redrive {
         connection: C1,
         queue: "dead".into(),
         max: 0,
+        into: None,
     });
     assert_eq!(reply, Reply::Redriven { moved: 1 });
     let back = harness.drain("work");
@@ -814,6 +816,7 @@ fn redrive_moves_dead_letters_back_to_where_they_died() {
             connection: C1,
             queue: "missing".into(),
             max: 0,
+            into: None,
         }),
         Err(CoreError::NotFound {
             kind: wharf_core::EntityKind::Queue,
@@ -887,6 +890,7 @@ fn redrive_expires_a_dead_letter_past_its_ttl_instead_of_moving_it() {
         connection: C1,
         queue: "dead".into(),
         max: 0,
+        into: None,
     });
     assert_eq!(reply, Reply::Redriven { moved: 0 });
     assert_eq!(harness.stats("dead").expired, 1);

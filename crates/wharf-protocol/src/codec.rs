@@ -381,7 +381,7 @@ fn check_request(request: &Request) -> Result<(), Error> {
             tags,
         } => {
             check_name(name)?;
-            check_admin_text(password)?;
+            check_admin_text(&password.0)?;
             check_tags(tags)
         }
         Request::DeleteUser { name }
@@ -389,7 +389,7 @@ fn check_request(request: &Request) -> Result<(), Error> {
         | Request::ListTopicPermissions { vhost: name } => check_name(name),
         Request::ChangePassword { name, password } => {
             check_name(name)?;
-            check_admin_text(password)
+            check_admin_text(&password.0)
         }
         Request::SetUserTags { name, tags } => {
             check_name(name)?;

@@ -403,7 +403,7 @@ pub enum Request {
         /// User name.
         name: String,
         /// Its password (sent as given: use TLS beyond loopback).
-        password: String,
+        password: Password,
         /// Its tags (`administrator`, `monitoring`, `management`, `policymaker`).
         tags: Vec<String>,
     },
@@ -417,7 +417,7 @@ pub enum Request {
         /// User name.
         name: String,
         /// The new password.
-        password: String,
+        password: Password,
     },
     /// Tag 18 (protocol 1.2, administrators): set a user's tags (replacing them).
     SetUserTags {
@@ -489,6 +489,30 @@ impl Request {
                 | Request::ClearTopicPermissions { .. }
                 | Request::ListTopicPermissions { .. }
         )
+    }
+}
+
+/// A password in an administration request: encoded as a string, never shown by `Debug`
+/// (a request may be logged or end up in a panic message).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Password(pub String);
+
+impl From<&str> for Password {
+    fn from(password: &str) -> Password {
+        Password(password.to_owned())
+    }
+}
+
+impl From<String> for Password {
+    fn from(password: String) -> Password {
+        Password(password)
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
     }
 }
 

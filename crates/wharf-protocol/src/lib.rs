@@ -45,8 +45,9 @@ pub use frame::{
     Ack, AckRanges, BatchMessage, Binding, Close, Confirm, ConfirmRange, ConfirmStatus,
     ConsumerCancelled, Credentials, Credit, Defer, Deliver, DeliverBatch, Delivery, Destination,
     Durability, ExchangeInfo, ExchangeKind, Frame, Hello, HelloOk, MINOR_ADMIN,
-    MINOR_QUEUE_FEATURES, Nack, PermissionInfo, Publish, PublishBatch, QueueInfo, QueueInfoV2,
-    Reject, Request, Response, ServerLimits, TagRange, TopicPermissionInfo, Touch, UserInfo, kind,
+    MINOR_QUEUE_FEATURES, Nack, Password, PermissionInfo, Publish, PublishBatch, QueueInfo,
+    QueueInfoV2, Reject, Request, Response, ServerLimits, TagRange, TopicPermissionInfo, Touch,
+    UserInfo, kind,
 };
 pub use preamble::{MAGIC, Preamble};
 pub use properties::{Properties, PropertiesRef};

@@ -563,6 +563,11 @@ fn administration_needs_protocol_1_2_and_its_texts_are_bounded() {
         tags: vec![],
     };
     assert!(add.is_admin());
+    assert!(
+        !format!("{add:?}").contains("pw\""),
+        "a password is never shown: {add:?}"
+    );
+    assert!(format!("{add:?}").contains("<redacted>"));
     assert_eq!(add.minor_required(), MINOR_ADMIN);
     assert!(!Request::ListQueues.is_admin());
     assert_eq!(Response::Users(Vec::new()).minor_required(), MINOR_ADMIN);
@@ -571,7 +576,7 @@ fn administration_needs_protocol_1_2_and_its_texts_are_bounded() {
     for request in [
         Request::AddUser {
             name: "alice".into(),
-            password: too_long.clone(),
+            password: too_long.clone().into(),
             tags: vec![],
         },
         Request::AddUser {
@@ -581,7 +586,7 @@ fn administration_needs_protocol_1_2_and_its_texts_are_bounded() {
         },
         Request::ChangePassword {
             name: "alice".into(),
-            password: too_long.clone(),
+            password: too_long.clone().into(),
         },
         Request::SetPermissions(PermissionInfo {
             user: "alice".into(),

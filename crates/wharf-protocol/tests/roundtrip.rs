@@ -255,11 +255,14 @@ fn admin_request() -> impl Strategy<Value = Request> {
     prop_oneof![
         (name(), reason(), tags()).prop_map(|(name, password, tags)| Request::AddUser {
             name,
-            password,
+            password: password.into(),
             tags
         }),
         name().prop_map(|name| Request::DeleteUser { name }),
-        (name(), reason()).prop_map(|(name, password)| Request::ChangePassword { name, password }),
+        (name(), reason()).prop_map(|(name, password)| Request::ChangePassword {
+            name,
+            password: password.into()
+        }),
         (name(), tags()).prop_map(|(name, tags)| Request::SetUserTags { name, tags }),
         Just(Request::ListUsers),
         permission_info().prop_map(Request::SetPermissions),

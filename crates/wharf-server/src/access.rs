@@ -149,8 +149,10 @@ impl Access {
         self.compiled.is_some()
     }
 
-    /// Starts afresh if any user or permission changed since the answers were given.
-    fn refresh(&mut self) {
+    /// Starts afresh if any user or permission changed since the answers were given (a
+    /// reader calls it before taking the broker lock, so that the patterns are recompiled
+    /// outside it).
+    pub fn refresh(&mut self) {
         if self.users.generation() == self.generation {
             return;
         }

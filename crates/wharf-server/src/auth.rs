@@ -285,6 +285,10 @@ impl std::fmt::Display for Principal {
 pub struct Users {
     path: PathBuf,
     users: Mutex<BTreeMap<String, User>>,
+    /// Held by a change from its copy of the users to its swap: changes go one at a time,
+    /// while readers (logins, permission refreshes) wait only for the swap, never for the
+    /// file's fsyncs.
+    writer: Mutex<()>,
     /// User → (its hash when verified, keyed digest of the password that matched it).
     verified: Mutex<HashMap<String, (String, u128)>>,
     keys: (RandomState, RandomState),
@@ -383,6 +387,7 @@ impl Users {
         let users = Users {
             path,
             users: Mutex::new(users),
+            writer: Mutex::new(()),
             verified: Mutex::default(),
             keys: (RandomState::new(), RandomState::new()),
             generation: AtomicU64::new(0),
@@ -457,11 +462,11 @@ impl Users {
         &self,
         change: impl FnOnce(&mut BTreeMap<String, User>) -> Result<(), AuthError>,
     ) -> Result<(), AuthError> {
-        let mut users = self.users.lock().expect("users lock");
-        let mut next = users.clone();
+        let _writer = self.writer.lock().expect("users writer lock");
+        let mut next = self.users.lock().expect("users lock").clone();
         change(&mut next)?;
         self.store(&next)?;
-        *users = next;
+        *self.users.lock().expect("users lock") = next;
         self.generation.fetch_add(1, Ordering::Release);
         Ok(())
     }

@@ -290,6 +290,11 @@ impl Server {
                 std::io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}"))
             })
         };
+        if !config.plaintext && config.tls_cert.is_none() {
+            return Err(std::io::Error::other(
+                "with the plaintext listener off, tls_cert and tls_key are needed",
+            ));
+        }
         let listener = match config.plaintext {
             true => Some(listen(config.bind).await?),
             false => None,
@@ -591,6 +596,8 @@ enum Incoming {
 impl Incoming {
     /// The connection's stream: for TLS, once the TLS handshake succeeded within `within`.
     async fn stream(self, peer: SocketAddr, within: Duration) -> Option<Stream> {
+        // One deadline for the first byte and the TLS handshake together.
+        let deadline = tokio::time::Instant::now() + within;
         match self {
             Incoming::Plain(socket) => Some(Stream::Plain(socket)),
             Incoming::Tls(socket, acceptor) => {
@@ -598,7 +605,7 @@ impl Incoming {
                 // that forgot TLS sends our preamble instead: it is told in plaintext, in a
                 // `Close` it can show, rather than left with a dropped connection.
                 let mut first = [0u8; 1];
-                if let Ok(Ok(1)) = tokio::time::timeout(within, socket.peek(&mut first)).await
+                if let Ok(Ok(1)) = tokio::time::timeout_at(deadline, socket.peek(&mut first)).await
                     && first[0] == wharf_protocol::Preamble::CURRENT.encode()[0]
                 {
                     info!(%peer, "plaintext client on the TLS port: refused");
@@ -614,7 +621,7 @@ impl Incoming {
                     .await;
                     return None;
                 }
-                match tokio::time::timeout(within, acceptor.accept(socket)).await {
+                match tokio::time::timeout_at(deadline, acceptor.accept(socket)).await {
                     Ok(Ok(stream)) => Some(Stream::Tls(Box::new(stream))),
                     Ok(Err(err)) => {
                         // An untrusted or missing client certificate, plaintext on the TLS

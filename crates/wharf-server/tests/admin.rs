@@ -150,10 +150,11 @@ async fn an_administrator_manages_users_and_permissions_online() {
         code(admin.clear_permissions("nobody", "/").await),
         ErrorCode::NotFound
     );
-    // Deleted: its open connections keep no rights, and it cannot log in again.
+    // Without permissions its connection is closed at its next frame; deleted, it cannot log
+    // in again.
     admin.clear_permissions("alice", "/").await.unwrap();
-    let refused = alice.declare_queue("alice-q3").await.unwrap_err();
-    assert_eq!(refused.code(), Some(ErrorCode::AccessRefused));
+    let closed = alice.declare_queue("alice-q3").await.unwrap_err();
+    assert_eq!(closed.code(), Some(ErrorCode::ConnectionForced));
     admin.delete_user("alice").await.unwrap();
     assert!(login(&addr, "alice", "n3w").await.is_err());
     // Everything above is in the users file: a restarted broker has it.
@@ -205,4 +206,29 @@ async fn a_connections_requests_apply_in_order_and_a_flood_is_bounded() {
     eprintln!("flood: refused {refused}, done {done}");
     assert!(refused > 0 && done >= 64, "refused {refused}, done {done}");
     admin.list_users().await.expect("the connection serves on");
+}
+
+/// An `ANONYMOUS` login acts with its user's permissions, but never administers, even when
+/// that user is an administrator (guest, by default).
+#[tokio::test]
+async fn an_anonymous_login_never_administers() {
+    let server = TestServer::start_with(|config| config.allow_anonymous = true).await;
+    let options = ClientOptions {
+        credentials: Credentials::Anonymous,
+        ..ClientOptions::default()
+    };
+    let anonymous = Client::connect_with(&server.addr().to_string(), options)
+        .await
+        .expect("anonymous, as guest");
+    anonymous
+        .declare_queue("q")
+        .await
+        .expect("guest's permissions");
+    let err = anonymous
+        .add_user("eve", "pw", &["administrator"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::AccessRefused), "{err:?}");
+    assert!(err.to_string().contains("ANONYMOUS"), "{err}");
+    assert!(anonymous.list_users().await.is_err());
 }

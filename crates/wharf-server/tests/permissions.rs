@@ -425,15 +425,24 @@ async fn no_permissions_no_connection_and_changes_apply_to_open_connections() {
         .set_permissions("alice", DEFAULT_VHOST, Permission::full())
         .unwrap();
     alice.declare_queue("zed").await.expect("granted meanwhile");
+    // Narrowed: refused from the next operation, the connection open.
     server
         .server
         .users
-        .clear_permissions("alice", DEFAULT_VHOST)
+        .set_permissions(
+            "alice",
+            DEFAULT_VHOST,
+            Permission {
+                configure: "^alice-".to_owned(),
+                write: String::new(),
+                read: String::new(),
+            },
+        )
         .unwrap();
     refused(
-        alice.declare_queue("alice-q").await,
+        alice.declare_queue("zed2").await,
         "configure",
-        "queue 'alice-q'",
+        "queue 'zed2'",
     );
     refused(
         alice.publish("", "zed", Message::new("x")).await,
@@ -441,47 +450,115 @@ async fn no_permissions_no_connection_and_changes_apply_to_open_connections() {
         "exchange 'amq.default'",
     );
     assert!(!alice.is_closed(), "refusals leave the connection open");
-    // A deleted user's connection has no rights left either.
-    server.server.users.delete("bob").unwrap();
-    refused(
-        bob.declare_queue("bob-q").await,
-        "configure",
-        "queue 'bob-q'",
-    );
-}
-
-#[tokio::test]
-async fn anonymous_logins_act_as_the_anonymous_login_user() {
-    let server = TestServer::start_with(|config| {
-        config.allow_anonymous = true;
-        config.anonymous_login_user = "visitor".to_owned();
-    })
-    .await;
-    let anonymous = |server: &TestServer| {
-        let options = ClientOptions {
-            credentials: Credentials::Anonymous,
-            ..ClientOptions::default()
-        };
-        let addr = server.addr().to_string();
-        async move { Client::connect_with(&addr, options).await }
-    };
-    let err = anonymous(&server).await.expect_err("no such user yet");
-    assert_eq!(err.code(), Some(ErrorCode::AccessRefused), "{err:?}");
-    server.server.users.add("visitor", "pw", &[]).unwrap();
+    // No permissions left on the vhost: the connection is closed at its next frame, as
+    // RabbitMQ closes a deleted user's connections.
     server
         .server
         .users
-        .set_permissions(
-            "visitor",
-            DEFAULT_VHOST,
-            Permission {
-                configure: "^visitor-".to_owned(),
-                write: String::new(),
-                read: String::new(),
+        .clear_permissions("alice", DEFAULT_VHOST)
+        .unwrap();
+    let err = alice.declare_queue("alice-q").await.expect_err("closed");
+    assert!(
+        matches!(
+            &err,
+            ClientError::ServerClosed { code: ErrorCode::ConnectionForced, reason }
+                if reason.contains("user 'alice' was deleted or lost its permissions")
+        ),
+        "{err:?}"
+    );
+    // A deleted user's connection is closed the same way.
+    server.server.users.delete("bob").unwrap();
+    let err = bob.declare_queue("bob-q").await.expect_err("closed");
+    assert_eq!(err.code(), Some(ErrorCode::ConnectionForced), "{err:?}");
+}
+
+/// A consumer that sends nothing is disconnected at its client's next heartbeat once its user
+/// is deleted: it receives nothing more.
+#[tokio::test]
+async fn a_deleted_users_idle_consumer_is_closed_at_its_next_heartbeat() {
+    let server = TestServer::start_with(|config| {
+        config.heartbeat = std::time::Duration::from_millis(200);
+    })
+    .await;
+    let users = &server.server.users;
+    users.add("carol", "pw", &[]).unwrap();
+    users
+        .set_permissions("carol", DEFAULT_VHOST, Permission::full())
+        .unwrap();
+    let carol = login(&server, "carol", "pw").await.expect("carol");
+    carol.declare_queue("carol-q").await.unwrap();
+    let mut consumer = carol
+        .consume(
+            "carol-q",
+            ConsumeOptions {
+                auto_ack: true,
+                ..ConsumeOptions::default()
             },
         )
+        .await
         .unwrap();
-    let client = anonymous(&server).await.expect("anonymous as visitor");
-    client.declare_queue("visitor-q").await.expect("visitor's");
-    refused(client.declare_queue("q").await, "configure", "queue 'q'");
+    users.delete("carol").unwrap();
+    let ended = tokio::time::timeout(common::DEADLINE, consumer.next())
+        .await
+        .expect("the consumer ends within the deadline");
+    assert!(
+        matches!(ended, None | Some(Err(_))),
+        "no delivery after the deletion: {ended:?}"
+    );
+    assert!(carol.is_closed());
+}
+
+/// Redrive puts each message into the queue its `x-death` header names, and a publisher can
+/// write that header: a message naming a queue the user may not write to stays where it is.
+#[tokio::test]
+async fn redrive_moves_messages_only_into_queues_the_user_may_write_to() {
+    let (_server, guest, alice) = setup().await;
+    alice.declare_queue("alice-dlq").await.unwrap();
+    alice.declare_queue("alice-work").await.unwrap();
+    let forged = |queue: &str| {
+        let record = wharf_client::Value::Map(vec![
+            ("queue".into(), wharf_client::Value::Str(queue.into())),
+            ("exchange".into(), wharf_client::Value::Str(String::new())),
+            (
+                "routing-keys".into(),
+                wharf_client::Value::List(vec![wharf_client::Value::Str(queue.into())]),
+            ),
+            ("reason".into(), wharf_client::Value::Str("rejected".into())),
+            ("count".into(), wharf_client::Value::I64(1)),
+        ]);
+        Message::new(format!("into {queue}"))
+            .header("x-death", wharf_client::Value::List(vec![record]))
+    };
+    // other-q: guest's, alice may not write to it; alice-work: hers.
+    alice
+        .publish("", "alice-dlq", forged("other-q"))
+        .await
+        .unwrap();
+    alice
+        .publish("", "alice-dlq", forged("alice-work"))
+        .await
+        .unwrap();
+    assert_eq!(alice.redrive("alice-dlq", 0).await.unwrap(), 1);
+    assert_eq!(guest.queue_stats("other-q").await.unwrap().ready, 0);
+    assert_eq!(guest.queue_stats("alice-work").await.unwrap().ready, 1);
+    assert_eq!(
+        guest.queue_stats("alice-dlq").await.unwrap().ready,
+        1,
+        "the message naming other-q stays"
+    );
+    // guest (every right) moves it; a queue exclusive to another connection is never a
+    // target.
+    let exclusive_owner = Client::connect(&_server.addr().to_string()).await.unwrap();
+    exclusive_owner
+        .declare_queue("alice-private")
+        .exclusive(true)
+        .await
+        .unwrap();
+    guest
+        .publish("", "alice-dlq", forged("alice-private"))
+        .await
+        .unwrap();
+    assert_eq!(guest.redrive("alice-dlq", 0).await.unwrap(), 1);
+    assert_eq!(guest.queue_stats("other-q").await.unwrap().ready, 1);
+    assert_eq!(guest.queue_stats("alice-dlq").await.unwrap().ready, 1);
 }

@@ -100,6 +100,8 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         .write_all(&Preamble::CURRENT.encode())
         .await
         .map_err(connect_error)?;
+    // Over TLS, written means encrypted into the session's buffer: flush sends it.
+    stream.flush().await.map_err(connect_error)?;
 
     let mut buf = BytesMut::with_capacity(BUFFER_BYTES);
     let preamble = loop {
@@ -145,6 +147,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let mut out = BytesMut::new();
     wharf_protocol::encode(&hello, FRAME_BYTES_MAX_FLOOR, &mut out).map_err(ClientError::encode)?;
     stream.write_all(&out).await.map_err(connect_error)?;
+    stream.flush().await.map_err(connect_error)?;
 
     match read_frame(
         stream,

@@ -221,7 +221,8 @@ pub enum Command {
     },
     /// Move dead-lettered ready messages of `queue` back to the queue they last died in (from
     /// their `x-death` record), with their original exchange and routing key and without
-    /// their death records. Messages without a record, or whose queue is gone or full, stay.
+    /// their death records. Messages without a record, or whose queue is gone, full, exclusive
+    /// to another connection or not among `into`, stay.
     Redrive {
         /// The connection asking.
         connection: ConnectionId,
@@ -229,6 +230,10 @@ pub enum Command {
         queue: String,
         /// Most messages to move (0: all).
         max: u64,
+        /// The queues messages may be moved into (`None`: any). A message names its own
+        /// target (its `x-death` header, which a publisher can write), so the server passes
+        /// the queues the connection's user may write to.
+        into: Option<std::collections::BTreeSet<String>>,
     },
     /// The server's answer to [`Effect::PageIn`]: the oldest paged messages of `queue`'s tail
     /// `level`, in order, as they were paged out. Ignored when stale (the tails were discarded

@@ -204,6 +204,7 @@ impl Broker {
         connection: ConnectionId,
         queue_name: &str,
         max: u64,
+        into: Option<&std::collections::BTreeSet<String>>,
         effects: &mut Vec<Effect>,
     ) -> Result<Reply, CoreError> {
         let qid = self.queue_for(connection, queue_name)?;
@@ -225,8 +226,13 @@ impl Broker {
             let origin = death_origin(&entry.message, &queue.name);
             let target = origin
                 .as_ref()
+                .filter(|(name, _, _)| into.is_none_or(|into| into.contains(name)))
                 .and_then(|(name, _, _)| self.queue_names.get(name.as_str()).copied())
-                .filter(|target| *target != qid);
+                .filter(|target| {
+                    *target != qid
+                        && super::topology::check_exclusive_access(&self.queues[target], connection)
+                            .is_ok()
+                });
             let (Some(target), Some((_, exchange, routing_key))) = (target, origin) else {
                 kept.push(entry);
                 continue;

@@ -399,7 +399,8 @@ impl Broker {
                 connection,
                 queue,
                 max,
-            } => self.redrive(connection, &queue, max, effects),
+                into,
+            } => self.redrive(connection, &queue, max, into.as_ref(), effects),
             Command::Reject {
                 connection,
                 delivery_tag,

@@ -447,6 +447,7 @@ impl Harness {
                     connection,
                     queue,
                     max: *max,
+                    into: None,
                 }
             }
             Op::Advance { .. } | Op::ToDeadline { .. } => Command::Tick,

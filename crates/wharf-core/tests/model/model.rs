@@ -1976,9 +1976,10 @@ impl Model {
                 connection,
                 queue,
                 max,
+                into,
             } => {
                 let queue_id = self.queue_for(*connection, queue)?.id;
-                let moved = self.redrive(queue_id, *max, effects);
+                let moved = self.redrive(*connection, queue_id, *max, into.as_ref(), effects);
                 Ok(Reply::Redriven { moved })
             }
         }
@@ -1988,7 +1989,14 @@ impl Model {
     /// the queue of its latest death elsewhere (if that queue exists and is not full with
     /// reject-publish) as a new message with the exchange and routing key it had there and no
     /// death headers; the others stay where they were. Stops after `max` moves (0: no limit).
-    pub(crate) fn redrive(&mut self, queue_id: u64, max: u64, effects: &mut Vec<Effect>) -> u64 {
+    pub(crate) fn redrive(
+        &mut self,
+        connection: ConnectionId,
+        queue_id: u64,
+        max: u64,
+        into: Option<&BTreeSet<String>>,
+        effects: &mut Vec<Effect>,
+    ) -> u64 {
         let limit = if max == 0 { u64::MAX } else { max };
         let name = self.queue_name_by_id(queue_id).expect("checked");
         let mut kept: Vec<Copy> = Vec::new();
@@ -2006,10 +2014,14 @@ impl Model {
             }
             let origin = death_origin(&copy.message, &name);
             let target = origin.as_ref().and_then(|(target, _, _)| {
+                if into.is_some_and(|into| !into.contains(target)) {
+                    return None;
+                }
                 let target = self.queues.get(target)?;
                 let size = copy.message.body.len() as u64;
                 let full = target.features.reject_publish && target.over_limit(1, size);
-                (target.id != queue_id && !full).then_some(target.id)
+                let locked = target.owner.is_some_and(|owner| owner != connection);
+                (target.id != queue_id && !full && !locked).then_some(target.id)
             });
             let (Some(target), Some((_, exchange, routing_key))) = (target, origin) else {
                 kept.push(copy);

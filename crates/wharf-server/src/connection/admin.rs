@@ -29,10 +29,20 @@ impl Admin {
         &mut self,
         shared: &Context,
         user: &str,
+        anonymous: bool,
         outbox: &Arc<Output>,
         correlation_id: u64,
         request: Request,
     ) {
+        // Refused here, before any queueing, thread or KDF permit (the task checks again, as
+        // the tag may be taken away while the request waits).
+        if anonymous || !is_administrator(&shared.users, user) {
+            outbox.push_frame_held(Frame::Response {
+                correlation_id,
+                response: not_an_administrator(user, anonymous),
+            });
+            return;
+        }
         let queue = self.queue.get_or_insert_with(|| {
             let (sender, receiver) = mpsc::channel(ADMIN_QUEUE_MAX);
             tokio::spawn(run(
@@ -66,11 +76,16 @@ async fn run(
     mut requests: mpsc::Receiver<(u64, Request)>,
 ) {
     while let Some((correlation_id, request)) = requests.recv().await {
-        let permit = kdf
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the KDF semaphore is never closed");
+        // Only a password to hash takes one of the KDF's permits (logins wait for them too).
+        let permit = match request {
+            Request::AddUser { .. } | Request::ChangePassword { .. } => Some(
+                kdf.clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the KDF semaphore is never closed"),
+            ),
+            _ => None,
+        };
         let (users, caller) = (users.clone(), caller.clone());
         let response = tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -85,6 +100,25 @@ async fn run(
             correlation_id,
             response,
         });
+    }
+}
+
+fn is_administrator(users: &Users, user: &str) -> bool {
+    users
+        .tags(user)
+        .is_some_and(|tags| tags.contains(&Tag::Administrator))
+}
+
+fn not_an_administrator(user: &str, anonymous: bool) -> Response {
+    let message = match anonymous {
+        true => "an ANONYMOUS login may not administer the broker".to_owned(),
+        false => {
+            format!("user '{user}' may not administer the broker (it needs the administrator tag)")
+        }
+    };
+    Response::Error {
+        code: ErrorCode::AccessRefused,
+        message,
     }
 }
 
@@ -110,16 +144,8 @@ fn error_response(err: AuthError) -> Response {
 /// the users file). The caller's tags are looked up afresh: a demoted administrator can do
 /// nothing more from its next request.
 fn handle(users: &Users, caller: &str, request: Request) -> Response {
-    let is_administrator = users
-        .tags(caller)
-        .is_some_and(|tags| tags.contains(&Tag::Administrator));
-    if !is_administrator {
-        return Response::Error {
-            code: ErrorCode::AccessRefused,
-            message: format!(
-                "user '{caller}' may not administer the broker (it needs the administrator tag)"
-            ),
-        };
+    if !is_administrator(users, caller) {
+        return not_an_administrator(caller, false);
     }
     let done =
         |result: Result<(), AuthError>| result.map_or_else(error_response, |()| Response::Done);
@@ -128,9 +154,9 @@ fn handle(users: &Users, caller: &str, request: Request) -> Response {
             name,
             password,
             tags,
-        } => done(parse_tags(&tags).and_then(|tags| users.add(&name, &password, &tags))),
+        } => done(parse_tags(&tags).and_then(|tags| users.add(&name, &password.0, &tags))),
         Request::DeleteUser { name } => done(users.delete(&name)),
-        Request::ChangePassword { name, password } => done(users.set_password(&name, &password)),
+        Request::ChangePassword { name, password } => done(users.set_password(&name, &password.0)),
         Request::SetUserTags { name, tags } => {
             done(parse_tags(&tags).and_then(|tags| users.set_tags(&name, &tags)))
         }

@@ -68,6 +68,18 @@ pub(super) fn apply_frames(
     frames: &mut Vec<Frame>,
     outbox: &Arc<Output>,
 ) -> (Option<Exit>, Option<Leader>) {
+    // A user deleted, or no longer allowed on the virtual host, is disconnected at its next
+    // frame (a heartbeat at the latest), as RabbitMQ closes a deleted user's connections.
+    // Checked (and the patterns recompiled, if they changed) before the lock is taken.
+    if !reader.access.may_connect() {
+        frames.clear();
+        let reason = format!(
+            "user '{}' was deleted or lost its permissions on vhost '{}'",
+            reader.access.user(),
+            crate::auth::DEFAULT_VHOST
+        );
+        return (Some(Exit::Close(ErrorCode::ConnectionForced, reason)), None);
+    }
     let now = now_ms();
     let mut confirms = Confirms::default();
     let mut deferred = Deferred::default();
@@ -209,9 +221,14 @@ pub(super) fn apply_frames(
                     request,
                 } if request.is_admin() => {
                     let user = reader.access.user().to_owned();
-                    reader
-                        .admin
-                        .submit(shared, &user, outbox, correlation_id, request);
+                    reader.admin.submit(
+                        shared,
+                        &user,
+                        reader.anonymous,
+                        outbox,
+                        correlation_id,
+                        request,
+                    );
                 }
                 Frame::Request {
                     correlation_id,

@@ -220,6 +220,8 @@ pub(super) async fn handshake(
     };
     buf.advance(Preamble::BYTES);
     writer.write_all(&Preamble::CURRENT.encode()).await?;
+    // Over TLS, written means encrypted into the session's buffer: flush sends it.
+    writer.flush().await?;
     if let Err(err) = preamble.check_supported() {
         send_close(writer, ErrorCode::UnsupportedVersion, err.to_string()).await;
         return Err(HandshakeError::Preamble(err));
@@ -304,6 +306,7 @@ pub(super) async fn handshake(
     let mut out = BytesMut::new();
     encode(&hello_ok, send_frame_bytes_max, &mut out).map_err(HandshakeError::Frame)?;
     writer.write_all(&out).await?;
+    writer.flush().await?;
     debug!(client = %hello.client_name, mechanism = %hello.credentials.mechanism, user = %principal, "handshake done");
     Ok(Negotiated {
         principal,

@@ -202,6 +202,8 @@ struct Reader {
     access: Access,
     /// Its administration requests' task.
     admin: admin::Admin,
+    /// Logged in with `ANONYMOUS` (never an administrator, whatever user it acts as).
+    anonymous: bool,
 }
 
 /// Unconfirmed publishes of one connection: the reader stops reading at the limit.
@@ -233,6 +235,7 @@ async fn read_loop(
         slow: Vec::new(),
         access: negotiated.access,
         admin: admin::Admin::default(),
+        anonymous: negotiated.principal == crate::auth::Principal::Anonymous,
     };
     let in_flight_max = u64::from(shared.config.publishes_in_flight_max);
     let mut frames: Vec<Frame> = Vec::new();

@@ -264,17 +264,25 @@ pub(super) fn handle_request(
                 .collect(),
         )),
         Request::Redrive { queue, max } => {
-            // Takes messages from the queue (read) and republishes them where they died: an
-            // operator's act on the queue (configure), as the messages' targets are only
-            // known to the core.
+            // Takes messages from the queue (read; an operator's act on it: configure) and puts
+            // each into the queue its `x-death` header names, which a publisher may have
+            // written: only into the queues the user may write to (the rest stay).
             access.check(Resource::Queue, Right::Read, &queue)?;
             access.check(Resource::Queue, Right::Configure, &queue)?;
+            let into = state
+                .broker
+                .list_queues()
+                .into_iter()
+                .map(|info| info.name)
+                .filter(|name| access.check(Resource::Queue, Right::Write, name).is_ok())
+                .collect();
             match state.apply(
                 now,
                 Command::Redrive {
                     connection,
                     queue,
                     max,
+                    into: Some(into),
                 },
             )? {
                 Reply::Redriven { moved } => Ok(Response::Redriven { moved }),
