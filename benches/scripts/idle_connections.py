@@ -56,7 +56,8 @@ def main() -> None:
         sock.sendall(hello)
         sockets.append(sock)
     for sock in sockets:
-        if read_exactly(sock, 8) != PREAMBLE:
+        # Any minor of major 1: the broker answers with its own minor.
+        if read_exactly(sock, 8)[:6] != PREAMBLE[:6]:
             raise ConnectionError("unexpected preamble from the broker")
         length = int.from_bytes(read_exactly(sock, 4), "big")
         frame = read_exactly(sock, length)

@@ -7,9 +7,8 @@
 //! user or permission bumps the users' generation; the next check sees it and starts afresh,
 //! so a permission revoked applies to the connections already open from their next operation.
 
-use crate::auth::{Grants, Users, compile_pattern, compile_topic_pattern};
+use crate::auth::{CompiledGrants, Users};
 use crate::limits::ACCESS_CACHE_ENTRIES_MAX;
-use regex::Regex;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use wharf_core::CoreError;
@@ -62,50 +61,6 @@ struct Answers {
     allowed: u8,
 }
 
-/// A user's grants in a virtual host, compiled.
-#[derive(Debug)]
-struct Compiled {
-    configure: Regex,
-    write: Regex,
-    read: Regex,
-    /// Topic exchange → (write, read) over routing keys.
-    topics: FxHashMap<String, (Regex, Regex)>,
-}
-
-impl Compiled {
-    fn new(grants: &Grants, user: &str, vhost: &str) -> Option<Compiled> {
-        // The patterns were compiled when they were set; one that no longer compiles (a file
-        // edited by hand) grants nothing rather than everything.
-        let compiled = Compiled {
-            configure: compile_pattern(&grants.permission.configure).ok()?,
-            write: compile_pattern(&grants.permission.write).ok()?,
-            read: compile_pattern(&grants.permission.read).ok()?,
-            topics: grants
-                .topics
-                .iter()
-                .map(|(exchange, topic)| {
-                    Some((
-                        exchange.clone(),
-                        (
-                            compile_topic_pattern(&topic.write, user, vhost).ok()?,
-                            compile_topic_pattern(&topic.read, user, vhost).ok()?,
-                        ),
-                    ))
-                })
-                .collect::<Option<_>>()?,
-        };
-        Some(compiled)
-    }
-
-    fn pattern(&self, right: Right) -> &Regex {
-        match right {
-            Right::Configure => &self.configure,
-            Right::Write => &self.write,
-            Right::Read => &self.read,
-        }
-    }
-}
-
 /// One connection's view of its user's permissions in its virtual host.
 #[derive(Debug)]
 pub struct Access {
@@ -113,8 +68,9 @@ pub struct Access {
     user: String,
     vhost: String,
     generation: u64,
-    /// `None`: the user has no permissions in the virtual host (or no longer exists).
-    compiled: Option<Compiled>,
+    /// `None`: the user has no permissions in the virtual host (or no longer exists). Shared
+    /// by every connection of the user (`Users::compiled_grants`).
+    compiled: Option<Arc<CompiledGrants>>,
     queues: FxHashMap<Box<str>, Answers>,
     exchanges: FxHashMap<Box<str>, Answers>,
     /// (exchange, right, routing key) → allowed.
@@ -156,9 +112,9 @@ impl Access {
         if self.users.generation() == self.generation {
             return;
         }
-        let (generation, grants) = self.users.grants(&self.user, &self.vhost);
+        let (generation, compiled) = self.users.compiled_grants(&self.user, &self.vhost);
         self.generation = generation;
-        self.compiled = grants.and_then(|grants| Compiled::new(&grants, &self.user, &self.vhost));
+        self.compiled = compiled;
         self.queues.clear();
         self.exchanges.clear();
         self.topics.clear();
@@ -200,10 +156,11 @@ impl Access {
                 Err(self.refused(right, resource, name))
             };
         }
-        let allowed = self
-            .compiled
-            .as_ref()
-            .is_some_and(|compiled| compiled.pattern(right).is_match(name));
+        let allowed = self.compiled.as_ref().is_some_and(|compiled| match right {
+            Right::Configure => compiled.configure.is_match(name),
+            Right::Write => compiled.write.is_match(name),
+            Right::Read => compiled.read.is_match(name),
+        });
         if answers.len() >= ACCESS_CACHE_ENTRIES_MAX {
             answers.clear();
         }
@@ -343,6 +300,28 @@ mod tests {
                 .is_err()
         );
         assert!(!access.may_connect());
+    }
+
+    #[test]
+    fn connections_of_one_user_share_one_compiled_copy_until_a_change() {
+        let (_dir, users) = users();
+        users
+            .set_permissions("alice", DEFAULT_VHOST, Permission::full())
+            .unwrap();
+        let mut first = Access::new(users.clone(), "alice", DEFAULT_VHOST);
+        let mut second = Access::new(users.clone(), "alice", DEFAULT_VHOST);
+        assert!(first.may_connect() && second.may_connect());
+        let (a, b) = (
+            first.compiled.clone().unwrap(),
+            second.compiled.clone().unwrap(),
+        );
+        assert!(Arc::ptr_eq(&a, &b), "one compiled copy per user");
+        users.add("bob", "pw", &[]).unwrap();
+        assert!(first.may_connect());
+        let after = first.compiled.clone().unwrap();
+        assert!(!Arc::ptr_eq(&a, &after), "compiled again after a change");
+        assert!(second.may_connect());
+        assert!(Arc::ptr_eq(&after, second.compiled.as_ref().unwrap()));
     }
 
     #[test]
