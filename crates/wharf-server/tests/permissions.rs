@@ -425,6 +425,13 @@ async fn no_permissions_no_connection_and_changes_apply_to_open_connections() {
         .set_permissions("alice", DEFAULT_VHOST, Permission::full())
         .unwrap();
     alice.declare_queue("zed").await.expect("granted meanwhile");
+    // Twice to the same exchange: the second is the remembered answer of the first.
+    for _ in 0..2 {
+        alice
+            .publish("", "zed", Message::new("allowed"))
+            .await
+            .expect("a publish to amq.default");
+    }
     // Narrowed: refused from the next operation, the connection open.
     server
         .server

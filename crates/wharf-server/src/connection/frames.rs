@@ -6,14 +6,21 @@ use super::*;
 /// Whether the connection's user may publish to the message's exchange (write), and with its
 /// routing key if the user has topic permissions on that topic exchange.
 fn may_publish(state: &State, access: &mut Access, message: &Message) -> Result<(), CoreError> {
+    if access.publish_known_allowed(&message.exchange) {
+        return Ok(());
+    }
     access.check(Resource::Exchange, Right::Write, &message.exchange)?;
-    check_topic(
-        state,
-        access,
-        &message.exchange,
-        Right::Write,
-        &message.routing_key,
-    )
+    if access.has_topic_permissions(&message.exchange) {
+        return check_topic(
+            state,
+            access,
+            &message.exchange,
+            Right::Write,
+            &message.routing_key,
+        );
+    }
+    access.remember_publish_allowed(&message.exchange);
+    Ok(())
 }
 
 /// Publishes one message: confirmed now (transient), deferred to the log (durable) or refused.
