@@ -569,3 +569,39 @@ async fn redrive_moves_messages_only_into_queues_the_user_may_write_to() {
     assert_eq!(guest.queue_stats("other-q").await.unwrap().ready, 1);
     assert_eq!(guest.queue_stats("alice-dlq").await.unwrap().ready, 1);
 }
+
+#[tokio::test]
+async fn anonymous_logins_act_as_the_anonymous_login_user() {
+    let server = TestServer::start_with(|config| {
+        config.allow_anonymous = true;
+        config.anonymous_login_user = "visitor".to_owned();
+    })
+    .await;
+    let anonymous = |server: &TestServer| {
+        let options = ClientOptions {
+            credentials: Credentials::Anonymous,
+            ..ClientOptions::default()
+        };
+        let addr = server.addr().to_string();
+        async move { Client::connect_with(&addr, options).await }
+    };
+    let err = anonymous(&server).await.expect_err("no such user yet");
+    assert_eq!(err.code(), Some(ErrorCode::AccessRefused), "{err:?}");
+    server.server.users.add("visitor", "pw", &[]).unwrap();
+    server
+        .server
+        .users
+        .set_permissions(
+            "visitor",
+            DEFAULT_VHOST,
+            Permission {
+                configure: "^visitor-".to_owned(),
+                write: String::new(),
+                read: String::new(),
+            },
+        )
+        .unwrap();
+    let client = anonymous(&server).await.expect("anonymous as visitor");
+    client.declare_queue("visitor-q").await.expect("visitor's");
+    refused(client.declare_queue("q").await, "configure", "queue 'q'");
+}
