@@ -15,6 +15,11 @@
 //!   while the application holds a delivery; [`Delivery::in_progress`], [`Delivery::process`]),
 //!   dedup ([`ClientError::Duplicate`]), [`Client::redrive`] and [`Client::queue_stats_v2`].
 //!   Against a 1.0 server they fail locally with [`ClientError::NotSupported`].
+//! - TLS: a `wharfs://` address connects over TLS (rustls), verifying the broker against
+//!   [`TlsOptions::ca_file`] or the system's roots; a client certificate may be presented, and
+//!   [`Credentials::External`] logs in as its subject.
+//! - Administration (protocol 1.2, users with the `administrator` tag): [`Client::add_user`],
+//!   [`Client::set_permissions`], [`Client::list_users`] and the rest.
 //! - Errors: one [`ClientError`] enum; server errors carry the wire [`ErrorCode`].
 //!
 //! ```no_run
