@@ -482,20 +482,10 @@ impl Server {
         loop {
             while connections.try_join_next().is_some() {}
             tokio::select! {
-                accepted = accept_on(listener.as_ref()) => match accepted {
-                    Ok((socket, peer)) => accept(&shared, &mut connections, Incoming::Plain(socket), peer),
+                accepted = next_incoming(listener.as_ref(), tls.as_ref()) => match accepted {
+                    Ok((incoming, peer)) => accept(&shared, &mut connections, incoming, peer),
                     Err(err) => {
                         // Out of file descriptors and the like: keep serving existing clients.
-                        warn!("accept failed: {err}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                accepted = accept_on(tls.as_ref().map(|(listener, _)| listener)) => match accepted {
-                    Ok((socket, peer)) => {
-                        let acceptor = tls.as_ref().expect("accepted on the TLS listener").1.clone();
-                        accept(&shared, &mut connections, Incoming::Tls(socket, acceptor), peer);
-                    }
-                    Err(err) => {
                         warn!("accept failed: {err}");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
@@ -576,13 +566,32 @@ const REFUSING_MAX: usize = 16;
 /// How long a refusal may take to send.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Accepts on `listener`; never completes without one.
-async fn accept_on(
-    listener: Option<&TcpListener>,
-) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
-    match listener {
-        Some(listener) => listener.accept().await,
-        None => std::future::pending().await,
+/// The next socket either listener accepts (a listener that is off never completes).
+async fn next_incoming(
+    plain: Option<&TcpListener>,
+    tls: Option<&(TcpListener, tokio_rustls::TlsAcceptor)>,
+) -> std::io::Result<(Incoming, SocketAddr)> {
+    let plain = async {
+        match plain {
+            Some(listener) => listener
+                .accept()
+                .await
+                .map(|(socket, peer)| (Incoming::Plain(socket), peer)),
+            None => std::future::pending().await,
+        }
+    };
+    let tls = async {
+        match tls {
+            Some((listener, acceptor)) => listener
+                .accept()
+                .await
+                .map(|(socket, peer)| (Incoming::Tls(socket, acceptor.clone()), peer)),
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        accepted = plain => accepted,
+        accepted = tls => accepted,
     }
 }
 

@@ -338,3 +338,30 @@ async fn external_needs_a_verified_certificate() {
         .expect_err("EXTERNAL in plaintext");
     assert_eq!(err.code(), Some(ErrorCode::AccessRefused), "{err:?}");
 }
+
+/// A socket on the TLS port that never starts its TLS handshake, or stops half-way, is closed
+/// once `handshake_timeout` has passed (one deadline for the first byte and the handshake),
+/// and the broker serves on.
+#[tokio::test]
+async fn a_silent_or_stalled_socket_on_the_tls_port_is_closed_at_the_handshake_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tls = TlsServer::start(|config, _| {
+        config.handshake_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let tls_addr = tls.server.server.tls_addr.unwrap();
+    let mut silent = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+    // The first bytes of a TLS record, then nothing.
+    let mut stalled = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+    stalled.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    for socket in [&mut silent, &mut stalled] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(common::DEADLINE, socket.read(&mut buf))
+            .await
+            .expect("closed before the test's deadline");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    tls.connect(tls.trusting(), Credentials::Default)
+        .await
+        .expect("the broker serves on");
+}
