@@ -26,7 +26,10 @@ fn setup(n_queues: usize) -> Setup {
     broker
         .apply(
             0,
-            Command::OpenConnection { connection: CONN },
+            Command::OpenConnection {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
+                connection: CONN,
+            },
             &mut effects,
         )
         .unwrap();
@@ -36,6 +39,7 @@ fn setup(n_queues: usize) -> Setup {
             .apply(
                 0,
                 Command::DeclareQueue {
+                    vhost: wharf_core::DEFAULT_VHOST.into(),
                     connection: CONN,
                     name: name.clone(),
                     options: QueueOptions::default(),
@@ -52,6 +56,7 @@ fn setup(n_queues: usize) -> Setup {
             .apply(
                 0,
                 Command::Subscribe {
+                    vhost: wharf_core::DEFAULT_VHOST.into(),
                     connection: CONN,
                     queue: name,
                     consumer_tag: ConsumerTag(idx as u32),
@@ -75,6 +80,7 @@ fn bind(setup: &mut Setup, exchange: &str, queue: usize, key: &str, arguments: H
         .apply(
             0,
             Command::Bind {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 source: exchange.into(),
                 target: BindTarget::Queue(format!("q{queue}")),
                 routing_key: key.into(),
@@ -105,7 +111,14 @@ fn cycle(setup: &mut Setup, idx: usize, fresh: bool) {
     };
     setup
         .broker
-        .apply(0, Command::Publish { message }, &mut setup.effects)
+        .apply(
+            0,
+            Command::Publish {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
+                message,
+            },
+            &mut setup.effects,
+        )
         .unwrap();
     // Swap buffers instead of allocating: deliveries to ack in one, new effects in the other.
     std::mem::swap(&mut setup.effects, &mut setup.scratch);

@@ -40,13 +40,17 @@ fn main() {
     apply(
         &mut broker,
         now_ms(),
-        Command::OpenConnection { connection: CONN },
+        Command::OpenConnection {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
+            connection: CONN,
+        },
         &mut effects,
     );
     apply(
         &mut broker,
         now_ms(),
         Command::DeclareQueue {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: CONN,
             name: "q".into(),
             options: QueueOptions::default(),
@@ -58,6 +62,7 @@ fn main() {
         &mut broker,
         now_ms(),
         Command::Subscribe {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: CONN,
             queue: "q".into(),
             consumer_tag: ConsumerTag(1),
@@ -83,6 +88,7 @@ fn main() {
             &mut broker,
             now,
             Command::Publish {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 message: Arc::new(message),
             },
             &mut effects,

@@ -42,7 +42,10 @@ fn setup(kind: Kind) -> Setup {
     broker
         .apply(
             0,
-            Command::OpenConnection { connection: CONN },
+            Command::OpenConnection {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
+                connection: CONN,
+            },
             &mut effects,
         )
         .unwrap();
@@ -59,6 +62,7 @@ fn setup(kind: Kind) -> Setup {
         .apply(
             0,
             Command::DeclareQueue {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: CONN,
                 name: "q".into(),
                 options: QueueOptions {
@@ -101,7 +105,14 @@ fn round(setup: &mut Setup) {
         let message = message.clone();
         setup
             .broker
-            .apply(now, Command::Publish { message }, &mut setup.effects)
+            .apply(
+                now,
+                Command::Publish {
+                    vhost: wharf_core::DEFAULT_VHOST.into(),
+                    message,
+                },
+                &mut setup.effects,
+            )
             .unwrap();
     }
     if let Kind::Delayed = setup.kind {
@@ -121,6 +132,7 @@ fn round(setup: &mut Setup) {
         .apply(
             setup.now,
             Command::Subscribe {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: CONN,
                 queue: "q".into(),
                 consumer_tag: ConsumerTag(1),

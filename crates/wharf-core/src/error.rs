@@ -13,6 +13,8 @@ pub enum EntityKind {
     Consumer,
     /// A connection known to the broker core.
     Connection,
+    /// A virtual host.
+    Vhost,
 }
 
 impl fmt::Display for EntityKind {
@@ -22,6 +24,7 @@ impl fmt::Display for EntityKind {
             EntityKind::Exchange => "exchange",
             EntityKind::Consumer => "consumer",
             EntityKind::Connection => "connection",
+            EntityKind::Vhost => "virtual host",
         })
     }
 }

@@ -41,8 +41,8 @@ pub mod topic;
 
 pub use broker::{
     BUILTIN_EXCHANGES, BindTarget, BindingInfo, Broker, CancelReason, Command, DEFAULT_EXCHANGE,
-    Delivery, Effect, ExchangeInfo, Invariant, InvariantViolation, QueueFlow, ROUTED_TRACKED_MAX,
-    Reply,
+    DEFAULT_VHOST, Delivery, Effect, ExchangeInfo, Invariant, InvariantViolation, QueueFlow,
+    ROUTED_TRACKED_MAX, Reply, VhostInfo, VhostLimits, resource_key, split_resource_key,
 };
 pub use error::{CoreError, EntityKind};
 pub use exchange::{Destination, ExchangeKind, ExchangeOptions};

@@ -9,6 +9,8 @@ pub const ROUTING_KEY_BYTES_MAX: usize = 255;
 pub const QUEUES_MAX: usize = 100_000;
 /// Exchanges per broker, for the same reason.
 pub const EXCHANGES_MAX: usize = 10_000;
+/// Virtual hosts per broker: each holds its own built-in exchanges and a slot in every listing.
+pub const VHOSTS_MAX: usize = 1_024;
 /// Bindings per exchange: the headers exchange matches each one per message.
 pub const BINDINGS_PER_EXCHANGE_MAX: usize = 100_000;
 /// Consumers per queue: dispatch scans consumers when choosing the next one.
@@ -45,6 +47,8 @@ pub struct Limits {
     pub queues_max: usize,
     /// See [`EXCHANGES_MAX`].
     pub exchanges_max: usize,
+    /// See [`VHOSTS_MAX`].
+    pub vhosts_max: usize,
     /// See [`BINDINGS_PER_EXCHANGE_MAX`].
     pub bindings_per_exchange_max: usize,
     /// See [`CONSUMERS_PER_QUEUE_MAX`].
@@ -66,6 +70,7 @@ impl Default for Limits {
         Limits {
             queues_max: QUEUES_MAX,
             exchanges_max: EXCHANGES_MAX,
+            vhosts_max: VHOSTS_MAX,
             bindings_per_exchange_max: BINDINGS_PER_EXCHANGE_MAX,
             consumers_per_queue_max: CONSUMERS_PER_QUEUE_MAX,
             consumers_per_connection_max: CONSUMERS_PER_CONNECTION_MAX,

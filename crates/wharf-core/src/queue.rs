@@ -834,6 +834,10 @@ pub struct QueueStats {
 #[derive(Debug, Clone)]
 pub(crate) struct Queue {
     pub name: Arc<str>,
+    /// Its virtual host.
+    pub vhost: Arc<str>,
+    /// What the server logs and spools it under (`crate::resource_key`).
+    pub key: Arc<str>,
     pub options: QueueOptions,
     pub owner: Option<ConnectionId>,
     pub ready: Ready,
@@ -920,6 +924,7 @@ impl DedupWindow {
 
 impl Queue {
     pub(crate) fn new(
+        vhost: Arc<str>,
         name: Arc<str>,
         options: QueueOptions,
         features: QueueFeatures,
@@ -934,6 +939,12 @@ impl Queue {
                 auto_delete: options.auto_delete,
                 ..QueueStats::default()
             },
+            key: if &*vhost == crate::broker::DEFAULT_VHOST {
+                name.clone()
+            } else {
+                crate::broker::resource_key(&vhost, &name).into()
+            },
+            vhost,
             name,
             options,
             owner,

@@ -24,17 +24,17 @@ impl Harness {
     }
 
     fn err(&mut self, command: Command) -> CoreError {
-        let before_queues = self.broker.list_queues();
-        let before_exchanges = self.broker.list_exchanges();
+        let before_queues = self.broker.list_queues(wharf_core::DEFAULT_VHOST);
+        let before_exchanges = self.broker.list_exchanges(wharf_core::DEFAULT_VHOST);
         let n_effects = self.effects.len();
         let err = self.apply(command).expect_err("command should fail");
         assert_eq!(
-            self.broker.list_queues(),
+            self.broker.list_queues(wharf_core::DEFAULT_VHOST),
             before_queues,
             "a failed command changes nothing"
         );
         assert_eq!(
-            self.broker.list_exchanges(),
+            self.broker.list_exchanges(wharf_core::DEFAULT_VHOST),
             before_exchanges,
             "a failed command changes nothing"
         );
@@ -52,6 +52,7 @@ impl Harness {
 
     fn queue_with(&mut self, connection: ConnectionId, name: &str, options: QueueOptions) {
         self.ok(Command::DeclareQueue {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection,
             name: name.into(),
             options,
@@ -61,6 +62,7 @@ impl Harness {
 
     fn exchange(&mut self, name: &str, kind: ExchangeKind) {
         self.ok(Command::DeclareExchange {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             name: name.into(),
             kind,
             options: ExchangeOptions::default(),
@@ -74,6 +76,7 @@ impl Harness {
 
     fn bind_args(&mut self, source: &str, queue: &str, key: &str, arguments: Headers) {
         self.ok(Command::Bind {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             source: source.into(),
             target: BindTarget::Queue(queue.into()),
             routing_key: key.into(),
@@ -90,6 +93,7 @@ impl Harness {
 
     fn publish_message(&mut self, message: Message) -> u32 {
         match self.ok(Command::Publish {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             message: Arc::new(message),
         }) {
             Reply::Published { routed, .. } => routed,
@@ -117,6 +121,7 @@ impl Harness {
         options: ConsumerOptions,
     ) {
         self.ok(Command::Subscribe {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection,
             queue: queue.into(),
             consumer_tag: ConsumerTag(tag),
@@ -152,7 +157,10 @@ impl Harness {
     }
 
     fn ready(&self, queue: &str) -> u64 {
-        self.broker.queue_stats(queue).unwrap().ready
+        self.broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, queue)
+            .unwrap()
+            .ready
     }
 }
 
@@ -254,12 +262,14 @@ fn exchange_to_exchange_bindings_route_through_and_survive_cycles() {
     h.exchange("regional", ExchangeKind::Topic);
     h.queue("eu");
     h.ok(Command::Bind {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         source: "ingress".into(),
         target: BindTarget::Exchange("regional".into()),
         routing_key: String::new(),
         arguments: Headers::new(),
     });
     h.ok(Command::Bind {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         source: "regional".into(),
         target: BindTarget::Exchange("ingress".into()),
         routing_key: "#".into(),
@@ -286,6 +296,7 @@ fn unbind_stops_routing_and_unknown_binding_is_not_found() {
     h.queue("q");
     h.bind("wharf.topic", "q", "a.*");
     h.ok(Command::Unbind {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         source: "wharf.topic".into(),
         target: BindTarget::Queue("q".into()),
         routing_key: "a.*".into(),
@@ -293,6 +304,7 @@ fn unbind_stops_routing_and_unknown_binding_is_not_found() {
     });
     assert_eq!(h.publish("wharf.topic", "a.b", "x"), 0);
     let err = h.err(Command::Unbind {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         source: "wharf.topic".into(),
         target: BindTarget::Queue("q".into()),
         routing_key: "a.*".into(),
@@ -382,7 +394,10 @@ fn nack_without_requeue_and_reject_drop_the_message() {
         delivery_tag: got[1].delivery_tag,
         requeue: false,
     });
-    let stats = h.broker.queue_stats("q").unwrap();
+    let stats = h
+        .broker
+        .queue_stats(wharf_core::DEFAULT_VHOST, "q")
+        .unwrap();
     assert_eq!((stats.ready, stats.unacked, stats.dropped), (0, 0, 2));
 }
 
@@ -409,7 +424,13 @@ fn ack_multiple_settles_everything_up_to_the_tag_and_zero_means_all() {
         requeue: false,
     });
     assert_eq!(reply, Reply::Settled { count: 2 });
-    assert_eq!(h.broker.queue_stats("q").unwrap().unacked, 0);
+    assert_eq!(
+        h.broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "q")
+            .unwrap()
+            .unacked,
+        0
+    );
 }
 
 #[test]
@@ -442,7 +463,14 @@ fn cancel_returns_unacked_messages_to_the_queue_for_other_consumers() {
         delivery_tag: DeliveryTag(1),
         multiple: false,
     });
-    assert_eq!(h.broker.queue_stats("q").unwrap().unacked, 2, "C2's copies");
+    assert_eq!(
+        h.broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "q")
+            .unwrap()
+            .unacked,
+        2,
+        "C2's copies"
+    );
     // A tag never delivered is still unknown.
     let err = h.err(Command::Ack {
         connection: C1,
@@ -486,7 +514,10 @@ fn disconnect_requeues_unacked_deletes_exclusive_and_auto_delete_queues() {
         })
         .collect();
     assert_eq!(deleted, vec!["mine".to_owned(), "temp".to_owned()]);
-    let stats = h.broker.queue_stats("shared").unwrap();
+    let stats = h
+        .broker
+        .queue_stats(wharf_core::DEFAULT_VHOST, "shared")
+        .unwrap();
     assert_eq!((stats.ready, stats.unacked, stats.consumers), (1, 0, 0));
     h.subscribe(C2, "shared", 1, 10);
     assert!(h.deliveries()[0].redelivered);
@@ -509,13 +540,18 @@ fn auto_delete_queue_is_deleted_when_its_last_consumer_cancels() {
         connection: C1,
         consumer_tag: ConsumerTag(1),
     });
-    assert!(h.broker.queue_stats("temp").is_ok(), "one consumer left");
+    assert!(
+        h.broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "temp")
+            .is_ok(),
+        "one consumer left"
+    );
     h.ok(Command::Cancel {
         connection: C2,
         consumer_tag: ConsumerTag(1),
     });
     assert!(matches!(
-        h.broker.queue_stats("temp"),
+        h.broker.queue_stats(wharf_core::DEFAULT_VHOST, "temp"),
         Err(CoreError::NotFound { .. })
     ));
 }
@@ -529,6 +565,7 @@ fn deleting_a_queue_cancels_its_consumers_and_later_acks_are_harmless() {
     h.subscribe(C2, "q", 4, 1);
     let got = h.deliveries();
     let reply = h.ok(Command::DeleteQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         name: "q".into(),
         if_unused: false,
@@ -564,12 +601,16 @@ fn purge_drops_ready_messages_but_not_unacked_ones() {
     h.subscribe(C1, "q", 1, 1);
     assert_eq!(
         h.ok(Command::PurgeQueue {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: C1,
             name: "q".into()
         }),
         Reply::Purged { messages: 2 }
     );
-    let stats = h.broker.queue_stats("q").unwrap();
+    let stats = h
+        .broker
+        .queue_stats(wharf_core::DEFAULT_VHOST, "q")
+        .unwrap();
     assert_eq!((stats.ready, stats.unacked), (0, 1));
 }
 
@@ -614,7 +655,10 @@ fn auto_ack_consumer_is_limited_by_credit_until_granted_more() {
     assert_eq!(h.bodies(), vec!["0", "1"]);
     grant(&mut h, 10);
     assert_eq!(h.bodies(), vec!["2", "3"], "credit is capped at prefetch");
-    let stats = h.broker.queue_stats("q").unwrap();
+    let stats = h
+        .broker
+        .queue_stats(wharf_core::DEFAULT_VHOST, "q")
+        .unwrap();
     assert_eq!((stats.acked, stats.unacked, stats.ready), (4, 0, 1));
 }
 
@@ -641,7 +685,10 @@ fn a_manual_ack_consumer_in_credit_mode_needs_credit_and_room() {
         vec!["1", "2"],
         "credit capped at prefetch 3, prefetch full at 3 unacked"
     );
-    let stats = h.broker.queue_stats("q").unwrap();
+    let stats = h
+        .broker
+        .queue_stats(wharf_core::DEFAULT_VHOST, "q")
+        .unwrap();
     assert_eq!((stats.unacked, stats.ready), (3, 3));
 }
 
@@ -714,6 +761,7 @@ fn single_active_consumer_gets_everything_until_it_leaves() {
 fn empty_name_declares_a_generated_queue() {
     let mut h = Harness::new();
     let reply = h.ok(Command::DeclareQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         name: String::new(),
         options: QueueOptions::default(),
@@ -723,7 +771,11 @@ fn empty_name_declares_a_generated_queue() {
         panic!()
     };
     assert!(name.starts_with("wharf.gen-"));
-    assert!(h.broker.queue_stats(&name).is_ok());
+    assert!(
+        h.broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, &name)
+            .is_ok()
+    );
 }
 
 #[test]
@@ -733,6 +785,7 @@ fn declare_is_idempotent_and_passive_declare_reports_counts() {
     h.queue("q");
     h.publish("", "q", "x");
     let reply = h.ok(Command::DeclareQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C2,
         name: "q".into(),
         options: QueueOptions {
@@ -759,6 +812,7 @@ fn declare_is_idempotent_and_passive_declare_reports_counts() {
 fn unknown_entities_are_not_found() {
     let mut h = Harness::new();
     let err = h.err(Command::DeclareQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         name: "nope".into(),
         options: QueueOptions::default(),
@@ -775,6 +829,7 @@ fn unknown_entities_are_not_found() {
         "{err}"
     );
     let err = h.err(Command::Publish {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         message: Arc::new(Message {
             exchange: "nope".into(),
             ..Message::new("k", "b")
@@ -820,6 +875,7 @@ fn unknown_entities_are_not_found() {
         "{err}"
     );
     let err = h.err(Command::Subscribe {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         queue: "nope".into(),
         consumer_tag: ConsumerTag(1),
@@ -836,6 +892,7 @@ fn unknown_entities_are_not_found() {
         "{err}"
     );
     let err = h.err(Command::DeleteExchange {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         name: "nope".into(),
         if_unused: false,
     });
@@ -850,6 +907,7 @@ fn unknown_entities_are_not_found() {
         "{err}"
     );
     let err = h.err(Command::Bind {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         source: "wharf.direct".into(),
         target: BindTarget::Queue("nope".into()),
         routing_key: String::new(),
@@ -871,6 +929,7 @@ fn unknown_entities_are_not_found() {
 fn invalid_and_reserved_names_are_refused() {
     let mut h = Harness::new();
     let err = h.err(Command::DeclareQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         name: "bad\u{7}name".into(),
         options: QueueOptions::default(),
@@ -878,6 +937,7 @@ fn invalid_and_reserved_names_are_refused() {
     });
     assert!(matches!(err, CoreError::InvalidName { .. }), "{err}");
     let err = h.err(Command::DeclareExchange {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         name: "x".repeat(256),
         kind: ExchangeKind::Direct,
         options: ExchangeOptions::default(),
@@ -885,6 +945,7 @@ fn invalid_and_reserved_names_are_refused() {
     });
     assert!(matches!(err, CoreError::InvalidName { .. }), "{err}");
     let err = h.err(Command::DeclareQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         name: "wharf.mine".into(),
         options: QueueOptions::default(),
@@ -892,6 +953,7 @@ fn invalid_and_reserved_names_are_refused() {
     });
     assert!(matches!(err, CoreError::ReservedName { .. }), "{err}");
     let err = h.err(Command::DeclareExchange {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         name: "wharf.custom".into(),
         kind: ExchangeKind::Direct,
         options: ExchangeOptions::default(),
@@ -905,6 +967,7 @@ fn redeclare_with_other_properties_and_failed_conditional_deletes_are_preconditi
     let mut h = Harness::new();
     h.queue("q");
     let err = h.err(Command::DeclareQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         name: "q".into(),
         options: QueueOptions {
@@ -925,6 +988,7 @@ fn redeclare_with_other_properties_and_failed_conditional_deletes_are_preconditi
     );
     h.exchange("x", ExchangeKind::Direct);
     let err = h.err(Command::DeclareExchange {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         name: "x".into(),
         kind: ExchangeKind::Fanout,
         options: ExchangeOptions::default(),
@@ -942,12 +1006,14 @@ fn redeclare_with_other_properties_and_failed_conditional_deletes_are_preconditi
     );
     h.bind("x", "q", "k");
     let err = h.err(Command::DeleteExchange {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         name: "x".into(),
         if_unused: true,
     });
     assert!(matches!(err, CoreError::PreconditionFailed { .. }), "{err}");
     h.publish("", "q", "m");
     let err = h.err(Command::DeleteQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         name: "q".into(),
         if_unused: false,
@@ -956,6 +1022,7 @@ fn redeclare_with_other_properties_and_failed_conditional_deletes_are_preconditi
     assert!(matches!(err, CoreError::PreconditionFailed { .. }), "{err}");
     h.subscribe(C1, "q", 1, 1);
     let err = h.err(Command::DeleteQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         name: "q".into(),
         if_unused: true,
@@ -977,22 +1044,26 @@ fn exclusive_queues_and_exclusive_consumers_lock_out_others() {
     );
     for command in [
         Command::Subscribe {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: C2,
             queue: "mine".into(),
             consumer_tag: ConsumerTag(1),
             options: ConsumerOptions::default(),
         },
         Command::DeleteQueue {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: C2,
             name: "mine".into(),
             if_unused: false,
             if_empty: false,
         },
         Command::PurgeQueue {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: C2,
             name: "mine".into(),
         },
         Command::DeclareQueue {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: C2,
             name: "mine".into(),
             options: QueueOptions {
@@ -1016,6 +1087,7 @@ fn exclusive_queues_and_exclusive_consumers_lock_out_others() {
         },
     );
     let err = h.err(Command::Subscribe {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C2,
         queue: "shared".into(),
         consumer_tag: ConsumerTag(1),
@@ -1025,6 +1097,7 @@ fn exclusive_queues_and_exclusive_consumers_lock_out_others() {
     h.queue("busy");
     h.subscribe(C1, "busy", 2, 1);
     let err = h.err(Command::Subscribe {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C2,
         queue: "busy".into(),
         consumer_tag: ConsumerTag(2),
@@ -1041,11 +1114,13 @@ fn built_in_default_and_internal_exchanges_refuse_access() {
     let mut h = Harness::new();
     h.queue("q");
     let err = h.err(Command::DeleteExchange {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         name: "wharf.topic".into(),
         if_unused: false,
     });
     assert!(matches!(err, CoreError::AccessRefused { .. }), "{err}");
     let err = h.err(Command::DeclareExchange {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         name: "wharf.topic".into(),
         kind: ExchangeKind::Direct,
         options: ExchangeOptions::default(),
@@ -1053,6 +1128,7 @@ fn built_in_default_and_internal_exchanges_refuse_access() {
     });
     assert!(matches!(err, CoreError::AccessRefused { .. }), "{err}");
     let err = h.err(Command::Bind {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         source: String::new(),
         target: BindTarget::Queue("q".into()),
         routing_key: "q".into(),
@@ -1060,6 +1136,7 @@ fn built_in_default_and_internal_exchanges_refuse_access() {
     });
     assert!(matches!(err, CoreError::AccessRefused { .. }), "{err}");
     h.ok(Command::DeclareExchange {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         name: "inner".into(),
         kind: ExchangeKind::Fanout,
         options: ExchangeOptions {
@@ -1069,6 +1146,7 @@ fn built_in_default_and_internal_exchanges_refuse_access() {
         passive: false,
     });
     let err = h.err(Command::Publish {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         message: Arc::new(Message {
             exchange: "inner".into(),
             ..Message::new("", "b")
@@ -1077,6 +1155,7 @@ fn built_in_default_and_internal_exchanges_refuse_access() {
     assert!(matches!(err, CoreError::AccessRefused { .. }), "{err}");
     // Redeclaring a built-in exchange as it is succeeds.
     h.ok(Command::DeclareExchange {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         name: "wharf.topic".into(),
         kind: ExchangeKind::Topic,
         options: ExchangeOptions {
@@ -1129,6 +1208,7 @@ fn reusing_a_consumer_tag_on_a_connection_is_refused() {
     h.queue("q");
     h.subscribe(C1, "q", 1, 1);
     let err = h.err(Command::Subscribe {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         queue: "q".into(),
         consumer_tag: ConsumerTag(1),
@@ -1143,6 +1223,7 @@ fn malformed_arguments_are_invalid() {
     let mut h = Harness::new();
     h.queue("q");
     let err = h.err(Command::Bind {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         source: "wharf.headers".into(),
         target: BindTarget::Queue("q".into()),
         routing_key: String::new(),
@@ -1150,6 +1231,7 @@ fn malformed_arguments_are_invalid() {
     });
     assert!(matches!(err, CoreError::InvalidArgument { .. }), "{err}");
     let err = h.err(Command::Publish {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         message: Arc::new(Message::new(&"k".repeat(300), "b")),
     });
     assert!(matches!(err, CoreError::InvalidArgument { .. }), "{err}");
@@ -1160,6 +1242,7 @@ fn malformed_arguments_are_invalid() {
     let mut message = Message::new("q", "b");
     message.headers.insert("deep", deep);
     let err = h.err(Command::Publish {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         message: Arc::new(message),
     });
     assert!(matches!(err, CoreError::InvalidArgument { .. }), "{err}");
@@ -1177,6 +1260,7 @@ fn limits_are_enforced_with_a_typed_error() {
     h.queue("a");
     h.queue("b");
     let err = h.err(Command::DeclareQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         name: "c".into(),
         options: QueueOptions::default(),
@@ -1191,6 +1275,7 @@ fn limits_are_enforced_with_a_typed_error() {
     );
     h.subscribe(C1, "a", 1, 1);
     let err = h.err(Command::Subscribe {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C2,
         queue: "a".into(),
         consumer_tag: ConsumerTag(1),
@@ -1208,6 +1293,7 @@ fn limits_are_enforced_with_a_typed_error() {
     );
     // C1 already has its one consumer (on "a"): a second one, on another queue, is refused.
     let err = h.err(Command::Subscribe {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         queue: "b".into(),
         consumer_tag: ConsumerTag(2),
@@ -1222,6 +1308,7 @@ fn limits_are_enforced_with_a_typed_error() {
     );
     h.bind("wharf.direct", "a", "k");
     let err = h.err(Command::Bind {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         source: "wharf.direct".into(),
         target: BindTarget::Queue("b".into()),
         routing_key: "k".into(),
@@ -1234,6 +1321,7 @@ fn limits_are_enforced_with_a_typed_error() {
 fn auto_delete_exchange_goes_when_its_last_binding_is_removed() {
     let mut h = Harness::new();
     h.ok(Command::DeclareExchange {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         name: "tmp".into(),
         kind: ExchangeKind::Fanout,
         options: ExchangeOptions {
@@ -1245,6 +1333,7 @@ fn auto_delete_exchange_goes_when_its_last_binding_is_removed() {
     h.queue("q");
     h.bind("tmp", "q", "");
     h.ok(Command::DeleteQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         name: "q".into(),
         if_unused: false,
@@ -1256,7 +1345,7 @@ fn auto_delete_exchange_goes_when_its_last_binding_is_removed() {
     }));
     assert!(
         !h.broker
-            .list_exchanges()
+            .list_exchanges(wharf_core::DEFAULT_VHOST)
             .iter()
             .any(|exchange| exchange.name == "tmp")
     );
@@ -1325,7 +1414,7 @@ fn ready_bytes_total_tracks_every_way_messages_enter_and_leave_ready() {
     let mut h = Harness::new();
     let total = |h: &Harness| {
         h.broker
-            .list_queues()
+            .list_queues(wharf_core::DEFAULT_VHOST)
             .iter()
             .map(|q| q.ready_bytes)
             .sum::<u64>()
@@ -1351,11 +1440,13 @@ fn ready_bytes_total_tracks_every_way_messages_enter_and_leave_ready() {
     h.ok(Command::CloseConnection { connection: C1 });
     assert_eq!(h.broker.ready_bytes_total(), 40);
     h.ok(Command::PurgeQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C2,
         name: "a".into(),
     });
     assert_eq!(h.broker.ready_bytes_total(), 20);
     h.ok(Command::DeleteQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C2,
         name: "b".into(),
         if_unused: false,
@@ -1431,6 +1522,7 @@ fn routed_queues_are_reported_once_each_with_their_backlog_and_progress() {
     );
 
     h.ok(Command::DeleteQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         name: "a".into(),
         if_unused: false,

@@ -50,7 +50,10 @@ impl Harness {
             deliveries: Vec::new(),
             page_outs: 0,
         };
-        harness.ok(Command::OpenConnection { connection: C1 });
+        harness.ok(Command::OpenConnection {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
+            connection: C1,
+        });
         harness
     }
 
@@ -179,6 +182,7 @@ impl Harness {
             }
             served += entries.len();
             self.ok(Command::PageIn {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 queue,
                 epoch,
                 level,
@@ -190,6 +194,7 @@ impl Harness {
 
     fn declare(&mut self, name: &str, durable: bool, arguments: Headers) {
         self.ok(Command::DeclareQueue {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: C1,
             name: name.to_owned(),
             options: QueueOptions {
@@ -203,6 +208,7 @@ impl Harness {
 
     fn publish(&mut self, queue: &str, body: &str, persistent: bool) {
         self.ok(Command::Publish {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             message: Arc::new(Message {
                 persistent,
                 ..Message::new(queue, body.to_owned())
@@ -212,6 +218,7 @@ impl Harness {
 
     fn subscribe(&mut self, queue: &str, tag: u32, prefetch: u32, auto_ack: bool) {
         self.ok(Command::Subscribe {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: C1,
             queue: queue.to_owned(),
             consumer_tag: ConsumerTag(tag),
@@ -224,7 +231,9 @@ impl Harness {
     }
 
     fn stats(&self, queue: &str) -> wharf_core::QueueStats {
-        self.broker.queue_stats(queue).unwrap()
+        self.broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, queue)
+            .unwrap()
     }
 
     fn bodies(&mut self) -> Vec<String> {
@@ -301,6 +310,7 @@ fn purging_a_paged_queue_settles_its_tail_by_id_runs_and_stale_page_ins_are_igno
     assert_eq!(h.bodies(), vec!["q1".to_owned()]);
     assert_eq!(h.requests.len(), 1);
     let reply = h.ok(Command::PurgeQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         name: "q".to_owned(),
     });
@@ -328,6 +338,7 @@ fn purging_a_paged_queue_settles_its_tail_by_id_runs_and_stale_page_ins_are_igno
     };
     h.requests.clear();
     h.ok(Command::PageIn {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         queue: "q".to_owned(),
         epoch: 0,
         level: 0,
@@ -356,6 +367,7 @@ fn deleting_a_paged_queue_drops_its_tail() {
         h.publish("q", &body, true);
     }
     let reply = h.ok(Command::DeleteQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         name: "q".to_owned(),
         if_unused: false,
@@ -378,6 +390,7 @@ fn if_empty_counts_paged_messages() {
         .apply(
             100,
             Command::DeleteQueue {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: C1,
                 name: "q".to_owned(),
                 if_unused: false,
@@ -466,6 +479,7 @@ fn every_kind_of_durable_queue_pages_but_transient_ones_do_not() {
 impl Harness {
     fn publish_with_priority(&mut self, queue: &str, body: &str, priority: u8) {
         self.ok(Command::Publish {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             message: Arc::new(Message {
                 persistent: true,
                 priority,
@@ -577,6 +591,7 @@ fn a_reject_publish_limit_counts_paged_messages() {
         .apply(
             100,
             Command::Publish {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 message: Arc::new(Message::new("q", "d")),
             },
             &mut Vec::new(),
@@ -703,6 +718,7 @@ proptest! {
                     priorities.push(priority);
                     reference.insert((std::cmp::Reverse(priority.min(max_priority)), next));
                     h.ok(Command::Publish {
+                        vhost: wharf_core::DEFAULT_VHOST.into(),
                         message: Arc::new(Message {
                             persistent,
                             priority,
@@ -745,7 +761,8 @@ proptest! {
                 Op::Pager => { h.serve_page_ins(); }
                 Op::Purge => {
                     let before = h.stats("q").ready;
-                    let Reply::Purged { messages } = h.ok(Command::PurgeQueue { connection: C1, name: "q".to_owned() }) else {
+                    let Reply::Purged { messages } = h.ok(Command::PurgeQueue {
+vhost: wharf_core::DEFAULT_VHOST.into(), connection: C1, name: "q".to_owned() }) else {
                         unreachable!()
                     };
                     prop_assert_eq!(messages, before);

@@ -24,6 +24,7 @@ impl Harness {
         arguments: Headers,
     ) -> Result<Reply, CoreError> {
         self.apply(Command::DeclareQueue {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: C1,
             name: name.to_owned(),
             options: QueueOptions {
@@ -37,12 +38,14 @@ impl Harness {
 
     fn publish(&mut self, message: Message) -> Result<Reply, CoreError> {
         self.apply(Command::Publish {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             message: Arc::new(message),
         })
     }
 
     fn subscribe(&mut self, queue: &str, tag: u32, prefetch: u32) {
         self.ok(Command::Subscribe {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: C1,
             queue: queue.to_owned(),
             consumer_tag: ConsumerTag(tag),
@@ -196,7 +199,13 @@ fn max_priority_must_be_an_integer_from_1_to_255() {
             "{bad:?}: {err}"
         );
     }
-    assert!(harness.broker.list_queues().is_empty(), "nothing declared");
+    assert!(
+        harness
+            .broker
+            .list_queues(wharf_core::DEFAULT_VHOST)
+            .is_empty(),
+        "nothing declared"
+    );
     harness
         .declare("jobs", false, args(&[("x-max-priority", int(255))]))
         .unwrap();
@@ -221,7 +230,10 @@ fn drop_head_keeps_the_newest_messages_and_counts_the_dropped() {
             }
         );
     }
-    let stats = harness.broker.queue_stats("recent").unwrap();
+    let stats = harness
+        .broker
+        .queue_stats(wharf_core::DEFAULT_VHOST, "recent")
+        .unwrap();
     assert_eq!((stats.ready, stats.dropped, stats.published), (2, 2, 4));
     assert_eq!(harness.broker.ready_bytes_total(), 4);
     harness.subscribe("recent", 1, 0);
@@ -244,7 +256,10 @@ fn drop_head_by_bytes_drops_until_the_bodies_fit() {
     for body in ["aaaa", "bbbb", "cccccc"] {
         harness.publish(Message::new("recent", body)).unwrap();
     }
-    let stats = harness.broker.queue_stats("recent").unwrap();
+    let stats = harness
+        .broker
+        .queue_stats(wharf_core::DEFAULT_VHOST, "recent")
+        .unwrap();
     assert_eq!((stats.ready, stats.ready_bytes, stats.dropped), (2, 10, 1));
     harness.subscribe("recent", 1, 0);
     assert_eq!(harness.bodies(), ["bbbb", "cccccc"]);
@@ -303,7 +318,10 @@ fn reject_publish_refuses_when_full_and_accepts_again_once_there_is_room() {
         }
     );
     assert_eq!(harness.effects.len(), n_effects, "a refusal emits nothing");
-    let stats = harness.broker.queue_stats("bounded").unwrap();
+    let stats = harness
+        .broker
+        .queue_stats(wharf_core::DEFAULT_VHOST, "bounded")
+        .unwrap();
     assert_eq!((stats.ready, stats.published, stats.dropped), (2, 2, 0));
     harness.subscribe("bounded", 1, 1);
     let delivered = harness.delivered();
@@ -352,6 +370,7 @@ fn a_publish_refused_by_one_of_several_queues_is_refused_but_the_others_keep_the
     harness.declare("open", false, Headers::new()).unwrap();
     for queue in ["full", "open"] {
         harness.ok(Command::Bind {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             source: "wharf.fanout".into(),
             target: wharf_core::BindTarget::Queue(queue.into()),
             routing_key: String::new(),
@@ -372,8 +391,22 @@ fn a_publish_refused_by_one_of_several_queues_is_refused_but_the_others_keep_the
             duplicates: 0,
         }
     );
-    assert_eq!(harness.broker.queue_stats("open").unwrap().ready, 1);
-    assert_eq!(harness.broker.queue_stats("full").unwrap().ready, 0);
+    assert_eq!(
+        harness
+            .broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "open")
+            .unwrap()
+            .ready,
+        1
+    );
+    assert_eq!(
+        harness
+            .broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "full")
+            .unwrap()
+            .ready,
+        0
+    );
 }
 
 #[test]
@@ -395,7 +428,12 @@ fn length_limit_arguments_are_validated() {
             "{bad:?}: {err}"
         );
     }
-    assert!(harness.broker.list_queues().is_empty());
+    assert!(
+        harness
+            .broker
+            .list_queues(wharf_core::DEFAULT_VHOST)
+            .is_empty()
+    );
 }
 
 #[test]
@@ -417,6 +455,7 @@ fn a_redeclare_must_repeat_the_queue_arguments() {
 
 fn bind(harness: &mut Harness, exchange: &str, queue: &str, key: &str) {
     harness.ok(Command::Bind {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         source: exchange.into(),
         target: wharf_core::BindTarget::Queue(queue.into()),
         routing_key: key.into(),
@@ -428,6 +467,7 @@ fn bind(harness: &mut Harness, exchange: &str, queue: &str, key: &str) {
 fn take_one(harness: &mut Harness, queue: &str, tag: u32) -> Arc<Message> {
     harness.effects.clear();
     harness.ok(Command::Subscribe {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         queue: queue.to_owned(),
         consumer_tag: ConsumerTag(tag),
@@ -466,6 +506,7 @@ fn death_records(message: &Message) -> Vec<Headers> {
 fn a_rejected_message_is_dead_lettered_with_a_death_record() {
     let mut harness = Harness::new();
     harness.ok(Command::DeclareExchange {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         name: "dlx".into(),
         kind: wharf_core::ExchangeKind::Direct,
         options: wharf_core::ExchangeOptions::default(),
@@ -491,7 +532,14 @@ fn a_rejected_message_is_dead_lettered_with_a_death_record() {
         delivery_tag: delivered[0].1,
         requeue: false,
     });
-    assert_eq!(harness.broker.queue_stats("work").unwrap().dropped, 1);
+    assert_eq!(
+        harness
+            .broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "work")
+            .unwrap()
+            .dropped,
+        1
+    );
     let dead = take_one(&mut harness, "dead", 2);
     assert_eq!(&dead.body[..], b"job");
     assert_eq!((&*dead.exchange, &*dead.routing_key), ("dlx", "failed"));
@@ -604,9 +652,15 @@ fn a_missing_dead_letter_exchange_drops_the_message() {
         .unwrap();
     harness.publish(Message::new("work", "a")).unwrap();
     harness.publish(Message::new("work", "b")).unwrap();
-    let stats = harness.broker.queue_stats("work").unwrap();
+    let stats = harness
+        .broker
+        .queue_stats(wharf_core::DEFAULT_VHOST, "work")
+        .unwrap();
     assert_eq!((stats.ready, stats.dropped), (1, 1));
-    assert_eq!(harness.broker.list_queues().len(), 1);
+    assert_eq!(
+        harness.broker.list_queues(wharf_core::DEFAULT_VHOST).len(),
+        1
+    );
 }
 
 #[test]
@@ -627,7 +681,10 @@ fn a_dead_letter_cycle_without_rejections_stops_after_one_round() {
     harness.publish(Message::new("loop", "b")).unwrap();
     // "b" pushed "a" out; "a" came back and pushed "b" out; "b" came back and pushed "a" out
     // again, whose second maxlen death in "loop" is a cycle: dropped.
-    let stats = harness.broker.queue_stats("loop").unwrap();
+    let stats = harness
+        .broker
+        .queue_stats(wharf_core::DEFAULT_VHOST, "loop")
+        .unwrap();
     assert_eq!((stats.ready, stats.published, stats.dropped), (1, 4, 3));
     let last = take_one(&mut harness, "loop", 1);
     assert_eq!(&last.body[..], b"b");
@@ -722,7 +779,10 @@ fn a_message_nacked_at_its_delivery_limit_is_dead_lettered_instead_of_requeued()
         });
     }
     assert_eq!(attempts, 2, "delivered twice, then given up");
-    let stats = harness.broker.queue_stats("work").unwrap();
+    let stats = harness
+        .broker
+        .queue_stats(wharf_core::DEFAULT_VHOST, "work")
+        .unwrap();
     assert_eq!((stats.ready, stats.unacked, stats.dropped), (0, 0, 1));
     let dead = take_one(&mut harness, "poison", 2);
     assert_eq!(
@@ -746,7 +806,10 @@ fn a_message_returned_by_a_disconnect_at_its_delivery_limit_is_dropped_without_a
         durable_id: 1,
         queue: "work".into()
     }));
-    let stats = harness.broker.queue_stats("work").unwrap();
+    let stats = harness
+        .broker
+        .queue_stats(wharf_core::DEFAULT_VHOST, "work")
+        .unwrap();
     assert_eq!((stats.ready, stats.dropped), (0, 1));
     assert!(harness.broker.durable_messages().is_empty());
 }
@@ -764,14 +827,24 @@ fn a_message_returned_by_a_cancel_below_its_delivery_limit_is_requeued() {
         connection: C1,
         consumer_tag: ConsumerTag(1),
     });
-    assert_eq!(harness.broker.queue_stats("work").unwrap().ready, 1);
+    assert_eq!(
+        harness
+            .broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "work")
+            .unwrap()
+            .ready,
+        1
+    );
     harness.subscribe("work", 2, 1);
     assert_eq!(harness.delivered().len(), 1);
     harness.ok(Command::Cancel {
         connection: C1,
         consumer_tag: ConsumerTag(2),
     });
-    let stats = harness.broker.queue_stats("work").unwrap();
+    let stats = harness
+        .broker
+        .queue_stats(wharf_core::DEFAULT_VHOST, "work")
+        .unwrap();
     assert_eq!(
         (stats.ready, stats.dropped),
         (0, 1),

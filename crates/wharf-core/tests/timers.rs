@@ -27,6 +27,7 @@ impl Harness {
 
     fn declare(&mut self, name: &str, durable: bool, arguments: Headers) {
         self.ok(Command::DeclareQueue {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: C1,
             name: name.to_owned(),
             options: QueueOptions {
@@ -40,6 +41,7 @@ impl Harness {
 
     fn publish(&mut self, message: Message) -> Reply {
         self.ok(Command::Publish {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             message: Arc::new(message),
         })
     }
@@ -52,6 +54,7 @@ impl Harness {
         options: ConsumerOptions,
     ) {
         self.ok(Command::Subscribe {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection,
             queue: queue.to_owned(),
             consumer_tag: ConsumerTag(tag),
@@ -90,7 +93,9 @@ impl Harness {
     }
 
     fn stats(&self, queue: &str) -> wharf_core::QueueStats {
-        self.broker.queue_stats(queue).unwrap()
+        self.broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, queue)
+            .unwrap()
     }
 
     /// The messages ready in `queue`, drained through a fresh auto-ack consumer.
@@ -190,6 +195,7 @@ fn a_publish_delayed_past_the_maximum_is_refused_and_changes_nothing() {
     harness.declare("q", false, Headers::new());
     for delay_ms in [wharf_core::DURATION_MS_MAX + 1, u64::MAX] {
         let refused = harness.apply(Command::Publish {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             message: Arc::new(delayed("q", "forever", delay_ms)),
         });
         assert!(
@@ -257,6 +263,7 @@ fn a_delayed_persistent_message_is_logged_with_its_due_time_and_restored_held() 
     restored.declare("jobs", true, Headers::new());
     for (durable_id, body, ready_at_ms) in [(1, "held", 1_300), (2, "due", 900)] {
         restored.ok(Command::Restore {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             queue: "jobs".into(),
             durable_id,
             message: Arc::new(Message {
@@ -281,6 +288,7 @@ fn deleting_a_queue_drops_its_delayed_messages() {
     harness.publish(delayed("jobs", "b", 100));
     assert_eq!(harness.broker.delayed_total(), 2);
     harness.ok(Command::DeleteQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         name: "jobs".into(),
         if_unused: false,
@@ -392,6 +400,7 @@ fn retry_schedules_are_validated() {
     ] {
         let err = harness
             .apply(Command::DeclareQueue {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: C1,
                 name: "q".into(),
                 options: QueueOptions {
@@ -498,6 +507,7 @@ fn ttl_arguments_are_validated() {
     ] {
         let err = harness
             .apply(Command::DeclareQueue {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: C1,
                 name: "q".into(),
                 options: QueueOptions {
@@ -606,6 +616,7 @@ fn touch_extends_a_lease() {
     for bad in [0, u64::MAX] {
         let err = harness
             .apply(Command::Subscribe {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: C2,
                 queue: "jobs".into(),
                 consumer_tag: ConsumerTag(9),
@@ -632,7 +643,10 @@ fn an_unused_queue_with_x_expires_is_deleted() {
     harness.subscribe(C1, "temp", 1, manual(0));
     harness.tick_at(5_000);
     assert!(
-        harness.broker.queue_stats("temp").is_ok(),
+        harness
+            .broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "temp")
+            .is_ok(),
         "a consumer keeps it"
     );
     harness.ok(Command::Cancel {
@@ -642,11 +656,19 @@ fn an_unused_queue_with_x_expires_is_deleted() {
     harness.now = 5_500;
     harness.declare("temp", true, args(&[("x-expires", int(1_000))])); // a redeclare is a use
     harness.tick_at(6_499);
-    assert!(harness.broker.queue_stats("temp").is_ok());
+    assert!(
+        harness
+            .broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "temp")
+            .is_ok()
+    );
     harness.effects.clear();
     harness.tick_at(6_500);
     assert!(
-        harness.broker.queue_stats("temp").is_err(),
+        harness
+            .broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "temp")
+            .is_err(),
         "deleted after 1 s unused"
     );
     assert!(harness.effects.contains(&Effect::QueueDeleted {
@@ -728,12 +750,14 @@ fn durable_dedup_windows_are_listed_and_restored() {
     restored.now = 1_600;
     restored.declare("orders", true, args(&[("x-dedup-window", int(1_000))]));
     restored.ok(Command::RestoreDedup {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         queue: "orders".into(),
         message_id: "id-a".into(),
         until_ms: 2_000,
     });
     // A restored logged message puts its id back in the window too.
     restored.ok(Command::Restore {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         queue: "orders".into(),
         durable_id: 2,
         message: Arc::new(Message {
@@ -788,6 +812,7 @@ fn redrive_moves_dead_letters_back_to_where_they_died() {
     });
     assert_eq!(harness.stats("dead").ready, 4);
     let reply = harness.ok(Command::Redrive {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         queue: "dead".into(),
         max: 2,
@@ -795,6 +820,7 @@ fn redrive_moves_dead_letters_back_to_where_they_died() {
     });
     assert_eq!(reply, Reply::Redriven { moved: 2 });
     let reply = harness.ok(Command::Redrive {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         queue: "dead".into(),
         max: 0,
@@ -813,6 +839,7 @@ fn redrive_moves_dead_letters_back_to_where_they_died() {
     assert_eq!(left.len(), 1, "a message without a death record stays");
     assert_eq!(
         harness.apply(Command::Redrive {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: C1,
             queue: "missing".into(),
             max: 0,
@@ -828,6 +855,7 @@ fn redrive_moves_dead_letters_back_to_where_they_died() {
 impl Harness {
     fn declare_fanout_to(&mut self, queues: &[&str]) {
         self.ok(Command::DeclareExchange {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             name: "fan".into(),
             kind: wharf_core::ExchangeKind::Fanout,
             options: wharf_core::ExchangeOptions::default(),
@@ -835,6 +863,7 @@ impl Harness {
         });
         for queue in queues {
             self.ok(Command::Bind {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 source: "fan".into(),
                 target: wharf_core::BindTarget::Queue((*queue).to_owned()),
                 routing_key: String::new(),
@@ -887,6 +916,7 @@ fn redrive_expires_a_dead_letter_past_its_ttl_instead_of_moving_it() {
     });
     harness.now = 1_100; // no tick: the dead letter is still ready, past its TTL
     let reply = harness.ok(Command::Redrive {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: C1,
         queue: "dead".into(),
         max: 0,
@@ -960,6 +990,7 @@ fn reject_publish_dlx_refuses_the_publish_and_dead_letters_the_message() {
     );
     assert_eq!(
         harness.apply(Command::Publish {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             message: Arc::new(Message::new("strict", "x")),
         }),
         Err(CoreError::QueueFull {

@@ -66,7 +66,7 @@ struct Answers {
 pub struct Access {
     users: Arc<Users>,
     user: String,
-    vhost: String,
+    vhost: Arc<str>,
     generation: u64,
     /// `None`: the user has no permissions in the virtual host (or no longer exists). Shared
     /// by every connection of the user (`Users::compiled_grants`).
@@ -81,12 +81,17 @@ pub struct Access {
 }
 
 impl Access {
+    /// The virtual host the connection works in.
+    pub fn vhost(&self) -> &Arc<str> {
+        &self.vhost
+    }
+
     /// The permissions of `user` in `vhost`, as of now.
     pub fn new(users: Arc<Users>, user: &str, vhost: &str) -> Access {
         let mut access = Access {
             users,
             user: user.to_owned(),
-            vhost: vhost.to_owned(),
+            vhost: vhost.into(),
             generation: u64::MAX,
             compiled: None,
             queues: FxHashMap::default(),

@@ -95,10 +95,12 @@ async fn run_pager(shared: Arc<Context>) {
                     .finish_read(read);
                 match finished {
                     Ok(Some(entries)) => {
+                        let (vhost, queue) = wharf_core::split_resource_key(&queue);
                         if let Err(err) = state.apply(
                             now_ms(),
                             Command::PageIn {
-                                queue,
+                                vhost: vhost.into(),
+                                queue: queue.to_owned(),
                                 epoch,
                                 level,
                                 entries,
@@ -369,13 +371,9 @@ impl Server {
             ))
         })?;
         let durable_queues = broker
-            .list_queues()
+            .list_all_queues()
             .iter()
-            .filter(|queue| {
-                broker
-                    .queue_options(&queue.name)
-                    .is_some_and(|options| options.durable)
-            })
+            .filter(|(_, queue)| queue.durable)
             .count();
         info!(
             "recovered {} messages in {} durable queues ({} topology changes) from {} log \

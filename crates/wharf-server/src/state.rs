@@ -85,17 +85,27 @@ impl State {
         into.append(&mut self.held);
     }
 
-    /// Registers a connection and its outbox with the core.
-    pub fn open(&mut self, now_ms: u64, connection: ConnectionId, outbox: Arc<Output>) {
-        self.outboxes.insert(connection, outbox);
-        self.broker
-            .apply(
-                now_ms,
-                Command::OpenConnection { connection },
-                &mut self.effects,
-            )
-            .expect("opening a fresh connection cannot fail");
+    /// Registers a connection with the core, in `vhost`; refused when the virtual host does
+    /// not exist or has its `max_connections` open. Its outbox comes with
+    /// [`State::attach`].
+    pub fn open(
+        &mut self,
+        now_ms: u64,
+        connection: ConnectionId,
+        vhost: Arc<str>,
+    ) -> Result<(), CoreError> {
+        self.broker.apply(
+            now_ms,
+            Command::OpenConnection { connection, vhost },
+            &mut self.effects,
+        )?;
         self.route_effects();
+        Ok(())
+    }
+
+    /// Gives an open connection its outbox (what the core sends it goes there from now on).
+    pub fn attach(&mut self, connection: ConnectionId, outbox: Arc<Output>) {
+        self.outboxes.insert(connection, outbox);
     }
 
     /// Removes a connection: its consumers go, its unacked messages are requeued (and may be
@@ -133,47 +143,90 @@ impl State {
     pub fn apply(&mut self, now_ms: u64, command: Command) -> Result<Reply, CoreError> {
         let op = match &command {
             Command::DeclareExchange {
+                vhost,
                 name,
                 kind,
                 options,
                 passive: false,
-            } => declare_exchange_op(name, *kind, options),
+            } => declare_exchange_op(vhost, name, *kind, options),
             Command::Bind {
+                vhost,
                 source,
                 target,
                 routing_key,
                 arguments,
-            } => bind_op(&self.broker, source, target, routing_key, arguments, true),
+            } => bind_op(
+                &self.broker,
+                vhost,
+                source,
+                target,
+                routing_key,
+                arguments,
+                true,
+            ),
             Command::Unbind {
+                vhost,
                 source,
                 target,
                 routing_key,
                 arguments,
-            } => bind_op(&self.broker, source, target, routing_key, arguments, false),
+            } => bind_op(
+                &self.broker,
+                vhost,
+                source,
+                target,
+                routing_key,
+                arguments,
+                false,
+            ),
+            Command::AddVhost { name, limits } | Command::SetVhostLimits { name, limits } => {
+                Some(Op::DeclareVhost {
+                    name: name.clone(),
+                    max_connections: limits.max_connections,
+                    max_queues: limits.max_queues,
+                })
+            }
             _ => None,
         };
         let declared_queue = match &command {
             Command::DeclareQueue {
+                vhost,
                 options,
                 passive: false,
                 ..
-            } if options.durable && !options.exclusive => Some(options.clone()),
+            } if options.durable && !options.exclusive => Some((vhost.clone(), options.clone())),
+            _ => None,
+        };
+        let deleted_vhost = match &command {
+            Command::DeleteVhost { name } => Some(name.clone()),
             _ => None,
         };
         let reply = self.broker.apply(now_ms, command, &mut self.effects)?;
         if let Some(op) = op {
             self.log_ops.push(op.into());
         }
-        if let (Some(options), Reply::QueueDeclared { name, .. }) = (declared_queue, &reply) {
+        if let (Some((vhost, options)), Reply::QueueDeclared { name, .. }) =
+            (declared_queue, &reply)
+        {
             self.log_ops
-                .extend(declare_queue_op(name, &options).map(StagedOp::from));
+                .extend(declare_queue_op(&vhost, name, &options).map(StagedOp::from));
+        }
+        if let Some(name) = deleted_vhost {
+            // After the deletes of what it held, which its effects log.
+            self.route_effects();
+            self.log_ops.push(Op::DeleteVhost { name }.into());
         }
         Ok(reply)
     }
 
     /// Publishes; says whether the message must reach the log before it is confirmed, or
     /// was a duplicate that no queue took.
-    pub fn publish(&mut self, now_ms: u64, message: Arc<Message>) -> Result<Published, CoreError> {
+    pub fn publish(
+        &mut self,
+        now_ms: u64,
+        vhost: &Arc<str>,
+        message: Arc<Message>,
+    ) -> Result<Published, CoreError> {
         // The hot path: no topology to log, so straight to the core.
         if message.persistent
             && let Some(log) = &self.log
@@ -189,9 +242,14 @@ impl State {
             });
         }
         let start = self.effects.len();
-        let reply = self
-            .broker
-            .apply(now_ms, Command::Publish { message }, &mut self.effects)?;
+        let reply = self.broker.apply(
+            now_ms,
+            Command::Publish {
+                vhost: vhost.clone(),
+                message,
+            },
+            &mut self.effects,
+        )?;
         if let Reply::Published {
             refused_by: Some(queue),
             ..

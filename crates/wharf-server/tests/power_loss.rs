@@ -171,7 +171,10 @@ impl Run {
             paging,
             _spool_dirs: vec![spool_dir],
         };
-        run.state.open(0, run.connection, run.outbox.clone());
+        run.state
+            .open(0, run.connection, wharf_core::DEFAULT_VHOST.into())
+            .expect("open");
+        run.state.attach(run.connection, run.outbox.clone());
         let durable = QueueOptions {
             durable: true,
             ..QueueOptions::default()
@@ -185,6 +188,7 @@ impl Run {
                     .collect();
             }
             run.apply(Command::DeclareQueue {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: run.connection,
                 name: name.into(),
                 options,
@@ -192,12 +196,14 @@ impl Run {
             });
         }
         run.apply(Command::DeclareQueue {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: run.connection,
             name: "transient".into(),
             options: QueueOptions::default(),
             passive: false,
         });
         run.apply(Command::DeclareExchange {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             name: "fan".into(),
             kind: ExchangeKind::Fanout,
             options: ExchangeOptions {
@@ -208,6 +214,7 @@ impl Run {
         });
         for name in ["q0", "q1", "transient"] {
             run.apply(Command::Bind {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 source: "fan".into(),
                 target: BindTarget::Queue(name.into()),
                 routing_key: String::new(),
@@ -302,6 +309,7 @@ impl Run {
                 ..ConsumerOptions::default()
             };
             self.apply(Command::Subscribe {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: self.connection,
                 queue: (*name).into(),
                 consumer_tag: ConsumerTag(idx as u32),
@@ -351,7 +359,10 @@ impl Run {
             } else {
                 vec![key.to_owned()]
             };
-            let durable = self.state.publish(0, Arc::new(message)).expect("publish")
+            let durable = self
+                .state
+                .publish(0, &wharf_core::DEFAULT_VHOST.into(), Arc::new(message))
+                .expect("publish")
                 == wharf_server::state::Published::Logged;
             self.state.route_effects();
             self.collect_deliveries();
@@ -430,7 +441,10 @@ impl Run {
         self.connection = ConnectionId(self.next_connection);
         self.next_connection += 1;
         self.outbox = Arc::new(Output::default());
-        self.state.open(0, self.connection, self.outbox.clone());
+        self.state
+            .open(0, self.connection, wharf_core::DEFAULT_VHOST.into())
+            .expect("open");
+        self.state.attach(self.connection, self.outbox.clone());
         self.subscribe();
     }
 
@@ -463,6 +477,7 @@ impl Run {
                 .expect("a spool holds what its queue counts as paged");
             if let Some(entries) = entries {
                 self.apply(Command::PageIn {
+                    vhost: wharf_core::DEFAULT_VHOST.into(),
                     queue,
                     epoch,
                     level,
@@ -566,12 +581,18 @@ impl Run {
                 problems.push(format!("acked message {} came back in {}", copy.0, copy.1));
             }
         }
-        let transient = state.broker.queue_stats("transient");
+        let transient = state
+            .broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "transient");
         if transient.is_ok() {
             problems.push("a transient queue survived".into());
         }
         for name in DURABLE_QUEUES {
-            if state.broker.queue_stats(name).is_err() {
+            if state
+                .broker
+                .queue_stats(wharf_core::DEFAULT_VHOST, name)
+                .is_err()
+            {
                 problems.push(format!("durable queue {name} lost"));
             }
         }
@@ -690,16 +711,19 @@ fn recovery_restores_topology_and_messages_flagged_redelivered() {
     run.state.log().unwrap().close();
     let (state, restored, _spools) = open(&run.storage, SyncPolicy::Always, 0);
     assert!(restored >= 20, "restored {restored}");
-    let stats = state.broker.queue_stats("q0").unwrap();
+    let stats = state
+        .broker
+        .queue_stats(wharf_core::DEFAULT_VHOST, "q0")
+        .unwrap();
     assert!(stats.durable);
     let exchanges: Vec<String> = state
         .broker
-        .list_exchanges()
+        .list_exchanges(wharf_core::DEFAULT_VHOST)
         .into_iter()
         .map(|e| e.name)
         .collect();
     assert!(exchanges.contains(&"fan".to_owned()));
-    let bindings = state.broker.list_bindings();
+    let bindings = state.broker.list_bindings(wharf_core::DEFAULT_VHOST);
     assert!(
         bindings
             .iter()

@@ -33,6 +33,9 @@ pub enum Command {
     OpenConnection {
         /// Chosen by the server, unique for the broker's life.
         connection: ConnectionId,
+        /// The virtual host it works in (refused when missing, or when it has its
+        /// `max_connections` open).
+        vhost: Arc<str>,
     },
     /// A client went away: its consumers are cancelled, its unacked messages requeued, its
     /// exclusive queues deleted.
@@ -42,6 +45,8 @@ pub enum Command {
     },
     /// Create an exchange, or check that an equivalent one exists.
     DeclareExchange {
+        /// The virtual host names resolve in.
+        vhost: Arc<str>,
         /// Name (`wharf.` is reserved).
         name: String,
         /// Routing kind.
@@ -53,6 +58,8 @@ pub enum Command {
     },
     /// Delete an exchange and its bindings.
     DeleteExchange {
+        /// The virtual host names resolve in.
+        vhost: Arc<str>,
         /// Name.
         name: String,
         /// Refuse if it has bindings.
@@ -61,6 +68,8 @@ pub enum Command {
     /// Create a queue, or check that an equivalent one exists. An empty name asks the broker
     /// to generate one (`wharf.gen-N`).
     DeclareQueue {
+        /// The virtual host names resolve in.
+        vhost: Arc<str>,
         /// The declaring connection (owner when exclusive).
         connection: ConnectionId,
         /// Name, or empty for a generated name.
@@ -72,6 +81,8 @@ pub enum Command {
     },
     /// Delete a queue: its consumers are cancelled and its messages dropped.
     DeleteQueue {
+        /// The virtual host names resolve in.
+        vhost: Arc<str>,
         /// The connection asking.
         connection: ConnectionId,
         /// Name.
@@ -83,6 +94,8 @@ pub enum Command {
     },
     /// Drop every ready message of a queue (unacked ones are untouched).
     PurgeQueue {
+        /// The virtual host names resolve in.
+        vhost: Arc<str>,
         /// The connection asking.
         connection: ConnectionId,
         /// Name.
@@ -90,6 +103,8 @@ pub enum Command {
     },
     /// Bind a queue or exchange to a source exchange.
     Bind {
+        /// The virtual host names resolve in.
+        vhost: Arc<str>,
         /// The exchange messages come from.
         source: String,
         /// Where they go.
@@ -101,6 +116,8 @@ pub enum Command {
     },
     /// Remove a binding.
     Unbind {
+        /// The virtual host names resolve in.
+        vhost: Arc<str>,
         /// The exchange messages come from.
         source: String,
         /// Where they went.
@@ -112,11 +129,15 @@ pub enum Command {
     },
     /// Route a message to the queues whose bindings match.
     Publish {
+        /// The virtual host names resolve in.
+        vhost: Arc<str>,
         /// Exchange and routing key are inside the message.
         message: Arc<Message>,
     },
     /// Attach a consumer to a queue.
     Subscribe {
+        /// The virtual host names resolve in.
+        vhost: Arc<str>,
         /// The consuming connection.
         connection: ConnectionId,
         /// The queue.
@@ -177,6 +198,8 @@ pub enum Command {
     /// Recovery: put a logged message back in a durable queue, at the end, flagged
     /// redelivered (it may have been delivered before the restart). Ids must increase per queue.
     Restore {
+        /// The virtual host names resolve in.
+        vhost: Arc<str>,
         /// The queue.
         queue: String,
         /// The message's id in the log.
@@ -189,6 +212,8 @@ pub enum Command {
     },
     /// Recovery: remember a message id in a durable queue's dedup window until `until_ms`.
     RestoreDedup {
+        /// The virtual host names resolve in.
+        vhost: Arc<str>,
         /// The queue.
         queue: String,
         /// The message id.
@@ -224,6 +249,8 @@ pub enum Command {
     /// their death records. Messages without a record, or whose queue is gone, full, exclusive
     /// to another connection or not among `into`, stay.
     Redrive {
+        /// The virtual host names resolve in.
+        vhost: Arc<str>,
         /// The connection asking.
         connection: ConnectionId,
         /// The dead-letter queue.
@@ -239,6 +266,8 @@ pub enum Command {
     /// `level`, in order, as they were paged out. Ignored when stale (the tails were discarded
     /// since: purge, delete) or unasked.
     PageIn {
+        /// The virtual host names resolve in.
+        vhost: Arc<str>,
         /// The queue.
         queue: String,
         /// The tails' epoch, from the effect.
@@ -247,6 +276,27 @@ pub enum Command {
         level: u8,
         /// The oldest paged entries, at most the number asked for.
         entries: Vec<PagedEntry>,
+    },
+    /// Create a virtual host with the built-in exchanges, or set the limits of an existing
+    /// one.
+    AddVhost {
+        /// Its name.
+        name: String,
+        /// Its limits.
+        limits: VhostLimits,
+    },
+    /// Delete a virtual host and everything in it (not the default one).
+    DeleteVhost {
+        /// Its name.
+        name: String,
+    },
+    /// Set a virtual host's limits (limits already exceeded refuse only new connections and
+    /// queues).
+    SetVhostLimits {
+        /// Its name.
+        name: String,
+        /// Its limits.
+        limits: VhostLimits,
     },
     /// Nack of exactly one delivery.
     Reject {
@@ -336,6 +386,10 @@ pub enum CancelReason {
 }
 
 /// Something the caller (the server) must carry out after a command.
+///
+/// The queues and exchanges of the effects that the server logs or spools (deleted, durable
+/// and paging effects) are named by their resource key ([`resource_key`](super::resource_key):
+/// the name in the default virtual host, qualified by its virtual host elsewhere).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// Send a message to a consumer.

@@ -5,6 +5,7 @@ use super::*;
 impl Broker {
     pub(super) fn subscribe(
         &mut self,
+        vhost: &str,
         connection: ConnectionId,
         queue_name: &str,
         tag: ConsumerTag,
@@ -30,7 +31,7 @@ impl Broker {
                 reason: format!("an ack timeout must be from 1 to {DURATION_MS_MAX} ms"),
             });
         }
-        let qid = self.queue_for(connection, queue_name)?;
+        let qid = self.queue_for(vhost, connection, queue_name)?;
         let queue = &self.queues[&qid];
         if options.exclusive && !queue.consumers.is_empty() {
             return Err(CoreError::ResourceLocked {
@@ -230,7 +231,7 @@ impl Broker {
                 if let Some(durable_id) = entry.durable_id {
                     effects.push(Effect::DurableSettled {
                         durable_id,
-                        queue: queue.name.clone(),
+                        queue: queue.key.clone(),
                     });
                 }
             } else {

@@ -30,6 +30,8 @@ impl DeathReason {
 #[derive(Debug, Clone)]
 pub(super) struct DeadLetter {
     message: Arc<Message>,
+    /// The virtual host of the queue it left, where its dead-letter exchange is.
+    vhost: Arc<str>,
     queue: Arc<str>,
     reason: DeathReason,
     exchange: Arc<str>,
@@ -41,6 +43,7 @@ impl DeadLetter {
     pub(super) fn of(queue: &Queue, entry: &Entry, reason: DeathReason) -> Option<DeadLetter> {
         Some(DeadLetter {
             message: entry.message.clone(),
+            vhost: queue.vhost.clone(),
             queue: queue.name.clone(),
             reason,
             exchange: queue.features.dead_letter_exchange.clone()?,
@@ -189,7 +192,10 @@ impl Broker {
         }
         let message = Arc::new(dead_lettered(dead, self.now_ms));
         let mut targets = Vec::new();
-        if self.route(&message, &mut targets, true).is_err() {
+        if self
+            .route(&dead.vhost, &message, &mut targets, true)
+            .is_err()
+        {
             return;
         }
         // A dead letter refused by a full queue is dropped (even with reject-publish-dlx: no
@@ -201,13 +207,14 @@ impl Broker {
 
     pub(super) fn redrive(
         &mut self,
+        vhost: &str,
         connection: ConnectionId,
         queue_name: &str,
         max: u64,
         into: Option<&std::collections::BTreeSet<String>>,
         effects: &mut Vec<Effect>,
     ) -> Result<Reply, CoreError> {
-        let qid = self.queue_for(connection, queue_name)?;
+        let qid = self.queue_for(vhost, connection, queue_name)?;
         let limit = if max == 0 { u64::MAX } else { max };
         let mut kept: Vec<Entry> = Vec::new();
         let mut moved = 0;
@@ -227,7 +234,10 @@ impl Broker {
             let target = origin
                 .as_ref()
                 .filter(|(name, _, _)| into.is_none_or(|into| into.contains(name)))
-                .and_then(|(name, _, _)| self.queue_names.get(name.as_str()).copied())
+                .and_then(|(name, _, _)| {
+                    let ns = self.vhosts.get(vhost)?;
+                    ns.queue_names.get(name.as_str()).copied()
+                })
                 .filter(|target| {
                     *target != qid
                         && super::topology::check_exclusive_access(&self.queues[target], connection)
@@ -248,7 +258,7 @@ impl Broker {
             if let Some(durable_id) = entry.durable_id {
                 effects.push(Effect::DurableSettled {
                     durable_id,
-                    queue: queue.name.clone(),
+                    queue: queue.key.clone(),
                 });
             }
             let mut headers = entry.message.headers.clone();

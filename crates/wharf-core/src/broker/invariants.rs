@@ -218,9 +218,20 @@ impl Broker {
         counter(
             Invariant::QueueIds,
             "the name index's size",
-            self.queue_names.len(),
+            self.vhosts.values().map(|ns| ns.queue_names.len()).sum(),
             self.queues.len(),
         )?;
+        for (name, ns) in &self.vhosts {
+            counter(
+                Invariant::QueueIds,
+                "a virtual host's connection count",
+                ns.connections as usize,
+                self.connections
+                    .values()
+                    .filter(|conn| conn.vhost == *name && conn.vhost_epoch == ns.epoch)
+                    .count(),
+            )?;
+        }
         for (&connection, conn) in &self.connections {
             self.check_connection(connection, conn, &index)
                 .map_err(|violation| match violation.consumer {
@@ -242,8 +253,9 @@ impl Broker {
             .map(|conn| conn.unacked.len())
             .sum();
         let bindings: usize = self
-            .exchanges
+            .vhosts
             .values()
+            .flat_map(|ns| ns.exchanges.values())
             .map(|exchange| exchange.n_bindings())
             .sum();
         self.queues.len() + ready + outstanding + self.timers.len() + bindings
@@ -301,7 +313,7 @@ impl Broker {
                 }
             }
         }
-        for exchange in self.exchanges.values() {
+        for exchange in self.vhosts.values().flat_map(|ns| ns.exchanges.values()) {
             for key in exchange.bindings() {
                 if let Destination::Queue(qid) = key.destination {
                     *index.bindings_to.entry(qid).or_default() += 1;
@@ -322,16 +334,14 @@ impl Broker {
             Invariant::QueueIds,
             || format!("id {} not issued (next {})", qid.0, self.next_queue_id),
         )?;
-        ensure(
-            self.queue_names.get(&queue.name) == Some(&qid),
-            Invariant::QueueIds,
-            || {
-                format!(
-                    "the name index maps it to {:?}",
-                    self.queue_names.get(&queue.name)
-                )
-            },
-        )?;
+        let names = self.vhosts.get(&queue.vhost).map(|ns| &ns.queue_names);
+        let indexed = names.and_then(|names| names.get(&queue.name));
+        ensure(indexed == Some(&qid), Invariant::QueueIds, || {
+            format!(
+                "the name index of virtual host '{}' maps it to {indexed:?}",
+                queue.vhost
+            )
+        })?;
         check_ready(queue)?;
         let seqs = index
             .outstanding_seqs
@@ -380,7 +390,9 @@ impl Broker {
             },
         )?;
         for (source, routing_key, arguments) in &queue.bound_from {
-            let bound = self.exchanges.get(source).is_some_and(|exchange| {
+            let exchanges = self.vhosts.get(&queue.vhost).map(|ns| &ns.exchanges);
+            let exchange = exchanges.and_then(|exchanges| exchanges.get(source));
+            let bound = exchange.is_some_and(|exchange| {
                 exchange.has_binding(&crate::exchange::BindingKey {
                     destination: Destination::Queue(qid),
                     routing_key: routing_key.clone(),
@@ -585,7 +597,18 @@ impl Broker {
     }
 
     fn check_exchanges(&self) -> Result<(), InvariantViolation> {
-        for exchange in self.exchanges.values() {
+        for (vhost, ns) in &self.vhosts {
+            self.check_exchanges_of(vhost, ns)?;
+        }
+        Ok(())
+    }
+
+    fn check_exchanges_of(
+        &self,
+        vhost: &str,
+        ns: &super::Namespace,
+    ) -> Result<(), InvariantViolation> {
+        for exchange in ns.exchanges.values() {
             let in_exchange = |violation: InvariantViolation| InvariantViolation {
                 detail: format!("exchange '{}': {}", exchange.name, violation.detail),
                 ..violation
@@ -609,8 +632,12 @@ impl Broker {
             }
             for key in bindings {
                 let live = match &key.destination {
-                    Destination::Queue(qid) => self.queues.contains_key(qid),
-                    Destination::Exchange(name) => self.exchanges.contains_key(name),
+                    // Nothing binds across virtual hosts.
+                    Destination::Queue(qid) => self
+                        .queues
+                        .get(&qid)
+                        .is_some_and(|queue| *queue.vhost == *vhost),
+                    Destination::Exchange(name) => ns.exchanges.contains_key(name),
                 };
                 ensure(live, Invariant::BindingIndex, || {
                     format!("binds to {:?}, which is gone", key.destination)
@@ -818,7 +845,13 @@ mod tests {
         let mut ok = |broker: &mut Broker, command: Command| {
             broker.apply(1, command, &mut effects).unwrap();
         };
-        ok(&mut broker, Command::OpenConnection { connection: CONN });
+        ok(
+            &mut broker,
+            Command::OpenConnection {
+                vhost: crate::DEFAULT_VHOST.into(),
+                connection: CONN,
+            },
+        );
         let work = Headers::new()
             .with(ARG_MAX_PRIORITY, 5i64)
             .with(ARG_MESSAGE_TTL, 60_000i64)
@@ -839,6 +872,7 @@ mod tests {
             let name = name.to_owned();
             let (connection, passive) = (CONN, false);
             let declare = Command::DeclareQueue {
+                vhost: crate::DEFAULT_VHOST.into(),
                 connection,
                 name,
                 options,
@@ -849,6 +883,7 @@ mod tests {
         ok(
             &mut broker,
             Command::Bind {
+                vhost: crate::DEFAULT_VHOST.into(),
                 source: "wharf.topic".to_owned(),
                 target: BindTarget::Queue("work".to_owned()),
                 routing_key: "a.*".to_owned(),
@@ -858,6 +893,7 @@ mod tests {
         ok(
             &mut broker,
             Command::Subscribe {
+                vhost: crate::DEFAULT_VHOST.into(),
                 connection: CONN,
                 queue: "work".into(),
                 consumer_tag: TAG,
@@ -886,6 +922,7 @@ mod tests {
             ok(
                 &mut broker,
                 Command::Publish {
+                    vhost: crate::DEFAULT_VHOST.into(),
                     message: Arc::new(message),
                 },
             );
@@ -894,7 +931,7 @@ mod tests {
     }
 
     fn qid(broker: &Broker, name: &str) -> QueueId {
-        broker.queue_names[name]
+        broker.vhosts[crate::DEFAULT_VHOST].queue_names[name]
     }
 
     /// Breaks `sound()` with `corrupt` and returns what the check finds.
@@ -1051,7 +1088,13 @@ mod tests {
     fn exchange_binding_counts_are_recounted() {
         for topic in [false, true] {
             let violation = broken(|broker| {
-                let exchange = broker.exchanges.get_mut("wharf.topic").unwrap();
+                let exchange = broker
+                    .vhosts
+                    .get_mut(crate::DEFAULT_VHOST)
+                    .unwrap()
+                    .exchanges
+                    .get_mut("wharf.topic")
+                    .unwrap();
                 exchange.corrupt_counts(topic);
             });
             assert_eq!(violation.invariant, Invariant::ExchangeBindings);

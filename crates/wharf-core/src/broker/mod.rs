@@ -36,6 +36,7 @@ mod recovery;
 mod settle;
 mod tick;
 mod topology;
+mod vhosts;
 
 pub use api::{
     BUILTIN_EXCHANGES, BindTarget, BindingInfo, CancelReason, Command, DEFAULT_EXCHANGE, Delivery,
@@ -48,6 +49,8 @@ use publish::{drop_head_over_limit, hold, make_ready};
 use settle::{Settle, requeue_entry};
 use tick::{arm_ttl, expire_entry};
 use topology::check_header_depth;
+use vhosts::Namespace;
+pub use vhosts::{DEFAULT_VHOST, VhostInfo, VhostLimits, resource_key, split_resource_key};
 
 #[derive(Debug, Clone)]
 struct Unacked {
@@ -68,8 +71,11 @@ const TIMERS_PER_TICK_MAX: usize = 65_536;
 
 pub use crate::limits::ROUTED_TRACKED_MAX;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Connection {
+    /// The virtual host it works in, and that virtual host's epoch when it connected.
+    vhost: Arc<str>,
+    vhost_epoch: u64,
     next_delivery_tag: u64,
     unacked: Outstanding<Unacked>,
     consumers: BTreeMap<ConsumerTag, QueueId>,
@@ -85,6 +91,18 @@ impl crate::outstanding::Weighed for Unacked {
 }
 
 impl Connection {
+    fn new(vhost: Arc<str>, vhost_epoch: u64) -> Connection {
+        Connection {
+            vhost,
+            vhost_epoch,
+            next_delivery_tag: 0,
+            unacked: Outstanding::default(),
+            consumers: BTreeMap::new(),
+            exclusive_queues: Vec::new(),
+            lapsed: BTreeSet::new(),
+        }
+    }
+
     fn lapse(&mut self, tag: u64) {
         self.lapsed.insert(tag);
         if self.lapsed.len() > LAPSED_TAGS_MAX {
@@ -106,9 +124,10 @@ impl Connection {
 #[derive(Debug, Clone)]
 pub struct Broker {
     limits: Limits,
-    exchanges: HashMap<Arc<str>, Exchange, FixedState>,
+    /// Virtual hosts by name: each its own exchanges and queue names.
+    vhosts: HashMap<Arc<str>, Namespace, FixedState>,
+    next_vhost_epoch: u64,
     queues: HashMap<QueueId, Queue, FixedState>,
-    queue_names: HashMap<Arc<str>, QueueId, FixedState>,
     connections: HashMap<ConnectionId, Connection, FixedState>,
     next_queue_id: u64,
     next_generated_name: u64,
@@ -141,13 +160,14 @@ impl Default for Broker {
 }
 
 impl Broker {
-    /// A broker with the built-in exchanges and no queues.
+    /// A broker with the default virtual host (`/`, with the built-in exchanges) and no
+    /// queues.
     pub fn new(limits: Limits) -> Self {
         let mut broker = Broker {
             limits,
-            exchanges: HashMap::default(),
+            vhosts: HashMap::default(),
+            next_vhost_epoch: 0,
             queues: HashMap::default(),
-            queue_names: HashMap::default(),
             connections: HashMap::default(),
             next_queue_id: 1,
             next_generated_name: 1,
@@ -162,15 +182,9 @@ impl Broker {
             timers: Timers::default(),
             delayed_total: 0,
         };
-        for (name, kind) in BUILTIN_EXCHANGES {
-            let options = ExchangeOptions {
-                durable: true,
-                ..ExchangeOptions::default()
-            };
-            broker
-                .exchanges
-                .insert(name.into(), Exchange::new(name.into(), kind, options, true));
-        }
+        broker
+            .add_vhost(DEFAULT_VHOST.to_owned(), VhostLimits::default())
+            .expect("the default virtual host is valid");
         broker
     }
 
@@ -256,34 +270,45 @@ impl Broker {
         effects: &mut Vec<Effect>,
     ) -> Result<Reply, CoreError> {
         match command {
-            Command::OpenConnection { connection } => {
-                self.connections.entry(connection).or_default();
-                Ok(Reply::Done)
+            Command::OpenConnection { connection, vhost } => {
+                self.open_connection(connection, &vhost)
             }
+            Command::AddVhost { name, limits } => self.add_vhost(name, limits),
+            Command::DeleteVhost { name } => self.delete_vhost(&name, effects),
+            Command::SetVhostLimits { name, limits } => self.set_vhost_limits(&name, limits),
             Command::CloseConnection { connection } => self.close_connection(connection, effects),
             Command::DeclareExchange {
+                vhost,
                 name,
                 kind,
                 options,
                 passive,
-            } => self.declare_exchange(name, kind, options, passive),
-            Command::DeleteExchange { name, if_unused } => {
-                self.delete_exchange(&name, if_unused, effects)
-            }
+            } => self.declare_exchange(&vhost, name, kind, options, passive),
+            Command::DeleteExchange {
+                vhost,
+                name,
+                if_unused,
+            } => self.delete_exchange(&vhost, &name, if_unused, effects),
             Command::DeclareQueue {
+                vhost,
                 connection,
                 name,
                 options,
                 passive,
-            } => self.declare_queue(connection, name, options, passive),
+            } => self.declare_queue(&vhost, connection, name, options, passive),
             Command::DeleteQueue {
+                vhost,
                 connection,
                 name,
                 if_unused,
                 if_empty,
-            } => self.delete_queue_cmd(connection, &name, if_unused, if_empty, effects),
-            Command::PurgeQueue { connection, name } => {
-                let qid = self.queue_for(connection, &name)?;
+            } => self.delete_queue_cmd(&vhost, connection, &name, if_unused, if_empty, effects),
+            Command::PurgeQueue {
+                vhost,
+                connection,
+                name,
+            } => {
+                let qid = self.queue_for(&vhost, connection, &name)?;
                 let queue = self
                     .queues
                     .get_mut(&qid)
@@ -293,7 +318,7 @@ impl Broker {
                     if let Some(durable_id) = entry.durable_id {
                         effects.push(Effect::DurableSettled {
                             durable_id,
-                            queue: queue.name.clone(),
+                            queue: queue.key.clone(),
                         });
                     }
                 }
@@ -301,24 +326,27 @@ impl Broker {
                 Ok(Reply::Purged { messages })
             }
             Command::Bind {
+                vhost,
                 source,
                 target,
                 routing_key,
                 arguments,
-            } => self.bind(&source, target, routing_key, arguments, effects),
+            } => self.bind(&vhost, &source, target, routing_key, arguments, effects),
             Command::Unbind {
+                vhost,
                 source,
                 target,
                 routing_key,
                 arguments,
-            } => self.unbind(&source, target, routing_key, arguments, effects),
-            Command::Publish { message } => self.publish(message, effects),
+            } => self.unbind(&vhost, &source, target, routing_key, arguments, effects),
+            Command::Publish { vhost, message } => self.publish(&vhost, message, effects),
             Command::Subscribe {
+                vhost,
                 connection,
                 queue,
                 consumer_tag,
                 options,
-            } => self.subscribe(connection, &queue, consumer_tag, options, effects),
+            } => self.subscribe(&vhost, connection, &queue, consumer_tag, options, effects),
             Command::Cancel {
                 connection,
                 consumer_tag,
@@ -352,17 +380,20 @@ impl Broker {
                 last,
             } => self.ack_range(connection, first, last, effects),
             Command::Restore {
+                vhost,
                 queue,
                 durable_id,
                 message,
                 ready_at_ms,
-            } => self.restore(&queue, durable_id, message, ready_at_ms, effects),
+            } => self.restore(&vhost, &queue, durable_id, message, ready_at_ms, effects),
             Command::RestoreDedup {
+                vhost,
                 queue,
                 message_id,
                 until_ms,
             } => {
                 let qid = *self
+                    .ns(&vhost)?
                     .queue_names
                     .get(queue.as_str())
                     .ok_or_else(|| CoreError::not_found(EntityKind::Queue, &queue))?;
@@ -373,11 +404,12 @@ impl Broker {
             }
             Command::Tick => Ok(self.tick(effects)),
             Command::PageIn {
+                vhost,
                 queue,
                 epoch,
                 level,
                 entries,
-            } => Ok(self.page_in(&queue, epoch, level, entries, effects)),
+            } => Ok(self.page_in(&vhost, &queue, epoch, level, entries, effects)),
             Command::Defer {
                 connection,
                 delivery_tag,
@@ -396,11 +428,12 @@ impl Broker {
                 delivery_tag,
             } => self.touch(connection, delivery_tag),
             Command::Redrive {
+                vhost,
                 connection,
                 queue,
                 max,
                 into,
-            } => self.redrive(connection, &queue, max, into.as_ref(), effects),
+            } => self.redrive(&vhost, connection, &queue, max, into.as_ref(), effects),
             Command::Reject {
                 connection,
                 delivery_tag,
@@ -422,6 +455,31 @@ impl Broker {
             .ok_or_else(|| CoreError::not_found(EntityKind::Connection, connection.0.to_string()))
     }
 
+    fn open_connection(
+        &mut self,
+        connection: ConnectionId,
+        vhost: &str,
+    ) -> Result<Reply, CoreError> {
+        if self.connections.contains_key(&connection) {
+            return Ok(Reply::Done);
+        }
+        let name = self.vhost_name(vhost)?;
+        let ns = self.ns_mut(vhost)?;
+        if let Some(max) = ns.limits.max_connections
+            && ns.connections >= max
+        {
+            return Err(CoreError::LimitExceeded {
+                what: "connections in the virtual host",
+                limit: max as usize,
+            });
+        }
+        ns.connections += 1;
+        let epoch = ns.epoch;
+        self.connections
+            .insert(connection, Connection::new(name, epoch));
+        Ok(Reply::Done)
+    }
+
     fn close_connection(
         &mut self,
         connection: ConnectionId,
@@ -429,6 +487,11 @@ impl Broker {
     ) -> Result<Reply, CoreError> {
         self.connection(connection)?;
         let mut conn = self.connections.remove(&connection).expect("checked above");
+        if let Some(ns) = self.vhosts.get_mut(&conn.vhost)
+            && ns.epoch == conn.vhost_epoch
+        {
+            ns.connections -= 1;
+        }
         let mut touched: Vec<QueueId> = Vec::new();
         let mut lost_consumers: Vec<QueueId> = Vec::new();
         for (tag, qid) in &conn.consumers {

@@ -43,7 +43,7 @@ pub(super) fn request_page_in(queue: &mut Queue, effects: &mut Vec<Effect>) {
     let tail = &queue.paged.tails[&level];
     queue.paged.page_in_pending = Some(level);
     effects.push(Effect::PageIn {
-        queue: queue.name.clone(),
+        queue: queue.key.clone(),
         epoch: queue.paged.epoch,
         level,
         max: (max as u64).min(tail.count).max(1),
@@ -59,14 +59,14 @@ pub(super) fn discard_paged(queue: &mut Queue, effects: &mut Vec<Effect>) -> u64
         return 0;
     }
     effects.push(Effect::PagesDropped {
-        queue: queue.name.clone(),
+        queue: queue.key.clone(),
         epoch: queue.paged.epoch,
     });
     for (first, n) in queue.paged.discard() {
         effects.push(Effect::DurableSettledRange {
             first,
             count: n,
-            queue: queue.name.clone(),
+            queue: queue.key.clone(),
         });
     }
     count
@@ -75,13 +75,18 @@ pub(super) fn discard_paged(queue: &mut Queue, effects: &mut Vec<Effect>) -> u64
 impl Broker {
     pub(super) fn page_in(
         &mut self,
+        vhost: &str,
         name: &str,
         epoch: u64,
         level: u8,
         entries: Vec<PagedEntry>,
         effects: &mut Vec<Effect>,
     ) -> Reply {
-        let Some(&qid) = self.queue_names.get(name) else {
+        let Some(&qid) = self
+            .vhosts
+            .get(vhost)
+            .and_then(|ns| ns.queue_names.get(name))
+        else {
             // Deleted since it asked.
             return Reply::Done;
         };

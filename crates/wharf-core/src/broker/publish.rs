@@ -30,7 +30,7 @@ pub(super) fn drop_head_over_limit(
         if let Some(durable_id) = entry.durable_id {
             effects.push(Effect::DurableSettled {
                 durable_id,
-                queue: queue.name.clone(),
+                queue: queue.key.clone(),
             });
         }
     }
@@ -68,7 +68,7 @@ pub(super) fn make_ready(
     {
         let paged = queue.page_out(entry, since_ms);
         effects.push(Effect::PageOut {
-            queue: queue.name.clone(),
+            queue: queue.key.clone(),
             epoch: queue.paged.epoch,
             level,
             entry: Box::new(paged),
@@ -85,6 +85,7 @@ pub(super) fn make_ready(
 impl Broker {
     pub(super) fn publish(
         &mut self,
+        vhost: &str,
         message: Arc<Message>,
         effects: &mut Vec<Effect>,
     ) -> Result<Reply, CoreError> {
@@ -100,7 +101,7 @@ impl Broker {
         }
         let mut targets = std::mem::take(&mut self.route_scratch);
         targets.clear();
-        let routed = self.route(&message, &mut targets, false);
+        let routed = self.route(vhost, &message, &mut targets, false);
         if let Err(err) = routed {
             self.route_scratch = targets;
             return Err(err);
@@ -229,7 +230,7 @@ impl Broker {
                     .filter(|queue| queue.is_durable())
                     .map(|queue| {
                         sync.add(queue.features.sync);
-                        queue.name.clone()
+                        queue.key.clone()
                     })
                     .collect();
                 effects.push(Effect::DurableEnqueued {
@@ -267,18 +268,23 @@ impl Broker {
     /// Dead letters (`dead_letter`) may go to internal exchanges.
     pub(super) fn route(
         &mut self,
+        vhost: &str,
         message: &Message,
         targets: &mut Vec<QueueId>,
         dead_letter: bool,
     ) -> Result<(), CoreError> {
         let exchange_name: &str = &message.exchange;
+        let ns = self
+            .vhosts
+            .get_mut(vhost)
+            .ok_or_else(|| CoreError::not_found(EntityKind::Vhost, vhost))?;
         if exchange_name == DEFAULT_EXCHANGE {
-            if let Some(qid) = self.queue_names.get(&*message.routing_key) {
+            if let Some(qid) = ns.queue_names.get(&*message.routing_key) {
                 targets.push(*qid);
             }
             return Ok(());
         }
-        let exchange = self
+        let exchange = ns
             .exchanges
             .get_mut(exchange_name)
             .ok_or_else(|| CoreError::not_found(EntityKind::Exchange, exchange_name))?;
@@ -303,7 +309,7 @@ impl Broker {
                 break;
             }
             visited.push(next.clone());
-            if let Some(exchange) = self.exchanges.get_mut(&next) {
+            if let Some(exchange) = ns.exchanges.get_mut(&next) {
                 exchange.route(message, |dest| match dest {
                     Destination::Queue(qid) => targets.push(*qid),
                     Destination::Exchange(name) => pending.push(name.clone()),

@@ -39,36 +39,48 @@ impl Broker {
         })
     }
 
-    /// Statistics of one queue.
-    pub fn queue_stats(&self, name: &str) -> Result<QueueStats, CoreError> {
+    /// Statistics of one queue of `vhost`.
+    pub fn queue_stats(&self, vhost: &str, name: &str) -> Result<QueueStats, CoreError> {
         let qid = self
+            .ns(vhost)?
             .queue_names
             .get(name)
             .ok_or_else(|| CoreError::not_found(EntityKind::Queue, name))?;
         Ok(self.queues[qid].stats())
     }
 
-    /// Statistics of every queue, sorted by name.
-    pub fn list_queues(&self) -> Vec<QueueStats> {
-        let mut all: Vec<QueueStats> = self.queues.values().map(Queue::stats).collect();
+    /// Statistics of every queue of `vhost`, sorted by name.
+    pub fn list_queues(&self, vhost: &str) -> Vec<QueueStats> {
+        let mut all: Vec<QueueStats> = self
+            .queues
+            .values()
+            .filter(|queue| *queue.vhost == *vhost)
+            .map(Queue::stats)
+            .collect();
         all.sort_by(|left, right| left.name.cmp(&right.name));
         all
     }
 
-    /// Every exchange, sorted by name.
-    pub fn list_exchanges(&self) -> Vec<ExchangeInfo> {
-        let mut all: Vec<ExchangeInfo> = self.exchanges.values().map(exchange_info).collect();
+    /// Every exchange of `vhost`, sorted by name.
+    pub fn list_exchanges(&self, vhost: &str) -> Vec<ExchangeInfo> {
+        let Some(ns) = self.vhosts.get(vhost) else {
+            return Vec::new();
+        };
+        let mut all: Vec<ExchangeInfo> = ns.exchanges.values().map(exchange_info).collect();
         all.sort_by(|left, right| left.name.cmp(&right.name));
         all
     }
 
-    /// Every binding, sorted by source, then destination.
-    pub fn list_bindings(&self) -> Vec<BindingInfo> {
-        let mut names: Vec<&Arc<str>> = self.exchanges.keys().collect();
+    /// Every binding of `vhost`, sorted by source, then destination.
+    pub fn list_bindings(&self, vhost: &str) -> Vec<BindingInfo> {
+        let Some(ns) = self.vhosts.get(vhost) else {
+            return Vec::new();
+        };
+        let mut names: Vec<&Arc<str>> = ns.exchanges.keys().collect();
         names.sort();
         let mut all = Vec::new();
         for name in names {
-            for key in self.exchanges[name].bindings() {
+            for key in ns.exchanges[name].bindings() {
                 let target = match &key.destination {
                     Destination::Queue(qid) => BindTarget::Queue(self.queues[qid].name.to_string()),
                     Destination::Exchange(exchange) => BindTarget::Exchange(exchange.to_string()),
@@ -84,34 +96,55 @@ impl Broker {
         all
     }
 
-    /// The name the next declare of a queue with an empty name gets (`wharf.gen-N`), for the
-    /// server's permission check, which must see the name before the queue exists.
-    pub fn next_generated_queue_name(&self) -> String {
-        self.generated_queue_name().0
+    /// The name the next declare of a queue with an empty name in `vhost` gets
+    /// (`wharf.gen-N`), for the server's permission check, which must see the name before the
+    /// queue exists.
+    pub fn next_generated_queue_name(&self, vhost: &str) -> String {
+        self.generated_queue_name(vhost).0
     }
 
-    /// The name a declare with an empty name would give its queue now, and the counter after it.
-    pub(crate) fn generated_queue_name(&self) -> (String, u64) {
+    /// The name a declare with an empty name in `vhost` would give its queue now, and the
+    /// counter after it.
+    pub(crate) fn generated_queue_name(&self, vhost: &str) -> (String, u64) {
         let mut next = self.next_generated_name;
+        let names = self.vhosts.get(vhost).map(|ns| &ns.queue_names);
         loop {
             let candidate = format!("wharf.gen-{next}");
             next += 1;
-            if !self.queue_names.contains_key(candidate.as_str()) {
+            if !names.is_some_and(|names| names.contains_key(candidate.as_str())) {
                 return (candidate, next);
             }
         }
     }
 
     /// One exchange's summary.
-    pub fn exchange_info(&self, name: &str) -> Option<ExchangeInfo> {
-        self.exchanges.get(name).map(exchange_info)
+    pub fn exchange_info(&self, vhost: &str, name: &str) -> Option<ExchangeInfo> {
+        self.vhosts
+            .get(vhost)?
+            .exchanges
+            .get(name)
+            .map(exchange_info)
     }
 
     /// Options of a queue (for persisting durable topology).
-    pub fn queue_options(&self, name: &str) -> Option<&QueueOptions> {
-        self.queue_names
+    pub fn queue_options(&self, vhost: &str, name: &str) -> Option<&QueueOptions> {
+        self.vhosts
+            .get(vhost)?
+            .queue_names
             .get(name)
             .map(|qid| &self.queues[qid].options)
+    }
+
+    /// Every queue of every virtual host, as (virtual host, statistics), sorted (for the
+    /// checkpoint and for operators).
+    pub fn list_all_queues(&self) -> Vec<(Arc<str>, QueueStats)> {
+        let mut all: Vec<(Arc<str>, QueueStats)> = self
+            .queues
+            .values()
+            .map(|queue| (queue.vhost.clone(), queue.stats()))
+            .collect();
+        all.sort_by(|left, right| (&left.0, &left.1.name).cmp(&(&right.0, &right.1.name)));
+        all
     }
 
     /// Deliveries outstanding (unacked) on a connection.

@@ -5,6 +5,7 @@ use super::*;
 impl Broker {
     pub(super) fn restore(
         &mut self,
+        vhost: &str,
         queue_name: &str,
         durable_id: u64,
         message: Arc<Message>,
@@ -12,6 +13,7 @@ impl Broker {
         effects: &mut Vec<Effect>,
     ) -> Result<Reply, CoreError> {
         let qid = *self
+            .ns(vhost)?
             .queue_names
             .get(queue_name)
             .ok_or_else(|| CoreError::not_found(EntityKind::Queue, queue_name))?;
@@ -44,7 +46,8 @@ impl Broker {
         Ok(Reply::Done)
     }
 
-    /// Every remembered message id of durable queues' dedup windows, with its deadline:
+    /// Every remembered message id of durable queues' dedup windows (by queue resource key),
+    /// with its deadline:
     /// what a log checkpoint must keep (see [`Command::RestoreDedup`]).
     pub fn durable_dedup_entries(&self) -> Vec<(Arc<str>, String, u64)> {
         let mut all = Vec::new();
@@ -53,11 +56,11 @@ impl Broker {
             .values()
             .filter(|queue| queue.is_durable() && queue.dedup.len() > 0)
             .collect();
-        queues.sort_by(|left, right| left.name.cmp(&right.name));
+        queues.sort_by(|left, right| left.key.cmp(&right.key));
         for queue in queues {
             for (id, until) in queue.dedup.entries() {
                 if until > self.now_ms {
-                    all.push((queue.name.clone(), id.to_owned(), until));
+                    all.push((queue.key.clone(), id.to_owned(), until));
                 }
             }
         }
@@ -65,7 +68,7 @@ impl Broker {
     }
 
     /// Every logged message still in a durable queue (ready, outstanding or delayed), by id,
-    /// with the durable queues it is in and when it is ready in them (`None`: now; `Some(t)`:
+    /// with the durable queues it is in (by resource key) and when it is ready in them (`None`: now; `Some(t)`:
     /// delayed until `t`): what a log checkpoint must keep.
     #[allow(clippy::type_complexity)]
     pub fn durable_messages(&self) -> Vec<(u64, Arc<Message>, Vec<(Arc<str>, Option<u64>)>)> {
@@ -77,7 +80,7 @@ impl Broker {
                     .entry(durable_id)
                     .or_insert_with(|| (entry.message.clone(), Vec::new()))
                     .1
-                    .push((queue.name.clone(), delayed_until));
+                    .push((queue.key.clone(), delayed_until));
             }
         };
         for queue in self.queues.values().filter(|queue| queue.is_durable()) {

@@ -32,7 +32,7 @@ pub(super) fn requeue_entry(
         if let Some(durable_id) = entry.durable_id {
             effects.push(Effect::DurableSettled {
                 durable_id,
-                queue: queue.name.clone(),
+                queue: queue.key.clone(),
             });
         }
         return 0;
@@ -201,7 +201,7 @@ impl Broker {
         if let Some(durable_id) = entry.durable_id {
             effects.push(Effect::DurableSettled {
                 durable_id,
-                queue: queue.name.clone(),
+                queue: queue.key.clone(),
             });
         }
         true

@@ -24,7 +24,7 @@ pub(super) fn expire_entry(
     if let Some(durable_id) = entry.durable_id {
         effects.push(Effect::DurableSettled {
             durable_id,
-            queue: queue.name.clone(),
+            queue: queue.key.clone(),
         });
     }
 }
@@ -60,7 +60,7 @@ impl Broker {
                         if let Some(durable_id) = entry.durable_id {
                             effects.push(Effect::DurableSettled {
                                 durable_id,
-                                queue: queue.name.clone(),
+                                queue: queue.key.clone(),
                             });
                         }
                         continue;

@@ -27,6 +27,7 @@ pub(super) fn check_header_depth(headers: &Headers) -> Result<(), CoreError> {
 impl Broker {
     pub(super) fn declare_exchange(
         &mut self,
+        vhost: &str,
         name: String,
         kind: ExchangeKind,
         options: ExchangeOptions,
@@ -35,7 +36,7 @@ impl Broker {
         if name != DEFAULT_EXCHANGE {
             validate_name(&name)?;
         }
-        if let Some(existing) = self.exchanges.get(name.as_str()) {
+        if let Some(existing) = self.ns(vhost)?.exchanges.get(name.as_str()) {
             if passive {
                 return Ok(Reply::Done);
             }
@@ -62,7 +63,8 @@ impl Broker {
         if name == DEFAULT_EXCHANGE || name.starts_with(RESERVED_PREFIX) {
             validate_user_name(&name)?;
         }
-        if self.exchanges.len() >= self.limits.exchanges_max {
+        let exchanges: usize = self.vhosts.values().map(|ns| ns.exchanges.len()).sum();
+        if exchanges >= self.limits.exchanges_max {
             return Err(CoreError::LimitExceeded {
                 what: "exchanges",
                 limit: self.limits.exchanges_max,
@@ -70,18 +72,22 @@ impl Broker {
         }
         check_header_depth(&options.arguments)?;
         let name: Arc<str> = name.into();
-        self.exchanges
+        self.ns_mut(vhost)?
+            .exchanges
             .insert(name.clone(), Exchange::new(name, kind, options, false));
         Ok(Reply::Done)
     }
 
     pub(super) fn delete_exchange(
         &mut self,
+        vhost: &str,
         name: &str,
         if_unused: bool,
         effects: &mut Vec<Effect>,
     ) -> Result<Reply, CoreError> {
+        let vhost = self.vhost_name(vhost)?;
         let exchange = self
+            .ns(&vhost)?
             .exchanges
             .get(name)
             .ok_or_else(|| CoreError::not_found(EntityKind::Exchange, name))?;
@@ -98,14 +104,22 @@ impl Broker {
             ));
         }
         let name = exchange.name.clone();
-        self.remove_exchange(&name, effects);
+        self.remove_exchange(&vhost, &name, effects);
         Ok(Reply::Done)
     }
 
     /// Removes an exchange, every binding from it and every binding to it (which may
     /// auto-delete further exchanges).
-    pub(super) fn remove_exchange(&mut self, name: &Arc<str>, effects: &mut Vec<Effect>) {
-        let Some(exchange) = self.exchanges.remove(name) else {
+    pub(super) fn remove_exchange(
+        &mut self,
+        vhost: &Arc<str>,
+        name: &Arc<str>,
+        effects: &mut Vec<Effect>,
+    ) {
+        let Some(ns) = self.vhosts.get_mut(vhost) else {
+            return;
+        };
+        let Some(exchange) = ns.exchanges.remove(name) else {
             return;
         };
         for key in exchange.bindings() {
@@ -125,11 +139,18 @@ impl Broker {
             }
         }
         effects.push(Effect::ExchangeDeleted {
-            name: name.clone(),
+            name: if **vhost == *DEFAULT_VHOST {
+                name.clone()
+            } else {
+                resource_key(vhost, name).into()
+            },
             durable: exchange.options.durable,
         });
         let destination = Destination::Exchange(name.clone());
-        let mut sources: Vec<Arc<str>> = self
+        let Some(ns) = self.vhosts.get(vhost) else {
+            return;
+        };
+        let mut sources: Vec<Arc<str>> = ns
             .exchanges
             .values()
             .filter(|source| {
@@ -142,13 +163,13 @@ impl Broker {
             .collect();
         sources.sort();
         for source in sources {
-            let keys: Vec<BindingKey> = self.exchanges[&source]
+            let keys: Vec<BindingKey> = self.vhosts[vhost].exchanges[&source]
                 .bindings()
                 .into_iter()
                 .filter(|key| key.destination == destination)
                 .collect();
             for key in keys {
-                self.remove_binding(&source, &key, effects);
+                self.remove_binding(vhost, &source, &key, effects);
             }
         }
     }
@@ -156,11 +177,16 @@ impl Broker {
     /// Removes one binding; an auto-delete source left without bindings is deleted.
     pub(super) fn remove_binding(
         &mut self,
+        vhost: &Arc<str>,
         source: &Arc<str>,
         key: &BindingKey,
         effects: &mut Vec<Effect>,
     ) -> bool {
-        let Some(exchange) = self.exchanges.get_mut(source) else {
+        let Some(exchange) = self
+            .vhosts
+            .get_mut(vhost)
+            .and_then(|ns| ns.exchanges.get_mut(source))
+        else {
             return false;
         };
         if !exchange.remove_binding(key) {
@@ -181,19 +207,24 @@ impl Broker {
         }
         if now_unused {
             let source = source.clone();
-            self.remove_exchange(&source, effects);
+            self.remove_exchange(vhost, &source, effects);
         }
         true
     }
 
-    pub(super) fn resolve_target(&self, target: &BindTarget) -> Result<Destination, CoreError> {
+    pub(super) fn resolve_target(
+        &self,
+        vhost: &str,
+        target: &BindTarget,
+    ) -> Result<Destination, CoreError> {
+        let ns = self.ns(vhost)?;
         match target {
-            BindTarget::Queue(name) => self
+            BindTarget::Queue(name) => ns
                 .queue_names
                 .get(name.as_str())
                 .map(|qid| Destination::Queue(*qid))
                 .ok_or_else(|| CoreError::not_found(EntityKind::Queue, name.clone())),
-            BindTarget::Exchange(name) => self
+            BindTarget::Exchange(name) => ns
                 .exchanges
                 .get_key_value(name.as_str())
                 .map(|(key, _)| Destination::Exchange(key.clone()))
@@ -201,13 +232,14 @@ impl Broker {
         }
     }
 
-    pub(super) fn binding_source(&self, source: &str) -> Result<Arc<str>, CoreError> {
+    pub(super) fn binding_source(&self, vhost: &str, source: &str) -> Result<Arc<str>, CoreError> {
         if source == DEFAULT_EXCHANGE {
             return Err(CoreError::AccessRefused {
                 reason: "the default exchange binds every queue by name implicitly; it takes no explicit bindings".to_owned(),
             });
         }
-        self.exchanges
+        self.ns(vhost)?
+            .exchanges
             .get_key_value(source)
             .map(|(key, _)| key.clone())
             .ok_or_else(|| CoreError::not_found(EntityKind::Exchange, source))
@@ -215,6 +247,7 @@ impl Broker {
 
     pub(super) fn bind(
         &mut self,
+        vhost: &str,
         source: &str,
         target: BindTarget,
         routing_key: String,
@@ -224,8 +257,8 @@ impl Broker {
         let _ = effects;
         validate_routing_key(&routing_key)?;
         check_header_depth(&arguments)?;
-        let source = self.binding_source(source)?;
-        let destination = self.resolve_target(&target)?;
+        let source = self.binding_source(vhost, source)?;
+        let destination = self.resolve_target(vhost, &target)?;
         if let Destination::Exchange(dest) = &destination
             && *dest == DEFAULT_EXCHANGE.into()
         {
@@ -233,7 +266,7 @@ impl Broker {
                 reason: "the default exchange cannot be a binding destination".to_owned(),
             });
         }
-        let exchange = &self.exchanges[&source];
+        let exchange = &self.ns(vhost)?.exchanges[&source];
         if exchange.kind == ExchangeKind::Headers {
             HeadersMatch::parse(&arguments)?;
         }
@@ -259,7 +292,8 @@ impl Broker {
                 key.arguments.clone(),
             ));
         }
-        self.exchanges
+        self.ns_mut(vhost)?
+            .exchanges
             .get_mut(&source)
             .expect("resolved above")
             .add_binding(key)?;
@@ -268,31 +302,34 @@ impl Broker {
 
     pub(super) fn unbind(
         &mut self,
+        vhost: &str,
         source: &str,
         target: BindTarget,
         routing_key: String,
         arguments: Headers,
         effects: &mut Vec<Effect>,
     ) -> Result<Reply, CoreError> {
-        let source = self.binding_source(source)?;
-        let destination = self.resolve_target(&target)?;
+        let vhost = self.vhost_name(vhost)?;
+        let source = self.binding_source(&vhost, source)?;
+        let destination = self.resolve_target(&vhost, &target)?;
         let key = BindingKey {
             destination,
             routing_key: routing_key.into(),
             arguments,
         };
-        if !self.exchanges[&source].has_binding(&key) {
+        if !self.vhosts[&vhost].exchanges[&source].has_binding(&key) {
             return Err(CoreError::not_found(
                 EntityKind::Exchange,
                 format!("binding {source} -> {target:?} '{}'", key.routing_key),
             ));
         }
-        self.remove_binding(&source, &key, effects);
+        self.remove_binding(&vhost, &source, &key, effects);
         Ok(Reply::Done)
     }
 
     pub(super) fn declare_queue(
         &mut self,
+        vhost: &str,
         connection: ConnectionId,
         name: String,
         options: QueueOptions,
@@ -300,7 +337,7 @@ impl Broker {
     ) -> Result<Reply, CoreError> {
         self.connection(connection)?;
         if passive {
-            let qid = self.queue_for(connection, &name)?;
+            let qid = self.queue_for(vhost, connection, &name)?;
             return Ok(self.declared(qid));
         }
         let generated = name.is_empty();
@@ -309,7 +346,9 @@ impl Broker {
         }
         check_header_depth(&options.arguments)?;
         let features = QueueFeatures::try_from(&options.arguments)?;
-        if let Some(&qid) = self.queue_names.get(name.as_str()) {
+        let vhost = self.vhost_name(vhost)?;
+        let ns = self.ns(&vhost)?;
+        if let Some(&qid) = ns.queue_names.get(name.as_str()) {
             let queue = &self.queues[&qid];
             check_exclusive_access(queue, connection)?;
             if queue.options != options {
@@ -324,6 +363,14 @@ impl Broker {
             }
             return Ok(self.declared(qid));
         }
+        if let Some(max) = ns.limits.max_queues
+            && ns.queue_names.len() >= max as usize
+        {
+            return Err(CoreError::LimitExceeded {
+                what: "queues in the virtual host",
+                limit: max as usize,
+            });
+        }
         if self.queues.len() >= self.limits.queues_max {
             return Err(CoreError::LimitExceeded {
                 what: "queues",
@@ -331,7 +378,7 @@ impl Broker {
             });
         }
         let name: Arc<str> = if generated {
-            let (candidate, next) = self.generated_queue_name();
+            let (candidate, next) = self.generated_queue_name(&vhost);
             self.next_generated_name = next;
             candidate.into()
         } else {
@@ -360,7 +407,7 @@ impl Broker {
         // and checkpoints stay bounded whatever the backlog; exclusive queues die with their
         // connection and stay in memory.
         let pageable = self.limits.paging_threshold > 0 && options.durable && !options.exclusive;
-        let mut queue = Queue::new(name.clone(), options, features, owner);
+        let mut queue = Queue::new(vhost.clone(), name.clone(), options, features, owner);
         queue.last_used_ms = self.now_ms;
         if pageable {
             queue.paged.threshold = Some(self.limits.paging_threshold);
@@ -370,7 +417,7 @@ impl Broker {
             };
         }
         self.queues.insert(qid, queue);
-        self.queue_names.insert(name.clone(), qid);
+        self.ns_mut(&vhost)?.queue_names.insert(name.clone(), qid);
         Ok(Reply::QueueDeclared {
             name,
             ready: 0,
@@ -392,10 +439,12 @@ impl Broker {
     /// Looks a queue up for `connection`, refusing exclusive queues of other connections.
     pub(super) fn queue_for(
         &self,
+        vhost: &str,
         connection: ConnectionId,
         name: &str,
     ) -> Result<QueueId, CoreError> {
         let qid = *self
+            .ns(vhost)?
             .queue_names
             .get(name)
             .ok_or_else(|| CoreError::not_found(EntityKind::Queue, name))?;
@@ -405,13 +454,14 @@ impl Broker {
 
     pub(super) fn delete_queue_cmd(
         &mut self,
+        vhost: &str,
         connection: ConnectionId,
         name: &str,
         if_unused: bool,
         if_empty: bool,
         effects: &mut Vec<Effect>,
     ) -> Result<Reply, CoreError> {
-        let qid = self.queue_for(connection, name)?;
+        let qid = self.queue_for(vhost, connection, name)?;
         let queue = &self.queues[&qid];
         if if_unused && !queue.consumers.is_empty() {
             return Err(CoreError::precondition(
@@ -443,7 +493,7 @@ impl Broker {
         let paged = queue.paged.count;
         if paged > 0 {
             effects.push(Effect::PagesDropped {
-                queue: queue.name.clone(),
+                queue: queue.key.clone(),
                 epoch: queue.paged.epoch,
             });
             queue.paged.discard();
@@ -451,7 +501,9 @@ impl Broker {
         if queue.features.overflow.rejects() {
             self.n_reject_publish_queues -= 1;
         }
-        self.queue_names.remove(&queue.name);
+        if let Some(ns) = self.vhosts.get_mut(&queue.vhost) {
+            ns.queue_names.remove(&queue.name);
+        }
         self.ready_bytes_total -= queue.ready.bytes();
         if queue.stats.delayed > 0 {
             // Its delayed messages go with it (rare: a scan of the timers).
@@ -480,10 +532,10 @@ impl Broker {
                 routing_key,
                 arguments,
             };
-            self.remove_binding(&source, &key, effects);
+            self.remove_binding(&queue.vhost, &source, &key, effects);
         }
         effects.push(Effect::QueueDeleted {
-            name: queue.name.clone(),
+            name: queue.key.clone(),
             durable: queue.is_durable(),
         });
         queue.ready.len() as u64 + paged

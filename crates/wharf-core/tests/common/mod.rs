@@ -35,6 +35,7 @@ impl Harness {
         };
         for connection in connections {
             harness.ok(Command::OpenConnection {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: *connection,
             });
         }

@@ -129,6 +129,7 @@ pub(crate) fn checker_rejects_a_lost_message() {
             .apply(
                 0,
                 Command::OpenConnection {
+                    vhost: wharf_core::DEFAULT_VHOST.into(),
                     connection: *connection,
                 },
                 &mut ignored,
@@ -137,6 +138,7 @@ pub(crate) fn checker_rejects_a_lost_message() {
     }
     let options = QueueOptions::default();
     let declare = Command::DeclareQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection: harness.slots[0],
         name: "q0".into(),
         options,
@@ -253,6 +255,7 @@ pub(crate) fn checker_rejects_a_delivery_beyond_prefetch() {
         .apply(harness.now_ms + 1, command.clone(), &mut effects);
     // Claim the consumer asked for prefetch 1: the broker's second delivery is then illegal.
     let Command::Subscribe {
+        vhost: _,
         connection,
         queue,
         consumer_tag,
@@ -262,6 +265,7 @@ pub(crate) fn checker_rejects_a_delivery_beyond_prefetch() {
         unreachable!()
     };
     let claimed = Command::Subscribe {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         connection,
         queue,
         consumer_tag,
@@ -464,7 +468,7 @@ pub(crate) fn checker_rejects_a_delayed_message_delivered_before_due() {
     };
     let (command, outcome, mut effects) = apply_unchecked(&mut harness, &op);
     assert!(effects.is_empty(), "held, not delivered: {effects:?}");
-    let Command::Publish { message } = &command else {
+    let Command::Publish { vhost: _, message } = &command else {
         unreachable!()
     };
     effects.push(Effect::Deliver(Delivery {

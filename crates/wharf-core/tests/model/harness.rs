@@ -173,6 +173,7 @@ impl Harness {
         let slot = |conn: &usize| self.slots[*conn];
         match op {
             Op::Open { conn } => Command::OpenConnection {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: slot(conn),
             },
             Op::Close { conn, .. } => Command::CloseConnection {
@@ -185,6 +186,7 @@ impl Harness {
             } => {
                 let (name, kind, options) = self.exchange_declaration(*exchange, *variant);
                 Command::DeclareExchange {
+                    vhost: wharf_core::DEFAULT_VHOST.into(),
                     name,
                     kind,
                     options,
@@ -195,6 +197,7 @@ impl Harness {
                 exchange,
                 if_unused,
             } => Command::DeleteExchange {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 name: EXCHANGE_NAMES[*exchange].to_owned(),
                 if_unused: *if_unused,
             },
@@ -218,6 +221,7 @@ impl Harness {
                     }
                 }
                 Command::DeclareQueue {
+                    vhost: wharf_core::DEFAULT_VHOST.into(),
                     connection: slot(conn),
                     name: QUEUE_NAMES[*queue].to_owned(),
                     options,
@@ -230,12 +234,14 @@ impl Harness {
                 if_unused,
                 if_empty,
             } => Command::DeleteQueue {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: slot(conn),
                 name: QUEUE_NAMES[*queue].to_owned(),
                 if_unused: *if_unused,
                 if_empty: *if_empty,
             },
             Op::Purge { conn, queue } => Command::PurgeQueue {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: slot(conn),
                 name: QUEUE_NAMES[*queue].to_owned(),
             },
@@ -245,6 +251,7 @@ impl Harness {
                 key,
                 arguments,
             } => Command::Bind {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 source: EXCHANGE_NAMES[*source].to_owned(),
                 target: Self::bind_target(target),
                 routing_key: BINDING_KEYS[*key].to_owned(),
@@ -264,6 +271,7 @@ impl Harness {
                     all[binding.index(all.len())].clone()
                 };
                 Command::Unbind {
+                    vhost: wharf_core::DEFAULT_VHOST.into(),
                     source,
                     target,
                     routing_key,
@@ -276,6 +284,7 @@ impl Harness {
                 key,
                 arguments,
             } => Command::Unbind {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 source: EXCHANGE_NAMES[*source].to_owned(),
                 target: Self::bind_target(target),
                 routing_key: BINDING_KEYS[*key].to_owned(),
@@ -302,6 +311,7 @@ impl Harness {
                     ..Message::new(PUBLISH_KEYS[*key], body)
                 };
                 Command::Publish {
+                    vhost: wharf_core::DEFAULT_VHOST.into(),
                     message: Arc::new(message),
                 }
             }
@@ -316,6 +326,7 @@ impl Harness {
                 ack_timeout_ms,
                 initial_credit,
             } => Command::Subscribe {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: slot(conn),
                 queue: QUEUE_NAMES[*queue].to_owned(),
                 consumer_tag: ConsumerTag(*tag),
@@ -444,6 +455,7 @@ impl Harness {
                     _ => (slot(conn), QUEUE_NAMES[*queue].to_owned()),
                 };
                 Command::Redrive {
+                    vhost: wharf_core::DEFAULT_VHOST.into(),
                     connection,
                     queue,
                     max: *max,
@@ -467,9 +479,9 @@ impl Harness {
             .collect();
         format!(
             "{:?}\n{:?}\n{:?}\n{unacked:?}\n{:?}",
-            self.broker.list_queues(),
-            self.broker.list_exchanges(),
-            self.broker.list_bindings(),
+            self.broker.list_queues(wharf_core::DEFAULT_VHOST),
+            self.broker.list_exchanges(wharf_core::DEFAULT_VHOST),
+            self.broker.list_bindings(wharf_core::DEFAULT_VHOST),
             (
                 self.broker.delayed_total(),
                 self.broker.durable_messages().len()
@@ -560,7 +572,7 @@ impl Harness {
             }
         }
         if let (
-            Command::Publish { message },
+            Command::Publish { vhost: _, message },
             Ok(Reply::Published {
                 routed,
                 refused_by,

@@ -1346,14 +1346,14 @@ impl Model {
             .values()
             .map(|queue| queue.stats(timers))
             .collect();
-        let listed = broker.list_queues();
+        let listed = broker.list_queues(wharf_core::DEFAULT_VHOST);
         if listed != expected {
             return Err(format!(
                 "list_queues\n  broker: {listed:?}\n  model:  {expected:?}"
             ));
         }
         for name in QUEUE_NAMES {
-            let stats = broker.queue_stats(name);
+            let stats = broker.queue_stats(wharf_core::DEFAULT_VHOST, name);
             match (self.queues.get(name), stats) {
                 (Some(queue), Ok(stats)) if stats == queue.stats(timers) => {}
                 (
@@ -1372,7 +1372,7 @@ impl Model {
             }
         }
         let exchanges: Vec<String> = broker
-            .list_exchanges()
+            .list_exchanges(wharf_core::DEFAULT_VHOST)
             .iter()
             .map(|info| {
                 format!(
@@ -1401,7 +1401,7 @@ impl Model {
         }
         let bindings = sorted_debug(
             broker
-                .list_bindings()
+                .list_bindings(wharf_core::DEFAULT_VHOST)
                 .into_iter()
                 .map(|info| (info.source, info.target, info.routing_key, info.arguments)),
         );
@@ -1498,7 +1498,14 @@ impl Model {
             Command::Restore { .. } | Command::RestoreDedup { .. } | Command::PageIn { .. } => {
                 unreachable!("recovery and paging commands are not generated")
             }
-            Command::OpenConnection { connection } => {
+            Command::AddVhost { .. }
+            | Command::DeleteVhost { .. }
+            | Command::SetVhostLimits { .. } => {
+                unreachable!(
+                    "the model works in the default virtual host (tests/broker.rs has virtual hosts)"
+                )
+            }
+            Command::OpenConnection { connection, .. } => {
                 self.connections.entry(*connection).or_default();
                 Ok(Reply::Done)
             }
@@ -1508,6 +1515,7 @@ impl Model {
                 Ok(Reply::Done)
             }
             Command::DeclareExchange {
+                vhost: _,
                 name,
                 kind,
                 options,
@@ -1549,7 +1557,9 @@ impl Model {
                 self.exchanges.insert(name.clone(), exchange);
                 Ok(Reply::Done)
             }
-            Command::DeleteExchange { name, if_unused } => {
+            Command::DeleteExchange {
+                name, if_unused, ..
+            } => {
                 let exchange = self
                     .exchanges
                     .get(name)
@@ -1564,6 +1574,7 @@ impl Model {
                 Ok(Reply::Done)
             }
             Command::DeclareQueue {
+                vhost: _,
                 connection,
                 name,
                 options,
@@ -1621,6 +1632,7 @@ impl Model {
                 Ok(self.declared(name))
             }
             Command::DeleteQueue {
+                vhost: _,
                 connection,
                 name,
                 if_unused,
@@ -1637,7 +1649,9 @@ impl Model {
                 self.remove_queue(&name.clone(), effects);
                 Ok(Reply::QueueDeleted { messages })
             }
-            Command::PurgeQueue { connection, name } => {
+            Command::PurgeQueue {
+                connection, name, ..
+            } => {
                 self.queue_for(*connection, name)?;
                 let queue = self.queues.get_mut(name).expect("checked");
                 let messages = queue.ready.len() as u64;
@@ -1654,6 +1668,7 @@ impl Model {
                 Ok(Reply::Purged { messages })
             }
             Command::Bind {
+                vhost: _,
                 source,
                 target,
                 routing_key,
@@ -1682,6 +1697,7 @@ impl Model {
                 Ok(Reply::Done)
             }
             Command::Unbind {
+                vhost: _,
                 source,
                 target,
                 routing_key,
@@ -1695,7 +1711,7 @@ impl Model {
                 self.remove_binding(source, &binding, effects);
                 Ok(Reply::Done)
             }
-            Command::Publish { message } => {
+            Command::Publish { message, .. } => {
                 let mut targets = self.route(message)?;
                 let size = message.body.len() as u64;
                 let refused: Vec<u64> = targets
@@ -1726,6 +1742,7 @@ impl Model {
                 })
             }
             Command::Subscribe {
+                vhost: _,
                 connection,
                 queue,
                 consumer_tag,
@@ -1973,6 +1990,7 @@ impl Model {
                 Ok(Reply::Done)
             }
             Command::Redrive {
+                vhost: _,
                 connection,
                 queue,
                 max,

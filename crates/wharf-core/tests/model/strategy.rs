@@ -410,6 +410,7 @@ pub(crate) fn limits() -> impl Strategy<Value = Limits> {
     let tight = Limits {
         queues_max: 2,
         exchanges_max: 7,
+        vhosts_max: 1,
         bindings_per_exchange_max: 2,
         consumers_per_queue_max: 2,
         consumers_per_connection_max: 2,

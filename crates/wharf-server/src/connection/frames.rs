@@ -43,7 +43,7 @@ pub(super) fn publish_one(
         confirms.push(seq, refused(ErrorCode::ResourceLimit, reason));
         return;
     }
-    match state.publish(now, message) {
+    match state.publish(now, access.vhost(), message) {
         Ok(Published::Logged) => deferred.seqs.push(seq),
         Ok(Published::InMemory) => {
             confirms.push(seq, ConfirmStatus::Confirmed(Durability::InMemory))

@@ -184,7 +184,22 @@ pub(super) enum HandshakeError {
         /// The user.
         user: String,
         /// The virtual host.
-        vhost: &'static str,
+        vhost: String,
+    },
+    /// The virtual host named in `Hello` does not exist.
+    #[error("vhost '{0}' not found")]
+    NoVhost(String),
+    /// The virtual host has its `max_connections` open.
+    #[error(
+        "access to vhost '{vhost}' refused for user '{user}': connection limit ({max}) is reached"
+    )]
+    VhostFull {
+        /// The user.
+        user: String,
+        /// The virtual host.
+        vhost: String,
+        /// Its limit.
+        max: usize,
     },
     /// The client closed before sending what was expected.
     #[error("closed before {0}")]
@@ -267,11 +282,19 @@ pub(super) async fn handshake(
         crate::auth::Principal::User(name) => name.as_str(),
         crate::auth::Principal::Anonymous => shared.config.anonymous_login_user.as_str(),
     };
-    let mut access = Access::new(shared.users.clone(), user, crate::auth::DEFAULT_VHOST);
+    let vhost: Arc<str> = hello_vhost(&hello).into();
+    if !shared.lock().broker.has_vhost(&vhost) {
+        // As RabbitMQ: said before permissions, which an unknown vhost cannot have.
+        let error = HandshakeError::NoVhost(vhost.to_string());
+        warn!(%peer, user, "login refused: {error}");
+        send_close(writer, ErrorCode::AccessRefused, error.to_string()).await;
+        return Err(error);
+    }
+    let mut access = Access::new(shared.users.clone(), user, &vhost);
     if !access.may_connect() {
         let error = HandshakeError::NoVhostAccess {
             user: user.to_owned(),
-            vhost: crate::auth::DEFAULT_VHOST,
+            vhost: vhost.to_string(),
         };
         warn!(%peer, user, "login refused: {error}");
         send_close(writer, ErrorCode::AccessRefused, error.to_string()).await;
@@ -305,10 +328,50 @@ pub(super) async fn handshake(
     });
     let mut out = BytesMut::new();
     encode(&hello_ok, send_frame_bytes_max, &mut out).map_err(HandshakeError::Frame)?;
-    writer.write_all(&out).await?;
-    writer.flush().await?;
+    // The core takes the connection into its virtual host last, once nothing else refuses
+    // it (and gives it back if the answer cannot be written).
+    let connection = ConnectionId(shared.next_connection.fetch_add(1, Ordering::Relaxed));
+    let opened = {
+        let mut batch = shared.batch();
+        let opened = batch.open(now_ms(), connection, vhost.clone());
+        let _ = batch.finish().flush(None);
+        opened
+    };
+    if let Err(err) = opened {
+        let error = match err {
+            CoreError::LimitExceeded { limit, .. } => HandshakeError::VhostFull {
+                user: user.to_owned(),
+                vhost: vhost.to_string(),
+                max: limit,
+            },
+            // Deleted since it was looked up.
+            _ => HandshakeError::NoVhost(vhost.to_string()),
+        };
+        warn!(%peer, user, "login refused: {error}");
+        let code = match error {
+            HandshakeError::VhostFull { .. } => ErrorCode::ResourceLimit,
+            _ => ErrorCode::AccessRefused,
+        };
+        send_close(writer, code, error.to_string()).await;
+        return Err(error);
+    }
+    let written = async {
+        writer.write_all(&out).await?;
+        writer.flush().await
+    }
+    .await;
+    if let Err(err) = written {
+        let mut batch = shared.batch();
+        batch.close(now_ms(), connection);
+        if let Some(leader) = batch.finish().flush(None) {
+            leader.commit();
+        }
+        return Err(err.into());
+    }
     debug!(client = %hello.client_name, mechanism = %hello.credentials.mechanism, user = %principal, "handshake done");
     Ok(Negotiated {
+        connection,
+        vhost,
         principal,
         access,
         _user_slot: user_slot,
@@ -317,4 +380,11 @@ pub(super) async fn handshake(
         send_frame_bytes_max,
         recv_frame_bytes_max,
     })
+}
+
+/// The virtual host a `Hello` asks for. (Protocol 1.3 carries it in `Hello`; until then every
+/// client works in the default one.)
+fn hello_vhost(hello: &wharf_protocol::Hello) -> &str {
+    let _ = hello;
+    wharf_core::DEFAULT_VHOST
 }

@@ -55,6 +55,10 @@ use requests::handle_request;
 /// What the handshake settled for this connection.
 #[derive(Debug)]
 struct Negotiated {
+    /// Its id, registered with the core (in `vhost`).
+    connection: ConnectionId,
+    /// The virtual host it works in.
+    vhost: Arc<str>,
     /// Who logged in.
     principal: crate::auth::Principal,
     /// What it may do.
@@ -83,7 +87,7 @@ fn check_topic(
     if access.has_topic_permissions(exchange)
         && state
             .broker
-            .exchange_info(exchange)
+            .exchange_info(access.vhost(), exchange)
             .is_some_and(|info| info.kind == wharf_core::ExchangeKind::Topic)
     {
         access.check_topic(exchange, right, key)?;
@@ -131,11 +135,7 @@ pub(crate) async fn serve(shared: Arc<Context>, socket: Stream, peer: SocketAddr
             return;
         }
     };
-    let connection = ConnectionId(
-        shared
-            .next_connection
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-    );
+    let connection = negotiated.connection;
     let outbox = Arc::new(Output::default());
     *outbox
         .sink
@@ -147,7 +147,7 @@ pub(crate) async fn serve(shared: Arc<Context>, socket: Stream, peer: SocketAddr
     ));
     {
         let mut batch = shared.batch();
-        batch.open(now_ms(), connection, outbox.clone());
+        batch.attach(connection, outbox.clone());
         // Nothing to log or deliver yet; nobody waits on a leader.
         let _ = batch.finish().flush(None);
     }

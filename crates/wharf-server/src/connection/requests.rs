@@ -52,7 +52,7 @@ fn may_declare_queue(
 ) -> Result<(), CoreError> {
     let generated;
     let name = if name.is_empty() {
-        generated = state.broker.next_generated_queue_name();
+        generated = state.broker.next_generated_queue_name(access.vhost());
         generated.as_str()
     } else {
         name
@@ -77,6 +77,7 @@ pub(super) fn handle_request(
     now: u64,
     request: Request,
 ) -> Response {
+    let vhost = access.vhost().clone();
     let result: Result<Response, CoreError> = (|| match request {
         Request::DeclareQueue {
             name,
@@ -102,6 +103,7 @@ pub(super) fn handle_request(
             match state.apply(
                 now,
                 Command::DeclareQueue {
+                    vhost: vhost.clone(),
                     connection,
                     name,
                     options,
@@ -129,6 +131,7 @@ pub(super) fn handle_request(
             match state.apply(
                 now,
                 Command::DeleteQueue {
+                    vhost: vhost.clone(),
                     connection,
                     name,
                     if_unused,
@@ -141,7 +144,14 @@ pub(super) fn handle_request(
         }
         Request::PurgeQueue { name } => {
             access.check(Resource::Queue, Right::Read, &name)?;
-            match state.apply(now, Command::PurgeQueue { connection, name })? {
+            match state.apply(
+                now,
+                Command::PurgeQueue {
+                    vhost: vhost.clone(),
+                    connection,
+                    name,
+                },
+            )? {
                 Reply::Purged { messages } => Ok(Response::Purged { messages }),
                 other => unreachable!("purge replied {other:?}"),
             }
@@ -168,6 +178,7 @@ pub(super) fn handle_request(
             state.apply(
                 now,
                 Command::DeclareExchange {
+                    vhost: vhost.clone(),
                     name,
                     kind: core_kind(kind),
                     options,
@@ -178,7 +189,14 @@ pub(super) fn handle_request(
         }
         Request::DeleteExchange { name, if_unused } => {
             access.check(Resource::Exchange, Right::Configure, &name)?;
-            state.apply(now, Command::DeleteExchange { name, if_unused })?;
+            state.apply(
+                now,
+                Command::DeleteExchange {
+                    vhost: vhost.clone(),
+                    name,
+                    if_unused,
+                },
+            )?;
             Ok(Response::Done)
         }
         Request::Bind(binding) => {
@@ -186,6 +204,7 @@ pub(super) fn handle_request(
             state.apply(
                 now,
                 Command::Bind {
+                    vhost: vhost.clone(),
                     source: binding.source,
                     target: bind_target(binding.destination),
                     routing_key: binding.routing_key,
@@ -199,6 +218,7 @@ pub(super) fn handle_request(
             state.apply(
                 now,
                 Command::Unbind {
+                    vhost: vhost.clone(),
                     source: binding.source,
                     target: bind_target(binding.destination),
                     routing_key: binding.routing_key,
@@ -231,6 +251,7 @@ pub(super) fn handle_request(
             state.apply(
                 now,
                 Command::Subscribe {
+                    vhost: vhost.clone(),
                     connection,
                     queue,
                     consumer_tag: ConsumerTag(consumer_tag),
@@ -250,15 +271,15 @@ pub(super) fn handle_request(
             Ok(Response::Done)
         }
         Request::QueueStats { name } => Ok(Response::Stats(queue_info(
-            state.broker.queue_stats(&name)?,
+            state.broker.queue_stats(&vhost, &name)?,
         ))),
         Request::QueueStatsV2 { name } => Ok(Response::StatsV2(queue_info_v2(
-            state.broker.queue_stats(&name)?,
+            state.broker.queue_stats(&vhost, &name)?,
         ))),
         Request::ListQueuesV2 => Ok(Response::QueuesV2(
             state
                 .broker
-                .list_queues()
+                .list_queues(&vhost)
                 .into_iter()
                 .map(queue_info_v2)
                 .collect(),
@@ -271,7 +292,7 @@ pub(super) fn handle_request(
             access.check(Resource::Queue, Right::Configure, &queue)?;
             let into = state
                 .broker
-                .list_queues()
+                .list_queues(&vhost)
                 .into_iter()
                 .map(|info| info.name)
                 .filter(|name| access.check(Resource::Queue, Right::Write, name).is_ok())
@@ -279,6 +300,7 @@ pub(super) fn handle_request(
             match state.apply(
                 now,
                 Command::Redrive {
+                    vhost: vhost.clone(),
                     connection,
                     queue,
                     max,
@@ -292,7 +314,7 @@ pub(super) fn handle_request(
         Request::ListQueues => Ok(Response::Queues(
             state
                 .broker
-                .list_queues()
+                .list_queues(&vhost)
                 .into_iter()
                 .map(queue_info)
                 .collect(),
@@ -300,7 +322,7 @@ pub(super) fn handle_request(
         Request::ListExchanges => Ok(Response::Exchanges(
             state
                 .broker
-                .list_exchanges()
+                .list_exchanges(&vhost)
                 .into_iter()
                 .map(|info| ExchangeInfo {
                     name: info.name,

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tracing::{error, warn};
-use wharf_core::{Broker, Message};
+use wharf_core::{Broker, DEFAULT_VHOST, Message, VhostLimits, resource_key};
 use wharf_storage::WalError;
 
 /// Why a checkpoint was abandoned (no end record: the previous checkpoint and every record
@@ -61,46 +61,63 @@ pub struct Captured {
     now_ms: u64,
 }
 
+/// The durable exchanges, queues and bindings of `vhost`, as operations.
+fn capture_topology(broker: &Broker, vhost: &str, ops: &mut Vec<Op>) {
+    for exchange in broker.list_exchanges(vhost) {
+        if exchange.options.durable && !exchange.builtin {
+            ops.push(Op::DeclareExchange {
+                name: resource_key(vhost, &exchange.name),
+                kind: exchange.kind.into(),
+                auto_delete: exchange.options.auto_delete,
+                internal: exchange.options.internal,
+                arguments: stored_headers(&exchange.options.arguments),
+            });
+        }
+    }
+    for queue in broker.list_queues(vhost) {
+        if let Some(options) = broker.queue_options(vhost, &queue.name)
+            && options.durable
+            && !options.exclusive
+        {
+            ops.push(Op::DeclareQueue {
+                name: resource_key(vhost, &queue.name),
+                auto_delete: options.auto_delete,
+                single_active_consumer: options.single_active_consumer,
+                arguments: stored_headers(&options.arguments),
+            });
+        }
+    }
+    for binding in broker.list_bindings(vhost) {
+        if let Some(op) = bind_op(
+            broker,
+            vhost,
+            &binding.source,
+            &binding.target,
+            &binding.routing_key,
+            &binding.arguments,
+            true,
+        ) {
+            ops.push(op);
+        }
+    }
+}
+
 impl Captured {
     /// Captures `broker`'s durable state (paged messages are not in it: they are copied from
     /// their spool files).
     pub fn capture(broker: &Broker) -> Captured {
         let mut ops: Vec<Op> = Vec::new();
-        for exchange in broker.list_exchanges() {
-            if exchange.options.durable && !exchange.builtin {
-                ops.push(Op::DeclareExchange {
-                    name: exchange.name,
-                    kind: exchange.kind.into(),
-                    auto_delete: exchange.options.auto_delete,
-                    internal: exchange.options.internal,
-                    arguments: stored_headers(&exchange.options.arguments),
+        for vhost in broker.list_vhosts() {
+            if vhost.name != DEFAULT_VHOST || vhost.limits != VhostLimits::default() {
+                ops.push(Op::DeclareVhost {
+                    name: vhost.name.clone(),
+                    max_connections: vhost.limits.max_connections,
+                    max_queues: vhost.limits.max_queues,
                 });
             }
         }
-        for queue in broker.list_queues() {
-            if let Some(options) = broker.queue_options(&queue.name)
-                && options.durable
-                && !options.exclusive
-            {
-                ops.push(Op::DeclareQueue {
-                    name: queue.name.clone(),
-                    auto_delete: options.auto_delete,
-                    single_active_consumer: options.single_active_consumer,
-                    arguments: stored_headers(&options.arguments),
-                });
-            }
-        }
-        for binding in broker.list_bindings() {
-            if let Some(op) = bind_op(
-                broker,
-                &binding.source,
-                &binding.target,
-                &binding.routing_key,
-                &binding.arguments,
-                true,
-            ) {
-                ops.push(op);
-            }
+        for vhost in broker.list_vhosts() {
+            capture_topology(broker, &vhost.name, &mut ops);
         }
         for (queue, message_id, until_ms) in broker.durable_dedup_entries() {
             ops.push(Op::Dedup {

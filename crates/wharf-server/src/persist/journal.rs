@@ -347,6 +347,7 @@ impl Log {
                 now_ms,
                 Command::OpenConnection {
                     connection: SYSTEM_CONNECTION,
+                    vhost: wharf_core::DEFAULT_VHOST.into(),
                 },
                 &mut Vec::new(),
             )
@@ -384,6 +385,16 @@ impl Log {
             } => spools.request(queue, epoch, level, max, max_bytes),
             _ => {}
         })?;
+        // Recovery's connection leaves, so it counts against no virtual host's limit.
+        broker
+            .apply(
+                now_ms,
+                Command::CloseConnection {
+                    connection: SYSTEM_CONNECTION,
+                },
+                &mut Vec::new(),
+            )
+            .expect("the system connection is open");
         let lsns = lsns.into_inner();
         let epoch = recovered.epoch;
         let mut book = Book {

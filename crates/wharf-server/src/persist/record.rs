@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use wharf_core::{
     BindTarget, Broker, ConnectionId, ExchangeKind, ExchangeOptions, HeaderValue, Headers, Message,
-    QueueOptions,
+    QueueOptions, resource_key,
 };
 
 /// The connection id recovery uses to declare queues (real connections start at 1).
@@ -419,6 +419,23 @@ pub enum Op {
         /// The queue.
         queue: String,
     },
+    /// A virtual host was added, or its limits were set. Every name in the other operations
+    /// is a resource key (`wharf_core::resource_key`): the plain name in the default virtual
+    /// host, as in logs written before virtual hosts existed.
+    DeclareVhost {
+        /// Its name.
+        name: String,
+        /// Its `max-connections`.
+        max_connections: Option<u32>,
+        /// Its `max-queues`.
+        max_queues: Option<u32>,
+    },
+    /// A virtual host was deleted; the deletes of what it held come before this, in the same
+    /// batch.
+    DeleteVhost {
+        /// Its name.
+        name: String,
+    },
 }
 
 impl Op {
@@ -751,28 +768,29 @@ impl Record {
     }
 }
 
-fn exchange_is_durable(broker: &Broker, name: &str) -> bool {
+fn exchange_is_durable(broker: &Broker, vhost: &str, name: &str) -> bool {
     broker
-        .exchange_info(name)
+        .exchange_info(vhost, name)
         .is_some_and(|info| info.options.durable || info.builtin)
 }
 
-fn queue_is_durable(broker: &Broker, name: &str) -> bool {
+fn queue_is_durable(broker: &Broker, vhost: &str, name: &str) -> bool {
     broker
-        .queue_options(name)
+        .queue_options(vhost, name)
         .is_some_and(|options| options.durable && !options.exclusive)
 }
 
-/// The log operation for a binding, when both its ends are durable.
+/// The log operation for a binding in `vhost`, when both its ends are durable.
 pub fn bind_op(
     broker: &Broker,
+    vhost: &str,
     source: &str,
     target: &BindTarget,
     routing_key: &str,
     arguments: &Headers,
     bind: bool,
 ) -> Option<Op> {
-    if !exchange_is_durable(broker, source) {
+    if !exchange_is_durable(broker, vhost, source) {
         return None;
     }
     let (to_queue, destination) = match target {
@@ -780,16 +798,16 @@ pub fn bind_op(
         BindTarget::Exchange(name) => (false, name),
     };
     let durable_end = if to_queue {
-        queue_is_durable(broker, destination)
+        queue_is_durable(broker, vhost, destination)
     } else {
-        exchange_is_durable(broker, destination)
+        exchange_is_durable(broker, vhost, destination)
     };
     if !durable_end {
         return None;
     }
     let (source, destination, routing_key, arguments) = (
-        source.to_owned(),
-        destination.clone(),
+        resource_key(vhost, source),
+        resource_key(vhost, destination),
         routing_key.to_owned(),
         stored_headers(arguments),
     );
@@ -812,24 +830,25 @@ pub fn bind_op(
     })
 }
 
-/// The log operation for a successful, non-passive declare of a durable queue.
-pub fn declare_queue_op(name: &str, options: &QueueOptions) -> Option<Op> {
+/// The log operation for a successful, non-passive declare of a durable queue of `vhost`.
+pub fn declare_queue_op(vhost: &str, name: &str, options: &QueueOptions) -> Option<Op> {
     (options.durable && !options.exclusive).then(|| Op::DeclareQueue {
-        name: name.to_owned(),
+        name: resource_key(vhost, name),
         auto_delete: options.auto_delete,
         single_active_consumer: options.single_active_consumer,
         arguments: stored_headers(&options.arguments),
     })
 }
 
-/// The log operation for a successful, non-passive declare of a durable exchange.
+/// The log operation for a successful, non-passive declare of a durable exchange of `vhost`.
 pub fn declare_exchange_op(
+    vhost: &str,
     name: &str,
     kind: ExchangeKind,
     options: &ExchangeOptions,
 ) -> Option<Op> {
     options.durable.then(|| Op::DeclareExchange {
-        name: name.to_owned(),
+        name: resource_key(vhost, name),
         kind: kind.into(),
         auto_delete: options.auto_delete,
         internal: options.internal,

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use wharf_core::{
     BindTarget, Broker, Command, ExchangeOptions, Message, QueueFeatures, QueueOptions,
+    VhostLimits, split_resource_key,
 };
 
 fn bind_target(to_queue: bool, destination: String) -> BindTarget {
@@ -347,8 +348,16 @@ where
     visit(&mut |lsn, op| {
         let deletes = matches!(
             op,
-            Op::DeleteQueue { .. } | Op::DeleteExchange { .. } | Op::Unbind { .. }
+            Op::DeleteQueue { .. }
+                | Op::DeleteExchange { .. }
+                | Op::Unbind { .. }
+                | Op::DeleteVhost { .. }
         );
+        // Names in the log are resource keys: the virtual host, then the name in it.
+        let split = |key: String| -> (Arc<str>, String) {
+            let (vhost, name) = split_resource_key(&key);
+            (vhost.into(), name.to_owned())
+        };
         let command = match op {
             Op::Enqueue { .. } | Op::EnqueueAt { .. } => {
                 // `Enqueue` (older logs): ready at recovery.
@@ -392,79 +401,119 @@ where
                 queue,
                 message_id,
                 until_ms,
-            } => Command::RestoreDedup {
-                queue,
-                message_id,
-                until_ms,
-            },
-            Op::DeleteQueue { name } => Command::DeleteQueue {
-                connection: SYSTEM_CONNECTION,
+            } => {
+                let (vhost, queue) = split(queue);
+                Command::RestoreDedup {
+                    vhost,
+                    queue,
+                    message_id,
+                    until_ms,
+                }
+            }
+            Op::DeleteQueue { name } => {
+                let (vhost, name) = split(name);
+                Command::DeleteQueue {
+                    vhost,
+                    connection: SYSTEM_CONNECTION,
+                    name,
+                    if_unused: false,
+                    if_empty: false,
+                }
+            }
+            Op::DeclareVhost {
                 name,
-                if_unused: false,
-                if_empty: false,
+                max_connections,
+                max_queues,
+            } => Command::AddVhost {
+                name,
+                limits: VhostLimits {
+                    max_connections,
+                    max_queues,
+                },
             },
+            Op::DeleteVhost { name } => Command::DeleteVhost { name },
             Op::DeclareQueue {
                 name,
                 auto_delete,
                 single_active_consumer,
                 arguments,
-            } => Command::DeclareQueue {
-                connection: SYSTEM_CONNECTION,
-                name,
-                options: QueueOptions {
-                    durable: true,
-                    exclusive: false,
-                    auto_delete,
-                    single_active_consumer,
-                    arguments: core_headers(arguments),
-                },
-                passive: false,
-            },
+            } => {
+                let (vhost, name) = split(name);
+                Command::DeclareQueue {
+                    vhost,
+                    connection: SYSTEM_CONNECTION,
+                    name,
+                    options: QueueOptions {
+                        durable: true,
+                        exclusive: false,
+                        auto_delete,
+                        single_active_consumer,
+                        arguments: core_headers(arguments),
+                    },
+                    passive: false,
+                }
+            }
             Op::DeclareExchange {
                 name,
                 kind,
                 auto_delete,
                 internal,
                 arguments,
-            } => Command::DeclareExchange {
-                name,
-                kind: kind.into(),
-                options: ExchangeOptions {
-                    durable: true,
-                    auto_delete,
-                    internal,
-                    arguments: core_headers(arguments),
-                },
-                passive: false,
-            },
-            Op::DeleteExchange { name } => Command::DeleteExchange {
-                name,
-                if_unused: false,
-            },
+            } => {
+                let (vhost, name) = split(name);
+                Command::DeclareExchange {
+                    vhost,
+                    name,
+                    kind: kind.into(),
+                    options: ExchangeOptions {
+                        durable: true,
+                        auto_delete,
+                        internal,
+                        arguments: core_headers(arguments),
+                    },
+                    passive: false,
+                }
+            }
+            Op::DeleteExchange { name } => {
+                let (vhost, name) = split(name);
+                Command::DeleteExchange {
+                    vhost,
+                    name,
+                    if_unused: false,
+                }
+            }
             Op::Bind {
                 source,
                 to_queue,
                 destination,
                 routing_key,
                 arguments,
-            } => Command::Bind {
-                source,
-                target: bind_target(to_queue, destination),
-                routing_key,
-                arguments: core_headers(arguments),
-            },
+            } => {
+                let (vhost, source) = split(source);
+                Command::Bind {
+                    vhost,
+                    source,
+                    target: bind_target(to_queue, split_resource_key(&destination).1.to_owned()),
+                    routing_key,
+                    arguments: core_headers(arguments),
+                }
+            }
             Op::Unbind {
                 source,
                 to_queue,
                 destination,
                 routing_key,
                 arguments,
-            } => Command::Unbind {
-                source,
-                target: bind_target(to_queue, destination),
-                routing_key,
-                arguments: core_headers(arguments),
-            },
+            } => {
+                let (vhost, source) = split(source);
+                Command::Unbind {
+                    vhost,
+                    source,
+                    target: bind_target(to_queue, split_resource_key(&destination).1.to_owned()),
+                    routing_key,
+                    arguments: core_headers(arguments),
+                }
+            }
         };
         // Replaying what once succeeded succeeds again; a failure means the log and the core
         // disagree, and recovery stops rather than drop what the log holds. One exception: a
@@ -508,15 +557,18 @@ fn restore(
         if fates.deleted(durable_id, &queue) {
             continue;
         }
+        let (vhost, name) = split_resource_key(&queue);
+        let vhost: Arc<str> = vhost.into();
         if let (Some(id), Some(ready_at_ms)) = (&message.message_id, ready_at_ms) {
             let window = broker
-                .queue_options(&queue)
+                .queue_options(&vhost, name)
                 .and_then(|options| QueueFeatures::try_from(&options.arguments).ok())
                 .and_then(|features| features.dedup_window);
             if let Some(window) = window {
                 let enqueued_at = ready_at_ms.saturating_sub(message.delay_ms.unwrap_or(0));
                 let command = Command::RestoreDedup {
-                    queue: queue.clone(),
+                    vhost: vhost.clone(),
+                    queue: name.to_owned(),
                     message_id: id.clone(),
                     until_ms: enqueued_at.saturating_add(window),
                 };
@@ -529,7 +581,8 @@ fn restore(
             continue;
         }
         let command = Command::Restore {
-            queue: queue.clone(),
+            vhost,
+            queue: name.to_owned(),
             durable_id,
             message: message.clone(),
             ready_at_ms: ready_at_ms.unwrap_or(now_ms),

@@ -116,7 +116,11 @@ fn replay_uses_the_last_complete_checkpoint_and_the_batches_after_it() {
     let recovered = replay.apply(&mut broker, 0, &mut |_| {}).unwrap();
     assert_eq!(recovered.messages, 2);
     assert_eq!(recovered.epoch, 1);
-    let names: Vec<String> = broker.list_queues().into_iter().map(|q| q.name).collect();
+    let names: Vec<String> = broker
+        .list_queues(wharf_core::DEFAULT_VHOST)
+        .into_iter()
+        .map(|q| q.name)
+        .collect();
     assert_eq!(
         names,
         vec!["q".to_owned()],
@@ -288,9 +292,11 @@ fn delayed_messages_and_dedup_windows_survive_replay_from_batches_and_from_a_che
     }];
     for command in [
         Command::OpenConnection {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: SYSTEM_CONNECTION,
         },
         Command::DeclareQueue {
+            vhost: wharf_core::DEFAULT_VHOST.into(),
             connection: SYSTEM_CONNECTION,
             name: "q".into(),
             options,
@@ -300,6 +306,7 @@ fn delayed_messages_and_dedup_windows_survive_replay_from_batches_and_from_a_che
         apply_logged(&mut broker, 1_000, command, &mut log);
     }
     let publish = |body: &str, id: &str, delay_ms: Option<u64>| Command::Publish {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
         message: Arc::new(Message {
             persistent: true,
             message_id: Some(id.into()),
@@ -314,13 +321,21 @@ fn delayed_messages_and_dedup_windows_survive_replay_from_batches_and_from_a_che
         &mut log,
     );
     apply_logged(&mut broker, 1_000, publish("now", "id-2", None), &mut log);
-    assert_eq!(broker.queue_stats("q").unwrap().delayed, 1);
+    assert_eq!(
+        broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "q")
+            .unwrap()
+            .delayed,
+        1
+    );
 
     // From the log's batches, recovering at 2,000: still delayed until 6,000; both ids are
     // still duplicates.
     let batches = vec![(1, Record::Batch(log.clone()))];
     let check = |mut recovered: Broker, how: &str| {
-        let stats = recovered.queue_stats("q").unwrap();
+        let stats = recovered
+            .queue_stats(wharf_core::DEFAULT_VHOST, "q")
+            .unwrap();
         assert_eq!((stats.delayed, stats.ready), (1, 1), "{how}");
         assert_eq!(recovered.next_deadline(), Some(6_000), "{how}");
         let mut effects = Vec::new();
@@ -341,7 +356,14 @@ fn delayed_messages_and_dedup_windows_survive_replay_from_batches_and_from_a_che
             );
         }
         recovered.apply(6_000, Command::Tick, &mut effects).unwrap();
-        assert_eq!(recovered.queue_stats("q").unwrap().ready, 2, "{how}");
+        assert_eq!(
+            recovered
+                .queue_stats(wharf_core::DEFAULT_VHOST, "q")
+                .unwrap()
+                .ready,
+            2,
+            "{how}"
+        );
     };
     check(recover(batches, 2_000), "batches");
 
@@ -352,6 +374,7 @@ fn delayed_messages_and_dedup_windows_survive_replay_from_batches_and_from_a_che
         .apply(
             1_500,
             Command::Subscribe {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: SYSTEM_CONNECTION,
                 queue: "q".into(),
                 consumer_tag: wharf_core::ConsumerTag(1),
@@ -364,7 +387,13 @@ fn delayed_messages_and_dedup_windows_survive_replay_from_batches_and_from_a_che
             &mut effects,
         )
         .unwrap();
-    assert_eq!(broker.queue_stats("q").unwrap().ready, 0);
+    assert_eq!(
+        broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "q")
+            .unwrap()
+            .ready,
+        0
+    );
     let chunks = vec![Captured::capture(&broker).into_ops().collect::<Vec<_>>()];
     let mut records = vec![(1, Record::CheckpointBegin { epoch: 1 })];
     for ops in chunks {
@@ -372,7 +401,9 @@ fn delayed_messages_and_dedup_windows_survive_replay_from_batches_and_from_a_che
     }
     records.push((3, Record::CheckpointEnd { epoch: 1 }));
     let mut recovered = recover(records, 2_000);
-    let stats = recovered.queue_stats("q").unwrap();
+    let stats = recovered
+        .queue_stats(wharf_core::DEFAULT_VHOST, "q")
+        .unwrap();
     assert_eq!((stats.delayed, stats.ready), (1, 0));
     for id in ["id-1", "id-2"] {
         let reply = recovered
@@ -391,7 +422,13 @@ fn delayed_messages_and_dedup_windows_survive_replay_from_batches_and_from_a_che
         );
     }
     recovered.apply(6_000, Command::Tick, &mut effects).unwrap();
-    assert_eq!(recovered.queue_stats("q").unwrap().ready, 1);
+    assert_eq!(
+        recovered
+            .queue_stats(wharf_core::DEFAULT_VHOST, "q")
+            .unwrap()
+            .ready,
+        1
+    );
 }
 
 fn declare_op(name: &str) -> Op {
@@ -419,6 +456,7 @@ fn broker_with_system_connection() -> Broker {
         .apply(
             0,
             Command::OpenConnection {
+                vhost: wharf_core::DEFAULT_VHOST.into(),
                 connection: SYSTEM_CONNECTION,
             },
             &mut Vec::new(),
@@ -644,7 +682,11 @@ fn replay_accepts_the_deletion_of_an_exchange_an_unbind_already_auto_deleted() {
         .encode(),
     ])
     .unwrap();
-    assert!(broker.exchange_info("x").is_none());
+    assert!(
+        broker
+            .exchange_info(wharf_core::DEFAULT_VHOST, "x")
+            .is_none()
+    );
 }
 
 /// One record of every kind, with every operation and header value: the log format that
@@ -913,5 +955,11 @@ fn a_logged_amq_queue_from_before_the_refusal_still_replays() {
     ])
     .expect("replays");
     assert_eq!(recovered.messages, 1);
-    assert_eq!(broker.queue_stats("amq.legacy").unwrap().ready, 1);
+    assert_eq!(
+        broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "amq.legacy")
+            .unwrap()
+            .ready,
+        1
+    );
 }
