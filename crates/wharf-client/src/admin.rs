@@ -1,11 +1,13 @@
-//! Online administration (protocol 1.2): users and their permissions, for a client whose user
-//! has the `administrator` tag. The broker answers `AccessRefused` to anyone else, and
-//! [`ClientError::NotSupported`] is returned by a broker older than 1.2.
+//! Online administration (protocol 1.2): users and their permissions, and (protocol 1.3)
+//! virtual hosts, for a client whose user has the `administrator` tag. The broker answers
+//! `AccessRefused` to anyone else, and [`ClientError::NotSupported`] is returned, without
+//! sending anything, by a broker older than the minor that defines the request.
 
 use crate::client::{Client, unexpected};
 use crate::error::ClientError;
 use wharf_protocol::{
-    MINOR_ADMIN, PermissionInfo, Request, Response, TopicPermissionInfo, UserInfo,
+    MINOR_ADMIN, MINOR_VHOSTS, PermissionInfo, Request, Response, TopicPermissionInfo, UserInfo,
+    VhostInfo, VhostLimits,
 };
 
 impl Client {
@@ -16,7 +18,7 @@ impl Client {
         request: Request,
     ) -> Result<(), ClientError> {
         let shared = self.shared();
-        shared.require_minor(operation, MINOR_ADMIN)?;
+        shared.require_minor(operation, request.minor_required())?;
         match shared.request(request).await? {
             Response::Done => Ok(()),
             other => Err(unexpected(&other)),
@@ -146,5 +148,50 @@ impl Client {
             Response::TopicPermissions(permissions) => Ok(permissions),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// Adds a virtual host with its own `limits` (`VhostLimits::default()`: none). Users
+    /// need permissions in it before they can connect to it. `PreconditionFailed` if it
+    /// exists.
+    pub async fn add_vhost(&self, name: &str, limits: VhostLimits) -> Result<(), ClientError> {
+        let request = Request::AddVhost {
+            name: name.to_owned(),
+            limits,
+        };
+        self.administer("add_vhost", request).await
+    }
+
+    /// Deletes a virtual host with everything in it (queues, exchanges, permissions).
+    /// `NotFound` if there is none.
+    pub async fn delete_vhost(&self, name: &str) -> Result<(), ClientError> {
+        let request = Request::DeleteVhost {
+            name: name.to_owned(),
+        };
+        self.administer("delete_vhost", request).await
+    }
+
+    /// Every virtual host, its limits and its current connections and queues.
+    pub async fn list_vhosts(&self) -> Result<Vec<VhostInfo>, ClientError> {
+        let shared = self.shared();
+        shared.require_minor("list_vhosts", MINOR_VHOSTS)?;
+        match shared.request(Request::ListVhosts).await? {
+            Response::Vhosts(vhosts) => Ok(vhosts),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sets a virtual host's limits, replacing them (a `None` field lifts that limit).
+    /// Lowering a limit below the current usage refuses new connections or queues; it closes
+    /// or deletes nothing.
+    pub async fn set_vhost_limits(
+        &self,
+        name: &str,
+        limits: VhostLimits,
+    ) -> Result<(), ClientError> {
+        let request = Request::SetVhostLimits {
+            name: name.to_owned(),
+            limits,
+        };
+        self.administer("set_vhost_limits", request).await
     }
 }

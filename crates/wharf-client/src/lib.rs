@@ -96,4 +96,5 @@ pub use wharf_protocol;
 pub use wharf_protocol::{
     Durability, ErrorCode, ExchangeInfo, ExchangeKind, PermissionInfo, Properties, QueueInfo,
     QueueInfoV2, ServerLimits, Table, TableRef, TopicPermissionInfo, UserInfo, Value, ValueRef,
+    VhostInfo, VhostLimits,
 };

@@ -119,6 +119,11 @@ pub struct ClientOptions {
     /// certificate). Given for a `wharf://` address, the connection is refused: TLS is
     /// chosen by the scheme, never silently dropped.
     pub tls: Option<crate::TlsOptions>,
+    /// Virtual host to connect to (protocol 1.3), overriding the address's path (`None`: the
+    /// address's, `/` if it names none). A virtual host other than `/` needs a 1.3 server:
+    /// an older one fails the connect with [`ClientError::NotSupported`](crate::ClientError)
+    /// before `Hello` is sent.
+    pub vhost: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -133,6 +138,7 @@ impl Default for ClientOptions {
             frame_bytes_max: wharf_protocol::limits::FRAME_BYTES_MAX,
             outbound_bytes_max: 64 * 1024 * 1024,
             tls: None,
+            vhost: None,
         }
     }
 }

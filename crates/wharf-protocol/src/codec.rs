@@ -10,7 +10,9 @@ use crate::limits::{
     VECTORED_COPY_BYTES_MAX,
 };
 use crate::properties::Properties;
-use crate::wire::{self, Reader, check_admin_text, check_name, check_reason, check_tags};
+use crate::wire::{
+    self, Reader, check_admin_text, check_name, check_reason, check_tags, check_vhost,
+};
 use crate::wire_str::WireStr;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
@@ -68,12 +70,7 @@ pub fn decode_frame(frame: Bytes) -> Result<Frame, Error> {
     };
     let body = reader.remaining();
     match kind {
-        kind::HELLO => {
-            let hello: Hello = from_postcard(body, "Hello")?;
-            check_reason(&hello.client_name)?;
-            check_name(&hello.credentials.mechanism)?;
-            Ok(Frame::Hello(hello))
-        }
+        kind::HELLO => decode_hello(body).map(Frame::Hello),
         kind::HELLO_OK => {
             let hello_ok: HelloOk = from_postcard(body, "HelloOk")?;
             check_reason(&hello_ok.server_version)?;
@@ -133,7 +130,22 @@ pub fn decode_frame(frame: Bytes) -> Result<Frame, Error> {
 
 /// Decodes a control frame's postcard body, which must be consumed exactly.
 fn from_postcard<T: DeserializeOwned>(body: &[u8], frame: &'static str) -> Result<T, Error> {
-    let (value, rest) = postcard::take_from_bytes::<T>(body).map_err(|err| Error::Malformed {
+    let (value, rest) = take_postcard(body, frame)?;
+    if !rest.is_empty() {
+        return Err(Error::Malformed {
+            frame,
+            detail: "trailing bytes",
+        });
+    }
+    Ok(value)
+}
+
+/// Decodes a postcard value from the front of `body`; returns it and the bytes after it.
+fn take_postcard<'a, T: DeserializeOwned>(
+    body: &'a [u8],
+    frame: &'static str,
+) -> Result<(T, &'a [u8]), Error> {
+    postcard::take_from_bytes::<T>(body).map_err(|err| Error::Malformed {
         frame,
         detail: match err {
             postcard::Error::DeserializeUnexpectedEnd => "truncated",
@@ -144,14 +156,50 @@ fn from_postcard<T: DeserializeOwned>(body: &[u8], frame: &'static str) -> Resul
             postcard::Error::DeserializeBadEnum => "unknown enum variant",
             _ => "invalid encoding (unknown variant or invalid table)",
         },
-    })?;
-    if !rest.is_empty() {
-        return Err(Error::Malformed {
-            frame,
-            detail: "trailing bytes",
-        });
+    })
+}
+
+/// `Hello`'s fields up to protocol 1.2, in wire order: what every `Hello` starts with.
+type HelloBase = (String, Credentials, u32, u32);
+
+/// Decodes `Hello`: the 1.0 fields, then (protocol 1.3) an optional trailing string, the
+/// virtual host, which must end the frame. Without it the virtual host is `/`, so a `Hello`
+/// from a client older than 1.3 still decodes.
+fn decode_hello(body: &[u8]) -> Result<Hello, Error> {
+    let ((client_name, credentials, frame_bytes_max, heartbeat_ms), rest): (HelloBase, _) =
+        take_postcard(body, "Hello")?;
+    let vhost = match rest.is_empty() {
+        true => DEFAULT_VHOST.to_owned(),
+        false => from_postcard(rest, "Hello")?,
+    };
+    let hello = Hello {
+        client_name,
+        credentials,
+        frame_bytes_max,
+        heartbeat_ms,
+        vhost,
+    };
+    check_hello(&hello)?;
+    Ok(hello)
+}
+
+/// Writes what follows `Hello`'s kind: byte for byte the 1.0 `Hello` when the virtual host is
+/// `/`, else followed by the virtual host (only for a server whose minor is at least
+/// [`MINOR_VHOSTS`]: an older one refuses the trailing bytes).
+fn put_hello(dst: &mut BytesMut, hello: &Hello) -> Result<(), Error> {
+    put_postcard(
+        dst,
+        &(
+            &hello.client_name,
+            &hello.credentials,
+            hello.frame_bytes_max,
+            hello.heartbeat_ms,
+        ),
+    )?;
+    if hello.vhost != DEFAULT_VHOST {
+        wire::put_str(dst, &hello.vhost);
     }
-    Ok(value)
+    Ok(())
 }
 
 #[inline]
@@ -374,7 +422,8 @@ fn check_request(request: &Request) -> Result<(), Error> {
         | Request::ListQueues
         | Request::ListExchanges
         | Request::ListQueuesV2
-        | Request::ListUsers => Ok(()),
+        | Request::ListUsers
+        | Request::ListVhosts => Ok(()),
         Request::AddUser {
             name,
             password,
@@ -410,7 +459,16 @@ fn check_request(request: &Request) -> Result<(), Error> {
             check_name(vhost)?;
             exchange.as_deref().map_or(Ok(()), check_name)
         }
+        Request::AddVhost { name, .. }
+        | Request::DeleteVhost { name }
+        | Request::SetVhostLimits { name, .. } => check_vhost(name),
     }
+}
+
+fn check_hello(hello: &Hello) -> Result<(), Error> {
+    check_reason(&hello.client_name)?;
+    check_name(&hello.credentials.mechanism)?;
+    check_vhost(&hello.vhost)
 }
 
 fn check_permission(permission: &PermissionInfo) -> Result<(), Error> {
@@ -453,6 +511,7 @@ fn check_response(response: &Response) -> Result<(), Error> {
         Response::TopicPermissions(permissions) => {
             permissions.iter().try_for_each(check_topic_permission)
         }
+        Response::Vhosts(vhosts) => vhosts.iter().try_for_each(|vhost| check_vhost(&vhost.name)),
     }
 }
 
@@ -488,9 +547,7 @@ fn check_tag_ranges(ack_ranges: &AckRanges) -> Result<(), Error> {
 /// Runs the decoder's checks on a frame about to be encoded.
 fn check_for_encode(frame: &Frame) -> Result<(), Error> {
     let checked = match frame {
-        Frame::Hello(hello) => {
-            check_reason(&hello.client_name).and_then(|()| check_name(&hello.credentials.mechanism))
-        }
+        Frame::Hello(hello) => check_hello(hello),
         Frame::HelloOk(hello_ok) => check_reason(&hello_ok.server_version),
         Frame::Close(close) => check_reason(&close.reason),
         Frame::Request { request, .. } => check_request(request),
@@ -734,7 +791,7 @@ fn encode_inner(
     wire::put_varint(dst, u64::from(frame.kind()));
     let mut bodies_bytes = 0u64;
     match frame {
-        Frame::Hello(hello) => put_postcard(dst, hello)?,
+        Frame::Hello(hello) => put_hello(dst, hello)?,
         Frame::HelloOk(hello_ok) => put_postcard(dst, hello_ok)?,
         Frame::Close(close) => put_postcard(dst, close)?,
         Frame::CloseOk | Frame::Heartbeat => {}

@@ -126,6 +126,16 @@ pub const MINOR_ADMIN: u16 = 2;
 
 const _: () = assert!(MINOR_ADMIN <= crate::limits::PROTOCOL_MINOR);
 
+/// The protocol minor version that introduced virtual hosts: [`Hello::vhost`] (a trailing
+/// field, sent only when it is not `/`), the requests on virtual hosts (tags 26 to 29) and the
+/// `Vhosts` response (tag 15).
+pub const MINOR_VHOSTS: u16 = 3;
+
+const _: () = assert!(MINOR_VHOSTS <= crate::limits::PROTOCOL_MINOR);
+
+/// The virtual host of a connection that names none: the only one before protocol 1.3.
+pub const DEFAULT_VHOST: &str = "/";
+
 impl Frame {
     /// The frame's kind number on the wire (see [`kind`]).
     pub fn kind(&self) -> u32 {
@@ -159,6 +169,7 @@ impl Frame {
     pub fn minor_required(&self) -> u16 {
         match self {
             Frame::Defer(_) | Frame::Touch(_) => MINOR_QUEUE_FEATURES,
+            Frame::Hello(hello) if hello.vhost != DEFAULT_VHOST => MINOR_VHOSTS,
             Frame::Request { request, .. } => request.minor_required(),
             Frame::Response { response, .. } => response.minor_required(),
             _ => 0,
@@ -191,7 +202,11 @@ pub struct Credentials {
 }
 
 /// First frame from the client.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Encoded by hand in `codec.rs`: the 1.0 fields, then `vhost` as one trailing string only when
+/// it is not [`DEFAULT_VHOST`], so a `Hello` for `/` is byte for byte the 1.0 `Hello` and an
+/// old client's `Hello` decodes with `vhost = "/"`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
     /// Free-form client name for logs and management (e.g. `"wharf-client/0.1 orders-svc"`).
     pub client_name: String,
@@ -202,6 +217,21 @@ pub struct Hello {
     pub frame_bytes_max: u32,
     /// Heartbeat interval the client asks for; 0 = accept the server's.
     pub heartbeat_ms: u32,
+    /// Virtual host to connect to (protocol 1.3); [`DEFAULT_VHOST`] (`/`) unless the client
+    /// names another. Non-empty, at most `NAME_BYTES_MAX` bytes, no control characters.
+    pub vhost: String,
+}
+
+impl Default for Hello {
+    fn default() -> Hello {
+        Hello {
+            client_name: String::new(),
+            credentials: Credentials::default(),
+            frame_bytes_max: 0,
+            heartbeat_ms: 0,
+            vhost: DEFAULT_VHOST.to_owned(),
+        }
+    }
 }
 
 /// Limits the server enforces on this connection, announced in [`HelloOk`].
@@ -458,6 +488,29 @@ pub enum Request {
         /// Virtual host.
         vhost: String,
     },
+    /// Tag 26 (protocol 1.3, administrators): add a virtual host (`PreconditionFailed` if it
+    /// exists).
+    AddVhost {
+        /// Virtual host name.
+        name: String,
+        /// Its own limits.
+        limits: VhostLimits,
+    },
+    /// Tag 27 (protocol 1.3, administrators): delete a virtual host, with its queues,
+    /// exchanges and permissions.
+    DeleteVhost {
+        /// Virtual host name.
+        name: String,
+    },
+    /// Tag 28 (protocol 1.3, administrators): every virtual host, its limits and its usage.
+    ListVhosts,
+    /// Tag 29 (protocol 1.3, administrators): set a virtual host's limits (replacing them).
+    SetVhostLimits {
+        /// Virtual host name.
+        name: String,
+        /// The limits; `None` fields lift that limit.
+        limits: VhostLimits,
+    },
 }
 
 impl Request {
@@ -467,13 +520,17 @@ impl Request {
             Request::Redrive { .. } | Request::QueueStatsV2 { .. } | Request::ListQueuesV2 => {
                 MINOR_QUEUE_FEATURES
             }
+            Request::AddVhost { .. }
+            | Request::DeleteVhost { .. }
+            | Request::ListVhosts
+            | Request::SetVhostLimits { .. } => MINOR_VHOSTS,
             request if request.is_admin() => MINOR_ADMIN,
             _ => 0,
         }
     }
 
-    /// Whether this is an administration request (users and permissions), which needs the
-    /// `administrator` tag.
+    /// Whether this is an administration request (users, permissions and virtual hosts), which
+    /// needs the `administrator` tag.
     pub fn is_admin(&self) -> bool {
         matches!(
             self,
@@ -488,6 +545,10 @@ impl Request {
                 | Request::SetTopicPermissions(_)
                 | Request::ClearTopicPermissions { .. }
                 | Request::ListTopicPermissions { .. }
+                | Request::AddVhost { .. }
+                | Request::DeleteVhost { .. }
+                | Request::ListVhosts
+                | Request::SetVhostLimits { .. }
         )
     }
 }
@@ -553,6 +614,29 @@ pub struct TopicPermissionInfo {
     pub write: String,
     /// Binding keys it may bind with.
     pub read: String,
+}
+
+/// A virtual host's own limits (protocol 1.3). `None`: no limit of its own (the broker's
+/// limits still apply).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct VhostLimits {
+    /// Most client connections to the virtual host at once; beyond it a login is refused.
+    pub max_connections: Option<u32>,
+    /// Most queues in the virtual host; beyond it a declare fails with `ResourceLimit`.
+    pub max_queues: Option<u32>,
+}
+
+/// A virtual host, its limits and its usage (protocol 1.3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostInfo {
+    /// Virtual host name.
+    pub name: String,
+    /// Its own limits.
+    pub limits: VhostLimits,
+    /// Client connections to it now.
+    pub connections: u32,
+    /// Queues in it now.
+    pub queues: u32,
 }
 
 /// A queue's description and counters.
@@ -699,6 +783,8 @@ pub enum Response {
     TopicPermissions(
         #[serde(deserialize_with = "crate::bounded_vec::deserialize")] Vec<TopicPermissionInfo>,
     ),
+    /// Tag 15 (protocol 1.3): answer to `ListVhosts`.
+    Vhosts(#[serde(deserialize_with = "crate::bounded_vec::deserialize")] Vec<VhostInfo>),
 }
 
 impl Response {
@@ -711,6 +797,7 @@ impl Response {
             Response::Users(_) | Response::Permissions(_) | Response::TopicPermissions(_) => {
                 MINOR_ADMIN
             }
+            Response::Vhosts(_) => MINOR_VHOSTS,
             _ => 0,
         }
     }

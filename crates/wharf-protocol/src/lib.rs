@@ -43,11 +43,11 @@ pub use codec::{
 pub use error::Error;
 pub use frame::{
     Ack, AckRanges, BatchMessage, Binding, Close, Confirm, ConfirmRange, ConfirmStatus,
-    ConsumerCancelled, Credentials, Credit, Defer, Deliver, DeliverBatch, Delivery, Destination,
-    Durability, ExchangeInfo, ExchangeKind, Frame, Hello, HelloOk, MINOR_ADMIN,
-    MINOR_QUEUE_FEATURES, Nack, Password, PermissionInfo, Publish, PublishBatch, QueueInfo,
-    QueueInfoV2, Reject, Request, Response, ServerLimits, TagRange, TopicPermissionInfo, Touch,
-    UserInfo, kind,
+    ConsumerCancelled, Credentials, Credit, DEFAULT_VHOST, Defer, Deliver, DeliverBatch, Delivery,
+    Destination, Durability, ExchangeInfo, ExchangeKind, Frame, Hello, HelloOk, MINOR_ADMIN,
+    MINOR_QUEUE_FEATURES, MINOR_VHOSTS, Nack, Password, PermissionInfo, Publish, PublishBatch,
+    QueueInfo, QueueInfoV2, Reject, Request, Response, ServerLimits, TagRange, TopicPermissionInfo,
+    Touch, UserInfo, VhostInfo, VhostLimits, kind,
 };
 pub use preamble::{MAGIC, Preamble};
 pub use properties::{Properties, PropertiesRef};

@@ -7,8 +7,9 @@
 pub const PROTOCOL_MAJOR: u16 = 1;
 
 /// Minor protocol version this build speaks; minors only add (see docs/protocol.md).
-/// 1.1 added delayed delivery, `Defer`, `Touch` (leases), `Redrive` and the V2 queue counters.
-pub const PROTOCOL_MINOR: u16 = 2;
+/// 1.1 added delayed delivery, `Defer`, `Touch` (leases), `Redrive` and the V2 queue counters;
+/// 1.2 online administration of users and permissions; 1.3 virtual hosts.
+pub const PROTOCOL_MINOR: u16 = 3;
 
 /// Longest password or permission pattern in an administration request (bytes, *decode*).
 pub const ADMIN_TEXT_BYTES_MAX: usize = 1024;

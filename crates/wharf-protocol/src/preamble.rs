@@ -84,7 +84,7 @@ mod tests {
     #[test]
     fn preamble_round_trips_and_waits_for_eight_bytes() {
         let bytes = Preamble::CURRENT.encode();
-        assert_eq!(&bytes, b"WHRF\x00\x01\x00\x02");
+        assert_eq!(&bytes, b"WHRF\x00\x01\x00\x03");
         for len in 0..Preamble::BYTES {
             assert!(Preamble::decode(&bytes[..len]).unwrap().is_none());
         }

@@ -188,6 +188,25 @@ fn check_name_len(len: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// A virtual host's name (protocol 1.3): a name that is not empty and has no control
+/// characters (it appears in logs, URLs and the CLI's tables).
+pub(crate) fn check_vhost(vhost: &str) -> Result<(), Error> {
+    check_name(vhost)?;
+    if vhost.is_empty() {
+        return Err(Error::Malformed {
+            frame: "vhost",
+            detail: "empty virtual host name",
+        });
+    }
+    if vhost.chars().any(char::is_control) {
+        return Err(Error::Malformed {
+            frame: "vhost",
+            detail: "control character in a virtual host name",
+        });
+    }
+    Ok(())
+}
+
 /// A password or permission pattern of an administration request.
 pub(crate) fn check_admin_text(text: &str) -> Result<(), Error> {
     if text.len() > crate::limits::ADMIN_TEXT_BYTES_MAX {

@@ -625,6 +625,172 @@ fn administration_needs_protocol_1_2_and_its_texts_are_bounded() {
     ));
 }
 
+fn hello(vhost: &str) -> Hello {
+    Hello {
+        client_name: "c".into(),
+        credentials: Credentials {
+            mechanism: "ANONYMOUS".into(),
+            data: Bytes::new(),
+        },
+        frame_bytes_max: FRAME_BYTES_MAX,
+        heartbeat_ms: 0,
+        vhost: vhost.into(),
+    }
+}
+
+#[test]
+fn hello_for_the_default_vhost_is_the_old_hello_byte_for_byte() {
+    // The 1.2 `Hello`: the four fields, postcard, nothing after them.
+    let old = &hello("/");
+    let mut expected = vec![kind::HELLO as u8];
+    expected.extend(
+        postcard::to_allocvec(&(
+            &old.client_name,
+            &old.credentials,
+            old.frame_bytes_max,
+            old.heartbeat_ms,
+        ))
+        .unwrap(),
+    );
+    let frame = Frame::Hello(hello("/"));
+    assert_eq!(&encoded(&frame)[..], &raw_frame(&expected)[..]);
+    assert_eq!(frame.minor_required(), 0);
+    // An old client's `Hello` (no trailing vhost) decodes with vhost "/".
+    let decoded = decode(&mut raw_frame(&expected), FRAME_BYTES_MAX).unwrap();
+    assert_eq!(decoded, Some(Frame::Hello(hello("/"))));
+    // Another vhost is one trailing string, and needs protocol 1.3.
+    let staging = Frame::Hello(hello("staging"));
+    expected.extend(b"\x07staging");
+    assert_eq!(&encoded(&staging)[..], &raw_frame(&expected)[..]);
+    assert_eq!(staging.minor_required(), MINOR_VHOSTS);
+    assert_eq!(
+        decode(&mut raw_frame(&expected), FRAME_BYTES_MAX).unwrap(),
+        Some(staging)
+    );
+}
+
+#[test]
+fn hello_vhost_must_end_the_frame() {
+    let mut bytes = encoded(&Frame::Hello(hello("staging"))).to_vec();
+    bytes.push(0);
+    let len = (bytes.len() - 4) as u32;
+    bytes[..4].copy_from_slice(&len.to_be_bytes());
+    let err = decode(&mut BytesMut::from(&bytes[..]), FRAME_BYTES_MAX).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Malformed {
+                frame: "Hello",
+                detail: "trailing bytes"
+            }
+        ),
+        "{err:?}"
+    );
+    // A trailing vhost cut short is truncated, not a shorter name.
+    let mut bytes = encoded(&Frame::Hello(hello("staging"))).to_vec();
+    bytes.pop();
+    let len = (bytes.len() - 4) as u32;
+    bytes[..4].copy_from_slice(&len.to_be_bytes());
+    assert!(matches!(
+        decode(&mut BytesMut::from(&bytes[..]), FRAME_BYTES_MAX),
+        Err(Error::Malformed {
+            frame: "Hello",
+            detail: "truncated"
+        })
+    ));
+}
+
+#[test]
+fn vhost_names_must_be_non_empty_short_and_without_control_characters_both_ways() {
+    let too_long = "v".repeat(NAME_BYTES_MAX + 1);
+    for bad in ["", "a\nb", "\u{7f}", too_long.as_str()] {
+        let frames = [
+            Frame::Hello(hello(bad)),
+            Frame::Request {
+                correlation_id: 1,
+                request: Request::AddVhost {
+                    name: bad.into(),
+                    limits: VhostLimits::default(),
+                },
+            },
+            Frame::Request {
+                correlation_id: 1,
+                request: Request::DeleteVhost { name: bad.into() },
+            },
+            Frame::Request {
+                correlation_id: 1,
+                request: Request::SetVhostLimits {
+                    name: bad.into(),
+                    limits: VhostLimits::default(),
+                },
+            },
+            Frame::Response {
+                correlation_id: 1,
+                response: Response::Vhosts(vec![VhostInfo {
+                    name: bad.into(),
+                    limits: VhostLimits::default(),
+                    connections: 0,
+                    queues: 0,
+                }]),
+            },
+        ];
+        for frame in frames {
+            let err = encode(&frame, FRAME_BYTES_MAX, &mut BytesMut::new()).unwrap_err();
+            assert!(
+                matches!(err, Error::Invalid { .. } | Error::LimitExceeded { .. }),
+                "{frame:?}: {err:?}"
+            );
+        }
+    }
+    // Hand-made Hello { "c", ANONYMOUS, 0, 0 } + vhost "a\nb" is refused by the decoder, and so
+    // is an explicit empty vhost (a 1.3 client sends nothing for "/", never "").
+    for trailing in [&b"\x03a\nb"[..], &b"\x00"[..]] {
+        let mut body = vec![kind::HELLO as u8, 1, b'c', 9];
+        body.extend(b"ANONYMOUS");
+        body.extend([0, 0, 0]);
+        body.extend(trailing);
+        let err = decode(&mut raw_frame(&body), FRAME_BYTES_MAX).unwrap_err();
+        assert!(
+            matches!(err, Error::Malformed { frame: "vhost", .. }),
+            "{err:?}"
+        );
+        assert_eq!(err.error_code(), ErrorCode::ProtocolViolation);
+    }
+    // Names of other virtual hosts may hold '/', like RabbitMQ's.
+    encoded(&Frame::Hello(hello("/staging/eu")));
+}
+
+#[test]
+fn virtual_hosts_need_protocol_1_3_and_administrator_rights() {
+    for request in [
+        Request::AddVhost {
+            name: "a".into(),
+            limits: VhostLimits::default(),
+        },
+        Request::DeleteVhost { name: "a".into() },
+        Request::ListVhosts,
+        Request::SetVhostLimits {
+            name: "a".into(),
+            limits: VhostLimits {
+                max_connections: Some(1),
+                max_queues: Some(2),
+            },
+        },
+    ] {
+        assert!(request.is_admin(), "{request:?}");
+        assert_eq!(request.minor_required(), MINOR_VHOSTS, "{request:?}");
+    }
+    assert_eq!(Response::Vhosts(Vec::new()).minor_required(), MINOR_VHOSTS);
+    assert_eq!(
+        VhostLimits::default(),
+        VhostLimits {
+            max_connections: None,
+            max_queues: None
+        }
+    );
+    assert_eq!(Hello::default().vhost, DEFAULT_VHOST);
+}
+
 #[test]
 fn queue_info_v2_starts_with_the_bytes_of_queue_info() {
     // 1.1 appends counters after QueueInfo's fields, so a reader can share the prefix code.

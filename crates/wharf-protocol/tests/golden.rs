@@ -41,6 +41,7 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 },
                 frame_bytes_max: 1 << 20,
                 heartbeat_ms: 0,
+                vhost: "/".into(),
             }),
         ),
         (
@@ -299,6 +300,85 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 body: Bytes::from_static(b"later"),
             }),
         ),
+        // Protocol 1.3.
+        (
+            "hello_vhost",
+            Frame::Hello(Hello {
+                client_name: "wharf-client/0.1".into(),
+                credentials: Credentials {
+                    mechanism: "PLAIN".into(),
+                    data: Bytes::from_static(b"\0guest\0guest"),
+                },
+                frame_bytes_max: 1 << 20,
+                heartbeat_ms: 0,
+                vhost: "staging".into(),
+            }),
+        ),
+        (
+            "request_add_vhost",
+            Frame::Request {
+                correlation_id: 13,
+                request: Request::AddVhost {
+                    name: "staging".into(),
+                    limits: VhostLimits {
+                        max_connections: Some(100),
+                        max_queues: None,
+                    },
+                },
+            },
+        ),
+        (
+            "request_delete_vhost",
+            Frame::Request {
+                correlation_id: 14,
+                request: Request::DeleteVhost {
+                    name: "staging".into(),
+                },
+            },
+        ),
+        (
+            "request_list_vhosts",
+            Frame::Request {
+                correlation_id: 15,
+                request: Request::ListVhosts,
+            },
+        ),
+        (
+            "request_set_vhost_limits",
+            Frame::Request {
+                correlation_id: 16,
+                request: Request::SetVhostLimits {
+                    name: "staging".into(),
+                    limits: VhostLimits {
+                        max_connections: None,
+                        max_queues: Some(1_000),
+                    },
+                },
+            },
+        ),
+        (
+            "response_vhosts",
+            Frame::Response {
+                correlation_id: 15,
+                response: Response::Vhosts(vec![
+                    VhostInfo {
+                        name: "/".into(),
+                        limits: VhostLimits::default(),
+                        connections: 2,
+                        queues: 5,
+                    },
+                    VhostInfo {
+                        name: "staging".into(),
+                        limits: VhostLimits {
+                            max_connections: Some(100),
+                            max_queues: Some(1_000),
+                        },
+                        connections: 0,
+                        queues: 0,
+                    },
+                ]),
+            },
+        ),
     ]
 }
 
@@ -354,7 +434,7 @@ fn preamble_vector_is_whrf_then_versions() {
         Preamble { major: 1, minor: 0 }.encode(),
         *b"WHRF\x00\x01\x00\x00"
     );
-    assert_eq!(Preamble::CURRENT.encode(), *b"WHRF\x00\x01\x00\x02");
+    assert_eq!(Preamble::CURRENT.encode(), *b"WHRF\x00\x01\x00\x03");
 }
 
 #[test]

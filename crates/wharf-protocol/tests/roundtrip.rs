@@ -16,6 +16,27 @@ fn name() -> impl Strategy<Value = String> {
     ]
 }
 
+/// A valid virtual host name: non-empty, no control characters (`/` most often).
+fn vhost() -> impl Strategy<Value = String> {
+    prop_oneof![
+        2 => Just("/".to_owned()),
+        4 => "[a-z0-9/._-]{1,16}",
+        1 => "\\PC{1,8}",
+        1 => Just("v".repeat(NAME_BYTES_MAX)),
+    ]
+}
+
+fn vhost_limits() -> impl Strategy<Value = VhostLimits> {
+    (
+        proptest::option::of(any::<u32>()),
+        proptest::option::of(any::<u32>()),
+    )
+        .prop_map(|(max_connections, max_queues)| VhostLimits {
+            max_connections,
+            max_queues,
+        })
+}
+
 fn wire_str() -> impl Strategy<Value = WireStr> {
     name().prop_map(WireStr::from)
 }
@@ -277,6 +298,11 @@ fn admin_request() -> impl Strategy<Value = Request> {
             }
         }),
         name().prop_map(|vhost| Request::ListTopicPermissions { vhost }),
+        (vhost(), vhost_limits()).prop_map(|(name, limits)| Request::AddVhost { name, limits }),
+        vhost().prop_map(|name| Request::DeleteVhost { name }),
+        Just(Request::ListVhosts),
+        (vhost(), vhost_limits())
+            .prop_map(|(name, limits)| Request::SetVhostLimits { name, limits }),
     ]
 }
 
@@ -364,6 +390,18 @@ fn response() -> impl Strategy<Value = Response> {
         proptest::collection::vec(permission_info(), 0..4).prop_map(Response::Permissions),
         proptest::collection::vec(topic_permission_info(), 0..4)
             .prop_map(Response::TopicPermissions),
+        proptest::collection::vec(
+            (vhost(), vhost_limits(), any::<(u32, u32)>()).prop_map(
+                |(name, limits, (connections, queues))| VhostInfo {
+                    name,
+                    limits,
+                    connections,
+                    queues,
+                }
+            ),
+            0..4
+        )
+        .prop_map(Response::Vhosts),
     ]
 }
 
@@ -384,20 +422,22 @@ fn frame() -> impl Strategy<Value = Frame> {
             name(),
             proptest::collection::vec(any::<u8>(), 0..32),
             any::<u32>(),
-            any::<u32>()
+            any::<u32>(),
+            vhost()
         )
             .prop_map(
-                |(client_name, mechanism, data, frame_bytes_max, heartbeat_ms)| Frame::Hello(
-                    Hello {
+                |(client_name, mechanism, data, frame_bytes_max, heartbeat_ms, vhost)| {
+                    Frame::Hello(Hello {
                         client_name,
                         credentials: Credentials {
                             mechanism,
-                            data: Bytes::from(data)
+                            data: Bytes::from(data),
                         },
                         frame_bytes_max,
                         heartbeat_ms,
-                    }
-                )
+                        vhost,
+                    })
+                }
             ),
         (name(), any::<u16>(), any::<[u32; 4]>()).prop_map(
             |(server_version, protocol_minor, limits)| {

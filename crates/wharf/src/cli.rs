@@ -1,5 +1,5 @@
 //! The `wharf` client subcommands (`declare`, `bind`, `delete`, `purge`, `publish`, `consume`,
-//! `queues`, `exchanges`, `dlq`), built on `wharf-client`. Each opens one connection to `--server`
+//! `queues`, `exchanges`, `dlq`, `vhost`), built on `wharf-client`. Each opens one connection to `--server`
 //! (env `WHARF_SERVER`, default `127.0.0.1:5800`), does its work and closes it.
 //!
 //! Errors go to stderr as `error: ...`; the exit code says what kind of error it was
@@ -154,8 +154,9 @@ fn io_detail(err: &io::Error) -> String {
 /// The broker to talk to.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArg {
-    /// Broker address: HOST:PORT, wharf://USER:PASSWORD@HOST:PORT, or wharfs://... for TLS
-    /// (credentials and port optional; wharfs:// defaults to port 5801).
+    /// Broker address: HOST:PORT, wharf://USER:PASSWORD@HOST:PORT/VHOST, or wharfs://... for
+    /// TLS (credentials, port and virtual host optional; wharfs:// defaults to port 5801; a
+    /// '/' in a virtual host's name is written %2F).
     #[arg(
         long = "server",
         value_name = "ADDR",
@@ -238,6 +239,9 @@ pub enum Command {
     /// Dead-letter queues: move dead-lettered messages back.
     #[command(subcommand)]
     Dlq(Dlq),
+    /// Manage the broker's virtual hosts over the protocol, as an administrator.
+    #[command(subcommand)]
+    Vhost(crate::vhosts::Vhost),
 }
 
 /// `wharf dlq ...`
@@ -490,6 +494,7 @@ pub async fn run(command: Command) -> Result<(), Failure> {
         Command::Queues(server) => list_queues(server).await,
         Command::Exchanges(server) => list_exchanges(server).await,
         Command::Dlq(Dlq::Redrive(args)) => redrive(args).await,
+        Command::Vhost(command) => crate::vhosts::run(command).await,
     }
 }
 
@@ -518,7 +523,7 @@ pub(crate) async fn connect_as(server: &ServerArg, client_name: String) -> Resul
 }
 
 /// Runs `work` on a fresh connection, then closes it (also after an error).
-async fn with_client<T>(
+pub(crate) async fn with_client<T>(
     server: &ServerArg,
     work: impl AsyncFnOnce(&Client) -> Result<T, Failure>,
 ) -> Result<T, Failure> {
@@ -528,7 +533,7 @@ async fn with_client<T>(
     result
 }
 
-fn print(line: impl std::fmt::Display) -> Result<(), Failure> {
+pub(crate) fn print(line: impl std::fmt::Display) -> Result<(), Failure> {
     let mut stdout = io::stdout().lock();
     writeln!(stdout, "{line}")?;
     Ok(())
@@ -1098,7 +1103,7 @@ pub(crate) fn kind_name(kind: ExchangeKind) -> &'static str {
 
 /// Prints `rows` under `header`, columns separated by two spaces, each as wide as its widest
 /// cell; numeric columns (`right_aligned`) aligned right.
-fn print_table(
+pub(crate) fn print_table(
     header: &[&str],
     right_aligned: &[bool],
     rows: &[Vec<String>],

@@ -6,6 +6,7 @@ mod bench;
 mod cli;
 mod tls_gen;
 mod users;
+mod vhosts;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};

@@ -39,7 +39,7 @@ impl Transport {
     }
 }
 use wharf_protocol::limits::FRAME_BYTES_MAX_FLOOR;
-use wharf_protocol::{ErrorCode, Frame, Hello, HelloOk, Preamble};
+use wharf_protocol::{DEFAULT_VHOST, ErrorCode, Frame, Hello, HelloOk, MINOR_VHOSTS, Preamble};
 
 pub(super) async fn handshake(
     addr: &ServerAddr,
@@ -49,6 +49,8 @@ pub(super) async fn handshake(
         addr: addr.to_string(),
         source: Arc::new(source),
     };
+    // The virtual host is checked before anything is sent.
+    let vhost = vhost_to_open(addr, options)?;
     if !addr.tls() && options.tls.is_some() {
         return Err(ClientError::Tls {
             reason: format!("TLS options were given for {addr}, a wharf:// address: use wharfs://"),
@@ -70,7 +72,7 @@ pub(super) async fn handshake(
     match tls {
         None => {
             let mut socket = socket;
-            let (buf, hello_ok) = exchange(&mut socket, addr, options).await?;
+            let (buf, hello_ok) = exchange(&mut socket, addr, options, vhost).await?;
             Ok((Transport::Plain(socket), buf, hello_ok))
         }
         Some((config, server_name)) => {
@@ -80,10 +82,40 @@ pub(super) async fn handshake(
                 .map_err(|err| ClientError::Tls {
                     reason: format!("handshake with {addr} failed: {err}"),
                 })?;
-            let (buf, hello_ok) = exchange(&mut stream, addr, options).await?;
+            let (buf, hello_ok) = exchange(&mut stream, addr, options, vhost).await?;
             Ok((Transport::Tls(Box::new(stream)), buf, hello_ok))
         }
     }
+}
+
+/// The virtual host to name in `Hello`: the options', else the address's (`/` if it names
+/// none), refused here if the protocol would refuse it.
+fn vhost_to_open<'a>(
+    addr: &'a ServerAddr,
+    options: &'a ClientOptions,
+) -> Result<&'a str, ClientError> {
+    let vhost = options.vhost.as_deref().unwrap_or(addr.vhost());
+    match crate::addr::vhost_error(vhost) {
+        Some(reason) => Err(ClientError::InvalidArgument {
+            what: "vhost",
+            detail: format!("{vhost:?}: {reason}"),
+        }),
+        None => Ok(vhost),
+    }
+}
+
+/// `Err(NotSupported)` if `vhost` cannot be named to a server whose preamble announced
+/// `server_minor`: before 1.3 a `Hello` has no virtual host (the server would refuse its
+/// trailing bytes as a protocol violation), and its only virtual host is `/`.
+fn check_vhost_supported(vhost: &str, server_minor: u16) -> Result<(), ClientError> {
+    if vhost != DEFAULT_VHOST && server_minor < MINOR_VHOSTS {
+        return Err(ClientError::NotSupported {
+            feature: "a virtual host other than /",
+            minor_required: MINOR_VHOSTS,
+            server_minor,
+        });
+    }
+    Ok(())
 }
 
 /// Preambles, `Hello` and `HelloOk` over `stream`.
@@ -91,6 +123,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     addr: &ServerAddr,
     options: &ClientOptions,
+    vhost: &str,
 ) -> Result<(BytesMut, HelloOk), ClientError> {
     let connect_error = |source: io::Error| ClientError::Connect {
         addr: addr.to_string(),
@@ -137,12 +170,15 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         );
     }
 
+    // The server's minor is known from its preamble, before `Hello` is sent.
+    check_vhost_supported(vhost, preamble.minor)?;
     let credentials = options.credentials.resolve(addr);
     let hello = Frame::Hello(Hello {
         client_name: options.client_name.clone(),
         credentials: credentials.to_wire(),
         frame_bytes_max: options.frame_bytes_max.max(FRAME_BYTES_MAX_FLOOR),
         heartbeat_ms: options.heartbeat_ms,
+        vhost: vhost.to_owned(),
     });
     let mut out = BytesMut::new();
     wharf_protocol::encode(&hello, FRAME_BYTES_MAX_FLOOR, &mut out).map_err(ClientError::encode)?;
@@ -218,6 +254,40 @@ async fn read_frame<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_options_vhost_overrides_the_addresss_and_is_checked_before_connecting() {
+        let addr: ServerAddr = "wharf://host/staging".parse().unwrap();
+        let mut options = ClientOptions::default();
+        assert_eq!(vhost_to_open(&addr, &options).unwrap(), "staging");
+        options.vhost = Some("/".into());
+        assert_eq!(vhost_to_open(&addr, &options).unwrap(), "/");
+        let plain: ServerAddr = "host:5800".parse().unwrap();
+        options.vhost = None;
+        assert_eq!(vhost_to_open(&plain, &options).unwrap(), "/");
+        for bad in ["", "a\nb", &"v".repeat(256)] {
+            options.vhost = Some(bad.to_owned());
+            assert!(matches!(
+                vhost_to_open(&plain, &options),
+                Err(ClientError::InvalidArgument { what: "vhost", .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn only_the_default_vhost_is_named_to_a_server_older_than_1_3() {
+        assert!(check_vhost_supported("/", 0).is_ok());
+        assert!(check_vhost_supported("/", MINOR_VHOSTS - 1).is_ok());
+        assert!(check_vhost_supported("staging", MINOR_VHOSTS).is_ok());
+        assert!(matches!(
+            check_vhost_supported("staging", MINOR_VHOSTS - 1),
+            Err(ClientError::NotSupported {
+                minor_required: MINOR_VHOSTS,
+                server_minor: 2,
+                ..
+            })
+        ));
+    }
 
     #[tokio::test]
     async fn read_frame_reports_clean_eof_and_mid_frame_eof_differently() {
