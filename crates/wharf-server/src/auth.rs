@@ -258,8 +258,9 @@ pub enum AuthError {
     /// Too many users.
     #[error("the broker has its maximum of {USERS_MAX} users")]
     TooMany,
-    /// The virtual host does not exist.
-    #[error("no virtual host {0:?} (this broker has only \"/\")")]
+    /// The virtual host name is not a valid name (whether it exists is the broker's to say:
+    /// virtual hosts live in its log, not in this file).
+    #[error("invalid virtual host name {0:?}")]
     NoSuchVhost(String),
 }
 
@@ -623,6 +624,19 @@ impl Users {
         })
     }
 
+    /// Removes every user's permissions and topic permissions in `vhost` (it is being
+    /// deleted). Bumps the generation even when nobody had any, which is harmless.
+    pub fn clear_vhost(&self, vhost: &str) -> Result<(), AuthError> {
+        check_vhost(vhost)?;
+        self.update(|users| {
+            for user in users.values_mut() {
+                user.permissions.remove(vhost);
+                user.topic_permissions.remove(vhost);
+            }
+            Ok(())
+        })
+    }
+
     /// Sets a user's topic permissions on an exchange of a virtual host (replacing any).
     pub fn set_topic_permissions(
         &self,
@@ -839,10 +853,9 @@ impl Users {
 
 /// Refuses a virtual host that does not exist (only `/`, until they can be made).
 fn check_vhost(vhost: &str) -> Result<(), AuthError> {
-    if vhost == DEFAULT_VHOST {
-        Ok(())
-    } else {
-        Err(AuthError::NoSuchVhost(vhost.to_owned()))
+    match wharf_core::validate_name(vhost) {
+        Ok(()) => Ok(()),
+        Err(_) => Err(AuthError::NoSuchVhost(vhost.to_owned())),
     }
 }
 
@@ -1143,7 +1156,7 @@ mod tests {
             Err(AuthError::Invalid(_))
         ));
         assert!(matches!(
-            users.set_permissions("alice", "/other", Permission::full()),
+            users.set_permissions("alice", "bad\nvhost", Permission::full()),
             Err(AuthError::NoSuchVhost(_))
         ));
         assert!(matches!(

@@ -309,3 +309,87 @@ async fn users_and_permissions_are_administered_online_and_survive_kill_9() {
     );
     broker.terminate(DEADLINE);
 }
+
+/// Virtual hosts, what they hold, their limits and the permissions in them survive `kill -9`
+/// of the real process: each change was acknowledged only once logged (the virtual hosts
+/// and their queues in the broker's log, permissions in the users file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vhosts_and_their_permissions_survive_kill_9() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let broker = process::spawn(&data);
+    let admin = Client::connect(&format!("wharf://guest:guest@{}", broker.addr))
+        .await
+        .expect("guest");
+    let limits = wharf_client::VhostLimits {
+        max_connections: Some(4),
+        max_queues: Some(8),
+    };
+    admin.add_vhost("tenant-1", limits).await.unwrap();
+    admin
+        .add_vhost("tenant-2", wharf_client::VhostLimits::default())
+        .await
+        .unwrap();
+    admin.add_user("carol", "pw", &[]).await.unwrap();
+    admin
+        .set_permissions(wharf_client::PermissionInfo {
+            user: "carol".into(),
+            vhost: "tenant-1".into(),
+            configure: ".*".into(),
+            write: ".*".into(),
+            read: "^carol-".into(),
+        })
+        .await
+        .unwrap();
+    let carol = Client::connect(&format!("wharf://carol:pw@{}/tenant-1", broker.addr))
+        .await
+        .expect("carol in tenant-1");
+    carol
+        .declare_queue("carol-jobs")
+        .durable(true)
+        .await
+        .unwrap();
+    for body in ["1", "2"] {
+        carol
+            .publish(
+                "",
+                "carol-jobs",
+                wharf_client::Message::new(body).persistent(true),
+            )
+            .await
+            .unwrap();
+    }
+    admin.delete_vhost("tenant-2").await.unwrap();
+    broker.kill();
+    let broker = process::spawn(&data);
+    let admin = Client::connect(&format!("wharf://guest:guest@{}", broker.addr))
+        .await
+        .expect("guest after kill -9");
+    let vhosts: Vec<(String, wharf_client::VhostLimits)> = admin
+        .list_vhosts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|info| (info.name, info.limits))
+        .collect();
+    assert_eq!(
+        vhosts,
+        [
+            ("/".to_owned(), wharf_client::VhostLimits::default()),
+            ("tenant-1".to_owned(), limits)
+        ]
+    );
+    let carol = Client::connect(&format!("wharf://carol:pw@{}/tenant-1", broker.addr))
+        .await
+        .expect("carol in tenant-1 after kill -9");
+    assert_eq!(carol.queue_stats("carol-jobs").await.unwrap().ready, 2);
+    let Err(refused) = carol
+        .consume("other", wharf_client::ConsumeOptions::default())
+        .await
+    else {
+        panic!("her read permission lost its pattern");
+    };
+    assert_eq!(refused.code(), Some(ErrorCode::AccessRefused));
+    assert_refused(Client::connect(&format!("wharf://carol:pw@{}/", broker.addr)).await);
+    broker.terminate(DEADLINE);
+}

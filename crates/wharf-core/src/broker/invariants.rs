@@ -635,7 +635,7 @@ impl Broker {
                     // Nothing binds across virtual hosts.
                     Destination::Queue(qid) => self
                         .queues
-                        .get(&qid)
+                        .get(qid)
                         .is_some_and(|queue| *queue.vhost == *vhost),
                     Destination::Exchange(name) => ns.exchanges.contains_key(name),
                 };

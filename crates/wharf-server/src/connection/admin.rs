@@ -1,5 +1,5 @@
-//! Administration over the protocol (1.2): users and permissions, for users with the
-//! `administrator` tag (docs/security.md "Managing users").
+//! Administration over the protocol (1.2, 1.3): users, permissions and virtual hosts, for
+//! users with the `administrator` tag (docs/security.md "Managing users").
 //!
 //! These requests never run under the broker lock: adding a user or changing a password runs
 //! the KDF (tens of milliseconds) and every change rewrites and fsyncs the users file. A
@@ -10,7 +10,7 @@
 use super::*;
 use crate::auth::{AuthError, Permission, Tag, TopicPermission, Users};
 use tokio::sync::mpsc;
-use wharf_protocol::UserInfo;
+use wharf_protocol::{UserInfo, VhostInfo, VhostLimits};
 
 /// Administration requests of one connection waiting for its task at most; past it they are
 /// refused with `ResourceLimit` at once.
@@ -27,7 +27,7 @@ impl Admin {
     /// answers at once when too many wait.
     pub(super) fn submit(
         &mut self,
-        shared: &Context,
+        shared: &Arc<Context>,
         user: &str,
         anonymous: bool,
         outbox: &Arc<Output>,
@@ -46,8 +46,7 @@ impl Admin {
         let queue = self.queue.get_or_insert_with(|| {
             let (sender, receiver) = mpsc::channel(ADMIN_QUEUE_MAX);
             tokio::spawn(run(
-                shared.users.clone(),
-                shared.kdf.clone(),
+                shared.clone(),
                 user.to_owned(),
                 outbox.clone(),
                 receiver,
@@ -69,8 +68,7 @@ impl Admin {
 }
 
 async fn run(
-    users: Arc<Users>,
-    kdf: Arc<tokio::sync::Semaphore>,
+    shared: Arc<Context>,
     caller: String,
     outbox: Arc<Output>,
     mut requests: mpsc::Receiver<(u64, Request)>,
@@ -79,17 +77,19 @@ async fn run(
         // Only a password to hash takes one of the KDF's permits (logins wait for them too).
         let permit = match request {
             Request::AddUser { .. } | Request::ChangePassword { .. } => Some(
-                kdf.clone()
+                shared
+                    .kdf
+                    .clone()
                     .acquire_owned()
                     .await
                     .expect("the KDF semaphore is never closed"),
             ),
             _ => None,
         };
-        let (users, caller) = (users.clone(), caller.clone());
+        let (shared, caller) = (shared.clone(), caller.clone());
         let response = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            handle(&users, &caller, request)
+            handle(&shared, &caller, request)
         })
         .await
         .unwrap_or_else(|err| Response::Error {
@@ -140,13 +140,20 @@ fn error_response(err: AuthError) -> Response {
     }
 }
 
-/// Applies one administration request for `caller` (blocking: may run the KDF and rewrites
-/// the users file). The caller's tags are looked up afresh: a demoted administrator can do
-/// nothing more from its next request.
-fn handle(users: &Users, caller: &str, request: Request) -> Response {
+/// Applies one administration request for `caller` (blocking: may run the KDF, rewrites
+/// the users file, waits for the log). The caller's tags are looked up afresh: a demoted
+/// administrator can do nothing more from its next request.
+fn handle(shared: &Context, caller: &str, request: Request) -> Response {
+    let users = &shared.users;
     if !is_administrator(users, caller) {
         return not_an_administrator(caller, false);
     }
+    let vhost_exists = |vhost: &str| -> Result<(), Response> {
+        match shared.lock().broker.has_vhost(vhost) {
+            true => Ok(()),
+            false => Err(no_such_vhost(vhost)),
+        }
+    };
     let done =
         |result: Result<(), AuthError>| result.map_or_else(error_response, |()| Response::Done);
     match request {
@@ -170,6 +177,10 @@ fn handle(users: &Users, caller: &str, request: Request) -> Response {
                 })
                 .collect(),
         ),
+        Request::SetPermissions(info) if let Err(response) = vhost_exists(&info.vhost) => response,
+        Request::SetTopicPermissions(info) if let Err(response) = vhost_exists(&info.vhost) => {
+            response
+        }
         Request::SetPermissions(info) => done(users.set_permissions(
             &info.user,
             &info.vhost,
@@ -198,6 +209,114 @@ fn handle(users: &Users, caller: &str, request: Request) -> Response {
         Request::ListTopicPermissions { vhost } => {
             Response::TopicPermissions(users.topic_permissions_in(&vhost))
         }
+        Request::AddVhost { name, limits } => {
+            if shared.lock().broker.has_vhost(&name) {
+                return Response::Error {
+                    code: ErrorCode::PreconditionFailed,
+                    message: format!("vhost '{name}' already exists"),
+                };
+            }
+            apply_logged(
+                shared,
+                Command::AddVhost {
+                    name,
+                    limits: core_limits(limits),
+                },
+            )
+        }
+        Request::SetVhostLimits { name, limits } => apply_logged(
+            shared,
+            Command::SetVhostLimits {
+                name,
+                limits: core_limits(limits),
+            },
+        ),
+        Request::DeleteVhost { name } => {
+            if name == wharf_core::DEFAULT_VHOST {
+                return Response::Error {
+                    code: ErrorCode::AccessRefused,
+                    message: "the default virtual host '/' cannot be deleted".to_owned(),
+                };
+            }
+            if let Err(response) = vhost_exists(&name) {
+                return response;
+            }
+            // Its permissions go first: the connections open in it lose their access and are
+            // closed at their next frame (as RabbitMQ closes them), and a crash between the two
+            // steps leaves a virtual host nobody may enter, never permissions that would apply
+            // to a new virtual host of the same name.
+            if let Err(err) = users.clear_vhost(&name) {
+                return error_response(err);
+            }
+            apply_logged(shared, Command::DeleteVhost { name })
+        }
+        Request::ListVhosts => Response::Vhosts(
+            shared
+                .lock()
+                .broker
+                .list_vhosts()
+                .into_iter()
+                .map(|info| VhostInfo {
+                    name: info.name,
+                    limits: VhostLimits {
+                        max_connections: info.limits.max_connections,
+                        max_queues: info.limits.max_queues,
+                    },
+                    connections: info.connections,
+                    queues: info.queues,
+                })
+                .collect(),
+        ),
         other => unreachable!("not an administration request: {other:?}"),
+    }
+}
+
+fn core_limits(limits: VhostLimits) -> wharf_core::VhostLimits {
+    wharf_core::VhostLimits {
+        max_connections: limits.max_connections,
+        max_queues: limits.max_queues,
+    }
+}
+
+fn no_such_vhost(vhost: &str) -> Response {
+    Response::Error {
+        code: ErrorCode::NotFound,
+        message: format!("vhost '{vhost}' not found"),
+    }
+}
+
+/// Applies a topology command through the command batch and answers once its log record is
+/// on disk (what a virtual host change must be before it is acknowledged).
+fn apply_logged(shared: &Context, command: Command) -> Response {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let mut batch = shared.batch();
+    let applied = batch.apply(now_ms(), command);
+    if applied.is_ok() {
+        batch.on_durable(
+            Box::new(move |outcome| {
+                let _ = sender.send(outcome);
+            }),
+            true,
+        );
+    }
+    if let Some(leader) = batch.finish().flush(None) {
+        leader.commit();
+    }
+    if let Err(err) = applied {
+        return Response::Error {
+            code: error_code(&err),
+            message: err.to_string(),
+        };
+    }
+    match receiver.recv() {
+        Ok(Ok(_)) => Response::Done,
+        Ok(Err(err)) => Response::Error {
+            code: ErrorCode::Internal,
+            message: format!("the change could not be logged: {err}"),
+        },
+        Err(_) => Response::Error {
+            code: ErrorCode::Internal,
+            message: "the change's log record was dropped".to_owned(),
+        },
     }
 }

@@ -70,7 +70,7 @@ pub(super) fn commit_log(leader: Leader) {
 /// and the log leader to commit, if the batch's confirms or responses wait for the log and the
 /// client had nothing else waiting on it.
 pub(super) fn apply_frames(
-    shared: &Context,
+    shared: &Arc<Context>,
     reader: &mut Reader,
     frames: &mut Vec<Frame>,
     outbox: &Arc<Output>,

@@ -282,7 +282,7 @@ pub(super) async fn handshake(
         crate::auth::Principal::User(name) => name.as_str(),
         crate::auth::Principal::Anonymous => shared.config.anonymous_login_user.as_str(),
     };
-    let vhost: Arc<str> = hello_vhost(&hello).into();
+    let vhost: Arc<str> = hello.vhost.as_str().into();
     if !shared.lock().broker.has_vhost(&vhost) {
         // As RabbitMQ: said before permissions, which an unknown vhost cannot have.
         let error = HandshakeError::NoVhost(vhost.to_string());
@@ -380,11 +380,4 @@ pub(super) async fn handshake(
         send_frame_bytes_max,
         recv_frame_bytes_max,
     })
-}
-
-/// The virtual host a `Hello` asks for. (Protocol 1.3 carries it in `Hello`; until then every
-/// client works in the default one.)
-fn hello_vhost(hello: &wharf_protocol::Hello) -> &str {
-    let _ = hello;
-    wharf_core::DEFAULT_VHOST
 }

@@ -151,7 +151,7 @@ pub(crate) async fn serve(shared: Arc<Context>, socket: Stream, peer: SocketAddr
         // Nothing to log or deliver yet; nobody waits on a leader.
         let _ = batch.finish().flush(None);
     }
-    debug!(%peer, connection = connection.0, user = %negotiated.principal, "connection open");
+    debug!(%peer, connection = connection.0, user = %negotiated.principal, vhost = %negotiated.vhost, "connection open");
     let writer_task = tokio::spawn(write_loop(outbox.clone(), negotiated.heartbeat));
     let exit = read_loop(&shared, connection, &mut reader, buf, &outbox, negotiated).await;
     {
@@ -217,7 +217,7 @@ struct InFlight {
 const FRAMES_PER_BATCH_MAX: usize = 1024;
 
 async fn read_loop(
-    shared: &Context,
+    shared: &Arc<Context>,
     connection: ConnectionId,
     reader: &mut ReadHalf,
     mut buf: BytesMut,
