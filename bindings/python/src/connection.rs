@@ -14,7 +14,7 @@ use tokio::runtime::Handle;
 use wharf_client::wharf_protocol::MINOR_QUEUE_FEATURES;
 use wharf_client::{
     Client, ClientOptions, ConsumeOptions, Credentials, DeclareQueue, ExchangeKind, Message,
-    Overflow, PermissionInfo, TlsOptions, TopicPermissionInfo, Value,
+    Overflow, PermissionInfo, TlsOptions, TopicPermissionInfo, Value, VhostLimits,
 };
 
 /// A connection to a Wharf broker (native core; use `wharf.connect` or `wharf.aio.connect`).
@@ -211,6 +211,26 @@ fn retry_schedule(schedule: &Bound<'_, PyAny>) -> PyResult<Vec<Duration>> {
         .collect()
 }
 
+/// A virtual host's limits from Python ints: `None` is no limit; each must fit a `u32`.
+fn vhost_limits(max_connections: Option<i64>, max_queues: Option<i64>) -> PyResult<VhostLimits> {
+    let limit = |what: &str, value: Option<i64>| {
+        value
+            .map(|value| {
+                u32::try_from(value).map_err(|_| {
+                    convert::invalid_argument(format!(
+                        "{what} must be in 0..={} (None: no limit), not {value}",
+                        u32::MAX
+                    ))
+                })
+            })
+            .transpose()
+    };
+    Ok(VhostLimits {
+        max_connections: limit("max_connections", max_connections)?,
+        max_queues: limit("max_queues", max_queues)?,
+    })
+}
+
 impl Core {
     fn client(&self) -> Client {
         (*self.client).clone()
@@ -219,13 +239,14 @@ impl Core {
 
 #[pymethods]
 impl Core {
-    /// Connects to `url` (`wharf://[user:password@]host[:port]`, `wharfs://...` for TLS, or
-    /// `host[:port]`). `ca`, `cert`, `key` and `server_name` are the TLS settings of a
-    /// `wharfs://` URL; `external` logs in as the client certificate's subject.
+    /// Connects to `url` (`wharf://[user:password@]host[:port][/vhost]`, `wharfs://...` for
+    /// TLS, or `host[:port]`). `ca`, `cert`, `key` and `server_name` are the TLS settings of a
+    /// `wharfs://` URL; `external` logs in as the client certificate's subject; `vhost`
+    /// overrides the URL's virtual host.
     #[staticmethod]
     #[pyo3(signature = (url, *, client_name = None, heartbeat = None, connect_timeout = 10.0,
         request_timeout = 30.0, ca = None, cert = None, key = None, server_name = None,
-        external = false, done = None))]
+        external = false, vhost = None, done = None))]
     #[allow(clippy::too_many_arguments)]
     fn connect(
         py: Python<'_>,
@@ -239,12 +260,14 @@ impl Core {
         key: Option<std::path::PathBuf>,
         server_name: Option<String>,
         external: bool,
+        vhost: Option<String>,
         done: Option<Py<PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let handle = runtime()?;
         let mut options = ClientOptions {
             connect_timeout: convert::seconds("connect_timeout", connect_timeout)?,
             request_timeout: convert::seconds("request_timeout", request_timeout)?,
+            vhost,
             ..ClientOptions::default()
         };
         if let Some(client_name) = client_name {
@@ -623,6 +646,67 @@ impl Core {
         let client = self.client();
         run(py, &self.handle, done, async move {
             client.list_topic_permissions(&vhost).await
+        })
+    }
+
+    /// Adds a virtual host with its own limits (`None`: no limit of its own; administrators
+    /// only).
+    #[pyo3(signature = (name, *, max_connections = None, max_queues = None, done = None))]
+    fn add_vhost(
+        &self,
+        py: Python<'_>,
+        name: String,
+        max_connections: Option<i64>,
+        max_queues: Option<i64>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let limits = vhost_limits(max_connections, max_queues)?;
+        let client = self.client();
+        run(py, &self.handle, done, async move {
+            client.add_vhost(&name, limits).await
+        })
+    }
+
+    /// Deletes a virtual host with everything in it (administrators only).
+    #[pyo3(signature = (name, *, done = None))]
+    fn delete_vhost(
+        &self,
+        py: Python<'_>,
+        name: String,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let client = self.client();
+        run(py, &self.handle, done, async move {
+            client.delete_vhost(&name).await
+        })
+    }
+
+    /// Every virtual host, its limits and its usage, as dicts (administrators only).
+    #[pyo3(signature = (*, done = None))]
+    fn list_vhosts(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let client = self.client();
+        run(
+            py,
+            &self.handle,
+            done,
+            async move { client.list_vhosts().await },
+        )
+    }
+
+    /// Sets a virtual host's limits, replacing them (`None`: no limit; administrators only).
+    #[pyo3(signature = (name, *, max_connections = None, max_queues = None, done = None))]
+    fn set_vhost_limits(
+        &self,
+        py: Python<'_>,
+        name: String,
+        max_connections: Option<i64>,
+        max_queues: Option<i64>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let limits = vhost_limits(max_connections, max_queues)?;
+        let client = self.client();
+        run(py, &self.handle, done, async move {
+            client.set_vhost_limits(&name, limits).await
         })
     }
 

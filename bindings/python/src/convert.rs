@@ -428,3 +428,15 @@ impl ToPy for Vec<wharf_client::TopicPermissionInfo> {
         })
     }
 }
+
+impl ToPy for Vec<wharf_client::VhostInfo> {
+    fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        dict_list(py, self, |dict, vhost| {
+            dict.set_item("name", vhost.name)?;
+            dict.set_item("max_connections", vhost.limits.max_connections)?;
+            dict.set_item("max_queues", vhost.limits.max_queues)?;
+            dict.set_item("connections", vhost.connections)?;
+            dict.set_item("queues", vhost.queues)
+        })
+    }
+}

@@ -20,6 +20,10 @@
 //!   [`Credentials::External`] logs in as its subject.
 //! - Administration (protocol 1.2, users with the `administrator` tag): [`Client::add_user`],
 //!   [`Client::set_permissions`], [`Client::list_users`] and the rest.
+//! - Virtual hosts (protocol 1.3): the address's path names one
+//!   (`wharf://user:password@host/staging`, [`ServerAddr::vhost`]) or
+//!   [`ClientOptions::vhost`] does; administrators manage them with [`Client::add_vhost`],
+//!   [`Client::list_vhosts`], [`Client::set_vhost_limits`] and [`Client::delete_vhost`].
 //! - Errors: one [`ClientError`] enum; server errors carry the wire [`ErrorCode`].
 //!
 //! ```no_run

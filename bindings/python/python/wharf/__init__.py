@@ -36,6 +36,7 @@ from wharf._types import (
     Seconds,
     TopicPermissionInfo,
     UserInfo,
+    VhostInfo,
 )
 from wharf._wharf import Batches, Consumer, Message, OutgoingMessage, ProcessGuard, Publisher
 from wharf.errors import (
@@ -77,6 +78,7 @@ __all__ = [
     "UserInfo",
     "PermissionInfo",
     "TopicPermissionInfo",
+    "VhostInfo",
     "Body",
     "Durability",
     "ExchangeKind",

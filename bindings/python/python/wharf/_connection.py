@@ -20,6 +20,7 @@ from wharf._types import (
     Seconds,
     TopicPermissionInfo,
     UserInfo,
+    VhostInfo,
     _arguments,
 )
 from wharf._wharf import Consumer, OutgoingMessage, Publisher
@@ -43,11 +44,15 @@ def connect(
     key: Union[str, "os.PathLike[str]", None] = None,
     server_name: Optional[str] = None,
     external: bool = False,
+    vhost: Optional[str] = None,
 ) -> Connection:
     """Connects to a Wharf broker and returns a :class:`Connection`.
 
-    ``url`` is ``wharf://[user:password@]host[:port]`` (or ``host[:port]``; port 5800 by
-    default). ``heartbeat`` (seconds) asks for a heartbeat interval (``None``: the broker's);
+    ``url`` is ``wharf://[user:password@]host[:port][/vhost]`` (or ``host[:port]``; port 5800
+    by default). The path names the virtual host, percent-decoded as in RabbitMQ's URIs (none
+    or ``/``: the default virtual host ``/``; ``/%2Fstaging``: ``/staging``); ``vhost``
+    overrides it. A virtual host that does not exist, or where the user has no permissions,
+    raises :class:`AccessRefused`. ``heartbeat`` (seconds) asks for a heartbeat interval (``None``: the broker's);
     heartbeats are sent by a background thread, so a slow handler never loses the connection.
     ``request_timeout`` bounds every request and confirm wait.
 
@@ -69,6 +74,7 @@ def connect(
         key=key,
         server_name=server_name,
         external=external,
+        vhost=vhost,
     )
     return Connection(cast(_wharf.Core, core))
 
@@ -277,6 +283,31 @@ class Connection:
     def list_topic_permissions(self, *, vhost: str = "/") -> list[TopicPermissionInfo]:
         """The topic permissions in ``vhost``."""
         return cast("list[TopicPermissionInfo]", self._core.list_topic_permissions(vhost=vhost))
+
+    # Virtual hosts (administrators only; protocol 1.3).
+
+    def add_vhost(self, name: str, max_connections: Optional[int] = None, max_queues: Optional[int] = None) -> None:
+        """Adds a virtual host with its own limits (``None``: no limit of its own). Users need
+        permissions in it (:meth:`set_permissions` with ``vhost=name``) to connect to it.
+        Raises :class:`PreconditionFailed` if it exists."""
+        self._core.add_vhost(name, max_connections=max_connections, max_queues=max_queues)
+
+    def delete_vhost(self, name: str) -> None:
+        """Deletes a virtual host with its queues, exchanges and permissions (:class:`NotFound`
+        if there is none)."""
+        self._core.delete_vhost(name)
+
+    def list_vhosts(self) -> list[VhostInfo]:
+        """Every virtual host, its limits and its current connections and queues."""
+        return cast("list[VhostInfo]", self._core.list_vhosts())
+
+    def set_vhost_limits(
+        self, name: str, max_connections: Optional[int] = None, max_queues: Optional[int] = None
+    ) -> None:
+        """Sets a virtual host's limits, replacing them (``None``: no limit). A connection
+        beyond ``max_connections`` is refused at connect and a queue beyond ``max_queues`` is
+        refused at declare, both with :class:`ResourceLimit`."""
+        self._core.set_vhost_limits(name, max_connections=max_connections, max_queues=max_queues)
 
     def redrive(self, queue: str, *, max_messages: Optional[int] = None) -> int:
         """Moves dead-lettered messages of the dead-letter queue ``queue`` back to the queue

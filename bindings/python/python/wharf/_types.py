@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Dict, List, Literal, Mapping, NamedTuple, TypedDict, Union
+from typing import Any, Dict, List, Literal, Mapping, NamedTuple, Optional, TypedDict, Union
 
 __all__ = [
     "Body",
@@ -19,6 +19,7 @@ __all__ = [
     "UserInfo",
     "PermissionInfo",
     "TopicPermissionInfo",
+    "VhostInfo",
 ]
 
 #: A message body: bytes-like, or ``str`` (sent as UTF-8).
@@ -77,6 +78,17 @@ class TopicPermissionInfo(TypedDict):
     exchange: str
     write: str
     read: str
+
+
+class VhostInfo(TypedDict):
+    """A virtual host, its own limits (``None``: no limit of its own) and its current usage
+    (:meth:`wharf.Connection.list_vhosts`)."""
+
+    name: str
+    max_connections: Optional[int]
+    max_queues: Optional[int]
+    connections: int
+    queues: int
 
 
 class QueueDeclared(NamedTuple):

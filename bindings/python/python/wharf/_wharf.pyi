@@ -207,6 +207,7 @@ class Core:
         key: str | os.PathLike[str] | None = None,
         server_name: str | None = None,
         external: bool = False,
+        vhost: str | None = None,
         done: _Done | None = None,
     ) -> Any: ...
     @property
@@ -272,6 +273,24 @@ class Core:
         self, user: str, *, exchange: str | None = None, vhost: str = ..., done: _Done | None = None
     ) -> Any: ...
     def list_topic_permissions(self, *, vhost: str = ..., done: _Done | None = None) -> Any: ...
+    def add_vhost(
+        self,
+        name: str,
+        *,
+        max_connections: int | None = None,
+        max_queues: int | None = None,
+        done: _Done | None = None,
+    ) -> Any: ...
+    def delete_vhost(self, name: str, *, done: _Done | None = None) -> Any: ...
+    def list_vhosts(self, *, done: _Done | None = None) -> Any: ...
+    def set_vhost_limits(
+        self,
+        name: str,
+        *,
+        max_connections: int | None = None,
+        max_queues: int | None = None,
+        done: _Done | None = None,
+    ) -> Any: ...
     def redrive(
         self, queue: str, *, max_messages: int | None = None, done: _Done | None = None
     ) -> Any: ...

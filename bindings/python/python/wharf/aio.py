@@ -44,6 +44,7 @@ from wharf._types import (
     Seconds,
     TopicPermissionInfo,
     UserInfo,
+    VhostInfo,
     _arguments,
 )
 from wharf._wharf import Message, OutgoingMessage
@@ -147,6 +148,7 @@ def connect(
     key: Union[str, "os.PathLike[str]", None] = None,
     server_name: Optional[str] = None,
     external: bool = False,
+    vhost: Optional[str] = None,
 ) -> _Connecting:
     """Connects to a Wharf broker: ``conn = await connect(url)`` or
     ``async with connect(url) as conn:``. Arguments as in :func:`wharf.connect`."""
@@ -163,6 +165,7 @@ def connect(
             key=key,
             server_name=server_name,
             external=external,
+            vhost=vhost,
             done=done,
         )
 
@@ -351,6 +354,36 @@ class Connection:
         return cast(
             "list[TopicPermissionInfo]",
             await _call(lambda done: self._core.list_topic_permissions(vhost=vhost, done=done)),
+        )
+
+    # Virtual hosts (administrators only; protocol 1.3): see :class:`wharf.Connection`.
+
+    async def add_vhost(
+        self, name: str, max_connections: Optional[int] = None, max_queues: Optional[int] = None
+    ) -> None:
+        """Adds a virtual host. See :meth:`wharf.Connection.add_vhost`."""
+        await _call(
+            lambda done: self._core.add_vhost(
+                name, max_connections=max_connections, max_queues=max_queues, done=done
+            )
+        )
+
+    async def delete_vhost(self, name: str) -> None:
+        """Deletes a virtual host with everything in it."""
+        await _call(lambda done: self._core.delete_vhost(name, done=done))
+
+    async def list_vhosts(self) -> list[VhostInfo]:
+        """Every virtual host, its limits and its usage."""
+        return cast("list[VhostInfo]", await _call(lambda done: self._core.list_vhosts(done=done)))
+
+    async def set_vhost_limits(
+        self, name: str, max_connections: Optional[int] = None, max_queues: Optional[int] = None
+    ) -> None:
+        """Sets a virtual host's limits. See :meth:`wharf.Connection.set_vhost_limits`."""
+        await _call(
+            lambda done: self._core.set_vhost_limits(
+                name, max_connections=max_connections, max_queues=max_queues, done=done
+            )
         )
 
     async def redrive(self, queue: str, *, max_messages: Optional[int] = None) -> int:
