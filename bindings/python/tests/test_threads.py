@@ -135,10 +135,16 @@ def test_ctrl_c_interrupts_a_blocking_consume_and_leaves_the_connection_clean(
     url: str, conn: wharf.Connection, queue: str
 ) -> None:
     interrupted_at: list[float] = []
+    observer_failed: list[BaseException] = []
 
     def interrupt_once_consuming() -> None:
-        with wharf.connect(url) as observer:
-            wait_for(lambda: observer.queue_stats(queue).consumers == 1, what="the consumer to subscribe")
+        try:
+            with wharf.connect(url) as observer:
+                wait_for(lambda: observer.queue_stats(queue).consumers == 1, what="the consumer to subscribe")
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread below
+            # Interrupted all the same, so the consume below ends and the test reports this
+            # instead of hanging.
+            observer_failed.append(err)
         time_before = time.monotonic()
         interrupted_at.append(time_before)
         _thread.interrupt_main()
@@ -151,6 +157,7 @@ def test_ctrl_c_interrupts_a_blocking_consume_and_leaves_the_connection_clean(
                 pass
     raised_at = time.monotonic()
     thread.join(timeout=30)
+    assert not observer_failed, f"the observer failed: {observer_failed[0]!r}"
     assert interrupted_at and raised_at - interrupted_at[0] < 1.0
     # The connection is intact: the consumer was cancelled, and messaging works.
     assert not conn.closed

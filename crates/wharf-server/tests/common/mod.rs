@@ -105,8 +105,7 @@ impl Raw {
             },
             frame_bytes_max: FRAME_BYTES_MAX,
             heartbeat_ms: 0,
-            // TODO(vhosts): server side. Added by the protocol 1.3 change only so that this
-            // helper (also compiled into crates/wharf's tests) builds; "/" is the 1.2 Hello.
+            // The default virtual host: exactly the bytes of a 1.2 `Hello`.
             vhost: "/".into(),
         })
     }
