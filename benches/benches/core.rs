@@ -44,6 +44,7 @@ fn setup(n_queues: usize) -> Setup {
                     name: name.clone(),
                     options: QueueOptions::default(),
                     passive: false,
+                    declarer: None,
                 },
                 &mut effects,
             )

@@ -55,6 +55,7 @@ fn main() {
             name: "q".into(),
             options: QueueOptions::default(),
             passive: false,
+            declarer: None,
         },
         &mut effects,
     );

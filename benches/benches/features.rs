@@ -70,6 +70,7 @@ fn setup(kind: Kind) -> Setup {
                     ..QueueOptions::default()
                 },
                 passive: false,
+                declarer: None,
             },
             &mut effects,
         )

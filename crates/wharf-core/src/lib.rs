@@ -10,21 +10,24 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use wharf_core::{Broker, Command, ConnectionId, ConsumerTag, ConsumerOptions, Effect, Message, QueueOptions};
+//! use wharf_core::{Broker, Command, ConnectionId, ConsumerTag, ConsumerOptions, DEFAULT_VHOST, Effect, Message, QueueOptions};
 //!
 //! let mut broker = Broker::default();
 //! let mut effects = Vec::new();
 //! let conn = ConnectionId(1);
-//! broker.apply(0, Command::OpenConnection { connection: conn }, &mut effects).unwrap();
-//! broker.apply(0, Command::DeclareQueue { connection: conn, name: "jobs".into(),
-//!     options: QueueOptions::default(), passive: false }, &mut effects).unwrap();
-//! broker.apply(0, Command::Subscribe { connection: conn, queue: "jobs".into(),
+//! let vhost: Arc<str> = DEFAULT_VHOST.into();
+//! broker.apply(0, Command::OpenConnection { connection: conn, vhost: vhost.clone() }, &mut effects).unwrap();
+//! broker.apply(0, Command::DeclareQueue { vhost: vhost.clone(), connection: conn,
+//!     name: "jobs".into(), options: QueueOptions::default(), passive: false, declarer: None },
+//!     &mut effects).unwrap();
+//! broker.apply(0, Command::Subscribe { vhost: vhost.clone(), connection: conn, queue: "jobs".into(),
 //!     consumer_tag: ConsumerTag(1), options: ConsumerOptions::default() }, &mut effects).unwrap();
-//! broker.apply(1, Command::Publish { message: Arc::new(Message::new("jobs", "hello")) }, &mut effects).unwrap();
+//! broker.apply(1, Command::Publish { vhost: vhost.clone(), message: Arc::new(Message::new("jobs", "hello")) },
+//!     &mut effects).unwrap();
 //! let Some(Effect::Deliver(delivery)) = effects.pop() else { panic!("delivered") };
 //! assert_eq!(&delivery.message.body[..], b"hello");
 //! broker.apply(2, Command::Ack { connection: conn, delivery_tag: delivery.delivery_tag, multiple: false }, &mut effects).unwrap();
-//! assert_eq!(broker.queue_stats("jobs").unwrap().acked, 1);
+//! assert_eq!(broker.queue_stats(DEFAULT_VHOST, "jobs").unwrap().acked, 1);
 //! ```
 
 mod broker;
@@ -41,8 +44,8 @@ pub mod topic;
 
 pub use broker::{
     BUILTIN_EXCHANGES, BindTarget, BindingInfo, Broker, CancelReason, Command, DEFAULT_EXCHANGE,
-    DEFAULT_VHOST, Delivery, Effect, ExchangeInfo, Invariant, InvariantViolation, QueueFlow,
-    ROUTED_TRACKED_MAX, Reply, VhostInfo, VhostLimits, resource_key, split_resource_key,
+    DEFAULT_VHOST, Declarer, Delivery, Effect, ExchangeInfo, Invariant, InvariantViolation,
+    QueueFlow, ROUTED_TRACKED_MAX, Reply, VhostInfo, VhostLimits, resource_key, split_resource_key,
 };
 pub use error::{CoreError, EntityKind};
 pub use exchange::{Destination, ExchangeKind, ExchangeOptions};

@@ -838,6 +838,8 @@ pub(crate) struct Queue {
     pub vhost: Arc<str>,
     /// What the server logs and spools it under (`crate::resource_key`).
     pub key: Arc<str>,
+    /// Who declared it (`crate::Declarer`), if the server said.
+    pub declared_by: Option<Arc<str>>,
     pub options: QueueOptions,
     pub owner: Option<ConnectionId>,
     pub ready: Ready,
@@ -946,6 +948,7 @@ impl Queue {
             },
             vhost,
             name,
+            declared_by: None,
             options,
             owner,
             ready: Ready::default(),

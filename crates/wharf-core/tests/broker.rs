@@ -57,6 +57,7 @@ impl Harness {
             name: name.into(),
             options,
             passive: false,
+            declarer: None,
         });
     }
 
@@ -766,6 +767,7 @@ fn empty_name_declares_a_generated_queue() {
         name: String::new(),
         options: QueueOptions::default(),
         passive: false,
+        declarer: None,
     });
     let Reply::QueueDeclared { name, .. } = reply else {
         panic!()
@@ -793,6 +795,7 @@ fn declare_is_idempotent_and_passive_declare_reports_counts() {
             ..QueueOptions::default()
         },
         passive: true,
+        declarer: None,
     });
     assert_eq!(
         reply,
@@ -817,6 +820,7 @@ fn unknown_entities_are_not_found() {
         name: "nope".into(),
         options: QueueOptions::default(),
         passive: true,
+        declarer: None,
     });
     assert!(
         matches!(
@@ -934,6 +938,7 @@ fn invalid_and_reserved_names_are_refused() {
         name: "bad\u{7}name".into(),
         options: QueueOptions::default(),
         passive: false,
+        declarer: None,
     });
     assert!(matches!(err, CoreError::InvalidName { .. }), "{err}");
     let err = h.err(Command::DeclareExchange {
@@ -950,6 +955,7 @@ fn invalid_and_reserved_names_are_refused() {
         name: "wharf.mine".into(),
         options: QueueOptions::default(),
         passive: false,
+        declarer: None,
     });
     assert!(matches!(err, CoreError::ReservedName { .. }), "{err}");
     let err = h.err(Command::DeclareExchange {
@@ -975,6 +981,7 @@ fn redeclare_with_other_properties_and_failed_conditional_deletes_are_preconditi
             ..QueueOptions::default()
         },
         passive: false,
+        declarer: None,
     });
     assert!(
         matches!(
@@ -1071,6 +1078,7 @@ fn exclusive_queues_and_exclusive_consumers_lock_out_others() {
                 ..QueueOptions::default()
             },
             passive: false,
+            declarer: None,
         },
     ] {
         let err = h.err(command);
@@ -1265,6 +1273,7 @@ fn limits_are_enforced_with_a_typed_error() {
         name: "c".into(),
         options: QueueOptions::default(),
         passive: false,
+        declarer: None,
     });
     assert_eq!(
         err,

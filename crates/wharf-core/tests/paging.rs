@@ -203,6 +203,7 @@ impl Harness {
                 ..QueueOptions::default()
             },
             passive: false,
+            declarer: None,
         });
     }
 

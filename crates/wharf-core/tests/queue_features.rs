@@ -33,6 +33,7 @@ impl Harness {
                 ..QueueOptions::default()
             },
             passive: false,
+            declarer: None,
         })
     }
 

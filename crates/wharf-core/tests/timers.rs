@@ -36,6 +36,7 @@ impl Harness {
                 ..QueueOptions::default()
             },
             passive: false,
+            declarer: None,
         });
     }
 
@@ -408,6 +409,7 @@ fn retry_schedules_are_validated() {
                     ..QueueOptions::default()
                 },
                 passive: false,
+                declarer: None,
             })
             .unwrap_err();
         assert!(
@@ -515,6 +517,7 @@ fn ttl_arguments_are_validated() {
                     ..QueueOptions::default()
                 },
                 passive: false,
+                declarer: None,
             })
             .unwrap_err();
         assert!(

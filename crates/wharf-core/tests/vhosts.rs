@@ -48,6 +48,7 @@ impl Harness {
                 ..QueueOptions::default()
             },
             passive: false,
+            declarer: None,
         })
     }
 
@@ -391,9 +392,79 @@ fn dead_letters_go_to_the_dead_letter_exchange_of_their_own_vhost() {
             ..QueueOptions::default()
         },
         passive: false,
+        declarer: None,
     });
     h.publish_in("staging", "", "work", "first");
     h.publish_in("staging", "", "work", "second");
     assert_eq!(h.broker.queue_stats("staging", "dlq").unwrap().ready, 1);
     assert_eq!(h.broker.queue_stats(DEFAULT_VHOST, "dlq").unwrap().ready, 0);
+}
+
+fn declare_by(
+    h: &mut Harness,
+    vhost_name: &str,
+    connection: ConnectionId,
+    queue: &str,
+    user: &str,
+    max_queues: Option<u32>,
+    exclusive: bool,
+) -> Result<Reply, CoreError> {
+    h.apply(Command::DeclareQueue {
+        vhost: vhost(vhost_name),
+        connection,
+        name: queue.to_owned(),
+        options: QueueOptions {
+            exclusive,
+            ..QueueOptions::default()
+        },
+        passive: false,
+        declarer: Some(wharf_core::Declarer {
+            name: user.into(),
+            max_queues,
+        }),
+    })
+}
+
+#[test]
+fn a_declarers_queue_limit_counts_its_live_queues_in_every_vhost() {
+    let mut h = harness();
+    declare_by(&mut h, DEFAULT_VHOST, C1, "a", "alice", Some(3), false).unwrap();
+    declare_by(&mut h, "staging", C2, "b", "alice", Some(3), false).unwrap();
+    // Exclusive queues count too, while they live.
+    declare_by(&mut h, DEFAULT_VHOST, C1, "c", "alice", Some(3), true).unwrap();
+    let err = declare_by(&mut h, "staging", C2, "d", "alice", Some(3), false).unwrap_err();
+    assert!(
+        matches!(err, CoreError::LimitExceeded { what, limit: 3 } if what.contains("user")),
+        "{err}"
+    );
+    // Redeclaring one it has is no new queue; another declarer is not limited by alice's.
+    declare_by(&mut h, DEFAULT_VHOST, C1, "a", "alice", Some(3), false).unwrap();
+    declare_by(&mut h, "staging", C2, "d", "bob", Some(1), false).unwrap();
+    assert_eq!(h.broker.queues_declared_by("alice"), 3);
+    // Its exclusive queue goes with its connection, a deleted queue frees its place too.
+    h.ok(Command::CloseConnection { connection: C1 });
+    assert_eq!(h.broker.queues_declared_by("alice"), 2);
+    h.ok(Command::DeleteQueue {
+        vhost: vhost("staging"),
+        connection: C2,
+        name: "b".into(),
+        if_unused: false,
+        if_empty: false,
+    });
+    assert_eq!(h.broker.queues_declared_by("alice"), 1);
+    declare_by(&mut h, "staging", C2, "e", "alice", Some(2), false).unwrap();
+    declare_by(&mut h, "staging", C2, "f", "alice", None, false).unwrap();
+    assert_eq!(h.broker.queues_declared_by("alice"), 3);
+    assert_eq!(
+        h.broker
+            .queue_declarer(DEFAULT_VHOST, "a")
+            .map(|name| name.to_string()),
+        Some("alice".to_owned())
+    );
+    // Deleting a vhost frees the places of what it held.
+    h.ok(Command::DeleteVhost {
+        name: "staging".into(),
+    });
+    assert_eq!(h.broker.queues_declared_by("alice"), 1);
+    assert_eq!(h.broker.queues_declared_by("bob"), 0);
 }

@@ -65,7 +65,7 @@ struct Answers {
 #[derive(Debug)]
 pub struct Access {
     users: Arc<Users>,
-    user: String,
+    user: Arc<str>,
     vhost: Arc<str>,
     generation: u64,
     /// `None`: the user has no permissions in the virtual host (or no longer exists). Shared
@@ -90,7 +90,7 @@ impl Access {
     pub fn new(users: Arc<Users>, user: &str, vhost: &str) -> Access {
         let mut access = Access {
             users,
-            user: user.to_owned(),
+            user: user.into(),
             vhost: vhost.into(),
             generation: u64::MAX,
             compiled: None,
@@ -106,6 +106,16 @@ impl Access {
     /// The user the checks are for.
     pub fn user(&self) -> &str {
         &self.user
+    }
+
+    /// The user's name, shared (what its queues remember as their declarer).
+    pub fn user_arc(&self) -> &Arc<str> {
+        &self.user
+    }
+
+    /// The user's own limits, as of now.
+    pub fn user_limits(&self) -> crate::auth::UserLimits {
+        self.users.limits_of(&self.user).unwrap_or_default()
     }
 
     /// Whether the user may use the virtual host at all (it has permissions there).

@@ -172,6 +172,28 @@ pub struct User {
     /// Its topic permissions, by virtual host and exchange.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub topic_permissions: BTreeMap<String, BTreeMap<String, TopicPermission>>,
+    /// Its own limits (RabbitMQ's user limits), beyond the broker's.
+    #[serde(default, skip_serializing_if = "UserLimits::is_unlimited")]
+    pub limits: UserLimits,
+}
+
+/// A user's own limits; `None`: none beyond the broker's (`connections_per_user_max`,
+/// `queues_max`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserLimits {
+    /// Most connections it may have open at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Most queues it may have declared that still exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queues: Option<u32>,
+}
+
+impl UserLimits {
+    /// Whether neither limit is set.
+    pub fn is_unlimited(&self) -> bool {
+        *self == UserLimits::default()
+    }
 }
 
 /// A user's grants in a virtual host, compiled: shared by every connection of the user (a
@@ -393,6 +415,7 @@ impl Users {
                             Permission::full(),
                         )]),
                         topic_permissions: BTreeMap::new(),
+                        limits: UserLimits::default(),
                     },
                 );
                 Ok(())
@@ -538,6 +561,7 @@ impl Users {
                     tags,
                     permissions: BTreeMap::new(),
                     topic_permissions: BTreeMap::new(),
+                    limits: UserLimits::default(),
                 },
             );
             Ok(())
@@ -589,6 +613,32 @@ impl Users {
     pub fn tags(&self, name: &str) -> Option<Vec<Tag>> {
         let users = self.users.lock().expect("users lock");
         users.get(name).map(|user| user.tags.clone())
+    }
+
+    /// Sets a user's own limits (replacing both).
+    pub fn set_limits(&self, name: &str, limits: UserLimits) -> Result<(), AuthError> {
+        self.update(|users| {
+            users
+                .get_mut(name)
+                .ok_or_else(|| AuthError::NoSuchUser(name.to_owned()))?
+                .limits = limits;
+            Ok(())
+        })
+    }
+
+    /// A user's own limits (`None`: no such user).
+    pub fn limits_of(&self, name: &str) -> Option<UserLimits> {
+        let users = self.users.lock().expect("users lock");
+        users.get(name).map(|user| user.limits)
+    }
+
+    /// Every user's own limits, by name.
+    pub fn limits(&self) -> Vec<(String, UserLimits)> {
+        let users = self.users.lock().expect("users lock");
+        users
+            .iter()
+            .map(|(name, user)| (name.clone(), user.limits))
+            .collect()
     }
 
     /// Sets a user's permissions in a virtual host (replacing any).

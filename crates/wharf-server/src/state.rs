@@ -193,8 +193,13 @@ impl State {
                 vhost,
                 options,
                 passive: false,
+                declarer,
                 ..
-            } if options.durable && !options.exclusive => Some((vhost.clone(), options.clone())),
+            } if options.durable && !options.exclusive => Some((
+                vhost.clone(),
+                options.clone(),
+                declarer.as_ref().map(|declarer| declarer.name.clone()),
+            )),
             _ => None,
         };
         let deleted_vhost = match &command {
@@ -205,11 +210,11 @@ impl State {
         if let Some(op) = op {
             self.log_ops.push(op.into());
         }
-        if let (Some((vhost, options)), Reply::QueueDeclared { name, .. }) =
+        if let (Some((vhost, options, declared_by)), Reply::QueueDeclared { name, .. }) =
             (declared_queue, &reply)
         {
-            self.log_ops
-                .extend(declare_queue_op(&vhost, name, &options).map(StagedOp::from));
+            let op = declare_queue_op(&vhost, name, &options, declared_by.as_deref());
+            self.log_ops.extend(op.map(StagedOp::from));
         }
         if let Some(name) = deleted_vhost {
             // After the deletes of what it held, which its effects log.

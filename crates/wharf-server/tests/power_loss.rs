@@ -193,6 +193,7 @@ impl Run {
                 name: name.into(),
                 options,
                 passive: false,
+                declarer: None,
             });
         }
         run.apply(Command::DeclareQueue {
@@ -201,6 +202,7 @@ impl Run {
             name: "transient".into(),
             options: QueueOptions::default(),
             passive: false,
+            declarer: None,
         });
         run.apply(Command::DeclareExchange {
             vhost: wharf_core::DEFAULT_VHOST.into(),

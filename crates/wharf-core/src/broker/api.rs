@@ -15,6 +15,16 @@ pub const BUILTIN_EXCHANGES: [(&str, ExchangeKind); 5] = [
     ("wharf.headers", ExchangeKind::Headers),
 ];
 
+/// Who declares a queue: a label the queue keeps for life (the server passes its user's
+/// name), and that label's limit of queues existing at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declarer {
+    /// The label.
+    pub name: Arc<str>,
+    /// Most queues with this label at once (`None`: no limit of its own).
+    pub max_queues: Option<u32>,
+}
+
 /// Where a binding leads, by name (the command form of [`Destination`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BindTarget {
@@ -78,6 +88,9 @@ pub enum Command {
         options: QueueOptions,
         /// Only check that it exists.
         passive: bool,
+        /// Who declares it, counted against its own queue limit (the server's user; opaque
+        /// to the core). A queue keeps its declarer for life.
+        declarer: Option<Declarer>,
     },
     /// Delete a queue: its consumers are cancelled and its messages dropped.
     DeleteQueue {

@@ -221,6 +221,26 @@ impl Broker {
             self.vhosts.values().map(|ns| ns.queue_names.len()).sum(),
             self.queues.len(),
         )?;
+        let mut declared: HashMap<&std::sync::Arc<str>, u32> = HashMap::new();
+        for queue in self.queues.values() {
+            if let Some(declarer) = &queue.declared_by {
+                *declared.entry(declarer).or_default() += 1;
+            }
+        }
+        counter(
+            Invariant::QueueIds,
+            "declarers counted",
+            self.queues_by_declarer.len(),
+            declared.len(),
+        )?;
+        for (declarer, count) in declared {
+            counter(
+                Invariant::QueueIds,
+                "a declarer's queue count",
+                self.queues_by_declarer.get(declarer).copied().unwrap_or(0) as usize,
+                count as usize,
+            )?;
+        }
         for (name, ns) in &self.vhosts {
             counter(
                 Invariant::QueueIds,
@@ -877,6 +897,7 @@ mod tests {
                 name,
                 options,
                 passive,
+                declarer: None,
             };
             ok(&mut broker, declare);
         }

@@ -39,8 +39,8 @@ mod topology;
 mod vhosts;
 
 pub use api::{
-    BUILTIN_EXCHANGES, BindTarget, BindingInfo, CancelReason, Command, DEFAULT_EXCHANGE, Delivery,
-    Effect, ExchangeInfo, QueueFlow, Reply,
+    BUILTIN_EXCHANGES, BindTarget, BindingInfo, CancelReason, Command, DEFAULT_EXCHANGE, Declarer,
+    Delivery, Effect, ExchangeInfo, QueueFlow, Reply,
 };
 use dead_letter::{DeadLetter, DeathReason};
 pub use invariants::{Invariant, InvariantViolation};
@@ -128,6 +128,8 @@ pub struct Broker {
     vhosts: HashMap<Arc<str>, Namespace, FixedState>,
     next_vhost_epoch: u64,
     queues: HashMap<QueueId, Queue, FixedState>,
+    /// Queues existing per declarer label ([`Declarer`]).
+    queues_by_declarer: HashMap<Arc<str>, u32, FixedState>,
     connections: HashMap<ConnectionId, Connection, FixedState>,
     next_queue_id: u64,
     next_generated_name: u64,
@@ -168,6 +170,7 @@ impl Broker {
             vhosts: HashMap::default(),
             next_vhost_epoch: 0,
             queues: HashMap::default(),
+            queues_by_declarer: HashMap::default(),
             connections: HashMap::default(),
             next_queue_id: 1,
             next_generated_name: 1,
@@ -295,7 +298,8 @@ impl Broker {
                 name,
                 options,
                 passive,
-            } => self.declare_queue(&vhost, connection, name, options, passive),
+                declarer,
+            } => self.declare_queue(&vhost, connection, name, options, passive, declarer),
             Command::DeleteQueue {
                 vhost,
                 connection,

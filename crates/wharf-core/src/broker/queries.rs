@@ -135,6 +135,17 @@ impl Broker {
             .map(|qid| &self.queues[qid].options)
     }
 
+    /// Who declared a queue ([`Declarer`]), if the server said.
+    pub fn queue_declarer(&self, vhost: &str, name: &str) -> Option<&Arc<str>> {
+        let qid = self.vhosts.get(vhost)?.queue_names.get(name)?;
+        self.queues[qid].declared_by.as_ref()
+    }
+
+    /// Queues existing that `declarer` declared.
+    pub fn queues_declared_by(&self, declarer: &str) -> u32 {
+        self.queues_by_declarer.get(declarer).copied().unwrap_or(0)
+    }
+
     /// Every queue of every virtual host, as (virtual host, statistics), sorted (for the
     /// checkpoint and for operators).
     pub fn list_all_queues(&self) -> Vec<(Arc<str>, QueueStats)> {

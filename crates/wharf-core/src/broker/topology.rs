@@ -334,6 +334,7 @@ impl Broker {
         name: String,
         options: QueueOptions,
         passive: bool,
+        declarer: Option<Declarer>,
     ) -> Result<Reply, CoreError> {
         self.connection(connection)?;
         if passive {
@@ -369,6 +370,17 @@ impl Broker {
             return Err(CoreError::LimitExceeded {
                 what: "queues in the virtual host",
                 limit: max as usize,
+            });
+        }
+        if let Some(Declarer {
+            name: declarer,
+            max_queues: Some(max),
+        }) = &declarer
+            && self.queues_by_declarer.get(declarer).copied().unwrap_or(0) >= *max
+        {
+            return Err(CoreError::LimitExceeded {
+                what: "queues declared by the user",
+                limit: *max as usize,
             });
         }
         if self.queues.len() >= self.limits.queues_max {
@@ -408,6 +420,13 @@ impl Broker {
         // connection and stay in memory.
         let pageable = self.limits.paging_threshold > 0 && options.durable && !options.exclusive;
         let mut queue = Queue::new(vhost.clone(), name.clone(), options, features, owner);
+        if let Some(declarer) = declarer {
+            *self
+                .queues_by_declarer
+                .entry(declarer.name.clone())
+                .or_default() += 1;
+            queue.declared_by = Some(declarer.name);
+        }
         queue.last_used_ms = self.now_ms;
         if pageable {
             queue.paged.threshold = Some(self.limits.paging_threshold);
@@ -503,6 +522,16 @@ impl Broker {
         }
         if let Some(ns) = self.vhosts.get_mut(&queue.vhost) {
             ns.queue_names.remove(&queue.name);
+        }
+        if let Some(declarer) = &queue.declared_by {
+            let count = self
+                .queues_by_declarer
+                .get_mut(declarer)
+                .expect("a declared queue is counted");
+            *count -= 1;
+            if *count == 0 {
+                self.queues_by_declarer.remove(declarer);
+            }
         }
         self.ready_bytes_total -= queue.ready.bytes();
         if queue.stats.delayed > 0 {

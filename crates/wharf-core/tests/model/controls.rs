@@ -143,6 +143,7 @@ pub(crate) fn checker_rejects_a_lost_message() {
         name: "q0".into(),
         options,
         passive: false,
+        declarer: None,
     };
     lossy.apply(0, declare, &mut ignored).unwrap();
     let err = harness

@@ -226,6 +226,7 @@ impl Harness {
                     name: QUEUE_NAMES[*queue].to_owned(),
                     options,
                     passive: *passive,
+                    declarer: None,
                 }
             }
             Op::DeleteQueue {

@@ -1498,6 +1498,13 @@ impl Model {
             Command::Restore { .. } | Command::RestoreDedup { .. } | Command::PageIn { .. } => {
                 unreachable!("recovery and paging commands are not generated")
             }
+            Command::DeclareQueue {
+                declarer: Some(_), ..
+            } => {
+                unreachable!(
+                    "the model declares queues without a declarer (tests/broker.rs has them)"
+                )
+            }
             Command::AddVhost { .. }
             | Command::DeleteVhost { .. }
             | Command::SetVhostLimits { .. } => {
@@ -1579,6 +1586,7 @@ impl Model {
                 name,
                 options,
                 passive,
+                declarer: None,
             } => {
                 self.connection(*connection)?;
                 if *passive {

@@ -42,27 +42,48 @@ impl std::fmt::Debug for UserSlot {
     }
 }
 
+/// Which limit caps a user's connections.
+#[derive(Debug, Clone, Copy)]
+enum LimitOf {
+    Broker,
+    User,
+}
+
 impl UserSlot {
-    fn take(
-        shared: &Arc<Context>,
-        principal: &crate::auth::Principal,
-    ) -> Result<UserSlot, HandshakeError> {
-        let max = shared.config.connections_per_user_max;
-        let crate::auth::Principal::User(user) = principal else {
-            return Ok(UserSlot { counts: None });
+    /// Counts a connection of `user` against the broker's `connections_per_user_max` and
+    /// the user's own `max_connections`, whichever is lower.
+    fn take(shared: &Arc<Context>, user: &str) -> Result<UserSlot, HandshakeError> {
+        let global = match shared.config.connections_per_user_max {
+            0 => None,
+            max => Some(max),
         };
-        if max == 0 {
-            return Ok(UserSlot { counts: None });
-        }
+        let own = shared
+            .users
+            .limits_of(user)
+            .and_then(|limits| limits.max_connections)
+            .map(|max| max as usize);
+        let (max, whose) = match (global, own) {
+            (None, None) => return Ok(UserSlot { counts: None }),
+            (Some(global), Some(own)) if own < global => (own, LimitOf::User),
+            (Some(global), _) => (global, LimitOf::Broker),
+            (None, Some(own)) => (own, LimitOf::User),
+        };
+        let user = user.to_owned();
         let mut counts = shared
             .user_connections
             .lock()
             .expect("user connections lock");
         let count = counts.entry(user.clone()).or_default();
         if *count >= max {
-            return Err(HandshakeError::UserFull {
-                user: user.clone(),
-                max,
+            return Err(match whose {
+                LimitOf::Broker => HandshakeError::UserFull {
+                    user: user.clone(),
+                    max,
+                },
+                LimitOf::User => HandshakeError::UserLimit {
+                    user: user.clone(),
+                    max,
+                },
             });
         }
         *count += 1;
@@ -173,6 +194,14 @@ pub(super) enum HandshakeError {
         /// The user.
         user: String,
         /// `connections_per_user_max`.
+        max: usize,
+    },
+    /// The user has its own `max_connections` open (RabbitMQ's wording).
+    #[error("connection limit ({max}) of user '{user}' is reached")]
+    UserLimit {
+        /// The user.
+        user: String,
+        /// Its `max_connections`.
         max: usize,
     },
     /// The credentials were refused (`AccessRefused` sent after the constant delay).
@@ -300,7 +329,7 @@ pub(super) async fn handshake(
         send_close(writer, ErrorCode::AccessRefused, error.to_string()).await;
         return Err(error);
     }
-    let user_slot = match UserSlot::take(shared, &principal) {
+    let user_slot = match UserSlot::take(shared, user) {
         Ok(slot) => slot,
         Err(error) => {
             send_close(writer, ErrorCode::ResourceLimit, error.to_string()).await;

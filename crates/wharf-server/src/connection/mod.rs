@@ -29,8 +29,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 use wharf_core::{
-    Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, DeliveryTag, ExchangeOptions,
-    Message, QueueFlow, QueueId, QueueOptions, Reply,
+    Command, ConnectionId, ConsumerOptions, ConsumerTag, CoreError, Declarer, DeliveryTag,
+    ExchangeOptions, Message, QueueFlow, QueueId, QueueOptions, Reply,
 };
 use wharf_protocol::limits::READ_RESERVE_BYTES_MAX;
 use wharf_protocol::{

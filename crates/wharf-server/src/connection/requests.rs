@@ -100,6 +100,12 @@ pub(super) fn handle_request(
                 single_active_consumer,
                 arguments,
             };
+            // Every queue remembers the user who declared it, so that a limit set later counts
+            // the queues it already has.
+            let declarer = Declarer {
+                name: access.user_arc().clone(),
+                max_queues: access.user_limits().max_queues,
+            };
             match state.apply(
                 now,
                 Command::DeclareQueue {
@@ -108,6 +114,7 @@ pub(super) fn handle_request(
                     name,
                     options,
                     passive,
+                    declarer: Some(declarer),
                 },
             )? {
                 Reply::QueueDeclared {

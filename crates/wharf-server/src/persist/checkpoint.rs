@@ -10,7 +10,9 @@
 
 use super::journal::Log;
 use super::record::RecordError;
-use super::record::{Op, OpRecords, Record, StoredMessage, bind_op, stored_headers};
+use super::record::{
+    Op, OpRecords, Record, StoredMessage, bind_op, declare_queue_op, stored_headers,
+};
 use super::spool::{SpoolError, SpoolRange, Spools};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -79,12 +81,13 @@ fn capture_topology(broker: &Broker, vhost: &str, ops: &mut Vec<Op>) {
             && options.durable
             && !options.exclusive
         {
-            ops.push(Op::DeclareQueue {
-                name: resource_key(vhost, &queue.name),
-                auto_delete: options.auto_delete,
-                single_active_consumer: options.single_active_consumer,
-                arguments: stored_headers(&options.arguments),
-            });
+            let declared_by = broker.queue_declarer(vhost, &queue.name);
+            ops.extend(declare_queue_op(
+                vhost,
+                &queue.name,
+                options,
+                declared_by.map(|declarer| &**declarer),
+            ));
         }
     }
     for binding in broker.list_bindings(vhost) {

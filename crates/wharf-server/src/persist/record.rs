@@ -436,6 +436,21 @@ pub enum Op {
         /// Its name.
         name: String,
     },
+    /// A durable queue was declared by a user with its own queue limit in mind: as
+    /// `DeclareQueue`, with the user it counts against (written instead of `DeclareQueue`
+    /// whenever the declarer is known).
+    DeclareQueueBy {
+        /// Name (a resource key).
+        name: String,
+        /// The user who declared it.
+        declared_by: String,
+        /// Deleted with its last consumer.
+        auto_delete: bool,
+        /// One consumer at a time.
+        single_active_consumer: bool,
+        /// Arguments.
+        arguments: Vec<(String, StoredValue)>,
+    },
 }
 
 impl Op {
@@ -830,13 +845,37 @@ pub fn bind_op(
     })
 }
 
-/// The log operation for a successful, non-passive declare of a durable queue of `vhost`.
-pub fn declare_queue_op(vhost: &str, name: &str, options: &QueueOptions) -> Option<Op> {
-    (options.durable && !options.exclusive).then(|| Op::DeclareQueue {
-        name: resource_key(vhost, name),
-        auto_delete: options.auto_delete,
-        single_active_consumer: options.single_active_consumer,
-        arguments: stored_headers(&options.arguments),
+/// The log operation for a successful, non-passive declare of a durable queue of `vhost`,
+/// by `declared_by` if known.
+pub fn declare_queue_op(
+    vhost: &str,
+    name: &str,
+    options: &QueueOptions,
+    declared_by: Option<&str>,
+) -> Option<Op> {
+    if !options.durable || options.exclusive {
+        return None;
+    }
+    let (name, auto_delete, single_active_consumer, arguments) = (
+        resource_key(vhost, name),
+        options.auto_delete,
+        options.single_active_consumer,
+        stored_headers(&options.arguments),
+    );
+    Some(match declared_by {
+        Some(declared_by) => Op::DeclareQueueBy {
+            name,
+            declared_by: declared_by.to_owned(),
+            auto_delete,
+            single_active_consumer,
+            arguments,
+        },
+        None => Op::DeclareQueue {
+            name,
+            auto_delete,
+            single_active_consumer,
+            arguments,
+        },
     })
 }
 

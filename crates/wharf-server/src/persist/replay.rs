@@ -11,7 +11,7 @@ use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use wharf_core::{
-    BindTarget, Broker, Command, ExchangeOptions, Message, QueueFeatures, QueueOptions,
+    BindTarget, Broker, Command, Declarer, ExchangeOptions, Message, QueueFeatures, QueueOptions,
     VhostLimits, split_resource_key,
 };
 
@@ -432,13 +432,35 @@ where
                 },
             },
             Op::DeleteVhost { name } => Command::DeleteVhost { name },
-            Op::DeclareQueue {
-                name,
-                auto_delete,
-                single_active_consumer,
-                arguments,
-            } => {
+            Op::DeclareQueue { .. } | Op::DeclareQueueBy { .. } => {
+                let (name, declared_by, auto_delete, single_active_consumer, arguments) = match op {
+                    Op::DeclareQueue {
+                        name,
+                        auto_delete,
+                        single_active_consumer,
+                        arguments,
+                    } => (name, None, auto_delete, single_active_consumer, arguments),
+                    Op::DeclareQueueBy {
+                        name,
+                        declared_by,
+                        auto_delete,
+                        single_active_consumer,
+                        arguments,
+                    } => (
+                        name,
+                        Some(declared_by),
+                        auto_delete,
+                        single_active_consumer,
+                        arguments,
+                    ),
+                    _ => unreachable!("matched above"),
+                };
                 let (vhost, name) = split(name);
+                // Its declarer counts it again; no limit applies to what was logged.
+                let declarer = declared_by.map(|declared_by| Declarer {
+                    name: declared_by.into(),
+                    max_queues: None,
+                });
                 Command::DeclareQueue {
                     vhost,
                     connection: SYSTEM_CONNECTION,
@@ -451,6 +473,7 @@ where
                         arguments: core_headers(arguments),
                     },
                     passive: false,
+                    declarer,
                 }
             }
             Op::DeclareExchange {

@@ -301,6 +301,7 @@ fn delayed_messages_and_dedup_windows_survive_replay_from_batches_and_from_a_che
             name: "q".into(),
             options,
             passive: false,
+            declarer: None,
         },
     ] {
         apply_logged(&mut broker, 1_000, command, &mut log);
@@ -1022,10 +1023,14 @@ fn virtual_hosts_and_what_they_hold_survive_replay_from_batches_and_from_a_check
                 name: "q".into(),
                 options: options.clone(),
                 passive: false,
+                declarer: Some(wharf_core::Declarer {
+                    name: "alice".into(),
+                    max_queues: None,
+                }),
             },
             &mut log,
         );
-        log.extend(declare_queue_op(vhost, "q", &options));
+        log.extend(declare_queue_op(vhost, "q", &options, Some("alice")));
         let exchange = ExchangeOptions {
             durable: true,
             ..ExchangeOptions::default()
@@ -1157,12 +1162,14 @@ fn virtual_hosts_and_what_they_hold_survive_replay_from_batches_and_from_a_check
             "from {from}"
         );
         assert_eq!(recovered.durable_messages().len(), 3, "from {from}");
+        // Their declarer too: the queues in / and staging (doomed's went with it).
+        assert_eq!(recovered.queues_declared_by("alice"), 2, "from {from}");
     }
 }
 
 #[test]
-fn the_virtual_host_operations_have_frozen_golden_bytes() {
-    // Appended to `Op` (indices 11 and 12): a log that has them is unreadable to an older
+fn the_virtual_host_and_declarer_operations_have_frozen_golden_bytes() {
+    // Appended to `Op` (indices 11 to 13): a log that has them is unreadable to an older
     // broker, and every older log reads as before.
     let ops = vec![
         Op::DeclareVhost {
@@ -1171,9 +1178,16 @@ fn the_virtual_host_operations_have_frozen_golden_bytes() {
             max_queues: None,
         },
         Op::DeleteVhost { name: "v".into() },
+        Op::DeclareQueueBy {
+            name: "q".into(),
+            declared_by: "u".into(),
+            auto_delete: false,
+            single_active_consumer: true,
+            arguments: vec![],
+        },
     ];
     let bytes = Record::Batch(ops.clone()).encode();
-    assert_eq!(hex(&bytes), "0100020b01760102000c0176");
+    assert_eq!(hex(&bytes), "0100030b01760102000c01760d01710175000100");
     assert_eq!(Record::decode(0, &bytes).unwrap(), Record::Batch(ops));
 }
 
