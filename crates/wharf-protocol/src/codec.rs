@@ -423,7 +423,8 @@ fn check_request(request: &Request) -> Result<(), Error> {
         | Request::ListExchanges
         | Request::ListQueuesV2
         | Request::ListUsers
-        | Request::ListVhosts => Ok(()),
+        | Request::ListVhosts
+        | Request::ListUserLimits => Ok(()),
         Request::AddUser {
             name,
             password,
@@ -462,6 +463,7 @@ fn check_request(request: &Request) -> Result<(), Error> {
         Request::AddVhost { name, .. }
         | Request::DeleteVhost { name }
         | Request::SetVhostLimits { name, .. } => check_vhost(name),
+        Request::SetUserLimits { user, .. } => check_name(user),
     }
 }
 
@@ -512,6 +514,7 @@ fn check_response(response: &Response) -> Result<(), Error> {
             permissions.iter().try_for_each(check_topic_permission)
         }
         Response::Vhosts(vhosts) => vhosts.iter().try_for_each(|vhost| check_vhost(&vhost.name)),
+        Response::UserLimits(users) => users.iter().try_for_each(|user| check_name(&user.user)),
     }
 }
 

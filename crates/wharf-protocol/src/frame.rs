@@ -128,7 +128,8 @@ const _: () = assert!(MINOR_ADMIN <= crate::limits::PROTOCOL_MINOR);
 
 /// The protocol minor version that introduced virtual hosts: [`Hello::vhost`] (a trailing
 /// field, sent only when it is not `/`), the requests on virtual hosts (tags 26 to 29) and the
-/// `Vhosts` response (tag 15).
+/// `Vhosts` response (tag 15); also the requests on users' own limits (tags 30 and 31) and the
+/// `UserLimits` response (tag 16).
 pub const MINOR_VHOSTS: u16 = 3;
 
 const _: () = assert!(MINOR_VHOSTS <= crate::limits::PROTOCOL_MINOR);
@@ -511,6 +512,16 @@ pub enum Request {
         /// The limits; `None` fields lift that limit.
         limits: VhostLimits,
     },
+    /// Tag 30 (protocol 1.3, administrators): set a user's own limits, replacing both
+    /// (`NotFound` if the user does not exist).
+    SetUserLimits {
+        /// User name.
+        user: String,
+        /// The limits; `None` fields lift that limit.
+        limits: UserLimits,
+    },
+    /// Tag 31 (protocol 1.3, administrators): every user and its own limits, sorted by name.
+    ListUserLimits,
 }
 
 impl Request {
@@ -523,14 +534,16 @@ impl Request {
             Request::AddVhost { .. }
             | Request::DeleteVhost { .. }
             | Request::ListVhosts
-            | Request::SetVhostLimits { .. } => MINOR_VHOSTS,
+            | Request::SetVhostLimits { .. }
+            | Request::SetUserLimits { .. }
+            | Request::ListUserLimits => MINOR_VHOSTS,
             request if request.is_admin() => MINOR_ADMIN,
             _ => 0,
         }
     }
 
-    /// Whether this is an administration request (users, permissions and virtual hosts), which
-    /// needs the `administrator` tag.
+    /// Whether this is an administration request (users, their permissions and limits, and
+    /// virtual hosts), which needs the `administrator` tag.
     pub fn is_admin(&self) -> bool {
         matches!(
             self,
@@ -549,6 +562,8 @@ impl Request {
                 | Request::DeleteVhost { .. }
                 | Request::ListVhosts
                 | Request::SetVhostLimits { .. }
+                | Request::SetUserLimits { .. }
+                | Request::ListUserLimits
         )
     }
 }
@@ -637,6 +652,26 @@ pub struct VhostInfo {
     pub connections: u32,
     /// Queues in it now.
     pub queues: u32,
+}
+
+/// A user's own limits (protocol 1.3, RabbitMQ's user limits). `None`: no limit of its own
+/// (the broker's `connections_per_user_max` still applies).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UserLimits {
+    /// Most connections of the user open at once; beyond it a login is refused.
+    pub max_connections: Option<u32>,
+    /// Most queues declared by the user that still exist; beyond it a declare of a new queue
+    /// fails with `ResourceLimit`.
+    pub max_queues: Option<u32>,
+}
+
+/// A user and its own limits (protocol 1.3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserLimitsInfo {
+    /// User name.
+    pub user: String,
+    /// Its own limits.
+    pub limits: UserLimits,
 }
 
 /// A queue's description and counters.
@@ -785,6 +820,8 @@ pub enum Response {
     ),
     /// Tag 15 (protocol 1.3): answer to `ListVhosts`.
     Vhosts(#[serde(deserialize_with = "crate::bounded_vec::deserialize")] Vec<VhostInfo>),
+    /// Tag 16 (protocol 1.3): answer to `ListUserLimits`.
+    UserLimits(#[serde(deserialize_with = "crate::bounded_vec::deserialize")] Vec<UserLimitsInfo>),
 }
 
 impl Response {
@@ -797,7 +834,7 @@ impl Response {
             Response::Users(_) | Response::Permissions(_) | Response::TopicPermissions(_) => {
                 MINOR_ADMIN
             }
-            Response::Vhosts(_) => MINOR_VHOSTS,
+            Response::Vhosts(_) | Response::UserLimits(_) => MINOR_VHOSTS,
             _ => 0,
         }
     }

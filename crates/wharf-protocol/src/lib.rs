@@ -47,7 +47,7 @@ pub use frame::{
     Destination, Durability, ExchangeInfo, ExchangeKind, Frame, Hello, HelloOk, MINOR_ADMIN,
     MINOR_QUEUE_FEATURES, MINOR_VHOSTS, Nack, Password, PermissionInfo, Publish, PublishBatch,
     QueueInfo, QueueInfoV2, Reject, Request, Response, ServerLimits, TagRange, TopicPermissionInfo,
-    Touch, UserInfo, VhostInfo, VhostLimits, kind,
+    Touch, UserInfo, UserLimits, UserLimitsInfo, VhostInfo, VhostLimits, kind,
 };
 pub use preamble::{MAGIC, Preamble};
 pub use properties::{Properties, PropertiesRef};

@@ -792,6 +792,96 @@ fn virtual_hosts_need_protocol_1_3_and_administrator_rights() {
 }
 
 #[test]
+fn user_limits_need_protocol_1_3_and_administrator_rights() {
+    for request in [
+        Request::SetUserLimits {
+            user: "alice".into(),
+            limits: UserLimits {
+                max_connections: Some(1),
+                max_queues: None,
+            },
+        },
+        Request::ListUserLimits,
+    ] {
+        assert!(request.is_admin(), "{request:?}");
+        assert_eq!(request.minor_required(), MINOR_VHOSTS, "{request:?}");
+    }
+    assert_eq!(
+        Response::UserLimits(Vec::new()).minor_required(),
+        MINOR_VHOSTS
+    );
+    assert_eq!(
+        UserLimits::default(),
+        UserLimits {
+            max_connections: None,
+            max_queues: None
+        }
+    );
+}
+
+#[test]
+fn user_names_in_user_limits_are_bounded_both_ways() {
+    let too_long = "u".repeat(NAME_BYTES_MAX + 1);
+    for frame in [
+        Frame::Request {
+            correlation_id: 1,
+            request: Request::SetUserLimits {
+                user: too_long.clone(),
+                limits: UserLimits::default(),
+            },
+        },
+        Frame::Response {
+            correlation_id: 1,
+            response: Response::UserLimits(vec![UserLimitsInfo {
+                user: too_long.clone(),
+                limits: UserLimits::default(),
+            }]),
+        },
+    ] {
+        assert!(
+            matches!(
+                encode(&frame, FRAME_BYTES_MAX, &mut BytesMut::new()),
+                Err(Error::LimitExceeded {
+                    what: "name bytes",
+                    ..
+                })
+            ),
+            "{frame:?}"
+        );
+    }
+    // Hand-made Request { 1, SetUserLimits { 256-byte name, None, None } } is refused by the
+    // decoder; a name at the limit is not.
+    for (user, refused) in [(too_long.as_str(), true), (&too_long[1..], false)] {
+        let mut body = vec![kind::REQUEST as u8, 1, 30];
+        body.put_slice(&postcard::to_allocvec(user).unwrap());
+        body.extend([0, 0]);
+        let decoded = decode(&mut raw_frame(&body), FRAME_BYTES_MAX);
+        match refused {
+            true => assert!(
+                matches!(
+                    decoded,
+                    Err(Error::LimitExceeded {
+                        what: "name bytes",
+                        ..
+                    })
+                ),
+                "{decoded:?}"
+            ),
+            false => assert_eq!(
+                decoded.unwrap(),
+                Some(Frame::Request {
+                    correlation_id: 1,
+                    request: Request::SetUserLimits {
+                        user: user.to_owned(),
+                        limits: UserLimits::default(),
+                    },
+                })
+            ),
+        }
+    }
+}
+
+#[test]
 fn queue_info_v2_starts_with_the_bytes_of_queue_info() {
     // 1.1 appends counters after QueueInfo's fields, so a reader can share the prefix code.
     let v2 = QueueInfoV2 {

@@ -379,6 +379,45 @@ fn vectors() -> Vec<(&'static str, Frame)> {
                 ]),
             },
         ),
+        (
+            "request_set_user_limits",
+            Frame::Request {
+                correlation_id: 17,
+                request: Request::SetUserLimits {
+                    user: "alice".into(),
+                    limits: UserLimits {
+                        max_connections: Some(10),
+                        max_queues: None,
+                    },
+                },
+            },
+        ),
+        (
+            "request_list_user_limits",
+            Frame::Request {
+                correlation_id: 18,
+                request: Request::ListUserLimits,
+            },
+        ),
+        (
+            "response_user_limits",
+            Frame::Response {
+                correlation_id: 18,
+                response: Response::UserLimits(vec![
+                    UserLimitsInfo {
+                        user: "alice".into(),
+                        limits: UserLimits {
+                            max_connections: Some(10),
+                            max_queues: Some(1_000),
+                        },
+                    },
+                    UserLimitsInfo {
+                        user: "guest".into(),
+                        limits: UserLimits::default(),
+                    },
+                ]),
+            },
+        ),
     ]
 }
 

@@ -37,6 +37,17 @@ fn vhost_limits() -> impl Strategy<Value = VhostLimits> {
         })
 }
 
+fn user_limits() -> impl Strategy<Value = UserLimits> {
+    (
+        proptest::option::of(any::<u32>()),
+        proptest::option::of(any::<u32>()),
+    )
+        .prop_map(|(max_connections, max_queues)| UserLimits {
+            max_connections,
+            max_queues,
+        })
+}
+
 fn wire_str() -> impl Strategy<Value = WireStr> {
     name().prop_map(WireStr::from)
 }
@@ -303,6 +314,8 @@ fn admin_request() -> impl Strategy<Value = Request> {
         Just(Request::ListVhosts),
         (vhost(), vhost_limits())
             .prop_map(|(name, limits)| Request::SetVhostLimits { name, limits }),
+        (name(), user_limits()).prop_map(|(user, limits)| Request::SetUserLimits { user, limits }),
+        Just(Request::ListUserLimits),
     ]
 }
 
@@ -402,6 +415,11 @@ fn response() -> impl Strategy<Value = Response> {
             0..4
         )
         .prop_map(Response::Vhosts),
+        proptest::collection::vec(
+            (name(), user_limits()).prop_map(|(user, limits)| UserLimitsInfo { user, limits }),
+            0..4
+        )
+        .prop_map(Response::UserLimits),
     ]
 }
 
