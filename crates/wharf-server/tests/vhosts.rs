@@ -335,3 +335,72 @@ async fn vhosts_their_queues_messages_and_limits_survive_a_restart() {
     assert_eq!(ready(&kept, "jobs").await, 3);
     assert_eq!(ready(&admin, "jobs").await, 1);
 }
+
+/// A user's own limits (RabbitMQ's user limits): its connections, and the queues it declared
+/// that still exist, whatever the virtual host; other users are not held by them.
+#[tokio::test]
+async fn a_users_own_limits_cap_its_connections_and_its_queues() {
+    let server = TestServer::start().await;
+    let addr = server.addr();
+    let users = &server.server.users;
+    users.add("dave", "pw", &[]).unwrap();
+    let admin = Client::connect(&addr.to_string()).await.unwrap();
+    admin
+        .add_vhost("other", VhostLimits::default())
+        .await
+        .unwrap();
+    for vhost in ["/", "other"] {
+        admin.set_permissions(full("dave", vhost)).await.unwrap();
+    }
+    users
+        .set_limits(
+            "dave",
+            wharf_server::auth::UserLimits {
+                max_connections: Some(2),
+                max_queues: Some(2),
+            },
+        )
+        .unwrap();
+    let first = login(&addr, "/", "dave", "pw").await.unwrap();
+    let second = login(&addr, "other", "dave", "pw").await.unwrap();
+    let err = login(&addr, "/", "dave", "pw").await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::ServerClosed { code: ErrorCode::ResourceLimit, reason }
+            if reason.contains("connection limit (2) of user 'dave' is reached")),
+        "{err:?}"
+    );
+    // guest is not held by dave's limits.
+    for _ in 0..3 {
+        login(&addr, "/", "guest", "guest").await.unwrap();
+    }
+    first.declare_queue("d1").durable(true).await.unwrap();
+    second.declare_queue("d2").await.unwrap();
+    let err = first.declare_queue("d3").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ResourceLimit), "{err:?}");
+    assert!(
+        err.to_string().contains("queues declared by the user"),
+        "{err}"
+    );
+    // A redeclare is no new queue; deleting one frees its place; guest declares freely.
+    first.declare_queue("d1").durable(true).await.unwrap();
+    admin.declare_queue("g1").await.unwrap();
+    second.delete_queue("d2").await.unwrap();
+    first.declare_queue("d3").await.unwrap();
+    // The durable queue still counts after a restart (its declarer is in the log).
+    drop((first, second, admin));
+    let dir = server.dir;
+    server.server.stop().await.unwrap();
+    let config = wharf_server::ServerConfig::ephemeral(dir.path());
+    let restarted = wharf_server::RunningServer::start(config).await.unwrap();
+    let addr = restarted.addr;
+    let dave = login(&addr, "/", "dave", "pw").await.unwrap();
+    dave.declare_queue("d4").await.unwrap();
+    let err = dave.declare_queue("d5").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ResourceLimit), "{err:?}");
+    // Limits removed: no limit of its own is left.
+    restarted
+        .users
+        .set_limits("dave", wharf_server::auth::UserLimits::default())
+        .unwrap();
+    dave.declare_queue("d5").await.unwrap();
+}

@@ -10,7 +10,7 @@
 use super::*;
 use crate::auth::{AuthError, Permission, Tag, TopicPermission, Users};
 use tokio::sync::mpsc;
-use wharf_protocol::{UserInfo, VhostInfo, VhostLimits};
+use wharf_protocol::{UserInfo, UserLimits, UserLimitsInfo, VhostInfo, VhostLimits};
 
 /// Administration requests of one connection waiting for its task at most; past it they are
 /// refused with `ResourceLimit` at once.
@@ -264,6 +264,26 @@ fn handle(shared: &Context, caller: &str, request: Request) -> Response {
                     },
                     connections: info.connections,
                     queues: info.queues,
+                })
+                .collect(),
+        ),
+        Request::SetUserLimits { user, limits } => done(users.set_limits(
+            &user,
+            crate::auth::UserLimits {
+                max_connections: limits.max_connections,
+                max_queues: limits.max_queues,
+            },
+        )),
+        Request::ListUserLimits => Response::UserLimits(
+            users
+                .limits()
+                .into_iter()
+                .map(|(user, limits)| UserLimitsInfo {
+                    user,
+                    limits: UserLimits {
+                        max_connections: limits.max_connections,
+                        max_queues: limits.max_queues,
+                    },
                 })
                 .collect(),
         ),
