@@ -137,6 +137,8 @@ async fn users_survive_restarts_and_kill_9_and_are_changed_while_stopped() {
         String::from_utf8_lossy(&bad.stderr).contains("bad permission pattern"),
         "{bad:?}"
     );
+    // Offline, the users file cannot know which virtual hosts the log holds: any valid name
+    // is taken (online, a virtual host that does not exist is refused), an invalid one is not.
     let other_vhost = wharf(
         &[
             "permissions",
@@ -150,9 +152,14 @@ async fn users_survive_restarts_and_kill_9_and_are_changed_while_stopped() {
         ],
         &data,
     );
+    assert!(other_vhost.status.success(), "{other_vhost:?}");
+    let invalid_vhost = wharf(
+        &["permissions", "set", "-p", "a\u{7}b", "alice", ".*", ".*", ".*"],
+        &data,
+    );
     assert!(
-        String::from_utf8_lossy(&other_vhost.stderr).contains("no virtual host \"/other\""),
-        "{other_vhost:?}"
+        String::from_utf8_lossy(&invalid_vhost.stderr).contains("invalid virtual host name"),
+        "{invalid_vhost:?}"
     );
     let topic = wharf(
         &[
