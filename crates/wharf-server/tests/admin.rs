@@ -232,3 +232,35 @@ async fn an_anonymous_login_never_administers() {
     assert!(err.to_string().contains("ANONYMOUS"), "{err}");
     assert!(anonymous.list_users().await.is_err());
 }
+
+/// The users file holds at most `USERS_MAX` (10,000) users: one more added over the
+/// protocol is refused with `ResourceLimit`, and the broker goes on. (The file is filled
+/// directly, with copies of guest's hash: 10,000 KDF runs would take minutes.)
+#[tokio::test]
+async fn a_user_past_the_users_limit_is_refused_with_resource_limit() {
+    let server = TestServer::start().await;
+    let dir = server.dir;
+    server.server.stop().await.unwrap();
+    let path = dir.path().join("users.json");
+    let mut file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let users = file["users"].as_object_mut().unwrap();
+    let hash = users["guest"]["password_hash"].clone();
+    for idx in 1..wharf_server::limits::USERS_MAX {
+        users.insert(
+            format!("user-{idx}"),
+            serde_json::json!({ "password_hash": hash }),
+        );
+    }
+    assert_eq!(users.len(), wharf_server::limits::USERS_MAX);
+    std::fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+    let config = wharf_server::ServerConfig::ephemeral(dir.path());
+    let restarted = wharf_server::RunningServer::start(config).await.unwrap();
+    let admin = Client::connect(&restarted.addr.to_string()).await.unwrap();
+    let err = admin.add_user("one-more", "pw", &[]).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ResourceLimit), "{err:?}");
+    assert!(err.to_string().contains("maximum of 10000 users"), "{err}");
+    // Deleting one makes room again.
+    admin.delete_user("user-1").await.unwrap();
+    admin.add_user("one-more", "pw", &[]).await.unwrap();
+}

@@ -154,7 +154,16 @@ async fn users_survive_restarts_and_kill_9_and_are_changed_while_stopped() {
     );
     assert!(other_vhost.status.success(), "{other_vhost:?}");
     let invalid_vhost = wharf(
-        &["permissions", "set", "-p", "a\u{7}b", "alice", ".*", ".*", ".*"],
+        &[
+            "permissions",
+            "set",
+            "-p",
+            "a\u{7}b",
+            "alice",
+            ".*",
+            ".*",
+            ".*",
+        ],
         &data,
     );
     assert!(
