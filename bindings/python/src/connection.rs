@@ -14,7 +14,7 @@ use tokio::runtime::Handle;
 use wharf_client::wharf_protocol::MINOR_QUEUE_FEATURES;
 use wharf_client::{
     Client, ClientOptions, ConsumeOptions, Credentials, DeclareQueue, ExchangeKind, Message,
-    Overflow, PermissionInfo, TlsOptions, TopicPermissionInfo, Value, VhostLimits,
+    Overflow, PermissionInfo, TlsOptions, TopicPermissionInfo, UserLimits, Value, VhostLimits,
 };
 
 /// A connection to a Wharf broker (native core; use `wharf.connect` or `wharf.aio.connect`).
@@ -211,21 +211,31 @@ fn retry_schedule(schedule: &Bound<'_, PyAny>) -> PyResult<Vec<Duration>> {
         .collect()
 }
 
+/// A limit from a Python int: `None` is no limit; it must fit a `u32`.
+fn limit(what: &str, value: Option<i64>) -> PyResult<Option<u32>> {
+    value
+        .map(|value| {
+            u32::try_from(value).map_err(|_| {
+                convert::invalid_argument(format!(
+                    "{what} must be in 0..={} (None: no limit), not {value}",
+                    u32::MAX
+                ))
+            })
+        })
+        .transpose()
+}
+
 /// A virtual host's limits from Python ints: `None` is no limit; each must fit a `u32`.
 fn vhost_limits(max_connections: Option<i64>, max_queues: Option<i64>) -> PyResult<VhostLimits> {
-    let limit = |what: &str, value: Option<i64>| {
-        value
-            .map(|value| {
-                u32::try_from(value).map_err(|_| {
-                    convert::invalid_argument(format!(
-                        "{what} must be in 0..={} (None: no limit), not {value}",
-                        u32::MAX
-                    ))
-                })
-            })
-            .transpose()
-    };
     Ok(VhostLimits {
+        max_connections: limit("max_connections", max_connections)?,
+        max_queues: limit("max_queues", max_queues)?,
+    })
+}
+
+/// A user's own limits from Python ints: `None` is no limit; each must fit a `u32`.
+fn user_limits(max_connections: Option<i64>, max_queues: Option<i64>) -> PyResult<UserLimits> {
+    Ok(UserLimits {
         max_connections: limit("max_connections", max_connections)?,
         max_queues: limit("max_queues", max_queues)?,
     })
@@ -707,6 +717,33 @@ impl Core {
         let client = self.client();
         run(py, &self.handle, done, async move {
             client.set_vhost_limits(&name, limits).await
+        })
+    }
+
+    /// Sets a user's own limits, replacing both (`None`: no limit of its own; administrators
+    /// only).
+    #[pyo3(signature = (user, *, max_connections = None, max_queues = None, done = None))]
+    fn set_user_limits(
+        &self,
+        py: Python<'_>,
+        user: String,
+        max_connections: Option<i64>,
+        max_queues: Option<i64>,
+        done: Option<Py<PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let limits = user_limits(max_connections, max_queues)?;
+        let client = self.client();
+        run(py, &self.handle, done, async move {
+            client.set_user_limits(&user, limits).await
+        })
+    }
+
+    /// Every user and its own limits, as dicts sorted by user (administrators only).
+    #[pyo3(signature = (*, done = None))]
+    fn list_user_limits(&self, py: Python<'_>, done: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let client = self.client();
+        run(py, &self.handle, done, async move {
+            client.list_user_limits().await
         })
     }
 

@@ -440,3 +440,13 @@ impl ToPy for Vec<wharf_client::VhostInfo> {
         })
     }
 }
+
+impl ToPy for Vec<wharf_client::UserLimitsInfo> {
+    fn to_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        dict_list(py, self, |dict, user| {
+            dict.set_item("user", user.user)?;
+            dict.set_item("max_connections", user.limits.max_connections)?;
+            dict.set_item("max_queues", user.limits.max_queues)
+        })
+    }
+}

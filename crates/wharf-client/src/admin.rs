@@ -1,5 +1,5 @@
 //! Online administration (protocol 1.2): users and their permissions, and (protocol 1.3)
-//! virtual hosts, for a client whose user has the `administrator` tag. The broker answers
+//! virtual hosts and users' own limits, for a client whose user has the `administrator` tag. The broker answers
 //! `AccessRefused` to anyone else, and [`ClientError::NotSupported`] is returned, without
 //! sending anything, by a broker older than the minor that defines the request.
 
@@ -7,7 +7,7 @@ use crate::client::{Client, unexpected};
 use crate::error::ClientError;
 use wharf_protocol::{
     MINOR_ADMIN, MINOR_VHOSTS, PermissionInfo, Request, Response, TopicPermissionInfo, UserInfo,
-    VhostInfo, VhostLimits,
+    UserLimits, UserLimitsInfo, VhostInfo, VhostLimits,
 };
 
 impl Client {
@@ -193,5 +193,28 @@ impl Client {
             limits,
         };
         self.administer("set_vhost_limits", request).await
+    }
+
+    /// Sets a user's own limits, replacing both (a `None` field: no limit of the user's own;
+    /// the broker's `connections_per_user_max` still applies). `max_connections` caps the
+    /// user's open connections, `max_queues` the queues it has declared that still exist.
+    /// Lowering a limit below the current usage closes or deletes nothing. `NotFound` if the
+    /// user does not exist.
+    pub async fn set_user_limits(&self, user: &str, limits: UserLimits) -> Result<(), ClientError> {
+        let request = Request::SetUserLimits {
+            user: user.to_owned(),
+            limits,
+        };
+        self.administer("set_user_limits", request).await
+    }
+
+    /// Every user and its own limits (both `None` for a user without any), sorted by name.
+    pub async fn list_user_limits(&self) -> Result<Vec<UserLimitsInfo>, ClientError> {
+        let shared = self.shared();
+        shared.require_minor("list_user_limits", MINOR_VHOSTS)?;
+        match shared.request(Request::ListUserLimits).await? {
+            Response::UserLimits(users) => Ok(users),
+            other => Err(unexpected(&other)),
+        }
     }
 }

@@ -24,6 +24,8 @@
 //!   (`wharf://user:password@host/staging`, [`ServerAddr::vhost`]) or
 //!   [`ClientOptions::vhost`] does; administrators manage them with [`Client::add_vhost`],
 //!   [`Client::list_vhosts`], [`Client::set_vhost_limits`] and [`Client::delete_vhost`].
+//! - Users' own limits (protocol 1.3, administrators): [`Client::set_user_limits`] and
+//!   [`Client::list_user_limits`] (RabbitMQ's `set_user_limits` / `list_user_limits`).
 //! - Errors: one [`ClientError`] enum; server errors carry the wire [`ErrorCode`].
 //!
 //! ```no_run
@@ -99,6 +101,6 @@ pub use tls::TlsOptions;
 pub use wharf_protocol;
 pub use wharf_protocol::{
     Durability, ErrorCode, ExchangeInfo, ExchangeKind, PermissionInfo, Properties, QueueInfo,
-    QueueInfoV2, ServerLimits, Table, TableRef, TopicPermissionInfo, UserInfo, Value, ValueRef,
-    VhostInfo, VhostLimits,
+    QueueInfoV2, ServerLimits, Table, TableRef, TopicPermissionInfo, UserInfo, UserLimits,
+    UserLimitsInfo, Value, ValueRef, VhostInfo, VhostLimits,
 };

@@ -1101,6 +1101,11 @@ pub(crate) fn kind_name(kind: ExchangeKind) -> &'static str {
     }
 }
 
+/// A limit in a table: its number, or `-` for no limit.
+pub(crate) fn limit_cell(limit: Option<u32>) -> String {
+    limit.map_or_else(|| "-".to_owned(), |n| n.to_string())
+}
+
 /// Prints `rows` under `header`, columns separated by two spaces, each as wide as its widest
 /// cell; numeric columns (`right_aligned`) aligned right.
 pub(crate) fn print_table(

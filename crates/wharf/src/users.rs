@@ -1,5 +1,6 @@
-//! `wharf user add|delete|passwd|tags|list` and `wharf permissions set|clear|list|set-topic|
-//! clear-topic|list-topic`: the broker's users and their permissions.
+//! `wharf user add|delete|passwd|tags|list|set-limits|list-limits` and `wharf permissions
+//! set|clear|list|set-topic|clear-topic|list-topic`: the broker's users, their own limits and
+//! their permissions.
 //!
 //! By default they ask a running broker over the protocol (`--server`, as the other client
 //! commands), as a user with the `administrator` tag. With `--data-dir` they edit a stopped
@@ -7,10 +8,10 @@
 //! the way to set up users before a first start, or to recover a broker whose administrators
 //! are lost.
 
-use crate::cli::{ServerArg, connect_as};
+use crate::cli::{ServerArg, connect_as, limit_cell, print_table};
 use anyhow::{Context, Result, anyhow, bail};
 use std::path::PathBuf;
-use wharf_client::{Client, PermissionInfo, TopicPermissionInfo};
+use wharf_client::{Client, PermissionInfo, TopicPermissionInfo, UserLimits, UserLimitsInfo};
 use wharf_server::auth::{DEFAULT_VHOST, Permission, Tag, TopicPermission, Users};
 
 /// `wharf user ...`.
@@ -61,6 +62,22 @@ enum UserAction {
     },
     /// List the users and their tags.
     List,
+    /// Set a user's own limits, replacing both: a limit left out is lifted (the broker's
+    /// connections_per_user_max still applies), as rabbitmqctl set_user_limits.
+    SetLimits {
+        /// User name.
+        name: String,
+        /// Most connections of the user open at once; a login beyond it is refused
+        /// [default: no limit].
+        #[arg(long, value_name = "N")]
+        max_connections: Option<u32>,
+        /// Most queues declared by the user that still exist; a declare of a new queue beyond
+        /// it is refused [default: no limit].
+        #[arg(long, value_name = "N")]
+        max_queues: Option<u32>,
+    },
+    /// List every user's own limits: user, max connections, max queues ("-": no limit).
+    ListLimits,
 }
 
 /// `wharf permissions ...`.
@@ -248,8 +265,76 @@ pub fn main(args: UserArgs) -> Result<()> {
                 println!("{name}\t[{}]", tags.join(","));
             }
         }
+        UserAction::SetLimits {
+            name,
+            max_connections,
+            max_queues,
+        } => {
+            let limits = UserLimits {
+                max_connections,
+                max_queues,
+            };
+            store.run(
+                |users| offline_limits::set(users, &name, limits),
+                async |client| client.set_user_limits(&name, limits).await,
+            )?;
+            println!("set the limits of {name}");
+        }
+        UserAction::ListLimits => {
+            let mut listed = store.run(offline_limits::list, async |client| {
+                client.list_user_limits().await
+            })?;
+            listed.sort_by(|left, right| left.user.cmp(&right.user));
+            print_table(
+                &["user", "max connections", "max queues"],
+                &[false, true, true],
+                &limit_rows(&listed),
+            )
+            .map_err(|failure| anyhow!(failure.message))?;
+        }
     }
     Ok(())
+}
+
+/// The rows of `wharf user list-limits`: a limit shows as its number, no limit as `-`.
+fn limit_rows(users: &[UserLimitsInfo]) -> Vec<Vec<String>> {
+    users
+        .iter()
+        .map(|info| {
+            vec![
+                info.user.clone(),
+                limit_cell(info.limits.max_connections),
+                limit_cell(info.limits.max_queues),
+            ]
+        })
+        .collect()
+}
+
+/// The offline (`--data-dir`) form of `wharf user set-limits|list-limits`, apart from the
+/// rest: it needs `Users::set_limits` and `Users::limits` of wharf-server, which the server
+/// side of user limits adds. Until then `--data-dir` is refused for these two.
+// TODO(user-limits): once wharf_server::auth has `UserLimits` and
+// `Users::{set_limits, limits}`, the bodies become
+//     set:  Ok(users.set_limits(name, wharf_server::auth::UserLimits {
+//               max_connections: limits.max_connections, max_queues: limits.max_queues })?)
+//     list: Ok(users.limits().into_iter().map(|(user, limits)| UserLimitsInfo { user,
+//               limits: UserLimits { max_connections: limits.max_connections,
+//               max_queues: limits.max_queues } }).collect())
+mod offline_limits {
+    use super::*;
+
+    /// Sets `name`'s own limits in a stopped broker's users file.
+    pub(super) fn set(_users: &Users, _name: &str, _limits: UserLimits) -> Result<()> {
+        bail!(NOT_YET)
+    }
+
+    /// Every user's own limits in a stopped broker's users file.
+    pub(super) fn list(_users: &Users) -> Result<Vec<UserLimitsInfo>> {
+        bail!(NOT_YET)
+    }
+
+    const NOT_YET: &str = "user limits cannot be edited offline (--data-dir) by this build: \
+        use --server with a running broker";
 }
 
 /// Runs `wharf permissions ...`.
@@ -349,4 +434,21 @@ pub fn permissions_main(args: PermissionArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_limit_shows_as_a_dash() {
+        let info = UserLimitsInfo {
+            user: "alice".into(),
+            limits: UserLimits {
+                max_connections: None,
+                max_queues: Some(10),
+            },
+        };
+        assert_eq!(limit_rows(&[info]), vec![vec!["alice", "-", "10"]]);
+    }
 }

@@ -2,7 +2,7 @@
 //! protocol (1.3) at `--server`, as a user with the `administrator` tag. There is no offline
 //! form: virtual hosts live in the broker's state, not in its users file.
 
-use crate::cli::{Failure, ServerArg, print, print_table, with_client};
+use crate::cli::{Failure, ServerArg, limit_cell, print, print_table, with_client};
 use clap::{Args, Subcommand};
 use wharf_client::{VhostInfo, VhostLimits};
 
@@ -101,14 +101,13 @@ pub(crate) async fn run(command: Vhost) -> Result<(), Failure> {
 
 /// The table's rows: a limit shows as its number, no limit as `-`.
 fn rows(vhosts: &[VhostInfo]) -> Vec<Vec<String>> {
-    let limit = |limit: Option<u32>| limit.map_or_else(|| "-".to_owned(), |n| n.to_string());
     vhosts
         .iter()
         .map(|vhost| {
             vec![
                 vhost.name.clone(),
-                limit(vhost.limits.max_connections),
-                limit(vhost.limits.max_queues),
+                limit_cell(vhost.limits.max_connections),
+                limit_cell(vhost.limits.max_queues),
                 vhost.connections.to_string(),
                 vhost.queues.to_string(),
             ]

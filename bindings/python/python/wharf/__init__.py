@@ -36,6 +36,7 @@ from wharf._types import (
     Seconds,
     TopicPermissionInfo,
     UserInfo,
+    UserLimitsInfo,
     VhostInfo,
 )
 from wharf._wharf import Batches, Consumer, Message, OutgoingMessage, ProcessGuard, Publisher
@@ -79,6 +80,7 @@ __all__ = [
     "PermissionInfo",
     "TopicPermissionInfo",
     "VhostInfo",
+    "UserLimitsInfo",
     "Body",
     "Durability",
     "ExchangeKind",

@@ -20,6 +20,7 @@ from wharf._types import (
     Seconds,
     TopicPermissionInfo,
     UserInfo,
+    UserLimitsInfo,
     VhostInfo,
     _arguments,
 )
@@ -308,6 +309,22 @@ class Connection:
         beyond ``max_connections`` is refused at connect and a queue beyond ``max_queues`` is
         refused at declare, both with :class:`ResourceLimit`."""
         self._core.set_vhost_limits(name, max_connections=max_connections, max_queues=max_queues)
+
+    # Users' own limits (administrators only; protocol 1.3).
+
+    def set_user_limits(
+        self, user: str, max_connections: Optional[int] = None, max_queues: Optional[int] = None
+    ) -> None:
+        """Sets a user's own limits, replacing both (``None``: no limit of its own; the broker's
+        ``connections_per_user_max`` still applies). A connection of the user beyond
+        ``max_connections`` is refused at connect, and a new queue beyond the ``max_queues``
+        it has declared (that still exist) is refused at declare, both with
+        :class:`ResourceLimit`. Raises :class:`NotFound` for an unknown user."""
+        self._core.set_user_limits(user, max_connections=max_connections, max_queues=max_queues)
+
+    def list_user_limits(self) -> list[UserLimitsInfo]:
+        """Every user and its own limits, sorted by user name."""
+        return cast("list[UserLimitsInfo]", self._core.list_user_limits())
 
     def redrive(self, queue: str, *, max_messages: Optional[int] = None) -> int:
         """Moves dead-lettered messages of the dead-letter queue ``queue`` back to the queue

@@ -20,6 +20,7 @@ __all__ = [
     "PermissionInfo",
     "TopicPermissionInfo",
     "VhostInfo",
+    "UserLimitsInfo",
 ]
 
 #: A message body: bytes-like, or ``str`` (sent as UTF-8).
@@ -89,6 +90,15 @@ class VhostInfo(TypedDict):
     max_queues: Optional[int]
     connections: int
     queues: int
+
+
+class UserLimitsInfo(TypedDict):
+    """A user and its own limits (``None``: no limit of its own), from
+    :meth:`wharf.Connection.list_user_limits`."""
+
+    user: str
+    max_connections: Optional[int]
+    max_queues: Optional[int]
 
 
 class QueueDeclared(NamedTuple):

@@ -291,6 +291,15 @@ class Core:
         max_queues: int | None = None,
         done: _Done | None = None,
     ) -> Any: ...
+    def set_user_limits(
+        self,
+        user: str,
+        *,
+        max_connections: int | None = None,
+        max_queues: int | None = None,
+        done: _Done | None = None,
+    ) -> Any: ...
+    def list_user_limits(self, *, done: _Done | None = None) -> Any: ...
     def redrive(
         self, queue: str, *, max_messages: int | None = None, done: _Done | None = None
     ) -> Any: ...

@@ -44,6 +44,7 @@ from wharf._types import (
     Seconds,
     TopicPermissionInfo,
     UserInfo,
+    UserLimitsInfo,
     VhostInfo,
     _arguments,
 )
@@ -384,6 +385,24 @@ class Connection:
             lambda done: self._core.set_vhost_limits(
                 name, max_connections=max_connections, max_queues=max_queues, done=done
             )
+        )
+
+    # Users' own limits (administrators only; protocol 1.3): see :class:`wharf.Connection`.
+
+    async def set_user_limits(
+        self, user: str, max_connections: Optional[int] = None, max_queues: Optional[int] = None
+    ) -> None:
+        """Sets a user's own limits. See :meth:`wharf.Connection.set_user_limits`."""
+        await _call(
+            lambda done: self._core.set_user_limits(
+                user, max_connections=max_connections, max_queues=max_queues, done=done
+            )
+        )
+
+    async def list_user_limits(self) -> list[UserLimitsInfo]:
+        """Every user and its own limits, sorted by user name."""
+        return cast(
+            "list[UserLimitsInfo]", await _call(lambda done: self._core.list_user_limits(done=done))
         )
 
     async def redrive(self, queue: str, *, max_messages: Optional[int] = None) -> int:
