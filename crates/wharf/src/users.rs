@@ -313,28 +313,33 @@ fn limit_rows(users: &[UserLimitsInfo]) -> Vec<Vec<String>> {
 /// The offline (`--data-dir`) form of `wharf user set-limits|list-limits`, apart from the
 /// rest: it needs `Users::set_limits` and `Users::limits` of wharf-server, which the server
 /// side of user limits adds. Until then `--data-dir` is refused for these two.
-// TODO(user-limits): once wharf_server::auth has `UserLimits` and
-// `Users::{set_limits, limits}`, the bodies become
-//     set:  Ok(users.set_limits(name, wharf_server::auth::UserLimits {
-//               max_connections: limits.max_connections, max_queues: limits.max_queues })?)
-//     list: Ok(users.limits().into_iter().map(|(user, limits)| UserLimitsInfo { user,
-//               limits: UserLimits { max_connections: limits.max_connections,
-//               max_queues: limits.max_queues } }).collect())
+/// User limits in a stopped broker's users file (`--data-dir`).
 mod offline_limits {
     use super::*;
 
     /// Sets `name`'s own limits in a stopped broker's users file.
-    pub(super) fn set(_users: &Users, _name: &str, _limits: UserLimits) -> Result<()> {
-        bail!(NOT_YET)
+    pub(super) fn set(users: &Users, name: &str, limits: UserLimits) -> Result<()> {
+        let limits = wharf_server::auth::UserLimits {
+            max_connections: limits.max_connections,
+            max_queues: limits.max_queues,
+        };
+        Ok(users.set_limits(name, limits)?)
     }
 
     /// Every user's own limits in a stopped broker's users file.
-    pub(super) fn list(_users: &Users) -> Result<Vec<UserLimitsInfo>> {
-        bail!(NOT_YET)
+    pub(super) fn list(users: &Users) -> Result<Vec<UserLimitsInfo>> {
+        Ok(users
+            .limits()
+            .into_iter()
+            .map(|(user, limits)| UserLimitsInfo {
+                user,
+                limits: UserLimits {
+                    max_connections: limits.max_connections,
+                    max_queues: limits.max_queues,
+                },
+            })
+            .collect())
     }
-
-    const NOT_YET: &str = "user limits cannot be edited offline (--data-dir) by this build: \
-        use --server with a running broker";
 }
 
 /// Runs `wharf permissions ...`.

@@ -173,3 +173,53 @@ fn unknown_users_and_non_administrators_are_refused() {
     }
     broker.terminate(DEADLINE);
 }
+
+/// Runs `wharf ARGS --data-dir DIR` (offline: the broker stopped).
+fn offline(args: &[&str], dir: &std::path::Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .expect("run wharf")
+}
+
+/// `wharf user set-limits|list-limits --data-dir` edit a stopped broker's users file; the
+/// broker started on it enforces the limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_limits_set_offline_are_enforced_at_the_next_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    for args in [
+        &["user", "add", "erin", "--password", "pw"][..],
+        &["permissions", "set", "erin", ".*", ".*", ".*"][..],
+        &["user", "set-limits", "erin", "--max-connections", "1"][..],
+    ] {
+        assert_success(&offline(args, &data));
+    }
+    let listed = offline(&["user", "list-limits"], &data);
+    assert_success(&listed);
+    assert!(stdout(&listed).contains("erin"), "{listed:?}");
+    assert_exit(
+        &offline(
+            &["user", "set-limits", "nobody", "--max-queues", "1"],
+            &data,
+        ),
+        1,
+        "no user \"nobody\"",
+    );
+    let broker = process::spawn(&data);
+    let url = format!("wharf://erin:pw@{}", broker.addr);
+    let _first = Client::connect(&url)
+        .await
+        .expect("erin's first connection");
+    let Err(err) = Client::connect(&url).await else {
+        panic!("her second connection is refused");
+    };
+    assert!(
+        matches!(&err, ClientError::ServerClosed { code: ErrorCode::ResourceLimit, reason }
+            if reason.contains("connection limit (1) of user 'erin'")),
+        "{err:?}"
+    );
+    broker.terminate(DEADLINE);
+}
