@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -131,6 +132,22 @@ def test_idle_connection_survives_many_heartbeat_intervals(fast_heartbeat_server
         conn.publish(queue, b"still here")
 
 
+@pytest.fixture
+def sigint_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt during the test, as in an interactive program.
+
+    A process started in the background by a non-interactive shell inherits SIGINT ignored,
+    and Python then installs no handler: `_thread.interrupt_main()` would do nothing and a
+    test waiting to be interrupted would hang.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_interrupts_a_blocking_consume_and_leaves_the_connection_clean(
     url: str, conn: wharf.Connection, queue: str
 ) -> None:
@@ -169,6 +186,7 @@ def test_ctrl_c_interrupts_a_blocking_consume_and_leaves_the_connection_clean(
         message.ack()
 
 
+@pytest.mark.usefixtures("sigint_raises")
 def test_ctrl_c_interrupts_a_get_with_a_long_timeout(conn: wharf.Connection) -> None:
     queue = conn.declare_queue(unique("sig")).name
     with conn.consume(queue) as consumer:
