@@ -7,7 +7,8 @@
 #
 # usage: run_scenario.sh WHARF_BINARY LABEL SCENARIO [more `wharf bench` flags]
 # With TLS=1 in the environment, the bench connects over TLS (certificates from `wharf tls
-# gen`, the broker's TLS listener only): compare with the same run without it.
+# gen`, the broker's TLS listener only): compare with the same run without it. With
+# VHOST=NAME, the bench works in that virtual host (added, with guest's permissions, first).
 # Prints: scenario, label, exit code, delivered msgs/s, lost, publish → deliver p50 / p99 /
 # p99.9 / max (µs), the broker's peak RSS (VmHWM), CPU time and context switches (all its
 # threads) during the run. The bench's JSON report is written to a file and read after the
@@ -32,6 +33,14 @@ for _ in $(seq 100); do
   kill -0 "$broker" 2>/dev/null || { echo "the broker did not start:" >&2; cat "$work/broker.log" >&2; exit 1; }
   sleep 0.05
 done
+if [ -n "${VHOST:-}" ]; then
+  "$wharf" vhost add "$VHOST" --server "$server" "${tls[@]}" >/dev/null
+  "$wharf" permissions set -p "$VHOST" guest '.*' '.*' '.*' --server "$server" "${tls[@]}" >/dev/null
+  case "$server" in
+    wharfs://*) server="$server/$VHOST" ;;
+    *) server="wharf://$server/$VHOST" ;;
+  esac
+fi
 switches() { cat /proc/"$broker"/task/*/status | awk '/ctxt_switches/ { n += $2 } END { print n }'; }
 cpu_ticks() { awk '{ print $14 + $15 }' /proc/"$broker"/stat; }
 switches_before=$(switches) ticks_before=$(cpu_ticks)
