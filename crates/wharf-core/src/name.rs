@@ -66,9 +66,46 @@ pub fn validate_routing_key(key: &str) -> Result<(), CoreError> {
     Ok(())
 }
 
+/// The virtual host every broker has, and that a client gets unless it names another.
+pub const DEFAULT_VHOST: &str = "/";
+
+/// Separates a virtual host from a name in a resource key (a control character: never part of
+/// a valid name).
+const KEY_SEPARATOR: char = '\u{1f}';
+
+/// The key the server logs and spools a queue or exchange under: its name in the default
+/// virtual host, `vhost` U+001F `name` elsewhere.
+pub fn resource_key(vhost: &str, name: &str) -> String {
+    if vhost == DEFAULT_VHOST {
+        name.to_owned()
+    } else {
+        format!("{vhost}{KEY_SEPARATOR}{name}")
+    }
+}
+
+/// The virtual host and name of a [`resource_key`].
+pub fn split_resource_key(key: &str) -> (&str, &str) {
+    match key.split_once(KEY_SEPARATOR) {
+        Some((vhost, name)) => (vhost, name),
+        None => (DEFAULT_VHOST, key),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resource_keys_split_back_and_the_default_vhost_keeps_plain_names() {
+        assert_eq!(resource_key(DEFAULT_VHOST, "orders"), "orders");
+        assert_eq!(split_resource_key("orders"), (DEFAULT_VHOST, "orders"));
+        let key = resource_key("staging", "orders");
+        assert_ne!(key, "orders");
+        assert_eq!(split_resource_key(&key), ("staging", "orders"));
+        // A vhost name may itself contain '/', never the separator.
+        let key = resource_key("/team/a", "q.1");
+        assert_eq!(split_resource_key(&key), ("/team/a", "q.1"));
+    }
 
     #[test]
     fn names_are_checked_for_length_control_characters_and_prefix() {

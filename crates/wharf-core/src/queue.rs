@@ -941,10 +941,10 @@ impl Queue {
                 auto_delete: options.auto_delete,
                 ..QueueStats::default()
             },
-            key: if &*vhost == crate::broker::DEFAULT_VHOST {
+            key: if &*vhost == crate::name::DEFAULT_VHOST {
                 name.clone()
             } else {
-                crate::broker::resource_key(&vhost, &name).into()
+                crate::name::resource_key(&vhost, &name).into()
             },
             vhost,
             name,

@@ -239,9 +239,6 @@ pub enum Command {
     /// Dead-letter queues: move dead-lettered messages back.
     #[command(subcommand)]
     Dlq(Dlq),
-    /// Manage the broker's virtual hosts over the protocol, as an administrator.
-    #[command(subcommand)]
-    Vhost(crate::vhosts::Vhost),
 }
 
 /// `wharf dlq ...`
@@ -494,7 +491,6 @@ pub async fn run(command: Command) -> Result<(), Failure> {
         Command::Queues(server) => list_queues(server).await,
         Command::Exchanges(server) => list_exchanges(server).await,
         Command::Dlq(Dlq::Redrive(args)) => redrive(args).await,
-        Command::Vhost(command) => crate::vhosts::run(command).await,
     }
 }
 

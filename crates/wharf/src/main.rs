@@ -46,6 +46,9 @@ enum Cmd {
     Permissions(users::PermissionArgs),
     /// TLS helpers: a self-made CA and certificates for development.
     Tls(tls_gen::TlsArgs),
+    /// Manage the broker's virtual hosts over the protocol, as an administrator.
+    #[command(subcommand)]
+    Vhost(vhosts::Vhost),
     #[command(flatten)]
     Client(cli::Command),
 }
@@ -203,27 +206,31 @@ fn main() -> ExitCode {
         Cmd::User(args) => exit_code(users::main(args)),
         Cmd::Permissions(args) => exit_code(users::permissions_main(args)),
         Cmd::Tls(args) => exit_code(tls_gen::main(args)),
-        Cmd::Client(command) => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    eprintln!("error: cannot start the runtime: {err}");
-                    return ExitCode::from(cli::EXIT_OTHER);
-                }
-            };
-            let result = runtime.block_on(cli::run(command));
-            // Do not wait for a stdin reader blocked in `read`.
-            runtime.shutdown_background();
-            match result {
-                Ok(()) => ExitCode::from(cli::EXIT_OK),
-                Err(failure) => {
-                    eprintln!("error: {}", failure.message);
-                    ExitCode::from(failure.exit_code)
-                }
-            }
+        Cmd::Vhost(command) => client_main(vhosts::run(command)),
+        Cmd::Client(command) => client_main(cli::run(command)),
+    }
+}
+
+/// Runs a client command on a runtime of its own; its failure's exit code is the process's.
+fn client_main(command: impl std::future::Future<Output = Result<(), cli::Failure>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::from(cli::EXIT_OTHER);
+        }
+    };
+    let result = runtime.block_on(command);
+    // Do not wait for a stdin reader blocked in `read`.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::from(cli::EXIT_OK),
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            ExitCode::from(failure.exit_code)
         }
     }
 }
