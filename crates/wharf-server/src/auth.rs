@@ -196,6 +196,24 @@ impl UserLimits {
     }
 }
 
+impl From<wharf_protocol::UserLimits> for UserLimits {
+    fn from(limits: wharf_protocol::UserLimits) -> UserLimits {
+        UserLimits {
+            max_connections: limits.max_connections,
+            max_queues: limits.max_queues,
+        }
+    }
+}
+
+impl From<UserLimits> for wharf_protocol::UserLimits {
+    fn from(limits: UserLimits) -> wharf_protocol::UserLimits {
+        wharf_protocol::UserLimits {
+            max_connections: limits.max_connections,
+            max_queues: limits.max_queues,
+        }
+    }
+}
+
 /// A user's grants in a virtual host, compiled: shared by every connection of the user (a
 /// compiled pattern holds kilobytes; 10,000 connections of one user hold one copy).
 #[derive(Debug)]
@@ -638,6 +656,17 @@ impl Users {
         users
             .iter()
             .map(|(name, user)| (name.clone(), user.limits))
+            .collect()
+    }
+
+    /// Every user's own limits, by name, as the protocol lists them.
+    pub fn limits_info(&self) -> Vec<wharf_protocol::UserLimitsInfo> {
+        self.limits()
+            .into_iter()
+            .map(|(user, limits)| wharf_protocol::UserLimitsInfo {
+                user,
+                limits: limits.into(),
+            })
             .collect()
     }
 

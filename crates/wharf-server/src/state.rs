@@ -155,16 +155,8 @@ impl State {
                 target,
                 routing_key,
                 arguments,
-            } => bind_op(
-                &self.broker,
-                vhost,
-                source,
-                target,
-                routing_key,
-                arguments,
-                true,
-            ),
-            Command::Unbind {
+            }
+            | Command::Unbind {
                 vhost,
                 source,
                 target,
@@ -177,7 +169,7 @@ impl State {
                 target,
                 routing_key,
                 arguments,
-                false,
+                matches!(command, Command::Bind { .. }),
             ),
             Command::AddVhost { name, limits } | Command::SetVhostLimits { name, limits } => {
                 Some(Op::DeclareVhost {

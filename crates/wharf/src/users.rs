@@ -319,26 +319,12 @@ mod offline_limits {
 
     /// Sets `name`'s own limits in a stopped broker's users file.
     pub(super) fn set(users: &Users, name: &str, limits: UserLimits) -> Result<()> {
-        let limits = wharf_server::auth::UserLimits {
-            max_connections: limits.max_connections,
-            max_queues: limits.max_queues,
-        };
-        Ok(users.set_limits(name, limits)?)
+        Ok(users.set_limits(name, limits.into())?)
     }
 
     /// Every user's own limits in a stopped broker's users file.
     pub(super) fn list(users: &Users) -> Result<Vec<UserLimitsInfo>> {
-        Ok(users
-            .limits()
-            .into_iter()
-            .map(|(user, limits)| UserLimitsInfo {
-                user,
-                limits: UserLimits {
-                    max_connections: limits.max_connections,
-                    max_queues: limits.max_queues,
-                },
-            })
-            .collect())
+        Ok(users.limits_info())
     }
 }
 

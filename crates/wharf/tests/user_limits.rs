@@ -6,34 +6,10 @@ mod common;
 
 use common::DEADLINE;
 use common::process;
+use common::{assert_exit, assert_success, online, stdout};
 use std::process::{Command, Output};
 use std::time::Instant;
 use wharf_client::{Client, ClientError, ErrorCode};
-
-/// Runs `wharf ARGS --server SERVER`.
-fn online(args: &[&str], server: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(args)
-        .args(["--server", server])
-        .output()
-        .expect("run wharf")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn assert_success(output: &Output) {
-    assert!(output.status.success(), "{output:?}");
-}
-
-fn assert_exit(output: &Output, code: i32, stderr_contains: &str) {
-    assert_eq!(output.status.code(), Some(code), "{output:?}");
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains(stderr_contains),
-        "expected {stderr_contains:?} in {output:?}"
-    );
-}
 
 /// The rows of `wharf user list-limits`, each split on whitespace (no user name here has any).
 fn limit_rows(server: &str) -> Vec<Vec<String>> {

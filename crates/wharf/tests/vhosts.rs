@@ -7,33 +7,8 @@ mod common;
 
 use common::DEADLINE;
 use common::process;
-use std::process::{Command, Output};
+use common::{assert_exit, assert_success, online, stdout};
 use wharf_client::{Client, ClientError, ErrorCode};
-
-/// Runs `wharf ARGS --server SERVER`.
-fn online(args: &[&str], server: &str) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wharf"))
-        .args(args)
-        .args(["--server", server])
-        .output()
-        .expect("run wharf")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn assert_success(output: &Output) {
-    assert!(output.status.success(), "{output:?}");
-}
-
-fn assert_exit(output: &Output, code: i32, stderr_contains: &str) {
-    assert_eq!(output.status.code(), Some(code), "{output:?}");
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains(stderr_contains),
-        "expected {stderr_contains:?} in {output:?}"
-    );
-}
 
 /// The row of `wharf vhost list` for `name`, split on whitespace (no name here has any).
 fn vhost_row(server: &str, name: &str) -> Option<Vec<String>> {

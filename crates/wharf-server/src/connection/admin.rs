@@ -10,7 +10,7 @@
 use super::*;
 use crate::auth::{AuthError, Permission, Tag, TopicPermission, Users};
 use tokio::sync::mpsc;
-use wharf_protocol::{UserInfo, UserLimits, UserLimitsInfo, VhostInfo, VhostLimits};
+use wharf_protocol::{UserInfo, VhostInfo, VhostLimits};
 
 /// Administration requests of one connection waiting for its task at most; past it they are
 /// refused with `ResourceLimit` at once.
@@ -267,26 +267,8 @@ fn handle(shared: &Context, caller: &str, request: Request) -> Response {
                 })
                 .collect(),
         ),
-        Request::SetUserLimits { user, limits } => done(users.set_limits(
-            &user,
-            crate::auth::UserLimits {
-                max_connections: limits.max_connections,
-                max_queues: limits.max_queues,
-            },
-        )),
-        Request::ListUserLimits => Response::UserLimits(
-            users
-                .limits()
-                .into_iter()
-                .map(|(user, limits)| UserLimitsInfo {
-                    user,
-                    limits: UserLimits {
-                        max_connections: limits.max_connections,
-                        max_queues: limits.max_queues,
-                    },
-                })
-                .collect(),
-        ),
+        Request::SetUserLimits { user, limits } => done(users.set_limits(&user, limits.into())),
+        Request::ListUserLimits => Response::UserLimits(users.limits_info()),
         other => unreachable!("not an administration request: {other:?}"),
     }
 }
