@@ -63,6 +63,10 @@ pub struct Limits {
     /// The same limit in body bytes: a pageable queue also pages once its ready messages in
     /// memory hold this many bytes (so large messages page early). 0: no byte limit.
     pub paging_threshold_bytes: u64,
+    /// Whether transient (non-durable, non-exclusive) queues page too. Their paged messages
+    /// are never logged (they are lost at a restart, as their queue is); off, they stay in
+    /// memory and only the server's memory alarm holds their publishers.
+    pub page_transient: bool,
 }
 
 impl Default for Limits {
@@ -76,6 +80,7 @@ impl Default for Limits {
             consumers_per_connection_max: CONSUMERS_PER_CONNECTION_MAX,
             paging_threshold: PAGING_THRESHOLD_DEFAULT,
             paging_threshold_bytes: 0,
+            page_transient: false,
         }
     }
 }

@@ -36,12 +36,16 @@ impl Harness {
     }
 
     fn with_bytes(threshold: usize, threshold_bytes: u64) -> Self {
+        Harness::with_limits(Limits {
+            paging_threshold: threshold,
+            paging_threshold_bytes: threshold_bytes,
+            ..Limits::default()
+        })
+    }
+
+    fn with_limits(limits: Limits) -> Self {
         let mut harness = Harness {
-            broker: Broker::new(Limits {
-                paging_threshold: threshold,
-                paging_threshold_bytes: threshold_bytes,
-                ..Limits::default()
-            }),
+            broker: Broker::new(limits),
             now: 0,
             effects: Vec::new(),
             spools: HashMap::new(),
@@ -475,6 +479,46 @@ fn every_kind_of_durable_queue_pages_but_transient_ones_do_not() {
         h.publish("durable", &body, false);
     }
     assert_eq!(h.stats("durable").paged, 2);
+}
+
+/// With `Limits::page_transient`, transient queues page like durable ones, their paged
+/// messages unlogged (no durable id), and drain back in order; exclusive queues never page.
+#[test]
+fn transient_queues_page_when_the_server_says_so_and_come_back_in_order() {
+    let mut h = Harness::with_limits(Limits {
+        paging_threshold: 2,
+        page_transient: true,
+        ..Limits::default()
+    });
+    h.declare("transient", false, Headers::new());
+    h.ok(Command::DeclareQueue {
+        vhost: wharf_core::DEFAULT_VHOST.into(),
+        connection: C1,
+        name: "exclusive".into(),
+        options: wharf_core::QueueOptions {
+            exclusive: true,
+            ..wharf_core::QueueOptions::default()
+        },
+        passive: false,
+        declarer: None,
+    });
+    for body in numbered(10) {
+        h.publish("transient", &body, true);
+        h.publish("exclusive", &body, true);
+    }
+    assert_eq!(h.stats("transient").paged, 8);
+    assert_eq!(
+        h.stats("exclusive").paged,
+        0,
+        "exclusive queues stay in memory"
+    );
+    // Nothing of a transient queue is logged, paged or not.
+    assert!(h.broker.durable_messages().is_empty());
+    assert_eq!(h.broker.durable_paged_totals(), (0, 0));
+    assert_eq!(h.broker.paged_totals().0, 8);
+    h.subscribe("transient", 1, 100, true);
+    while h.serve_page_ins() > 0 {}
+    assert_eq!(h.bodies(), numbered(10));
 }
 
 impl Harness {

@@ -122,6 +122,9 @@ pub struct ServerConfig {
     /// The same limit in body bytes (paging starts at whichever is reached first). 0: no
     /// byte limit.
     pub queue_memory_bytes: u64,
+    /// Whether transient queues larger than memory page too (to spool files, never to the
+    /// log); `false`: they stay in memory and the memory alarm pauses their publishers.
+    pub transient_queues_page: bool,
     /// Publisher flow control: ready messages in a queue, with consumers keeping up with it,
     /// above which its publishers are paused until the consumers bring it to half. 0: off.
     pub flow_ready_messages: u64,
@@ -168,6 +171,7 @@ impl Default for ServerConfig {
             segment_bytes: 64 * 1024 * 1024,
             queue_memory_messages: crate::limits::QUEUE_MEMORY_MESSAGES,
             queue_memory_bytes: crate::limits::QUEUE_MEMORY_BYTES,
+            transient_queues_page: true,
             flow_ready_messages: crate::limits::FLOW_READY_MESSAGES,
             flow_ready_bytes: crate::limits::FLOW_READY_BYTES,
         }
@@ -261,6 +265,8 @@ pub struct FileConfig {
     pub queue_memory_messages: Option<usize>,
     /// See [`ServerConfig::queue_memory_bytes`].
     pub queue_memory_bytes: Option<u64>,
+    /// See [`ServerConfig::transient_queues_page`].
+    pub transient_queues_page: Option<bool>,
     /// See [`ServerConfig::flow_ready_messages`].
     pub flow_ready_messages: Option<u64>,
     /// See [`ServerConfig::flow_ready_bytes`].
@@ -430,6 +436,9 @@ pub fn resolve(
         queue_memory_bytes: file
             .queue_memory_bytes
             .unwrap_or(defaults.queue_memory_bytes),
+        transient_queues_page: file
+            .transient_queues_page
+            .unwrap_or(defaults.transient_queues_page),
         flow_ready_messages: file
             .flow_ready_messages
             .unwrap_or(defaults.flow_ready_messages),
@@ -784,6 +793,7 @@ mod tests {
             segment_bytes: Some(_),
             queue_memory_messages: Some(_),
             queue_memory_bytes: Some(_),
+            transient_queues_page: Some(_),
             flow_ready_messages: Some(_),
             flow_ready_bytes: Some(_),
         } = file.clone()

@@ -352,6 +352,7 @@ impl Server {
             consumers_per_connection_max: config.consumers_per_connection_max,
             paging_threshold: config.queue_memory_messages,
             paging_threshold_bytes: config.queue_memory_bytes,
+            page_transient: config.transient_queues_page,
             ..Limits::default()
         });
         let mut spools = Spools::new(config.data_dir.join("spool"));

@@ -342,3 +342,53 @@ async fn priority_and_length_limited_queues_page_and_keep_their_order_across_a_r
     drop(consumer);
     server.stop().await.unwrap();
 }
+
+/// With `transient_queues_page` (the default), a transient queue larger than memory pages too:
+/// everything comes back in order; checkpoints taken meanwhile (small ones, while thousands of
+/// its messages are paged) copy none of them into the log, and after a restart the durable
+/// queue beside it is whole and the transient one is gone, as before. Off, it stays in memory.
+#[tokio::test]
+async fn a_transient_queue_larger_than_memory_pages_and_is_never_logged() {
+    for page in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig::ephemeral(dir.path());
+        config.queue_memory_messages = THRESHOLD;
+        config.transient_queues_page = page;
+        config.checkpoint_bytes = 32 * 1024;
+        config.segment_bytes = 64 * 1024;
+        let server = RunningServer::start(config.clone()).await.unwrap();
+        let client = connect(&server).await;
+        client.declare_queue("transient").await.unwrap();
+        client.declare_queue("durable").durable(true).await.unwrap();
+        publish(&client, "transient", 0..3_000).await;
+        publish(&client, "durable", 0..200).await;
+        assert_eq!(client.queue_stats("transient").await.unwrap().ready, 3_000);
+        // One spool file per paging queue: the durable one's, and the transient one's if it
+        // pages.
+        let files = if page { 2 } else { 1 };
+        wait_for_spool_files(dir.path(), files).await;
+        let mut consumer = client.consume("transient", manual(64)).await.unwrap();
+        let (first, ()) = tokio::join!(
+            drain(&mut consumer, 1_000),
+            publish(&client, "durable", 200..400)
+        );
+        assert_eq!(first, (0..1_000).collect::<Vec<_>>());
+        // 2,000 still queued: a paging transient queue still has its file, one kept in
+        // memory never had one.
+        assert_eq!(spool_files(dir.path()), files);
+        drop(consumer);
+        client.close().await.unwrap();
+        server.stop().await.unwrap();
+        let server = RunningServer::start(config).await.unwrap();
+        let client = connect(&server).await;
+        assert_eq!(client.queue_stats("durable").await.unwrap().ready, 400);
+        let err = client.queue_stats("transient").await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            Some(wharf_client::ErrorCode::NotFound),
+            "{err:?}"
+        );
+        client.close().await.unwrap();
+        server.stop().await.unwrap();
+    }
+}

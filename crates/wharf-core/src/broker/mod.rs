@@ -224,6 +224,23 @@ impl Broker {
         })
     }
 
+    /// Messages and body bytes paged out of memory in durable queues (what a checkpoint
+    /// copies from their spools; O(queues)).
+    pub fn durable_paged_totals(&self) -> (u64, u64) {
+        let durable = self.queues.values().filter(|queue| queue.is_durable());
+        durable.fold((0, 0), |(count, bytes), queue| {
+            (count + queue.paged.count, bytes + queue.paged.bytes)
+        })
+    }
+
+    /// Whether the queue that `key` ([`resource_key`]) names is durable (its logged messages
+    /// are what a checkpoint keeps).
+    pub fn queue_is_durable(&self, key: &str) -> bool {
+        let (vhost, name) = split_resource_key(key);
+        self.queue_options(vhost, name)
+            .is_some_and(|options| options.durable && !options.exclusive)
+    }
+
     /// The logical time of the last command applied.
     pub fn now_ms(&self) -> u64 {
         self.now_ms

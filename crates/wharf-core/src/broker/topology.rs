@@ -416,9 +416,12 @@ impl Broker {
             );
         }
         // Every kind of durable queue pages (priority and length-limited ones too), so memory
-        // and checkpoints stay bounded whatever the backlog; exclusive queues die with their
+        // and checkpoints stay bounded whatever the backlog, and transient ones too when the
+        // server says so (`Limits::page_transient`); exclusive queues die with their
         // connection and stay in memory.
-        let pageable = self.limits.paging_threshold > 0 && options.durable && !options.exclusive;
+        let pageable = self.limits.paging_threshold > 0
+            && (options.durable || self.limits.page_transient)
+            && !options.exclusive;
         let mut queue = Queue::new(vhost.clone(), name.clone(), options, features, owner);
         if let Some(declarer) = declarer {
             *self

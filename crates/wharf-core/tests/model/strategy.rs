@@ -417,6 +417,7 @@ pub(crate) fn limits() -> impl Strategy<Value = Limits> {
         // Paging has its own test (tests/paging.rs); the model keeps every message in memory.
         paging_threshold: 0,
         paging_threshold_bytes: 0,
+        page_transient: false,
     };
     prop_oneof![3 => Just(Limits::default()), 1 => Just(tight)]
 }

@@ -222,7 +222,7 @@ impl Log {
             // outstanding and delayed messages are not counted, transient messages in durable
             // queues are): when it is too large, defer without capturing anything.
             let (n_ready, ready_bytes) = broker.durable_ready_totals();
-            let (n_paged, paged_bytes) = broker.paged_totals();
+            let (n_paged, paged_bytes) = broker.durable_paged_totals();
             let estimate = ready_bytes + crate::limits::MESSAGE_OVERHEAD_BYTES as u64 * n_ready;
             if estimate.saturating_mul(2) > reclaimable {
                 if due {
@@ -259,7 +259,7 @@ impl Log {
         spools: Option<&mut Spools>,
         force: bool,
     ) {
-        let (n_paged, paged_bytes) = broker.paged_totals();
+        let (n_paged, paged_bytes) = broker.durable_paged_totals();
         let epoch = {
             if self.book.lock().expect("log lock").checkpoint_running {
                 return;
@@ -284,7 +284,9 @@ impl Log {
             (book.epoch, captured)
         };
         let (epoch, captured) = epoch;
-        let ranges = spools.map(Spools::ranges).unwrap_or_default();
+        // Only durable queues' paged messages are logged (a transient queue's are not read).
+        let mut ranges = spools.map(Spools::ranges).unwrap_or_default();
+        ranges.retain(|range| broker.queue_is_durable(&range.queue));
         // The begin's place in the log is taken now, under the broker lock: every batch staged
         // before it precedes it in the log, and every batch staged after it follows it and the
         // state captured here (log order is core order); replay applies those batches after
