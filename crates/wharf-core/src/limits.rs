@@ -7,7 +7,8 @@ pub const NAME_BYTES_MAX: usize = 255;
 pub const ROUTING_KEY_BYTES_MAX: usize = 255;
 /// Queues per broker: each costs memory and a slot in every listing.
 pub const QUEUES_MAX: usize = 100_000;
-/// Exchanges per broker, for the same reason.
+/// Exchanges declared per broker (the built-in ones of each virtual host not counted), for
+/// the same reason.
 pub const EXCHANGES_MAX: usize = 10_000;
 /// Virtual hosts per broker: each holds its own built-in exchanges and a slot in every listing.
 pub const VHOSTS_MAX: usize = 1_024;

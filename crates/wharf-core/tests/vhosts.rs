@@ -468,3 +468,31 @@ fn a_declarers_queue_limit_counts_its_live_queues_in_every_vhost() {
     assert_eq!(h.broker.queues_declared_by("alice"), 1);
     assert_eq!(h.broker.queues_declared_by("bob"), 0);
 }
+
+#[test]
+fn the_exchange_cap_counts_declared_exchanges_not_each_vhosts_built_in_ones() {
+    let limits = Limits {
+        exchanges_max: 1,
+        ..Limits::default()
+    };
+    let mut h = Harness::open(limits, 1_000, Clock::PerCommand, &[]);
+    // Virtual hosts bring their built-in exchanges without using up the cap.
+    for name in ["a", "b", "c"] {
+        h.add_vhost(name, VhostLimits::default());
+    }
+    let declare = |name: &str, vhost_name: &str| Command::DeclareExchange {
+        vhost: vhost(vhost_name),
+        name: name.into(),
+        kind: wharf_core::ExchangeKind::Fanout,
+        options: Default::default(),
+        passive: false,
+    };
+    h.ok(declare("events", "b"));
+    let err = h.apply(declare("more", "c")).unwrap_err();
+    assert!(
+        matches!(err, CoreError::LimitExceeded { limit: 1, .. }),
+        "{err}"
+    );
+    // Redeclaring the one it has is fine.
+    h.ok(declare("events", "b"));
+}

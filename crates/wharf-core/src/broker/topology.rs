@@ -63,7 +63,13 @@ impl Broker {
         if name == DEFAULT_EXCHANGE || name.starts_with(RESERVED_PREFIX) {
             validate_user_name(&name)?;
         }
-        let exchanges: usize = self.vhosts.values().map(|ns| ns.exchanges.len()).sum();
+        // Declared ones only: the built-in exchanges each virtual host has count against
+        // nothing (adding a virtual host must not use up the cap, nor replaying one).
+        let exchanges: usize = self
+            .vhosts
+            .values()
+            .map(|ns| ns.exchanges.len() - BUILTIN_EXCHANGES.len())
+            .sum();
         if exchanges >= self.limits.exchanges_max {
             return Err(CoreError::LimitExceeded {
                 what: "exchanges",

@@ -1552,7 +1552,9 @@ impl Model {
                 if let Some(err) = name_error(name, true) {
                     return Err(err);
                 }
-                if self.exchanges.len() >= self.limits.exchanges_max {
+                // Declared exchanges only: the built-in ones count against nothing.
+                let declared = self.exchanges.len() - wharf_core::BUILTIN_EXCHANGES.len();
+                if declared >= self.limits.exchanges_max {
                     return Err(ErrorClass::LimitExceeded);
                 }
                 let exchange = ModelExchange {

@@ -409,7 +409,7 @@ pub(crate) fn queue_idx() -> impl Strategy<Value = usize> {
 pub(crate) fn limits() -> impl Strategy<Value = Limits> {
     let tight = Limits {
         queues_max: 2,
-        exchanges_max: 7,
+        exchanges_max: 2,
         vhosts_max: 1,
         bindings_per_exchange_max: 2,
         consumers_per_queue_max: 2,

@@ -110,17 +110,28 @@ impl Captured {
     /// their spool files).
     pub fn capture(broker: &Broker) -> Captured {
         let mut ops: Vec<Op> = Vec::new();
-        for vhost in broker.list_vhosts() {
-            if vhost.name != DEFAULT_VHOST || vhost.limits != VhostLimits::default() {
-                ops.push(Op::DeclareVhost {
-                    name: vhost.name.clone(),
-                    max_connections: vhost.limits.max_connections,
-                    max_queues: vhost.limits.max_queues,
-                });
-            }
+        let vhosts = broker.list_vhosts();
+        // Virtual hosts first, without their limits: a limit lowered below what a virtual host
+        // holds refuses only what comes next, so its queues must replay before it applies.
+        for vhost in vhosts.iter().filter(|vhost| vhost.name != DEFAULT_VHOST) {
+            ops.push(Op::DeclareVhost {
+                name: vhost.name.clone(),
+                max_connections: None,
+                max_queues: None,
+            });
         }
-        for vhost in broker.list_vhosts() {
+        for vhost in &vhosts {
             capture_topology(broker, &vhost.name, &mut ops);
+        }
+        for vhost in vhosts
+            .iter()
+            .filter(|vhost| vhost.limits != VhostLimits::default())
+        {
+            ops.push(Op::DeclareVhost {
+                name: vhost.name.clone(),
+                max_connections: vhost.limits.max_connections,
+                max_queues: vhost.limits.max_queues,
+            });
         }
         for (queue, message_id, until_ms) in broker.durable_dedup_entries() {
             ops.push(Op::Dedup {

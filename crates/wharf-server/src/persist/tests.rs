@@ -1194,3 +1194,62 @@ fn the_virtual_host_and_declarer_operations_have_frozen_golden_bytes() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
+
+/// A virtual host whose queue limit was lowered below what it holds (which refuses only what
+/// comes next) replays from a checkpoint: its limits are written after its queues.
+#[test]
+fn a_vhost_holding_more_queues_than_its_lowered_limit_replays_from_a_checkpoint() {
+    use wharf_core::{DEFAULT_VHOST, VhostLimits};
+    let mut broker = broker_with_system_connection();
+    let mut effects = Vec::new();
+    broker
+        .apply(
+            1,
+            Command::AddVhost {
+                name: "v".into(),
+                limits: VhostLimits::default(),
+            },
+            &mut effects,
+        )
+        .unwrap();
+    for vhost in ["v", DEFAULT_VHOST] {
+        for name in ["a", "b", "c"] {
+            let command = Command::DeclareQueue {
+                vhost: vhost.into(),
+                connection: SYSTEM_CONNECTION,
+                name: name.into(),
+                options: QueueOptions {
+                    durable: true,
+                    ..QueueOptions::default()
+                },
+                passive: false,
+                declarer: None,
+            };
+            broker.apply(2, command, &mut effects).unwrap();
+        }
+    }
+    let lowered = VhostLimits {
+        max_connections: Some(1),
+        max_queues: Some(1),
+    };
+    for vhost in ["v", DEFAULT_VHOST] {
+        let command = Command::SetVhostLimits {
+            name: vhost.into(),
+            limits: lowered,
+        };
+        broker.apply(3, command, &mut effects).unwrap();
+    }
+    let ops: Vec<Op> = Captured::capture(&broker).into_ops().collect();
+    let recovered = recover(
+        vec![
+            (1, Record::CheckpointBegin { epoch: 1 }),
+            (2, Record::CheckpointChunk { epoch: 1, ops }),
+            (3, Record::CheckpointEnd { epoch: 1 }),
+        ],
+        4,
+    );
+    for vhost in ["v", DEFAULT_VHOST] {
+        assert_eq!(recovered.list_queues(vhost).len(), 3, "{vhost}");
+        assert_eq!(recovered.vhost_limits(vhost), Some(lowered), "{vhost}");
+    }
+}
