@@ -119,6 +119,10 @@ fn percent_decode(text: &str) -> Result<String, &'static str> {
     while idx < bytes.len() {
         if bytes[idx] == b'%' {
             let hex = bytes.get(idx + 1..idx + 3).ok_or(BAD_ESCAPE)?;
+            // Two hex digits exactly (`from_str_radix` alone would take a sign: "%+1").
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return Err(BAD_ESCAPE);
+            }
             let hex = std::str::from_utf8(hex).map_err(|_| BAD_ESCAPE)?;
             decoded.push(u8::from_str_radix(hex, 16).map_err(|_| BAD_ESCAPE)?);
             idx += 3;
@@ -279,6 +283,7 @@ mod tests {
             "wharf://host/%",
             "wharf://host/%2",
             "wharf://host/%zz",
+            "wharf://host/%+1",
             "wharf://host/%0A",
             "wharf://host/%FF",
             "wharf://host/?x=1",

@@ -29,6 +29,9 @@ pub(crate) struct Context {
     pub(crate) kdf: Arc<tokio::sync::Semaphore>,
     /// Open connections per user (`connections_per_user_max`).
     pub(crate) user_connections: Mutex<std::collections::HashMap<String, usize>>,
+    /// Held by an administration request that checks a virtual host exists and then relies
+    /// on it (adding or deleting one, permissions in one): two such requests never interleave.
+    pub(crate) vhost_admin: Mutex<()>,
     pub(crate) state: Mutex<State>,
     /// Set when the log failed: the server stops and `run` reports it (fail-stop).
     pub failure: Arc<Mutex<Option<String>>>,

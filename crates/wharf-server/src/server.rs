@@ -401,6 +401,7 @@ impl Server {
         let shared = Arc::new(Context {
             users: Arc::new(users),
             user_connections: Mutex::default(),
+            vhost_admin: Mutex::default(),
             kdf: Arc::new(tokio::sync::Semaphore::new(
                 crate::limits::KDF_CONCURRENCY_MAX,
             )),

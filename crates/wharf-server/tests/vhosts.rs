@@ -404,3 +404,43 @@ async fn a_users_own_limits_cap_its_connections_and_its_queues() {
         .unwrap();
     dave.declare_queue("d5").await.unwrap();
 }
+
+/// A connection left open in a virtual host that was deleted and added again, with its
+/// user's permissions granted again before the connection's next frame, is not let into the
+/// new virtual host: it is closed at that frame.
+#[tokio::test]
+async fn a_connection_of_a_deleted_vhost_is_closed_even_if_the_vhost_is_added_again() {
+    let server = TestServer::start().await;
+    let addr = server.addr();
+    let admin = Client::connect(&addr.to_string()).await.unwrap();
+    admin
+        .add_vhost("phoenix", VhostLimits::default())
+        .await
+        .unwrap();
+    admin
+        .set_permissions(full("guest", "phoenix"))
+        .await
+        .unwrap();
+    let old = login(&addr, "phoenix", "guest", "guest").await.unwrap();
+    old.declare_queue("q").await.unwrap();
+    admin.delete_vhost("phoenix").await.unwrap();
+    let limits = VhostLimits {
+        max_connections: Some(1),
+        max_queues: None,
+    };
+    admin.add_vhost("phoenix", limits).await.unwrap();
+    admin
+        .set_permissions(full("guest", "phoenix"))
+        .await
+        .unwrap();
+    let err = old.declare_queue("q").await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::ServerClosed { code: ErrorCode::ConnectionForced, reason }
+            if reason.contains("vhost 'phoenix' was deleted")),
+        "{err:?}"
+    );
+    // The new virtual host's one connection slot was never taken by the old connection.
+    let new = login(&addr, "phoenix", "guest", "guest").await.unwrap();
+    let err = new.queue_stats("q").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound), "{err:?}");
+}

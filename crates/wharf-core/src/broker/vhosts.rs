@@ -176,6 +176,16 @@ impl Broker {
         all
     }
 
+    /// Whether `connection` is open in a virtual host that still exists (not deleted, nor
+    /// deleted and added again since it connected).
+    pub fn connection_vhost_is_live(&self, connection: ConnectionId) -> bool {
+        self.connections.get(&connection).is_some_and(|conn| {
+            self.vhosts
+                .get(&conn.vhost)
+                .is_some_and(|ns| ns.epoch == conn.vhost_epoch)
+        })
+    }
+
     /// Whether `vhost` exists.
     pub fn has_vhost(&self, vhost: &str) -> bool {
         self.vhosts.contains_key(vhost)

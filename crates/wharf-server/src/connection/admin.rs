@@ -148,6 +148,22 @@ fn handle(shared: &Context, caller: &str, request: Request) -> Response {
     if !is_administrator(users, caller) {
         return not_an_administrator(caller, false);
     }
+    // A check that a virtual host exists and the change relying on it are never split by
+    // another administrator's delete (or add) of that virtual host.
+    let _vhosts = matches!(
+        request,
+        Request::SetPermissions(_)
+            | Request::SetTopicPermissions(_)
+            | Request::AddVhost { .. }
+            | Request::DeleteVhost { .. }
+            | Request::SetVhostLimits { .. }
+    )
+    .then(|| {
+        shared
+            .vhost_admin
+            .lock()
+            .expect("vhost administration lock")
+    });
     let vhost_exists = |vhost: &str| -> Result<(), Response> {
         match shared.lock().broker.has_vhost(vhost) {
             true => Ok(()),

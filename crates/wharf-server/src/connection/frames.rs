@@ -83,7 +83,7 @@ pub(super) fn apply_frames(
         let reason = format!(
             "user '{}' was deleted or lost its permissions on vhost '{}'",
             reader.access.user(),
-            crate::auth::DEFAULT_VHOST
+            reader.access.vhost()
         );
         return (Some(Exit::Close(ErrorCode::ConnectionForced, reason)), None);
     }
@@ -95,6 +95,14 @@ pub(super) fn apply_frames(
     let after = {
         // Output is written by this reader once the lock is released (writer::flush_or_wake).
         let mut state = shared.batch();
+        // Its virtual host was deleted (and perhaps added again, with permissions granted
+        // again, since this connection's last frame): it has no place in the new one.
+        if !state.broker.connection_vhost_is_live(connection) {
+            frames.clear();
+            drop(state);
+            let reason = format!("vhost '{}' was deleted", reader.access.vhost());
+            return (Some(Exit::Close(ErrorCode::ConnectionForced, reason)), None);
+        }
         // Publishes made outside connections (recovery) are none of this reader's business.
         state.broker.take_routed(&mut reader.routed);
         for frame in frames.drain(..) {

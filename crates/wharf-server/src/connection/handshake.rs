@@ -42,6 +42,26 @@ impl std::fmt::Debug for UserSlot {
     }
 }
 
+/// A connection the core took in during the handshake: closed in the core when dropped
+/// before it is handed over to the connection's reader.
+struct OpenedInCore<'a> {
+    shared: &'a Arc<Context>,
+    connection: ConnectionId,
+    handed_over: bool,
+}
+
+impl Drop for OpenedInCore<'_> {
+    fn drop(&mut self) {
+        if !self.handed_over {
+            let mut batch = self.shared.batch();
+            batch.close(now_ms(), self.connection);
+            if let Some(leader) = batch.finish().flush(None) {
+                leader.commit();
+            }
+        }
+    }
+}
+
 /// Which limit caps a user's connections.
 #[derive(Debug, Clone, Copy)]
 enum LimitOf {
@@ -384,19 +404,17 @@ pub(super) async fn handshake(
         send_close(writer, code, error.to_string()).await;
         return Err(error);
     }
-    let written = async {
-        writer.write_all(&out).await?;
-        writer.flush().await
-    }
-    .await;
-    if let Err(err) = written {
-        let mut batch = shared.batch();
-        batch.close(now_ms(), connection);
-        if let Some(leader) = batch.finish().flush(None) {
-            leader.commit();
-        }
-        return Err(err.into());
-    }
+    // From here the core counts the connection in its virtual host: if the answer cannot be
+    // written, or the handshake's deadline drops this future while it is written, the guard
+    // gives the place back.
+    let mut opened = OpenedInCore {
+        shared,
+        connection,
+        handed_over: false,
+    };
+    writer.write_all(&out).await?;
+    writer.flush().await?;
+    opened.handed_over = true;
     debug!(client = %hello.client_name, mechanism = %hello.credentials.mechanism, user = %principal, "handshake done");
     Ok(Negotiated {
         connection,
