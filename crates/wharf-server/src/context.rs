@@ -71,6 +71,9 @@ pub(crate) struct Context {
     /// Bytes of frames on their way in, in every connection's read buffer, as of the
     /// resource monitor's last look.
     pub(crate) read_buffer_bytes: AtomicUsize,
+    /// Bytes of paged messages held in memory by the spools (not yet written, or waiting
+    /// for a file: `SPOOL_FILES_OPEN_MAX`), as of the last resource check.
+    pub(crate) spool_memory_bytes: AtomicUsize,
 }
 
 impl std::fmt::Debug for Context {
@@ -89,6 +92,7 @@ impl Context {
         self.unacked_bytes.load(Ordering::Relaxed)
             + self.outbox_bytes.load(Ordering::Relaxed) as u64
             + self.read_buffer_bytes.load(Ordering::Relaxed) as u64
+            + self.spool_memory_bytes.load(Ordering::Relaxed) as u64
     }
 
     /// Whether the memory alarm is on: the message bytes held (ready, unacked, queued for

@@ -41,6 +41,11 @@ pub const QUEUE_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 /// pager wrote them), so a pager falling behind a fast publisher cannot grow memory (a 10 M
 /// priority-queue backlog peaked 40–80 MB higher without this bound).
 pub const SPOOL_UNWRITTEN_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Spool files open at once (each holds a descriptor for its tail's life): half of the
+/// descriptors kept out of the connections' reach (`resources::FDS_RESERVED`), so that
+/// clients paging thousands of queues cannot take the log's. A tail past it keeps its
+/// records in memory (the memory alarm bounds them) until another tail's file closes.
+pub const SPOOL_FILES_OPEN_MAX: usize = 64;
 /// Publisher flow control: a publisher is paused while a queue it publishes to holds more
 /// ready messages than this and its consumers keep up with it (they drain it, only more slowly
 /// than it is filled). A short backlog keeps the entries and bodies in cache and the broker's memory

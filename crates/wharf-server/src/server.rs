@@ -156,14 +156,16 @@ async fn run_resources(shared: Arc<Context>) {
             _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => return,
             _ = every.tick() => {}
         }
-        let (ready, unacked, (outboxes, read_buffers)) = {
+        let (ready, unacked, (outboxes, read_buffers), spooled) = {
             let state = shared.lock();
             (
                 state.broker.ready_bytes_total(),
                 state.broker.unacked_bytes_total(),
                 state.held_by_connections(),
+                state.spool_memory_bytes(),
             )
         };
+        shared.spool_memory_bytes.store(spooled, Ordering::Relaxed);
         shared.unacked_bytes.store(unacked, Ordering::Relaxed);
         shared.outbox_bytes.store(outboxes, Ordering::Relaxed);
         shared
@@ -413,6 +415,7 @@ impl Server {
             outbox_bytes: std::sync::atomic::AtomicUsize::new(0),
             unacked_bytes: AtomicU64::new(0),
             read_buffer_bytes: std::sync::atomic::AtomicUsize::new(0),
+            spool_memory_bytes: std::sync::atomic::AtomicUsize::new(0),
             config,
             failure,
             pager_wake,

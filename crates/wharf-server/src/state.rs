@@ -65,6 +65,11 @@ impl State {
         self.spools.as_mut()
     }
 
+    /// Bytes of paged messages the spools hold in memory (O(spools): the resource monitor's).
+    pub fn spool_memory_bytes(&self) -> usize {
+        self.spools.as_ref().map_or(0, Spools::bytes_in_memory)
+    }
+
     /// The log, if the broker has one.
     pub fn log(&self) -> Option<&Arc<Log>> {
         self.log.as_ref()

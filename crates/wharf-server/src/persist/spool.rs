@@ -16,7 +16,7 @@
 //! rather than losing a message; a warning says so). A spool that cannot be read back is
 //! fatal: the messages would be lost, so the server stops (fail-stop, as for the log).
 
-use crate::limits::SPOOL_UNWRITTEN_BYTES_MAX;
+use crate::limits::{SPOOL_FILES_OPEN_MAX, SPOOL_UNWRITTEN_BYTES_MAX};
 use crate::persist::record::StoredMessage;
 use bytes::{Buf, BufMut, Bytes};
 use rustc_hash::FxHashMap;
@@ -447,6 +447,8 @@ impl SpoolRange {
 #[derive(Debug)]
 pub struct Spools {
     dir: PathBuf,
+    /// Spool files open (or being created) at most ([`SPOOL_FILES_OPEN_MAX`]).
+    files_max: usize,
     next_file: u64,
     spools: FxHashMap<(Arc<str>, u8), Spool>,
     requests: Vec<(Arc<str>, u64, u8, u64, u64)>,
@@ -458,6 +460,11 @@ impl Spools {
     /// Spools in `dir`, which is emptied: spool files never outlive the process that wrote
     /// them (recovery rebuilds paged tails from the log).
     pub fn new(dir: PathBuf) -> Self {
+        Spools::with_files_max(dir, SPOOL_FILES_OPEN_MAX)
+    }
+
+    /// [`Spools::new`] with at most `files_max` spool files open at once.
+    pub fn with_files_max(dir: PathBuf, files_max: usize) -> Self {
         if dir.exists()
             && let Err(err) = std::fs::remove_dir_all(&dir)
         {
@@ -465,6 +472,7 @@ impl Spools {
         }
         Spools {
             dir,
+            files_max: files_max.max(1),
             next_file: 0,
             spools: FxHashMap::default(),
             requests: Vec::new(),
@@ -573,12 +581,28 @@ impl Spools {
     /// spools whose file is still to be created.
     pub fn take_writes(&mut self) -> Vec<SpoolWrite> {
         let mut writes = Vec::new();
-        for (key, spool) in &mut self.spools {
+        // Files open, or being created by a write in flight: a tail without one gets one only
+        // below the cap (else its records wait in memory for a later call).
+        let mut files = self
+            .spools
+            .values()
+            .filter(|spool| spool.file.is_some() || spool.writing.is_some())
+            .count();
+        // Oldest tails first: the first to wait are the first to get a file.
+        let mut keys: Vec<(&(Arc<str>, u8), &mut Spool)> = self.spools.iter_mut().collect();
+        keys.sort_by_key(|(_, spool)| spool.id);
+        for (key, spool) in keys {
             if spool.degraded
                 || spool.writing.is_some()
                 || (spool.sealed.is_empty() && spool.file.is_some())
             {
                 continue;
+            }
+            if spool.file.is_none() {
+                if files >= self.files_max {
+                    continue;
+                }
+                files += 1;
             }
             spool.writing = Some(spool.sealed.len());
             writes.push(SpoolWrite {
@@ -739,6 +763,15 @@ impl Spools {
             .collect()
     }
 
+    /// Bytes of records held in memory (sealed and not yet written, or buffered), across
+    /// every spool.
+    pub fn bytes_in_memory(&self) -> usize {
+        self.spools
+            .values()
+            .map(|spool| spool.sealed.iter().map(Bytes::len).sum::<usize>() + spool.buffer.len())
+            .sum()
+    }
+
     /// Spool files in use.
     pub fn n_files(&self) -> usize {
         self.spools.len()
@@ -812,6 +845,47 @@ mod tests {
             std::fs::read_dir(dir.path().join("spool")).unwrap().count(),
             0
         );
+    }
+
+    /// At most `files_max` spool files are open at once: a tail past it keeps its records in
+    /// memory (counted by `bytes_in_memory`, which the memory alarm sees) and gets its file
+    /// once another tail's is gone, and nothing is lost or reordered either way.
+    #[test]
+    fn spool_files_are_capped_and_a_waiting_tail_gets_a_file_when_one_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let mut spools = Spools::with_files_max(spool_dir.clone(), 2);
+        let files = || std::fs::read_dir(&spool_dir).map_or(0, |dir| dir.count());
+        let body = "z".repeat(300_000);
+        let queues: Vec<Arc<str>> = ["a", "b", "c"].into_iter().map(Arc::from).collect();
+        let pushed: Vec<PagedEntry> = (0..10).map(|seq| entry(seq, &body)).collect();
+        for queue in &queues {
+            for paged in &pushed {
+                spools.push(queue, 0, 0, paged);
+            }
+        }
+        write(&mut spools);
+        assert_eq!(files(), 2, "two files, the third tail waits");
+        assert_eq!(spools.n_files(), 3);
+        let in_memory = spools.bytes_in_memory();
+        assert!(
+            in_memory >= 10 * 300_000,
+            "c's records are in memory: {in_memory}"
+        );
+        // Draining a reads from its file; c's records come back from memory all the same.
+        assert_eq!(drain(&mut spools, &queues[2], 0, 10), pushed);
+        assert_eq!(drain(&mut spools, &queues[0], 0, 10), pushed);
+        assert_eq!(files(), 1);
+        // A new tail now gets a file (below the cap again).
+        for paged in &pushed {
+            spools.push(&queues[2], 1, 0, paged);
+        }
+        write(&mut spools);
+        assert_eq!(files(), 2);
+        assert!(spools.bytes_in_memory() < 2 * 1024 * 1024);
+        assert_eq!(drain(&mut spools, &queues[1], 0, 10), pushed);
+        assert_eq!(drain(&mut spools, &queues[2], 1, 10), pushed);
+        assert_eq!(files(), 0);
     }
 
     /// Page-outs never write under the broker lock: `push` seals full buffers for the pager
