@@ -39,6 +39,7 @@ mod message;
 mod name;
 mod outstanding;
 mod queue;
+mod tag_runs;
 mod timers;
 pub mod topic;
 

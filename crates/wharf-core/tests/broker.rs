@@ -1559,3 +1559,67 @@ fn routed_queues_tracked_are_bounded() {
     h.broker.take_routed(&mut routed);
     assert_eq!(routed.len(), wharf_core::ROUTED_TRACKED_MAX);
 }
+
+/// A consumer cancelled with 70,000 deliveries outstanding (more than the 65,536 lapsed tags a
+/// connection once remembered one by one): every late settle of one of them, one by one, by
+/// range or with `multiple`, is a harmless no-op, never an unknown tag; a tag never issued
+/// still is one.
+#[test]
+fn late_settles_after_cancelling_a_consumer_with_many_outstanding_are_no_ops() {
+    const N: usize = 70_000;
+    let mut h = Harness::new();
+    h.queue("q");
+    for idx in 0..N {
+        h.publish("", "q", &idx.to_string());
+    }
+    h.subscribe(C1, "q", 1, 0);
+    let got = h.deliveries();
+    assert_eq!(got.len(), N);
+    h.ok(Command::Cancel {
+        connection: C1,
+        consumer_tag: ConsumerTag(1),
+    });
+    let tags: Vec<u64> = got.iter().map(|delivery| delivery.delivery_tag.0).collect();
+    for &tag in &tags[..10] {
+        let reply = h.ok(Command::Ack {
+            connection: C1,
+            delivery_tag: DeliveryTag(tag),
+            multiple: false,
+        });
+        assert_eq!(reply, Reply::Settled { count: 0 });
+    }
+    let reply = h.ok(Command::AckRange {
+        connection: C1,
+        first: DeliveryTag(tags[10]),
+        last: DeliveryTag(tags[N / 2]),
+    });
+    assert_eq!(reply, Reply::Settled { count: 0 });
+    // One past the range, still remembered: a nack to requeue it does nothing either.
+    let reply = h.ok(Command::Nack {
+        connection: C1,
+        delivery_tag: DeliveryTag(tags[N / 2 + 1]),
+        multiple: false,
+        requeue: true,
+    });
+    assert_eq!(reply, Reply::Settled { count: 0 });
+    let reply = h.ok(Command::Ack {
+        connection: C1,
+        delivery_tag: DeliveryTag(tags[N - 1]),
+        multiple: true,
+    });
+    assert_eq!(reply, Reply::Settled { count: 0 });
+    let err = h.err(Command::Ack {
+        connection: C1,
+        delivery_tag: DeliveryTag(tags[N - 1] + 1),
+        multiple: false,
+    });
+    assert!(matches!(err, CoreError::UnknownDeliveryTag { .. }), "{err}");
+    // Every message is back in the queue, none lost.
+    assert_eq!(
+        h.broker
+            .queue_stats(wharf_core::DEFAULT_VHOST, "q")
+            .unwrap()
+            .ready,
+        N as u64
+    );
+}

@@ -532,7 +532,7 @@ impl Broker {
             previous = Some(tag);
             if let Some(unacked) = slot {
                 live += 1;
-                ensure(!conn.lapsed.contains(&tag), Invariant::DeliveryTags, || {
+                ensure(!conn.lapsed.contains(tag), Invariant::DeliveryTags, || {
                     format!("tag {tag} is both outstanding and lapsed")
                 })?;
                 self.check_delivery(connection, tag, unacked, index)?;
@@ -547,7 +547,7 @@ impl Broker {
         ensure(
             conn.lapsed
                 .last()
-                .is_none_or(|last| *last <= conn.next_delivery_tag),
+                .is_none_or(|last| last <= conn.next_delivery_tag),
             Invariant::DeliveryTags,
             || {
                 format!(

@@ -22,7 +22,7 @@ use crate::queue::{
 };
 use crate::timers::{TimerKind, Timers};
 use crate::{ConnectionId, ConsumerTag, DeliveryTag, FixedState, QueueId};
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 mod api;
@@ -61,9 +61,11 @@ struct Unacked {
     lease: Option<(u64, u64)>,
 }
 
-/// Delivery tags whose lease lapsed that a connection remembers, so that settling one late is
-/// a harmless no-op instead of an unknown tag; the oldest are forgotten past this.
-const LAPSED_TAGS_MAX: usize = 65_536;
+/// Runs of lapsed delivery tags (leases lapsed, consumers cancelled with deliveries
+/// outstanding) a connection remembers, so that settling one late is a harmless no-op
+/// instead of an unknown tag; the oldest are forgotten past this. A cancel lapses its
+/// consumer's tags together, mostly in one run, however many.
+const LAPSED_TAG_RUNS_MAX: usize = 65_536;
 
 /// Timers fired by one [`Command::Tick`] at most; the rest stay due, so the server ticks again
 /// at once, and other commands get the broker in between.
@@ -81,7 +83,7 @@ struct Connection {
     consumers: BTreeMap<ConsumerTag, QueueId>,
     exclusive_queues: Vec<QueueId>,
     /// Deliveries whose lease lapsed (they went back to their queue).
-    lapsed: BTreeSet<u64>,
+    lapsed: crate::tag_runs::TagRuns,
 }
 
 impl crate::outstanding::Weighed for Unacked {
@@ -99,24 +101,17 @@ impl Connection {
             unacked: Outstanding::default(),
             consumers: BTreeMap::new(),
             exclusive_queues: Vec::new(),
-            lapsed: BTreeSet::new(),
+            lapsed: crate::tag_runs::TagRuns::default(),
         }
     }
 
     fn lapse(&mut self, tag: u64) {
-        self.lapsed.insert(tag);
-        if self.lapsed.len() > LAPSED_TAGS_MAX {
-            self.lapsed.pop_first();
-        }
+        self.lapsed.insert(tag, LAPSED_TAG_RUNS_MAX);
     }
 
     /// Forgets the lapsed tags in `first..=last`; whether there were any.
     fn forget_lapsed(&mut self, first: u64, last: u64) -> bool {
-        let lapsed: Vec<u64> = self.lapsed.range(first..=last).copied().collect();
-        for tag in &lapsed {
-            self.lapsed.remove(tag);
-        }
-        !lapsed.is_empty()
+        self.lapsed.remove_range(first, last)
     }
 }
 

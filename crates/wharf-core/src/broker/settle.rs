@@ -66,7 +66,7 @@ impl Broker {
         if !multiple {
             // The common case, without the allocations of the general path.
             let Some(unacked) = conn.unacked.remove(tag.0) else {
-                if conn.lapsed.remove(&tag.0) {
+                if conn.lapsed.remove(tag.0) {
                     // Its lease lapsed and it went back to the queue: nothing to settle.
                     return Ok(Reply::Settled { count: 0 });
                 }
@@ -81,7 +81,7 @@ impl Broker {
         }
         let settled: Vec<(u64, Unacked)> = {
             let upto = if tag.0 == 0 { u64::MAX } else { tag.0 };
-            if tag.0 != 0 && !conn.unacked.contains(tag.0) && !conn.lapsed.contains(&tag.0) {
+            if tag.0 != 0 && !conn.unacked.contains(tag.0) && !conn.lapsed.contains(tag.0) {
                 return Err(CoreError::UnknownDeliveryTag { tag: tag.0 });
             }
             conn.forget_lapsed(0, upto);
@@ -217,7 +217,7 @@ impl Broker {
             CoreError::not_found(EntityKind::Connection, connection.0.to_string())
         })?;
         let Some(unacked) = conn.unacked.get_mut(tag.0) else {
-            if conn.lapsed.contains(&tag.0) {
+            if conn.lapsed.contains(tag.0) {
                 return Ok(Reply::Done);
             }
             return Err(CoreError::UnknownDeliveryTag { tag: tag.0 });
