@@ -276,8 +276,8 @@ pub(super) fn apply_frames(
                 Frame::Heartbeat => {}
                 Frame::Close(close) => {
                     debug!(connection = connection.0, code = %close.code, "client closes: {}", close.reason);
-                    outbox.push_frame_held(Frame::CloseOk);
-                    exit = Some(Exit::Gone);
+                    // `CloseOk` once the broker let the connection go (`serve`).
+                    exit = Some(Exit::ClosedByClient);
                 }
                 Frame::CloseOk => exit = Some(Exit::Gone),
                 other => {

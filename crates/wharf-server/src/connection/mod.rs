@@ -98,8 +98,12 @@ fn check_topic(
 /// Why a connection's reader stopped.
 #[derive(Debug)]
 enum Exit {
-    /// The client closed (Close frame or EOF) or the socket failed.
+    /// The client went away (end of stream, or `CloseOk` to our `Close`) or the socket failed.
     Gone,
+    /// The client sent `Close`: answered with `CloseOk` once the broker has let the
+    /// connection go (its unacked deliveries requeued, its exclusive queues deleted, its
+    /// place in its virtual host given back), so a client whose close returned sees that.
+    ClosedByClient,
     /// We close with this code and reason.
     Close(ErrorCode, String),
 }
@@ -165,6 +169,10 @@ pub(crate) async fn serve(shared: Arc<Context>, socket: Stream, peer: SocketAddr
     }
     match &exit {
         Exit::Gone => debug!(connection = connection.0, "connection closed by peer"),
+        Exit::ClosedByClient => {
+            debug!(connection = connection.0, "connection closed by the client");
+            outbox.push_frame(Frame::CloseOk);
+        }
         Exit::Close(code, reason) => {
             info!(connection = connection.0, %code, "closing connection: {reason}");
             outbox.push_frame(Frame::Close(Close {
