@@ -1,19 +1,18 @@
 //! [`Client`]: the connection handle, and the request builders.
 
 use crate::addr::ServerAddr;
-use crate::confirms::Waiter;
 use crate::connection::{self, ConnectionHandle, ConnectionShared, ConsumerShared, ConsumerSlot};
 use crate::consumer::Consumer;
 use crate::error::ClientError;
 use crate::message::{IntoValue, Message, build_table};
 use crate::options::{ClientOptions, ConsumeOptions, PREFETCH_MAX};
-use crate::publisher::{Publisher, encode_publish};
+use crate::publisher::Publisher;
 use futures::future::BoxFuture;
 use std::fmt;
 use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::timeout;
 use wharf_protocol::limits::DURATION_MS_MAX;
 use wharf_protocol::{
@@ -138,19 +137,10 @@ impl Client {
         message: Message,
     ) -> Result<Durability, ClientError> {
         let shared = self.shared();
-        shared.check_open()?;
-        let bytes = encode_publish(shared, exchange, routing_key, message)?;
         let request_timeout = shared.options.request_timeout;
         let confirmed = async {
-            let permit = shared
-                .publish_window
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| shared.terminal_error())?;
-            let (sender, receiver) = oneshot::channel();
-            shared
-                .send_publish(bytes, 1, Waiter::One(sender), vec![permit])
+            let receiver = shared
+                .queue_publish(None, exchange, routing_key, message)
                 .await?;
             receiver.await.map_err(|_| shared.terminal_error())?
         };

@@ -3,10 +3,12 @@
 //! The writer task registers each publish frame just before writing it (so numbering follows
 //! the socket order); the reader task applies `Confirm` ranges. Every sequence number is
 //! confirmed exactly once; ranges may arrive in any order and may cover parts of batches, so
-//! a waiter completes when the last of its sequence numbers is confirmed.
+//! a frame's waiter completes when the last of its sequence numbers is confirmed, while a
+//! coalesced frame's messages ([`Waiter::Each`]) complete one by one.
 
 use crate::error::ClientError;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use wharf_protocol::{ConfirmRange, ConfirmStatus, Durability, ErrorCode};
 
@@ -20,38 +22,89 @@ pub(crate) enum Waiter {
     One(oneshot::Sender<Outcome>),
     /// A `PublishBatch`: one outcome per message, in order.
     Many(oneshot::Sender<Vec<Outcome>>),
+    /// A `PublishBatch` the writer coalesced from single publishes: each message has its own
+    /// waiter and window permits, completed and released when that message is confirmed.
+    Each(Vec<MessageWaiter>),
+}
+
+/// One message of a coalesced frame: who waits for it and the window room it holds.
+#[derive(Debug)]
+pub(crate) struct MessageWaiter {
+    pub(crate) sender: oneshot::Sender<Outcome>,
+    pub(crate) permits: [Option<OwnedSemaphorePermit>; 2],
 }
 
 /// Window permits held until the publish is confirmed (released on drop).
 pub(crate) type Permits = Vec<OwnedSemaphorePermit>;
 
+/// Adds `permit` to the permit of the same semaphore in `permits` (released once, not once per
+/// message), or appends it.
+pub(crate) fn merge_permit(permits: &mut Permits, permit: OwnedSemaphorePermit) {
+    match permits
+        .iter_mut()
+        .find(|held| Arc::ptr_eq(held.semaphore(), permit.semaphore()))
+    {
+        Some(held) => held.merge(permit),
+        None => permits.push(permit),
+    }
+}
+
+#[derive(Debug)]
+enum Pending {
+    /// `Waiter::One` or `Waiter::Many`: outcomes collected until the last one.
+    Frame {
+        outcomes: Vec<Option<Outcome>>,
+        waiter: Waiter,
+    },
+    /// `Waiter::Each`: a message's slot is emptied when it is confirmed.
+    Each(Vec<Option<MessageWaiter>>),
+}
+
 #[derive(Debug)]
 struct Entry {
-    outcomes: Vec<Option<Outcome>>,
+    n_messages: usize,
     n_left: usize,
-    waiter: Waiter,
+    pending: Pending,
     _permits: Permits,
 }
 
-/// A publish frame whose every message is confirmed: hand the outcomes to its waiter.
+/// Confirmed publishes: hand the outcomes to their waiters (outside the connection's lock).
 #[derive(Debug)]
-pub(crate) struct Completed {
-    waiter: Waiter,
-    outcomes: Vec<Outcome>,
-    _permits: Permits,
+pub(crate) enum Completed {
+    /// A frame whose every message is confirmed.
+    Frame {
+        waiter: Waiter,
+        outcomes: Vec<Outcome>,
+        _permits: Permits,
+    },
+    /// Messages of coalesced frames, with their window permits merged per semaphore.
+    Messages {
+        outcomes: Vec<(oneshot::Sender<Outcome>, Outcome)>,
+        _permits: Permits,
+    },
 }
 
 impl Completed {
     /// Sends the outcomes; a waiter that stopped waiting (timeout, dropped ticket) is ignored.
     pub(crate) fn notify(self) {
-        match self.waiter {
-            Waiter::One(sender) => {
-                if let Some(outcome) = self.outcomes.into_iter().next() {
+        match self {
+            Completed::Frame {
+                waiter, outcomes, ..
+            } => match waiter {
+                Waiter::One(sender) => {
+                    if let Some(outcome) = outcomes.into_iter().next() {
+                        let _ = sender.send(outcome);
+                    }
+                }
+                Waiter::Many(sender) => {
+                    let _ = sender.send(outcomes);
+                }
+                Waiter::Each(_) => unreachable!("coalesced frames complete per message"),
+            },
+            Completed::Messages { outcomes, .. } => {
+                for (sender, outcome) in outcomes {
                     let _ = sender.send(outcome);
                 }
-            }
-            Waiter::Many(sender) => {
-                let _ = sender.send(self.outcomes);
             }
         }
     }
@@ -100,16 +153,29 @@ impl ConfirmTracker {
             n_messages >= 1,
             "a publish frame carries at least one message"
         );
-        assert!(
-            matches!(waiter, Waiter::Many(_)) || n_messages == 1,
-            "a single waiter waits for one message"
-        );
+        let pending = match waiter {
+            Waiter::One(_) => {
+                assert_eq!(n_messages, 1, "a single waiter waits for one message");
+                Pending::Frame {
+                    outcomes: vec![None],
+                    waiter,
+                }
+            }
+            Waiter::Many(_) => Pending::Frame {
+                outcomes: (0..n_messages).map(|_| None).collect(),
+                waiter,
+            },
+            Waiter::Each(waiters) => {
+                assert_eq!(waiters.len(), n_messages, "one waiter per message");
+                Pending::Each(waiters.into_iter().map(Some).collect())
+            }
+        };
         let first_seq = self.next_seq;
         self.next_seq += n_messages as u64;
         let entry = Entry {
-            outcomes: (0..n_messages).map(|_| None).collect(),
+            n_messages,
             n_left: n_messages,
-            waiter,
+            pending,
             _permits: permits,
         };
         self.entries.insert(first_seq, entry);
@@ -135,40 +201,69 @@ impl ConfirmTracker {
         {
             return Err("confirm range outside the sequence numbers published");
         }
+        let mut messages = Vec::new();
+        let mut message_permits = Permits::new();
         let mut seq = range.first_seq;
-        while seq <= range.last_seq {
+        let result = loop {
+            if seq > range.last_seq {
+                break Ok(());
+            }
             let Some((&first_seq, entry)) = self.entries.range_mut(..=seq).next_back() else {
-                return Err(TWICE);
+                break Err(TWICE);
             };
-            let end_seq = first_seq + entry.outcomes.len() as u64 - 1;
+            let end_seq = first_seq + entry.n_messages as u64 - 1;
             if end_seq < seq {
-                return Err(TWICE);
+                break Err(TWICE);
             }
             let last = end_seq.min(range.last_seq);
-            for slot in
-                &mut entry.outcomes[(seq - first_seq) as usize..=(last - first_seq) as usize]
-            {
-                if slot.is_some() {
-                    return Err(TWICE);
+            let slots = (seq - first_seq) as usize..=(last - first_seq) as usize;
+            let applied = match &mut entry.pending {
+                Pending::Frame { outcomes, .. } => {
+                    outcomes[slots].iter_mut().try_for_each(|slot| {
+                        if slot.is_some() {
+                            return Err(TWICE);
+                        }
+                        *slot = Some(outcome_of(&range.status));
+                        Ok(())
+                    })
                 }
-                *slot = Some(outcome_of(&range.status));
-                entry.n_left -= 1;
+                Pending::Each(waiters) => waiters[slots].iter_mut().try_for_each(|slot| {
+                    let waiter = slot.take().ok_or(TWICE)?;
+                    messages.push((waiter.sender, outcome_of(&range.status)));
+                    waiter
+                        .permits
+                        .into_iter()
+                        .flatten()
+                        .for_each(|permit| merge_permit(&mut message_permits, permit));
+                    Ok(())
+                }),
+            };
+            if let Err(err) = applied {
+                break Err(err);
             }
+            entry.n_left -= (last - seq + 1) as usize;
             if entry.n_left == 0 {
                 let entry = self.entries.remove(&first_seq).expect("entry found above");
-                completed.push(Completed {
-                    waiter: entry.waiter,
-                    outcomes: entry
-                        .outcomes
-                        .into_iter()
-                        .map(|outcome| outcome.expect("all set"))
-                        .collect(),
-                    _permits: entry._permits,
-                });
+                if let Pending::Frame { outcomes, waiter } = entry.pending {
+                    completed.push(Completed::Frame {
+                        waiter,
+                        outcomes: outcomes
+                            .into_iter()
+                            .map(|outcome| outcome.expect("all set"))
+                            .collect(),
+                        _permits: entry._permits,
+                    });
+                }
             }
             seq = last + 1;
+        };
+        if !messages.is_empty() {
+            completed.push(Completed::Messages {
+                outcomes: messages,
+                _permits: message_permits,
+            });
         }
-        Ok(())
+        result
     }
 
     /// Fails every unconfirmed publish with `err` (connection over); confirmed messages of a
@@ -176,14 +271,34 @@ impl ConfirmTracker {
     pub(crate) fn fail_all(&mut self, err: &ClientError) -> Vec<Completed> {
         std::mem::take(&mut self.entries)
             .into_values()
-            .map(|entry| Completed {
-                waiter: entry.waiter,
-                outcomes: entry
-                    .outcomes
-                    .into_iter()
-                    .map(|outcome| outcome.unwrap_or_else(|| Err(err.clone())))
-                    .collect(),
-                _permits: entry._permits,
+            .map(|entry| match entry.pending {
+                Pending::Frame { outcomes, waiter } => Completed::Frame {
+                    waiter,
+                    outcomes: outcomes
+                        .into_iter()
+                        .map(|outcome| outcome.unwrap_or_else(|| Err(err.clone())))
+                        .collect(),
+                    _permits: entry._permits,
+                },
+                Pending::Each(waiters) => {
+                    let mut permits = entry._permits;
+                    let outcomes = waiters
+                        .into_iter()
+                        .flatten()
+                        .map(|waiter| {
+                            waiter
+                                .permits
+                                .into_iter()
+                                .flatten()
+                                .for_each(|permit| merge_permit(&mut permits, permit));
+                            (waiter.sender, Err(err.clone()))
+                        })
+                        .collect();
+                    Completed::Messages {
+                        outcomes,
+                        _permits: permits,
+                    }
+                }
             })
             .collect()
     }
@@ -259,6 +374,51 @@ mod tests {
         assert!(matches!(outcomes[2], Err(ClientError::Backpressure { .. })));
         assert!(matches!(outcomes[3], Err(ClientError::Backpressure { .. })));
         assert_eq!(tracker.n_pending(), 0);
+    }
+
+    #[test]
+    fn coalesced_messages_complete_and_free_their_window_one_by_one() {
+        let window = Arc::new(Semaphore::new(10));
+        let connection_window = Arc::new(Semaphore::new(10));
+        let mut tracker = ConfirmTracker::new();
+        let mut receivers = Vec::new();
+        let waiters = (0..3)
+            .map(|_| {
+                let (sender, receiver) = oneshot::channel();
+                receivers.push(receiver);
+                MessageWaiter {
+                    sender,
+                    permits: [
+                        Some(window.clone().try_acquire_owned().unwrap()),
+                        Some(connection_window.clone().try_acquire_owned().unwrap()),
+                    ],
+                }
+            })
+            .collect();
+        assert_eq!(tracker.register(3, Waiter::Each(waiters), Vec::new()), 1);
+        assert_eq!(window.available_permits(), 7);
+        // The middle message first: it alone completes and gives its room back.
+        assert_eq!(apply(&mut tracker, range(2, 2, FSYNCED)), Ok(1));
+        assert_eq!(
+            receivers[1].try_recv().unwrap().unwrap(),
+            Durability::Fsynced
+        );
+        assert!(receivers[0].try_recv().is_err() && receivers[2].try_recv().is_err());
+        assert_eq!(window.available_permits(), 8);
+        assert_eq!(connection_window.available_permits(), 8);
+        assert!(
+            apply(&mut tracker, range(2, 2, FSYNCED)).is_err(),
+            "2 confirmed twice"
+        );
+        let lost = ClientError::lost(std::io::ErrorKind::UnexpectedEof, "eof");
+        tracker
+            .fail_all(&lost)
+            .into_iter()
+            .for_each(Completed::notify);
+        assert!(receivers[0].try_recv().unwrap().is_err());
+        assert!(receivers[2].try_recv().unwrap().is_err());
+        assert_eq!(window.available_permits(), 10);
+        assert_eq!(connection_window.available_permits(), 10);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! [`Delivery`] when the application takes it.
 
 use crate::connection::{
-    Command, ConnectionHandle, ConnectionShared, ConsumerEnd, ConsumerShared, ReceivedBatch, Settle,
+    Command, ConnectionHandle, ConnectionShared, ConsumerEnd, ConsumerShared, ReceivedBatch,
+    Settle, Settlement,
 };
 use crate::error::ClientError;
 use bytes::Bytes;
@@ -147,12 +148,8 @@ impl Delivery {
     /// Acks the delivery: processed, the broker forgets the message. Returns once the `Ack`
     /// is queued for the socket.
     pub async fn ack(&self) -> Result<(), ClientError> {
-        self.settle(Settle::One, |delivery_tag| {
-            Frame::Ack(Ack {
-                delivery_tag,
-                multiple: false,
-            })
-        })
+        // Queued as a bare tag: the writer sends the acks queued together as one `AckRanges`.
+        self.settle_with(Settle::One, |_| Ok(Settlement::Ack))
     }
 
     /// Acks this delivery and every delivery with a smaller tag still outstanding on the
@@ -289,6 +286,17 @@ impl Delivery {
     /// Queues the frame built by `frame` (a settlement, or a `Touch`), unless the delivery
     /// cannot be settled (auto-ack, already settled, consumer ended, connection over).
     fn settle(&self, settle: Settle, frame: impl FnOnce(u64) -> Frame) -> Result<(), ClientError> {
+        self.settle_with(settle, |delivery_tag| {
+            Ok(Settlement::Frame(self.shared.encode(&frame(delivery_tag))?))
+        })
+    }
+
+    /// [`Delivery::settle`] with what to queue built by `settlement`.
+    fn settle_with(
+        &self,
+        settle: Settle,
+        settlement: impl FnOnce(u64) -> Result<Settlement, ClientError>,
+    ) -> Result<(), ClientError> {
         let delivery_tag = self.delivery.delivery_tag;
         if self.consumer.auto_ack {
             return Err(ClientError::NotSettleable {
@@ -296,9 +304,14 @@ impl Delivery {
                 reason: "it came from an auto-ack consumer",
             });
         }
-        let bytes = self.shared.encode(&frame(delivery_tag))?;
-        self.shared
-            .send_settlement(&self.consumer, delivery_tag, &self.settled, bytes, settle)
+        let settlement = settlement(delivery_tag)?;
+        self.shared.send_settlement(
+            &self.consumer,
+            delivery_tag,
+            &self.settled,
+            settlement,
+            settle,
+        )
     }
 }
 

@@ -7,7 +7,10 @@
 //! - Topology: [`Client::declare_queue`], [`Client::declare_exchange`], [`Client::bind_queue`],
 //!   ... return builders you `.await`.
 //! - Publishing: [`Client::publish`] waits for the broker's confirm; a [`Publisher`] pipelines
-//!   publishes under a confirm window and sends batches ([`Publisher::publish_batch`]).
+//!   publishes under a confirm window and sends batches ([`Publisher::publish_batch`]). Single
+//!   publishes queued while the connection is busy travel together in one `PublishBatch`
+//!   frame (confirms stay per message), and plain acks in one `AckRanges` frame, so a loop of
+//!   `publish` or `ack` calls costs about what a batch does; nothing waits to fill a batch.
 //! - Consuming: [`Client::consume`] returns a [`Consumer`], a `Stream` of [`Delivery`]s you
 //!   ack, nack or reject.
 //! - Queue features of protocol 1.1: delayed publishes ([`Message::delay`]), deferred nacks

@@ -40,6 +40,27 @@ fn delivery(delivery_tag: u64, body: &'static str) -> Delivery {
     }
 }
 
+/// Receives publish frames (single or batched) until `n_messages` bodies arrived; returns the
+/// bodies in socket order.
+async fn recv_published(conn: &mut support::PeerConn, n_messages: usize) -> Vec<Bytes> {
+    let mut bodies = Vec::new();
+    while bodies.len() < n_messages {
+        match conn.recv().await {
+            Frame::Publish(publish) => bodies.push(publish.body),
+            Frame::PublishBatch(batch) => {
+                bodies.extend(batch.messages.into_iter().map(|message| message.body))
+            }
+            other => panic!("expected a publish, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        bodies.len(),
+        n_messages,
+        "no more than {n_messages} publishes"
+    );
+    bodies
+}
+
 async fn connected(peer: &Peer, limits: ServerLimits) -> (Client, support::PeerConn) {
     let url = peer.url();
     let connecting = tokio::spawn(async move { Client::connect(&url).await });
@@ -377,9 +398,7 @@ async fn refused_publishes_map_to_typed_errors() {
         .publish("x", "k", Message::new("3"))
         .await
         .unwrap();
-    for _ in 0..3 {
-        assert!(matches!(conn.recv().await, Frame::Publish(_)));
-    }
+    assert_eq!(recv_published(&mut conn, 3).await.len(), 3);
     conn.send(&Frame::Confirm(wharf_protocol::Confirm {
         ranges: vec![
             ConfirmRange {
@@ -423,6 +442,44 @@ async fn refused_publishes_map_to_typed_errors() {
 }
 
 #[tokio::test]
+async fn single_publishes_queued_together_travel_in_one_batch_and_confirm_one_by_one() {
+    let peer = Peer::bind().await;
+    let (client, mut conn) = connected(&peer, quiet_limits()).await;
+    let publisher = client.publisher();
+    // Queued from one task without yielding: the writer runs only after all of them, so it
+    // finds them together and writes one frame.
+    let mut tickets = Vec::new();
+    for idx in 0..50 {
+        let routing_key = if idx == 7 { "other" } else { "q" };
+        let message = Message::new(format!("{idx}")).persistent(idx % 2 == 0);
+        tickets.push(publisher.publish("", routing_key, message).await.unwrap());
+    }
+    let Frame::PublishBatch(batch) = conn.recv().await else {
+        panic!("expected one PublishBatch")
+    };
+    assert_eq!(batch.messages.len(), 50);
+    for (idx, message) in batch.messages.iter().enumerate() {
+        assert_eq!(message.body, format!("{idx}").as_bytes());
+        assert_eq!(message.properties.persistent(), idx % 2 == 0);
+        let expected_key = if idx == 7 { "other" } else { "q" };
+        assert_eq!(batch.routing_key_of(message).as_str(), expected_key);
+    }
+    // Confirms stay per message: the first 10 resolve while the rest wait.
+    conn.send(&confirm(1, 10, FSYNCED)).await;
+    let mut tickets = tickets.into_iter();
+    for ticket in tickets.by_ref().take(10) {
+        assert_eq!(within(ticket).await.unwrap(), Durability::Fsynced);
+    }
+    let rest: Vec<_> = tickets.collect();
+    assert_eq!(publisher.n_in_flight(), 40, "the other 40 still wait");
+    conn.send(&confirm(11, 50, FSYNCED)).await;
+    for ticket in rest {
+        assert_eq!(within(ticket).await.unwrap(), Durability::Fsynced);
+    }
+    assert_eq!(publisher.n_in_flight(), 0);
+}
+
+#[tokio::test]
 async fn publisher_window_holds_back_publishes_until_confirms_free_room() {
     let peer = Peer::bind().await;
     let (client, mut conn) = connected(&peer, quiet_limits()).await;
@@ -434,19 +491,14 @@ async fn publisher_window_holds_back_publishes_until_confirms_free_room() {
         let publisher = publisher.clone();
         tokio::spawn(async move { publisher.publish("", "q", Message::new("3")).await })
     };
-    for _ in 0..2 {
-        assert!(matches!(conn.recv().await, Frame::Publish(_)));
-    }
+    assert_eq!(recv_published(&mut conn, 2).await, [&b"1"[..], &b"2"[..]]);
     // The third publish waits for room: nothing is written while the window is full.
     tokio::task::yield_now().await;
     assert!(!blocked.is_finished());
     conn.send(&confirm(1, 1, FSYNCED)).await;
     assert_eq!(within(first).await.unwrap(), Durability::Fsynced);
     let third = within(blocked).await.unwrap().unwrap();
-    let Frame::Publish(publish) = conn.recv().await else {
-        panic!("expected the third publish")
-    };
-    assert_eq!(&publish.body[..], b"3");
+    assert_eq!(recv_published(&mut conn, 1).await, [&b"3"[..]]);
     conn.send(&confirm(2, 3, FSYNCED)).await;
     assert!(within(third).await.is_ok());
     within(publisher.wait_confirms()).await.unwrap();
@@ -599,6 +651,57 @@ async fn deliveries_are_routed_by_consumer_tag_and_acked_once() {
         conn.recv().await,
         Frame::Reject(wharf_protocol::Reject {
             delivery_tag: 1,
+            requeue: false
+        })
+    );
+}
+
+#[tokio::test]
+async fn acks_queued_together_travel_as_exact_ranges_before_later_frames() {
+    let peer = Peer::bind().await;
+    let (client, mut conn) = connected(&peer, quiet_limits()).await;
+    let (mut consumer, subscribe) = subscribed(
+        &client,
+        &mut conn,
+        ConsumeOptions {
+            prefetch: 20,
+            ..ConsumeOptions::default()
+        },
+    )
+    .await;
+    let Request::Subscribe { consumer_tag, .. } = subscribe else {
+        panic!("{subscribe:?}")
+    };
+    conn.send(&Frame::DeliverBatch(DeliverBatch {
+        consumer_tag,
+        deliveries: (1..=8).map(|tag| delivery(tag, "m")).collect(),
+    }))
+    .await;
+    let mut deliveries = Vec::new();
+    for _ in 0..8 {
+        deliveries.push(within(consumer.next()).await.unwrap().unwrap());
+    }
+    // Acked from one task without yielding: the writer finds them together. Tag 4 is
+    // nacked after them, so no range may cover it, and the nack comes after the acks.
+    for delivery in deliveries
+        .iter()
+        .filter(|delivery| delivery.delivery_tag() != 4)
+    {
+        delivery.ack().await.unwrap();
+    }
+    deliveries[3].nack(false).await.unwrap();
+    let range = |first, last| wharf_protocol::TagRange { first, last };
+    assert_eq!(
+        conn.recv().await,
+        Frame::AckRanges(wharf_protocol::AckRanges {
+            ranges: vec![range(1, 3), range(5, 8)]
+        })
+    );
+    assert_eq!(
+        conn.recv().await,
+        Frame::Nack(wharf_protocol::Nack {
+            delivery_tag: 4,
+            multiple: false,
             requeue: false
         })
     );

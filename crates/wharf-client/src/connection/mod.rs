@@ -21,6 +21,7 @@
 //! it. The connection knows nothing of the public `Consumer` and `Delivery` (`consumer.rs`):
 //! the reader hands each consumer the wire deliveries, which its stream wraps.
 
+mod coalesce;
 mod handshake;
 mod leases;
 mod reader;
@@ -30,10 +31,13 @@ mod writer;
 pub(crate) use subscription::{ConsumerEnd, ConsumerShared, ConsumerSlot, ReceivedBatch};
 
 use crate::addr::ServerAddr;
-use crate::confirms::{Completed, ConfirmTracker, Permits, Waiter};
+use crate::confirms::{Completed, ConfirmTracker, Outcome, Permits, Waiter};
 use crate::error::ClientError;
+use crate::message::Message;
 use crate::options::ClientOptions;
 use bytes::{Bytes, BytesMut};
+pub(crate) use coalesce::{BATCH_ENTRY_OVERHEAD_BYTES, BATCH_FRAME_OVERHEAD_BYTES};
+use coalesce::{FrameLimits, QueuedPublish, entry_bytes_max};
 use handshake::handshake;
 use leases::{Lease, run_lease_extender};
 use reader::run_reader;
@@ -44,8 +48,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout};
-use wharf_protocol::limits::PROTOCOL_MINOR;
-use wharf_protocol::{Close, ErrorCode, Frame, Request, Response, ServerLimits};
+use wharf_protocol::limits::{BATCH_MESSAGES_MAX, NAME_BYTES_MAX, PROTOCOL_MINOR};
+use wharf_protocol::{Close, ErrorCode, Frame, Publish, Request, Response, ServerLimits, WireStr};
 use writer::run_writer;
 
 /// Capacity the read and write buffers start with and shrink back to after a large frame.
@@ -66,10 +70,25 @@ pub(crate) enum Command {
         /// Outbound-buffer permit, released once the bytes are written.
         outbound: OwnedSemaphorePermit,
     },
+    /// Write one message of a `publish` call, coalesced with the publishes queued next to it
+    /// into one `PublishBatch` frame (see `coalesce`).
+    PublishOne(QueuedPublish),
+    /// Ack one delivery; consecutive acks become one `AckRanges` frame, written after any
+    /// publish queued before or among them and before any other frame queued after them.
+    Ack(u64),
     /// Write the client's `Close`; nothing but `CloseOk` may follow it.
     Close(Bytes),
     /// Write what precedes, then shut the socket's write side and stop.
     Shutdown,
+}
+
+/// What [`ConnectionShared::send_settlement`] queues.
+pub(crate) enum Settlement {
+    /// A plain ack of the delivery: the writer sends the acks queued together as one
+    /// `AckRanges` frame.
+    Ack,
+    /// An encoded frame (`Nack`, `Reject`, `Defer`, `Ack { multiple }`, `Touch`).
+    Frame(Bytes),
 }
 
 /// How a frame queued by [`ConnectionShared::send_settlement`] affects its delivery.
@@ -129,6 +148,14 @@ pub(crate) struct ConnectionShared {
     pub(crate) publish_window: Arc<Semaphore>,
     /// Encoded publish bytes queued and not yet written: `outbound_bytes_max` permits.
     outbound_bytes: Arc<Semaphore>,
+    /// The exchange and routing key of the last publish queued for coalescing (see
+    /// `coalesce::QueuedPublish::route`).
+    last_route: Mutex<(String, String)>,
+    /// Set (under the state lock) once `closing` or `terminal` is: lets [`check_open`] skip
+    /// the lock on the hot path of publishes.
+    ///
+    /// [`check_open`]: ConnectionShared::check_open
+    not_open: AtomicBool,
     /// `true` stops both tasks at once (lost connection, close timeout).
     hard_shutdown: watch::Sender<bool>,
 }
@@ -144,6 +171,9 @@ impl ConnectionShared {
 
     /// `Err` if no new operation may start.
     pub(crate) fn check_open(&self) -> Result<(), ClientError> {
+        if !self.not_open.load(Ordering::Acquire) {
+            return Ok(());
+        }
         match self.lock().open_error() {
             Some(err) => Err(err),
             None => Ok(()),
@@ -314,6 +344,128 @@ impl ConnectionShared {
         })
     }
 
+    /// Limits of the frames the writer coalesces single publishes into.
+    pub(crate) fn coalesced_frame_limits(&self) -> FrameLimits {
+        let n_messages_max = [
+            self.limits.batch_messages_max,
+            self.limits.publishes_in_flight_max,
+            BATCH_MESSAGES_MAX,
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(1)
+        .max(1) as usize;
+        FrameLimits {
+            n_messages_max,
+            frame_bytes_max: self.limits.frame_bytes_max,
+        }
+    }
+
+    /// Queues one publish once the windows (`own_window`: the publisher's, if any, then the
+    /// connection's) and the outbound buffer have room, and returns what its confirm will be
+    /// sent on. The writer coalesces it with its neighbours into one `PublishBatch` frame
+    /// (`coalesce`); a message too large to share a frame goes alone, encoded here, and an
+    /// error here means nothing was sent.
+    pub(crate) async fn queue_publish(
+        &self,
+        own_window: Option<&Arc<Semaphore>>,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+    ) -> Result<oneshot::Receiver<Outcome>, ClientError> {
+        self.check_open()?;
+        let (properties, body) = message.into_wire(self.protocol_minor)?;
+        let bytes_max = entry_bytes_max(exchange, routing_key, &properties, &body);
+        let (waiter, receiver) = oneshot::channel();
+        if exchange.len() > NAME_BYTES_MAX
+            || routing_key.len() > NAME_BYTES_MAX
+            || bytes_max > self.coalesced_frame_limits().entries_bytes_max()
+        {
+            // Encoding has the last word on what is too large or too long.
+            let chunks = self.encode_publish_frame(&Frame::Publish(Publish {
+                exchange: WireStr::copy_from_str(exchange),
+                routing_key: WireStr::copy_from_str(routing_key),
+                properties,
+                body,
+            }))?;
+            let permits = self.window_permits(own_window).await?;
+            let permits = permits.into_iter().flatten().collect();
+            self.send_publish(chunks, 1, Waiter::One(waiter), permits)
+                .await?;
+            return Ok(receiver);
+        }
+        let permits = self.window_permits(own_window).await?;
+        let n_permits = bytes_max.clamp(1, self.options.outbound_bytes_max.max(1));
+        let n_permits = u32::try_from(n_permits).unwrap_or(u32::MAX);
+        let outbound = match self
+            .outbound_bytes
+            .clone()
+            .try_acquire_many_owned(n_permits)
+        {
+            Ok(permit) => permit,
+            Err(_) => self
+                .outbound_bytes
+                .clone()
+                .acquire_many_owned(n_permits)
+                .await
+                .map_err(|_| self.terminal_error())?,
+        };
+        // Compared and queued under one lock, so the writer sees routes in the order they
+        // were compared: `route: None` means "the previous queued publish's".
+        let mut last = self
+            .last_route
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let route = if last.0 != exchange || last.1 != routing_key {
+            last.0.clear();
+            last.0.push_str(exchange);
+            last.1.clear();
+            last.1.push_str(routing_key);
+            Some((
+                WireStr::copy_from_str(exchange),
+                WireStr::copy_from_str(routing_key),
+            ))
+        } else {
+            None
+        };
+        // Sending on the unbounded channel never blocks, so it may happen under the lock.
+        self.send(Command::PublishOne(QueuedPublish {
+            route,
+            properties,
+            body,
+            bytes_max,
+            waiter,
+            permits,
+            outbound,
+        }))?;
+        drop(last);
+        Ok(receiver)
+    }
+
+    /// One confirm-window permit of `own_window` (if any) and one of the connection's,
+    /// waiting for room.
+    async fn window_permits(
+        &self,
+        own_window: Option<&Arc<Semaphore>>,
+    ) -> Result<[Option<OwnedSemaphorePermit>; 2], ClientError> {
+        let mut permits = [None, None];
+        for (slot, window) in permits
+            .iter_mut()
+            .zip([own_window, Some(&self.publish_window)])
+        {
+            let Some(window) = window else { continue };
+            *slot = Some(match window.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => window
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| self.terminal_error())?,
+            });
+        }
+        Ok(permits)
+    }
+
     /// Queues a settlement frame (`Ack`, `Nack`, `Reject`, `Defer`) or a `Touch` of
     /// `delivery_tag`, unless the connection is over, the delivery's consumer is cancelled, or
     /// `settled` was already set (settlements set it here). The check and the queueing happen
@@ -328,7 +480,7 @@ impl ConnectionShared {
         consumer: &ConsumerShared,
         delivery_tag: u64,
         settled: &AtomicBool,
-        bytes: Bytes,
+        settlement: Settlement,
         settle: Settle,
     ) -> Result<(), ClientError> {
         let queued = {
@@ -371,7 +523,11 @@ impl ConnectionShared {
                     }
                 }
             }
-            self.commands.send(Command::Frame(bytes)).is_ok()
+            let command = match settlement {
+                Settlement::Ack => Command::Ack(delivery_tag),
+                Settlement::Frame(bytes) => Command::Frame(bytes),
+            };
+            self.commands.send(command).is_ok()
         };
         if queued {
             Ok(())
@@ -410,6 +566,7 @@ impl ConnectionShared {
                 return None;
             }
             state.ended_waiters.push(sender);
+            self.not_open.store(true, Ordering::Release);
             !std::mem::replace(&mut state.closing, true)
         };
         if send_close {
@@ -435,6 +592,7 @@ impl ConnectionShared {
             let mut state = self.lock();
             let first = state.terminal.is_none();
             let err = state.terminal.get_or_insert(err).clone();
+            self.not_open.store(true, Ordering::Release);
             if !first {
                 drop(state);
                 if hard {
@@ -539,6 +697,8 @@ pub(crate) async fn open(
         next_consumer_tag: AtomicU32::new(1),
         publish_window: Arc::new(Semaphore::new(limits.publishes_in_flight_max as usize)),
         outbound_bytes: Arc::new(Semaphore::new(outbound_bytes_max)),
+        last_route: Mutex::new((String::new(), String::new())),
+        not_open: AtomicBool::new(false),
         hard_shutdown,
     });
     let heartbeat =

@@ -1,5 +1,6 @@
 //! The writer task: drains the command channel into one socket write at a time.
 
+use super::coalesce::{CoalescedFrame, Coalescer, ack_frame};
 use super::handshake::WriteHalf;
 use super::{BUFFER_BYTES, Command, ConnectionShared};
 use crate::error::ClientError;
@@ -38,6 +39,37 @@ impl Outgoing {
             self.chunks.push(self.buf.split().freeze());
         }
         self.chunks.push(bytes);
+    }
+
+    /// Registers a frame of coalesced publishes (if any) for its confirms and adds it; its
+    /// outbound permits go to `permits`. Once the connection failed, the frame is dropped
+    /// instead and its messages report the terminal error.
+    fn push_coalesced(
+        &mut self,
+        shared: &ConnectionShared,
+        frame: Option<CoalescedFrame>,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+    ) {
+        let Some(mut frame) = frame else { return };
+        {
+            let mut state = shared.lock();
+            if state.terminal.is_some() {
+                return;
+            }
+            // Numbered here, in socket order: nothing else assigns sequence numbers.
+            frame.register(&mut state.confirms);
+        }
+        frame.chunks.into_iter().for_each(|chunk| self.push(chunk));
+        permits.extend(frame.outbound);
+    }
+
+    /// Adds the frame acking `tags` (if any) and empties `tags`.
+    fn push_acks(&mut self, shared: &ConnectionShared, tags: &mut Vec<u64>) {
+        if let Some(frame) = ack_frame(tags) {
+            // Only tags and ranges: always within the smallest frame limit.
+            let bytes = shared.encode(&frame).expect("an ack frame encodes");
+            self.push(bytes);
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -99,6 +131,9 @@ pub(super) async fn run_writer(
         chunks: Vec::new(),
     };
     let mut written_permits: Vec<OwnedSemaphorePermit> = Vec::new();
+    let mut coalescer = Coalescer::new(shared.coalesced_frame_limits());
+    // Tags of plain acks queued since the last frame of anything else.
+    let mut acks: Vec<u64> = Vec::new();
     let heartbeat_bytes = shared
         .encode(&Frame::Heartbeat)
         .expect("a heartbeat always encodes");
@@ -119,40 +154,69 @@ pub(super) async fn run_writer(
                 out.push(heartbeat_bytes.clone());
             }
         }
-        {
-            let mut state = shared.lock();
-            for command in batch.drain(..) {
-                if shutdown {
-                    break;
+        // The state lock is taken per frame that registers confirms, not for the whole
+        // drain: `publish` calls on other threads check the state too.
+        for command in batch.drain(..) {
+            if shutdown {
+                break;
+            }
+            if let Command::PublishOne(publish) = command {
+                if close_sent {
+                    // After our `Close` the waiter is dropped and reports the terminal error.
+                    coalescer.skip(publish);
+                } else {
+                    let frame = coalescer.push(publish);
+                    out.push_coalesced(&shared, frame, &mut written_permits);
                 }
-                match command {
-                    Command::Frame(bytes) => out.push(bytes),
-                    Command::Publish {
-                        chunks,
-                        n_messages,
-                        waiter,
-                        permits,
-                        outbound,
-                    } => {
-                        // After our `Close`, or once the connection failed, the waiter is
-                        // dropped and reports the terminal error.
-                        if close_sent || state.terminal.is_some() {
+                continue;
+            }
+            if let Command::Ack(delivery_tag) = command {
+                // Written after the publishes queued with it: an ack may go later than
+                // queued, never earlier.
+                acks.push(delivery_tag);
+                continue;
+            }
+            // Whatever else comes next is written after the publishes and acks queued before
+            // it.
+            out.push_coalesced(&shared, coalescer.emit(), &mut written_permits);
+            out.push_acks(&shared, &mut acks);
+            match command {
+                Command::Frame(bytes) => out.push(bytes),
+                Command::Publish {
+                    chunks,
+                    n_messages,
+                    waiter,
+                    permits,
+                    outbound,
+                } => {
+                    if close_sent {
+                        continue;
+                    }
+                    {
+                        let mut state = shared.lock();
+                        // Once the connection failed, the waiter is dropped and reports the
+                        // terminal error.
+                        if state.terminal.is_some() {
                             continue;
                         }
-                        // Numbered here, in socket order: nothing else assigns sequence numbers.
+                        // Numbered here, in socket order: nothing else assigns sequence
+                        // numbers.
                         state.confirms.register(n_messages, waiter, permits);
-                        chunks.into_iter().for_each(|chunk| out.push(chunk));
-                        written_permits.push(outbound);
                     }
-                    Command::Close(bytes) => {
-                        close_sent = true;
-                        out.push(bytes);
-                    }
-                    Command::Shutdown => shutdown = true,
+                    chunks.into_iter().for_each(|chunk| out.push(chunk));
+                    written_permits.push(outbound);
                 }
+                Command::Close(bytes) => {
+                    close_sent = true;
+                    out.push(bytes);
+                }
+                Command::Shutdown => shutdown = true,
+                Command::PublishOne(_) | Command::Ack(_) => unreachable!("handled above"),
             }
-            batch.clear();
         }
+        out.push_coalesced(&shared, coalescer.emit(), &mut written_permits);
+        out.push_acks(&shared, &mut acks);
+        batch.clear();
         if out.is_empty() {
             continue;
         }

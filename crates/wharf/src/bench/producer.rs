@@ -2,7 +2,7 @@
 //! window, open-loop (`--rate`) producers on threads of their own, and the per-producer report.
 
 use super::report::new_histogram;
-use super::settings::Settings;
+use super::settings::{PublishMode, Settings};
 use super::{BODY_HEADER_BYTES, Clock, HEADERS_KEY, Progress, SEQ_BITS, connect};
 use crate::cli::{EXIT_OTHER, Failure};
 use bytes::{BufMut as _, Bytes, BytesMut};
@@ -190,7 +190,7 @@ impl Producer {
                 Some(interval_ns) => self.slot_ns(interval_ns, seq),
                 None => now_ns,
             };
-            if settings.batch == 1 {
+            if settings.publish == PublishMode::Single {
                 let body = bodies.next(intended(seq), self.idx, seq);
                 match publisher
                     .publish(

@@ -329,6 +329,7 @@ impl Results {
                 "prefetch": settings.prefetch,
                 "auto_ack": settings.auto_ack,
                 "ack_every": settings.ack_every,
+                "publish": settings.publish.name(),
                 "batch": settings.batch,
                 "threads": settings.threads,
                 "backlog": settings.backlog,

@@ -42,6 +42,25 @@ impl Scenario {
     }
 }
 
+/// How producers hand messages to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PublishMode {
+    /// One `Publisher::publish` call per message, as most programs publish (the client
+    /// coalesces what queues up while its connection is busy).
+    Single,
+    /// `Publisher::publish_batch` calls of `--batch` messages each.
+    Batch,
+}
+
+impl PublishMode {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            PublishMode::Single => "single",
+            PublishMode::Batch => "batch",
+        }
+    }
+}
+
 /// `wharf bench`
 #[derive(Debug, Args)]
 #[command(
@@ -101,7 +120,12 @@ pub struct BenchArgs {
     /// 1 acks each delivery [default: prefetch / 4].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     ack_every: Option<u32>,
-    /// Messages per `PublishBatch`; 1 publishes one by one [default: 100; 1 with --rate].
+    /// How producers publish: `single` calls `publish` once per message, as most programs
+    /// do; `batch` calls `publish_batch` with --batch messages [default: single; batch when
+    /// --batch is more than 1].
+    #[arg(long, value_enum)]
+    publish: Option<PublishMode>,
+    /// Messages per `publish_batch` call (--publish batch) [default: 100].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=16_384))]
     batch: Option<u32>,
     /// Runtime worker threads of the bench process [default: 2].
@@ -155,6 +179,9 @@ pub(super) struct Settings {
     pub(super) prefetch: u32,
     pub(super) auto_ack: bool,
     pub(super) ack_every: u32,
+    pub(super) publish: PublishMode,
+    /// Messages per `publish_batch` call and per run of one routing key; 1 with
+    /// `PublishMode::Single`.
     pub(super) batch: u32,
     pub(super) threads: u32,
     pub(super) drain_timeout: Duration,
@@ -319,10 +346,23 @@ impl TryFrom<BenchArgs> for Settings {
             .or(preset.ack_every)
             .unwrap_or((prefetch / 4).max(1))
             .min(prefetch);
-        let batch = args
-            .batch
-            .or(preset.batch)
-            .unwrap_or(if rate.is_some() { 1 } else { 100 });
+        let publish = match (args.publish, args.batch) {
+            (Some(publish), _) => publish,
+            (None, Some(batch)) if batch > 1 => PublishMode::Batch,
+            (None, _) => PublishMode::Single,
+        };
+        let batch = match publish {
+            PublishMode::Single => {
+                if let Some(batch) = args.batch.filter(|batch| *batch > 1) {
+                    return Err(usage(format!(
+                        "--batch {batch} needs --publish batch: with --publish single every \
+                         message is its own publish call"
+                    )));
+                }
+                1
+            }
+            PublishMode::Batch => args.batch.or(preset.batch).unwrap_or(100),
+        };
         let kind: ExchangeKind = args
             .exchange_kind
             .or(preset.kind)
@@ -346,6 +386,7 @@ impl TryFrom<BenchArgs> for Settings {
             prefetch,
             auto_ack,
             ack_every,
+            publish,
             batch,
             threads: args.threads.unwrap_or(2),
             drain_timeout: args.drain_timeout,
@@ -387,7 +428,7 @@ impl Settings {
         }
         let _ = write!(
             text,
-            "{} producer(s) → {} exchange → {} queue(s) → {} consumer(s), {} B, {}, {}, batch {}, \
+            "{} producer(s) → {} exchange → {} queue(s) → {} consumer(s), {} B, {}, {}, {}, \
              confirm window {}, prefetch {}",
             self.producers,
             kind_name(self.kind),
@@ -404,7 +445,10 @@ impl Settings {
             } else {
                 format!("manual ack (every {})", self.ack_every)
             },
-            self.batch,
+            match self.publish {
+                PublishMode::Single => "one publish per message".to_owned(),
+                PublishMode::Batch => format!("batches of {}", self.batch),
+            },
             self.confirm_window,
             self.prefetch,
         );
@@ -484,10 +528,28 @@ mod tests {
             &["--size", "8"],
             &["--rate", "0"],
             &["--count", "1", "--producers", "2"],
+            &["--publish", "single", "--batch", "10"],
         ] {
             let failure = settings(args).expect_err("refused");
             assert_eq!(failure.exit_code, EXIT_USAGE, "{args:?}");
         }
+    }
+
+    #[test]
+    fn presets_publish_one_message_per_call_unless_batches_are_asked_for() {
+        for scenario in ["s1", "s1-4k", "s2", "s3", "s3d", "s4"] {
+            let preset = settings(&["--scenario", scenario]).unwrap();
+            assert_eq!(preset.publish, PublishMode::Single, "{scenario}");
+            assert_eq!(preset.batch, 1, "{scenario}");
+        }
+        let batched = settings(&["--scenario", "s1", "--publish", "batch"]).unwrap();
+        assert_eq!((batched.publish, batched.batch), (PublishMode::Batch, 500));
+        let sized = settings(&["--batch", "50"]).unwrap();
+        assert_eq!((sized.publish, sized.batch), (PublishMode::Batch, 50));
+        let plain = settings(&["--publish", "batch"]).unwrap();
+        assert_eq!(plain.batch, 100);
+        let one = settings(&["--batch", "1"]).unwrap();
+        assert_eq!(one.publish, PublishMode::Single);
     }
 
     #[test]
