@@ -185,24 +185,37 @@ impl PyPublisher {
             delay,
         )?;
         let message = props.into_message(convert::extract_body(body)?);
-        let publisher = (*self.publisher).clone();
-        let exchange = exchange.to_owned();
-        let mut future =
-            Box::pin(async move { publisher.publish(&exchange, &routing_key, message).await });
-        let ticket = match poll_once(future.as_mut()) {
-            Poll::Ready(result) => result,
-            Poll::Pending => match done {
-                None => wait_forever(py, &self.handle, future)?,
-                Some(done) => {
-                    // asyncio with a full window: `done(seq, error)` later, `None` now.
-                    let pending = self.pending.clone();
-                    let _ = spawn_done(&self.handle, done, async move {
-                        let ticket = future.await?;
-                        Ok(Seq(lock(&pending).push(ticket)))
-                    });
-                    return Ok(None);
+        let ticket = match done {
+            None => {
+                // The common case, borrowed and on the stack: no clone, no allocation. Usually
+                // ready at once (the message is queued for the writer); waits, GIL released,
+                // only while the window is full.
+                let mut future =
+                    std::pin::pin!(self.publisher.publish(exchange, &routing_key, message));
+                match poll_once(future.as_mut()) {
+                    Poll::Ready(result) => result,
+                    Poll::Pending => wait_forever(py, &self.handle, future)?,
                 }
-            },
+            }
+            Some(done) => {
+                let publisher = (*self.publisher).clone();
+                let exchange = exchange.to_owned();
+                let mut future = Box::pin(async move {
+                    publisher.publish(&exchange, &routing_key, message).await
+                });
+                match poll_once(future.as_mut()) {
+                    Poll::Ready(result) => result,
+                    Poll::Pending => {
+                        // asyncio with a full window: `done(seq, error)` later, `None` now.
+                        let pending = self.pending.clone();
+                        let _ = spawn_done(&self.handle, done, async move {
+                            let ticket = future.await?;
+                            Ok(Seq(lock(&pending).push(ticket)))
+                        });
+                        return Ok(None);
+                    }
+                }
+            }
         };
         match ticket {
             Ok(ticket) => Ok(Some(lock(&self.pending).push(ticket))),
