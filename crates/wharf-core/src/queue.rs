@@ -767,6 +767,10 @@ pub(crate) struct Consumer {
     pub credit: u32,
     /// Manual-ack consumers: deliveries not yet acked.
     pub unacked: u32,
+    /// The first delivery tag this subscription can have been given (its connection's next
+    /// tag when it subscribed): tells its deliveries from those of an earlier consumer of the
+    /// same tag.
+    pub first_delivery_tag: u64,
 }
 
 impl Consumer {

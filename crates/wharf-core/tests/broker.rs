@@ -435,6 +435,49 @@ fn ack_multiple_settles_everything_up_to_the_tag_and_zero_means_all() {
 }
 
 #[test]
+fn a_delivery_belongs_to_the_consumer_of_its_tag_only_if_made_after_it_subscribed() {
+    let mut h = Harness::new();
+    h.queue("q");
+    h.publish("", "q", "a");
+    h.subscribe(C1, "q", 1, 10);
+    let first = h.deliveries();
+    assert_eq!(first.len(), 1);
+    let old_tag = first[0].delivery_tag;
+    assert!(
+        h.broker
+            .delivered_to_current_consumer(C1, ConsumerTag(1), old_tag)
+    );
+    assert!(
+        !h.broker
+            .delivered_to_current_consumer(C1, ConsumerTag(2), old_tag)
+    );
+    assert!(
+        !h.broker
+            .delivered_to_current_consumer(C2, ConsumerTag(1), old_tag)
+    );
+    h.ok(Command::Cancel {
+        connection: C1,
+        consumer_tag: ConsumerTag(1),
+    });
+    assert!(
+        !h.broker
+            .delivered_to_current_consumer(C1, ConsumerTag(1), old_tag)
+    );
+    // The same tag subscribed again: the earlier delivery is not the new consumer's.
+    h.subscribe(C1, "q", 1, 10);
+    let again = h.deliveries();
+    assert_eq!(again.len(), 1, "the requeued message, redelivered");
+    assert!(
+        !h.broker
+            .delivered_to_current_consumer(C1, ConsumerTag(1), old_tag)
+    );
+    assert!(
+        h.broker
+            .delivered_to_current_consumer(C1, ConsumerTag(1), again[0].delivery_tag)
+    );
+}
+
+#[test]
 fn cancel_returns_unacked_messages_to_the_queue_for_other_consumers() {
     let mut h = Harness::new();
     h.queue("q");

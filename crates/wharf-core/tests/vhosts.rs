@@ -273,6 +273,33 @@ fn the_number_of_vhosts_is_limited() {
 }
 
 #[test]
+fn the_default_vhost_limit_is_crossed_at_its_full_size() {
+    let vhosts_max = Limits::default().vhosts_max;
+    assert_eq!(vhosts_max, 1_024);
+    let mut h = Harness::open(Limits::default(), 1_000, Clock::PerCommand, &[]);
+    // "/" is one of them.
+    for idx in 1..vhosts_max {
+        h.add_vhost(&format!("tenant-{idx}"), VhostLimits::default());
+    }
+    assert_eq!(h.broker.list_vhosts().len(), vhosts_max);
+    let err = h
+        .apply(Command::AddVhost {
+            name: "one-too-many".into(),
+            limits: VhostLimits::default(),
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, CoreError::LimitExceeded { limit: 1_024, .. }),
+        "{err}"
+    );
+    // Deleting one makes room again.
+    h.ok(Command::DeleteVhost {
+        name: "tenant-7".into(),
+    });
+    h.add_vhost("one-too-many", VhostLimits::default());
+}
+
+#[test]
 fn deleting_a_vhost_deletes_its_queues_and_exchanges_under_their_resource_keys() {
     let mut h = harness();
     h.declare_in("staging", C2, "durable", true).unwrap();

@@ -55,11 +55,9 @@ impl Broker {
                 limit: self.limits.consumers_per_queue_max,
             });
         }
-        self.connections
-            .get_mut(&connection)
-            .expect("checked")
-            .consumers
-            .insert(tag, qid);
+        let conn = self.connections.get_mut(&connection).expect("checked");
+        conn.consumers.insert(tag, qid);
+        let first_delivery_tag = conn.next_delivery_tag + 1;
         let queue = self.queues.get_mut(&qid).expect("checked");
         queue.last_used_ms = self.now_ms;
         let mut consumer = Consumer {
@@ -68,11 +66,31 @@ impl Broker {
             credit: 0,
             options,
             unacked: 0,
+            first_delivery_tag,
         };
         consumer.credit = consumer.credit_after(consumer.options.initial_credit.unwrap_or(0));
         queue.consumers.push(consumer);
         self.dispatch(qid, effects);
         Ok(Reply::Done)
+    }
+
+    /// Whether `delivery_tag` went to the consumer that now has `tag` on `connection`: `false`
+    /// if no consumer has that tag, or if the delivery was made to an earlier consumer of the
+    /// same tag (cancelled, and the tag subscribed again since).
+    pub fn delivered_to_current_consumer(
+        &self,
+        connection: ConnectionId,
+        tag: ConsumerTag,
+        delivery_tag: DeliveryTag,
+    ) -> bool {
+        let Ok(qid) = self.consumer_queue(connection, tag) else {
+            return false;
+        };
+        self.queues[&qid]
+            .consumers
+            .iter()
+            .find(|consumer| consumer.connection == connection && consumer.tag == tag)
+            .is_some_and(|consumer| consumer.first_delivery_tag <= delivery_tag.0)
     }
 
     pub(super) fn consumer_queue(

@@ -407,16 +407,25 @@ fn cancel_undeliverable(
     if set_aside.is_empty() {
         return;
     }
+    let mut batch = shared.batch();
     let mut cancelled: Vec<(ConsumerTag, usize)> = Vec::new();
     for delivery in &set_aside {
-        if !cancelled
-            .iter()
-            .any(|(tag, _)| *tag == delivery.consumer_tag)
+        // A delivery of a consumer the client cancelled meanwhile went back to its queue with
+        // that cancel; if the client subscribed the same tag again, the new consumer is not
+        // the one that cannot take it (checked under the same lock as the cancel below).
+        let current = batch.broker.delivered_to_current_consumer(
+            connection,
+            delivery.consumer_tag,
+            delivery.delivery_tag,
+        );
+        if current
+            && !cancelled
+                .iter()
+                .any(|(tag, _)| *tag == delivery.consumer_tag)
         {
             cancelled.push((delivery.consumer_tag, delivery.message.body.len()));
         }
     }
-    let mut batch = shared.batch();
     for (consumer_tag, body_bytes) in cancelled {
         warn!(
             connection = connection.0,

@@ -888,6 +888,32 @@ mod tests {
         assert_eq!(files(), 0);
     }
 
+    #[test]
+    fn the_default_spool_file_cap_is_crossed_at_its_full_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let mut spools = Spools::new(spool_dir.clone());
+        let files = || std::fs::read_dir(&spool_dir).map_or(0, |dir| dir.count());
+        let body = "z".repeat(300_000);
+        let pushed: Vec<PagedEntry> = (0..4).map(|seq| entry(seq, &body)).collect();
+        let queues: Vec<Arc<str>> = (0..=SPOOL_FILES_OPEN_MAX)
+            .map(|idx| Arc::from(format!("q{idx}")))
+            .collect();
+        for queue in &queues {
+            for paged in &pushed {
+                spools.push(queue, 0, 0, paged);
+            }
+        }
+        write(&mut spools);
+        assert_eq!(files(), SPOOL_FILES_OPEN_MAX, "64 files; the 65th tail waits");
+        assert!(spools.bytes_in_memory() >= 4 * 300_000);
+        // Every queue's records come back, from a file or from memory.
+        for queue in queues.iter().rev() {
+            assert_eq!(drain(&mut spools, queue, 0, 4), pushed);
+        }
+        assert_eq!(files(), 0);
+    }
+
     /// Page-outs never write under the broker lock: `push` seals full buffers for the pager
     /// task, which writes them later. Reads, checkpoints and late writes see every record
     /// exactly once, in order, wherever it is (file, sealed chunk, chunk being written,
