@@ -200,9 +200,10 @@ impl PyPublisher {
             Some(done) => {
                 let publisher = (*self.publisher).clone();
                 let exchange = exchange.to_owned();
-                let mut future = Box::pin(async move {
-                    publisher.publish(&exchange, &routing_key, message).await
-                });
+                let mut future =
+                    Box::pin(
+                        async move { publisher.publish(&exchange, &routing_key, message).await },
+                    );
                 match poll_once(future.as_mut()) {
                     Poll::Ready(result) => result,
                     Poll::Pending => {

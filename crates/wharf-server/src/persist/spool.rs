@@ -905,7 +905,11 @@ mod tests {
             }
         }
         write(&mut spools);
-        assert_eq!(files(), SPOOL_FILES_OPEN_MAX, "64 files; the 65th tail waits");
+        assert_eq!(
+            files(),
+            SPOOL_FILES_OPEN_MAX,
+            "64 files; the 65th tail waits"
+        );
         assert!(spools.bytes_in_memory() >= 4 * 300_000);
         // Every queue's records come back, from a file or from memory.
         for queue in queues.iter().rev() {
