@@ -576,7 +576,7 @@ impl Spools {
         self.wake.notify_one();
     }
 
-    /// Takes the sealed chunks of every spool not being written and not degraded, to write
+    /// Takes the sealed chunks of every spool not being written, read or degraded, to write
     /// at the end of their files without the lock ([`SpoolWrite::run`]), in order; and the
     /// spools whose file is still to be created.
     pub fn take_writes(&mut self) -> Vec<SpoolWrite> {
@@ -592,7 +592,12 @@ impl Spools {
         let mut keys: Vec<(&(Arc<str>, u8), &mut Spool)> = self.spools.iter_mut().collect();
         keys.sort_by_key(|(_, spool)| spool.id);
         for (key, spool) in keys {
+            // A tail being read keeps its chunks in memory until the read finishes: the read
+            // covers the file as it was when it started and takes the rest from memory, so a
+            // chunk written meanwhile (by a page-out behind on writes, `write_if_behind`)
+            // would be in neither place for it.
             if spool.degraded
+                || spool.reading
                 || spool.writing.is_some()
                 || (spool.sealed.is_empty() && spool.file.is_some())
             {
@@ -886,6 +891,47 @@ mod tests {
         assert_eq!(drain(&mut spools, &queues[1], 0, 10), pushed);
         assert_eq!(drain(&mut spools, &queues[2], 1, 10), pushed);
         assert_eq!(files(), 0);
+    }
+
+    /// Found by a long benchmark run (S1-4k into a paging transient queue): a publish that
+    /// pages out while a page-in read is in flight used to write the tail's sealed chunks
+    /// itself (`write_if_behind`); the read covered only the file as it was, and the records
+    /// it still needed from memory had moved into the file behind it, so the read came back
+    /// short and the broker stopped.
+    #[test]
+    fn a_page_out_behind_on_writes_does_not_move_records_a_read_in_flight_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spools = Spools::new(dir.path().join("spool"));
+        let queue: Arc<str> = "q".into();
+        let body = "y".repeat(4_000);
+        let mut pushed: Vec<PagedEntry> = Vec::new();
+        // Some records in the file, then some in memory only.
+        for seq in 0..300 {
+            pushed.push(entry(seq, &body));
+            spools.push(&queue, 0, 0, &pushed[seq as usize]);
+        }
+        write(&mut spools);
+        for seq in 300..600 {
+            pushed.push(entry(seq, &body));
+            spools.push(&queue, 0, 0, &pushed[seq as usize]);
+        }
+        // A read of all 600 starts: the file part is read without the lock...
+        spools.request(queue.clone(), 0, 0, 600, u64::MAX);
+        let reads = spools.start_reads();
+        assert_eq!(reads.len(), 1);
+        // ... while publishes page out more than the unwritten limit (the pager is behind).
+        let n_more = (SPOOL_UNWRITTEN_BYTES_MAX / 4_000 + 600) as u64;
+        for seq in 600..600 + n_more {
+            spools.push(&queue, 0, 0, &entry(seq, &body));
+        }
+        let done = reads.into_iter().next().unwrap().run().unwrap();
+        let got = spools.finish_read(done).unwrap().unwrap();
+        assert_eq!(got.len(), 600);
+        assert!(got == pushed, "the 600 records, in order");
+        // The rest is all there too.
+        let rest = drain(&mut spools, &queue, 0, n_more);
+        assert_eq!(rest.len() as u64, n_more);
+        assert_eq!(rest.first().map(|entry| entry.seq), Some(600));
     }
 
     #[test]
