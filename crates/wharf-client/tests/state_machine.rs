@@ -1216,6 +1216,20 @@ async fn oversized_message_is_an_encode_error_and_the_connection_lives() {
         client.purge_queue(&long_name).await,
         Err(ClientError::Encode(_))
     ));
+    // A name over 255 bytes is refused at the publish call, not in the writer, on both the
+    // confirmed and the pipelined path (the window's room is given back).
+    assert!(matches!(
+        client.publish(&long_name, "q", Message::new("x")).await,
+        Err(ClientError::Encode(_))
+    ));
+    let publisher = client.publisher_with_window(1);
+    for _ in 0..2 {
+        assert!(matches!(
+            publisher.publish("", &long_name, Message::new("x")).await,
+            Err(ClientError::Encode(_))
+        ));
+    }
+    assert_eq!(publisher.n_in_flight(), 0);
     // A batch with one oversized message: the others go out and are confirmed.
     let publishing = tokio::spawn(async move {
         let messages = vec![

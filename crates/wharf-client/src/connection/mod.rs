@@ -148,6 +148,9 @@ pub(crate) struct ConnectionShared {
     pub(crate) publish_window: Arc<Semaphore>,
     /// Encoded publish bytes queued and not yet written: `outbound_bytes_max` permits.
     outbound_bytes: Arc<Semaphore>,
+    /// `coalesced_frame_limits().entries_bytes_max()`, computed once: a publish larger than
+    /// this goes alone, encoded at the call.
+    coalesced_entries_bytes_max: usize,
     /// The exchange and routing key of the last publish queued for coalescing (see
     /// `coalesce::QueuedPublish::route`).
     last_route: Mutex<(String, String)>,
@@ -346,19 +349,7 @@ impl ConnectionShared {
 
     /// Limits of the frames the writer coalesces single publishes into.
     pub(crate) fn coalesced_frame_limits(&self) -> FrameLimits {
-        let n_messages_max = [
-            self.limits.batch_messages_max,
-            self.limits.publishes_in_flight_max,
-            BATCH_MESSAGES_MAX,
-        ]
-        .into_iter()
-        .min()
-        .unwrap_or(1)
-        .max(1) as usize;
-        FrameLimits {
-            n_messages_max,
-            frame_bytes_max: self.limits.frame_bytes_max,
-        }
+        coalesced_frame_limits(&self.limits)
     }
 
     /// Queues one publish once the windows (`own_window`: the publisher's, if any, then the
@@ -379,7 +370,7 @@ impl ConnectionShared {
         let (waiter, receiver) = oneshot::channel();
         if exchange.len() > NAME_BYTES_MAX
             || routing_key.len() > NAME_BYTES_MAX
-            || bytes_max > self.coalesced_frame_limits().entries_bytes_max()
+            || bytes_max > self.coalesced_entries_bytes_max
         {
             // Encoding has the last word on what is too large or too long.
             let chunks = self.encode_publish_frame(&Frame::Publish(Publish {
@@ -653,6 +644,23 @@ impl ConnectionShared {
     }
 }
 
+/// Limits of the frames the writer coalesces single publishes into, for a server's limits.
+fn coalesced_frame_limits(limits: &ServerLimits) -> FrameLimits {
+    let n_messages_max = [
+        limits.batch_messages_max,
+        limits.publishes_in_flight_max,
+        BATCH_MESSAGES_MAX,
+    ]
+    .into_iter()
+    .min()
+    .unwrap_or(1)
+    .max(1) as usize;
+    FrameLimits {
+        n_messages_max,
+        frame_bytes_max: limits.frame_bytes_max,
+    }
+}
+
 /// Opens a connection: TCP, preambles, `Hello` / `HelloOk` (bounded by `connect_timeout`),
 /// then starts the reader and writer tasks.
 pub(crate) async fn open(
@@ -697,6 +705,7 @@ pub(crate) async fn open(
         next_consumer_tag: AtomicU32::new(1),
         publish_window: Arc::new(Semaphore::new(limits.publishes_in_flight_max as usize)),
         outbound_bytes: Arc::new(Semaphore::new(outbound_bytes_max)),
+        coalesced_entries_bytes_max: coalesced_frame_limits(&limits).entries_bytes_max(),
         last_route: Mutex::new((String::new(), String::new())),
         not_open: AtomicBool::new(false),
         hard_shutdown,
